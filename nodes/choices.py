@@ -1,0 +1,159 @@
+"""Choice sets for the registry models. Each carries the badge colour the admin shows it in."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class BadgeChoices(models.TextChoices):
+    """TextChoices whose members map to a badge colour (a CSS colour name or hex value)."""
+
+    @classmethod
+    def colour(cls, value: str) -> str:
+        return cls._colours().get(value, "#6c757d")
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:  # pragma: no cover - overridden
+        return {}
+
+
+class EngineType(BadgeChoices):
+    NANODEPLOY = "nanodeploy", "NanoDeploy"
+    VLLM = "vllm", "vLLM"
+    SGLANG = "sglang", "SGLang"
+    LMDEPLOY = "lmdeploy", "LMDeploy"
+    OPENAI = "openai", "OpenAI-compatible"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {
+            cls.NANODEPLOY: "#5b3cc4",
+            cls.VLLM: "#1f6feb",
+            cls.SGLANG: "#0f7b6c",
+            cls.LMDEPLOY: "#9a5b00",
+            cls.OPENAI: "#444d56",
+        }
+
+
+class NodeRole(BadgeChoices):
+    HYBRID = "hybrid", "Hybrid"
+    PREFILL = "prefill", "Prefill"
+    DECODE = "decode", "Decode"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.HYBRID: "#444d56", cls.PREFILL: "#8250df", cls.DECODE: "#0969da"}
+
+    @classmethod
+    def from_dlrouter(cls, value: object) -> NodeRole:
+        """Parse a role as DLRouter sends it: 1/2/3 (its enum values) or the role's name."""
+        numeric = {1: cls.HYBRID, 2: cls.PREFILL, 3: cls.DECODE}
+        if isinstance(value, bool):
+            raise ValueError(f"unknown role {value!r}")
+        if isinstance(value, int):
+            if value in numeric:
+                return numeric[value]
+            raise ValueError(f"unknown role {value!r}; use 1 (hybrid), 2 (prefill), 3 (decode) or a role name")
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text.isdigit() and int(text) in numeric:
+                return numeric[int(text)]
+            # DLRouter's enum names: "EngineRole.PREFILL" or "PREFILL".
+            text = text.removeprefix("enginerole.")
+            if text in cls.values:
+                return cls(text)
+        raise ValueError(f"unknown role {value!r}; use 1 (hybrid), 2 (prefill), 3 (decode) or a role name")
+
+    def dlrouter_value(self) -> int:
+        return {NodeRole.HYBRID: 1, NodeRole.PREFILL: 2, NodeRole.DECODE: 3}[self]
+
+
+class NodeState(BadgeChoices):
+    ACTIVE = "active", "Active"
+    DRAINING = "draining", "Draining"
+    DISABLED = "disabled", "Disabled"
+    GONE = "gone", "Gone"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.ACTIVE: "#1a7f37", cls.DRAINING: "#bf8700", cls.DISABLED: "#6e7781", cls.GONE: "#cf222e"}
+
+
+class NodeHealth(BadgeChoices):
+    UNKNOWN = "unknown", "Unknown"
+    HEALTHY = "healthy", "Healthy"
+    UNHEALTHY = "unhealthy", "Unhealthy"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.UNKNOWN: "#6e7781", cls.HEALTHY: "#1a7f37", cls.UNHEALTHY: "#cf222e"}
+
+
+class NodeSource(BadgeChoices):
+    MANUAL = "manual", "Manual"
+    REGISTRY = "registry", "Registry"
+    STATIC = "static", "Static"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.MANUAL: "#0969da", cls.REGISTRY: "#8250df", cls.STATIC: "#444d56"}
+
+
+class AliasOrigin(BadgeChoices):
+    SERVED = "served", "Served name"
+    PATH = "path", "Model path"
+    BASENAME = "basename", "Path basename"
+    OPERATOR = "operator", "Operator"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.SERVED: "#1a7f37", cls.PATH: "#6e7781", cls.BASENAME: "#6e7781", cls.OPERATOR: "#0969da"}
+
+
+class Strategy(BadgeChoices):
+    ROUND_ROBIN = "round_robin", "Round robin"
+    WEIGHTED_RANDOM = "weighted_random", "Weighted random"
+    LEAST_REQUESTS = "least_requests", "Least requests"
+    POWER_OF_TWO = "power_of_two", "Power of two choices"
+    MIN_OBSERVED_LATENCY = "min_observed_latency", "Min observed latency"
+    CONSISTENT_HASH = "consistent_hash", "Consistent hash"
+    PREFIX_CACHE = "prefix_cache", "Prefix cache"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {value: "#444d56" for value in cls.values}
+
+
+class ServingMode(BadgeChoices):
+    HYBRID = "hybrid", "Hybrid"
+    PD = "pd", "Prefill/decode"
+    AUTO = "auto", "Auto"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.HYBRID: "#444d56", cls.PD: "#8250df", cls.AUTO: "#0969da"}
+
+
+class SyncState(BadgeChoices):
+    IDLE = "idle", "Idle"
+    SYNCING = "syncing", "Syncing"
+    OK = "ok", "OK"
+    FAILED = "failed", "Failed"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.IDLE: "#6e7781", cls.SYNCING: "#0969da", cls.OK: "#1a7f37", cls.FAILED: "#cf222e"}
+
+
+class ChangeVia(models.TextChoices):
+    ADMIN = "admin", "Admin"
+    API = "api", "REST API"
+    COMPAT = "compat", "DLRouter API"
+    SYNC = "sync", "Registry sync"
+    SYSTEM = "system", "System"
+
+
+class ChangeAction(models.TextChoices):
+    CREATE = "create", "Create"
+    UPDATE = "update", "Update"
+    DELETE = "delete", "Delete"

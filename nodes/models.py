@@ -1,0 +1,362 @@
+"""The registry's persistent state: nodes, model aliases, route policies, control planes, API keys.
+
+Writes go through ``nodes.services`` so that every routing change is audited and bumps the
+configuration version the proxy watches. Models only validate and describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import secrets
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+from .choices import (
+    AliasOrigin,
+    ChangeAction,
+    ChangeVia,
+    EngineType,
+    NodeHealth,
+    NodeRole,
+    NodeSource,
+    NodeState,
+    ServingMode,
+    Strategy,
+    SyncState,
+)
+
+
+def normalize_node_url(value: str) -> str:
+    """Return the canonical form of a node's base URL, or raise ``ValidationError``.
+
+    Scheme and host are lower-cased, the scheme is kept (http or https), a trailing slash is
+    removed, and query strings or fragments are refused: a node is addressed by its base URL.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError("Enter the node's base URL, for example http://10.0.0.5:8000.", code="required")
+    raw = value.strip()
+    try:
+        parts = urlsplit(raw)
+        port = parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValidationError(f"{raw!r} is not a valid URL ({exc}).", code="invalid") from None
+    scheme = parts.scheme.lower()
+    if scheme not in {"http", "https"}:
+        raise ValidationError(f"{raw!r} must start with http:// or https://.", code="invalid_scheme")
+    if not parts.hostname:
+        raise ValidationError(f"{raw!r} has no host.", code="invalid_host")
+    if parts.query or parts.fragment:
+        raise ValidationError(f"{raw!r} must not carry a query string or fragment.", code="invalid")
+    if parts.username or parts.password:
+        raise ValidationError(f"{raw!r} must not carry credentials.", code="invalid")
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    path = parts.path.rstrip("/")
+    return f"{scheme}://{netloc}{path}"
+
+
+class ConfigVersion(models.Model):
+    """A single row whose ``version`` grows by one on every routing change (see services)."""
+
+    version = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "configuration version"
+
+    def __str__(self) -> str:
+        return f"configuration v{self.version}"
+
+
+def default_registry_kinds() -> list[str]:
+    """NanoDeploy's older ``nanodeploy serve`` and the newer ``dlengine serve`` register these kinds."""
+    return ["nanodeploy", "dlengine"]
+
+
+class ControlPlane(models.Model):
+    """A dlslime-ctrl (NanoCtrl) registry whose engines are mirrored into the node table."""
+
+    name = models.CharField(max_length=100, unique=True)
+    address = models.CharField(max_length=255, help_text="host:port of the NanoCtrl server, or its http(s):// URL.")
+    scope = models.CharField(max_length=100, blank=True, help_text="Registry scope; empty for the unscoped registry.")
+    kinds = models.JSONField(
+        default=default_registry_kinds, blank=True, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].'
+    )
+    engine_type = models.CharField(max_length=20, choices=EngineType.choices, default=EngineType.NANODEPLOY)
+    sync_interval = models.PositiveIntegerField(
+        default=10,
+        validators=[MinValueValidator(1), MaxValueValidator(86400)],
+        help_text="Seconds between full listings.",
+    )
+    redis_url = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The registry's Redis (for its change events); empty disables the fast path.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    sync_state = models.CharField(max_length=10, choices=SyncState.choices, default=SyncState.IDLE, editable=False)
+    last_sync_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_sync_duration_ms = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    last_sync_counts = models.JSONField(default=dict, blank=True, editable=False)
+    last_sync_error = models.TextField(blank=True, editable=False)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        if not isinstance(self.kinds, list) or not all(isinstance(k, str) and k.strip() for k in self.kinds):
+            raise ValidationError({"kinds": 'Give a list of entity kinds, e.g. ["nanodeploy", "dlengine"].'})
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValidationError({"redis_url": "Use a redis://, rediss:// or unix:// URL."})
+        if not self.address.strip():
+            raise ValidationError({"address": "Give host:port of the NanoCtrl server."})
+
+
+class Node(models.Model):
+    """An inference engine endpoint that the proxy may route to."""
+
+    url = models.CharField(
+        max_length=500, unique=True, help_text="Base URL, e.g. http://10.0.0.5:8000 (normalised: no trailing slash)."
+    )
+    name = models.CharField(max_length=200, blank=True, help_text="Optional display name.")
+    engine_type = models.CharField(max_length=20, choices=EngineType.choices, default=EngineType.NANODEPLOY)
+    role = models.CharField(max_length=10, choices=NodeRole.choices, default=NodeRole.HYBRID)
+    state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.ACTIVE)
+    health = models.CharField(max_length=10, choices=NodeHealth.choices, default=NodeHealth.UNKNOWN)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+
+    source = models.CharField(max_length=10, choices=NodeSource.choices, default=NodeSource.MANUAL)
+    control_plane = models.ForeignKey(
+        ControlPlane, null=True, blank=True, on_delete=models.SET_NULL, related_name="nodes"
+    )
+    entity_id = models.CharField(max_length=255, blank=True, help_text="The registry's entity id (sync identity).")
+    scope = models.CharField(max_length=100, blank=True)
+    kind = models.CharField(max_length=50, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last time the registry listed this node.")
+    # Fields an operator changed by hand on a registry node; the sync never overwrites them.
+    operator_fields = models.JSONField(default=list, blank=True)
+
+    weight = models.PositiveIntegerField(default=1, validators=[MaxValueValidator(10000)])
+    max_concurrency = models.PositiveIntegerField(
+        default=0, validators=[MaxValueValidator(1_000_000)], help_text="Concurrent requests allowed; 0 = unlimited."
+    )
+    bootstrap_port = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)], help_text="SGLang only."
+    )
+    dp_size = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(1024)], help_text="vLLM data-parallel ranks."
+    )
+    kv_connector_address = models.CharField(max_length=255, blank=True, help_text="vLLM KV connector host:port.")
+    metadata = models.JSONField(default=dict, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["url"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["control_plane", "entity_id"],
+                condition=~Q(entity_id=""),
+                name="node_unique_registry_entity",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or self.url
+
+    def clean(self) -> None:
+        super().clean()
+        self.url = normalize_node_url(self.url)
+        if not isinstance(self.metadata, dict):
+            raise ValidationError({"metadata": "Metadata must be a JSON object."})
+
+    @property
+    def served_models(self) -> list[str]:
+        """The model names this node serves (what the proxy writes into ``model``)."""
+        return sorted({alias.served_name for alias in self.aliases.all()})
+
+    @property
+    def is_routable(self) -> bool:
+        return self.state == NodeState.ACTIVE and self.health != NodeHealth.UNHEALTHY
+
+
+class ModelAlias(models.Model):
+    """A name a client may send in ``model``, mapped to the model name a node serves.
+
+    A row with a node belongs to that node (its served name, model path and basename). A row
+    without a node is an operator's global alias: it applies to every node serving ``served_name``.
+    """
+
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="aliases")
+    name = models.CharField(max_length=255, help_text="What a client sends in the request's model field.")
+    served_name = models.CharField(max_length=255, help_text="The model name the node serves (sent upstream).")
+    origin = models.CharField(max_length=10, choices=AliasOrigin.choices, default=AliasOrigin.OPERATOR)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "model alias"
+        verbose_name_plural = "model aliases"
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "name"], name="alias_unique_per_node"),
+            models.UniqueConstraint(fields=["name"], condition=Q(node__isnull=True), name="alias_unique_global"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name if self.name == self.served_name else f"{self.name} → {self.served_name}"
+
+    def clean(self) -> None:
+        super().clean()
+        self.name = (self.name or "").strip()
+        self.served_name = (self.served_name or "").strip()
+        if not self.name:
+            raise ValidationError({"name": "An alias needs a name."})
+        if not self.served_name:
+            raise ValidationError({"served_name": "Name the model the node serves."})
+
+
+def aliases_for_model(served_name: str, model_path: str = "") -> list[tuple[str, str]]:
+    """The (alias, origin) pairs an engine accepts: served name, model path without trailing
+    slash, and that path's basename."""
+    pairs: list[tuple[str, str]] = [(served_name, AliasOrigin.SERVED)]
+    path = (model_path or "").rstrip("/")
+    if path and path != served_name:
+        pairs.append((path, AliasOrigin.PATH))
+        base = posixpath.basename(path)
+        if base and base not in {served_name, path}:
+            pairs.append((base, AliasOrigin.BASENAME))
+    return pairs
+
+
+class RoutePolicy(models.Model):
+    """How requests for one model are routed; the row with an empty model is the global default."""
+
+    model = models.CharField(
+        max_length=255, unique=True, blank=True, help_text="Served model name; empty for the global default."
+    )
+    strategy = models.CharField(max_length=30, choices=Strategy.choices, default=Strategy.ROUND_ROBIN)
+    serving_mode = models.CharField(max_length=10, choices=ServingMode.choices, default=ServingMode.AUTO)
+    retry_budget = models.PositiveIntegerField(
+        default=2,
+        validators=[MaxValueValidator(10)],
+        help_text="Extra attempts on other nodes before any byte is sent.",
+    )
+    connect_timeout = models.FloatField(default=2.0, validators=[MinValueValidator(0.05), MaxValueValidator(600)])
+    first_token_timeout = models.FloatField(
+        default=120.0, validators=[MinValueValidator(0.1), MaxValueValidator(86400)]
+    )
+    total_timeout = models.FloatField(default=1800.0, validators=[MinValueValidator(0.1), MaxValueValidator(86400)])
+    prefix_min_match = models.PositiveIntegerField(
+        default=32, validators=[MinValueValidator(1)], help_text="prefix_cache: characters a prefix must share."
+    )
+    prefix_load_factor = models.FloatField(
+        default=2.0,
+        validators=[MinValueValidator(1.0)],
+        help_text="prefix_cache: abandon affinity when the preferred node has this many times the least load.",
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "route policy"
+        verbose_name_plural = "route policies"
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model or "(global default)"
+
+    def clean(self) -> None:
+        super().clean()
+        self.model = (self.model or "").strip()
+        if self.first_token_timeout > self.total_timeout:
+            raise ValidationError({"first_token_timeout": "The first-token timeout cannot exceed the total timeout."})
+
+
+API_KEY_PREFIX = "rp-"
+
+
+def hash_api_key(plaintext: str) -> str:
+    """SHA-256 of a proxy key. Keys are 256-bit random strings, so a fast hash is enough and keeps
+    the proxy's per-request check cheap."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def generate_api_key() -> str:
+    return API_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKey(models.Model):
+    """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may use; empty = all.")
+    rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
+    max_concurrent = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent requests; empty = none.")
+    is_active = models.BooleanField(default=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    def clean(self) -> None:
+        super().clean()
+        if not isinstance(self.allowed_models, list) or not all(
+            isinstance(m, str) and m.strip() for m in self.allowed_models
+        ):
+            raise ValidationError({"allowed_models": "Give a list of model names (empty for all models)."})
+
+    def set_plaintext(self, plaintext: str) -> None:
+        self.key_hash = hash_api_key(plaintext)
+        self.prefix = plaintext[:10]
+
+
+class ChangeRecord(models.Model):
+    """One audited change: who or what made it, through which interface, and what changed."""
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(max_length=200, help_text="User name, or the process that made the change.")
+    via = models.CharField(max_length=10, choices=ChangeVia.choices)
+    action = models.CharField(max_length=10, choices=ChangeAction.choices)
+    object_type = models.CharField(max_length=50, db_index=True)
+    object_id = models.CharField(max_length=50, db_index=True)
+    object_repr = models.CharField(max_length=500)
+    changes = models.JSONField(default=dict, blank=True, help_text="{field: [old, new]}")
+    note = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.actor_label} {self.action} {self.object_type} {self.object_repr}"

@@ -1,0 +1,29 @@
+"""ASGI entry point: Channels' protocol router in front of Django.
+
+HTTP goes to Django (admin, REST API, DLRouter-compatible ``/nodes/*``); WebSockets go to the
+Channels consumers. The OpenAI data path (``/v1``) is mounted here too, as a lean ASGI app, so
+it does not pay for Django's request handling on every proxied call.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "routerpanel.settings")
+
+# Django must be set up before anything imports models.
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from routerpanel.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,19 @@
+"""URL configuration: admin, REST API with its OpenAPI schema, and DLRouter's ``/nodes/*``."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+admin.site.site_header = "RouterPanel"
+admin.site.site_title = "RouterPanel"
+admin.site.index_title = "Fleet administration"
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("api/", include("nodes.api.urls")),
+    path("nodes/", include("nodes.compat.urls")),
+]
