@@ -1,0 +1,45 @@
+"""Shared fixtures: a real Redis, personas for permission tests, and API clients."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import redis as redis_lib
+
+from nodes.localredis import redis_server_argv
+from tests.procs import free_port, stop_process, wait_for_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real, private ``redis-server`` on a free port for the whole test session; yields its URL."""
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        redis_server_argv(port=port, data_dir=data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def redis_url(redis_server: str, settings) -> Iterator[str]:
+    """Point the project at the test Redis (flushed before each test) and yield its URL."""
+    client = redis_lib.Redis.from_url(redis_server)
+    client.flushdb()
+    settings.ROUTERPANEL_REDIS_URL = redis_server
+    yield redis_server
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_real_redis_by_default(settings, request) -> None:
+    """Unless a test asks for Redis, aim the project at a closed port so nothing leaks to a Redis
+    on 6379 that happens to run on the developer's machine."""
+    if "redis_url" not in request.fixturenames and "redis_server" not in request.fixturenames:
+        settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"

@@ -1,0 +1,71 @@
+"""Helpers for tests that run real processes: free ports, waiting for sockets, clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 15.0, proc: subprocess.Popen | None = None):
+    """Block until something accepts connections on ``host:port``; fail with the process's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}:\n{out[-4000:]}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {host}:{port} within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, *, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time; always reaps the process."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def running(
+    argv: Sequence[str],
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO_ROOT,
+    timeout: float = 20.0,
+) -> Iterator[subprocess.Popen]:
+    """Start ``argv`` (output captured), wait for ``port`` if given, and stop it on exit."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(
+        list(argv), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        if port is not None:
+            wait_for_port(port, proc=proc, timeout=timeout)
+        yield proc
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
