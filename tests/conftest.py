@@ -38,6 +38,12 @@ def redis_url(redis_server: str, settings) -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:
+    """Personas are created in many tests; the production hasher is deliberately slow."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _no_real_redis_by_default(settings, request) -> None:
     """Unless a test asks for Redis, aim the project at a closed port so nothing leaks to a Redis
     on 6379 that happens to run on the developer's machine."""

@@ -6,8 +6,19 @@ carry the same DRF token, so scripts written for either keep working.
 
 from __future__ import annotations
 
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import TokenAuthentication
 
 
 class BearerTokenAuthentication(TokenAuthentication):
     keyword = "Bearer"
+
+
+class BearerTokenScheme(OpenApiAuthenticationExtension):
+    """Documents the Bearer form of the DRF token in the OpenAPI schema."""
+
+    target_class = "nodes.api.authentication.BearerTokenAuthentication"
+    name = "bearerAuth"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "A REST API token: `Bearer <token>`."}

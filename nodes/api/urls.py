@@ -1,1 +1,15 @@
-urlpatterns: list = []
+from __future__ import annotations
+
+from rest_framework.routers import DefaultRouter
+
+from . import views
+
+router = DefaultRouter()
+router.register("nodes", views.NodeViewSet)
+router.register("aliases", views.ModelAliasViewSet)
+router.register("route-policies", views.RoutePolicyViewSet)
+router.register("control-planes", views.ControlPlaneViewSet)
+router.register("api-keys", views.ApiKeyViewSet)
+router.register("changes", views.ChangeRecordViewSet)
+
+urlpatterns = router.urls

@@ -1,0 +1,254 @@
+"""The operator's admin. Every save, delete and action goes through ``nodes.services`` so admin edits
+are audited, bump the configuration version and (for registry nodes) are protected from the sync;
+Django's own admin history is kept as well."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html, format_html_join
+
+from . import services
+from .choices import ChangeVia, NodeHealth, NodeRole, NodeSource, NodeState, ServingMode, Strategy, SyncState
+from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, generate_api_key
+
+
+def _actor(request: HttpRequest) -> services.Actor:
+    return services.Actor.for_user(request.user, ChangeVia.ADMIN)
+
+
+def badge(choices, value: str) -> str:
+    label = dict(choices.choices).get(value, value)
+    return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
+
+
+class ServiceAdminMixin:
+    """Routes the admin's writes through a model's ``*_save`` and ``*_delete`` services."""
+
+    save_service = None  # callable(obj, *, actor)
+    delete_service = None  # callable(obj, *, actor)
+
+    def save_model(self, request, obj, form, change) -> None:
+        type(self).save_service(obj, actor=_actor(request))
+
+    def delete_model(self, request, obj) -> None:
+        type(self).delete_service(obj, actor=_actor(request))
+
+    def delete_queryset(self, request, queryset: QuerySet) -> None:
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+
+class ModelAliasInline(admin.TabularInline):
+    model = ModelAlias
+    fk_name = "node"
+    extra = 0
+    fields = ("name", "served_name", "origin")
+
+
+@admin.register(Node)
+class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    save_service = staticmethod(services.node_save)
+    delete_service = staticmethod(lambda node, *, actor: services.node_delete(node=node, actor=actor))
+
+    list_display = (
+        "url",
+        "role_badge",
+        "state_badge",
+        "health_badge",
+        "source_badge",
+        "engine_type",
+        "models_list",
+        "weight",
+        "last_seen_at",
+    )
+    list_filter = ("role", "state", "health", "engine_type", "source", "control_plane")
+    search_fields = ("url", "name", "aliases__name", "aliases__served_name")
+    inlines = [ModelAliasInline]
+    actions = ["drain_nodes", "enable_nodes", "disable_nodes"]
+    readonly_fields = (
+        "health",
+        "consecutive_failures",
+        "last_checked_at",
+        "source",
+        "control_plane",
+        "entity_id",
+        "scope",
+        "kind",
+        "last_seen_at",
+        "operator_fields",
+        "created_at",
+        "updated_at",
+    )
+    fieldsets = (
+        (None, {"fields": ("url", "name", "engine_type", "role", "state", "weight", "max_concurrency")}),
+        ("Health", {"fields": ("health", "consecutive_failures", "last_checked_at")}),
+        ("Engine options", {"fields": ("bootstrap_port", "dp_size", "kv_connector_address", "metadata")}),
+        (
+            "Registry",
+            {
+                "fields": ("source", "control_plane", "entity_id", "scope", "kind", "last_seen_at", "operator_fields"),
+                "classes": ("collapse",),
+            },
+        ),
+        ("Timestamps", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).prefetch_related("aliases")
+
+    @admin.display(description="role", ordering="role")
+    def role_badge(self, node: Node) -> str:
+        return badge(NodeRole, node.role)
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, node: Node) -> str:
+        return badge(NodeState, node.state)
+
+    @admin.display(description="health", ordering="health")
+    def health_badge(self, node: Node) -> str:
+        return badge(NodeHealth, node.health)
+
+    @admin.display(description="source", ordering="source")
+    def source_badge(self, node: Node) -> str:
+        return badge(NodeSource, node.source)
+
+    @admin.display(description="served models")
+    def models_list(self, node: Node) -> str:
+        return format_html_join(", ", "{}", ((name,) for name in node.served_models)) or "—"
+
+    def save_formset(self, request, form, formset, change) -> None:
+        actor = _actor(request)
+        instances = formset.save(commit=False)
+        for alias in formset.deleted_objects:
+            services.alias_delete(alias=alias, actor=actor)
+        for alias in instances:
+            services.alias_save(alias, actor=actor)
+        formset.save_m2m()
+
+    def _apply(self, request: HttpRequest, queryset: QuerySet, service, verb: str) -> None:
+        actor = _actor(request)
+        count = 0
+        for node in queryset:
+            service(node=node, actor=actor)
+            count += 1
+        self.message_user(request, f"{verb} {count} node(s).", messages.SUCCESS)
+
+    @admin.action(description="Drain selected nodes (no new requests; in-flight ones finish)")
+    def drain_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.node_drain, "Drained")
+
+    @admin.action(description="Enable selected nodes")
+    def enable_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.node_enable, "Enabled")
+
+    @admin.action(description="Disable selected nodes")
+    def disable_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._apply(request, queryset, services.node_disable, "Disabled")
+
+
+@admin.register(ModelAlias)
+class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    save_service = staticmethod(services.alias_save)
+    delete_service = staticmethod(lambda alias, *, actor: services.alias_delete(alias=alias, actor=actor))
+    list_display = ("name", "served_name", "origin", "node")
+    list_filter = ("origin",)
+    search_fields = ("name", "served_name", "node__url")
+    autocomplete_fields = ("node",)
+
+
+@admin.register(RoutePolicy)
+class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    save_service = staticmethod(services.policy_save)
+    delete_service = staticmethod(lambda policy, *, actor: services.policy_delete(policy=policy, actor=actor))
+    list_display = ("__str__", "strategy_badge", "mode_badge", "retry_budget", "first_token_timeout", "enabled")
+    list_filter = ("strategy", "serving_mode", "enabled")
+    search_fields = ("model",)
+
+    @admin.display(description="strategy", ordering="strategy")
+    def strategy_badge(self, policy: RoutePolicy) -> str:
+        return badge(Strategy, policy.strategy)
+
+    @admin.display(description="serving mode", ordering="serving_mode")
+    def mode_badge(self, policy: RoutePolicy) -> str:
+        return badge(ServingMode, policy.serving_mode)
+
+    def has_delete_permission(self, request: HttpRequest, obj: RoutePolicy | None = None) -> bool:
+        if obj is not None and obj.model == "":
+            return False
+        return super().has_delete_permission(request, obj)
+
+
+@admin.register(ControlPlane)
+class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    save_service = staticmethod(services.control_plane_save)
+    delete_service = staticmethod(
+        lambda control_plane, *, actor: services.control_plane_delete(control_plane=control_plane, actor=actor)
+    )
+    list_display = ("name", "address", "scope", "engine_type", "enabled", "sync_badge", "last_sync_at")
+    list_filter = ("enabled", "engine_type", "sync_state")
+    search_fields = ("name", "address", "scope")
+    readonly_fields = (
+        "sync_state",
+        "last_sync_at",
+        "last_sync_duration_ms",
+        "last_sync_counts",
+        "last_sync_error",
+        "created_at",
+        "updated_at",
+    )
+
+    @admin.display(description="sync", ordering="sync_state")
+    def sync_badge(self, control_plane: ControlPlane) -> str:
+        return badge(SyncState, control_plane.sync_state)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    delete_service = staticmethod(lambda key, *, actor: services.api_key_delete(key=key, actor=actor))
+    list_display = ("name", "prefix", "is_active", "allowed_models", "rate_limit_rpm", "created_at", "last_used_at")
+    list_filter = ("is_active",)
+    search_fields = ("name", "prefix")
+    fields = ("name", "allowed_models", "rate_limit_rpm", "max_concurrent", "is_active")
+    readonly_fields = ("prefix", "created_by", "created_at", "last_used_at")
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None):
+        return self.fields if obj is None else (*self.fields, *self.readonly_fields)
+
+    def save_model(self, request, obj: ApiKey, form, change) -> None:
+        actor = _actor(request)
+        if change:
+            services.api_key_save(obj, actor=actor)
+            return
+        plaintext = generate_api_key()
+        obj.set_plaintext(plaintext)
+        obj.created_by = actor.user
+        services.api_key_save(obj, actor=actor)
+        messages.warning(
+            request,
+            format_html(
+                "Copy the key for “{}” now — it is not stored and will not be shown again: <code>{}</code>",
+                obj.name,
+                plaintext,
+            ),
+        )
+
+
+@admin.register(ChangeRecord)
+class ChangeRecordAdmin(admin.ModelAdmin):
+    """The audit trail; read-only."""
+
+    list_display = ("created_at", "actor_label", "via", "action", "object_type", "object_repr")
+    list_filter = ("via", "action", "object_type")
+    search_fields = ("actor_label", "object_repr", "object_id", "note")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: ChangeRecord | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: ChangeRecord | None = None) -> bool:
+        return False

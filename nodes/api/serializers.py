@@ -1,0 +1,264 @@
+"""REST API serializers. They validate input and shape output; writes are delegated to services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from rest_framework import serializers
+
+from nodes import services
+from nodes.choices import ChangeVia, NodeRole
+from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, normalize_node_url
+
+from .exceptions import validation_detail
+
+
+def _actor(serializer: serializers.Serializer) -> services.Actor:
+    request = serializer.context.get("request")
+    return services.Actor.for_user(getattr(request, "user", None), ChangeVia.API)
+
+
+def _call(service, **kwargs):
+    """Run a service and turn Django validation errors into DRF ones (400 with the field named)."""
+    try:
+        return service(**kwargs)
+    except DjangoValidationError as exc:
+        raise serializers.ValidationError(validation_detail(exc)) from None
+
+
+class StrictJSONObjectField(serializers.JSONField):
+    def to_internal_value(self, data: Any) -> Any:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Expected a JSON object.")
+        return value
+
+
+class ModelNameListField(serializers.ListField):
+    child = serializers.CharField(max_length=255, allow_blank=False, trim_whitespace=True)
+
+
+class NodeAliasSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ModelAlias
+        fields = ["id", "name", "served_name", "origin"]
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    url = serializers.CharField(max_length=500, help_text="Base URL, e.g. http://10.0.0.5:8000.")
+    role = serializers.CharField(default=NodeRole.HYBRID, help_text="hybrid, prefill or decode (DLRouter's 1/2/3 too).")
+    models = ModelNameListField(
+        required=False, write_only=True, help_text="Model names the node serves; replaces its served-name aliases."
+    )
+    model_path = serializers.CharField(
+        required=False, write_only=True, allow_blank=True, help_text="Model path; its basename becomes an alias too."
+    )
+    served_models = serializers.SerializerMethodField()
+    aliases = NodeAliasSerializer(many=True, read_only=True)
+    metadata = StrictJSONObjectField(required=False)
+
+    class Meta:
+        model = Node
+        fields = [
+            "id",
+            "url",
+            "name",
+            "engine_type",
+            "role",
+            "state",
+            "health",
+            "consecutive_failures",
+            "last_checked_at",
+            "source",
+            "control_plane",
+            "entity_id",
+            "scope",
+            "kind",
+            "last_seen_at",
+            "weight",
+            "max_concurrency",
+            "bootstrap_port",
+            "dp_size",
+            "kv_connector_address",
+            "metadata",
+            "models",
+            "model_path",
+            "served_models",
+            "aliases",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = [
+            "health",
+            "consecutive_failures",
+            "last_checked_at",
+            "source",
+            "control_plane",
+            "entity_id",
+            "scope",
+            "kind",
+            "last_seen_at",
+        ]
+
+    def get_served_models(self, node: Node) -> list[str]:
+        return node.served_models
+
+    def validate_url(self, value: str) -> str:
+        try:
+            url = normalize_node_url(value)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(exc.messages) from None
+        clash = Node.objects.filter(url=url)
+        if self.instance is not None:
+            clash = clash.exclude(pk=self.instance.pk)
+        if clash.exists():
+            raise serializers.ValidationError(f"A node with URL {url} already exists.")
+        return url
+
+    def validate_role(self, value: Any) -> str:
+        try:
+            return NodeRole.from_dlrouter(value).value
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def create(self, validated_data: dict[str, Any]) -> Node:
+        models = validated_data.pop("models", [])
+        model_path = validated_data.pop("model_path", "")
+        return _call(services.node_create, actor=_actor(self), models=models, model_path=model_path, **validated_data)
+
+    def update(self, node: Node, validated_data: dict[str, Any]) -> Node:
+        models = validated_data.pop("models", None)
+        model_path = validated_data.pop("model_path", "")
+        actor = _actor(self)
+        node = _call(services.node_update, node=node, actor=actor, **validated_data)
+        if models is not None:
+            _call(services.node_set_models, node=node, actor=actor, models=models, model_path=model_path)
+        return node
+
+
+class ModelAliasSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ModelAlias
+        fields = ["id", "node", "name", "served_name", "origin", "created_at"]
+        validators: list = []  # uniqueness is checked by the model's constraints in the service
+
+    def create(self, validated_data: dict[str, Any]) -> ModelAlias:
+        return _call(services.alias_create, actor=_actor(self), **validated_data)
+
+    def update(self, alias: ModelAlias, validated_data: dict[str, Any]) -> ModelAlias:
+        return _call(services.alias_update, alias=alias, actor=_actor(self), **validated_data)
+
+
+class RoutePolicySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RoutePolicy
+        fields = [
+            "id",
+            "model",
+            "strategy",
+            "serving_mode",
+            "retry_budget",
+            "connect_timeout",
+            "first_token_timeout",
+            "total_timeout",
+            "prefix_min_match",
+            "prefix_load_factor",
+            "enabled",
+            "created_at",
+            "updated_at",
+        ]
+
+    def create(self, validated_data: dict[str, Any]) -> RoutePolicy:
+        return _call(services.policy_create, actor=_actor(self), **validated_data)
+
+    def update(self, policy: RoutePolicy, validated_data: dict[str, Any]) -> RoutePolicy:
+        return _call(services.policy_update, policy=policy, actor=_actor(self), **validated_data)
+
+
+class ControlPlaneSerializer(serializers.ModelSerializer):
+    kinds = ModelNameListField(required=False, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].')
+
+    class Meta:
+        model = ControlPlane
+        fields = [
+            "id",
+            "name",
+            "address",
+            "scope",
+            "kinds",
+            "engine_type",
+            "sync_interval",
+            "redis_url",
+            "enabled",
+            "sync_state",
+            "last_sync_at",
+            "last_sync_duration_ms",
+            "last_sync_counts",
+            "last_sync_error",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = [
+            "sync_state",
+            "last_sync_at",
+            "last_sync_duration_ms",
+            "last_sync_counts",
+            "last_sync_error",
+        ]
+
+    def create(self, validated_data: dict[str, Any]) -> ControlPlane:
+        return _call(services.control_plane_create, actor=_actor(self), **validated_data)
+
+    def update(self, control_plane: ControlPlane, validated_data: dict[str, Any]) -> ControlPlane:
+        return _call(services.control_plane_update, control_plane=control_plane, actor=_actor(self), **validated_data)
+
+
+class ApiKeySerializer(serializers.ModelSerializer):
+    allowed_models = ModelNameListField(required=False, help_text="Models this key may use; empty for all.")
+    key = serializers.SerializerMethodField(help_text="The plaintext key: returned once, in the create response.")
+
+    class Meta:
+        model = ApiKey
+        fields = [
+            "id",
+            "name",
+            "key",
+            "prefix",
+            "allowed_models",
+            "rate_limit_rpm",
+            "max_concurrent",
+            "is_active",
+            "created_by",
+            "created_at",
+            "last_used_at",
+        ]
+        read_only_fields = ["prefix", "created_by", "created_at", "last_used_at"]
+
+    def get_key(self, key: ApiKey) -> str | None:
+        return getattr(key, "_plaintext", None)
+
+    def create(self, validated_data: dict[str, Any]) -> ApiKey:
+        key, plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
+        key._plaintext = plaintext  # shown in this response only
+        return key
+
+    def update(self, key: ApiKey, validated_data: dict[str, Any]) -> ApiKey:
+        return _call(services.api_key_update, key=key, actor=_actor(self), **validated_data)
+
+
+class ChangeRecordSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ChangeRecord
+        fields = [
+            "id",
+            "created_at",
+            "actor_label",
+            "via",
+            "action",
+            "object_type",
+            "object_id",
+            "object_repr",
+            "changes",
+            "note",
+        ]

@@ -1,0 +1,134 @@
+"""REST API views: thin interfaces over the selectors (querysets) and the services."""
+
+from __future__ import annotations
+
+import django_filters
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import Q, QuerySet
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from nodes import services
+from nodes.choices import ChangeVia, EngineType, NodeHealth, NodeRole, NodeSource, NodeState
+from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
+
+from . import serializers as s
+from .exceptions import validation_detail
+
+
+def _actor(request: Request) -> services.Actor:
+    return services.Actor.for_user(request.user, ChangeVia.API)
+
+
+class ServiceDestroyMixin:
+    """Deletes through a service so the deletion is audited and bumps the configuration version."""
+
+    def delete_with_service(self, instance) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def perform_destroy(self, instance) -> None:
+        try:
+            self.delete_with_service(instance)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(validation_detail(exc)) from None
+
+
+class NodeFilter(django_filters.FilterSet):
+    role = django_filters.ChoiceFilter(choices=NodeRole.choices)
+    state = django_filters.ChoiceFilter(choices=NodeState.choices)
+    health = django_filters.ChoiceFilter(choices=NodeHealth.choices)
+    engine_type = django_filters.ChoiceFilter(choices=EngineType.choices)
+    source = django_filters.ChoiceFilter(choices=NodeSource.choices)
+    model = django_filters.CharFilter(method="filter_model", label="Serves this model (name or alias)")
+    url = django_filters.CharFilter(lookup_expr="icontains")
+
+    class Meta:
+        model = Node
+        fields = ["role", "state", "health", "engine_type", "source", "control_plane", "model", "url"]
+
+    def filter_model(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        served = set(ModelAlias.objects.filter(node__isnull=True, name=value).values_list("served_name", flat=True))
+        served.add(value)
+        return queryset.filter(Q(aliases__served_name__in=served) | Q(aliases__name=value)).distinct()
+
+
+class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+    """Inference nodes. Reads need a login; writes need a staff account."""
+
+    queryset = Node.objects.prefetch_related("aliases").order_by("url")
+    serializer_class = s.NodeSerializer
+    filterset_class = NodeFilter
+
+    def delete_with_service(self, node: Node) -> None:
+        services.node_delete(node=node, actor=_actor(self.request))
+
+    def _state_action(self, request: Request, service) -> Response:
+        node = service(node=self.get_object(), actor=_actor(request))
+        return Response(self.get_serializer(node).data)
+
+    @extend_schema(request=None, responses=s.NodeSerializer)
+    @action(detail=True, methods=["post"])
+    def drain(self, request: Request, pk: str | None = None) -> Response:
+        """Stop sending new requests to the node; requests in flight finish."""
+        return self._state_action(request, services.node_drain)
+
+    @extend_schema(request=None, responses=s.NodeSerializer)
+    @action(detail=True, methods=["post"])
+    def enable(self, request: Request, pk: str | None = None) -> Response:
+        """Put the node back into rotation."""
+        return self._state_action(request, services.node_enable)
+
+    @extend_schema(request=None, responses=s.NodeSerializer)
+    @action(detail=True, methods=["post"])
+    def disable(self, request: Request, pk: str | None = None) -> Response:
+        """Take the node out of rotation."""
+        return self._state_action(request, services.node_disable)
+
+
+class ModelAliasViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+    queryset = ModelAlias.objects.select_related("node").order_by("name", "id")
+    serializer_class = s.ModelAliasSerializer
+    filterset_fields = ["node", "name", "served_name", "origin"]
+
+    def delete_with_service(self, alias: ModelAlias) -> None:
+        services.alias_delete(alias=alias, actor=_actor(self.request))
+
+
+class RoutePolicyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+    queryset = RoutePolicy.objects.order_by("model")
+    serializer_class = s.RoutePolicySerializer
+    filterset_fields = ["model", "strategy", "serving_mode", "enabled"]
+
+    def delete_with_service(self, policy: RoutePolicy) -> None:
+        services.policy_delete(policy=policy, actor=_actor(self.request))
+
+
+class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+    queryset = ControlPlane.objects.order_by("name")
+    serializer_class = s.ControlPlaneSerializer
+    filterset_fields = ["enabled", "engine_type", "sync_state", "scope"]
+
+    def delete_with_service(self, control_plane: ControlPlane) -> None:
+        services.control_plane_delete(control_plane=control_plane, actor=_actor(self.request))
+
+
+class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+    """Proxy API keys. The plaintext key is in the create response only; just a hash is stored."""
+
+    queryset = ApiKey.objects.order_by("name", "id")
+    serializer_class = s.ApiKeySerializer
+    filterset_fields = ["is_active", "name"]
+
+    def delete_with_service(self, key: ApiKey) -> None:
+        services.api_key_delete(key=key, actor=_actor(self.request))
+
+
+class ChangeRecordViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """The audit trail: every change made through the API, the DLRouter endpoints, the admin or a service."""
+
+    queryset = ChangeRecord.objects.all()
+    serializer_class = s.ChangeRecordSerializer
+    filterset_fields = ["via", "action", "object_type", "object_id", "actor_label"]

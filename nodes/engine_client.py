@@ -1,0 +1,39 @@
+"""The control side's HTTP calls to an engine node (not the data path): read its served models and
+ask it to terminate. Every call has a timeout; failures raise ``EngineError`` with a message fit for
+an operator."""
+
+from __future__ import annotations
+
+import httpx
+
+
+class EngineError(Exception):
+    """The node could not be reached or answered something unusable."""
+
+
+def fetch_served_models(base_url: str, *, timeout: float) -> list[str]:
+    """The model ids a node lists at ``/v1/models`` (OpenAI list shape)."""
+    try:
+        response = httpx.get(f"{base_url}/v1/models", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"could not reach {base_url}/v1/models: {exc.__class__.__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise EngineError(f"{base_url}/v1/models answered HTTP {response.status_code}")
+    try:
+        data = response.json().get("data")
+        models = [item["id"] for item in data if isinstance(item.get("id"), str) and item["id"]]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        raise EngineError(f"{base_url}/v1/models did not return an OpenAI model list") from None
+    if not models:
+        raise EngineError(f"{base_url}/v1/models lists no models")
+    return models
+
+
+def terminate(base_url: str, *, timeout: float) -> None:
+    """Ask the node to shut down (``GET {node}/terminate``, as DLRouter does)."""
+    try:
+        response = httpx.get(f"{base_url}/terminate", headers={"accept": "application/json"}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"could not reach {base_url}/terminate: {exc.__class__.__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise EngineError(f"{base_url}/terminate answered HTTP {response.status_code}")
