@@ -1,0 +1,18 @@
+"""``manage.py simulate_engine``: run a simulated inference engine (see ``proxy.simulator``)."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand
+
+from proxy.simulator.config import add_arguments, config_from_options
+from proxy.simulator.server import run
+
+
+class Command(BaseCommand):
+    help = "Run a simulated LLM engine (NanoDeploy, DLEngine, vLLM, SGLang, LMDeploy or OpenAI) for tests and demos."
+
+    def add_arguments(self, parser) -> None:
+        add_arguments(parser)
+
+    def handle(self, *args, **options) -> None:
+        run(config_from_options(options))

@@ -1,0 +1,42 @@
+"""Calls from one simulated engine to its PD peer (the decode reading KV from the prefill)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+_sessions: dict[int, aiohttp.ClientSession] = {}
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(id(loop))
+    if session is None or session.closed:
+        session = aiohttp.ClientSession(trust_env=False)
+        _sessions[id(loop)] = session
+    return session
+
+
+class PeerUnreachable(Exception):
+    """The peer engine did not answer (connection refused, timeout)."""
+
+
+async def post_json(url: str, body: dict[str, Any], *, timeout: float) -> tuple[int, Any]:
+    """POST JSON to a peer; returns (status, parsed body or text)."""
+    try:
+        async with _session().post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            try:
+                data = await resp.json(content_type=None)
+            except ValueError:
+                data = await resp.text()
+            return resp.status, data
+    except (aiohttp.ClientError, OSError) as exc:
+        raise PeerUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from None
+
+
+async def close_sessions() -> None:
+    for session in list(_sessions.values()):
+        await session.close()
+    _sessions.clear()
