@@ -19,11 +19,17 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from proxy.app import get_app  # noqa: E402
+from proxy.mount import ProxyMount  # noqa: E402
 from routerpanel.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
-    }
+# `/v1/*`, `/health` and `/metrics` (and uvicorn's lifespan events) go to the proxy app.
+application = ProxyMount(
+    get_app(),
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": AllowedHostsOriginValidator(URLRouter(websocket_urlpatterns)),
+        }
+    ),
 )

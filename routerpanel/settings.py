@@ -293,3 +293,18 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("ROUTERPANEL_LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# --------------------------------------------------------------------------------------------
+# Proxy (the /v1 data path)
+# --------------------------------------------------------------------------------------------
+
+# Require `Authorization: Bearer <API key>` on /v1 (turn off only on a trusted network).
+ROUTERPANEL_PROXY_REQUIRE_KEY = env_bool("ROUTERPANEL_PROXY_REQUIRE_KEY", True)
+# Seconds between polls of the configuration version in Redis (pub/sub wakes the watcher sooner).
+ROUTERPANEL_PROXY_VERSION_POLL_INTERVAL = env_float("ROUTERPANEL_PROXY_VERSION_POLL_INTERVAL", 0.25, minimum=0.01)
+# Seconds between polls of the version in the database (1 s while Redis is unreachable).
+ROUTERPANEL_PROXY_DB_POLL_INTERVAL = env_float("ROUTERPANEL_PROXY_DB_POLL_INTERVAL", 5.0, minimum=0.1)
+# Upper bound of pooled upstream connections per web worker (0 = unlimited).
+ROUTERPANEL_PROXY_MAX_CONNECTIONS = env_int("ROUTERPANEL_PROXY_MAX_CONNECTIONS", 1000, minimum=0)
+# prefix_cache strategy: remembered prompt-prefix blocks per web worker (bounds its memory).
+ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES = env_int("ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES", 50_000, minimum=100)

@@ -1,0 +1,217 @@
+"""The hybrid (non-PD) data path: one node answers the whole request.
+
+Pick a node, forward the client's body (``model`` rewritten to the name the node serves), and pass
+the answer back: a JSON body with the engine's status, or an SSE stream byte for byte. Failures
+before anything reached the client are retried on another node within the policy's budget;
+nothing is retried once the response has started. Counters are released in ``finally`` on every
+path, including a client disconnect (which arrives here as ``CancelledError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from nodes.choices import NodeRole
+
+from . import metrics, sse
+from .adapters import adapter_for
+from .errors import ProxyError, engine_failed, engine_timeout
+from .router import Router
+from .snapshot import Route, Target
+from .transport import DisconnectWatcher, RequestHeaders, Send, send_bytes
+from .upstream import CONNECT_ERRORS, session, timeout_for
+
+# Engine answers that mean "not now, try elsewhere": overloaded, at its concurrency limit, or a
+# gateway in front of it failed. They are retried on another node while nothing has been sent.
+RETRY_STATUSES = frozenset({429, 502, 503})
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    path: str
+    model: str
+    route: Route
+    payload: dict[str, Any]
+    body: bytes
+    stream: bool
+    request_id: str
+    headers: RequestHeaders
+    rewritten: dict[str, bytes] = field(default_factory=dict)
+
+    def body_for(self, served_name: str) -> bytes:
+        """The client's bytes unchanged when the node serves the requested name; otherwise the
+        same JSON with only ``model`` replaced (key order and every other field kept)."""
+        if served_name == self.model:
+            return self.body
+        body = self.rewritten.get(served_name)
+        if body is None:
+            rewritten = {**self.payload, "model": served_name}
+            body = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+            self.rewritten[served_name] = body
+        return body
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened, for metrics."""
+
+    status: int = 0
+    node: str = "-"
+    ttft: float | None = None
+    mean_gap: float | None = None
+    error: str | None = None
+
+
+def _response_headers(request: ProxyRequest, target: Target) -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-id", request.request_id.encode("latin-1")), (b"x-routerpanel-node", target.node.url.encode())]
+
+
+async def proxy_hybrid(
+    request: ProxyRequest, send: Send, router: Router, watcher: DisconnectWatcher, outcome: Outcome
+) -> None:
+    route = request.route
+    policy = route.policy
+    attempts = policy.retry_budget + 1
+    tried: list[int] = []
+    last_error: ProxyError | None = None
+    last_answer: tuple[Target, int, bytes, bytes] | None = None  # an engine's retryable error answer
+    retry_reason = ""
+
+    for attempt in range(attempts):
+        target = router.choose(
+            route, NodeRole.HYBRID, exclude=tried, headers=request.headers.routing, payload=request.payload
+        )
+        if target is None:
+            break
+        if attempt:
+            metrics.count_retry(route.name, retry_reason)
+        tried.append(target.node.id)
+        node = target.node
+        upstream = adapter_for(node.engine_type).hybrid_request(
+            target, request.path, request.body_for(target.served_name), request.request_id
+        )
+        started = time.perf_counter()
+        elapsed: float | None = None
+        response: aiohttp.ClientResponse | None = None
+        first = b""
+        try:
+            try:
+                async with asyncio.timeout(policy.first_token_timeout if request.stream else None):
+                    try:
+                        response = await session().post(
+                            upstream.url, data=upstream.body, headers=upstream.headers, timeout=timeout_for(policy)
+                        )
+                    except CONNECT_ERRORS as exc:
+                        last_error = engine_failed(f"Node {node.url} could not be reached: {exc}", "engine_unreachable")
+                        retry_reason = "connect"
+                        continue
+                    streaming = (
+                        request.stream and response.status == 200 and response.content_type == "text/event-stream"
+                    )
+                    if streaming:
+                        first = await response.content.readany()
+                    elif response.status in RETRY_STATUSES and attempt + 1 < attempts:
+                        answer = await response.read()
+                        last_answer = (target, response.status, response.content_type.encode(), answer)
+                        retry_reason = str(response.status)
+                        continue
+            except TimeoutError:
+                raise engine_timeout(f"Node {node.url} did not answer within the policy's timeout.") from None
+            except aiohttp.ClientError as exc:
+                raise engine_failed(f"Node {node.url} failed before answering: {exc}") from None
+
+            outcome.node = node.url
+            if streaming:
+                await _stream(request, send, response, first, target, watcher, outcome, started)
+            else:
+                try:
+                    answer = await response.read()
+                except TimeoutError:
+                    raise engine_timeout(f"Node {node.url} did not finish within the policy's timeout.") from None
+                except aiohttp.ClientError as exc:
+                    raise engine_failed(f"Node {node.url} failed while answering: {exc}") from None
+                outcome.status = response.status
+                watcher.finish()
+                await send_bytes(
+                    send,
+                    response.status,
+                    answer,
+                    content_type=response.headers.get("Content-Type", "application/json").encode("latin-1"),
+                    extra=_response_headers(request, target),
+                )
+            if outcome.status < 500:
+                elapsed = time.perf_counter() - started
+            return
+        finally:
+            if response is not None:
+                response.close()  # a no-op once the body was read; drops the connection otherwise
+            router.release(target, elapsed)
+
+    if last_answer is not None:
+        # Every node failed: an engine's own error answer says more than a connect error, so pass
+        # the last one through, status and body intact.
+        target, status, content_type, answer = last_answer
+        outcome.status, outcome.node, outcome.error = status, target.node.url, f"engine_{status}"
+        watcher.finish()
+        await send_bytes(
+            send,
+            status,
+            answer,
+            content_type=content_type or b"application/json",
+            extra=_response_headers(request, target),
+        )
+        return
+    if last_error is not None:
+        raise last_error
+    if route.hybrid:
+        raise ProxyError(503, f"Every node serving {route.name!r} is at its concurrency limit.", "no_capacity")
+    raise ProxyError(503, f"No routable node serves {route.name!r} right now.", "no_routable_node")
+
+
+async def _stream(
+    request: ProxyRequest,
+    send: Send,
+    response: aiohttp.ClientResponse,
+    first: bytes,
+    target: Target,
+    watcher: DisconnectWatcher,
+    outcome: Outcome,
+    started: float,
+) -> None:
+    """Send the engine's SSE bytes as they arrive; end with an error event if the engine fails."""
+    headers = [(b"content-type", response.headers.get("Content-Type", "text/event-stream").encode("latin-1"))]
+    headers += sse.STREAM_HEADERS
+    headers += _response_headers(request, target)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    outcome.status = 200
+    first_at = time.perf_counter()
+    last_at = first_at
+    chunks = 0
+    last = first
+    try:
+        if first:
+            outcome.ttft = first_at - started
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            chunks = 1
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                last = chunk
+                chunks += 1
+            last_at = time.perf_counter()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if isinstance(exc, TimeoutError):
+            error = engine_timeout("The engine did not finish the stream within the policy's timeout.")
+        else:
+            error = engine_failed(f"The engine failed mid-stream: {exc}", "engine_stream_error")
+        outcome.error = error.code
+        await send({"type": "http.response.body", "body": sse.error_event(error, after=last), "more_body": True})
+    if chunks > 1:
+        outcome.mean_gap = (last_at - first_at) / (chunks - 1)
+    watcher.finish()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,136 @@
+"""Choosing a node for a request: filters the route's targets to those available now, applies the
+route policy's strategy, and takes a slot on the chosen node.
+
+The ``Router`` owns the per-process mutable state the strategies need (round-robin counters per
+model and role, cached hash rings, the prefix index) and the ``LoadTracker``. It survives snapshot
+swaps, so affinity and counters are not reset by an unrelated configuration change.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+from typing import Any
+
+from django.conf import settings
+
+from nodes.choices import Strategy
+
+from . import strategies
+from .load import LoadTracker, LocalLoadTracker
+from .snapshot import Route, Target
+
+_RING_CACHE_MAX = 256
+
+
+def session_key(headers: dict[str, str], payload: dict[str, Any]) -> str | None:
+    """The consistent-hash key: ``x-session-id``, then ``x-user-id``, then the body's ``user``."""
+    key = headers.get("x-session-id") or headers.get("x-user-id")
+    if key:
+        return key
+    user = payload.get("user")
+    return user if isinstance(user, str) and user else None
+
+
+def prompt_text(payload: dict[str, Any]) -> str:
+    """The text a prefix cache would share: chat messages (role and text parts) or the prompt."""
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        parts: list[str] = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.append(f"{message.get('role', '')}:{content if isinstance(content, str) else ''}\n")
+        return "".join(parts)
+    prompt = payload.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        first = prompt[0]
+        return first if isinstance(first, str) else " ".join(str(t) for t in prompt)
+    return ""
+
+
+class Router:
+    def __init__(
+        self,
+        load: LoadTracker | None = None,
+        *,
+        prefix_index: strategies.PrefixIndex | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.load: LoadTracker = load or LocalLoadTracker()
+        self.prefix_index = prefix_index or strategies.PrefixIndex(
+            max_entries=settings.ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES
+        )
+        self.rng = rng or random.Random()
+        self._ticks: dict[tuple[str, str], int] = {}
+        self._rings: dict[tuple[int, ...], strategies.HashRing] = {}
+
+    def _tick(self, model: str, role: str) -> int:
+        key = (model, role)
+        tick = self._ticks.get(key, 0)
+        self._ticks[key] = tick + 1
+        return tick
+
+    def _ring(self, targets: tuple[Target, ...]) -> strategies.HashRing:
+        key = tuple(t.node.id * 100_000 + t.node.weight for t in targets)
+        ring = self._rings.get(key)
+        if ring is None:
+            if len(self._rings) >= _RING_CACHE_MAX:
+                self._rings.clear()
+            ring = self._rings[key] = strategies.HashRing(targets)
+        return ring
+
+    def choose(
+        self,
+        route: Route,
+        role: str,
+        *,
+        exclude: Collection[int] = (),
+        headers: dict[str, str] | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> Target | None:
+        """Pick a target of ``role`` for ``route`` and acquire a slot on its node; None when no
+        node is available (none routable, all at their limit, or all already tried)."""
+        targets = route.by_role(role)
+        load = self.load
+        available = [t for t in targets if t.node.id not in exclude and load.has_capacity(t.node)]
+        if not available:
+            return None
+        policy = route.policy
+        strategy = policy.strategy
+        tick = self._tick(route.name, role)
+        if len(available) == 1 and strategy != Strategy.PREFIX_CACHE:
+            chosen = available[0]
+        elif strategy == Strategy.ROUND_ROBIN:
+            chosen = strategies.round_robin(available, tick)
+        elif strategy == Strategy.LEAST_REQUESTS:
+            chosen = strategies.least_requests(available, load, tick)
+        elif strategy == Strategy.WEIGHTED_RANDOM:
+            chosen = strategies.weighted_random(available, self.rng)
+        elif strategy == Strategy.POWER_OF_TWO:
+            chosen = strategies.power_of_two(available, load, self.rng)
+        elif strategy == Strategy.MIN_OBSERVED_LATENCY:
+            chosen = strategies.min_observed_latency(available, load, tick)
+        elif strategy == Strategy.CONSISTENT_HASH:
+            key = session_key(headers or {}, payload or {})
+            chosen = strategies.consistent_hash(available, self._ring(targets), key, load, tick)
+        elif strategy == Strategy.PREFIX_CACHE:
+            hashes = self.prefix_index.prefix_hashes(
+                f"{route.name}/{role}", prompt_text(payload or {}), policy.prefix_min_match
+            )
+            chosen = strategies.prefix_cache(
+                available, load, self.prefix_index, hashes, policy.prefix_load_factor, tick
+            )
+        else:  # an unknown strategy name in the database: behave like the default
+            chosen = strategies.round_robin(available, tick)
+        if not load.try_acquire(chosen.node):  # cannot happen on one event loop; kept for shared trackers
+            return None
+        return chosen
+
+    def release(self, target: Target, elapsed: float | None = None) -> None:
+        self.load.release(target.node.id, elapsed)

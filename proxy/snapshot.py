@@ -1,0 +1,242 @@
+"""The routing table: an immutable, per-process snapshot of nodes, aliases, policies and API keys.
+
+``build_snapshot()`` reads the database (a handful of queries) and is only ever called off the hot
+path: at start-up and when the configuration version changes (see ``proxy.watcher``). Request
+handling reads ``current()`` and never touches the ORM. A new snapshot replaces the old one in a
+single assignment, so a request sees either the old table or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from nodes.choices import NodeHealth, NodeRole, NodeState, ServingMode, Strategy
+from nodes.models import ApiKey, ConfigVersion, ModelAlias, Node, RoutePolicy
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the data path needs to know about a node."""
+
+    id: int
+    url: str
+    engine_type: str
+    role: str
+    state: str
+    health: str
+    weight: int = 1
+    max_concurrency: int = 0
+    bootstrap_port: int | None = None
+    dp_size: int = 1
+    kv_connector_address: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def routable(self) -> bool:
+        """Active and not known to be unhealthy (capacity is checked per request)."""
+        return self.state == NodeState.ACTIVE and self.health != NodeHealth.UNHEALTHY
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    model: str = ""
+    strategy: str = Strategy.ROUND_ROBIN
+    serving_mode: str = ServingMode.AUTO
+    retry_budget: int = 2
+    connect_timeout: float = 2.0
+    first_token_timeout: float = 120.0
+    total_timeout: float = 1800.0
+    prefix_min_match: int = 32
+    prefix_load_factor: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A node together with the model name it serves for a route (written into ``model`` upstream)."""
+
+    node: NodeView
+    served_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Everything a client's model name resolves to."""
+
+    name: str
+    policy: PolicyView
+    targets: tuple[Target, ...]  # every node, routable or not (for 503 vs 404)
+    hybrid: tuple[Target, ...]  # routable hybrid nodes
+    prefill: tuple[Target, ...]  # routable prefill nodes
+    decode: tuple[Target, ...]  # routable decode nodes
+    served_names: frozenset[str]
+
+    @property
+    def servable(self) -> bool:
+        return bool(self.hybrid) or (bool(self.prefill) and bool(self.decode))
+
+    def by_role(self, role: str) -> tuple[Target, ...]:
+        if role == NodeRole.PREFILL:
+            return self.prefill
+        if role == NodeRole.DECODE:
+            return self.decode
+        return self.hybrid
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    id: int
+    name: str
+    allowed_models: frozenset[str]  # empty = every model
+    rate_limit_rpm: int | None = None
+    max_concurrent: int | None = None
+
+    def allows(self, route: Route) -> bool:
+        if not self.allowed_models:
+            return True
+        return route.name in self.allowed_models or not self.allowed_models.isdisjoint(route.served_names)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    built_at: float
+    nodes: dict[int, NodeView]
+    routes: dict[str, Route]
+    keys: dict[str, KeyView]  # by key hash
+    default_policy: PolicyView
+    models: tuple[str, ...]  # names listed by /v1/models (servable only), sorted
+
+    def models_body(self, key: KeyView | None) -> bytes:
+        names = self.models if key is None else tuple(n for n in self.models if key.allows(self.routes[n]))
+        created = int(self.built_at)
+        data = [{"id": n, "object": "model", "created": created, "owned_by": "routerpanel"} for n in names]
+        return json.dumps({"object": "list", "data": data}).encode()
+
+
+EMPTY = Snapshot(version=-1, built_at=0.0, nodes={}, routes={}, keys={}, default_policy=PolicyView(), models=())
+
+_POLICY_FIELDS = [f for f in PolicyView.__dataclass_fields__ if f != "model"]
+
+
+def build_routes(
+    nodes: dict[int, NodeView],
+    aliases: list[tuple[int | None, str, str]],
+    policies: dict[str, PolicyView],
+    default_policy: PolicyView,
+) -> dict[str, Route]:
+    """Resolve aliases to routes. ``aliases`` holds ``(node_id or None, name, served_name)`` rows.
+
+    A node's own rows map a name to that node; a row without a node (an operator's global alias)
+    maps the name to every node that serves ``served_name``. A served name always resolves to the
+    nodes serving it, even without an explicit row. A node's own row wins over a global alias.
+    """
+    targets: dict[str, dict[int, Target]] = defaultdict(dict)
+    serving: dict[str, list[int]] = defaultdict(list)
+    for node_id, name, served in aliases:
+        if node_id is None or node_id not in nodes:
+            continue
+        targets[name][node_id] = Target(nodes[node_id], served)
+        if node_id not in serving[served]:
+            serving[served].append(node_id)
+    for served, node_ids in serving.items():
+        for node_id in node_ids:
+            targets[served].setdefault(node_id, Target(nodes[node_id], served))
+    for node_id, name, served in aliases:
+        if node_id is None:
+            for serving_id in serving.get(served, ()):
+                targets[name].setdefault(serving_id, Target(nodes[serving_id], served))
+
+    routes: dict[str, Route] = {}
+    for name, by_node in targets.items():
+        ordered = tuple(sorted(by_node.values(), key=lambda t: t.node.url))
+        served_names = frozenset(t.served_name for t in ordered)
+        # Policies are keyed by served name; an alias spanning several served names uses its own
+        # name's policy if there is one, else the first served name's.
+        candidates = [name, *sorted(served_names)] if len(served_names) > 1 else sorted(served_names)
+        policy = next((policies[s] for s in candidates if s in policies), default_policy)
+        routable = [t for t in ordered if t.node.routable]
+        routes[name] = Route(
+            name=name,
+            policy=policy,
+            targets=ordered,
+            hybrid=tuple(t for t in routable if t.node.role == NodeRole.HYBRID),
+            prefill=tuple(t for t in routable if t.node.role == NodeRole.PREFILL),
+            decode=tuple(t for t in routable if t.node.role == NodeRole.DECODE),
+            served_names=served_names,
+        )
+    return routes
+
+
+def build_snapshot() -> Snapshot:
+    """Read the registry and return a fresh snapshot. Blocking: call it from a worker thread."""
+    version = ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+    nodes = {
+        row["id"]: NodeView(**row)
+        for row in Node.objects.values(
+            "id",
+            "url",
+            "engine_type",
+            "role",
+            "state",
+            "health",
+            "weight",
+            "max_concurrency",
+            "bootstrap_port",
+            "dp_size",
+            "kv_connector_address",
+            "metadata",
+        )
+    }
+    aliases = list(ModelAlias.objects.values_list("node_id", "name", "served_name"))
+    policies: dict[str, PolicyView] = {}
+    default_policy = PolicyView()
+    for row in RoutePolicy.objects.filter(enabled=True).values("model", *_POLICY_FIELDS):
+        view = PolicyView(**row)
+        if row["model"] == "":
+            default_policy = view
+        else:
+            policies[row["model"]] = view
+    keys = {
+        row["key_hash"]: KeyView(
+            id=row["id"],
+            name=row["name"],
+            allowed_models=frozenset(row["allowed_models"] or ()),
+            rate_limit_rpm=row["rate_limit_rpm"],
+            max_concurrent=row["max_concurrent"],
+        )
+        for row in ApiKey.objects.filter(is_active=True).values(
+            "id", "name", "key_hash", "allowed_models", "rate_limit_rpm", "max_concurrent"
+        )
+    }
+    routes = build_routes(nodes, aliases, policies, default_policy)
+    return Snapshot(
+        version=version,
+        built_at=time.time(),
+        nodes=nodes,
+        routes=routes,
+        keys=keys,
+        default_policy=default_policy,
+        models=tuple(sorted(name for name, route in routes.items() if route.servable)),
+    )
+
+
+def read_version() -> int:
+    """The configuration version stored in the database (blocking; the watcher's fallback poll)."""
+    return ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
+
+
+_current: Snapshot = EMPTY
+
+
+def current() -> Snapshot:
+    return _current
+
+
+def install(snapshot: Snapshot) -> None:
+    """Make ``snapshot`` the routing table of this process (one atomic reference swap)."""
+    global _current
+    _current = snapshot
