@@ -23,7 +23,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -131,7 +131,7 @@ def run_simulator(
     env: dict[str, str] | None = None,
 ) -> Iterator[Simulator]:
     """Run a simulator process for the ``with`` block; SIGTERM (then SIGKILL) and reap it afterwards."""
-    port = port or _free_port()
+    port = port or free_port()
     argv = simulator_argv(
         engine=engine,
         role=role,
