@@ -39,6 +39,7 @@ class SimConfig:
     pd_timeout_s: float = 10.0
     kv_block_size: int = 16
     eos_at_prefill_prob: float = 0.0
+    natural_tokens: int | None = None
     record_requests: int = 200
     ctrl_address: str | None = None
     ctrl_scope: str | None = None
@@ -70,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pd-timeout-s", type=float, default=10.0, help="how long one PD leg waits for the other")
     parser.add_argument("--kv-block-size", type=int, default=16, help="prompt tokens per KV block")
     parser.add_argument("--eos-at-prefill-prob", type=float, default=0.0, help="chance a PD prefill ends at once")
+    parser.add_argument(
+        "--natural-tokens", type=int, default=None, help="every answer's length before max_tokens (default 8..24)"
+    )
     parser.add_argument("--record-requests", type=int, default=200, help="how many requests /sim/requests keeps")
     parser.add_argument("--ctrl-address", default=None, help="NanoCtrl HOST:PORT to register with")
     parser.add_argument("--ctrl-scope", default=None)

@@ -8,8 +8,9 @@ of the simulator and of the proxy can compute what must come back:
   The prompt text of a completion is the prompt string; a token-id prompt is its ids joined by spaces.
 - The seed is ``sha256(prompt_text)``. Token ids are successive 16-bit words of ``shake_128(seed)``
   modulo ``len(VOCAB)``; token ``i`` renders as ``" " + VOCAB[id]``.
-- The answer's natural length is ``8 + seed[0] % 17`` tokens (8..24) and ends with ``finish_reason
-  "stop"``; a ``max_tokens`` (or ``max_completion_tokens``) below it truncates with ``"length"``.
+- The answer's natural length is ``8 + seed[0] % 17`` tokens (8..24), or ``natural_tokens`` when the
+  engine runs with ``--natural-tokens N``; it ends with ``finish_reason "stop"``. A ``max_tokens`` (or
+  ``max_completion_tokens``) below it truncates with ``"length"``.
 - Markers in the prompt force a length: ``[[eos]]`` makes the very first token the last one (EOS at
   prefill: a PD prefill engine then answers in full, without migration), ``[[len=N]]`` makes N tokens.
 - ``prompt_tokens`` in ``usage`` is the number of whitespace-separated words (at least 1).
@@ -42,13 +43,15 @@ def prompt_seed(prompt_text: str) -> bytes:
     return hashlib.sha256(prompt_text.encode("utf-8", "surrogatepass")).digest()
 
 
-def natural_length(prompt_text: str, seed: bytes | None = None) -> int:
+def natural_length(prompt_text: str, seed: bytes | None = None, natural_tokens: int | None = None) -> int:
     """How many tokens the simulated model says before it stops by itself."""
     if EOS_MARKER in prompt_text:
         return 1
     forced = _LEN_MARKER.search(prompt_text)
     if forced:
         return max(1, int(forced.group(1)))
+    if natural_tokens is not None:
+        return natural_tokens
     seed = seed if seed is not None else prompt_seed(prompt_text)
     return 8 + seed[0] % 17
 
@@ -67,10 +70,10 @@ def piece(token_id: int) -> str:
     return " " + VOCAB[token_id % len(VOCAB)]
 
 
-def plan_tokens(prompt_text: str, max_tokens: int | None) -> tuple[list[int], str]:
+def plan_tokens(prompt_text: str, max_tokens: int | None, natural_tokens: int | None = None) -> tuple[list[int], str]:
     """Token ids the engine answers with and the finish reason (``stop`` or ``length``)."""
     seed = prompt_seed(prompt_text)
-    return plan_tokens_from_seed(seed, natural_length(prompt_text, seed), max_tokens)
+    return plan_tokens_from_seed(seed, natural_length(prompt_text, seed, natural_tokens), max_tokens)
 
 
 def plan_tokens_from_seed(seed: bytes, natural: int, max_tokens: int | None) -> tuple[list[int], str]:
@@ -80,15 +83,20 @@ def plan_tokens_from_seed(seed: bytes, natural: int, max_tokens: int | None) -> 
     return token_ids_from_seed(seed, natural), "stop"
 
 
-def expected_completion(prompt_text: str, max_tokens: int | None = None) -> str:
-    """The exact text a simulated engine returns for ``prompt_text`` (hybrid or through a PD pair)."""
-    ids, _ = plan_tokens(prompt_text, max_tokens)
+def expected_completion(prompt_text: str, max_tokens: int | None = None, *, natural_tokens: int | None = None) -> str:
+    """The exact text a simulated engine returns for ``prompt_text`` (hybrid or through a PD pair).
+
+    Pass ``natural_tokens`` when the engine runs with ``--natural-tokens``.
+    """
+    ids, _ = plan_tokens(prompt_text, max_tokens, natural_tokens)
     return "".join(piece(t) for t in ids)
 
 
-def expected_finish_reason(prompt_text: str, max_tokens: int | None = None) -> str:
+def expected_finish_reason(
+    prompt_text: str, max_tokens: int | None = None, *, natural_tokens: int | None = None
+) -> str:
     """``"stop"`` when the model ends by itself within ``max_tokens``, else ``"length"``."""
-    return plan_tokens(prompt_text, max_tokens)[1]
+    return plan_tokens(prompt_text, max_tokens, natural_tokens)[1]
 
 
 def count_prompt_tokens(prompt_text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -163,3 +164,23 @@ def test_fast_mode_serves_repeated_requests_from_cache_with_the_same_answer():
         assert all(a["choices"][0]["text"] == expected_completion("cached", 5) for a in answers)
         assert fast.stats()["requests"]["by_endpoint"]["/v1/completions"] == 3
         assert len(fast.requests()) == 3
+
+
+def test_natural_tokens_sets_every_answers_length():
+    with run_simulator(extra_args=["--natural-tokens=64"]) as long:
+        body = {"model": "sim-model", "prompt": "how long", "max_tokens": 500}
+        answer = httpx.post(long.url + "/v1/completions", json=body, timeout=10).json()
+        assert answer["choices"][0]["text"] == expected_completion("how long", 500, natural_tokens=64)
+        assert answer["usage"]["completion_tokens"] == 64
+
+
+def test_a_client_expecting_100_continue_gets_its_answer_at_once(sim):
+    headers = {"Expect": "100-continue", "Content-Type": "application/json"}
+    body = json.dumps({"model": "llama-sim", "prompt": "x" * 4000, "max_tokens": 1}).encode()
+    with socket.create_connection((sim.host, sim.port), timeout=5) as conn:
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        conn.sendall(head.encode())
+        assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        conn.sendall(body)
+        assert conn.recv(100).startswith(b"HTTP/1.1 200 OK")

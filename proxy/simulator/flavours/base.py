@@ -47,7 +47,7 @@ class Flavour:
         choices: list[ChoicePlan] = []
         prompt_tokens = 0
         for j, prompt in enumerate(req.prompts):
-            ids, finish = plan_tokens(prompt, budget)
+            ids, finish = plan_tokens(prompt, budget, self.config.natural_tokens)
             if limit is not None and len(ids) > limit:
                 ids, finish = ids[:limit], "length"
             prompt_tokens += count_prompt_tokens(prompt)

@@ -97,7 +97,7 @@ class NanoDeployFlavour(Flavour):
             raise HttpError(400, "PD prefill takes one prompt and n=1", code="invalid_request")
         prompt = req.prompts[0]
         seed = prompt_seed(prompt)
-        natural = natural_length(prompt, seed)
+        natural = natural_length(prompt, seed, self.config.natural_tokens)
         ids, finish = plan_tokens_from_seed(seed, natural, req.max_tokens)
         prompt_tokens = count_prompt_tokens(prompt)
         forced_eos = self.config.eos_at_prefill_prob > 0 and random.random() < self.config.eos_at_prefill_prob
