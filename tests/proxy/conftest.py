@@ -79,15 +79,15 @@ class FakeEngine:
 
 @pytest.fixture
 async def engines() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: ``await engines("a")`` starts a fake engine on a free port; all stop at teardown."""
+    """Factory: ``await engines("a")`` starts a fake engine (on ``port`` or a free one); all stop at teardown."""
     started: list[FakeEngine] = []
 
-    async def start(name: str, **options: Any) -> FakeEngine:
+    async def start(name: str, port: int | None = None, **options: Any) -> FakeEngine:
         engine = FakeEngine(name=name, **options)
         app = web.Application()
         app.router.add_post("/v1/chat/completions", engine.handle)
         app.router.add_post("/v1/completions", engine.handle)
-        engine.server = TestServer(app, host="127.0.0.1")
+        engine.server = TestServer(app, host="127.0.0.1", port=port)
         await engine.server.start_server()
         started.append(engine)
         return engine

@@ -1,0 +1,102 @@
+"""Building the routing snapshot from the registry, and keeping it current."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from nodes.choices import NodeState
+from nodes.models import RoutePolicy
+from nodes.services import Actor, alias_create, api_key_create, node_create, node_update, policy_create, policy_update
+from proxy import snapshot as snapshots
+from proxy.snapshot import build_routes, build_snapshot
+from proxy.watcher import SnapshotWatcher
+
+from .conftest import make_snapshot
+
+ACTOR = Actor.system("test")
+
+
+@pytest.mark.django_db
+def test_it_builds_routes_keys_and_policies_from_the_registry():
+    a = node_create(actor=ACTOR, url="http://a:1", models=["llama"], model_path="/models/meta/Llama-3")
+    node_create(actor=ACTOR, url="http://b:1", models=["llama"], state=NodeState.DRAINING)
+    node_create(actor=ACTOR, url="http://c:1", models=["qwen"], role="prefill")
+    alias_create(actor=ACTOR, name="best", served_name="llama")
+    policy_create(actor=ACTOR, model="llama", strategy="least_requests", retry_budget=5)
+    key, plaintext = api_key_create(actor=ACTOR, name="k", allowed_models=["llama"])
+
+    snap = build_snapshot()
+
+    assert snap.version >= 1
+    llama = snap.routes["llama"]
+    assert [t.node.url for t in llama.targets] == ["http://a:1", "http://b:1"]
+    assert [t.node.url for t in llama.hybrid] == ["http://a:1"]
+    assert llama.policy.strategy == "least_requests" and llama.policy.retry_budget == 5
+    for name in ("/models/meta/Llama-3", "Llama-3", "best"):
+        assert snap.routes[name].policy.strategy == "least_requests"
+        assert {t.served_name for t in snap.routes[name].targets} == {"llama"}
+    assert snap.routes["best"].targets[0].node.id == a.id
+    assert "qwen" in snap.routes and "qwen" not in snap.models  # prefill only: not servable alone
+    assert "llama" in snap.models and "best" in snap.models
+    from nodes.models import hash_api_key
+
+    view = snap.keys[hash_api_key(plaintext)]
+    assert view.id == key.id and view.allows(llama) and not view.allows(snap.routes["qwen"])
+
+
+def test_a_nodes_own_alias_wins_over_a_global_one_and_global_aliases_reach_every_server():
+    nodes = make_snapshot([{"url": "http://a"}, {"url": "http://b"}]).nodes
+    rows = [(1, "m", "m"), (2, "m", "m"), (1, "x", "m"), (None, "x", "other"), (None, "y", "m")]
+    routes = build_routes(nodes, rows, {}, snapshots.PolicyView())
+    assert {t.node.url: t.served_name for t in routes["y"].targets} == {"http://a": "m", "http://b": "m"}
+    assert {t.node.url: t.served_name for t in routes["x"].targets} == {"http://a": "m"}
+
+
+@pytest.mark.django_db
+def test_disabled_policies_fall_back_to_the_default():
+    node_create(actor=ACTOR, url="http://a:1", models=["m"])
+    policy_create(actor=ACTOR, model="m", strategy="power_of_two", enabled=False)
+    assert build_snapshot().routes["m"].policy.strategy == "round_robin"
+
+
+@pytest.fixture
+async def watcher(settings):
+    settings.ROUTERPANEL_PROXY_VERSION_POLL_INTERVAL = 0.05
+    settings.ROUTERPANEL_PROXY_DB_POLL_INTERVAL = 0.5
+    previous = snapshots.current()
+    watcher = SnapshotWatcher()
+    yield watcher
+    await watcher.stop()
+    snapshots.install(previous)
+
+
+async def _wait_for(predicate, timeout: float) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, "condition not met in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_watcher_sees_a_change_within_a_second_through_redis(watcher, redis_url):
+    await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    await watcher.start()
+    assert snapshots.current().routes["m"].policy.strategy == "round_robin"
+    policy = await sync_to_async(RoutePolicy.objects.get)(model="")
+    await sync_to_async(policy_update)(policy=policy, actor=ACTOR, strategy="least_requests")
+    waited = await _wait_for(lambda: snapshots.current().routes["m"].policy.strategy == "least_requests", 1.0)
+    assert waited < 1.0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_watcher_falls_back_to_polling_the_database_when_redis_is_down(watcher):
+    node = await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    await watcher.start()  # Redis points at a closed port (see tests/conftest.py)
+    assert snapshots.current().routes["m"].hybrid
+    await sync_to_async(node_update)(node=node, actor=ACTOR, state=NodeState.DRAINING)
+    await _wait_for(lambda: not snapshots.current().routes["m"].hybrid, 2.0)
