@@ -228,8 +228,7 @@ class SimulatorApp:
             steps = max(1, plan.steps)
             await asyncio.sleep((self.config.ttft_ms + slow_ms + self.config.itl_ms * (steps - 1)) / 1000.0)
         if close_after is not None:
-            self.stats.aborted += 1
-            response.abort()
+            self._abort(plan, response)
             return
         body = dumps(plan.full_body())
         self.stats.by_status["200"] += 1
@@ -278,13 +277,19 @@ class SimulatorApp:
                 await asyncio.sleep(wait / 1000.0)
             for event in events:
                 if close_after is not None and sent >= close_after:
-                    self.stats.aborted += 1
-                    response.abort()
+                    self._abort(plan, response)
                     return
                 response.write(event)
                 sent += 1
             await response.drain()
         response.end_stream()
+
+    def _abort(self, plan: Plan, response: Response) -> None:
+        """Drop the connection mid-answer (injected fault), releasing KV whose id never left the engine."""
+        self.stats.aborted += 1
+        if plan.kv_key is not None:
+            self.kv.free(plan.kv_key)
+        response.abort()
 
     def _cache(self, request: Request, data: bytes) -> None:
         if len(self._fast_cache) >= FAST_CACHE_MAX:

@@ -57,6 +57,9 @@ class Plan:
     created: int = 0
     force_non_stream: bool = False
     cacheable: bool = True
+    # KV this answer allocated on a prefill: released if the engine itself drops the answer (an injected
+    # close_after_chunks), since nobody can learn its id. A client that leaves does not release it.
+    kv_key: int | str | None = None
 
     def __post_init__(self) -> None:
         if not self.response_id:

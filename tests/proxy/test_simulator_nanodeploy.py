@@ -153,3 +153,26 @@ def test_eos_at_prefill_can_be_forced_by_probability():
         assert not body.get("kv_transfer_params")
         assert body["choices"][0]["text"] == expected_completion("[[len=9]] anything", 1)
         assert prefill.stats()["pd"]["eos_at_prefill"] == 1
+
+
+def test_a_prefill_the_client_abandoned_keeps_its_kv_for_the_router_to_free():
+    # SPEC §4: a router must let the prefill call finish and free the seq_id it returns; one that cancels
+    # the call instead leaves KV behind, and this ledger shows it.
+    with run_simulator(engine="nanodeploy", role="prefill", ttft_ms=2000) as prefill:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                prefill.url + "/v1/completions",
+                json={"model": "sim-model", "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}},
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        stats = prefill.wait_for(lambda s: s["requests"]["cancelled"] == 1)
+        assert stats["kv"]["outstanding_count"] == 1
+
+
+def test_a_prefill_answer_the_engine_itself_dropped_releases_its_kv(pair):
+    prefill, _ = pair
+    prefill.set_faults(close_after_chunks=0, count=1)
+    with pytest.raises(httpx.RemoteProtocolError):
+        prefill_call(prefill, "dropped")
+    kv = prefill.stats()["kv"]
+    assert (kv["allocated"], kv["outstanding_count"]) == (1, 0)

@@ -84,6 +84,7 @@ class LmdeployFlavour(Flavour):
         plan.extra["cache_block_ids"] = entry.blocks
         plan.extra["remote_token_ids"] = [*token_ids, first]
         plan.cacheable = False
+        plan.kv_key = session_id if req.body.get("preserve_cache") else None
         return plan
 
     async def _decode(self, req: InferenceRequest) -> Plan:

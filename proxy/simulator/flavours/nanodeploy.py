@@ -135,6 +135,7 @@ class NanoDeployFlavour(Flavour):
             extra={"kv_transfer_params": params},
             force_non_stream=True,
             cacheable=False,
+            kv_key=seq_id,
         )
 
     def _decode(self, req: InferenceRequest, params: Any) -> Plan:

@@ -84,6 +84,7 @@ class VllmFlavour(Flavour):
             "tp_size": 1,
         }
         plan.cacheable = False
+        plan.kv_key = request_id
         return plan
 
     async def _decode(self, req: InferenceRequest, params: Any) -> Plan:
