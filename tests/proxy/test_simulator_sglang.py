@@ -15,9 +15,9 @@ from proxy.simulator.testing import Simulator, free_port, run_simulator
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[Simulator, Simulator, int]]:
-    """A prefill (with its bootstrap server) and a decode; both give up on a room after 1.5 s."""
+    """A prefill (with its bootstrap server) and a decode; both give up on a room after 3 s."""
     bootstrap_port = free_port()
-    timeout = "--pd-timeout-s=1.5"
+    timeout = "--pd-timeout-s=3"
     with (
         run_simulator(engine="sglang", role="prefill", extra_args=[f"--bootstrap-port={bootstrap_port}", timeout]) as p,
         run_simulator(engine="sglang", role="decode", extra_args=[timeout]) as d,
