@@ -16,6 +16,7 @@ from proxy.simulator.faults import FaultError, Faults, RequestFaults
 from proxy.simulator.http import STREAM_HEADERS, ClientGone, HttpServer, Request, Response, render_head, render_response
 from proxy.simulator.kv import KvLedger
 from proxy.simulator.openai import HttpError, Plan, dumps, error_type_for
+from proxy.simulator.shapes import SimStats
 from proxy.simulator.stats import RequestLog, RequestStats
 from proxy.simulator.textgen import chat_prompt_text, completion_prompt_texts
 
@@ -300,7 +301,7 @@ class SimulatorApp:
     async def sim_stats(self, request: Request, response: Response) -> None:
         response.send_json(200, self.stats_snapshot())
 
-    def stats_snapshot(self) -> dict[str, Any]:
+    def stats_snapshot(self) -> SimStats:
         return {
             "engine": self.config.engine,
             "role": self.config.role,

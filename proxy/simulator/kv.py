@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.simulator.shapes import KvLedgerSnapshot
+
 
 @dataclass
 class KvEntry:
@@ -69,7 +71,7 @@ class KvLedger:
     def reset(self) -> None:
         self.__init__()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> KvLedgerSnapshot:
         now = time.monotonic()
         return {
             "allocated": self.allocated,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, deque
-from typing import Any
 
 from proxy.simulator.http import Request
+from proxy.simulator.shapes import RecordedRequest, RequestCounters
 
 
 class RequestStats:
@@ -24,7 +24,7 @@ class RequestStats:
         self.aborted = 0
         self.faults_injected = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> RequestCounters:
         return {
             "total": self.total,
             "by_endpoint": dict(self.by_endpoint),
@@ -52,14 +52,14 @@ class RequestLog:
     def clear(self) -> None:
         self.entries.clear()
 
-    def snapshot(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def snapshot(self, limit: int | None = None) -> list[RecordedRequest]:
         items = list(self.entries)
         if limit is not None:
             items = items[-limit:] if limit > 0 else []
         return [self._describe(seq, at, r) for seq, at, r in items]
 
     @staticmethod
-    def _describe(seq: int, at: float, request: Request) -> dict[str, Any]:
+    def _describe(seq: int, at: float, request: Request) -> RecordedRequest:
         headers: dict[str, str] = {}
         for name, value in request.headers:
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")

@@ -14,11 +14,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from proxy.simulator.shapes import RecordedRequest, SimStats
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,10 +74,10 @@ class Simulator:
         response.raise_for_status()
         return response.json()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SimStats:
         return self._get("/sim/stats")
 
-    def requests(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def requests(self, limit: int | None = None) -> list[RecordedRequest]:
         suffix = f"?limit={limit}" if limit is not None else ""
         return self._get("/sim/requests" + suffix)["requests"]
 
@@ -87,7 +89,7 @@ class Simulator:
     def reset(self) -> None:
         httpx.post(self.url + "/sim/reset", timeout=10.0).raise_for_status()
 
-    def wait_for(self, predicate, *, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_for(self, predicate: Callable[[SimStats], bool], *, timeout: float = 10.0) -> SimStats:
         """Poll ``/sim/stats`` until ``predicate(stats)`` holds; returns the stats (fails on timeout)."""
         deadline = time.monotonic() + timeout
         while True:
