@@ -30,7 +30,7 @@ run: install redis-server
 	mkdir -p var
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py bootstrap --url http://$(HOST):$(PORT)
-	HOST=$(HOST) PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
+	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
 test: install redis-server
 	$(PY) -m pytest

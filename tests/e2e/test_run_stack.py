@@ -1,0 +1,147 @@
+"""`make run`'s process set, for real: the Procfile under honcho (Redis, uvicorn, Celery worker and
+beat) on free ports with a fresh database; then an operator's first steps over HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.procs import PYTHON, REPO_ROOT, free_port, running
+
+pytestmark = pytest.mark.e2e
+
+HONCHO = str(Path(PYTHON).parent / "honcho")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("stack")
+    web_port, redis_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "ROUTERPANEL_SQLITE_PATH": str(tmp / "db.sqlite3"),
+        "ROUTERPANEL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
+        "ROUTERPANEL_API_TOKEN": "e2e0000000000000000000000000000000000000",
+        "ROUTERPANEL_DEMO_API_KEY": "rp-e2e-demo-key",
+        "WEB_PORT": str(web_port),
+        "REDIS_PORT": str(redis_port),
+        "WEB_HOST": "127.0.0.1",
+    }
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
+    boot = subprocess.run(
+        [PYTHON, "manage.py", "bootstrap", "--url", f"http://127.0.0.1:{web_port}"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    with running([HONCHO, "start", "-f", "Procfile"], port=web_port, env=env, timeout=60) as proc:
+        yield {"base": f"http://127.0.0.1:{web_port}", "env": env, "bootstrap": boot.stdout, "proc": proc}
+
+
+def test_bootstrap_uses_the_credentials_from_the_environment(stack) -> None:
+    assert "e2e-admin-password" in stack["bootstrap"]
+    assert stack["env"]["ROUTERPANEL_API_TOKEN"] in stack["bootstrap"]
+
+
+def test_the_admin_login_works_and_its_styles_are_served(stack) -> None:
+    with httpx.Client(base_url=stack["base"], timeout=10) as client:
+        page = client.get("/admin/login/")
+        assert page.status_code == 200
+        css = re.search(r'href="(/static/admin/css/[^"]+\.css)"', page.text).group(1)
+        assert client.get(css).status_code == 200
+        token = client.cookies["csrftoken"]
+        login = client.post(
+            "/admin/login/?next=/admin/",
+            data={"username": "admin", "password": "e2e-admin-password", "csrfmiddlewaretoken": token},
+            headers={"Referer": f"{stack['base']}/admin/login/"},
+        )
+        assert login.status_code == 302
+        assert client.get("/admin/").status_code == 200
+
+
+def test_a_node_added_with_curl_shows_in_the_api_the_admin_and_the_audit(stack) -> None:
+    token = stack["env"]["ROUTERPANEL_API_TOKEN"]
+    # Exactly the README's curl: no Content-Type header.
+    added = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-H",
+            f"Authorization: Bearer {token}",
+            "-X",
+            "POST",
+            f"{stack['base']}/nodes/add",
+            "-d",
+            '{"url": "http://127.0.0.1:8100", "status": {"role": "prefill", "models": ["m"]}}',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert added.stdout == '{"message":"Added successfully."}'
+
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=stack["base"], timeout=10, headers=auth) as client:
+        nodes = client.get("/api/nodes/").json()["results"]
+        assert [(n["url"], n["role"], n["served_models"]) for n in nodes] == [
+            ("http://127.0.0.1:8100", "prefill", ["m"])
+        ]
+        changes = client.get("/api/changes/?object_type=node&via=compat").json()["results"]
+        assert changes and changes[0]["actor_label"] == "admin"
+
+    with httpx.Client(base_url=stack["base"], timeout=10) as browser:
+        browser.get("/admin/login/")
+        browser.post(
+            "/admin/login/",
+            data={
+                "username": "admin",
+                "password": "e2e-admin-password",
+                "csrfmiddlewaretoken": browser.cookies["csrftoken"],
+            },
+            headers={"Referer": f"{stack['base']}/admin/login/"},
+        )
+        assert "http://127.0.0.1:8100" in browser.get("/admin/nodes/node/").text
+
+
+def test_the_version_bump_reaches_the_stack_redis(stack) -> None:
+    import redis
+
+    client = redis.Redis.from_url(stack["env"]["ROUTERPANEL_REDIS_URL"])
+    token = stack["env"]["ROUTERPANEL_API_TOKEN"]
+    deadline = time.monotonic() + 10
+    before = int(client.get("routerpanel:config:version") or 0)
+    httpx.post(
+        f"{stack['base']}/api/route-policies/",
+        json={"model": "m-e2e", "strategy": "power_of_two"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    ).raise_for_status()
+    while time.monotonic() < deadline and int(client.get("routerpanel:config:version") or 0) <= before:
+        time.sleep(0.05)
+    assert int(client.get("routerpanel:config:version") or 0) > before
+
+
+def test_the_celery_worker_answers(stack) -> None:
+    celery = str(Path(PYTHON).parent / "celery")
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            [celery, "-A", "routerpanel", "inspect", "ping", "--timeout", "5"],
+            cwd=REPO_ROOT,
+            env=stack["env"],
+            capture_output=True,
+            text=True,
+        )
+        if "pong" in result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "pong" in result.stdout, result.stdout + result.stderr
