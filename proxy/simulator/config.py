@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 ENGINES = ("nanodeploy", "dlengine", "vllm", "sglang", "lmdeploy", "openai")
 ROLES = ("hybrid", "prefill", "decode")
@@ -88,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults.add_argument("--fail-health", action="store_true")
     faults.add_argument("--refuse-connections", action="store_true", help="do not listen (connections refused)")
     faults.add_argument("--crash", action="store_true", help="exit on the first inference request")
+    parser.add_argument(
+        "--fleet",
+        default=None,
+        help="several engines in this process: a JSON list (or a file holding one) of option objects, "
+        'each over the command-line options, e.g. \'[{"engine": "vllm", "port": 8101}, {"port": 8102}]\'',
+    )
 
 
 def config_from_options(options: dict) -> SimConfig:
@@ -99,7 +108,44 @@ def config_from_options(options: dict) -> SimConfig:
     return SimConfig(**values, faults=faults)
 
 
-def parse_args(argv: list[str] | None = None) -> SimConfig:
+class FleetError(ValueError):
+    """A ``--fleet`` value that does not describe engines."""
+
+
+def configs_from_options(options: dict[str, Any]) -> list[SimConfig]:
+    """One config, or one per ``--fleet`` entry (each entry's options over the command line's)."""
+    fleet = options.get("fleet")
+    if not fleet:
+        return [config_from_options(options)]
+    text = fleet if fleet.lstrip().startswith("[") else Path(fleet).read_text()
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise FleetError(f"--fleet is not JSON: {exc}") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise FleetError("--fleet must be a non-empty JSON list of objects")
+    known = set(SimConfig.__dataclass_fields__) | set(FaultOptions.__dataclass_fields__)
+    configs = []
+    for entry in entries:
+        entry = {k.replace("-", "_"): v for k, v in entry.items()}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise FleetError(f"unknown option(s) in --fleet entry: {', '.join(unknown)}")
+        config = config_from_options({**options, **entry})
+        if config.engine not in ENGINES or config.role not in ROLES:
+            raise FleetError(f"bad engine or role in --fleet entry: {entry}")
+        configs.append(config)
+    ports = [c.port for c in configs]
+    if len(set(ports)) != len(ports):
+        raise FleetError("--fleet entries must have distinct ports")
+    return configs
+
+
+def parse_args(argv: list[str] | None = None) -> list[SimConfig]:
     parser = argparse.ArgumentParser(prog="python -m proxy.simulator", description="Simulated LLM inference engine")
     add_arguments(parser)
-    return config_from_options(vars(parser.parse_args(argv)))
+    options = vars(parser.parse_args(argv))
+    try:
+        return configs_from_options(options)
+    except (FleetError, OSError) as exc:
+        parser.error(str(exc))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from proxy.simulator.config import add_arguments, config_from_options
+from proxy.simulator.config import FleetError, add_arguments, configs_from_options
 from proxy.simulator.server import run
 
 
@@ -15,4 +15,8 @@ class Command(BaseCommand):
         add_arguments(parser)
 
     def handle(self, *args, **options) -> None:
-        run(config_from_options(options))
+        try:
+            configs = configs_from_options(options)
+        except (FleetError, OSError) as exc:
+            raise CommandError(str(exc)) from None
+        run(configs)
