@@ -9,6 +9,7 @@ from proxy.simulator.server import run
 
 
 class Command(BaseCommand):
+    requires_system_checks: list[str] = []  # the simulator uses no models; start fast
     help = "Run a simulated LLM engine (NanoDeploy, DLEngine, vLLM, SGLang, LMDeploy or OpenAI) for tests and demos."
 
     def add_arguments(self, parser) -> None:
