@@ -184,3 +184,11 @@ def test_a_client_expecting_100_continue_gets_its_answer_at_once(sim):
         assert conn.recv(100).startswith(b"HTTP/1.1 100 Continue")
         conn.sendall(body)
         assert conn.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_the_request_log_can_be_limited_and_cleared(sim):
+    for i in range(3):
+        chat(sim, f"r{i}", max_tokens=1)
+    assert [r["body"]["messages"][0]["content"] for r in sim.requests(limit=2)] == ["r1", "r2"]
+    httpx.delete(sim.url + "/sim/requests")
+    assert sim.requests() == []
