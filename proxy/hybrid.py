@@ -10,6 +10,7 @@ path, including a client disconnect (which arrives here as ``CancelledError``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from .upstream import CONNECT_ERRORS, session, timeout_for
 # Engine answers that mean "not now, try elsewhere": overloaded, at its concurrency limit, or a
 # gateway in front of it failed. They are retried on another node while nothing has been sent.
 RETRY_STATUSES = frozenset({429, 502, 503})
+
+# Non-streaming requests are bounded by the total timeout only (set on the aiohttp request).
+_NO_TIMEOUT = contextlib.nullcontext()
 
 
 @dataclass(slots=True)
@@ -102,7 +106,7 @@ async def proxy_hybrid(
         first = b""
         try:
             try:
-                async with asyncio.timeout(policy.first_token_timeout if request.stream else None):
+                async with asyncio.timeout(policy.first_token_timeout) if request.stream else _NO_TIMEOUT:
                     try:
                         response = await session().post(
                             upstream.url, data=upstream.body, headers=upstream.headers, timeout=timeout_for(policy)

@@ -58,7 +58,9 @@ async def close_session() -> None:
 
 @lru_cache(maxsize=256)
 def _timeout(connect: float, total: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total, connect=connect, sock_connect=connect)
+    # ``sock_connect`` only costs something when a new connection is opened; aiohttp's ``connect``
+    # (which also covers waiting for a pooled connection) would arm a timer on every request.
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect)
 
 
 def timeout_for(policy: PolicyView) -> aiohttp.ClientTimeout:

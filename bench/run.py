@@ -1,0 +1,347 @@
+"""RouterPanel's data-path benchmark (``make bench``): DIRECT vs through the proxy, in one run.
+
+Starts a private Redis, two simulated engines in fast mode (plus one paced at 5 ms per token for
+the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite database. Then:
+
+- one client, non-streaming: latency p50/p99 (keep-alive, sequential requests);
+- wrk at concurrency 32 and 128: requests/s and errors; CPU µs per request and peak RSS of the web
+  process (from /proc/PID/stat and /proc/PID/status);
+- 64-chunk streams, unpaced and at 5 ms pacing: time to first event p50/p99 and chunks/s.
+
+DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and
+the targets of SPEC §8. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nodes.localredis import redis_server_argv  # noqa: E402
+from proxy.simulator.testing import run_simulator  # noqa: E402
+from tests.procs import PYTHON, free_port, running  # noqa: E402
+
+API_TOKEN = "bench000000000000000000000000000000000000"
+PROXY_KEY = "rp-bench-proxy-key"
+MODEL = "sim-model"
+PACED = "paced-model"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def chat_body(model: str, tokens: int, *, stream: bool = False) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": f"[[len={tokens}]] hello"}], "max_tokens": tokens}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+# -- process figures ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- one client latency ------------------------------------------------------------------------
+
+
+def one_client_latency(base: str, path: str, headers: dict, body: dict, count: int) -> list[float]:
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    payload = json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json", **headers}
+    samples = []
+    for i in range(count + 50):
+        started = time.perf_counter()
+        conn.request("POST", path, body=payload, headers=all_headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{base}{path} answered {response.status}")
+        if i >= 50:  # warm-up excluded
+            samples.append(time.perf_counter() - started)
+    conn.close()
+    return samples
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    errors: int
+    cpu_us: float | None = None
+
+
+def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int, pid: int | None) -> WrkResult:
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
+    lines += [
+        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
+        for k, v in {"Content-Type": "application/json", **headers}.items()
+    ]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write("\n".join(lines) + "\n")
+    try:
+        before = cpu_seconds(pid) if pid else 0.0
+        result = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", script.name, url],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        after = cpu_seconds(pid) if pid else 0.0
+    finally:
+        os.unlink(script.name)
+    out = result.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(g) for g in m.groups())
+    cpu_us = (after - before) / requests * 1e6 if pid and requests else None
+    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us)
+
+
+# -- streams -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    ttfe: list[float] = field(default_factory=list)
+    events: int = 0
+    elapsed: float = 0.0
+    errors: int = 0
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.events / self.elapsed if self.elapsed else 0.0
+
+
+async def _streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
+    result = StreamResult()
+    payload = json.dumps(body).encode()
+    all_headers = {"Content-Type": "application/json", **headers}
+    remaining = count
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                first = None
+                events = 0
+                async with session.post(url, data=payload, headers=all_headers) as response:
+                    if response.status != 200:
+                        result.errors += 1
+                        await response.read()
+                        continue
+                    async for chunk in response.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter() - started
+                        events += chunk.count(b"data: ")
+                if first is not None:
+                    result.ttfe.append(first)
+                result.events += events
+
+        started = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        result.elapsed = time.perf_counter() - started
+    return result
+
+
+def streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
+    asyncio.run(_streams(url, headers, {**body}, concurrency, 4))  # warm-up
+    return asyncio.run(_streams(url, headers, body, concurrency, count))
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def setup_registry(base: str, fast: list[str], paced: str) -> None:
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
+        for url in fast:
+            api.post("/api/nodes/", json={"url": url, "models": [MODEL], "engine_type": "openai"}).raise_for_status()
+        api.post("/api/nodes/", json={"url": paced, "models": [PACED], "engine_type": "openai"}).raise_for_status()
+        deadline = time.monotonic() + 10
+        while True:
+            models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {PROXY_KEY}"}).json()
+            if {m["id"] for m in models.get("data", [])} >= {MODEL, PACED}:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy never listed the benchmark models: {models}")
+            time.sleep(0.05)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="DIRECT vs proxy benchmark of the data path")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--latency-requests", type=int, default=2000)
+    parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is required: apt-get install -y wrk", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="routerpanel-bench-"))
+    redis_port, web_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "routerpanel.settings",
+        "ROUTERPANEL_SQLITE_PATH": str(tmp / "bench.sqlite3"),
+        "ROUTERPANEL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ROUTERPANEL_API_TOKEN": API_TOKEN,
+        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
+        "ROUTERPANEL_LOG_LEVEL": "WARNING",
+        "ROUTERPANEL_DEBUG": "0",
+        "ROUTERPANEL_SECRET_KEY": "bench-secret-key-not-for-production",
+    }
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
+    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
+    servers = {
+        "uvicorn": [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "routerpanel.asgi:application",
+            "--host=127.0.0.1",
+            f"--port={web_port}",
+            "--no-access-log",
+            "--loop=uvloop",
+            "--http=httptools",
+            "--log-level=warning",
+        ],
+        "daphne": [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "routerpanel.asgi:application"],
+    }
+    auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+    rows: list[tuple[str, str, str, str, str]] = []
+    fast = ["--fast", "--record-requests=0"]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
+        sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
+        sim_b = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
+        paced = stack.enter_context(
+            run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
+        )
+        web = stack.enter_context(running(servers[args.server], port=web_port, env=env, timeout=60))
+        proxy = f"http://127.0.0.1:{web_port}"
+        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url)
+        path = "/v1/chat/completions"
+        small = chat_body(MODEL, 16)
+        print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine.")
+
+        def row(metric: str, direct: str = "", through: str = "", ratio: str = "", target: str = "") -> None:
+            rows.append((metric, direct, through, ratio, target))
+
+        def us(seconds: float) -> str:
+            return f"{seconds * 1e6:,.0f} us"
+
+        def ms(seconds: float) -> str:
+            return f"{seconds * 1e3:,.2f} ms"
+
+        # One client, non-streaming latency (and the web process's CPU per request meanwhile).
+        direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
+        cpu_before = cpu_seconds(web.pid)
+        proxy_lat = one_client_latency(proxy, path, auth, small, args.latency_requests)
+        one_client_cpu = (cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
+        for q, target in ((0.5, "<= +300 us"), (0.99, "")):
+            d, p = pct(direct_lat, q), pct(proxy_lat, q)
+            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target)
+        row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us")
+
+        # Throughput with wrk; CPU per request of the web process over the run.
+        for connections in (32, 128):
+            direct = run_wrk(sim_a.url + path, {}, small, connections, args.duration, None)
+            through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid)
+            ratio = f"{through.rps / direct.rps:.3f}x"
+            row(
+                f"req/s, c={connections}",
+                f"{direct.rps:,.0f}",
+                f"{through.rps:,.0f}",
+                ratio,
+                ">= 0.07x" if connections == 32 else "",
+            )
+            row(
+                f"errors, c={connections}",
+                str(direct.errors),
+                str(through.errors),
+                "",
+                "0" if connections == 128 else "",
+            )
+            row(f"CPU per request, c={connections}", through=us((through.cpu_us or 0) / 1e6), target="<= 200 us")
+
+        # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
+        for label, model, engine, concurrency, count in (
+            ("0 ms", MODEL, sim_a.url, 8, 400),
+            ("5 ms", PACED, paced.url, 4, 24),
+        ):
+            body = chat_body(model, 64, stream=True)
+            d = streams(engine + path, {}, body, concurrency, count)
+            p = streams(proxy + path, auth, body, concurrency, count)
+            fmt = us if label == "0 ms" else ms
+            for q in (0.5, 0.99):
+                dq, pq = pct(d.ttfe, q), pct(p.ttfe, q)
+                target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
+                row(f"stream {label}: first event p{round(q * 100)}", fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target)
+            ratio = f"{p.chunks_per_s / d.chunks_per_s:.2f}x"
+            row(
+                f"stream {label}: chunks/s ({concurrency} streams)",
+                f"{d.chunks_per_s:,.0f}",
+                f"{p.chunks_per_s:,.0f}",
+                ratio,
+                ">= 0.3x" if label == "0 ms" else "",
+            )
+            row(f"stream {label}: errors", str(d.errors), str(p.errors))
+        row("peak RSS, web process", through=f"{peak_rss_mb(web.pid):,.1f} MB", target="<= 100 MB")
+
+    header = ("metric", "DIRECT", "proxy", "ratio/added", "target")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
+    print()
+    for line in [header, tuple("-" * w for w in widths), *rows]:
+        cells = [
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
