@@ -186,7 +186,18 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
     delete_service = staticmethod(
         lambda control_plane, *, actor: services.control_plane_delete(control_plane=control_plane, actor=actor)
     )
-    list_display = ("name", "address", "scope", "engine_type", "enabled", "sync_badge", "last_sync_at")
+    list_display = (
+        "name",
+        "address",
+        "scope",
+        "engine_type",
+        "enabled",
+        "sync_badge",
+        "last_sync_at",
+        "last_sync_counts",
+        "last_sync_error",
+    )
+    actions = ["sync_now"]
     list_filter = ("enabled", "engine_type", "sync_state")
     search_fields = ("name", "address", "scope")
     readonly_fields = (
@@ -202,6 +213,13 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.display(description="sync", ordering="sync_state")
     def sync_badge(self, control_plane: ControlPlane) -> str:
         return badge(SyncState, control_plane.sync_state)
+
+    @admin.action(description="Sync now")
+    def sync_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for control_plane in queryset:
+            result = services.registry_sync(control_plane_id=control_plane.pk)
+            level = messages.SUCCESS if result.ok else messages.WARNING if result.skipped else messages.ERROR
+            self.message_user(request, f"{control_plane.name}: {result.summary()}", level)
 
 
 @admin.register(ApiKey)

@@ -267,6 +267,8 @@ ROUTERPANEL_DEFAULT_ENGINE_TYPE = env_choice("ROUTERPANEL_DEFAULT_ENGINE_TYPE", 
 ROUTERPANEL_NODE_PROBE_TIMEOUT = env_float("ROUTERPANEL_NODE_PROBE_TIMEOUT", 5.0, minimum=0.1)
 # How long `/nodes/terminate` waits for a node's `/terminate`.
 ROUTERPANEL_TERMINATE_TIMEOUT = env_float("ROUTERPANEL_TERMINATE_TIMEOUT", 10.0, minimum=0.1)
+# How long one NanoCtrl call of the registry sync may take.
+ROUTERPANEL_REGISTRY_TIMEOUT = env_float("ROUTERPANEL_REGISTRY_TIMEOUT", 5.0, minimum=0.1)
 
 # --------------------------------------------------------------------------------------------
 # Security behind a TLS-terminating proxy (production: ROUTERPANEL_DEBUG=0)

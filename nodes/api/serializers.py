@@ -262,3 +262,22 @@ class ChangeRecordSerializer(serializers.ModelSerializer):
             "changes",
             "note",
         ]
+
+
+class SyncResultSerializer(serializers.Serializer):
+    """What one registry sync did (see ``nodes.services.SyncResult``)."""
+
+    control_plane_id = serializers.IntegerField()
+    ok = serializers.BooleanField()
+    skipped = serializers.BooleanField()
+    reason = serializers.CharField()
+    listed = serializers.IntegerField()
+    created = serializers.IntegerField()
+    updated = serializers.IntegerField()
+    revived = serializers.IntegerField()
+    gone = serializers.IntegerField()
+    unchanged = serializers.IntegerField()
+    conflicts = serializers.IntegerField()
+    invalid = serializers.IntegerField()
+    duration_ms = serializers.IntegerField()
+    problems = serializers.ListField(child=serializers.CharField())

@@ -114,6 +114,17 @@ class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     def delete_with_service(self, control_plane: ControlPlane) -> None:
         services.control_plane_delete(control_plane=control_plane, actor=_actor(self.request))
 
+    @extend_schema(
+        request=None, responses={200: s.SyncResultSerializer, 409: s.SyncResultSerializer, 502: s.SyncResultSerializer}
+    )
+    @action(detail=True, methods=["post"])
+    def sync(self, request: Request, pk: str | None = None) -> Response:
+        """Mirror this control plane's registry now: 200 when it synced, 409 when another sync is
+        running, 502 when the registry could not be listed (no node was changed)."""
+        result = services.registry_sync(control_plane_id=self.get_object().pk)
+        code = 200 if result.ok else 409 if result.skipped else 502
+        return Response(s.SyncResultSerializer(result).data, status=code)
+
 
 class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     """Proxy API keys. The plaintext key is in the create response only; just a hash is stored."""

@@ -1,0 +1,22 @@
+"""Celery tasks. They take ids, exit quietly if the row is gone, and call the services."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from . import services
+from .models import ControlPlane
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="nodes.sync_control_plane", ignore_result=True)
+def sync_control_plane(control_plane_id: int) -> dict:
+    """Sync one control plane (scheduled by beat, one periodic task per control plane)."""
+    if not ControlPlane.objects.filter(pk=control_plane_id, enabled=True).exists():
+        logger.info("control plane %s is gone or disabled; nothing to sync", control_plane_id)
+        return {"skipped": True}
+    result = services.registry_sync(control_plane_id=control_plane_id)
+    return {"ok": result.ok, "skipped": result.skipped, "reason": result.reason, **result.counts()}

@@ -1,0 +1,257 @@
+"""The registry sync's rules, with a fake NanoCtrl listing and the real Redis lock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django_celery_beat.models import PeriodicTask
+
+from nodes import bus, services
+from nodes.choices import ChangeVia, NodeSource, NodeState
+from nodes.listener import RegistryListener
+from nodes.models import ChangeRecord, ControlPlane, Node
+from nodes.registry import RegistryEntity, RegistryError, parse_entity, parse_event
+
+pytestmark = pytest.mark.django_db
+
+
+def entity(port: int, *, role: str = "hybrid", served: str = "qwen", kind: str = "nanodeploy", **meta) -> dict:
+    return {
+        "entity_id": f"{kind}-{served}-127.0.0.1:{port}",
+        "entity_type": "service",
+        "kind": kind,
+        "endpoint": {"host": "127.0.0.1", "port": port, "protocol": "http"},
+        "metadata": {"served_model_name": served, "model_path": f"/models/{served}-8B", "role": role, **meta},
+    }
+
+
+class FakeRegistry:
+    """Stands in for NanoCtrlClient: lists what ``entities`` holds, or fails with ``error``."""
+
+    def __init__(self) -> None:
+        self.entities: list[dict] = []
+        self.error: str | None = None
+        self.calls: list[tuple[str, str]] = []
+
+    def list_entities(self, *, kind: str, scope: str):
+        self.calls.append((kind, scope))
+        if self.error:
+            raise RegistryError(self.error)
+        return [parse_entity(e) for e in self.entities if e["kind"] == kind], []
+
+
+@pytest.fixture
+def control_plane(system, redis_url) -> ControlPlane:
+    return services.control_plane_create(actor=system, name="local", address="127.0.0.1:4479", scope="s1")
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry()
+
+
+def sync(control_plane: ControlPlane, registry: FakeRegistry) -> services.SyncResult:
+    return services.registry_sync(control_plane_id=control_plane.pk, client=registry)
+
+
+def test_it_creates_registry_nodes_with_role_and_aliases(control_plane, registry) -> None:
+    registry.entities = [entity(9001, role="prefill"), entity(9002, kind="dlengine", role="decode")]
+    result = sync(control_plane, registry)
+    assert result.ok and (result.listed, result.created) == (2, 2)
+    assert registry.calls == [("nanodeploy", "s1"), ("dlengine", "s1")]
+    node = Node.objects.get(url="http://127.0.0.1:9001")
+    assert (node.role, node.source, node.control_plane, node.kind, node.scope) == (
+        "prefill",
+        NodeSource.REGISTRY,
+        control_plane,
+        "nanodeploy",
+        "s1",
+    )
+    assert set(node.aliases.values_list("name", flat=True)) == {"qwen", "/models/qwen-8B", "qwen-8B"}
+    assert node.last_seen_at is not None
+    control_plane.refresh_from_db()
+    assert control_plane.sync_state == "ok"
+    assert control_plane.last_sync_counts["created"] == 2
+    assert ChangeRecord.objects.filter(via=ChangeVia.SYNC, action="create", object_type="node").count() == 2
+
+
+def test_a_second_sync_with_nothing_new_changes_nothing(control_plane, registry) -> None:
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    version = services.config_version_current()
+    records = ChangeRecord.objects.count()
+    result = sync(control_plane, registry)
+    assert (result.unchanged, result.created, result.updated) == (1, 0, 0)
+    assert services.config_version_current() == version
+    assert ChangeRecord.objects.count() == records
+
+
+def test_it_applies_role_and_alias_changes_from_the_registry(control_plane, registry) -> None:
+    registry.entities = [entity(9001, role="prefill")]
+    sync(control_plane, registry)
+    registry.entities = [{**entity(9001, role="decode"), "metadata": {"served_model_name": "qwen", "role": "decode"}}]
+    result = sync(control_plane, registry)
+    assert result.updated == 1
+    node = Node.objects.get()
+    assert node.role == "decode"
+    assert set(node.aliases.values_list("name", flat=True)) == {"qwen"}
+
+
+def test_it_marks_vanished_nodes_gone_and_revives_them(control_plane, registry) -> None:
+    registry.entities = [entity(9001), entity(9002)]
+    sync(control_plane, registry)
+    registry.entities = [entity(9001)]
+    result = sync(control_plane, registry)
+    assert result.gone == 1
+    assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.GONE
+    assert Node.objects.count() == 2  # kept, not deleted
+    registry.entities = [entity(9001), entity(9002)]
+    result = sync(control_plane, registry)
+    assert result.revived == 1
+    assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.ACTIVE
+
+
+def test_an_unreachable_registry_changes_no_node(control_plane, registry) -> None:
+    registry.entities = [entity(9001), entity(9002)]
+    sync(control_plane, registry)
+    before = list(Node.objects.order_by("pk").values("url", "state", "role"))
+    registry.error = "NanoCtrl at http://127.0.0.1:4479 is unreachable: ConnectError"
+    result = sync(control_plane, registry)
+    assert not result.ok and not result.skipped
+    assert list(Node.objects.order_by("pk").values("url", "state", "role")) == before
+    control_plane.refresh_from_db()
+    assert control_plane.sync_state == "failed"
+    assert "unreachable" in control_plane.last_sync_error
+    registry.error = None
+    assert sync(control_plane, registry).ok
+    control_plane.refresh_from_db()
+    assert (control_plane.sync_state, control_plane.last_sync_error) == ("ok", "")
+
+
+def test_manual_nodes_are_never_touched(control_plane, registry, system) -> None:
+    manual = services.node_create(actor=system, url="http://127.0.0.1:9001", models=["mine"], role="decode")
+    registry.entities = [entity(9001, role="prefill")]
+    result = sync(control_plane, registry)
+    assert result.conflicts == 1
+    manual.refresh_from_db()
+    assert (manual.role, manual.source, manual.served_models) == ("decode", NodeSource.MANUAL, ["mine"])
+    registry.entities = []
+    sync(control_plane, registry)
+    manual.refresh_from_db()
+    assert manual.state == NodeState.ACTIVE
+
+
+def test_an_operators_edits_survive_later_syncs(control_plane, registry) -> None:
+    registry.entities = [entity(9001, role="prefill")]
+    sync(control_plane, registry)
+    node = Node.objects.get()
+    operator = services.Actor("alice", ChangeVia.ADMIN)
+    services.node_update(node=node, actor=operator, weight=9, state=NodeState.DISABLED, role="decode")
+    registry.entities = [entity(9001, role="hybrid")]
+    sync(control_plane, registry)
+    node.refresh_from_db()
+    assert (node.weight, node.state, node.role) == (9, NodeState.DISABLED, "decode")
+    registry.entities = []
+    sync(control_plane, registry)
+    node.refresh_from_db()
+    assert node.state == NodeState.DISABLED  # an operator's disabled node is not turned into "gone"
+
+
+def test_control_planes_are_isolated(control_plane, registry, system) -> None:
+    other = services.control_plane_create(actor=system, name="other", address="127.0.0.1:4480", scope="s2")
+    other_registry = FakeRegistry()
+    other_registry.entities = [entity(9100)]
+    services.registry_sync(control_plane_id=other.pk, client=other_registry)
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    assert Node.objects.get(url="http://127.0.0.1:9100").state == NodeState.ACTIVE
+    assert Node.objects.get(url="http://127.0.0.1:9100").control_plane == other
+
+
+def test_a_held_lock_makes_a_second_sync_skip(control_plane, registry) -> None:
+    lock = services._sync_lock(control_plane)
+    assert lock.acquire()
+    try:
+        result = sync(control_plane, registry)
+    finally:
+        lock.release()
+    assert result.skipped and "another sync" in result.reason
+    assert registry.calls == []
+
+
+def test_without_redis_the_sync_skips_and_says_why(control_plane, registry, settings) -> None:
+    settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
+    bus._client = None
+    result = sync(control_plane, registry)
+    assert result.skipped and "Redis is unavailable" in result.reason
+
+
+def test_each_control_plane_gets_a_beat_schedule_just_under_its_interval(system, redis_url) -> None:
+    cp = services.control_plane_create(actor=system, name="cp", address="127.0.0.1:4479", sync_interval=20)
+    task = PeriodicTask.objects.get(task="nodes.sync_control_plane")
+    assert (task.interval.every, task.interval.period, task.expire_seconds, task.enabled) == (20, "seconds", 18, True)
+    services.control_plane_update(control_plane=cp, actor=system, sync_interval=5, enabled=False)
+    task.refresh_from_db()
+    assert (task.interval.every, task.expire_seconds, task.enabled) == (5, 4, False)
+    services.control_plane_delete(control_plane=cp, actor=system)
+    assert not PeriodicTask.objects.filter(task="nodes.sync_control_plane").exists()
+
+
+def test_events_add_and_remove_nodes(control_plane) -> None:
+    add = (
+        b'{"event_type":"ADD","entity_type":"service","entity_id":"nanodeploy-qwen-127.0.0.1:9001",'
+        b'"kind":"nanodeploy","payload":' + json.dumps(entity(9001, role="decode")).encode() + b"}"
+    )
+    assert RegistryListener.apply(control_plane, parse_event(add)) == "created"
+    assert Node.objects.get().role == "decode"
+    remove = b'{"entity_type":"service","entity_id":"nanodeploy-qwen-127.0.0.1:9001","event_type":"REMOVE"}'
+    assert RegistryListener.apply(control_plane, parse_event(remove)) == "gone"
+    assert Node.objects.get().state == NodeState.GONE
+
+
+def test_events_of_kinds_not_imported_are_ignored(control_plane) -> None:
+    services.control_plane_update(control_plane=control_plane, actor=services.Actor.system(), kinds=["dlengine"])
+    event = parse_event(
+        b'{"event_type":"ADD","entity_type":"service","entity_id":"x","kind":"nanodeploy","payload":'
+        + json.dumps(entity(9001)).encode()
+        + b"}"
+    )
+    assert RegistryListener.apply(control_plane, event) == "ignored"
+    assert not Node.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"entity_id": "x", "endpoint": {"port": 1}},
+        {"entity_id": "x", "endpoint": {"host": "h", "port": "nope"}},
+        {"entity_id": "x", "endpoint": {"host": "h", "port": 1, "protocol": "grpc"}},
+        {"endpoint": {"host": "h", "port": 1}},
+        "nope",
+    ],
+)
+def test_unusable_entities_are_refused(payload) -> None:
+    with pytest.raises(ValueError):
+        parse_entity(payload)
+
+
+def test_served_name_defaults_to_the_model_path_basename() -> None:
+    e = RegistryEntity(entity_id="x", kind="dlengine", host="::1", port=8000, metadata={"model_path": "/m/Qwen3/"})
+    assert (e.served_model_name, e.url, e.role) == ("Qwen3", "http://[::1]:8000", "hybrid")
+
+
+def test_the_rest_api_sync_action_reports_failure_with_502(operator_api, control_plane) -> None:
+    # The control plane points at a port where no NanoCtrl listens.
+    response = operator_api.post(f"/api/control-planes/{control_plane.pk}/sync/")
+    assert response.status_code == 502
+    assert response.json()["ok"] is False
+    assert "unreachable" in response.json()["reason"]
+
+
+def test_the_admin_sync_now_action_reports_the_result(client, admin_user, control_plane) -> None:
+    client.force_login(admin_user)
+    response = client.post(
+        "/admin/nodes/controlplane/", {"action": "sync_now", "_selected_action": [control_plane.pk]}, follow=True
+    )
+    assert "local: failed: nanoctrl at http://127.0.0.1:4479 is unreachable" in response.content.decode().lower()
