@@ -5,8 +5,10 @@ PY     := $(VENV)/bin/python
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 REDIS_PORT ?= 6379
+NANOCTRL_PORT ?= 4479
+ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
-export REDIS_PORT
+export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
 .PHONY: install redis-server run test test-fast bench lint format clean
 
@@ -29,7 +31,8 @@ redis-server:
 run: install redis-server
 	mkdir -p var
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py bootstrap --url http://$(HOST):$(PORT)
+	$(PY) manage.py bootstrap --url http://$(HOST):$(PORT) \
+		--control-plane 127.0.0.1:$(NANOCTRL_PORT) --control-plane-redis redis://127.0.0.1:$(REDIS_PORT)/0
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
 test: install redis-server

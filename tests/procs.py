@@ -23,6 +23,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive ports that nobody listens on right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
 def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 15.0, proc: subprocess.Popen | None = None):
     """Block until something accepts connections on ``host:port``; fail with the process's output."""
     deadline = time.monotonic() + timeout

@@ -1,5 +1,6 @@
-"""`make run`'s process set, for real: the Procfile under honcho (Redis, uvicorn, Celery worker and
-beat) on free ports with a fresh database; then an operator's first steps over HTTP."""
+"""`make run`'s process set, for real: the Procfile under honcho (Redis, NanoCtrl, uvicorn, Celery
+worker and beat, the registry listener, the demo fleet of simulated engines) on free ports with a
+fresh database; then an operator's and an application's first steps over HTTP."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import PYTHON, REPO_ROOT, free_port, running
+from tests.procs import PYTHON, REPO_ROOT, free_port, free_port_block, running
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +23,7 @@ HONCHO = str(Path(PYTHON).parent / "honcho")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("stack")
-    web_port, redis_port = free_port(), free_port()
+    web_port, redis_port, nanoctrl_port, engine_base = free_port(), free_port(), free_port(), free_port_block(4)
     env = {
         **os.environ,
         "ROUTERPANEL_SQLITE_PATH": str(tmp / "db.sqlite3"),
@@ -32,11 +33,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         "ROUTERPANEL_DEMO_API_KEY": "rp-e2e-demo-key",
         "WEB_PORT": str(web_port),
         "REDIS_PORT": str(redis_port),
+        "NANOCTRL_PORT": str(nanoctrl_port),
+        "ENGINE_BASE_PORT": str(engine_base),
         "WEB_HOST": "127.0.0.1",
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
     boot = subprocess.run(
-        [PYTHON, "manage.py", "bootstrap", "--url", f"http://127.0.0.1:{web_port}"],
+        [
+            PYTHON,
+            "manage.py",
+            "bootstrap",
+            f"--url=http://127.0.0.1:{web_port}",
+            f"--control-plane=127.0.0.1:{nanoctrl_port}",
+            f"--control-plane-redis=redis://127.0.0.1:{redis_port}/0",
+        ],
         cwd=REPO_ROOT,
         env=env,
         check=True,
@@ -145,3 +155,29 @@ def test_the_celery_worker_answers(stack) -> None:
             break
         time.sleep(1)
     assert "pong" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_demo_fleet_registers_and_serves_through_the_proxy(stack) -> None:
+    import openai
+
+    token = stack["env"]["ROUTERPANEL_API_TOKEN"]
+    auth = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + 30
+    nodes: list[dict] = []
+    while time.monotonic() < deadline:
+        nodes = httpx.get(f"{stack['base']}/api/nodes/?source=registry", headers=auth, timeout=10).json()["results"]
+        if len(nodes) == 4:
+            break
+        time.sleep(0.5)
+    assert sorted((n["role"], n["served_models"][0]) for n in nodes) == [
+        ("decode", "demo-pd"),
+        ("hybrid", "demo-chat"),
+        ("hybrid", "demo-chat"),
+        ("prefill", "demo-pd"),
+    ]
+    client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["env"]["ROUTERPANEL_DEMO_API_KEY"])
+    deadline = time.monotonic() + 10
+    while "demo-chat" not in {m.id for m in client.models.list().data} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    answer = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hello"}])
+    assert answer.choices[0].message.content

@@ -15,10 +15,11 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
-from nodes.models import ApiKey, hash_api_key
-from nodes.services import Actor, api_key_create
+from nodes.models import ApiKey, ControlPlane, hash_api_key
+from nodes.services import Actor, api_key_create, control_plane_create, control_plane_update
 
 DEMO_KEY_NAME = "demo"
+DEMO_CONTROL_PLANE = "local"
 
 
 class Command(BaseCommand):
@@ -27,9 +28,14 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--username", default="admin")
         parser.add_argument("--url", default="http://127.0.0.1:8000", help="Where the web server listens.")
+        parser.add_argument(
+            "--control-plane", default="", help="NanoCtrl host:port to register as control plane 'local'."
+        )
+        parser.add_argument("--control-plane-redis", default="", help="That NanoCtrl's Redis URL (its change events).")
+        parser.add_argument("--sync-interval", type=int, default=5)
 
     @transaction.atomic
-    def handle(self, *args, username: str, url: str, **options) -> None:
+    def handle(self, *args, username: str, url: str, control_plane: str, **options) -> None:
         actor = Actor.system("bootstrap")
         lines: list[str] = []
 
@@ -71,6 +77,20 @@ class Command(BaseCommand):
             lines.append(f"  proxy API key   {plaintext}  (for /v1; shown once)")
         else:
             lines.append("  proxy API key   'demo' exists (shown when it was created; add another in the admin)")
+
+        if control_plane:
+            fields = {
+                "address": control_plane,
+                "redis_url": options["control_plane_redis"],
+                "sync_interval": options["sync_interval"],
+                "enabled": True,
+            }
+            existing = ControlPlane.objects.filter(name=DEMO_CONTROL_PLANE).first()
+            if existing is None:
+                control_plane_create(actor=actor, name=DEMO_CONTROL_PLANE, **fields)
+            else:
+                control_plane_update(control_plane=existing, actor=actor, **fields)
+            lines.append(f"  control plane   {DEMO_CONTROL_PLANE!r}: NanoCtrl at {control_plane}")
 
         bar = "=" * 78
         self.stdout.write("\n".join([bar, "RouterPanel credentials", *lines, bar]))
