@@ -1,0 +1,19 @@
+"""The data path: an OpenAI-compatible proxy in front of engine fleets.
+
+A lean ASGI app (no Django request handling) serves ``/v1/*``, ``/health`` and ``/metrics``;
+``routerpanel.asgi`` mounts it in front of Django. Modules, in request order:
+
+- ``mount``      path dispatch: data-path URLs here, the rest to Django / Channels
+- ``app``        the ASGI app: endpoints, API-key check, request parsing, error responses
+- ``transport``  ASGI plumbing: headers, body with a size limit, the client-disconnect watcher
+- ``snapshot``   the immutable per-process routing table (nodes, aliases, policies, keys)
+- ``watcher``    rebuilds the snapshot off the hot path when the configuration version moves
+- ``router``     picks a node for a route and role; ``strategies`` are the pure functions it uses
+- ``load``       in-flight counters and latency per node, per-key limits (in process for now)
+- ``hybrid``     one node answers: retries before the first byte, then ``relay``
+- ``relay``      passes the engine's JSON or SSE back byte for byte
+- ``adapters``   per-engine request shaping, registered by engine type (PD steps go here)
+- ``upstream``   the aiohttp session per event loop; ``errors``, ``sse``, ``metrics``: helpers
+
+``simulator`` (and ``management/commands/simulate_engine``) is a separate test/bench engine.
+"""

@@ -23,8 +23,9 @@ from nodes.choices import ServingMode
 from . import metrics
 from . import snapshot as snapshots
 from .errors import ProxyError, bad_request
-from .hybrid import Outcome, ProxyRequest, proxy_hybrid
+from .hybrid import proxy_hybrid
 from .load import KeyLimiter
+from .relay import Outcome, ProxyRequest
 from .router import Router
 from .snapshot import KeyView, Route, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
