@@ -258,6 +258,7 @@ async def test_health_and_metrics_need_no_key(engines, proxy_app):
     engine = await engines("a")
     snapshots.install(make_snapshot([{"url": engine.url}], version=7))
     await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
+    await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)
     health = await call(proxy_app, "GET", "/health")
     assert health.status == 200 and health.json()["snapshot_version"] == 7
     metrics = await call(proxy_app, "GET", "/metrics")
@@ -265,3 +266,6 @@ async def test_health_and_metrics_need_no_key(engines, proxy_app):
     text = metrics.body.decode()
     assert f'routerpanel_proxy_requests_total{{model="m",node="{engine.url}",status="200"}}' in text
     assert "routerpanel_proxy_request_duration_seconds_bucket" in text
+    assert 'routerpanel_proxy_time_to_first_token_seconds_count{model="m"}' in text
+    assert 'routerpanel_proxy_inter_token_latency_seconds_count{model="m"}' in text
+    assert "routerpanel_proxy_inflight" in text
