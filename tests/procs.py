@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,12 +45,20 @@ def free_port_block(count: int) -> int:
     raise RuntimeError(f"no block of {count} free ports found")
 
 
+def output_of(proc: subprocess.Popen) -> str:
+    """What a process printed: its log file (``running``) or its pipe, once it has exited."""
+    log_path = getattr(proc, "log_path", None)
+    if log_path is not None:
+        return Path(log_path).read_text(errors="replace")
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+
+
 def wait_for_port(port: int, *, host: str = "127.0.0.1", timeout: float = 15.0, proc: subprocess.Popen | None = None):
     """Block until something accepts connections on ``host:port``; fail with the process's output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = output_of(proc)
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}:\n{out[-4000:]}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
@@ -77,16 +86,22 @@ def running(
     cwd: Path = REPO_ROOT,
     timeout: float = 20.0,
 ) -> Iterator[subprocess.Popen]:
-    """Start ``argv`` (output captured), wait for ``port`` if given, and stop it on exit."""
+    """Start ``argv``, wait for ``port`` if given, and stop it on exit.
+
+    Output goes to a temporary file (``proc.log_path``, read with ``output_of``), never a pipe: a
+    chatty server whose pipe nobody drains would block on its next log line once the pipe is full.
+    """
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(
-        list(argv), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    with tempfile.NamedTemporaryFile(prefix="routerpanel-test-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    proc.log_path = log.name  # type: ignore[attr-defined]
     try:
         if port is not None:
             wait_for_port(port, proc=proc, timeout=timeout)
         yield proc
     finally:
         stop_process(proc)
-        if proc.stdout:
-            proc.stdout.close()
+        with contextlib.suppress(OSError):
+            os.unlink(log.name)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -102,14 +103,22 @@ class Simulator:
 
     def output(self) -> str:
         """What the process printed (only once it has exited)."""
-        return self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+        return _read_log(self.proc)
+
+
+def _read_log(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_file", None)
+    if log is None:
+        return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    log.seek(0)
+    return log.read().decode(errors="replace")
 
 
 def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = _read_log(proc)
             raise RuntimeError(f"simulator exited with {proc.returncode}:\n{out[-4000:]}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
             return
@@ -145,14 +154,18 @@ def run_simulator(
         itl_ms=itl_ms,
         extra_args=extra_args,
     )
+    # Output goes to a file, not a pipe: nobody drains a pipe during a long test, and a full pipe
+    # would block the simulator on its next log line.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         argv,
         cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    proc.log_file = log  # type: ignore[attr-defined]
     try:
         if wait:
             wait_listening(host, port, proc)
@@ -165,5 +178,4 @@ def run_simulator(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
