@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,10 +94,50 @@ async def send_error(send: Send, error: ProxyError, extra: list[tuple[bytes, byt
     await send_bytes(send, error.status, error.json_bytes(), extra=extra)
 
 
-# The watcher starts this long after the request: answers faster than that never pay for the extra
-# task (a measurable share of the per-request CPU budget). A client that left in the meantime is
-# seen as soon as the watcher starts, because the server reports a past disconnect immediately.
+# A request's disconnect watcher starts once the request is this old: answers faster than that never
+# pay for the extra task (a measurable share of the per-request CPU budget). A client that left in
+# the meantime is seen as soon as its watcher starts, because the server reports a past disconnect
+# immediately.
 WATCH_DELAY = 0.02
+
+
+class _WatchScheduler:
+    """One task per event loop that starts the watchers of requests older than ``WATCH_DELAY``.
+
+    A per-request timer would cost more than the watcher it saves under uvloop; instead requests
+    register in an insertion-ordered dict (oldest first) and this task sweeps it every tick.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: dict[DisconnectWatcher, float] = {}
+        self.task = loop.create_task(self._run(), name="routerpanel-disconnect-watchers")
+
+    async def _run(self) -> None:
+        pending = self.pending
+        while True:
+            await asyncio.sleep(WATCH_DELAY)
+            if not pending:
+                continue
+            due = time.monotonic() - WATCH_DELAY
+            ready = []
+            for watcher, registered in pending.items():
+                if registered > due:
+                    break
+                ready.append(watcher)
+            for watcher in ready:
+                del pending[watcher]
+                watcher.start()
+
+
+_scheduler: _WatchScheduler | None = None
+
+
+def _scheduler_for(loop: asyncio.AbstractEventLoop) -> _WatchScheduler:
+    global _scheduler
+    if _scheduler is None or _scheduler.loop is not loop or _scheduler.task.done():
+        _scheduler = _WatchScheduler(loop)
+    return _scheduler
 
 
 class DisconnectWatcher:
@@ -109,18 +150,18 @@ class DisconnectWatcher:
     the end.
     """
 
-    __slots__ = ("_done", "_receive", "_task", "_timer", "_watch", "client_gone")
+    __slots__ = ("_done", "_receive", "_scheduler", "_task", "_watch", "client_gone")
 
-    def __init__(self, receive: Receive, delay: float = WATCH_DELAY) -> None:
+    def __init__(self, receive: Receive) -> None:
         self.client_gone = False
         self._done = False
         self._receive = receive
         self._task = asyncio.current_task()
         self._watch: asyncio.Future | None = None
-        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(delay, self._start)
+        self._scheduler = _scheduler_for(asyncio.get_running_loop())
+        self._scheduler.pending[self] = time.monotonic()
 
-    def _start(self) -> None:
-        self._timer = None
+    def start(self) -> None:
         if not self._done:
             self._watch = asyncio.ensure_future(self._run())
 
@@ -138,7 +179,6 @@ class DisconnectWatcher:
 
     def close(self) -> None:
         self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._scheduler.pending.pop(self, None)
         if self._watch is not None:
             self._watch.cancel()
