@@ -269,3 +269,26 @@ async def test_health_and_metrics_need_no_key(engines, proxy_app):
     assert 'routerpanel_proxy_time_to_first_token_seconds_count{model="m"}' in text
     assert 'routerpanel_proxy_inter_token_latency_seconds_count{model="m"}' in text
     assert "routerpanel_proxy_inflight" in text
+
+
+async def test_a_client_that_leaves_at_once_is_still_noticed_and_fast_answers_start_no_watcher(
+    engines, proxy_app, monkeypatch
+):
+    from proxy import transport
+
+    engine = await engines("a", mode="hang")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    started = asyncio.get_running_loop().time()
+    await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH, disconnect_after=0.001)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert proxy_app.router.load.counts() == {}
+
+    fast = await engines("fast")
+    snapshots.install(make_snapshot([{"url": fast.url}]))
+    starts = []
+    original = transport.DisconnectWatcher.start
+    monkeypatch.setattr(transport.DisconnectWatcher, "start", lambda self: starts.append(self) or original(self))
+    monkeypatch.setattr(transport, "WATCH_DELAY", 0.5)  # far above a fast answer, even on a loaded machine
+    for _ in range(5):
+        assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
+    assert starts == []
