@@ -86,7 +86,9 @@ class ProxyApp:
             elif path == "/v1/models":
                 await self.models(scope, send)
             elif path == "/health":
-                body = json.dumps({"status": "ok", "snapshot_version": snapshots.current().version}).encode()
+                body = json.dumps(
+                    {"status": "ok", "snapshot_version": snapshots.current().version, "pid": os.getpid()}
+                ).encode()
                 await send_bytes(send, 200, body)
             elif path == "/metrics":
                 await send_bytes(send, 200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST.encode())
