@@ -108,7 +108,9 @@ async def proxy_hybrid(
                     extra=response_headers(request, target),
                 )
             if outcome.status < 500:
-                elapsed = time.perf_counter() - started
+                # min_observed_latency compares nodes by time to the first byte of a stream (a
+                # stream's length depends on the request, not the node) or by the whole answer.
+                elapsed = outcome.ttft if streaming and outcome.ttft is not None else time.perf_counter() - started
             return
         finally:
             if response is not None:
