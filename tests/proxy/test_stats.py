@@ -1,0 +1,192 @@
+"""Live per-node statistics: counting on the hot path, publishing to Redis, merging across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import redis as redis_lib
+import redis.asyncio as aioredis
+
+from proxy import stats
+from proxy.stats import NodeStats, StatsPublisher, is_failure, merge_snapshots
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("status", "elapsed", "client_gone", "failed"),
+    [
+        (200, 0.1, False, False),
+        (404, 0.1, False, False),
+        (500, 0.1, False, True),
+        (0, None, False, True),  # connect error or timeout before any answer
+        (503, None, False, True),  # retried elsewhere
+        (429, None, False, False),  # busy: try elsewhere, not sick
+        (200, None, False, True),  # the answer broke off
+        (0, None, True, False),  # the client left
+    ],
+)
+def test_it_counts_only_connect_errors_timeouts_and_5xx_as_failures(status, elapsed, client_gone, failed) -> None:
+    assert is_failure(status, elapsed, client_gone) is failed
+
+
+def test_it_counts_attempts_errors_and_samples_per_node() -> None:
+    clock = Clock()
+    node_stats = NodeStats(clock=clock)
+    node_stats.record(1, status=200, elapsed=0.2, ttft=0.05)
+    node_stats.record(1, status=502, elapsed=None)
+    node_stats.record(2, status=200, elapsed=0.4)
+
+    snapshot = node_stats.snapshot({1: 3})
+
+    assert snapshot["1"]["requests"] == 2
+    assert snapshot["1"]["errors"] == 1
+    assert snapshot["1"]["inflight"] == 3
+    assert snapshot["1"]["buckets"] == {str(int(clock.now)): [2, 1]}
+    assert [v for _, v in snapshot["1"]["latency"]] == [0.2]
+    assert [v for _, v in snapshot["1"]["ttft"]] == [0.05]
+    assert snapshot["2"]["inflight"] == 0
+
+
+def test_a_node_with_requests_in_flight_but_none_finished_is_listed() -> None:
+    assert NodeStats().snapshot({7: 2})["7"] == {
+        "inflight": 2,
+        "requests": 0,
+        "errors": 0,
+        "buckets": {},
+        "latency": [],
+        "ttft": [],
+    }
+
+
+def test_its_memory_is_bounded() -> None:
+    clock = Clock()
+    node_stats = NodeStats(clock=clock)
+    for _ in range(stats.HISTORY_SECONDS + 50):
+        for _ in range(3):
+            node_stats.record(1, status=200, elapsed=0.01, ttft=0.001)
+        clock.now += 1
+    snapshot = node_stats.snapshot()["1"]
+    assert len(snapshot["buckets"]) <= stats.HISTORY_SECONDS + 1
+    assert len(node_stats._nodes[1].latency) == stats.SAMPLES
+    assert len(snapshot["latency"]) <= stats.SAMPLE_WINDOW * 3 + 3
+
+
+def test_recording_costs_a_few_microseconds() -> None:
+    node_stats = NodeStats()
+    count = 20_000
+    started = time.perf_counter()
+    for i in range(count):
+        node_stats.record(i % 8, status=200, elapsed=0.01, ttft=0.002)
+    per_call = (time.perf_counter() - started) / count
+    assert per_call < 20e-6, f"{per_call * 1e6:.1f} µs per record"
+
+
+def _worker(nodes: dict, at: float) -> dict:
+    return {"worker": "w", "at": at, "nodes": nodes}
+
+
+def test_it_merges_workers_into_rates_error_rates_and_medians() -> None:
+    now = 2_000_000.5
+    second = int(now)
+    a = {
+        "3": {
+            "inflight": 2,
+            "requests": 100,
+            "errors": 4,
+            "buckets": {str(second - 1): [10, 1], str(second - 2): [10, 1], str(second): [50, 0]},
+            "latency": [[now - 1, 0.1], [now - 2, 0.3]],
+            "ttft": [[now - 1, 0.01]],
+        }
+    }
+    b = {
+        "3": {
+            "inflight": 1,
+            "requests": 50,
+            "errors": 0,
+            "buckets": {str(second - 1): [5, 0], str(second - 600): [99, 99]},
+            "latency": [[now - 1, 0.2], [now - 3600, 9.0]],  # the old sample is ignored
+            "ttft": [],
+        }
+    }
+
+    figures = merge_snapshots([_worker(a, now), _worker(b, now)], now=now)[3]
+
+    assert figures["inflight"] == 3
+    assert figures["requests"] == 150
+    assert figures["errors"] == 4
+    assert figures["rps"] == pytest.approx(25 / stats.RATE_WINDOW)  # the current second is left out
+    assert figures["error_rate"] == pytest.approx(2 / 25)
+    assert figures["p50_latency"] == pytest.approx(0.2)
+    assert figures["p50_ttft"] == pytest.approx(0.01)
+    assert len(figures["history"]) == stats.HISTORY_SECONDS
+    assert figures["history"][-2:] == [10, 15]
+
+
+def test_an_idle_node_has_no_rates_to_show() -> None:
+    figures = merge_snapshots([_worker({"1": NodeStats().snapshot({1: 0})["1"]}, 0.0)], now=10.0)[1]
+    assert figures["rps"] == 0
+    assert figures["error_rate"] is None
+    assert figures["p50_latency"] is None
+
+
+async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url: str) -> None:
+    node_stats = NodeStats()
+    node_stats.record(5, status=200, elapsed=0.25)
+    publisher = StatsPublisher(node_stats, inflight=lambda: {5: 4}, interval=0.05, worker_id="test-worker")
+    publisher.ensure_started()
+    try:
+        deadline = time.monotonic() + 10
+        while publisher.published < 2:
+            assert time.monotonic() < deadline, "the publisher never wrote to Redis"
+            await asyncio.sleep(0.02)
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            fleet = await stats.read_fleet_stats(client)
+            ttl = await client.ttl(stats.worker_key("test-worker"))
+        finally:
+            await client.aclose()
+    finally:
+        await publisher.stop()
+    assert fleet is not None
+    assert fleet[5]["inflight"] == 4
+    assert fleet[5]["requests"] == 1
+    assert fleet[5]["p50_latency"] == pytest.approx(0.25)
+    assert 0 < ttl <= stats.SNAPSHOT_TTL
+    # A stopped worker removes its snapshot at once.
+    assert redis_lib.Redis.from_url(redis_url).get(stats.worker_key("test-worker")) is None
+
+
+async def test_the_publisher_keeps_going_while_redis_is_down(settings) -> None:
+    settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
+    publisher = StatsPublisher(NodeStats(), interval=0.01, worker_id="down")
+    publisher.ensure_started()
+    await asyncio.sleep(0.2)
+    assert publisher._task is not None and not publisher._task.done()
+    assert publisher.published == 0
+    await publisher.stop()
+
+
+async def test_reading_while_redis_is_down_gives_none() -> None:
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        assert await stats.read_fleet_stats(client) is None
+    finally:
+        await client.aclose()
+
+
+def test_the_payload_is_json_a_dashboard_can_read() -> None:
+    node_stats = NodeStats()
+    node_stats.record(1, status=200, elapsed=0.1)
+    payload = json.loads(StatsPublisher(node_stats, worker_id="w1").payload())
+    assert payload["worker"] == "w1"
+    assert payload["nodes"]["1"]["requests"] == 1
