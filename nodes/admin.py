@@ -4,12 +4,14 @@ Django's own admin history is kept as well."""
 
 from __future__ import annotations
 
+import datetime
+
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from . import services
+from . import health, services
 from .choices import ChangeVia, NodeHealth, NodeRole, NodeSource, NodeState, ServingMode, Strategy, SyncState
 from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, generate_api_key
 
@@ -66,7 +68,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     list_filter = ("role", "state", "health", "engine_type", "source", "control_plane")
     search_fields = ("url", "name", "aliases__name", "aliases__served_name")
     inlines = [ModelAliasInline]
-    actions = ["drain_nodes", "enable_nodes", "disable_nodes"]
+    actions = ["drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
         "health",
         "consecutive_failures",
@@ -78,12 +80,13 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
         "kind",
         "last_seen_at",
         "operator_fields",
+        "health_history",
         "created_at",
         "updated_at",
     )
     fieldsets = (
         (None, {"fields": ("url", "name", "engine_type", "role", "state", "weight", "max_concurrency")}),
-        ("Health", {"fields": ("health", "consecutive_failures", "last_checked_at")}),
+        ("Health", {"fields": ("health", "consecutive_failures", "last_checked_at", "health_history")}),
         ("Engine options", {"fields": ("bootstrap_port", "dp_size", "kv_connector_address", "metadata")}),
         (
             "Registry",
@@ -138,6 +141,34 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.action(description="Drain selected nodes (no new requests; in-flight ones finish)")
     def drain_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._apply(request, queryset, services.node_drain, "Drained")
+
+    @admin.display(description="recent probes")
+    def health_history(self, node: Node) -> str:
+        rows = health.recent_history(node.pk) if node.pk else []
+        if not rows:
+            return "—"
+        return format_html(
+            "<table><thead><tr><th scope='col'>when</th><th scope='col'>result</th><th scope='col'>ms</th>"
+            "</tr></thead><tbody>{}</tbody></table>",
+            format_html_join(
+                "",
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                (
+                    (
+                        datetime.datetime.fromtimestamp(r["t"], tz=datetime.UTC).strftime("%H:%M:%S"),
+                        r["detail"],
+                        r["ms"],
+                    )
+                    for r in rows
+                ),
+            ),
+        )
+
+    @admin.action(description="Probe selected nodes' /health now")
+    def probe_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        report = services.health_check_nodes(node_ids=list(queryset.values_list("pk", flat=True)))
+        changes = "; ".join(report.transitions) or "no health changes"
+        self.message_user(request, f"Probed {report.checked} node(s): {changes}.", messages.SUCCESS)
 
     @admin.action(description="Enable selected nodes")
     def enable_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:

@@ -140,6 +140,7 @@ class Node(models.Model):
     state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.ACTIVE)
     health = models.CharField(max_length=10, choices=NodeHealth.choices, default=NodeHealth.UNKNOWN)
     consecutive_failures = models.PositiveIntegerField(default=0)
+    consecutive_successes = models.PositiveIntegerField(default=0)
     last_checked_at = models.DateTimeField(null=True, blank=True)
 
     source = models.CharField(max_length=10, choices=NodeSource.choices, default=NodeSource.MANUAL)

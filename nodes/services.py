@@ -5,6 +5,7 @@ the configuration version exactly once, in one place (``config_version_bump``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -22,8 +23,8 @@ from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bus
-from .choices import AliasOrigin, ChangeAction, ChangeVia, NodeSource, NodeState, SyncState
+from . import bus, health
+from .choices import AliasOrigin, ChangeAction, ChangeVia, NodeHealth, NodeSource, NodeState, SyncState
 from .models import (
     ApiKey,
     ChangeRecord,
@@ -44,8 +45,19 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=models.Model)
 
+# Interfaces through which a person changes things (as opposed to the sync or the health checker).
+OPERATOR_INTERFACES = frozenset({ChangeVia.ADMIN, ChangeVia.API, ChangeVia.COMPAT})
+
 # Fields that never appear in an audit diff: they change on every save or are secret.
-_UNAUDITED_FIELDS = {"created_at", "updated_at", "key_hash"}
+_UNAUDITED_FIELDS = {
+    "created_at",
+    "updated_at",
+    "key_hash",
+    # Health bookkeeping changes every probe; only transitions of ``health`` itself are audited.
+    "consecutive_failures",
+    "consecutive_successes",
+    "last_checked_at",
+}
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,7 @@ def _assign(obj: M, fields: dict[str, Any]) -> M:
 def node_save(node: Node, *, actor: Actor, note: str = "") -> Node:
     """Save a node edited in place (the admin's forms); remembers which registry-owned fields an
     operator changed by hand so the sync leaves them alone."""
-    if node.pk and node.source == NodeSource.REGISTRY and actor.via != ChangeVia.SYNC:
+    if node.pk and node.source == NodeSource.REGISTRY and actor.via in OPERATOR_INTERFACES:
         stored = _field_values(Node.objects.get(pk=node.pk))
         edited = {name for name, (old, new) in _diff(stored, _field_values(node)).items() if name != "operator_fields"}
         node.operator_fields = sorted(set(node.operator_fields or []) | edited)
@@ -556,3 +568,44 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
     log = logger.info if result.ok else logger.warning
     log("sync of %s: %s", control_plane, result.summary())
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Active health checks
+# ---------------------------------------------------------------------------------------------
+
+HEALTH_ACTOR = Actor(label="health-check", via=ChangeVia.SYSTEM)
+
+
+def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.HealthReport:
+    """Probe the active and draining nodes (or just ``node_ids``, for "probe now") and apply the
+    hysteresis. The periodic run holds a Redis lock so only one runner probes at a time."""
+    report = health.HealthReport()
+    with health.single_runner(enabled=node_ids is None) as acquired:
+        if not acquired:
+            report.skipped, report.reason = True, "another health check is running"
+            logger.info("health check skipped: %s", report.reason)
+            return report
+        nodes = Node.objects.all() if node_ids is not None else Node.objects.filter(state__in=health.PROBED_STATES)
+        if node_ids is not None:
+            nodes = nodes.filter(pk__in=list(node_ids))
+        nodes = list(nodes)
+        if not nodes:
+            return report
+        probes = asyncio.run(health.probe_all([n.url for n in nodes], timeout=settings.ROUTERPANEL_HEALTH_TIMEOUT))
+        now = timezone.now()
+        for node, probe in zip(nodes, probes, strict=True):
+            new_health, failures, successes = health.next_health(node, probe)
+            Node.objects.filter(pk=node.pk).update(
+                consecutive_failures=failures, consecutive_successes=successes, last_checked_at=now
+            )
+            if new_health != node.health:
+                node.refresh_from_db()
+                node_update(node=node, actor=HEALTH_ACTOR, health=new_health, note=probe.detail[:200])
+                report.transitions.append(f"{node.url}: {new_health} ({probe.detail})")
+                logger.info("node %s is now %s: %s", node.url, new_health, probe.detail)
+            report.checked += 1
+            report.healthy += new_health == NodeHealth.HEALTHY
+            report.unhealthy += new_health == NodeHealth.UNHEALTHY
+        health.record_history(list(zip(nodes, probes, strict=True)))
+    return report

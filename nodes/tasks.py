@@ -20,3 +20,10 @@ def sync_control_plane(control_plane_id: int) -> dict:
         return {"skipped": True}
     result = services.registry_sync(control_plane_id=control_plane_id)
     return {"ok": result.ok, "skipped": result.skipped, "reason": result.reason, **result.counts()}
+
+
+@shared_task(name="nodes.check_health", ignore_result=True)
+def check_health() -> dict:
+    """Probe every active node's /health (scheduled by beat every ROUTERPANEL_HEALTH_INTERVAL s)."""
+    report = services.health_check_nodes()
+    return {"checked": report.checked, "unhealthy": report.unhealthy, "skipped": report.skipped}

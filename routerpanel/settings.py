@@ -216,6 +216,22 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Active health checks (see nodes/health.py): with the defaults a dead node is marked unhealthy
+# about 2 s after it stops answering, and healthy again about 2 s after it recovers.
+ROUTERPANEL_HEALTH_INTERVAL = env_float("ROUTERPANEL_HEALTH_INTERVAL", 1.0, minimum=0.2)
+ROUTERPANEL_HEALTH_TIMEOUT = env_float("ROUTERPANEL_HEALTH_TIMEOUT", 0.5, minimum=0.05)
+ROUTERPANEL_HEALTH_FAILURES = env_int("ROUTERPANEL_HEALTH_FAILURES", 2, minimum=1)
+ROUTERPANEL_HEALTH_SUCCESSES = env_int("ROUTERPANEL_HEALTH_SUCCESSES", 2, minimum=1)
+ROUTERPANEL_HEALTH_HISTORY = env_int("ROUTERPANEL_HEALTH_HISTORY", 100, minimum=1)
+# Beat's static schedule (django-celery-beat copies it into the database, where the admin shows it).
+# `expires` just under the interval: a backlog never piles up runs.
+CELERY_BEAT_SCHEDULE = {
+    "health-check": {
+        "task": "nodes.check_health",
+        "schedule": ROUTERPANEL_HEALTH_INTERVAL,
+        "options": {"expires": ROUTERPANEL_HEALTH_INTERVAL * 0.9},
+    },
+}
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
 CELERY_TASK_ALWAYS_EAGER = env_bool("ROUTERPANEL_CELERY_EAGER", False)
 

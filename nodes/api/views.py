@@ -83,6 +83,15 @@ class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
 
     @extend_schema(request=None, responses=s.NodeSerializer)
     @action(detail=True, methods=["post"])
+    def probe(self, request: Request, pk: str | None = None) -> Response:
+        """Probe the node's /health now and apply the health hysteresis; returns the node."""
+        node = self.get_object()
+        services.health_check_nodes(node_ids=[node.pk])
+        node.refresh_from_db()
+        return Response(self.get_serializer(node).data)
+
+    @extend_schema(request=None, responses=s.NodeSerializer)
+    @action(detail=True, methods=["post"])
     def disable(self, request: Request, pk: str | None = None) -> Response:
         """Take the node out of rotation."""
         return self._state_action(request, services.node_disable)

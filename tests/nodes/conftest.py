@@ -68,6 +68,7 @@ class _EngineStub:
         self.models: list[str] = ["served-model"]
         self.models_status = 200
         self.terminate_status = 200
+        self.health_status = 200
         self.calls: list[str] = []
 
 
@@ -97,6 +98,8 @@ def engine_stub():
             stub.calls.append(self.path)
             if self.path == "/v1/models":
                 self._send(stub.models_status, {"object": "list", "data": [{"id": m} for m in stub.models]})
+            elif self.path == "/health":
+                self._send(stub.health_status, {"ok": stub.health_status == 200})
             elif self.path == "/terminate":
                 self._send(stub.terminate_status, {"ok": stub.terminate_status == 200})
             else:
