@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from nodes.choices import ServingMode
 
-from . import metrics
+from . import metrics, stats
 from . import snapshot as snapshots
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
@@ -102,6 +102,7 @@ class ProxyApp:
         """Build the first snapshot and start the watcher on this loop (uvicorn's lifespan start-up;
         under daphne, which has no lifespan, the first request)."""
         await self.watcher.ensure_started()
+        stats.start_publisher(self.router.load.counts)  # live per-node figures for the dashboard
         # Django, DRF and friends leave ~100k long-lived objects; keep the cyclic GC from rescanning
         # them on every full collection (cheaper per request, and no periodic pauses).
         gc.freeze()
@@ -119,6 +120,7 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.watcher.stop()
+                await stats.stop_publisher()
                 await close_session()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -17,7 +17,7 @@ import aiohttp
 
 from nodes.choices import NodeRole
 
-from . import metrics
+from . import metrics, stats
 from .adapters import adapter_for
 from .errors import ProxyError, engine_failed, engine_timeout
 from .relay import Outcome, ProxyRequest, relay_stream, response_headers
@@ -116,6 +116,13 @@ async def proxy_hybrid(
             if response is not None:
                 response.close()  # a no-op once the body was read; drops the connection otherwise
             router.release(target, elapsed)
+            stats.record(
+                node.id,
+                status=response.status if response is not None else 0,
+                elapsed=None if elapsed is None else time.perf_counter() - started,
+                ttft=outcome.ttft if elapsed is not None else None,
+                client_gone=watcher.client_gone,
+            )
 
     if last_answer is not None:
         # Every node failed: an engine's own error answer says more than a connect error, so pass

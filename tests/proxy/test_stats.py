@@ -190,3 +190,27 @@ def test_the_payload_is_json_a_dashboard_can_read() -> None:
     payload = json.loads(StatsPublisher(node_stats, worker_id="w1").payload())
     assert payload["worker"] == "w1"
     assert payload["nodes"]["1"]["requests"] == 1
+
+
+async def test_the_proxy_counts_each_attempt_against_the_node_that_served_it(engines, proxy_app) -> None:
+    from proxy import snapshot as snapshots
+
+    from .conftest import AUTH, call, make_snapshot
+
+    dead_url = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    good = await engines("good")
+    snapshots.install(make_snapshot([{"url": dead_url}, {"url": good.url}]))  # node ids 1 and 2
+    stats.STATS.clear()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for stream in (False, True, False, True):
+        response = await call(
+            proxy_app, "POST", "/v1/chat/completions", json_body={**body, "stream": stream}, headers=AUTH
+        )
+        assert response.status == 200
+
+    figures = stats.STATS.snapshot()
+    assert figures["2"]["requests"] == 4
+    assert figures["2"]["errors"] == 0
+    assert len(figures["2"]["latency"]) == 4
+    assert len(figures["2"]["ttft"]) == 2  # streams only
+    assert figures["1"]["requests"] == figures["1"]["errors"] >= 1  # round robin tried the dead node first
