@@ -18,16 +18,15 @@ import time
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from nodes.choices import ServingMode
-
 from . import metrics, stats
 from . import snapshot as snapshots
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
+from .pd import proxy_pd, wants_pd
 from .relay import Outcome, ProxyRequest
 from .router import Router
-from .snapshot import KeyView, Route, Snapshot
+from .snapshot import KeyView, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session
@@ -196,8 +195,10 @@ class ProxyApp:
         outcome = Outcome()
         watcher = DisconnectWatcher(receive)
         try:
-            self.check_serving_mode(route)
-            await proxy_hybrid(request, send, self.router, watcher, outcome)
+            if wants_pd(route):
+                await proxy_pd(request, send, self.router, watcher, outcome)
+            else:
+                await proxy_hybrid(request, send, self.router, watcher, outcome)
         except ProxyError as exc:
             outcome.status, outcome.error = exc.status, exc.code
             metrics.count_error(exc.code)
@@ -220,18 +221,6 @@ class ProxyApp:
             metrics.observe_request(route.name, outcome.node, outcome.status, time.perf_counter() - started)
             if outcome.ttft is not None:
                 metrics.observe_stream(route.name, outcome.ttft, outcome.mean_gap)
-
-    def check_serving_mode(self, route: Route) -> None:
-        """PD orchestration arrives with issue 6. Until then a model whose policy asks for PD (or
-        ``auto`` with only prefill/decode nodes) is served by its hybrid nodes if it has any."""
-        mode = route.policy.serving_mode
-        wants_pd = mode == ServingMode.PD or (mode == ServingMode.AUTO and route.prefill and route.decode)
-        if wants_pd and not route.hybrid:
-            raise ProxyError(
-                503,
-                f"{route.name!r} needs prefill/decode serving, which this version does not provide yet.",
-                "pd_unavailable",
-            )
 
 
 _app: ProxyApp | None = None

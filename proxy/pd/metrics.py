@@ -1,0 +1,76 @@
+"""Prometheus metrics of PD orchestration, per leg (served at ``/metrics`` with the rest).
+
+Labels are bounded: ``model`` is a route name, ``leg`` is ``prefill`` or ``decode``, ``kind`` an
+error code the PD path emits, ``result`` one of ``ok``, ``not_held``, ``failed``. Two gauges are read
+at scrape time: PD requests being orchestrated and background clean-ups (shielded prefills, frees)
+still running; both must fall back to 0 once traffic stops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+LEG_DURATION = Histogram(
+    "routerpanel_proxy_pd_leg_duration_seconds",
+    "Duration of each PD leg: the prefill call, and the decode call up to the end of its answer.",
+    ["model", "leg"],
+    buckets=_BUCKETS,
+)
+LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
+FREES = Counter(
+    "routerpanel_proxy_pd_frees", "KV releases sent to prefill nodes (/pd/free, free_cache) by result.", ["result"]
+)
+
+_children: dict[tuple, object] = {}
+
+
+def _child(metric, *labels: str):
+    key = (id(metric), *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def observe_leg(model: str, leg: str, seconds: float) -> None:
+    _child(LEG_DURATION, model, leg).observe(seconds)
+
+
+def count_leg_error(leg: str, kind: str) -> None:
+    _child(LEG_ERRORS, leg, kind).inc()
+
+
+def count_free(result: str) -> None:
+    _child(FREES, result).inc()
+
+
+class PdGauges(Collector):
+    def __init__(self, inflight: Callable[[], int], cleanups: Callable[[], int]) -> None:
+        self._inflight = inflight
+        self._cleanups = cleanups
+
+    def collect(self):
+        yield GaugeMetricFamily(
+            "routerpanel_proxy_pd_inflight", "PD requests being orchestrated now.", value=self._inflight()
+        )
+        yield GaugeMetricFamily(
+            "routerpanel_proxy_pd_cleanups_pending",
+            "Shielded prefill calls and KV frees still running in the background.",
+            value=self._cleanups(),
+        )
+
+
+_registered = False
+
+
+def register_gauges(inflight: Callable[[], int], cleanups: Callable[[], int]) -> None:
+    global _registered
+    if not _registered:
+        REGISTRY.register(PdGauges(inflight, cleanups))
+        _registered = True
