@@ -49,3 +49,13 @@ def _no_real_redis_by_default(settings, request) -> None:
     on 6379 that happens to run on the developer's machine."""
     if "redis_url" not in request.fixturenames and "redis_server" not in request.fixturenames:
         settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Transactional tests flush every table afterwards, which would drop the rows the data
+    migrations seed (the global route policy, the configuration version) for every later test:
+    have them restore the database instead (serialized rollback)."""
+    for item in items:
+        marker = item.get_closest_marker("django_db")
+        if marker is not None and marker.kwargs.get("transaction") and not marker.kwargs.get("serialized_rollback"):
+            item.add_marker(pytest.mark.django_db(**{**marker.kwargs, "serialized_rollback": True}), append=False)
