@@ -349,6 +349,17 @@ async def read_worker_snapshots(client) -> list[WorkerSnapshot]:
     return [s for s in map(_decode, await client.mget(keys)) if s is not None]
 
 
+def read_fleet_stats_sync(client) -> dict[int, NodeFigures] | None:
+    """``read_fleet_stats`` for blocking callers (``client`` is a ``redis.Redis``)."""
+    try:
+        keys = client.zrangebyscore(WORKERS_KEY, time.time() - SNAPSHOT_TTL * 2, "+inf")
+        workers = [s for s in map(_decode, client.mget(keys)) if s is not None] if keys else []
+        return merge_snapshots(workers)
+    except Exception as exc:
+        logger.debug("could not read live node statistics from Redis: %s", exc)
+        return None
+
+
 async def read_fleet_stats(client) -> dict[int, NodeFigures] | None:
     """Merged per-node figures from Redis, or None when Redis cannot be read."""
     try:

@@ -1,4 +1,4 @@
-"""URL configuration: admin, REST API with its OpenAPI schema, and DLRouter's ``/nodes/*``."""
+"""URL configuration: admin, the live dashboard, REST API with its OpenAPI schema, and DLRouter's ``/nodes/*``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from nodes import dashboard
+
 admin.site.site_header = "RouterPanel"
 admin.site.site_title = "RouterPanel"
 admin.site.index_title = "Fleet administration"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("dashboard/", dashboard.dashboard, name="dashboard"),
+    path("dashboard/data", dashboard.dashboard_data, name="dashboard-data"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/", include("nodes.api.urls")),

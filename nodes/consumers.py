@@ -1,0 +1,98 @@
+"""The dashboard's WebSocket: pushes the dashboard payload to a staff member's page every second.
+
+Each connection runs its own loop (one database read through ``database_sync_to_async`` and one
+Redis read per tick); a dashboard is watched by a handful of operators, so no fan-out of payloads
+is needed. Every connection joins the ``GROUP`` on the channel layer (channels-redis), so any process
+can ask all open dashboards to refresh at once (``notify_dashboards``), for example after a health
+transition; the page may also send ``{"type": "refresh"}`` for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+
+from proxy import stats
+
+from .dashboard import REFRESH_SECONDS, DashboardPayload, build_payload
+from .selectors import fleet_state
+
+logger = logging.getLogger(__name__)
+
+# Close code for a connection that is not a staff member's (4000-4999: application codes).
+FORBIDDEN = 4403
+GROUP = "routerpanel.dashboard"
+
+
+async def notify_dashboards() -> None:
+    """Ask every open dashboard to send a fresh payload now (best effort: Redis may be down)."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        await layer.group_send(GROUP, {"type": "dashboard.refresh"})
+    except Exception as exc:
+        logger.debug("could not notify dashboards: %s", exc)
+
+
+class DashboardConsumer(AsyncJsonWebsocketConsumer):
+    interval = REFRESH_SECONDS
+    groups = [GROUP]
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_active or not user.is_staff:
+            await self.close(code=FORBIDDEN)
+            return
+        self._redis = aioredis.Redis.from_url(
+            settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
+        self._wake = asyncio.Event()
+        await self.accept()
+        self._task = asyncio.create_task(self._push_loop(), name="routerpanel-dashboard-push")
+
+    async def disconnect(self, code: int) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        client = getattr(self, "_redis", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def receive_json(self, content, **kwargs) -> None:
+        if isinstance(content, dict) and content.get("type") == "refresh":
+            self._wake.set()
+
+    async def dashboard_refresh(self, event: dict) -> None:
+        """A ``dashboard.refresh`` message on the group: push now instead of at the next tick."""
+        wake = getattr(self, "_wake", None)
+        if wake is not None:
+            wake.set()
+
+    async def payload(self) -> DashboardPayload:
+        state = await database_sync_to_async(fleet_state)()
+        return build_payload(state, await stats.read_fleet_stats(self._redis))
+
+    async def _push_loop(self) -> None:
+        while True:
+            try:
+                await self.send_json(await self.payload())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed tick (database locked, say) must not end the live view
+                logger.exception("dashboard update failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()

@@ -1,0 +1,184 @@
+"""Reads for the operator dashboard: nodes, per-model readiness and control planes' sync state.
+
+Plain queries returning JSON-ready TypedDicts (the dashboard's page, its ``/dashboard/data`` view
+and its WebSocket consumer all send the same shapes). Blocking: call them from a sync view or
+through ``database_sync_to_async``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TypedDict
+
+from django.urls import reverse
+
+from .choices import NodeHealth, NodeRole, NodeState, ServingMode, SyncState
+from .models import ControlPlane, ModelAlias, Node, RoutePolicy
+
+
+class NodeRow(TypedDict):
+    id: int
+    url: str
+    name: str
+    engine_type: str
+    role: str
+    state: str
+    health: str
+    routable: bool
+    models: list[str]
+    consecutive_failures: int
+    last_checked_at: str | None
+    admin_url: str
+
+
+class ModelCard(TypedDict):
+    name: str
+    strategy: str
+    serving_mode: str  # as configured: hybrid, pd or auto
+    effective_mode: str  # what the proxy does now: hybrid or pd
+    ready: bool
+    reasons: list[str]  # why the model is not ready (empty when it is)
+    nodes: list[int]
+
+
+class ControlPlaneRow(TypedDict):
+    id: int
+    name: str
+    address: str
+    scope: str
+    enabled: bool
+    sync_state: str
+    last_sync_at: str | None
+    last_sync_duration_ms: int | None
+    last_sync_error: str
+    nodes: int
+    admin_url: str
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _routable(state: str, health: str) -> bool:
+    """Mirrors ``NodeView.routable``: active and not known to be unhealthy."""
+    return state == NodeState.ACTIVE and health != NodeHealth.UNHEALTHY
+
+
+def node_rows() -> list[NodeRow]:
+    """Every node, gone ones too (an operator sees what vanished), ordered by URL."""
+    models: dict[int, set[str]] = defaultdict(set)
+    for node_id, served in ModelAlias.objects.filter(node__isnull=False).values_list("node_id", "served_name"):
+        models[node_id].add(served)
+    rows: list[NodeRow] = []
+    for node in Node.objects.order_by("url").values(
+        "id", "url", "name", "engine_type", "role", "state", "health", "consecutive_failures", "last_checked_at"
+    ):
+        rows.append(
+            NodeRow(
+                id=node["id"],
+                url=node["url"],
+                name=node["name"],
+                engine_type=node["engine_type"],
+                role=node["role"],
+                state=node["state"],
+                health=node["health"],
+                routable=_routable(node["state"], node["health"]),
+                models=sorted(models[node["id"]]),
+                consecutive_failures=node["consecutive_failures"],
+                last_checked_at=_iso(node["last_checked_at"]),
+                admin_url=reverse("admin:nodes_node_change", args=[node["id"]]),
+            )
+        )
+    return rows
+
+
+def model_readiness(serving_mode: str, nodes: list[NodeRow]) -> tuple[bool, str, list[str]]:
+    """Whether a model can be served now, the mode it is served in, and why not if it cannot.
+
+    PD needs at least one routable prefill and one routable decode node; hybrid needs one routable
+    hybrid node; ``auto`` is PD when the model has both prefill and decode nodes, else hybrid.
+    Routable means active and not unhealthy (a node not probed yet counts).
+    """
+    routable = {role: 0 for role in NodeRole.values}
+    present = {role: 0 for role in NodeRole.values}
+    for node in nodes:
+        present[node["role"]] += 1
+        if node["routable"]:
+            routable[node["role"]] += 1
+    if serving_mode == ServingMode.PD or (
+        serving_mode == ServingMode.AUTO and present[NodeRole.PREFILL] and present[NodeRole.DECODE]
+    ):
+        reasons = [f"no routable {role} node" for role in (NodeRole.PREFILL, NodeRole.DECODE) if not routable[role]]
+        return not reasons, ServingMode.PD, reasons
+    if routable[NodeRole.HYBRID]:
+        return True, ServingMode.HYBRID, []
+    return False, ServingMode.HYBRID, ["no routable hybrid node"]
+
+
+def model_cards(nodes: list[NodeRow]) -> list[ModelCard]:
+    """One card per served model name, with its effective policy and readiness."""
+    by_model: dict[str, list[NodeRow]] = defaultdict(list)
+    for node in nodes:
+        if node["state"] == NodeState.GONE:
+            continue
+        for model in node["models"]:
+            by_model[model].append(node)
+    policies = {
+        row["model"]: row
+        for row in RoutePolicy.objects.filter(enabled=True).values("model", "strategy", "serving_mode")
+    }
+    default = policies.get("", {"strategy": "round_robin", "serving_mode": ServingMode.AUTO})
+    cards: list[ModelCard] = []
+    for name in sorted(by_model):
+        policy = policies.get(name, default)
+        ready, mode, reasons = model_readiness(policy["serving_mode"], by_model[name])
+        cards.append(
+            ModelCard(
+                name=name,
+                strategy=policy["strategy"],
+                serving_mode=policy["serving_mode"],
+                effective_mode=mode,
+                ready=ready,
+                reasons=reasons,
+                nodes=[node["id"] for node in by_model[name]],
+            )
+        )
+    return cards
+
+
+def control_plane_rows() -> list[ControlPlaneRow]:
+    counts: dict[int, int] = defaultdict(int)
+    for cp_id in (
+        Node.objects.filter(control_plane__isnull=False)
+        .exclude(state=NodeState.GONE)
+        .values_list("control_plane_id", flat=True)
+    ):
+        counts[cp_id] += 1
+    return [
+        ControlPlaneRow(
+            id=cp.id,
+            name=cp.name,
+            address=cp.address,
+            scope=cp.scope,
+            enabled=cp.enabled,
+            sync_state=cp.sync_state or SyncState.IDLE,
+            last_sync_at=_iso(cp.last_sync_at),
+            last_sync_duration_ms=cp.last_sync_duration_ms,
+            last_sync_error=cp.last_sync_error,
+            nodes=counts[cp.id],
+            admin_url=reverse("admin:nodes_controlplane_change", args=[cp.id]),
+        )
+        for cp in ControlPlane.objects.order_by("name")
+    ]
+
+
+class FleetState(TypedDict):
+    nodes: list[NodeRow]
+    models: list[ModelCard]
+    control_planes: list[ControlPlaneRow]
+
+
+def fleet_state() -> FleetState:
+    """Everything the dashboard shows from the database, in one call (a handful of queries)."""
+    nodes = node_rows()
+    return FleetState(nodes=nodes, models=model_cards(nodes), control_planes=control_plane_rows())

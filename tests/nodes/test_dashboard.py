@@ -1,0 +1,209 @@
+"""The operator dashboard: who may see it, what its data says, and its WebSocket feed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from nodes import services
+from nodes.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
+from nodes.dashboard import build_payload
+from nodes.models import ControlPlane, RoutePolicy
+from nodes.selectors import fleet_state, model_readiness
+from proxy.stats import NodeStats, StatsPublisher
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def channel_layer(redis_url, settings):
+    """The channels-redis layer on the test Redis (the consumer joins a group on connect)."""
+    from channels.layers import channel_layers
+
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [redis_url]}}
+    }
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()
+
+
+@pytest.fixture
+def fleet(system):
+    """Two models: ``qwen`` served by a prefill/decode pair, ``llama`` by one hybrid node."""
+    return {
+        "prefill": services.node_create(actor=system, url="http://p:1", role="prefill", models=["qwen"]),
+        "decode": services.node_create(actor=system, url="http://d:1", role="decode", models=["qwen"]),
+        "hybrid": services.node_create(actor=system, url="http://h:1", models=["llama"], name="big box"),
+    }
+
+
+def _row(role: str, state: str = "active", health: str = "unknown") -> dict:
+    return {"role": role, "state": state, "health": health, "routable": state == "active" and health != "unhealthy"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "nodes", "ready", "effective", "reasons"),
+    [
+        ("auto", [_row("hybrid")], True, "hybrid", []),
+        ("auto", [_row("prefill"), _row("decode", health="healthy")], True, "pd", []),
+        ("auto", [_row("prefill", health="unhealthy"), _row("decode")], False, "pd", ["no routable prefill node"]),
+        ("pd", [_row("prefill"), _row("decode", state="draining")], False, "pd", ["no routable decode node"]),
+        ("pd", [_row("hybrid")], False, "pd", ["no routable prefill node", "no routable decode node"]),
+        ("hybrid", [_row("hybrid", state="disabled")], False, "hybrid", ["no routable hybrid node"]),
+        ("hybrid", [_row("prefill"), _row("decode"), _row("hybrid")], True, "hybrid", []),
+        ("auto", [_row("prefill")], False, "hybrid", ["no routable hybrid node"]),
+    ],
+)
+def test_readiness_follows_the_serving_mode(mode, nodes, ready, effective, reasons) -> None:
+    assert model_readiness(mode, nodes) == (ready, effective, reasons)
+
+
+def test_anonymous_visitors_are_sent_to_the_admin_login(client: Client) -> None:
+    for path in ("/dashboard/", "/dashboard/data"):
+        response = client.get(path)
+        assert response.status_code == 302
+        assert response["Location"].startswith("/admin/login/")
+
+
+def test_a_user_who_is_not_staff_may_not_see_it(client: Client, outsider_user) -> None:
+    client.force_login(outsider_user)
+    assert client.get("/dashboard/").status_code == 302
+    assert client.get("/dashboard/data").status_code == 302
+
+
+def test_the_page_carries_the_fleet_and_the_chart_library_from_the_project(
+    client: Client, operator_user, fleet
+) -> None:
+    client.force_login(operator_user)
+    response = client.get("/dashboard/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "/static/dashboard/vendor/uplot/uPlot.iife.min.js" in html
+    assert "cdn" not in html.lower()
+    assert '<th scope="col">Health</th>' in html
+    assert 'aria-live="polite"' in html
+    initial = json.loads(html.split('id="rp-initial" type="application/json">')[1].split("</script>")[0])
+    assert {n["url"] for n in initial["nodes"]} == {"http://p:1", "http://d:1", "http://h:1"}
+    assert client.get("/static/dashboard/vendor/uplot/uPlot.iife.min.js").status_code == 200
+    assert client.get("/static/dashboard/dashboard.js").status_code == 200
+
+
+def test_the_data_has_nodes_models_and_control_planes(client: Client, operator_user, fleet, system) -> None:
+    services.control_plane_create(actor=system, name="ctrl-a", address="127.0.0.1:4479")
+    services.node_update(node=fleet["decode"], actor=system, health="unhealthy")
+    client.force_login(operator_user)
+
+    data = client.get("/dashboard/data").json()
+
+    assert data["live"] is False  # no Redis in this test: the registry alone
+    nodes = {n["url"]: n for n in data["nodes"]}
+    assert nodes["http://h:1"]["name"] == "big box"
+    assert nodes["http://h:1"]["models"] == ["llama"]
+    assert nodes["http://d:1"]["routable"] is False
+    assert nodes["http://p:1"]["breaker"] is None
+    assert nodes["http://p:1"]["live"] is None
+    assert nodes["http://p:1"]["admin_url"] == f"/admin/nodes/node/{fleet['prefill'].id}/change/"
+    models = {m["name"]: m for m in data["models"]}
+    assert models["llama"]["ready"] is True
+    assert models["llama"]["effective_mode"] == "hybrid"
+    assert models["qwen"]["ready"] is False
+    assert models["qwen"]["reasons"] == ["no routable decode node"]
+    assert sorted(models["qwen"]["nodes"]) == sorted([fleet["prefill"].id, fleet["decode"].id])
+    (plane,) = data["control_planes"]
+    assert plane["name"] == "ctrl-a"
+    assert plane["sync_state"] == "idle"
+    assert plane["last_sync_at"] is None
+
+
+def test_a_models_own_policy_wins_over_the_default(client: Client, operator_user, fleet, system) -> None:
+    services.policy_create(actor=system, model="qwen", strategy="power_of_two", serving_mode="hybrid")
+    cards = {m["name"]: m for m in fleet_state()["models"]}
+    assert cards["qwen"]["strategy"] == "power_of_two"
+    assert cards["qwen"]["effective_mode"] == "hybrid"
+    assert cards["qwen"]["reasons"] == ["no routable hybrid node"]
+    default = RoutePolicy.objects.get(model="")
+    assert cards["llama"]["strategy"] == default.strategy
+
+
+def test_gone_nodes_are_listed_but_serve_no_model(fleet, system) -> None:
+    services.node_update(node=fleet["hybrid"], actor=system, state="gone")
+    state = fleet_state()
+    assert "http://h:1" in {n["url"] for n in state["nodes"]}
+    assert "llama" not in {m["name"] for m in state["models"]}
+
+
+def test_live_figures_and_breaker_states_join_their_nodes(fleet) -> None:
+    payload = build_payload(
+        fleet_state(),
+        {fleet["hybrid"].id: {"inflight": 2, "rps": 3.0}},  # type: ignore[dict-item]
+        {fleet["hybrid"].id: "open"},
+    )
+    nodes = {n["url"]: n for n in payload["nodes"]}
+    assert payload["live"] is True
+    assert nodes["http://h:1"]["live"] == {"inflight": 2, "rps": 3.0}
+    assert nodes["http://h:1"]["breaker"] == "open"
+    assert nodes["http://p:1"]["live"] is None
+
+
+def test_the_json_includes_what_the_workers_published(client: Client, operator_user, fleet, redis_url) -> None:
+    import asyncio
+
+    node_stats = NodeStats()
+    for _ in range(3):
+        node_stats.record(fleet["hybrid"].id, status=200, elapsed=0.1)
+    asyncio.run(StatsPublisher(node_stats, inflight=lambda: {fleet["hybrid"].id: 1}, worker_id="w").publish())
+    client.force_login(operator_user)
+
+    data = client.get("/dashboard/data").json()
+
+    assert data["live"] is True
+    live = {n["url"]: n["live"] for n in data["nodes"]}["http://h:1"]
+    assert live["requests"] == 3
+    assert live["inflight"] == 1
+    assert live["p50_latency"] == pytest.approx(0.1)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_websocket_pushes_the_payload_every_second_to_staff(operator_user, system, channel_layer) -> None:
+    from asgiref.sync import sync_to_async
+
+    await sync_to_async(services.node_create)(actor=system, url="http://h:2", models=["m"])
+    communicator = WebsocketCommunicator(DashboardConsumer.as_asgi(), "/ws/dashboard/")
+    communicator.scope["user"] = operator_user
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected
+    try:
+        first = await communicator.receive_json_from(timeout=10)
+        assert [n["url"] for n in first["nodes"]] == ["http://h:2"]
+        assert first["models"][0]["name"] == "m"
+        second = await communicator.receive_json_from(timeout=10)  # the next tick, unasked
+        assert second["generated_at"] > first["generated_at"]
+        await communicator.send_json_to({"type": "refresh"})
+        assert (await communicator.receive_json_from(timeout=10))["nodes"]
+        await notify_dashboards()
+        assert (await communicator.receive_json_from(timeout=10))["nodes"]
+    finally:
+        await communicator.disconnect()
+
+
+async def test_the_websocket_turns_away_users_who_are_not_staff(outsider_user, channel_layer) -> None:
+    communicator = WebsocketCommunicator(DashboardConsumer.as_asgi(), "/ws/dashboard/")
+    communicator.scope["user"] = outsider_user
+    connected, code = await communicator.connect(timeout=10)
+    assert not connected
+    assert code == FORBIDDEN
+    await communicator.disconnect()
+
+
+def test_control_planes_count_their_live_nodes(system) -> None:
+    plane = services.control_plane_create(actor=system, name="cp", address="127.0.0.1:1")
+    services.node_create(actor=system, url="http://r:1", control_plane=plane, source="registry", entity_id="e1")
+    services.node_create(
+        actor=system, url="http://r:2", control_plane=plane, source="registry", entity_id="e2", state="gone"
+    )
+    assert [(row["name"], row["nodes"]) for row in fleet_state()["control_planes"]] == [("cp", 1)]
+    assert ControlPlane.objects.count() == 1
