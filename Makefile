@@ -35,8 +35,14 @@ run: install redis-server
 		--control-plane 127.0.0.1:$(NANOCTRL_PORT) --control-plane-redis redis://127.0.0.1:$(REDIS_PORT)/0
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
+# The whole suite on SQLite; then, when ROUTERPANEL_TEST_DATABASE_URL names a PostgreSQL server
+# (CI starts one), everything but the end-to-end suite again on PostgreSQL.
 test: install redis-server
 	$(PY) -m pytest
+	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
+		echo "== the suite again on PostgreSQL (end-to-end tests ran above) =="; \
+		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest -m "not e2e" -p no:cacheprovider; \
+	fi
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

@@ -37,3 +37,24 @@ def test_malformed_settings_stop_start_up_with_a_clear_message(env: dict[str, st
 def test_defaults_start_cleanly() -> None:
     result = run_check()
     assert result.returncode == 0, result.stderr
+
+
+def test_production_settings_pass_the_deploy_checks() -> None:
+    secret = "k" * 20 + "abcdefghijklmnopqrstuvwxyz0123456789-_"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ROUTERPANEL_") and k != "DATABASE_URL"}
+    env = {
+        **clean,
+        "ROUTERPANEL_DEBUG": "0",
+        "ROUTERPANEL_SECRET_KEY": secret,
+        "ROUTERPANEL_ALLOWED_HOSTS": "router.example.com",
+    }
+    result = subprocess.run(
+        [PYTHON, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
