@@ -231,6 +231,8 @@ def main() -> int:
         "ROUTERPANEL_LOG_LEVEL": "WARNING",
         "ROUTERPANEL_DEBUG": "0",
         "ROUTERPANEL_SECRET_KEY": "bench-secret-key-not-for-production",
+        "ROUTERPANEL_SECURE_SSL_REDIRECT": "0",  # plain HTTP on loopback
+        "ROUTERPANEL_SECURE_COOKIES": "0",
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
@@ -250,7 +252,7 @@ def main() -> int:
         "daphne": [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "routerpanel.asgi:application"],
     }
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, str, str, str, str, str]] = []
     fast = ["--fast", "--record-requests=0"]
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
@@ -261,13 +263,22 @@ def main() -> int:
         )
         web = stack.enter_context(running(servers[args.server], port=web_port, env=env, timeout=60))
         proxy = f"http://127.0.0.1:{web_port}"
+        floor_port = free_port()
+        floor_argv = [*servers["uvicorn"][:3], "bench.floor_app:app", "--host=127.0.0.1", f"--port={floor_port}"]
+        floor_argv += ["--no-access-log", "--loop=uvloop", "--http=httptools", "--lifespan=off"]
+        floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
+        floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))
+        floor = f"http://127.0.0.1:{floor_port}"
         setup_registry(proxy, [sim_a.url, sim_b.url], paced.url)
         path = "/v1/chat/completions"
         small = chat_body(MODEL, 16)
-        print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine.")
+        print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine;")
+        print("floor = a bare ASGI + aiohttp passthrough (bench/floor_app.py) to one engine, for reference.")
 
-        def row(metric: str, direct: str = "", through: str = "", ratio: str = "", target: str = "") -> None:
-            rows.append((metric, direct, through, ratio, target))
+        def row(
+            metric: str, direct: str = "", through: str = "", ratio: str = "", target: str = "", base: str = ""
+        ) -> None:
+            rows.append((metric, direct, base, through, ratio, target))
 
         def us(seconds: float) -> str:
             return f"{seconds * 1e6:,.0f} us"
@@ -277,34 +288,40 @@ def main() -> int:
 
         # One client, non-streaming latency (and the web process's CPU per request meanwhile).
         direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
+        cpu_before = cpu_seconds(floor_proc.pid)
+        floor_lat = one_client_latency(floor, path, {}, small, args.latency_requests)
+        floor_cpu = (cpu_seconds(floor_proc.pid) - cpu_before) / (args.latency_requests + 50)
         cpu_before = cpu_seconds(web.pid)
         proxy_lat = one_client_latency(proxy, path, auth, small, args.latency_requests)
         one_client_cpu = (cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
         for q, target in ((0.5, "<= +300 us"), (0.99, "")):
-            d, p = pct(direct_lat, q), pct(proxy_lat, q)
-            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target)
-        row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us")
+            d, f, p = pct(direct_lat, q), pct(floor_lat, q), pct(proxy_lat, q)
+            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target, us(f))
+        row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us", base=us(floor_cpu))
 
         # Throughput with wrk; CPU per request of the web process over the run.
         for connections in (32, 128):
             direct = run_wrk(sim_a.url + path, {}, small, connections, args.duration, None)
+            base = run_wrk(floor + path, {}, small, connections, args.duration, floor_proc.pid)
             through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid)
             ratio = f"{through.rps / direct.rps:.3f}x"
+            target = ">= 0.07x" if connections == 32 else ""
             row(
                 f"req/s, c={connections}",
                 f"{direct.rps:,.0f}",
                 f"{through.rps:,.0f}",
                 ratio,
-                ">= 0.07x" if connections == 32 else "",
+                target,
+                f"{base.rps:,.0f}",
             )
+            target = "0" if connections == 128 else ""
+            row(f"errors, c={connections}", str(direct.errors), str(through.errors), "", target, str(base.errors))
             row(
-                f"errors, c={connections}",
-                str(direct.errors),
-                str(through.errors),
-                "",
-                "0" if connections == 128 else "",
+                f"CPU per request, c={connections}",
+                through=us((through.cpu_us or 0) / 1e6),
+                target="<= 200 us",
+                base=us((base.cpu_us or 0) / 1e6),
             )
-            row(f"CPU per request, c={connections}", through=us((through.cpu_us or 0) / 1e6), target="<= 200 us")
 
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count in (
@@ -313,12 +330,14 @@ def main() -> int:
         ):
             body = chat_body(model, 64, stream=True)
             d = streams(engine + path, {}, body, concurrency, count)
+            f = streams(floor + path, {}, body, concurrency, count)
             p = streams(proxy + path, auth, body, concurrency, count)
             fmt = us if label == "0 ms" else ms
             for q in (0.5, 0.99):
-                dq, pq = pct(d.ttfe, q), pct(p.ttfe, q)
+                dq, fq, pq = pct(d.ttfe, q), pct(f.ttfe, q), pct(p.ttfe, q)
                 target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
-                row(f"stream {label}: first event p{round(q * 100)}", fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target)
+                metric = f"stream {label}: first event p{round(q * 100)}"
+                row(metric, fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target, fmt(fq))
             ratio = f"{p.chunks_per_s / d.chunks_per_s:.2f}x"
             row(
                 f"stream {label}: chunks/s ({concurrency} streams)",
@@ -326,12 +345,18 @@ def main() -> int:
                 f"{p.chunks_per_s:,.0f}",
                 ratio,
                 ">= 0.3x" if label == "0 ms" else "",
+                f"{f.chunks_per_s:,.0f}",
             )
-            row(f"stream {label}: errors", str(d.errors), str(p.errors))
-        row("peak RSS, web process", through=f"{peak_rss_mb(web.pid):,.1f} MB", target="<= 100 MB")
+            row(f"stream {label}: errors", str(d.errors), str(p.errors), base=str(f.errors))
+        row(
+            "peak RSS, web process",
+            through=f"{peak_rss_mb(web.pid):,.1f} MB",
+            target="<= 100 MB",
+            base=f"{peak_rss_mb(floor_proc.pid):,.1f} MB",
+        )
 
-    header = ("metric", "DIRECT", "proxy", "ratio/added", "target")
-    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
+    header = ("metric", "DIRECT", "floor", "proxy", "proxy vs DIRECT", "target")
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
     print()
     for line in [header, tuple("-" * w for w in widths), *rows]:
         cells = [
