@@ -21,3 +21,6 @@ urlpatterns = [
     path("api/", include("nodes.api.urls")),
     path("nodes/", include("nodes.compat.urls")),
 ]
+
+handler404 = "nodes.api.exceptions.not_found"
+handler500 = "nodes.api.exceptions.server_error"

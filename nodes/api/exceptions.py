@@ -6,6 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.defaults import page_not_found
+from django.views.defaults import server_error as django_server_error
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -24,3 +27,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(detail=validation_detail(exc))
     return drf_exception_handler(exc, context)
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """404 for URLs nothing matched: JSON under the APIs (clients parse it), Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Not found."}, status=404)
+    if request.path.startswith("/nodes/"):
+        return JsonResponse({"error": "Not found."}, status=404)
+    return page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """500 without a traceback: JSON under the APIs, Django's page elsewhere."""
+    if request.path.startswith(("/api/", "/nodes/")):
+        return JsonResponse({"detail": "Internal error; the operator's log has the details."}, status=500)
+    return django_server_error(request)

@@ -212,3 +212,9 @@ def test_the_openapi_schema_and_docs_are_served(admin_api: APIClient, client, ad
     docs = client.get("/api/docs/")
     assert docs.status_code == 200
     assert b"swagger-ui" in docs.content
+
+
+def test_unmatched_api_urls_answer_json_404(admin_api: APIClient) -> None:
+    response = admin_api.get("/api/nodes/0.5/")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
