@@ -20,8 +20,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from proxy.app import get_app  # noqa: E402
-from proxy.mount import ProxyMount  # noqa: E402
+from proxy.mount import ProxyMount, enable_tcp_nodelay_under_twisted  # noqa: E402
 from routerpanel.routing import websocket_urlpatterns  # noqa: E402
+
+# Under daphne, client sockets get TCP_NODELAY as uvloop gives them under uvicorn (SSE latency).
+enable_tcp_nodelay_under_twisted()
 
 # `/v1/*`, `/health` and `/metrics` (and uvicorn's lifespan events) go to the proxy app.
 application = ProxyMount(
