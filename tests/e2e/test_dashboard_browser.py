@@ -1,0 +1,241 @@
+"""The operator's path in a real browser (Playwright driving Debian's chromium, headless).
+
+RouterPanel runs for real: uvicorn, a Celery worker and beat (the active health checks), the test
+Redis, and two simulated engines. The operator logs in, adds a node through the admin's form,
+drains it with the admin action, opens the dashboard, and watches it update without a reload while
+traffic flows through the proxy and while an engine is stopped. Screenshots of each step go to
+``tests/artifacts/`` (git-ignored; CI keeps them as artifacts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.simulator.testing import run_simulator
+from tests.procs import PYTHON, REPO_ROOT, free_port, running
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("ROUTERPANEL_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
+BIN = Path(PYTHON).parent
+TOKEN = "e2e4444444444444444444444444444444444444"
+PROXY_KEY = "rp-e2e-dashboard-key"
+ADMIN_PASSWORD = "e2e-admin-password"
+MODEL = "dash-model"
+# Generous: CI machines have 2 cores and run chromium, uvicorn, Celery and engines at once.
+TIMEOUT_MS = 30_000
+
+
+def _browser_or_skip():
+    """Playwright and chromium, or a skip with the reason (a failure on CI, where both must exist)."""
+    problem = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        problem, sync_playwright = "the playwright package is not installed (pip install -e '.[test]')", None
+    if problem is None and not (shutil.which(CHROMIUM) or os.path.exists(CHROMIUM)):
+        problem = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
+    """RouterPanel on a fresh database, with a Celery worker and beat for the health checks."""
+    db = tmp_path_factory.mktemp("dashboard") / "db.sqlite3"
+    env = {
+        **os.environ,
+        "ROUTERPANEL_SQLITE_PATH": str(db),
+        "ROUTERPANEL_REDIS_URL": redis_server,
+        "ROUTERPANEL_API_TOKEN": TOKEN,
+        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
+        "ROUTERPANEL_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "ROUTERPANEL_LOG_LEVEL": "WARNING",
+    }
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
+    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    port = free_port()
+    uvicorn = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
+    celery = str(BIN / "celery")
+    with contextlib.ExitStack() as stack:
+        web = stack.enter_context(running([*uvicorn, "--no-access-log"], port=port, env=env, timeout=60))
+        stack.enter_context(
+            running([celery, "-A", "routerpanel", "worker", "--concurrency=1", "-l", "WARNING"], env=env)
+        )
+        stack.enter_context(
+            running([celery, "-A", "routerpanel", "beat", "-l", "WARNING", "-s", f"{db}.beat"], env=env)
+        )
+        yield {"base": f"http://127.0.0.1:{port}", "web": web}
+
+
+@pytest.fixture
+def page(routerpanel: dict) -> Iterator:
+    """A fresh browser page (chromium, headless) on RouterPanel's origin."""
+    sync_playwright = _browser_or_skip()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(base_url=routerpanel["base"], viewport={"width": 1400, "height": 1000})
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield page
+            assert errors == [], f"JavaScript errors on the page: {errors}"
+        finally:
+            browser.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
+
+
+def row(page, url: str):
+    return page.locator("#rp-nodes tbody tr", has=page.locator(f'a:text-is("{url}")'))
+
+
+def wait_until(predicate, *, timeout: float = 30.0, message: str = "condition never held") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict) -> None:
+    from playwright.sync_api import expect
+
+    base = routerpanel["base"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    engine = {"engine": "nanodeploy", "served_model_name": MODEL, "ttft_ms": 1.0, "itl_ms": 1.0}
+    with run_simulator(**engine) as drained_engine, run_simulator(**engine) as busy_engine:
+        # Log in.
+        page.goto("/admin/login/?next=/admin/")
+        page.get_by_label("Username").fill("admin")
+        page.get_by_label("Password").fill(ADMIN_PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        expect(page.get_by_role("heading", name="Fleet administration")).to_be_visible()
+
+        # Add a node through the admin's real form, with the model it serves in the alias inline.
+        page.goto("/admin/nodes/node/add/")
+        page.get_by_label("Url").fill(drained_engine.url)
+        page.get_by_label("Name").fill("engine-a")
+        page.get_by_text("Add another Model alias").click()
+        page.locator("#id_aliases-0-name").fill(MODEL)
+        page.locator("#id_aliases-0-served_name").fill(MODEL)
+        shot(page, "1-add-node")
+        page.get_by_role("button", name="Save", exact=True).click()
+        expect(page.locator(".messagelist")).to_contain_text("was added successfully")
+
+        # Drain it with the admin action.
+        page.goto("/admin/nodes/node/")
+        node_row = page.locator("#result_list tbody tr", has=page.locator(f'a:text-is("{drained_engine.url}")'))
+        node_row.locator("input.action-select").check()
+        page.locator("select[name=action]").select_option("drain_nodes")
+        page.get_by_role("button", name="Run").or_(page.get_by_role("button", name="Go")).first.click()
+        expect(node_row).to_contain_text("Draining")
+        shot(page, "2-drained")
+
+        # A second node through the REST API, as automation would add it; it takes the traffic.
+        added = api.post("/api/nodes/", json={"url": busy_engine.url, "models": [MODEL], "name": "engine-b"})
+        assert added.status_code == 201, added.text
+        busy_id = added.json()["id"]
+        wait_until(lambda: api.get(f"/api/nodes/{busy_id}/").json()["health"] == "healthy", message="never healthy")
+
+        # The dashboard: both nodes, the drained one marked, live over the WebSocket.
+        page.goto("/dashboard/")
+        page.evaluate("window.__loadMarker = 'no reload'")
+        expect(page.locator("#rp-connection")).to_have_attribute("data-state", "live")
+        drained_row, busy_row = row(page, "engine-a"), row(page, "engine-b")
+        expect(drained_row.locator('[data-field="state"]')).to_have_text("Draining")
+        expect(busy_row.locator('[data-field="health"]')).to_have_text("Healthy")
+        expect(page.locator(f'li[data-model="{MODEL}"]')).to_contain_text("Ready")
+        expect(busy_row.locator('[data-field="rps"]')).to_have_text("—")
+        shot(page, "3-before-traffic")
+
+        # Traffic through the proxy (a few seconds of it, for the chart): the busy node's numbers
+        # move without a reload.
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30) as proxy:
+            started = time.monotonic()
+            while (
+                time.monotonic() - started < 4
+                or busy_row.get_attribute("data-requests") in (None, "0")
+                or busy_row.locator('[data-field="rps"]').inner_text() in ("—", "0.0")
+            ):
+                assert time.monotonic() - started < 60, "the dashboard never showed the traffic"
+                for stream in (False, True):
+                    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": stream}
+                    response = proxy.post("/v1/completions", json=body)
+                    assert response.status_code == 200, response.text
+        expect(busy_row.locator('[data-field="p50_latency"]')).not_to_have_text("—")
+        expect(busy_row.locator('[data-field="p50_ttft"]')).not_to_have_text("—")
+        expect(busy_row.locator('[data-field="error_rate"]')).to_have_text("0.0 %")
+        expect(busy_row.locator(".rp-spark canvas")).to_have_count(1)
+        assert drained_row.get_attribute("data-requests") == "0", "a draining node took new requests"
+        assert drained_engine.stats()["requests"]["by_endpoint"].get("/v1/completions", 0) == 0
+        assert page.evaluate("window.__loadMarker") == "no reload"
+        shot(page, "4-traffic")
+
+        # Stop the busy engine: the health checker marks it unhealthy and the row follows, live.
+        busy_engine.proc.kill()
+        busy_engine.proc.wait()
+        expect(busy_row.locator('[data-field="health"]')).to_have_text("Unhealthy", timeout=TIMEOUT_MS)
+        expect(page.locator(f'li[data-model="{MODEL}"]')).to_contain_text("Not ready")
+        expect(page.locator("#rp-announcer")).to_contain_text("Unhealthy")
+        assert page.evaluate("window.__loadMarker") == "no reload"
+        shot(page, "5-engine-stopped")
+
+
+def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
+    with httpx.Client(base_url=routerpanel["base"], timeout=10) as anonymous:
+        for path in ("/dashboard/", "/dashboard/data"):
+            response = anonymous.get(path)
+            assert response.status_code == 302
+            assert response.headers["location"].startswith("/admin/login/")
+
+
+def test_the_dashboard_can_be_used_with_the_keyboard(page) -> None:
+    page.goto("/admin/login/?next=/dashboard/")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_label("Password").press("Enter")
+    page.wait_for_url("**/dashboard/")
+    page.goto("/dashboard/")  # a fresh navigation: the tab order starts at the top of the page
+    # The admin's "Skip to main content" link comes first, then the dashboard's own controls.
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.className") == "skip-to-content-link":
+            break
+    assert page.evaluate("document.activeElement.className") == "skip-to-content-link"
+    page.keyboard.press("Enter")
+    focused: list[str] = []
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id || document.activeElement.className || ''"))
+        if "rp-scroll" in focused[-1]:
+            break
+    assert any("rp-scroll" in name for name in focused), f"the node table is not reachable by Tab: {focused}"
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none", "the focused region shows no focus ring"
