@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # While Redis cannot be reached the database is polled this often instead.
 DB_POLL_WITHOUT_REDIS = 1.0
+# Seconds between attempts after a failed rebuild (the previous snapshot keeps serving meanwhile).
+REBUILD_RETRY = 1.0
 
 
 def _in_thread(func):
@@ -58,6 +60,7 @@ class SnapshotWatcher:
         self._redis: aioredis.Redis | None = None
         self._last_redis_version: int | None = None
         self._dirty = False
+        self._retry_at = 0.0
 
     async def ensure_started(self) -> None:
         """Start on the running loop if not already (daphne has no lifespan; uvicorn calls this at start-up)."""
@@ -107,6 +110,7 @@ class SnapshotWatcher:
                 "could not rebuild the routing snapshot (%s); keeping version %s", reason, snapshots.current().version
             )
             self._dirty = True
+            self._retry_at = time.monotonic() + REBUILD_RETRY
             return False
         snapshots.install(new)
         self._dirty = False
@@ -143,7 +147,8 @@ class SnapshotWatcher:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                stale = self._dirty
+                # A failed rebuild is retried, but not on every tick (the database may be down).
+                stale = self._dirty and time.monotonic() >= self._retry_at
                 try:
                     version = await self._redis_version()
                     if not redis_ok:

@@ -100,3 +100,23 @@ async def test_the_watcher_falls_back_to_polling_the_database_when_redis_is_down
     assert snapshots.current().routes["m"].hybrid
     await sync_to_async(node_update)(node=node, actor=ACTOR, state=NodeState.DRAINING)
     await _wait_for(lambda: not snapshots.current().routes["m"].hybrid, 2.0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_failed_rebuild_keeps_the_previous_snapshot_and_is_retried(watcher, monkeypatch):
+    await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    await watcher.start()
+    before = snapshots.current()
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("database is down")
+
+    monkeypatch.setattr(snapshots, "build_snapshot", broken)
+    assert not await watcher.refresh("test")
+    assert snapshots.current() is before
+    await asyncio.sleep(0.5)
+    assert len(calls) == 1  # not retried on every 50 ms tick
+    monkeypatch.undo()
+    await _wait_for(lambda: snapshots.current() is not before, 2.0)
