@@ -25,7 +25,7 @@ import aiohttp
 
 from nodes.choices import EngineType, NodeRole, ServingMode
 
-from .. import sse
+from .. import sse, stats
 from ..errors import ProxyError, engine_failed, engine_timeout
 from ..relay import Outcome, ProxyRequest
 from ..router import Router
@@ -278,6 +278,8 @@ class PdRequest:
             finally:
                 self.router.release(leg.target, elapsed)
                 pd_metrics.observe_leg(self.route.name, "prefill", time.perf_counter() - started)
+                # No elapsed: no answer, a 5xx or an overloaded answer retried elsewhere.
+                stats.record(leg.target.node.id, status=0 if elapsed is None else 200, elapsed=elapsed)
         if last_answer is not None:
             pd_metrics.count_leg_error("prefill", f"engine_{last_answer.status}")
             return last_answer
@@ -390,6 +392,13 @@ class PdRequest:
                     response.close()  # a no-op once the body was read; drops the connection otherwise
                 self.router.release(leg.target, elapsed)
                 pd_metrics.observe_leg(self.route.name, "decode", time.perf_counter() - started)
+                stats.record(
+                    leg.target.node.id,
+                    status=response.status if response is not None else 0,
+                    elapsed=elapsed,
+                    ttft=self.outcome.ttft if elapsed is not None else None,
+                    client_gone=self.watcher.client_gone,
+                )
         pd_metrics.count_leg_error("decode", last_error.code if last_error else "no_decode_node")
         raise last_error or self.missing(NodeRole.DECODE)
 

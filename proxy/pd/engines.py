@@ -31,9 +31,8 @@ class TwoStage:
     engine_type = ""
     # True when the router must release the prefill's KV itself (vLLM's decode read releases it).
     frees_kv = True
-
-    def prepare(self, pd: PdRequest) -> None:
-        """Per-request set-up before the prefill (vLLM: the shared request id)."""
+    # Whether an overloaded decode answer (429/502/503) is retried on another decode node.
+    decode_retry_statuses = True
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
         raise NotImplementedError
@@ -100,6 +99,8 @@ class Vllm(TwoStage):
 
     engine_type = EngineType.VLLM
     frees_kv = False
+    # The request id names the decode; a decode that answered (even 503) is not swapped for another.
+    decode_retry_statuses = False
 
     _PREFILL_KV = {
         "do_remote_decode": True,
@@ -118,13 +119,12 @@ class Vllm(TwoStage):
         host, port = host_port(node)
         return f"{host}:{port}"
 
-    def prepare(self, pd: PdRequest) -> None:
-        assert pd.prefill is not None and pd.decode is not None
-        pd.upstream_request_id = (
-            f"___prefill_addr_{self._address(pd.prefill)}___decode_addr_{self._address(pd.decode)}_{uuid.uuid4().hex}"
-        )
-
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
+        # Built per prefill attempt: P2P connectors read the addresses out of the id.
+        assert pd.decode is not None
+        pd.upstream_request_id = (
+            f"___prefill_addr_{self._address(leg)}___decode_addr_{self._address(pd.decode)}_{uuid.uuid4().hex}"
+        )
         changes: dict[str, Any] = {"stream": False, "max_tokens": 1, "min_tokens": 1}
         if "max_completion_tokens" in pd.request.payload:
             changes["max_completion_tokens"] = 1
@@ -224,7 +224,6 @@ async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
     the prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
     """
     pd.choose_pair()
-    protocol.prepare(pd)
     if isinstance(protocol, Lmdeploy):
         try:
             await protocol.connect(pd)
@@ -244,7 +243,9 @@ async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
             await pd.send_prefill_completion(answer)
             return
         pd.prompt_tokens = prefill_prompt_tokens(answer)
-        await pd.run_decode(lambda leg: protocol.decode_request(pd, leg, handoff))
+        await pd.run_decode(
+            lambda leg: protocol.decode_request(pd, leg, handoff), retry_statuses=protocol.decode_retry_statuses
+        )
     finally:
         pd.release_unused()
         if protocol.frees_kv:
@@ -309,26 +310,48 @@ async def dual_dispatch(pd: PdRequest, protocol: Sglang) -> None:
     # No retries of the prefill on another node (the decode was told this prefill's bootstrap
     # address), nor of an answered decode (it may have joined the room already).
     prefill = spawn(pd.run_prefill(prefill_request, retry=False), "routerpanel-pd-sglang-prefill")
+    decode = asyncio.ensure_future(pd.run_decode(decode_request, retry_statuses=False))
     decoded = False
     try:
+        await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
+        if not decode.done() and pd.outcome.status == 0 and _failed(prefill):
+            # The prefill failed before the decode answered: the decode would only wait in vain
+            # for its bootstrap room, so stop it and answer with the prefill's error now.
+            decode.cancel()
+            await asyncio.wait({decode})
+            await _prefill_error(pd, prefill)
+            return
         try:
-            await pd.run_decode(decode_request, retry_statuses=False)
+            await decode
             decoded = pd.outcome.error is None
         except ProxyError:
-            if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
-                answer = prefill.result()
-                if answer.status != 200:
-                    await pd.send_prefill_error(answer)
-                    return
-            elif prefill.done() and not prefill.cancelled() and isinstance(prefill.exception(), ProxyError):
-                raise prefill.exception() from None  # type: ignore[misc]
+            if _failed(prefill):
+                await _prefill_error(pd, prefill)
+                return
             raise
     finally:
+        # ``asyncio.wait`` does not cancel what it waits for: a client that left cancels us here.
+        decode.cancel()
         pd.release_unused()
         if not decoded:
             prefill.cancel()
-        # A finished or cancelled prefill task's outcome is read here so it is never "never retrieved".
+        # Both tasks' outcomes are read when they end, so none is "never retrieved".
         prefill.add_done_callback(_consume)
+        decode.add_done_callback(_consume)
+
+
+def _failed(prefill: asyncio.Task) -> bool:
+    if not prefill.done() or prefill.cancelled():
+        return False
+    return prefill.exception() is not None or prefill.result().status != 200
+
+
+async def _prefill_error(pd: PdRequest, prefill: asyncio.Task) -> None:
+    """Answer with a failed prefill's error: its own answer, or the proxy's error for it."""
+    error = prefill.exception()
+    if error is not None:
+        raise error
+    await pd.send_prefill_error(prefill.result())
 
 
 def _consume(task: asyncio.Task) -> None:
