@@ -163,6 +163,8 @@ class ProxyApp:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise bad_request("The request body is not valid JSON.", "invalid_json") from None
+        except RecursionError:  # a body nested deeper than the parser's stack, e.g. [[[[...]]]]
+            raise bad_request("The request body is nested too deeply.", "invalid_json") from None
         if not isinstance(payload, dict):
             raise bad_request("The request body must be a JSON object.", "invalid_json")
         model = payload.get("model")
@@ -170,6 +172,10 @@ class ProxyApp:
             raise bad_request("The request needs a model.", "missing_model")
         if field not in payload:
             raise bad_request(f"The request needs {field!r}.", f"missing_{field}")
+        stream = payload.get("stream", False)
+        if not isinstance(stream, bool) and stream is not None:
+            # Engines read a string like "no" as true; answer as OpenAI does instead of guessing.
+            raise bad_request("'stream' must be true or false.", "invalid_stream")
         route = snap.routes.get(model)
         if route is None:
             raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
@@ -188,7 +194,7 @@ class ProxyApp:
             route=route,
             payload=payload,
             body=body,
-            stream=payload.get("stream") is True,
+            stream=stream is True,
             request_id=request_id,
             headers=headers,
         )
