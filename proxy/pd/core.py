@@ -156,6 +156,7 @@ class PdRequest:
         self._decode_held = False
         self.prompt_tokens: int | None = None  # from the prefill, merged into the decode's usage
         self.upstream_request_id = request.request_id  # vLLM: one id shared by both legs
+        self.left_during_prefill = False  # the client left while the (shielded) prefill ran
         self.prefill_timeout = min(self.policy.first_token_timeout, self.policy.total_timeout)
 
     # -- Pair selection ------------------------------------------------------------------------

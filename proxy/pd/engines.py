@@ -20,6 +20,7 @@ import aiohttp
 from nodes.choices import EngineType
 
 from ..errors import ProxyError, engine_failed
+from . import metrics as pd_metrics
 from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port, prefill_prompt_tokens, spawn
 
 _STREAM_FIELDS = ("stream_options",)
@@ -234,7 +235,11 @@ async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
             raise
     prefill = spawn(pd.run_prefill(lambda leg: protocol.prefill_request(pd, leg)), "routerpanel-pd-prefill")
     try:
-        answer = await asyncio.shield(prefill)
+        try:
+            answer = await asyncio.shield(prefill)
+        except asyncio.CancelledError:
+            pd.left_during_prefill = True
+            raise
         if answer.status != 200:
             await pd.send_prefill_error(answer)
             return
@@ -261,6 +266,8 @@ async def _release_after(pd: PdRequest, protocol: TwoStage, prefill: asyncio.Tas
         return
     key = protocol.kv_key(answer)
     if key is not None:
+        if pd.left_during_prefill:
+            pd_metrics.count_shielded_prefill()
         await protocol.free(pd, answer.leg, key)
 
 

@@ -26,6 +26,10 @@ LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by
 FREES = Counter(
     "routerpanel_proxy_pd_frees", "KV releases sent to prefill nodes (/pd/free, free_cache) by result.", ["result"]
 )
+SHIELDED_PREFILLS = Counter(
+    "routerpanel_proxy_pd_shielded_prefills",
+    "Prefill calls that finished after their client left and held KV, which was then freed.",
+)
 
 _children: dict[tuple, object] = {}
 
@@ -48,6 +52,10 @@ def count_leg_error(leg: str, kind: str) -> None:
 
 def count_free(result: str) -> None:
     _child(FREES, result).inc()
+
+
+def count_shielded_prefill() -> None:
+    SHIELDED_PREFILLS.inc()
 
 
 class PdGauges(Collector):

@@ -20,7 +20,15 @@ import pytest
 
 from proxy.simulator.testing import run_simulator
 from tests.e2e.conftest import SERVERS
-from tests.e2e.pd_support import chat, completion, expected_text, path_of, wait_kv_settled, wait_router_idle
+from tests.e2e.pd_support import (
+    chat,
+    completion,
+    expected_text,
+    metric_values,
+    path_of,
+    wait_kv_settled,
+    wait_router_idle,
+)
 from tests.procs import free_port, running
 
 pytestmark = pytest.mark.e2e
@@ -171,8 +179,8 @@ async def soak(base: str, key: str, sims: list, tally: Tally) -> float:
 def fleet():
     common = {"engine": "nanodeploy", "served_model_name": MODEL, "model_path": "/models/chaos-model"}
     with (
-        run_simulator(role="prefill", ttft_ms=5, **common) as p1,
-        run_simulator(role="prefill", ttft_ms=5, **common) as p2,
+        run_simulator(role="prefill", ttft_ms=15, **common) as p1,
+        run_simulator(role="prefill", ttft_ms=15, **common) as p2,
         run_simulator(role="decode", ttft_ms=2, itl_ms=2, **common) as d1,
         run_simulator(role="decode", ttft_ms=2, itl_ms=2, **common) as d2,
     ):
@@ -212,6 +220,10 @@ def test_a_thousand_pd_requests_under_chaos_leak_nothing(stack, fleet, capsys):
         "faults_hit": {s["role"] + f":{s['port']}": s["requests"]["faults_injected"] for s in engine_stats},
         "engine_cancelled": sum(s["requests"]["cancelled"] for s in engine_stats),
         "kv": kv,
+        "routerpanel_frees": metric_values(stack, "routerpanel_proxy_pd_frees_total"),
+        "routerpanel_shielded_prefills": sum(
+            metric_values(stack, "routerpanel_proxy_pd_shielded_prefills_total").values()
+        ),
         "routerpanel": router,
         "engine_requests_open": sum(s["requests"]["in_flight"] for s in open_requests),
     }
@@ -224,6 +236,7 @@ def test_a_thousand_pd_requests_under_chaos_leak_nothing(stack, fleet, capsys):
     assert sum(n for k, n in tally.outcomes.items() if k.startswith("left")) > 50
     assert sum(figures["faults_hit"].values()) > 50
     assert kv["allocated"] > 500
+    assert figures["routerpanel_shielded_prefills"] > 0  # clients did leave while a prefill held KV
     assert kv["outstanding"] == 0 and kv["double_free"] == 0 and kv["unknown_free"] == 0
     assert kv["freed"] == kv["allocated"]
     assert router == {"node_inflight": 0, "pd_inflight": 0, "pd_cleanups_pending": 0}
