@@ -26,6 +26,7 @@ from .load import KeyLimiter
 from .pd import proxy_pd, wants_pd
 from .relay import Outcome, ProxyRequest
 from .router import Router
+from .shared import SharedCounters
 from .snapshot import KeyView, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
@@ -53,9 +54,16 @@ class ProxyApp:
     def __init__(
         self, *, router: Router | None = None, watcher: SnapshotWatcher | None = None, limiter: KeyLimiter | None = None
     ) -> None:
-        self.router = router or Router()
+        # In-flight counts and key limits shared by every worker through Redis (tests that pass
+        # their own router or limiter keep them local to the process).
+        self.shared = (
+            SharedCounters(settings.ROUTERPANEL_REDIS_URL, interval=settings.ROUTERPANEL_PROXY_SHARED_INTERVAL)
+            if settings.ROUTERPANEL_PROXY_SHARED_COUNTERS and router is None and limiter is None
+            else None
+        )
+        self.router = router or Router(load=self.shared.load if self.shared else None)
         self.watcher = watcher or SnapshotWatcher()
-        self.limiter = limiter or KeyLimiter()
+        self.limiter = limiter or (self.shared.limiter if self.shared else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
         metrics.register_inflight(self._inflight_by_node)
@@ -95,12 +103,14 @@ class ProxyApp:
                 raise ProxyError(404, f"Unknown path {path}.", "unknown_url")
         except ProxyError as exc:
             metrics.count_error(exc.code)
-            await _send_error(send, exc)
+            await _send_error(send, exc, exc.headers)
 
     async def startup(self) -> None:
         """Build the first snapshot and start the watcher on this loop (uvicorn's lifespan start-up;
         under daphne, which has no lifespan, the first request)."""
         await self.watcher.ensure_started()
+        if self.shared is not None:
+            self.shared.start()
         stats.start_publisher(self.router.load.counts)  # live per-node figures for the dashboard
         # Django, DRF and friends leave ~100k long-lived objects; keep the cyclic GC from rescanning
         # them on every full collection (cheaper per request, and no periodic pauses).
@@ -119,6 +129,8 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.watcher.stop()
+                if self.shared is not None:
+                    await self.shared.stop()
                 await stats.stop_publisher()
                 await close_session()
                 await send({"type": "lifespan.shutdown.complete"})
@@ -184,7 +196,13 @@ class ProxyApp:
         if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
             exceeded = self.limiter.try_acquire(key)
             if exceeded is not None:
-                raise ProxyError(429, f"This API key exceeded its limit ({exceeded}).", "rate_limit_exceeded")
+                retry_after = self.limiter.retry_after() if exceeded == "rate_limit_rpm" else 1
+                raise ProxyError(
+                    429,
+                    f"This API key exceeded its limit ({exceeded}); retry in {retry_after} s.",
+                    "rate_limit_exceeded",
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
             limited = key
         else:
             limited = None
@@ -209,7 +227,7 @@ class ProxyApp:
             outcome.status, outcome.error = exc.status, exc.code
             metrics.count_error(exc.code)
             watcher.finish()
-            await _send_error(send, exc, extra=[(b"x-request-id", request_id.encode("latin-1"))])
+            await _send_error(send, exc, extra=[*exc.headers, (b"x-request-id", request_id.encode("latin-1"))])
         except asyncio.CancelledError:
             if not watcher.client_gone:
                 raise

@@ -36,12 +36,21 @@ _TYPES = {
 class ProxyError(Exception):
     """A failure the proxy answers itself; ``code`` is a stable machine-readable reason."""
 
-    def __init__(self, status: int, message: str, code: str, *, error_type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        *,
+        error_type: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.error_type = error_type or _TYPES.get(status, "server_error")
+        self.headers = headers or []  # extra response headers, e.g. Retry-After on a 429
 
     def body(self) -> ErrorBody:
         return {"message": self.message, "type": self.error_type, "code": self.code}

@@ -104,3 +104,8 @@ class KeyLimiter:
 
     def active(self, key_id: int) -> int:
         return self._active.get(key_id, 0)
+
+    def retry_after(self, now: float | None = None) -> int:
+        """Seconds until the current one-minute window ends."""
+        now = time.monotonic() if now is None else now
+        return max(1, 60 - int(now % 60))

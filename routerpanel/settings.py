@@ -336,3 +336,8 @@ ROUTERPANEL_PROXY_DB_POLL_INTERVAL = env_float("ROUTERPANEL_PROXY_DB_POLL_INTERV
 ROUTERPANEL_PROXY_MAX_CONNECTIONS = env_int("ROUTERPANEL_PROXY_MAX_CONNECTIONS", 1000, minimum=0)
 # prefix_cache strategy: remembered prompt-prefix blocks per web worker (bounds its memory).
 ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES = env_int("ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES", 50_000, minimum=100)
+# Share in-flight counts and per-key limits across web workers and hosts through Redis, synced
+# every ROUTERPANEL_PROXY_SHARED_INTERVAL seconds (each worker falls back to its own counts while
+# Redis is unreachable).
+ROUTERPANEL_PROXY_SHARED_COUNTERS = env_bool("ROUTERPANEL_PROXY_SHARED_COUNTERS", True)
+ROUTERPANEL_PROXY_SHARED_INTERVAL = env_float("ROUTERPANEL_PROXY_SHARED_INTERVAL", 0.1, minimum=0.01)

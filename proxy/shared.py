@@ -1,0 +1,233 @@
+"""Load counters and per-key limits shared by every web worker on every host, through Redis.
+
+The hot path stays synchronous and O(1): each worker counts its own requests locally and exactly,
+and a background task (every ``interval``) publishes those counts to Redis and reads the other
+workers'. A node's in-flight count is then "mine now + theirs as of the last sync" — at most one
+interval old, which is what ``least_requests``, ``power_of_two`` and the per-node and per-key limits
+need. If Redis is unreachable the others' view goes stale after ``stale_after`` and is dropped:
+each worker keeps serving on its own counts (the local fallback) until Redis is back.
+
+Redis layout (all keys expire on their own when a worker dies):
+- ``routerpanel:workers`` — a set of live worker ids;
+- ``routerpanel:load:{worker}`` — hash ``node id → in-flight``;
+- ``routerpanel:keys:{worker}`` — hash ``active:{key id} → requests`` and ``rpm:{key id}:{minute}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .load import KeyLimiter, LocalLoadTracker
+from .snapshot import KeyView, NodeView
+
+logger = logging.getLogger(__name__)
+
+WORKERS = "routerpanel:workers"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def _load_key(worker: str) -> str:
+    return f"routerpanel:load:{worker}"
+
+
+def _keys_key(worker: str) -> str:
+    return f"routerpanel:keys:{worker}"
+
+
+class SharedView:
+    """The other workers' counts as of the last successful sync (empty while stale)."""
+
+    def __init__(self, stale_after: float) -> None:
+        self.stale_after = stale_after
+        self.synced_at = 0.0
+        self.load: dict[int, int] = {}
+        self.keys: dict[str, int] = {}
+
+    def fresh(self) -> bool:
+        return time.monotonic() - self.synced_at <= self.stale_after
+
+
+class SharedLoadTracker(LocalLoadTracker):
+    """``LocalLoadTracker`` whose in-flight counts include the other workers' (see module doc)."""
+
+    def __init__(self, view: SharedView) -> None:
+        super().__init__()
+        self.view = view
+
+    def inflight(self, node_id: int) -> int:
+        own = self._inflight.get(node_id, 0)
+        return own + self.view.load.get(node_id, 0) if self.view.fresh() else own
+
+    def has_capacity(self, node: NodeView) -> bool:
+        return node.max_concurrency == 0 or self.inflight(node.id) < node.max_concurrency
+
+    def try_acquire(self, node: NodeView) -> bool:
+        if node.max_concurrency and self.inflight(node.id) >= node.max_concurrency:
+            return False
+        self._inflight[node.id] = self._inflight.get(node.id, 0) + 1
+        return True
+
+    def cluster_counts(self) -> dict[int, int]:
+        """In-flight per node across every worker (this one exactly, the others as last synced)."""
+        total = dict(self.view.load) if self.view.fresh() else {}
+        for node_id, count in self._inflight.items():
+            total[node_id] = total.get(node_id, 0) + count
+        return total
+
+
+class SharedKeyLimiter(KeyLimiter):
+    """``KeyLimiter`` whose limits count every worker's requests (see module doc)."""
+
+    def __init__(self, view: SharedView) -> None:
+        super().__init__()
+        self.view = view
+
+    def _others(self, field: str) -> int:
+        return self.view.keys.get(field, 0) if self.view.fresh() else 0
+
+    def try_acquire(self, key: KeyView, now: float | None = None) -> str | None:
+        active = self._active.get(key.id, 0) + self._others(f"active:{key.id}")
+        if key.max_concurrent is not None and active >= key.max_concurrent:
+            return "max_concurrent"
+        if key.rate_limit_rpm is not None:
+            minute = int((time.time() if now is None else now) // 60)
+            window, used = self._window.get(key.id, (minute, 0))
+            if window != minute:
+                used = 0
+            if used + self._others(f"rpm:{key.id}:{minute}") >= key.rate_limit_rpm:
+                return "rate_limit_rpm"
+            self._window[key.id] = (minute, used + 1)
+        self._active[key.id] = self._active.get(key.id, 0) + 1
+        return None
+
+    def retry_after(self, now: float | None = None) -> int:
+        """Seconds until the current one-minute window ends."""
+        now = time.time() if now is None else now
+        return max(1, 60 - int(now % 60))
+
+    def fields(self) -> dict[str, int]:
+        values = {f"active:{key_id}": count for key_id, count in self._active.items()}
+        for key_id, (minute, used) in self._window.items():
+            values[f"rpm:{key_id}:{minute}"] = used
+        return values
+
+
+class SharedCounters:
+    """Owns the shared view, the tracker and limiter built on it, and the background sync task."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        interval: float = 0.1,
+        stale_after: float = 2.0,
+        client_factory: Callable[[], aioredis.Redis] | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.interval = interval
+        self.worker = worker_id()
+        self.view = SharedView(stale_after)
+        self.load = SharedLoadTracker(self.view)
+        self.limiter = SharedKeyLimiter(self.view)
+        self._client_factory = client_factory or (
+            lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        )
+        self._client: aioredis.Redis | None = None
+        self._task: asyncio.Task | None = None
+        self._healthy = True
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="routerpanel-shared-counters")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.srem(WORKERS, self.worker)
+                await self._client.delete(_load_key(self.worker), _keys_key(self.worker))
+            with contextlib.suppress(RedisError, OSError):
+                await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+                if not self._healthy:
+                    logger.info("shared counters: Redis is back; sharing load with the other workers again")
+                self._healthy = True
+                await asyncio.sleep(self.interval)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self._healthy:
+                    logger.warning("shared counters: Redis unreachable (%s); using this worker's counts only", exc)
+                self._healthy = False
+                if self._client is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._client.aclose()
+                    self._client = None
+                await asyncio.sleep(max(self.interval, 0.5))
+
+    async def sync_once(self) -> None:
+        """Publish this worker's counts and read everyone else's (one round trip each way)."""
+        if self._client is None:
+            self._client = self._client_factory()
+        client = self._client
+        ttl_ms = int(max(self.view.stale_after, self.interval * 5) * 1000)
+        load = {str(node_id): count for node_id, count in self.load.counts().items()}
+        keys = self.limiter.fields()
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.delete(_load_key(self.worker), _keys_key(self.worker))
+            if load:
+                pipe.hset(_load_key(self.worker), mapping=load)
+            if keys:
+                pipe.hset(_keys_key(self.worker), mapping=keys)
+            pipe.pexpire(_load_key(self.worker), ttl_ms)
+            pipe.pexpire(_keys_key(self.worker), ttl_ms)
+            pipe.sadd(WORKERS, self.worker)
+            pipe.smembers(WORKERS)
+            results = await pipe.execute()
+        others = [w.decode() if isinstance(w, bytes) else w for w in results[-1]]
+        others = [w for w in others if w != self.worker]
+        other_load: dict[int, int] = {}
+        other_keys: dict[str, int] = {}
+        if others:
+            async with client.pipeline(transaction=False) as pipe:
+                for worker in others:
+                    pipe.exists(_load_key(worker), _keys_key(worker))
+                    pipe.hgetall(_load_key(worker))
+                    pipe.hgetall(_keys_key(worker))
+                results = await pipe.execute()
+            dead = []
+            for index, worker in enumerate(others):
+                alive, worker_load, worker_keys = results[3 * index : 3 * index + 3]
+                if not alive:
+                    dead.append(worker)
+                    continue
+                for node_id, count in worker_load.items():
+                    other_load[int(node_id)] = other_load.get(int(node_id), 0) + int(count)
+                for field, count in worker_keys.items():
+                    name = field.decode() if isinstance(field, bytes) else field
+                    other_keys[name] = other_keys.get(name, 0) + int(count)
+            if dead:
+                await client.srem(WORKERS, *dead)  # workers that died without saying goodbye
+        self.view.load, self.view.keys = other_load, other_keys
+        self.view.synced_at = time.monotonic()

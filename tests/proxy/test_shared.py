@@ -1,0 +1,95 @@
+"""Shared counters: two workers (two SharedCounters) on one real Redis see each other's load and
+share per-key limits; without Redis each keeps serving on its own counts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from proxy.shared import SharedCounters
+from proxy.snapshot import KeyView, NodeView
+
+NODE = NodeView(id=7, url="http://a:1", engine_type="openai", role="hybrid", state="active", health="healthy")
+LIMITED = NodeView(
+    id=8, url="http://b:1", engine_type="openai", role="hybrid", state="active", health="healthy", max_concurrency=3
+)
+
+
+@pytest.fixture
+def workers(redis_server):
+    redis.Redis.from_url(redis_server).flushdb()
+    a, b = SharedCounters(redis_server, interval=0.05), SharedCounters(redis_server, interval=0.05)
+    yield a, b
+
+
+async def test_a_worker_sees_the_other_workers_in_flight_requests(workers) -> None:
+    a, b = workers
+    for _ in range(4):
+        assert a.load.try_acquire(NODE)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.load.inflight(NODE.id) == 4
+    assert b.load.cluster_counts() == {NODE.id: 4}
+    assert b.load.counts() == {}  # its own counts stay its own
+    for _ in range(4):
+        a.load.release(NODE.id)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.load.inflight(NODE.id) == 0
+
+
+async def test_a_node_limit_holds_across_workers(workers) -> None:
+    a, b = workers
+    assert a.load.try_acquire(LIMITED) and a.load.try_acquire(LIMITED)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.load.try_acquire(LIMITED)
+    assert not b.load.try_acquire(LIMITED)  # 2 on a + 1 on b = the limit of 3
+
+
+async def test_key_limits_count_every_workers_requests(workers) -> None:
+    a, b = workers
+    key = KeyView(id=1, name="k", allowed_models=frozenset(), rate_limit_rpm=5, max_concurrent=None)
+    for _ in range(3):
+        assert a.limiter.try_acquire(key) is None
+    await a.sync_once()
+    await b.sync_once()
+    assert b.limiter.try_acquire(key) is None
+    assert b.limiter.try_acquire(key) is None
+    assert b.limiter.try_acquire(key) == "rate_limit_rpm"
+    concurrent = KeyView(id=2, name="c", allowed_models=frozenset(), max_concurrent=2)
+    assert a.limiter.try_acquire(concurrent) is None
+    await a.sync_once()
+    await b.sync_once()
+    assert b.limiter.try_acquire(concurrent) is None
+    assert b.limiter.try_acquire(concurrent) == "max_concurrent"
+
+
+async def test_without_redis_each_worker_falls_back_to_its_own_counts(workers) -> None:
+    a, b = workers
+    a.load.try_acquire(NODE)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.load.inflight(NODE.id) == 1
+    b.view.stale_after = 0.1
+    await asyncio.sleep(0.2)  # no sync since: the others' view is stale and dropped
+    assert b.load.inflight(NODE.id) == 0
+    assert b.load.try_acquire(NODE)
+    assert b.load.inflight(NODE.id) == 1
+
+
+async def test_the_background_task_survives_an_unreachable_redis_and_recovers(redis_server) -> None:
+    down = SharedCounters("redis://127.0.0.1:1/0", interval=0.05)
+    down.start()
+    await asyncio.sleep(0.3)
+    assert down._task is not None and not down._task.done()  # still trying, not crashed
+    assert not down.view.fresh()
+    await down.stop()
+    up = SharedCounters(redis_server, interval=0.05)
+    up.start()
+    await asyncio.sleep(0.3)
+    assert up.view.fresh()
+    await up.stop()
+    assert up.worker.encode() not in redis.Redis.from_url(redis_server).smembers("routerpanel:workers")
