@@ -253,9 +253,11 @@ class PdRequest:
                 tried.append(leg.target.node.id)
             started = time.perf_counter()
             elapsed: float | None = None
+            status = 0
             try:
                 path, body, headers = build(leg)
                 answer = await self.post_json(leg, path, body, headers, self.prefill_timeout)
+                status = answer.status
                 if answer.status in RETRY_STATUSES and attempt + 1 < attempts:
                     last_answer = answer
                     continue
@@ -278,7 +280,9 @@ class PdRequest:
                 raise engine_failed(f"Prefill node {leg.url} failed: {exc}", "prefill_failed") from None
             finally:
                 self.router.release(leg.target, elapsed)
-                pd_metrics.observe_leg(self.route.name, "prefill", time.perf_counter() - started)
+                duration = time.perf_counter() - started
+                pd_metrics.observe_leg(self.route.name, "prefill", duration)
+                stats.record(leg.target.node.id, status=status, elapsed=duration if status else None)
                 # No elapsed: no answer, a 5xx or an overloaded answer retried elsewhere.
                 stats.record(leg.target.node.id, status=0 if elapsed is None else 200, elapsed=elapsed)
         if last_answer is not None:
@@ -383,7 +387,9 @@ class PdRequest:
                         extra=self.response_headers(),
                     )
                 if self.outcome.error is None:
-                    elapsed = time.perf_counter() - started
+                    # As on the hybrid path: a stream's node latency is its time to first token.
+                    ttft = self.outcome.ttft if streaming else None
+                    elapsed = ttft if ttft is not None else time.perf_counter() - started
                 return
             except ProxyError as exc:
                 pd_metrics.count_leg_error("decode", exc.code)
@@ -392,7 +398,15 @@ class PdRequest:
                 if response is not None:
                     response.close()  # a no-op once the body was read; drops the connection otherwise
                 self.router.release(leg.target, elapsed)
-                pd_metrics.observe_leg(self.route.name, "decode", time.perf_counter() - started)
+                duration = time.perf_counter() - started
+                pd_metrics.observe_leg(self.route.name, "decode", duration)
+                stats.record(
+                    leg.target.node.id,
+                    status=response.status if response is not None else 0,
+                    elapsed=None if elapsed is None else duration,
+                    ttft=self.outcome.ttft if elapsed is not None else None,
+                    client_gone=self.watcher.client_gone,
+                )
                 stats.record(
                     leg.target.node.id,
                     status=response.status if response is not None else 0,
