@@ -228,7 +228,7 @@ async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
     if isinstance(protocol, Lmdeploy):
         try:
             await protocol.connect(pd)
-        except ProxyError:
+        except BaseException:  # an engine error, or the client left during the handshake
             pd.release_unused()
             assert pd.prefill is not None
             pd.router.release(pd.prefill.target)
