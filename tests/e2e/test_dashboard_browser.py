@@ -10,6 +10,7 @@ traffic flows through the proxy and while an engine is stopped. Screenshots of e
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -87,7 +88,7 @@ def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> 
         stack.enter_context(
             running([celery, "-A", "routerpanel", "beat", "-l", "WARNING", "-s", f"{db}.beat"], env=env)
         )
-        yield {"base": f"http://127.0.0.1:{port}", "web": web}
+        yield {"base": f"http://127.0.0.1:{port}", "web": web, "env": env}
 
 
 @pytest.fixture
@@ -206,6 +207,72 @@ def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict)
         expect(page.locator("#rp-announcer")).to_contain_text("Unhealthy")
         assert page.evaluate("window.__loadMarker") == "no reload"
         shot(page, "5-engine-stopped")
+
+
+def staff_session(base: str) -> httpx.Client:
+    """An HTTP client logged in to the admin as the bootstrap superuser."""
+    client = httpx.Client(base_url=base, timeout=10)
+    client.get("/admin/login/")
+    response = client.post(
+        "/admin/login/",
+        data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": client.cookies["csrftoken"]},
+        headers={"Referer": f"{base}/admin/login/"},
+    )
+    assert response.status_code == 302, response.text
+    return client
+
+
+def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict, redis_server: str) -> None:
+    import redis
+
+    from proxy import stats
+
+    port = free_port()
+    workers = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
+    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    engine = {"engine": "nanodeploy", "served_model_name": "workers-model", "ttft_ms": 1.0, "itl_ms": 1.0}
+    with (
+        running([*workers, "--workers=2", "--no-access-log"], port=port, env=routerpanel["env"], timeout=60),
+        run_simulator(**engine) as sim,
+    ):
+        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["workers-model"]})
+        assert added.status_code == 201, added.text
+        node_id = added.json()["id"]
+        body = {"model": "workers-model", "prompt": "hi", "max_tokens": 2}
+        served = 0
+        headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as proxy:
+            for _ in range(200):
+                # A new connection each time, so the kernel spreads them over both workers.
+                response = proxy.post("/v1/completions", json=body, headers={"Connection": "close"})
+                served += response.status_code == 200
+                if served >= 60:
+                    break
+                if response.status_code == 404:  # the workers have not seen the new node yet
+                    time.sleep(0.05)
+        assert served >= 60
+        client = redis.Redis.from_url(redis_server)
+        live_workers = client.zrangebyscore(stats.WORKERS_KEY, time.time() - stats.SNAPSHOT_TTL, "+inf")
+        assert len(live_workers) >= 3  # the module's server and these two workers
+        dashboard = staff_session(routerpanel["base"])
+        figures: dict = {}
+
+        def all_counted() -> bool:
+            nodes = dashboard.get("/dashboard/data").json()["nodes"]
+            figures.update(next(n for n in nodes if n["id"] == node_id)["live"] or {})
+            return figures.get("requests") == served
+
+        try:
+            wait_until(all_counted, timeout=15, message="the dashboard never counted every request")
+        finally:
+            dashboard.close()
+        per_worker = [
+            (snapshot["nodes"].get(str(node_id)) or {}).get("requests", 0)
+            for snapshot in [json.loads(raw) for raw in client.mget(live_workers) if raw]
+        ]
+        print(f"\nrequests per web worker, as published: {sorted(per_worker, reverse=True)}; dashboard: {served}")
+        assert figures["errors"] == 0
+        assert figures["inflight"] == 0
 
 
 def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
