@@ -283,8 +283,6 @@ class PdRequest:
                 duration = time.perf_counter() - started
                 pd_metrics.observe_leg(self.route.name, "prefill", duration)
                 stats.record(leg.target.node.id, status=status, elapsed=duration if status else None)
-                # No elapsed: no answer, a 5xx or an overloaded answer retried elsewhere.
-                stats.record(leg.target.node.id, status=0 if elapsed is None else 200, elapsed=elapsed)
         if last_answer is not None:
             pd_metrics.count_leg_error("prefill", f"engine_{last_answer.status}")
             return last_answer
@@ -404,13 +402,6 @@ class PdRequest:
                     leg.target.node.id,
                     status=response.status if response is not None else 0,
                     elapsed=None if elapsed is None else duration,
-                    ttft=self.outcome.ttft if elapsed is not None else None,
-                    client_gone=self.watcher.client_gone,
-                )
-                stats.record(
-                    leg.target.node.id,
-                    status=response.status if response is not None else 0,
-                    elapsed=elapsed,
                     ttft=self.outcome.ttft if elapsed is not None else None,
                     client_gone=self.watcher.client_gone,
                 )

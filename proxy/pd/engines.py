@@ -168,21 +168,32 @@ class Lmdeploy(TwoStage):
         pair = (pd.prefill.url, pd.decode.url)
         if pair in self._connected:
             return
-        init = {"protocol": self.protocol, "prefill_url": pair[0], "decode_url": pair[1]}
-        for step in ("p2p_initialize", "p2p_connect"):
-            for leg in (pd.prefill, pd.decode):
-                try:
-                    answer = await pd.post_json(
-                        leg, f"/distserve/{step}", init, {"Content-Type": "application/json"}, pd.prefill_timeout
-                    )
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise engine_failed(f"LMDeploy {step} on {leg.url} failed: {exc}", "pd_connect_failed") from None
-                if answer.status != 200:
-                    raise engine_failed(
-                        f"LMDeploy {step} on {leg.url} answered {answer.status}: {answer.message()}",
-                        "pd_connect_failed",
-                    )
+        # Each engine initialises a link to the other, then connects with the other's endpoint info.
+        sides = ((pd.prefill, pd.decode), (pd.decode, pd.prefill))
+        endpoints: dict[str, Any] = {}
+        for leg, peer in sides:
+            init = {"protocol": self.protocol, "remote_engine_id": peer.url}
+            endpoints[leg.url] = await self._handshake(pd, leg, "p2p_initialize", init)
+        for leg, peer in sides:
+            link = {
+                "protocol": self.protocol,
+                "remote_engine_id": peer.url,
+                "remote_endpoint_info": endpoints[peer.url],
+            }
+            await self._handshake(pd, leg, "p2p_connect", link)
         self._connected.add(pair)
+
+    @staticmethod
+    async def _handshake(pd: PdRequest, leg: Leg, step: str, body: dict[str, Any]) -> Any:
+        try:
+            answer = await pd.post_json(leg, f"/distserve/{step}", body, {"Content-Type": "application/json"}, 30.0)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise engine_failed(f"LMDeploy {step} on {leg.url} failed: {exc}", "pd_connect_failed") from None
+        if answer.status != 200:
+            raise engine_failed(
+                f"LMDeploy {step} on {leg.url} answered {answer.status}: {answer.message()}", "pd_connect_failed"
+            )
+        return answer.data
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:
         data = answer.data or {}

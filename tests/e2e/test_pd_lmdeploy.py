@@ -81,14 +81,18 @@ def test_lmdeploy_pd_migrates_the_prefill_cache_and_frees_it(pd, make, stream):
     assert decode.stats()["pd"]["migrations_in"] == 1
 
 
-def test_the_p2p_handshake_happens_once_per_pair(pd):
-    stack, prefill, decode = pd
-    for i in range(3):
-        assert post(stack, chat(MODEL, f"handshake {i}", max_tokens=4)).status_code == 200
-    # The pair may have been connected by an earlier test in this process: at most once, on both.
-    for sim in (prefill, decode):
-        assert sim.stats()["pd"]["handshakes"]["p2p_initialize"] <= 1
-        assert sim.stats()["pd"]["handshakes"]["p2p_connect"] <= 1
+def test_the_p2p_handshake_happens_once_per_pair(stack):
+    common = {"engine": "lmdeploy", "served_model_name": "fresh-pair", "model_path": "/models/fresh-pair"}
+    with run_simulator(role="prefill", **common) as prefill, run_simulator(role="decode", **common) as decode:
+        stack.add_node(prefill.url, ["fresh-pair"], role="prefill", engine_type="lmdeploy", settle=False)
+        stack.add_node(decode.url, ["fresh-pair"], role="decode", engine_type="lmdeploy")
+        for i in range(3):
+            assert post(stack, chat("fresh-pair", f"handshake {i}", max_tokens=4)).status_code == 200
+        for sim, peer in ((prefill, decode), (decode, prefill)):
+            assert sim.stats()["pd"]["handshakes"] == {"p2p_initialize": 1, "p2p_connect": 1}
+            connect = next(r["body"] for r in sim.requests() if r["path"] == "/distserve/p2p_connect")
+            assert connect["remote_engine_id"] == peer.url
+        wait_kv_settled([prefill])
 
 
 def test_a_failed_lmdeploy_decode_is_a_502_and_frees_the_cache(pd):
