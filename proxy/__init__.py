@@ -12,7 +12,8 @@ A lean ASGI app (no Django request handling) serves ``/v1/*``, ``/health`` and `
 - ``load``       in-flight counters and latency per node, per-key limits (in process for now)
 - ``hybrid``     one node answers: retries before the first byte, then ``relay``
 - ``relay``      passes the engine's JSON or SSE back byte for byte
-- ``adapters``   per-engine request shaping, registered by engine type (PD steps go here)
+- ``pd``         prefill/decode pairs: per-engine protocols, both legs, KV released on every path
+- ``adapters``   per-engine request shaping of the hybrid path, registered by engine type
 - ``upstream``   the aiohttp session per event loop; ``errors``, ``sse``, ``metrics``: helpers
 
 ``simulator`` (and ``management/commands/simulate_engine``) is a separate test/bench engine.

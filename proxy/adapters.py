@@ -1,9 +1,9 @@
 """Engine adapters, registered by engine type: how a request for a node is addressed upstream.
 
 In hybrid mode every supported engine speaks plain OpenAI, so one adapter serves them all; the
-registry is where engine quirks go. PD orchestration (issue 6) adds per-engine prefill/decode
-steps (NanoDeploy migration, vLLM KV transfer, SGLang bootstrap, LMDeploy migration) as methods of
-these adapters, called from one PD module; the hybrid path does not change.
+registry is where engine quirks go. The per-engine prefill/decode steps (NanoDeploy migration,
+vLLM KV transfer, SGLang bootstrap, LMDeploy migration) live with the PD orchestration in
+``proxy.pd.engines``, registered by engine type the same way; the hybrid path does not use them.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class NanoDeployAdapter(EngineAdapter):
 
 
 class VllmAdapter(EngineAdapter):
-    """vLLM balances its data-parallel ranks itself in hybrid mode; PD pins a rank (issue 6)."""
+    """vLLM balances its data-parallel ranks itself in hybrid mode; PD pins a rank (``proxy.pd``)."""
 
     engine_type = EngineType.VLLM
 

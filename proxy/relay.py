@@ -1,4 +1,4 @@
-"""Relaying an engine's answer to the client, shared by the hybrid path and (issue 6) PD decode.
+"""Relaying an engine's answer to the client, and the request/outcome types the PD path shares.
 
 ``ProxyRequest`` is a parsed client request, ``Outcome`` what happened to it (for metrics), and
 ``relay_stream`` passes an engine's SSE stream through byte for byte, ending with an OpenAI-shaped
