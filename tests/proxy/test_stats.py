@@ -13,6 +13,10 @@ import redis.asyncio as aioredis
 from proxy import stats
 from proxy.stats import NodeStats, StatsPublisher, is_failure, merge_snapshots
 
+from .pd_fakes import fake_pd
+
+__all__ = ["fake_pd"]
+
 
 class Clock:
     def __init__(self, now: float = 1_000_000.0) -> None:
@@ -214,3 +218,26 @@ async def test_the_proxy_counts_each_attempt_against_the_node_that_served_it(eng
     assert len(figures["2"]["latency"]) == 4
     assert len(figures["2"]["ttft"]) == 2  # streams only
     assert figures["1"]["requests"] == figures["1"]["errors"] >= 1  # round robin tried the dead node first
+
+
+async def test_a_pd_request_counts_its_prefill_and_decode_legs_once_each(fake_pd, proxy_app) -> None:
+    from proxy import snapshot as snapshots
+    from proxy.snapshot import PolicyView
+
+    from .conftest import AUTH, call, make_snapshot
+    from .pd_fakes import CHAT, pd_nodes, settled
+
+    engines, prefills, decodes = await fake_pd()
+    policy = PolicyView(serving_mode="pd", first_token_timeout=5.0, total_timeout=10.0)
+    snapshots.install(make_snapshot(pd_nodes(prefills, decodes), default_policy=policy))
+    stats.STATS.clear()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    for stream in (False, True):
+        response = await call(proxy_app, "POST", CHAT, json_body={**body, "stream": stream}, headers=AUTH)
+        assert response.status == 200, response.body
+    await settled(proxy_app)
+    assert engines.held == set()
+
+    figures = stats.STATS.snapshot()
+    assert sorted((f["requests"], f["errors"]) for f in figures.values()) == [(2, 0), (2, 0)]
+    assert sum(len(f["ttft"]) for f in figures.values()) == 1  # the decode leg of the stream
