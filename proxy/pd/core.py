@@ -216,7 +216,9 @@ class PdRequest:
         pair = f"prefill={self.prefill.label}; decode={self.decode.label}"
         return [(b"x-request-id", self.request.request_id.encode("latin-1")), (b"x-routerpanel-node", pair.encode())]
 
-    async def post_json(self, leg: Leg, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float):
+    async def post_json(
+        self, leg: Leg, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float
+    ) -> LegAnswer:
         """POST ``body`` and read the whole answer within ``timeout`` seconds."""
         async with asyncio.timeout(timeout):
             async with session().post(
