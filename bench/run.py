@@ -363,6 +363,11 @@ def main() -> int:
             cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         ]
         print("  ".join(cells))
+    results = REPO / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    saved = results / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
+    saved.write_text(json.dumps({"server": args.server, "header": header, "rows": rows}, indent=1))
+    print(f"\nsaved to {saved.relative_to(REPO)}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
