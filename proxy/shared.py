@@ -8,7 +8,7 @@ need. If Redis is unreachable the others' view goes stale after ``stale_after`` 
 each worker keeps serving on its own counts (the local fallback) until Redis is back.
 
 Redis layout (all keys expire on their own when a worker dies):
-- ``routerpanel:workers`` — a set of live worker ids;
+- ``routerpanel:workers`` — a set of worker ids; ``routerpanel:alive:{worker}`` says one is alive;
 - ``routerpanel:load:{worker}`` — hash ``node id → in-flight``;
 - ``routerpanel:keys:{worker}`` — hash ``active:{key id} → requests`` and ``rpm:{key id}:{minute}``.
 """
@@ -44,6 +44,10 @@ def _load_key(worker: str) -> str:
 
 def _keys_key(worker: str) -> str:
     return f"routerpanel:keys:{worker}"
+
+
+def _alive_key(worker: str) -> str:
+    return f"routerpanel:alive:{worker}"
 
 
 class SharedView:
@@ -161,7 +165,7 @@ class SharedCounters:
         if self._client is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._client.srem(WORKERS, self.worker)
-                await self._client.delete(_load_key(self.worker), _keys_key(self.worker))
+                await self._client.delete(_load_key(self.worker), _keys_key(self.worker), _alive_key(self.worker))
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
             self._client = None
@@ -202,6 +206,7 @@ class SharedCounters:
                 pipe.hset(_keys_key(self.worker), mapping=keys)
             pipe.pexpire(_load_key(self.worker), ttl_ms)
             pipe.pexpire(_keys_key(self.worker), ttl_ms)
+            pipe.set(_alive_key(self.worker), 1, px=ttl_ms)
             pipe.sadd(WORKERS, self.worker)
             pipe.smembers(WORKERS)
             results = await pipe.execute()
@@ -212,7 +217,7 @@ class SharedCounters:
         if others:
             async with client.pipeline(transaction=False) as pipe:
                 for worker in others:
-                    pipe.exists(_load_key(worker), _keys_key(worker))
+                    pipe.exists(_alive_key(worker))
                     pipe.hgetall(_load_key(worker))
                     pipe.hgetall(_keys_key(worker))
                 results = await pipe.execute()

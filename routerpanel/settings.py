@@ -100,7 +100,6 @@ ALLOWED_HOSTS = env_list("ROUTERPANEL_ALLOWED_HOSTS", ["127.0.0.1", "localhost",
 CSRF_TRUSTED_ORIGINS = env_list("ROUTERPANEL_CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
