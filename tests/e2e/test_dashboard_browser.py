@@ -275,6 +275,66 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict, redis_
         assert figures["inflight"] == 0
 
 
+def log_in(page, next_path: str) -> None:
+    page.goto(f"/admin/login/?next={next_path}")
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(ADMIN_PASSWORD)
+    page.get_by_label("Password").press("Enter")
+    page.wait_for_url(f"**{next_path}")
+
+
+def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from playwright.sync_api import expect
+
+    base = routerpanel["base"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    # Streams of 200 tokens 25 ms apart: each request is in flight for about 5 s.
+    slow = {"engine": "nanodeploy", "served_model_name": "slow-model", "ttft_ms": 1.0, "itl_ms": 25.0}
+    with run_simulator(**slow, extra_args=["--natural-tokens=200"]) as sim:
+        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["slow-model"], "name": "slow-engine"})
+        assert added.status_code == 201, added.text
+        node_id = added.json()["id"]
+        log_in(page, "/dashboard/")
+        slow_row = row(page, "slow-engine")
+        expect(slow_row.locator('[data-field="state"]')).to_have_text("Active")
+
+        def stream() -> tuple[int, bytes]:
+            body = {"model": "slow-model", "prompt": "tell me a long story", "max_tokens": 500, "stream": True}
+            headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+            with (
+                httpx.Client(base_url=base, headers=headers, timeout=60) as client,
+                client.stream("POST", "/v1/completions", json=body) as response,
+            ):
+                return response.status_code, response.read()
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            wait_until(
+                lambda: api.get(f"/api/nodes/{node_id}/").json()["state"] == "active", message="node never active"
+            )
+            streams = [pool.submit(stream) for _ in range(3)]
+            inflight = slow_row.locator('[data-field="inflight"]')
+            expect(inflight).not_to_have_text("0", timeout=TIMEOUT_MS)
+            drained = api.post(f"/api/nodes/{node_id}/drain/")
+            assert drained.status_code == 200, drained.text
+            expect(slow_row.locator('[data-field="state"]')).to_have_text("Draining")
+            shot(page, "6-draining-with-requests-in-flight")
+            results = [future.result(timeout=60) for future in streams]
+        for status, body in results:
+            assert status == 200
+            assert body.rstrip().endswith(b"data: [DONE]"), body[-200:]  # finished, not cut off
+        expect(inflight).to_have_text("0", timeout=TIMEOUT_MS)
+        shot(page, "7-drained-in-flight-zero")
+        late = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": "slow-model", "prompt": "one more", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {PROXY_KEY}"},
+            timeout=30,
+        )
+        assert late.status_code == 503, late.text  # a draining node takes no new request
+
+
 def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
     with httpx.Client(base_url=routerpanel["base"], timeout=10) as anonymous:
         for path in ("/dashboard/", "/dashboard/data"):
@@ -284,11 +344,7 @@ def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
 
 
 def test_the_dashboard_can_be_used_with_the_keyboard(page) -> None:
-    page.goto("/admin/login/?next=/dashboard/")
-    page.get_by_label("Username").fill("admin")
-    page.get_by_label("Password").fill(ADMIN_PASSWORD)
-    page.get_by_label("Password").press("Enter")
-    page.wait_for_url("**/dashboard/")
+    log_in(page, "/dashboard/")
     page.goto("/dashboard/")  # a fresh navigation: the tab order starts at the top of the page
     # The admin's "Skip to main content" link comes first, then the dashboard's own controls.
     for _ in range(5):
