@@ -343,6 +343,38 @@ def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
             assert response.headers["location"].startswith("/admin/login/")
 
 
+def test_the_dashboard_passes_an_accessibility_audit(page, routerpanel: dict) -> None:
+    """axe-core's WCAG 2 A and AA rules (labels, names, contrast, table headers, ARIA) on the
+    dashboard's own content, in the light and the dark theme, with nodes, models and live figures."""
+    from playwright.sync_api import expect
+
+    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    engine = {"engine": "nanodeploy", "served_model_name": "a11y-model", "ttft_ms": 1.0, "itl_ms": 1.0}
+    with run_simulator(**engine) as sim:
+        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["a11y-model"], "name": "a11y-engine"})
+        assert added.status_code == 201, added.text
+        body = {"model": "a11y-model", "prompt": "hi", "max_tokens": 2}
+        with httpx.Client(base_url=routerpanel["base"], timeout=30) as proxy:
+            for _ in range(20):
+                proxy.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {PROXY_KEY}"})
+        log_in(page, "/dashboard/")
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            expect(row(page, "a11y-engine").locator('[data-field="rps"]')).not_to_have_text("—")
+            page.add_script_tag(path=str(Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"))
+            result = page.evaluate(
+                """() => axe.run({include: [["#content-main"]]},
+                                 {runOnly: {type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}})"""
+            )
+            problems = [
+                f"{v['id']}: {v['help']} ({[n['target'] for n in v['nodes']][:3]})" for v in result["violations"]
+            ]
+            shot(page, f"8-accessibility-{scheme}")
+            assert problems == [], f"{scheme} theme: {problems}"
+            checked = {rule["id"] for rule in result["passes"]}
+            assert {"color-contrast", "th-has-data-cells", "aria-allowed-attr"} <= checked, checked
+
+
 def test_the_dashboard_can_be_used_with_the_keyboard(page) -> None:
     log_in(page, "/dashboard/")
     page.goto("/dashboard/")  # a fresh navigation: the tab order starts at the top of the page
