@@ -319,13 +319,15 @@ class PdRequest:
 
     # -- Decode --------------------------------------------------------------------------------
 
-    async def run_decode(self, build: Callable[[Leg], LegRequest], *, retry_statuses: bool = True) -> None:
+    async def run_decode(
+        self, build: Callable[[Leg], LegRequest], *, retry: bool = True, retry_statuses: bool = True
+    ) -> None:
         """The decode leg: its answer goes to the client (streamed or not). Before any byte reached
         the client, a connect error (or, if allowed, an overloaded answer) is retried on another decode
         node; any other decode failure is a 502, a timeout a 504."""
         assert self.decode is not None
         self._decode_held = False  # released below from here on
-        attempts = self.policy.retry_budget + 1
+        attempts = self.policy.retry_budget + 1 if retry else 1
         leg = self.decode
         tried = [leg.target.node.id]
         last_error: ProxyError | None = None

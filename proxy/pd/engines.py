@@ -32,7 +32,9 @@ class TwoStage:
     engine_type = ""
     # True when the router must release the prefill's KV itself (vLLM's decode read releases it).
     frees_kv = True
-    # Whether an overloaded decode answer (429/502/503) is retried on another decode node.
+    # Whether a decode that could not be reached, or (the second) answered 429/502/503, is retried
+    # on another decode node while nothing has reached the client.
+    decode_retries = True
     decode_retry_statuses = True
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
@@ -52,6 +54,9 @@ class TwoStage:
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
         raise NotImplementedError
+
+    def decode_failed(self, pd: PdRequest) -> None:
+        """The decode leg failed (after any retries): forget per-pair state that may be stale."""
 
 
 def _int(value: Any) -> int | None:
@@ -152,6 +157,8 @@ class Lmdeploy(TwoStage):
 
     engine_type = EngineType.LMDEPLOY
     protocol = "RDMA"
+    # Another decode node has no p2p link with this prefill: a migration to it would fail.
+    decode_retries = False
 
     def __init__(self) -> None:
         self._connected: set[tuple[str, str]] = set()
@@ -194,6 +201,11 @@ class Lmdeploy(TwoStage):
                 f"LMDeploy {step} on {leg.url} answered {answer.status}: {answer.message()}", "pd_connect_failed"
             )
         return answer.data
+
+    def decode_failed(self, pd: PdRequest) -> None:
+        # A restarted engine has lost its p2p links: connect the pair again on its next request.
+        if pd.prefill is not None and pd.decode is not None:
+            self._connected.discard((pd.prefill.url, pd.decode.url))
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:
         data = answer.data or {}
@@ -259,9 +271,15 @@ async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
             await pd.send_prefill_completion(answer)
             return
         pd.prompt_tokens = prefill_prompt_tokens(answer)
-        await pd.run_decode(
-            lambda leg: protocol.decode_request(pd, leg, handoff), retry_statuses=protocol.decode_retry_statuses
-        )
+        try:
+            await pd.run_decode(
+                lambda leg: protocol.decode_request(pd, leg, handoff),
+                retry=protocol.decode_retries,
+                retry_statuses=protocol.decode_retry_statuses,
+            )
+        except ProxyError:
+            protocol.decode_failed(pd)
+            raise
     finally:
         pd.release_unused()
         if protocol.frees_kv:

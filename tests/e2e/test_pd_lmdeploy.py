@@ -92,6 +92,12 @@ def test_the_p2p_handshake_happens_once_per_pair(stack):
             assert sim.stats()["pd"]["handshakes"] == {"p2p_initialize": 1, "p2p_connect": 1}
             connect = next(r["body"] for r in sim.requests() if r["path"] == "/distserve/p2p_connect")
             assert connect["remote_engine_id"] == peer.url
+        # A failed migration may mean a restarted engine without its links: the pair connects again.
+        decode.set_faults(error_rate=1.0, error_status=500, count=1)
+        assert post(stack, chat("fresh-pair", "after a restart", max_tokens=4)).status_code == 502
+        assert post(stack, chat("fresh-pair", "after a restart", max_tokens=4)).status_code == 200
+        for sim in (prefill, decode):
+            assert sim.stats()["pd"]["handshakes"] == {"p2p_initialize": 2, "p2p_connect": 2}
         wait_kv_settled([prefill])
 
 
