@@ -44,6 +44,27 @@
     return (choices[kind] && choices[kind][value]) || { label: value, colour: "#6e7781" };
   }
 
+  // White or near-black text, whichever contrasts more with the badge colour (WCAG relative luminance):
+  // a light badge colour such as the draining amber would fail AA with white text.
+  function luminance(hex) {
+    const match = /^#?([0-9a-f]{6})$/i.exec(hex || "");
+    if (!match) return 0;
+    const channels = [0, 2, 4].map((i) => parseInt(match[1].slice(i, i + 2), 16) / 255);
+    const [r, g, b] = channels.map((c) => (c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4)));
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  }
+
+  const DARK_TEXT = "#1f2328";
+  const DARK_TEXT_LUMINANCE = luminance(DARK_TEXT);
+
+  function paint(badge, colour) {
+    const l = luminance(colour);
+    const onWhite = 1.05 / (l + 0.05);
+    const onDark = (l + 0.05) / (DARK_TEXT_LUMINANCE + 0.05);
+    badge.style.backgroundColor = colour;
+    badge.style.color = onWhite >= onDark ? "#ffffff" : DARK_TEXT;
+  }
+
   function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;
   }
@@ -59,7 +80,7 @@
     }
     const info = describe(kind, key);
     const badge = el("span", { class: "rp-badge" }, info.label);
-    badge.style.backgroundColor = info.colour;
+    paint(badge, info.colour);
     cell.appendChild(badge);
   }
 
@@ -205,7 +226,7 @@
       const heading = el("h3", { id: headingId });
       heading.appendChild(el("span", {}, model.name));
       const readiness = el("span", { class: "rp-badge", "data-field": "readiness" }, model.ready ? "Ready" : "Not ready");
-      readiness.style.backgroundColor = model.ready ? "#1a7f37" : "#cf222e";
+      paint(readiness, model.ready ? "#1a7f37" : "#cf222e");
       heading.appendChild(readiness);
       li.appendChild(heading);
       const dl = el("dl");
@@ -224,14 +245,14 @@
         for (const [kind, value] of [["role", node.role], ["health", node.health]]) {
           const info = describe(kind, value);
           const badge = el("span", { class: "rp-badge" }, info.label);
-          badge.style.backgroundColor = info.colour;
+          paint(badge, info.colour);
           item.appendChild(badge);
           item.appendChild(document.createTextNode(" "));
         }
         if (node.state !== "active") {
           const info = describe("state", node.state);
           const badge = el("span", { class: "rp-badge" }, info.label);
-          badge.style.backgroundColor = info.colour;
+          paint(badge, info.colour);
           item.appendChild(badge);
         }
         list.appendChild(item);
