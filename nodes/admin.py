@@ -59,6 +59,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
         "role_badge",
         "state_badge",
         "health_badge",
+        "breaker_badge",
         "source_badge",
         "engine_type",
         "models_list",
@@ -112,6 +113,17 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.display(description="health", ordering="health")
     def health_badge(self, node: Node) -> str:
         return badge(NodeHealth, node.health)
+
+    def changelist_view(self, request: HttpRequest, extra_context=None):
+        # One Redis read per page for the breaker column.
+        self._breakers = health.breaker_states()
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="breaker")
+    def breaker_badge(self, node: Node) -> str:
+        state = getattr(self, "_breakers", {}).get(node.pk, "closed")
+        colour = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#bf8700"}.get(state, "#6e7781")
+        return format_html('<span class="rp-badge" style="background:{}">{}</span>', colour, state.replace("_", "-"))
 
     @admin.display(description="source", ordering="source")
     def source_badge(self, node: Node) -> str:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from . import metrics, stats
 from . import snapshot as snapshots
+from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
@@ -57,11 +58,19 @@ class ProxyApp:
         # In-flight counts and key limits shared by every worker through Redis (tests that pass
         # their own router or limiter keep them local to the process).
         self.shared = (
-            SharedCounters(settings.ROUTERPANEL_REDIS_URL, interval=settings.ROUTERPANEL_PROXY_SHARED_INTERVAL)
+            SharedCounters(
+                settings.ROUTERPANEL_REDIS_URL,
+                interval=settings.ROUTERPANEL_PROXY_SHARED_INTERVAL,
+                breakers=Breakers(
+                    failures=settings.ROUTERPANEL_BREAKER_FAILURES, cooldown=settings.ROUTERPANEL_BREAKER_COOLDOWN
+                ),
+            )
             if settings.ROUTERPANEL_PROXY_SHARED_COUNTERS and router is None and limiter is None
             else None
         )
-        self.router = router or Router(load=self.shared.load if self.shared else None)
+        self.router = router or Router(
+            load=self.shared.load if self.shared else None, breakers=self.shared.breakers if self.shared else None
+        )
         self.watcher = watcher or SnapshotWatcher()
         self.limiter = limiter or (self.shared.limiter if self.shared else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY

@@ -60,6 +60,7 @@ async def proxy_hybrid(
         )
         started = time.perf_counter()
         elapsed: float | None = None
+        verdict: bool | None = None  # for the node's circuit breaker: healthy answer, failure, or no say
         response: aiohttp.ClientResponse | None = None
         first = b""
         try:
@@ -70,6 +71,7 @@ async def proxy_hybrid(
                             upstream.url, data=upstream.body, headers=upstream.headers, timeout=timeout_for(policy)
                         )
                     except CONNECT_ERRORS as exc:
+                        verdict = False
                         last_error = engine_failed(f"Node {node.url} could not be reached: {exc}", "engine_unreachable")
                         retry_reason = "connect"
                         continue
@@ -82,10 +84,13 @@ async def proxy_hybrid(
                         answer = await response.read()
                         last_answer = (target, response.status, response.content_type.encode(), answer)
                         retry_reason = str(response.status)
+                        verdict = False if response.status >= 500 else None
                         continue
             except TimeoutError:
+                verdict = False
                 raise engine_timeout(f"Node {node.url} did not answer within the policy's timeout.") from None
             except aiohttp.ClientError as exc:
+                verdict = False
                 raise engine_failed(f"Node {node.url} failed before answering: {exc}") from None
 
             outcome.node = node.url
@@ -95,8 +100,10 @@ async def proxy_hybrid(
                 try:
                     answer = await response.read()
                 except TimeoutError:
+                    verdict = False
                     raise engine_timeout(f"Node {node.url} did not finish within the policy's timeout.") from None
                 except aiohttp.ClientError as exc:
+                    verdict = False
                     raise engine_failed(f"Node {node.url} failed while answering: {exc}") from None
                 outcome.status = response.status
                 watcher.finish()
@@ -107,6 +114,7 @@ async def proxy_hybrid(
                     content_type=response.headers.get("Content-Type", "application/json").encode("latin-1"),
                     extra=response_headers(request, target),
                 )
+            verdict = outcome.status < 500
             if outcome.status < 500:
                 # min_observed_latency compares nodes by time to the first byte of a stream (a
                 # stream's length depends on the request, not the node) or by the whole answer.
@@ -115,7 +123,7 @@ async def proxy_hybrid(
         finally:
             if response is not None:
                 response.close()  # a no-op once the body was read; drops the connection otherwise
-            router.release(target, elapsed)
+            router.release(target, elapsed, ok=verdict)
             stats.record(
                 node.id,
                 status=response.status if response is not None else 0,

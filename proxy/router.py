@@ -17,6 +17,7 @@ from django.conf import settings
 from nodes.choices import Strategy
 
 from . import strategies
+from .breaker import Breakers
 from .load import LoadTracker, LocalLoadTracker
 from .snapshot import Route, Target
 
@@ -61,8 +62,12 @@ class Router:
         *,
         prefix_index: strategies.PrefixIndex | None = None,
         rng: random.Random | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self.load: LoadTracker = load or LocalLoadTracker()
+        self.breakers = breakers or Breakers(
+            failures=settings.ROUTERPANEL_BREAKER_FAILURES, cooldown=settings.ROUTERPANEL_BREAKER_COOLDOWN
+        )
         self.prefix_index = prefix_index or strategies.PrefixIndex(
             max_entries=settings.ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES
         )
@@ -98,7 +103,10 @@ class Router:
         node is available (none routable, all at their limit, or all already tried)."""
         targets = route.by_role(role)
         load = self.load
-        available = [t for t in targets if t.node.id not in exclude and load.has_capacity(t.node)]
+        breakers = self.breakers
+        available = [
+            t for t in targets if t.node.id not in exclude and load.has_capacity(t.node) and breakers.allows(t.node.id)
+        ]
         if not available:
             return None
         policy = route.policy
@@ -130,7 +138,16 @@ class Router:
             chosen = strategies.round_robin(available, tick)
         if not load.try_acquire(chosen.node):  # cannot happen on one event loop; kept for shared trackers
             return None
+        breakers.acquired(chosen.node.id)
         return chosen
 
-    def release(self, target: Target, elapsed: float | None = None) -> None:
+    def release(self, target: Target, elapsed: float | None = None, *, ok: bool | None = None) -> None:
+        """Free the slot taken by ``choose``; ``ok`` feeds the node's circuit breaker (True: a
+        healthy answer, False: connect error, timeout or 5xx, None: no verdict, e.g. client left)."""
         self.load.release(target.node.id, elapsed)
+        if ok is True:
+            self.breakers.success(target.node.id)
+        elif ok is False:
+            self.breakers.failure(target.node.id)
+        else:
+            self.breakers.released(target.node.id)

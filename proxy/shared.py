@@ -26,6 +26,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .breaker import BREAKERS, Breakers, NodeBreaker, decode
 from .load import KeyLimiter, LocalLoadTracker
 from .snapshot import KeyView, NodeView
 
@@ -138,6 +139,7 @@ class SharedCounters:
         interval: float = 0.1,
         stale_after: float = 2.0,
         client_factory: Callable[[], aioredis.Redis] | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.interval = interval
@@ -145,6 +147,7 @@ class SharedCounters:
         self.view = SharedView(stale_after)
         self.load = SharedLoadTracker(self.view)
         self.limiter = SharedKeyLimiter(self.view)
+        self.breakers = breakers or Breakers()
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
@@ -207,9 +210,19 @@ class SharedCounters:
             pipe.pexpire(_load_key(self.worker), ttl_ms)
             pipe.pexpire(_keys_key(self.worker), ttl_ms)
             pipe.set(_alive_key(self.worker), 1, px=ttl_ms)
+            transitions = self.breakers.take_pending()
+            if transitions:
+                pipe.hset(BREAKERS, mapping=transitions)
+            pipe.hgetall(BREAKERS)
             pipe.sadd(WORKERS, self.worker)
             pipe.smembers(WORKERS)
             results = await pipe.execute()
+        remote: dict[int, NodeBreaker] = {}
+        for node_id, raw in results[-3].items():
+            breaker = decode(raw)
+            if breaker is not None:
+                remote[int(node_id)] = breaker
+        self.breakers.adopt(remote)
         others = [w.decode() if isinstance(w, bytes) else w for w in results[-1]]
         others = [w for w in others if w != self.worker]
         other_load: dict[int, int] = {}

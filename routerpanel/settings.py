@@ -340,3 +340,7 @@ ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES = env_int("ROUTERPANEL_PROXY_PREFIX_CACHE
 # Redis is unreachable).
 ROUTERPANEL_PROXY_SHARED_COUNTERS = env_bool("ROUTERPANEL_PROXY_SHARED_COUNTERS", True)
 ROUTERPANEL_PROXY_SHARED_INTERVAL = env_float("ROUTERPANEL_PROXY_SHARED_INTERVAL", 0.1, minimum=0.01)
+# Passive health: a node's circuit breaker opens after this many consecutive connect errors,
+# timeouts or 5xx answers (never 4xx), and lets one trial request through after the cool-down.
+ROUTERPANEL_BREAKER_FAILURES = env_int("ROUTERPANEL_BREAKER_FAILURES", 5, minimum=1)
+ROUTERPANEL_BREAKER_COOLDOWN = env_float("ROUTERPANEL_BREAKER_COOLDOWN", 5.0, minimum=0.1)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
+import redis
 
 from nodes import health, services
 from nodes.models import ChangeRecord, Node
@@ -133,3 +137,14 @@ def test_beat_schedules_the_health_check_with_expiry_under_the_interval(settings
     entry = settings.CELERY_BEAT_SCHEDULE["health-check"]
     assert entry["task"] == "nodes.check_health"
     assert entry["options"]["expires"] < entry["schedule"]
+
+
+def test_the_admin_shows_each_nodes_circuit_breaker(client, admin_user, system, redis_url) -> None:
+    open_node = services.node_create(actor=system, url="http://a:1", models=["m"])
+    services.node_create(actor=system, url="http://b:1", models=["m"])
+    redis.Redis.from_url(redis_url).hset(
+        "routerpanel:breakers", str(open_node.pk), json.dumps({"state": "open", "until": time.time() + 60, "at": 1})
+    )
+    client.force_login(admin_user)
+    html = client.get("/admin/nodes/node/").content.decode()
+    assert html.count(">open</span>") == 1 and html.count(">closed</span>") == 1

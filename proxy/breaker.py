@@ -1,0 +1,117 @@
+"""Passive health: a circuit breaker per node, fed by the outcome of real requests.
+
+Only failures that say something about the node count: connect errors, timeouts and 5xx answers —
+never a 4xx, which is the client's problem. After ``failures`` consecutive ones the breaker opens
+and the node gets no requests; after ``cooldown`` seconds one trial request is let through
+(half-open); its success closes the breaker, its failure opens it again.
+
+The state is shared by every web worker: each transition is queued here and written to the Redis
+hash ``routerpanel:breakers`` by the shared-counters task, which also reads the hash back and adopts
+any newer transition another worker made. The hot-path methods are synchronous and O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+BREAKERS = "routerpanel:breakers"
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+
+@dataclass
+class NodeBreaker:
+    state: str = CLOSED
+    failures: int = 0
+    until: float = 0.0  # wall-clock time the open state ends
+    changed_at: float = 0.0  # wall-clock time of the last transition (newest wins across workers)
+    trial: bool = False  # a half-open trial request is in flight
+
+
+class Breakers:
+    def __init__(self, *, failures: int = 5, cooldown: float = 5.0) -> None:
+        self.threshold = failures
+        self.cooldown = cooldown
+        self.nodes: dict[int, NodeBreaker] = {}
+        self.pending: dict[int, NodeBreaker] = {}  # transitions to publish
+
+    def state(self, node_id: int) -> str:
+        breaker = self.nodes.get(node_id)
+        return breaker.state if breaker else CLOSED
+
+    def allows(self, node_id: int, now: float | None = None) -> bool:
+        """May a new request go to this node? Turns an expired open breaker half-open."""
+        breaker = self.nodes.get(node_id)
+        if breaker is None or breaker.state == CLOSED:
+            return True
+        now = time.time() if now is None else now
+        if breaker.state == OPEN:
+            if now < breaker.until:
+                return False
+            self._transition(node_id, breaker, HALF_OPEN, now)
+        return not breaker.trial
+
+    def acquired(self, node_id: int) -> None:
+        """A request was sent to the node; in half-open state it is the one trial."""
+        breaker = self.nodes.get(node_id)
+        if breaker is not None and breaker.state == HALF_OPEN:
+            breaker.trial = True
+
+    def released(self, node_id: int) -> None:
+        """The request ended without a verdict (e.g. the client left): allow another trial."""
+        breaker = self.nodes.get(node_id)
+        if breaker is not None:
+            breaker.trial = False
+
+    def success(self, node_id: int) -> None:
+        breaker = self.nodes.get(node_id)
+        if breaker is None:
+            return
+        breaker.failures = 0
+        breaker.trial = False
+        if breaker.state != CLOSED:
+            self._transition(node_id, breaker, CLOSED, time.time())
+
+    def failure(self, node_id: int, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        breaker = self.nodes.setdefault(node_id, NodeBreaker())
+        breaker.failures += 1
+        breaker.trial = False
+        if breaker.state == HALF_OPEN or (breaker.state == CLOSED and breaker.failures >= self.threshold):
+            breaker.until = now + self.cooldown
+            self._transition(node_id, breaker, OPEN, now)
+
+    def _transition(self, node_id: int, breaker: NodeBreaker, state: str, now: float) -> None:
+        breaker.state = state
+        breaker.changed_at = now
+        if state == CLOSED:
+            breaker.failures = 0
+        self.pending[node_id] = NodeBreaker(breaker.state, breaker.failures, breaker.until, breaker.changed_at)
+
+    # -- sharing ------------------------------------------------------------------------------
+
+    def take_pending(self) -> dict[str, str]:
+        """Transitions since the last call, as the Redis hash fields to write."""
+        pending, self.pending = self.pending, {}
+        return {str(node_id): encode(b) for node_id, b in pending.items()}
+
+    def adopt(self, remote: dict[int, NodeBreaker]) -> None:
+        """Apply other workers' transitions that are newer than what this worker knows."""
+        for node_id, theirs in remote.items():
+            mine = self.nodes.get(node_id)
+            if mine is None or theirs.changed_at > mine.changed_at:
+                self.nodes[node_id] = NodeBreaker(theirs.state, theirs.failures, theirs.until, theirs.changed_at)
+
+
+def encode(breaker: NodeBreaker) -> str:
+    return json.dumps({"state": breaker.state, "until": breaker.until, "at": breaker.changed_at})
+
+
+def decode(raw: bytes | str) -> NodeBreaker | None:
+    try:
+        data = json.loads(raw)
+        return NodeBreaker(str(data["state"]), 0, float(data["until"]), float(data["at"]))
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,51 @@
+"""The circuit breaker through real processes: a node that keeps answering 5xx stops getting
+requests after N of them, gets one trial after the cool-down, and is back once it answers."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from proxy.simulator.testing import run_simulator
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "breaker-model"
+FAILURES, COOLDOWN = 5, 5.0  # the settings' defaults, which the e2e server runs with
+
+
+def chat(stack) -> httpx.Response:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return httpx.post(stack.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {stack.key}"})
+
+
+def requests_to(sim) -> int:
+    return sim.stats()["requests"]["by_endpoint"].get("/v1/chat/completions", 0)
+
+
+def test_a_failing_node_is_cut_off_then_tried_and_restored(stack) -> None:
+    with run_simulator(served_model_name=MODEL) as sick, run_simulator(served_model_name=MODEL) as well:
+        for sim in (sick, well):
+            stack.add_node(sim.url, [MODEL], engine_type="openai", settle=False)
+        stack.settle()
+        sick.set_faults(error_rate=1.0, error_status=500)
+        statuses = []
+        while requests_to(sick) < FAILURES:
+            statuses.append(chat(stack).status_code)
+            assert len(statuses) < 50
+        opened_at = time.monotonic()
+        statuses += [chat(stack).status_code for _ in range(30)]
+        assert requests_to(sick) == FAILURES  # the breaker opened: no more requests to it
+        assert statuses.count(500) == FAILURES and statuses.count(200) == len(statuses) - FAILURES
+        sick.set_faults()  # it recovers
+        while requests_to(sick) == FAILURES:
+            assert time.monotonic() - opened_at < COOLDOWN + 5, "no trial request after the cool-down"
+            assert chat(stack).status_code == 200
+            time.sleep(0.05)
+        assert time.monotonic() - opened_at > COOLDOWN - 0.5
+        before = requests_to(sick)
+        for _ in range(10):
+            assert chat(stack).status_code == 200
+        assert requests_to(sick) >= before + 4  # closed again: round robin includes it
