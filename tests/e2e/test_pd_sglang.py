@@ -4,6 +4,7 @@ decode cancels the prefill."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from proxy.simulator.testing import free_port, run_simulator
@@ -104,3 +105,12 @@ def test_a_failed_prefill_explains_the_failure(pd):
     assert response.status_code == 503  # the prefill's own answer, not the decode's "bootstrap failed"
     assert "injected fault" in response.json()["error"]["message"]
     decode.wait_for(lambda s: s["requests"]["in_flight"] == 0)
+
+
+def test_a_client_that_leaves_cancels_both_legs(pd):
+    stack, prefill, decode = pd
+    decode.set_faults(hang=True, count=1)  # the decode never joins the room; the prefill waits for it
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up well before the 3 s room timeout
+        post(stack, chat(MODEL, max_tokens=4), timeout=httpx.Timeout(1.0, connect=5.0))
+    prefill.wait_for(lambda s: s["requests"]["cancelled"] == 1)
+    decode.wait_for(lambda s: s["requests"]["cancelled"] == 1)
