@@ -292,8 +292,7 @@ def test_two_concurrent_sync_nodes_runs_one_syncs_the_other_skips(system, scope)
         try:
             command = [PYTHON, "manage.py", "sync_nodes", scope]
             runs = [
-                subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True)
-                for _ in range(2)
+                subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
             ]
             outputs = [run.communicate(timeout=60)[0] for run in runs]
         finally:
