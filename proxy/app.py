@@ -25,6 +25,7 @@ from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .pd import proxy_pd, wants_pd
+from .readiness import readiness
 from .relay import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 # Paths this app answers; everything else goes to Django.
 PREFIXES = ("/v1/",)
-EXACT_PATHS = frozenset({"/v1", "/health", "/metrics"})
+EXACT_PATHS = frozenset({"/v1", "/health", "/health/ready", "/metrics"})
 
 _COMPLETION_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 
@@ -106,6 +107,9 @@ class ProxyApp:
                     {"status": "ok", "snapshot_version": snapshots.current().version, "pid": os.getpid()}
                 ).encode()
                 await send_bytes(send, 200, body)
+            elif path == "/health/ready":
+                ready, report = readiness(snapshots.current(), self.router.breakers)
+                await send_bytes(send, 200 if ready else 503, json.dumps(report).encode())
             elif path == "/metrics":
                 await send_bytes(send, 200, generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST.encode())
             else:
