@@ -20,7 +20,7 @@ from django.conf import settings
 
 from proxy import stats
 
-from .dashboard import REFRESH_SECONDS, DashboardPayload, build_payload
+from .dashboard import REFRESH_SECONDS, DashboardPayload, build_payload, read_breakers
 from .selectors import fleet_state
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
 
     async def payload(self) -> DashboardPayload:
         state = await database_sync_to_async(fleet_state)()
-        return build_payload(state, await stats.read_fleet_stats(self._redis))
+        live = await stats.read_fleet_stats(self._redis)
+        breakers = await read_breakers(self._redis) if live is not None else None  # no second wait on a dead Redis
+        return build_payload(state, live, breakers)
 
     async def _push_loop(self) -> None:
         while True:

@@ -9,6 +9,9 @@ figures empty (``live: false``); the page says so instead of failing.
 from __future__ import annotations
 
 import datetime
+import json
+import logging
+import time
 from typing import TypedDict
 
 from django.contrib import admin
@@ -22,6 +25,8 @@ from proxy.stats import NodeFigures
 from . import bus
 from .choices import NodeHealth, NodeRole, NodeState, ServingMode, Strategy, SyncState
 from .selectors import ControlPlaneRow, FleetState, ModelCard, NodeRow, fleet_state
+
+logger = logging.getLogger(__name__)
 
 # How often the page gets a fresh payload over its WebSocket (and polls /dashboard/data without one).
 REFRESH_SECONDS = 1.0
@@ -40,17 +45,60 @@ class DashboardPayload(TypedDict):
     control_planes: list[ControlPlaneRow]
 
 
+# The proxy's circuit breakers (proxy/breaker.py) share their transitions in this Redis hash:
+# node id -> {"state": "closed" | "open" | "half_open", "until": epoch seconds, "at": epoch seconds}.
+BREAKERS_KEY = "routerpanel:breakers"
+
+
+def parse_breakers(raw: dict, now: float | None = None) -> dict[int, str]:
+    """Breaker state per node from the shared hash; an open breaker whose cool-down is over is
+    half-open (its next request is the trial)."""
+    now = time.time() if now is None else now
+    states: dict[int, str] = {}
+    for node_id, value in raw.items():
+        try:
+            data = json.loads(value)
+            state = str(data["state"])
+            if state == "open" and float(data.get("until", 0)) <= now:
+                state = "half_open"
+            states[int(node_id)] = state
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return states
+
+
+def read_breakers_sync(client) -> dict[int, str] | None:
+    """Breaker states from Redis (``redis.Redis``), or None when Redis cannot be read."""
+    try:
+        return parse_breakers(client.hgetall(BREAKERS_KEY))
+    except Exception as exc:
+        logger.debug("could not read breaker states from Redis: %s", exc)
+        return None
+
+
+async def read_breakers(client) -> dict[int, str] | None:
+    """``read_breakers_sync`` for the event loop (``redis.asyncio.Redis``)."""
+    try:
+        return parse_breakers(await client.hgetall(BREAKERS_KEY))
+    except Exception as exc:
+        logger.debug("could not read breaker states from Redis: %s", exc)
+        return None
+
+
 def build_payload(
     state: FleetState, live: dict[int, NodeFigures] | None, breakers: dict[int, str] | None = None
 ) -> DashboardPayload:
-    breakers = breakers or {}
+    """Join the registry with the live figures and breaker states. ``breakers`` None means they
+    could not be read (shown as unknown); a node missing from a readable hash has a closed breaker."""
     figures = live or {}
+
+    def breaker(node_id: int) -> str | None:
+        return None if breakers is None else breakers.get(node_id, "closed")
+
     return DashboardPayload(
         generated_at=datetime.datetime.now(datetime.UTC).isoformat(),
         live=live is not None,
-        nodes=[
-            DashboardNode(**row, breaker=breakers.get(row["id"]), live=figures.get(row["id"])) for row in state["nodes"]
-        ],
+        nodes=[DashboardNode(**row, breaker=breaker(row["id"]), live=figures.get(row["id"])) for row in state["nodes"]],
         models=state["models"],
         control_planes=state["control_planes"],
     )
@@ -58,7 +106,9 @@ def build_payload(
 
 def current_payload() -> DashboardPayload:
     """The payload now (blocking: the database and Redis, each with short timeouts)."""
-    return build_payload(fleet_state(), stats.read_fleet_stats_sync(bus.client()))
+    client = bus.client()
+    live = stats.read_fleet_stats_sync(client)
+    return build_payload(fleet_state(), live, read_breakers_sync(client) if live is not None else None)
 
 
 def page_config() -> dict:

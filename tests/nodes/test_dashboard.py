@@ -10,7 +10,7 @@ from django.test import Client
 
 from nodes import services
 from nodes.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
-from nodes.dashboard import build_payload
+from nodes.dashboard import BREAKERS_KEY, build_payload, parse_breakers
 from nodes.models import ControlPlane, RoutePolicy
 from nodes.selectors import fleet_state, model_readiness
 from proxy.stats import NodeStats, StatsPublisher
@@ -207,3 +207,29 @@ def test_control_planes_count_their_live_nodes(system) -> None:
     )
     assert [(row["name"], row["nodes"]) for row in fleet_state()["control_planes"]] == [("cp", 1)]
     assert ControlPlane.objects.count() == 1
+
+
+def test_breaker_states_come_from_the_proxys_shared_hash() -> None:
+    raw = {
+        b"1": json.dumps({"state": "open", "until": 2000.0, "at": 1000.0}),
+        b"2": json.dumps({"state": "open", "until": 1500.0, "at": 1000.0}),  # cool-down over
+        b"3": json.dumps({"state": "closed", "until": 0, "at": 1000.0}),
+        b"4": b"not json",
+        b"x": json.dumps({"state": "open"}),
+    }
+    assert parse_breakers(raw, now=1600.0) == {1: "open", 2: "half_open", 3: "closed"}
+
+
+def test_the_json_shows_breakers_closed_unless_the_proxy_opened_them(
+    client: Client, operator_user, fleet, redis_url
+) -> None:
+    import redis
+
+    opened = json.dumps({"state": "open", "until": 4_000_000_000.0, "at": 1.0})
+    redis.Redis.from_url(redis_url).hset(BREAKERS_KEY, str(fleet["decode"].id), opened)
+    client.force_login(operator_user)
+
+    nodes = {n["url"]: n for n in client.get("/dashboard/data").json()["nodes"]}
+
+    assert nodes["http://d:1"]["breaker"] == "open"
+    assert nodes["http://p:1"]["breaker"] == "closed"
