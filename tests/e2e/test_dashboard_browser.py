@@ -335,6 +335,20 @@ def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: 
         assert late.status_code == 503, late.text  # a draining node takes no new request
 
 
+def test_without_its_websocket_the_page_polls_and_stays_live(page) -> None:
+    from playwright.sync_api import expect
+
+    page.route_web_socket("**/ws/dashboard/", lambda socket: socket.close())  # a proxy that drops WebSockets
+    log_in(page, "/dashboard/")
+    expect(page.locator("#rp-connection")).to_have_attribute("data-state", "polling")
+    updates = int(page.locator("body").get_attribute("data-updates") or 0)
+    wait_until(
+        lambda: int(page.locator("body").get_attribute("data-updates") or 0) >= updates + 2,
+        timeout=15,
+        message="polling brought no updates",
+    )
+
+
 def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
     with httpx.Client(base_url=routerpanel["base"], timeout=10) as anonymous:
         for path in ("/dashboard/", "/dashboard/data"):
