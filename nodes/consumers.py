@@ -81,9 +81,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             wake.set()
 
     async def payload(self) -> DashboardPayload:
-        state = await database_sync_to_async(fleet_state)()
         live = await stats.read_fleet_stats(self._redis)
         breakers = await read_breakers(self._redis) if live is not None else None  # no second wait on a dead Redis
+        state = await database_sync_to_async(fleet_state)(breakers)
         return build_payload(state, live, breakers)
 
     async def _push_loop(self) -> None:

@@ -108,7 +108,8 @@ def current_payload() -> DashboardPayload:
     """The payload now (blocking: the database and Redis, each with short timeouts)."""
     client = bus.client()
     live = stats.read_fleet_stats_sync(client)
-    return build_payload(fleet_state(), live, read_breakers_sync(client) if live is not None else None)
+    breakers = read_breakers_sync(client) if live is not None else None  # no second wait on a dead Redis
+    return build_payload(fleet_state(breakers), live, breakers)
 
 
 def page_config() -> dict:

@@ -92,30 +92,39 @@ def node_rows() -> list[NodeRow]:
     return rows
 
 
-def model_readiness(serving_mode: str, nodes: list[NodeRow]) -> tuple[bool, str, list[str]]:
-    """Whether a model can be served now, the mode it is served in, and why not if it cannot.
+def model_readiness(
+    serving_mode: str, nodes: list[NodeRow], breakers: dict[int, str] | None = None
+) -> tuple[bool, str, list[str]]:
+    """Whether a model can be served by healthy nodes now, the mode it is served in, and why not.
 
-    PD needs at least one routable prefill and one routable decode node; hybrid needs one routable
-    hybrid node; ``auto`` is PD when the model has both prefill and decode nodes, else hybrid.
-    Routable means active and not unhealthy (a node not probed yet counts).
+    The same rules as the proxy's ``GET /health/ready`` (``proxy.readiness``): PD needs at least
+    one healthy prefill and one healthy decode node, hybrid one healthy hybrid node, where healthy
+    means routable, probed healthy (``unknown`` is not enough) and no open circuit breaker.
+    ``auto`` is PD when the model has a routable prefill and a routable decode node, or no
+    routable hybrid node but some prefill or decode node (as ``proxy.pd.wants_pd`` decides).
     """
-    routable = {role: 0 for role in NodeRole.values}
-    present = {role: 0 for role in NodeRole.values}
+    breakers = breakers or {}
+    routable = dict.fromkeys(NodeRole.values, 0)
+    healthy = dict.fromkeys(NodeRole.values, 0)
     for node in nodes:
-        present[node["role"]] += 1
         if node["routable"]:
             routable[node["role"]] += 1
-    if serving_mode == ServingMode.PD or (
-        serving_mode == ServingMode.AUTO and present[NodeRole.PREFILL] and present[NodeRole.DECODE]
-    ):
-        reasons = [f"no routable {role} node" for role in (NodeRole.PREFILL, NodeRole.DECODE) if not routable[role]]
-        return not reasons, ServingMode.PD, reasons
-    if routable[NodeRole.HYBRID]:
-        return True, ServingMode.HYBRID, []
-    return False, ServingMode.HYBRID, ["no routable hybrid node"]
+            if node["health"] == NodeHealth.HEALTHY and breakers.get(node["id"]) != "open":
+                healthy[node["role"]] += 1
+    if serving_mode == ServingMode.PD:
+        pd = True
+    elif serving_mode == ServingMode.HYBRID:
+        pd = False
+    else:
+        pd = bool(routable[NodeRole.PREFILL] and routable[NodeRole.DECODE]) or (
+            not routable[NodeRole.HYBRID] and any(node["role"] != NodeRole.HYBRID for node in nodes)
+        )
+    roles = (NodeRole.PREFILL, NodeRole.DECODE) if pd else (NodeRole.HYBRID,)
+    reasons = [f"no healthy {role} node" for role in roles if not healthy[role]]
+    return not reasons, ServingMode.PD if pd else ServingMode.HYBRID, reasons
 
 
-def model_cards(nodes: list[NodeRow]) -> list[ModelCard]:
+def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) -> list[ModelCard]:
     """One card per served model name, with its effective policy and readiness."""
     by_model: dict[str, list[NodeRow]] = defaultdict(list)
     for node in nodes:
@@ -131,7 +140,7 @@ def model_cards(nodes: list[NodeRow]) -> list[ModelCard]:
     cards: list[ModelCard] = []
     for name in sorted(by_model):
         policy = policies.get(name, default)
-        ready, mode, reasons = model_readiness(policy["serving_mode"], by_model[name])
+        ready, mode, reasons = model_readiness(policy["serving_mode"], by_model[name], breakers)
         cards.append(
             ModelCard(
                 name=name,
@@ -178,7 +187,8 @@ class FleetState(TypedDict):
     control_planes: list[ControlPlaneRow]
 
 
-def fleet_state() -> FleetState:
-    """Everything the dashboard shows from the database, in one call (a handful of queries)."""
+def fleet_state(breakers: dict[int, str] | None = None) -> FleetState:
+    """Everything the dashboard shows from the database, in one call (a handful of queries);
+    ``breakers`` (node id -> circuit-breaker state) count in the models' readiness."""
     nodes = node_rows()
-    return FleetState(nodes=nodes, models=model_cards(nodes), control_planes=control_plane_rows())
+    return FleetState(nodes=nodes, models=model_cards(nodes, breakers), control_planes=control_plane_rows())

@@ -41,25 +41,36 @@ def fleet(system):
     }
 
 
-def _row(role: str, state: str = "active", health: str = "unknown") -> dict:
-    return {"role": role, "state": state, "health": health, "routable": state == "active" and health != "unhealthy"}
+def _row(role: str, state: str = "active", health: str = "healthy", node_id: int = 0) -> dict:
+    routable = state == "active" and health != "unhealthy"
+    return {"id": node_id, "role": role, "state": state, "health": health, "routable": routable}
 
 
 @pytest.mark.parametrize(
     ("mode", "nodes", "ready", "effective", "reasons"),
     [
         ("auto", [_row("hybrid")], True, "hybrid", []),
-        ("auto", [_row("prefill"), _row("decode", health="healthy")], True, "pd", []),
-        ("auto", [_row("prefill", health="unhealthy"), _row("decode")], False, "pd", ["no routable prefill node"]),
-        ("pd", [_row("prefill"), _row("decode", state="draining")], False, "pd", ["no routable decode node"]),
-        ("pd", [_row("hybrid")], False, "pd", ["no routable prefill node", "no routable decode node"]),
-        ("hybrid", [_row("hybrid", state="disabled")], False, "hybrid", ["no routable hybrid node"]),
+        ("auto", [_row("hybrid", health="unknown")], False, "hybrid", ["no healthy hybrid node"]),
+        ("auto", [_row("prefill"), _row("decode")], True, "pd", []),
+        ("auto", [_row("prefill", health="unknown"), _row("decode")], False, "pd", ["no healthy prefill node"]),
+        # auto with a routable hybrid node but a sick prefill: served hybrid.
+        ("auto", [_row("prefill", health="unhealthy"), _row("decode"), _row("hybrid")], True, "hybrid", []),
+        # auto without any routable hybrid node: PD, so the reasons name the missing role.
+        ("auto", [_row("prefill", health="unhealthy"), _row("decode")], False, "pd", ["no healthy prefill node"]),
+        ("pd", [_row("prefill"), _row("decode", state="draining")], False, "pd", ["no healthy decode node"]),
+        ("pd", [_row("hybrid")], False, "pd", ["no healthy prefill node", "no healthy decode node"]),
+        ("hybrid", [_row("hybrid", state="disabled")], False, "hybrid", ["no healthy hybrid node"]),
         ("hybrid", [_row("prefill"), _row("decode"), _row("hybrid")], True, "hybrid", []),
-        ("auto", [_row("prefill")], False, "hybrid", ["no routable hybrid node"]),
     ],
 )
 def test_readiness_follows_the_serving_mode(mode, nodes, ready, effective, reasons) -> None:
     assert model_readiness(mode, nodes) == (ready, effective, reasons)
+
+
+def test_an_open_breaker_makes_a_healthy_node_count_as_sick() -> None:
+    nodes = [_row("hybrid", node_id=1), _row("hybrid", node_id=2)]
+    assert model_readiness("hybrid", nodes, {1: "open", 2: "half_open"})[0] is True
+    assert model_readiness("hybrid", nodes, {1: "open", 2: "open"}) == (False, "hybrid", ["no healthy hybrid node"])
 
 
 def test_anonymous_visitors_are_sent_to_the_admin_login(client: Client) -> None:
@@ -95,6 +106,8 @@ def test_the_page_carries_the_fleet_and_the_chart_library_from_the_project(
 def test_the_data_has_nodes_models_and_control_planes(client: Client, operator_user, fleet, system) -> None:
     services.control_plane_create(actor=system, name="ctrl-a", address="127.0.0.1:4479")
     services.node_update(node=fleet["decode"], actor=system, health="unhealthy")
+    for name in ("prefill", "hybrid"):
+        services.node_update(node=fleet[name], actor=system, health="healthy")
     client.force_login(operator_user)
 
     data = client.get("/dashboard/data").json()
@@ -111,7 +124,7 @@ def test_the_data_has_nodes_models_and_control_planes(client: Client, operator_u
     assert models["llama"]["ready"] is True
     assert models["llama"]["effective_mode"] == "hybrid"
     assert models["qwen"]["ready"] is False
-    assert models["qwen"]["reasons"] == ["no routable decode node"]
+    assert models["qwen"]["reasons"] == ["no healthy decode node"]
     assert sorted(models["qwen"]["nodes"]) == sorted([fleet["prefill"].id, fleet["decode"].id])
     (plane,) = data["control_planes"]
     assert plane["name"] == "ctrl-a"
@@ -124,7 +137,7 @@ def test_a_models_own_policy_wins_over_the_default(client: Client, operator_user
     cards = {m["name"]: m for m in fleet_state()["models"]}
     assert cards["qwen"]["strategy"] == "power_of_two"
     assert cards["qwen"]["effective_mode"] == "hybrid"
-    assert cards["qwen"]["reasons"] == ["no routable hybrid node"]
+    assert cards["qwen"]["reasons"] == ["no healthy hybrid node"]
     default = RoutePolicy.objects.get(model="")
     assert cards["llama"]["strategy"] == default.strategy
 
