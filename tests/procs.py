@@ -105,3 +105,40 @@ def running(
         stop_process(proc)
         with contextlib.suppress(OSError):
             os.unlink(log.name)
+
+
+BIN = Path(PYTHON).parent
+
+
+def routerpanel_env(directory: Path, redis_url: str, *, token: str, proxy_key: str, **extra: str) -> dict[str, str]:
+    """The environment for RouterPanel processes on a fresh SQLite database in ``directory``:
+    migrated, with the ``admin`` user, REST API ``token`` and proxy key ``proxy_key`` bootstrapped."""
+    env = {
+        **os.environ,
+        "ROUTERPANEL_SQLITE_PATH": str(directory / "db.sqlite3"),
+        "ROUTERPANEL_REDIS_URL": redis_url,
+        "ROUTERPANEL_API_TOKEN": token,
+        "ROUTERPANEL_DEMO_API_KEY": proxy_key,
+        "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
+        "ROUTERPANEL_LOG_LEVEL": "WARNING",
+        **extra,
+    }
+    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
+    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    return env
+
+
+def uvicorn_argv(port: int) -> list[str]:
+    """RouterPanel's web process as `make run` starts it, on ``port``."""
+    return [
+        str(BIN / "uvicorn"),
+        "routerpanel.asgi:application",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--no-access-log",
+    ]
+
+
+def celery_argv(*args: str) -> list[str]:
+    """A Celery process of RouterPanel's (``celery_argv("worker", "--concurrency=1")``)."""
+    return [str(BIN / "celery"), "-A", "routerpanel", *args, "-l", "WARNING"]

@@ -6,51 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.simulator.testing import run_simulator
-from tests.procs import PYTHON, REPO_ROOT, free_port, running
+from tests.procs import celery_argv, free_port, routerpanel_env, running, uvicorn_argv
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e3333333333333333333333333333333333333"
 PROXY_KEY = "rp-e2e-failover-key"
-BIN = Path(PYTHON).parent
 CONCURRENCY = 32
 
 
 @pytest.fixture(scope="module")
 def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
-    db = tmp_path_factory.mktemp("failover") / "db.sqlite3"
-    env = {
-        **os.environ,
-        "ROUTERPANEL_SQLITE_PATH": str(db),
-        "ROUTERPANEL_REDIS_URL": redis_server,
-        "ROUTERPANEL_API_TOKEN": TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
-        "ROUTERPANEL_LOG_LEVEL": "WARNING",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    directory = tmp_path_factory.mktemp("failover")
+    env = routerpanel_env(directory, redis_server, token=TOKEN, proxy_key=PROXY_KEY)
     port = free_port()
-    uvicorn = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
-    celery = str(BIN / "celery")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(running([*uvicorn, "--no-access-log"], port=port, env=env, timeout=60))
-        stack.enter_context(
-            running([celery, "-A", "routerpanel", "worker", "--concurrency=1", "-l", "WARNING"], env=env)
-        )
-        stack.enter_context(
-            running([celery, "-A", "routerpanel", "beat", "-l", "WARNING", "-s", f"{db}.beat"], env=env)
-        )
+        stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
+        stack.enter_context(running(celery_argv("worker", "--concurrency=1"), env=env))
+        stack.enter_context(running(celery_argv("beat", "-s", str(directory / "beat")), env=env))
         yield f"http://127.0.0.1:{port}"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -13,21 +12,30 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from proxy.simulator.testing import run_simulator
-from tests.procs import PYTHON, REPO_ROOT, free_port, running, stop_process, wait_for_port
+from tests.procs import (
+    BIN,
+    PYTHON,
+    REPO_ROOT,
+    celery_argv,
+    free_port,
+    routerpanel_env,
+    running,
+    stop_process,
+    uvicorn_argv,
+    wait_for_port,
+)
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e2222222222222222222222222222222222222"
 PROXY_KEY = "rp-e2e-registry-key"
 SYNC_INTERVAL = 2
-BIN = Path(PYTHON).parent
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.05, what: str = "") -> float:
@@ -71,31 +79,17 @@ class NanoCtrl:
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
     """RouterPanel's processes on a database of their own, and a running NanoCtrl."""
-    db = tmp_path_factory.mktemp("registry-e2e") / "db.sqlite3"
+    directory = tmp_path_factory.mktemp("registry-e2e")
     redis_root = redis_server.rsplit("/", 1)[0]
-    env = {
-        **os.environ,
-        "ROUTERPANEL_SQLITE_PATH": str(db),
-        "ROUTERPANEL_REDIS_URL": redis_server,
-        "ROUTERPANEL_API_TOKEN": TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
-        "ROUTERPANEL_REGISTRY_TIMEOUT": "2",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    env = routerpanel_env(directory, redis_server, token=TOKEN, proxy_key=PROXY_KEY, ROUTERPANEL_REGISTRY_TIMEOUT="2")
     nanoctrl = NanoCtrl(redis_root)
     nanoctrl.start()
     web_port = free_port()
-    uvicorn = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={web_port}"]
-    celery = str(BIN / "celery")
     with contextlib.ExitStack() as stack:
         stack.callback(nanoctrl.stop)
-        stack.enter_context(running(uvicorn, port=web_port, env=env, timeout=60))
-        stack.enter_context(running([celery, "-A", "routerpanel", "worker", "--concurrency=1", "-l", "INFO"], env=env))
-        stack.enter_context(
-            running([celery, "-A", "routerpanel", "beat", "-l", "INFO", "-s", str(db) + ".beat"], env=env)
-        )
+        stack.enter_context(running(uvicorn_argv(web_port), port=web_port, env=env, timeout=60))
+        stack.enter_context(running(celery_argv("worker", "--concurrency=1"), env=env))
+        stack.enter_context(running(celery_argv("beat", "-s", str(directory / "beat")), env=env))
         stack.enter_context(running([PYTHON, "manage.py", "listen_registry", "--reload-interval=0.5"], env=env))
         api = stack.enter_context(
             httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": f"Bearer {TOKEN}"})

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ import redis
 
 from nodes.localredis import redis_server_argv
 from proxy.simulator.testing import run_simulator
-from tests.procs import PYTHON, REPO_ROOT, free_port, running, stop_process, wait_for_port
+from tests.procs import free_port, routerpanel_env, running, stop_process, uvicorn_argv, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e4444444444444444444444444444444444444"
 PROXY_KEY = "rp-e2e-scale-key"
-BIN = Path(PYTHON).parent
 
 
 class PrivateRedis:
@@ -56,23 +54,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("scale-out")
     private_redis = PrivateRedis(tmp)
     private_redis.start()
-    env = {
-        **os.environ,
-        "ROUTERPANEL_SQLITE_PATH": str(tmp / "db.sqlite3"),
-        "ROUTERPANEL_REDIS_URL": private_redis.url,
-        "ROUTERPANEL_API_TOKEN": TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
-        "ROUTERPANEL_LOG_LEVEL": "WARNING",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+    env = routerpanel_env(tmp, private_redis.url, token=TOKEN, proxy_key=PROXY_KEY)
     ports = [free_port(), free_port()]
     with contextlib.ExitStack() as stack:
         stack.callback(private_redis.stop)
         for port in ports:
-            argv = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
-            stack.enter_context(running([*argv, "--no-access-log"], port=port, env=env, timeout=60))
+            stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
         a, b = (f"http://127.0.0.1:{port}" for port in ports)
         api = stack.enter_context(httpx.Client(base_url=a, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10))
         yield {"a": a, "b": b, "api": api, "redis": private_redis}

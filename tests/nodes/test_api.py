@@ -218,3 +218,11 @@ def test_unmatched_api_urls_answer_json_404(admin_api: APIClient) -> None:
     response = admin_api.get("/api/nodes/0.5/")
     assert response.status_code == 404
     assert response.json() == {"detail": "Not found."}
+
+
+def test_a_proxy_api_key_does_not_open_the_rest_api_or_the_dlrouter_endpoints(system) -> None:
+    _, plaintext = services.api_key_create(actor=system, name="app")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    assert client.get("/api/nodes/").status_code == 401
+    assert client.get("/nodes/status").status_code == 401
