@@ -74,6 +74,8 @@ def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> 
         "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
         "ROUTERPANEL_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "ROUTERPANEL_LOG_LEVEL": "WARNING",
+        # An opened breaker stays open long enough for a slow CI machine to see it on the page.
+        "ROUTERPANEL_BREAKER_COOLDOWN": "60",
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
@@ -334,6 +336,37 @@ def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: 
             timeout=30,
         )
         assert late.status_code == 503, late.text  # a draining node takes no new request
+
+
+def test_an_engine_answering_5xx_opens_its_breaker_on_the_dashboard(page, routerpanel: dict) -> None:
+    """Passive health next to active health: the engine's /health still says OK (so it stays
+    healthy) while its 500s open the proxy's circuit breaker, which the dashboard shows."""
+    from playwright.sync_api import expect
+
+    base = routerpanel["base"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    engine = {"engine": "nanodeploy", "served_model_name": "flaky-model", "ttft_ms": 1.0, "itl_ms": 1.0}
+    with run_simulator(**engine) as sim:
+        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["flaky-model"], "name": "flaky-engine"})
+        assert added.status_code == 201, added.text
+        node_id = added.json()["id"]
+        wait_until(lambda: api.get(f"/api/nodes/{node_id}/").json()["health"] == "healthy", message="never healthy")
+        log_in(page, "/dashboard/")
+        flaky = row(page, "flaky-engine")
+        card = page.locator('li[data-model="flaky-model"]')
+        expect(flaky.locator('[data-field="breaker"]')).to_have_text("Closed")
+        expect(card).to_have_attribute("data-ready", "true")
+
+        sim.set_faults(error_rate=1.0, error_status=500)
+        body = {"model": "flaky-model", "prompt": "hi", "max_tokens": 2}
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30) as proxy:
+            statuses = [proxy.post("/v1/completions", json=body).status_code for _ in range(8)]
+        assert statuses[0] == 500 and statuses[-1] == 503, statuses  # the engine's 500s, then no routable node
+        expect(flaky.locator('[data-field="breaker"]')).to_have_text("Open")
+        expect(flaky.locator('[data-field="health"]')).to_have_text("Healthy")
+        expect(flaky.locator('[data-field="error_rate"]')).to_have_text("100.0 %")
+        expect(card).to_have_attribute("data-ready", "false")
+        shot(page, "9-breaker-open")
 
 
 def test_without_its_websocket_the_page_polls_and_stays_live(page) -> None:

@@ -210,7 +210,7 @@
     models.forEach((model, index) => {
       seen.add(model.name);
       const members = model.nodes.map((id) => nodesById.get(id)).filter(Boolean);
-      const signature = JSON.stringify([model, members.map((n) => [n.id, n.url, n.name, n.role, n.state, n.health])]);
+      const signature = JSON.stringify([model, members.map((n) => [n.id, n.url, n.name, n.role, n.state, n.health, n.breaker])]);
       let li = cards.get(model.name);
       if (!li) {
         li = el("li", { class: "rp-card", "data-model": model.name });
@@ -252,6 +252,13 @@
         if (node.state !== "active") {
           const info = describe("state", node.state);
           const badge = el("span", { class: "rp-badge" }, info.label);
+          paint(badge, info.colour);
+          item.appendChild(badge);
+          item.appendChild(document.createTextNode(" "));
+        }
+        if (node.breaker && node.breaker !== "closed") {
+          const info = describe("breaker", node.breaker);
+          const badge = el("span", { class: "rp-badge" }, "Breaker " + info.label.toLowerCase());
           paint(badge, info.colour);
           item.appendChild(badge);
         }
