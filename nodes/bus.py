@@ -15,6 +15,10 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
+# When each proxy API key was last used (key id -> Unix time): written by the web workers
+# (proxy/shared.py), copied to ApiKey.last_used_at by a periodic task (nodes.tasks.record_key_usage).
+KEYS_LAST_USED = "routerpanel:keys-last-used"
+
 _client: redis.Redis | None = None
 _client_url: str | None = None
 _lock = threading.Lock()

@@ -370,6 +370,29 @@ def api_key_delete(*, key: ApiKey, actor: Actor) -> None:
     _delete(key, actor=actor)
 
 
+def api_key_record_usage() -> int:
+    """Copy the proxy's record of when each key was last used (Redis) into ``ApiKey.last_used_at``.
+    Bookkeeping, not a configuration change: no audit record, no version bump. Returns rows updated."""
+    try:
+        raw = bus.client().hgetall(bus.KEYS_LAST_USED)
+    except redis_lib.RedisError as exc:
+        logger.warning("could not read API key usage from Redis: %s", exc)
+        return 0
+    updated = 0
+    for key_id, stamp in raw.items():
+        try:
+            when = datetime.datetime.fromtimestamp(float(stamp), tz=datetime.UTC)
+            pk = int(key_id)
+        except ValueError:
+            continue
+        updated += (
+            ApiKey.objects.filter(pk=pk)
+            .filter(models.Q(last_used_at__isnull=True) | models.Q(last_used_at__lt=when))
+            .update(last_used_at=when)
+        )
+    return updated
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry sync (dlslime-ctrl / NanoCtrl)
 # ---------------------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ class ProxyApp:
         headers = RequestHeaders.parse(scope["headers"])
         request_id = headers.request_id or _new_request_id()
         key = self.authenticate(snap, headers)
+        if key is not None and self.shared is not None:
+            self.shared.key_used[key.id] = time.time()  # copied to ApiKey.last_used_at off the hot path
         try:
             body = await read_body(receive, self.max_body, headers.content_length)
         except ClientGone:

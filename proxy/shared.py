@@ -26,6 +26,8 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from nodes.bus import KEYS_LAST_USED
+
 from .breaker import BREAKERS, Breakers, NodeBreaker, decode
 from .load import KeyLimiter, LocalLoadTracker
 from .snapshot import KeyView, NodeView
@@ -148,6 +150,7 @@ class SharedCounters:
         self.load = SharedLoadTracker(self.view)
         self.limiter = SharedKeyLimiter(self.view)
         self.breakers = breakers or Breakers()
+        self.key_used: dict[int, float] = {}  # key id -> last use since the previous sync
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
@@ -210,6 +213,9 @@ class SharedCounters:
             pipe.pexpire(_load_key(self.worker), ttl_ms)
             pipe.pexpire(_keys_key(self.worker), ttl_ms)
             pipe.set(_alive_key(self.worker), 1, px=ttl_ms)
+            if self.key_used:
+                used, self.key_used = self.key_used, {}
+                pipe.hset(KEYS_LAST_USED, mapping={str(k): repr(t) for k, t in used.items()})
             transitions = self.breakers.take_pending()
             if transitions:
                 pipe.hset(BREAKERS, mapping=transitions)

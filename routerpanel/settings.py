@@ -230,6 +230,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": ROUTERPANEL_HEALTH_INTERVAL,
         "options": {"expires": ROUTERPANEL_HEALTH_INTERVAL * 0.9},
     },
+    "api-key-usage": {"task": "nodes.record_key_usage", "schedule": 30.0, "options": {"expires": 27.0}},
 }
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
 CELERY_TASK_ALWAYS_EAGER = env_bool("ROUTERPANEL_CELERY_EAGER", False)

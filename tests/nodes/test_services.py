@@ -128,3 +128,14 @@ def test_api_keys_store_only_a_hash(system) -> None:
     key.refresh_from_db()
     assert plaintext not in (key.key_hash, key.prefix)
     assert key.prefix == plaintext[:10]
+
+
+def test_key_usage_recorded_by_the_proxy_reaches_the_database(system, redis_url) -> None:
+    key, _ = services.api_key_create(actor=system, name="app")
+    records = ChangeRecord.objects.count()
+    redis.Redis.from_url(redis_url).hset("routerpanel:keys-last-used", str(key.pk), "1700000000.5")
+    assert services.api_key_record_usage() == 1
+    key.refresh_from_db()
+    assert key.last_used_at.timestamp() == 1700000000.5
+    assert services.api_key_record_usage() == 0  # not newer: nothing to do
+    assert ChangeRecord.objects.count() == records  # bookkeeping, not audited

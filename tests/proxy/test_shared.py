@@ -93,3 +93,11 @@ async def test_the_background_task_survives_an_unreachable_redis_and_recovers(re
     assert up.view.fresh()
     await up.stop()
     assert up.worker.encode() not in redis.Redis.from_url(redis_server).smembers("routerpanel:workers")
+
+
+async def test_key_use_is_recorded_for_the_database_off_the_hot_path(workers, redis_server) -> None:
+    a, _ = workers
+    a.key_used[5] = 1_700_000_000.5
+    await a.sync_once()
+    assert redis.Redis.from_url(redis_server).hget("routerpanel:keys-last-used", "5") == b"1700000000.5"
+    assert a.key_used == {}
