@@ -145,6 +145,10 @@ class NodeStats:
                 continue
             for second in [s for s in counters.buckets if s < oldest]:
                 del counters.buckets[second]
+            if not counters.buckets and node_id not in inflight:
+                # Idle for the whole history: forget it, so nodes that left the fleet cost nothing.
+                del self._nodes[node_id]
+                continue
             result[str(node_id)] = NodeSnapshot(
                 inflight=inflight.get(node_id, 0),
                 requests=counters.requests,

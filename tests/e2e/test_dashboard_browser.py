@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from proxy.simulator.testing import run_simulator
 from tests.procs import PYTHON, REPO_ROOT, free_port, running
@@ -66,10 +67,14 @@ def _browser_or_skip():
 def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
     """RouterPanel on a fresh database, with a Celery worker and beat for the health checks."""
     db = tmp_path_factory.mktemp("dashboard") / "db.sqlite3"
+    # A Redis database of its own: RouterPanels of other test modules may still run on the test
+    # Redis, and their node ids (from other SQLite files) would mix into this one's figures.
+    redis_url = redis_server.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(redis_url).flushdb()
     env = {
         **os.environ,
         "ROUTERPANEL_SQLITE_PATH": str(db),
-        "ROUTERPANEL_REDIS_URL": redis_server,
+        "ROUTERPANEL_REDIS_URL": redis_url,
         "ROUTERPANEL_API_TOKEN": TOKEN,
         "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
         "ROUTERPANEL_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -225,9 +230,7 @@ def staff_session(base: str) -> httpx.Client:
     return client
 
 
-def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict, redis_server: str) -> None:
-    import redis
-
+def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> None:
     from proxy import stats
 
     port = free_port()
@@ -254,7 +257,7 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict, redis_
                 if response.status_code == 404:  # the workers have not seen the new node yet
                     time.sleep(0.05)
         assert served >= 60
-        client = redis.Redis.from_url(redis_server)
+        client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])
         live_workers = client.zrangebyscore(stats.WORKERS_KEY, time.time() - stats.SNAPSHOT_TTL, "+inf")
         assert len(live_workers) >= 3  # the module's server and these two workers
         dashboard = staff_session(routerpanel["base"])

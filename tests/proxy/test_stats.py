@@ -85,6 +85,17 @@ def test_its_memory_is_bounded() -> None:
     assert len(snapshot["latency"]) <= stats.SAMPLE_WINDOW * 3 + 3
 
 
+def test_a_node_idle_for_the_whole_history_is_forgotten() -> None:
+    clock = Clock()
+    node_stats = NodeStats(clock=clock)
+    node_stats.record(1, status=200, elapsed=0.01)
+    node_stats.record(2, status=200, elapsed=0.01)
+    clock.now += stats.HISTORY_SECONDS + 2
+    node_stats.record(2, status=200, elapsed=0.01)
+    assert set(node_stats.snapshot({3: 1})) == {"2", "3"}
+    assert set(node_stats._nodes) == {2}
+
+
 def test_recording_costs_a_few_microseconds() -> None:
     node_stats = NodeStats()
     count = 20_000
