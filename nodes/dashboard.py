@@ -20,6 +20,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
 from proxy import stats
+from proxy.breaker import BREAKERS
 from proxy.stats import NodeFigures
 
 from . import bus
@@ -45,9 +46,9 @@ class DashboardPayload(TypedDict):
     control_planes: list[ControlPlaneRow]
 
 
-# The proxy's circuit breakers (proxy/breaker.py) share their transitions in this Redis hash:
+# The proxy's circuit breakers share their transitions in this Redis hash (proxy/breaker.py):
 # node id -> {"state": "closed" | "open" | "half_open", "until": epoch seconds, "at": epoch seconds}.
-BREAKERS_KEY = "routerpanel:breakers"
+BREAKERS_KEY = BREAKERS
 
 
 def parse_breakers(raw: dict, now: float | None = None) -> dict[int, str]:
