@@ -122,6 +122,8 @@ def page_config() -> dict:
     return {
         "refresh_seconds": REFRESH_SECONDS,
         "history_seconds": stats.HISTORY_SECONDS,
+        "rate_window": stats.RATE_WINDOW,
+        "sample_window": stats.SAMPLE_WINDOW,
         "websocket_path": "/ws/dashboard/",
         "data_path": "/dashboard/data",
         "choices": {
