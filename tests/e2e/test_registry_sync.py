@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import openai
 import pytest
+import redis
 
 from proxy.simulator.testing import run_simulator
 from tests.procs import (
@@ -122,7 +123,11 @@ def control_plane(system: dict, scope: str) -> Iterator[dict]:
     created = api.post("/api/control-planes/", json=body)
     assert created.status_code == 201, created.text
     cp = created.json()
-    time.sleep(1.0)  # the listener reloads control planes every 0.5 s
+    # Wait until the listener has subscribed to this scope's channel (it reloads every 0.5 s).
+    events = redis.Redis.from_url(system["redis"])
+    channel = f"{scope}:nano_events:service_update"
+    wait_until(lambda: events.pubsub_numsub(channel)[0][1] >= 1, timeout=15, what="listener subscribed")
+    events.close()
     yield cp
     leftovers = nodes(api, cp["id"])
     api.delete(f"/api/control-planes/{cp['id']}/")
