@@ -176,7 +176,9 @@ class PdRequest:
                 f"no_{role}_node",
             )
         return ProxyError(
-            503, f"Every {role} node serving {name!r} is at its concurrency limit.", f"no_{role}_capacity"
+            503,
+            f"Every {role} node serving {name!r} is at its concurrency limit or out of rotation after failures.",
+            f"no_{role}_capacity",
         )
 
     def choose_pair(self) -> None:
@@ -256,10 +258,12 @@ class PdRequest:
             started = time.perf_counter()
             elapsed: float | None = None
             status = 0
+            verdict: bool | None = None  # for the node's circuit breaker (None: no say)
             try:
                 path, body, headers = build(leg)
                 answer = await self.post_json(leg, path, body, headers, self.prefill_timeout)
                 status = answer.status
+                verdict = status < 500
                 if answer.status in RETRY_STATUSES and attempt + 1 < attempts:
                     last_answer = answer
                     continue
@@ -269,19 +273,22 @@ class PdRequest:
                     pd_metrics.count_leg_error("prefill", f"engine_{answer.status}")
                 return answer
             except CONNECT_ERRORS as exc:
+                verdict = False
                 last_error = engine_failed(f"Prefill node {leg.url} could not be reached: {exc}", "prefill_unreachable")
                 last_answer = None
                 continue
             except TimeoutError:
+                verdict = False
                 pd_metrics.count_leg_error("prefill", "prefill_timeout")
                 raise engine_timeout(
                     f"Prefill node {leg.url} did not answer within {self.prefill_timeout:g} s.", "prefill_timeout"
                 ) from None
             except aiohttp.ClientError as exc:
+                verdict = False
                 pd_metrics.count_leg_error("prefill", "prefill_failed")
                 raise engine_failed(f"Prefill node {leg.url} failed: {exc}", "prefill_failed") from None
             finally:
-                self.router.release(leg.target, elapsed)
+                self.router.release(leg.target, elapsed, ok=verdict)
                 duration = time.perf_counter() - started
                 pd_metrics.observe_leg(self.route.name, "prefill", duration)
                 stats.record(leg.target.node.id, status=status, elapsed=duration if status else None)
@@ -341,6 +348,7 @@ class PdRequest:
                 tried.append(leg.target.node.id)
             started = time.perf_counter()
             elapsed: float | None = None
+            verdict: bool | None = None  # for the node's circuit breaker (None: no say, e.g. client left)
             response: aiohttp.ClientResponse | None = None
             first = b""
             try:
@@ -352,6 +360,7 @@ class PdRequest:
                                 leg.url + path, data=dumps(body), headers=headers, timeout=timeout_for(self.policy)
                             )
                         except CONNECT_ERRORS as exc:
+                            verdict = False
                             last_error = engine_failed(
                                 f"Decode node {leg.url} could not be reached: {exc}", "decode_unreachable"
                             )
@@ -363,15 +372,18 @@ class PdRequest:
                             answer = await response.read()
                             if response.status != 200:
                                 error = decode_failed(leg, response.status, answer)
+                                verdict = False if response.status >= 500 else None
                                 if retry_statuses and response.status in RETRY_STATUSES and attempt + 1 < attempts:
                                     last_error = error
                                     continue
                                 raise error
                 except TimeoutError:
+                    verdict = False
                     raise engine_timeout(
                         f"Decode node {leg.url} did not answer within the policy's timeout.", "decode_timeout"
                     ) from None
                 except aiohttp.ClientError as exc:
+                    verdict = False
                     raise engine_failed(
                         f"Decode node {leg.url} failed before answering: {exc}", "decode_failed"
                     ) from None
@@ -392,6 +404,7 @@ class PdRequest:
                     # As on the hybrid path: a stream's node latency is its time to first token.
                     ttft = self.outcome.ttft if streaming else None
                     elapsed = ttft if ttft is not None else time.perf_counter() - started
+                verdict = self.outcome.error is None  # a stream the engine broke counts against it
                 return
             except ProxyError as exc:
                 pd_metrics.count_leg_error("decode", exc.code)
@@ -399,7 +412,7 @@ class PdRequest:
             finally:
                 if response is not None:
                     response.close()  # a no-op once the body was read; drops the connection otherwise
-                self.router.release(leg.target, elapsed)
+                self.router.release(leg.target, elapsed, ok=verdict)
                 duration = time.perf_counter() - started
                 pd_metrics.observe_leg(self.route.name, "decode", duration)
                 stats.record(

@@ -41,9 +41,11 @@ SEED = 6
 
 @pytest.fixture(scope="module")
 def routerpanel_server(e2e_database: dict[str, str]) -> Iterator[str]:
-    """One RouterPanel under uvicorn (the soak need not run twice)."""
+    """One RouterPanel under uvicorn (the soak need not run twice). The chaos injects failures on
+    purpose: circuit breakers that took nodes out of rotation would turn the soak into a 503 test."""
     port = free_port()
-    with running(SERVERS["uvicorn"](port), port=port, env=e2e_database, timeout=60):
+    env = {**e2e_database, "ROUTERPANEL_BREAKER_FAILURES": "1000000"}
+    with running(SERVERS["uvicorn"](port), port=port, env=env, timeout=60):
         base = f"http://127.0.0.1:{port}"
         httpx.get(base + "/health", timeout=10).raise_for_status()
         yield base

@@ -87,3 +87,17 @@ async def test_usage_has_the_prefills_prompt_tokens(fake_pd, proxy_app):
     assert response.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
     await settled(proxy_app)
     assert_no_leak(engines)
+
+
+async def test_failing_legs_open_the_nodes_circuit_breaker(fake_pd, proxy_app):
+    engines, prefills, decodes = await fake_pd()
+    install(prefills, decodes, retry_budget=0)
+    threshold = proxy_app.router.breakers.threshold
+    engines.fail(prefills[0], *[500] * threshold)
+    for _ in range(threshold):
+        assert (await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)).status == 500
+    response = await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)
+    assert response.status == 503
+    assert response.json()["error"]["code"] == "no_prefill_capacity"
+    await settled(proxy_app)
+    assert_no_leak(engines)
