@@ -228,6 +228,7 @@ def test_a_registry_outage_changes_no_node_and_recovers_without_duplicates(syste
         run_simulator(engine="nanodeploy", served_model_name=model, extra_args=engine_args(system, scope)),
     ):
         wait_until(lambda: len(nodes(api, control_plane["id"])) == 2, timeout=5, what="two nodes")
+        wait_until(lambda: model in routable_models(system), timeout=10, what="model routable")
         before = sorted((n["id"], n["url"], n["state"], n["role"]) for n in nodes(api, control_plane["id"]))
         system["nanoctrl"].stop()
         try:
