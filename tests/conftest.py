@@ -9,7 +9,7 @@ import pytest
 import redis as redis_lib
 
 from nodes.localredis import redis_server_argv
-from tests.procs import free_port, stop_process, wait_for_port
+from tests.procs import free_port, redis_db, stop_process, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +29,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(redis_server: str, settings) -> Iterator[str]:
-    """Point the project at the test Redis (flushed before each test) and yield its URL."""
-    client = redis_lib.Redis.from_url(redis_server)
+    """Point the project at the test Redis (database 1, flushed before each test) and yield its URL.
+    Database 0 belongs to the end-to-end suite's long-lived RouterPanel server."""
+    url = redis_db(redis_server, 1)
+    client = redis_lib.Redis.from_url(url)
     client.flushdb()
-    settings.ROUTERPANEL_REDIS_URL = redis_server
-    yield redis_server
+    settings.ROUTERPANEL_REDIS_URL = url
+    yield url
     client.close()
 
 

@@ -24,6 +24,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def redis_db(url: str, index: int) -> str:
+    """The same Redis server, another database: each end-to-end module that runs RouterPanel uses
+    its own, so their configuration versions, shared counters and breakers (keyed by node ids that
+    repeat across test databases) never mix."""
+    return f"{url.rsplit('/', 1)[0]}/{index}"
+
+
 def free_port_block(count: int) -> int:
     """The first of ``count`` consecutive ports that nobody listens on right now."""
     import random

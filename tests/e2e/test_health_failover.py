@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from proxy.simulator.testing import run_simulator
-from tests.procs import celery_argv, free_port, routerpanel_env, running, uvicorn_argv
+from tests.procs import celery_argv, free_port, redis_db, routerpanel_env, running, uvicorn_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ CONCURRENCY = 32
 @pytest.fixture(scope="module")
 def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("failover")
-    env = routerpanel_env(directory, redis_server, token=TOKEN, proxy_key=PROXY_KEY)
+    env = routerpanel_env(directory, redis_db(redis_server, 2), token=TOKEN, proxy_key=PROXY_KEY)
     port = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))

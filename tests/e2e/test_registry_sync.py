@@ -25,6 +25,7 @@ from tests.procs import (
     REPO_ROOT,
     celery_argv,
     free_port,
+    redis_db,
     routerpanel_env,
     running,
     stop_process,
@@ -82,7 +83,9 @@ def system(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Itera
     """RouterPanel's processes on a database of their own, and a running NanoCtrl."""
     directory = tmp_path_factory.mktemp("registry-e2e")
     redis_root = redis_server.rsplit("/", 1)[0]
-    env = routerpanel_env(directory, redis_server, token=TOKEN, proxy_key=PROXY_KEY, ROUTERPANEL_REGISTRY_TIMEOUT="2")
+    env = routerpanel_env(
+        directory, redis_db(redis_server, 3), token=TOKEN, proxy_key=PROXY_KEY, ROUTERPANEL_REGISTRY_TIMEOUT="2"
+    )
     nanoctrl = NanoCtrl(redis_root)
     nanoctrl.start()
     web_port = free_port()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import redis
 
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breakers
 from proxy.shared import SharedCounters
@@ -48,11 +47,10 @@ def test_a_trial_without_a_verdict_lets_another_trial_through() -> None:
 
 
 @pytest.fixture
-def two_workers(redis_server):
-    redis.Redis.from_url(redis_server).flushdb()
+def two_workers(redis_url):
     return (
-        SharedCounters(redis_server, breakers=Breakers(failures=2, cooldown=30)),
-        SharedCounters(redis_server, breakers=Breakers(failures=2, cooldown=30)),
+        SharedCounters(redis_url, breakers=Breakers(failures=2, cooldown=30)),
+        SharedCounters(redis_url, breakers=Breakers(failures=2, cooldown=30)),
     )
 
 

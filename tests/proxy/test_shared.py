@@ -18,9 +18,8 @@ LIMITED = NodeView(
 
 
 @pytest.fixture
-def workers(redis_server):
-    redis.Redis.from_url(redis_server).flushdb()
-    a, b = SharedCounters(redis_server, interval=0.05), SharedCounters(redis_server, interval=0.05)
+def workers(redis_url):
+    a, b = SharedCounters(redis_url, interval=0.05), SharedCounters(redis_url, interval=0.05)
     yield a, b
 
 
@@ -80,24 +79,24 @@ async def test_without_redis_each_worker_falls_back_to_its_own_counts(workers) -
     assert b.load.inflight(NODE.id) == 1
 
 
-async def test_the_background_task_survives_an_unreachable_redis_and_recovers(redis_server) -> None:
+async def test_the_background_task_survives_an_unreachable_redis_and_recovers(redis_url) -> None:
     down = SharedCounters("redis://127.0.0.1:1/0", interval=0.05)
     down.start()
     await asyncio.sleep(0.3)
     assert down._task is not None and not down._task.done()  # still trying, not crashed
     assert not down.view.fresh()
     await down.stop()
-    up = SharedCounters(redis_server, interval=0.05)
+    up = SharedCounters(redis_url, interval=0.05)
     up.start()
     await asyncio.sleep(0.3)
     assert up.view.fresh()
     await up.stop()
-    assert up.worker.encode() not in redis.Redis.from_url(redis_server).smembers("routerpanel:workers")
+    assert up.worker.encode() not in redis.Redis.from_url(redis_url).smembers("routerpanel:workers")
 
 
-async def test_key_use_is_recorded_for_the_database_off_the_hot_path(workers, redis_server) -> None:
+async def test_key_use_is_recorded_for_the_database_off_the_hot_path(workers, redis_url) -> None:
     a, _ = workers
     a.key_used[5] = 1_700_000_000.5
     await a.sync_once()
-    assert redis.Redis.from_url(redis_server).hget("routerpanel:keys-last-used", "5") == b"1700000000.5"
+    assert redis.Redis.from_url(redis_url).hget("routerpanel:keys-last-used", "5") == b"1700000000.5"
     assert a.key_used == {}
