@@ -122,7 +122,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
         state = getattr(self, "_breakers", {}).get(node.pk, "closed")
-        colour = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#bf8700"}.get(state, "#6e7781")
+        colour = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#7d4e00"}.get(state, "#6e7781")
         return format_html('<span class="rp-badge" style="background:{}">{}</span>', colour, state.replace("_", "-"))
 
     @admin.display(description="source", ordering="source")

@@ -76,7 +76,7 @@ class NodeState(BadgeChoices):
 
     @classmethod
     def _colours(cls) -> dict[str, str]:
-        return {cls.ACTIVE: "#1a7f37", cls.DRAINING: "#bf8700", cls.DISABLED: "#6e7781", cls.GONE: "#cf222e"}
+        return {cls.ACTIVE: "#1a7f37", cls.DRAINING: "#7d4e00", cls.DISABLED: "#6e7781", cls.GONE: "#cf222e"}
 
 
 class NodeHealth(BadgeChoices):

@@ -182,3 +182,8 @@ def test_the_admin_requires_a_login(client: Client) -> None:
     response = client.get("/admin/nodes/node/")
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]
+
+
+def test_the_admin_header_links_to_the_dashboard(admin_client_logged_in: Client) -> None:
+    html = admin_client_logged_in.get("/admin/").content.decode()
+    assert '<a href="/dashboard/">Dashboard</a>' in html
