@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from . import health, services
+from . import bus, dashboard, health, services
 from .choices import ChangeVia, NodeHealth, NodeRole, NodeSource, NodeState, ServingMode, Strategy, SyncState
 from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, generate_api_key
 
@@ -116,7 +116,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
     def changelist_view(self, request: HttpRequest, extra_context=None):
         # One Redis read per page for the breaker column.
-        self._breakers = health.breaker_states()
+        self._breakers = dashboard.read_breakers_sync(bus.client()) or {}
         return super().changelist_view(request, extra_context)
 
     @admin.display(description="breaker")

@@ -129,26 +129,3 @@ def single_runner(enabled: bool):
         if acquired and lock is not None:
             with contextlib.suppress(redis_lib.RedisError):
                 lock.release()
-
-
-BREAKERS_KEY = "routerpanel:breakers"  # written by the proxy's circuit breakers (proxy/breaker.py)
-
-
-def breaker_states() -> dict[int, str]:
-    """Each node's circuit-breaker state as the web workers share it in Redis ("closed" when absent)."""
-    try:
-        raw = bus.client().hgetall(BREAKERS_KEY)
-    except redis_lib.RedisError:
-        return {}
-    states: dict[int, str] = {}
-    now = time.time()
-    for node_id, value in raw.items():
-        try:
-            data = json.loads(value)
-            state = str(data["state"])
-            if state == "open" and float(data["until"]) <= now:
-                state = "half_open"  # cool-down over: the next request is the trial
-            states[int(node_id)] = state
-        except (ValueError, KeyError, TypeError):
-            continue
-    return states
