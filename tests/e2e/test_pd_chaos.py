@@ -120,7 +120,10 @@ async def one_request(client: aiohttp.ClientSession, url: str, body: dict, rng: 
     if leave < 0.1:
         # Leave at a random moment: before the prefill answered, during the decode, or never.
         try:
-            async with asyncio.timeout(rng.uniform(0.0, 0.08)):
+            # Half of them aim at the prefill (60 ms; RouterPanel notices a disconnect 20-40 ms into a
+            # request): the moment that tempts a router to leak the KV the prefill has allocated.
+            moment = rng.uniform(0.005, 0.05) if rng.random() < 0.5 else rng.uniform(0.0, 0.15)
+            async with asyncio.timeout(moment):
                 await run()
         except TimeoutError:
             tally.outcomes["left at a random moment"] += 1
@@ -181,8 +184,8 @@ async def soak(base: str, key: str, sims: list, tally: Tally) -> float:
 def fleet():
     common = {"engine": "nanodeploy", "served_model_name": MODEL, "model_path": "/models/chaos-model"}
     with (
-        run_simulator(role="prefill", ttft_ms=15, **common) as p1,
-        run_simulator(role="prefill", ttft_ms=15, **common) as p2,
+        run_simulator(role="prefill", ttft_ms=60, **common) as p1,
+        run_simulator(role="prefill", ttft_ms=60, **common) as p2,
         run_simulator(role="decode", ttft_ms=2, itl_ms=2, **common) as d1,
         run_simulator(role="decode", ttft_ms=2, itl_ms=2, **common) as d2,
     ):
