@@ -181,3 +181,13 @@ def test_the_demo_fleet_registers_and_serves_through_the_proxy(stack) -> None:
         time.sleep(0.2)
     answer = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hello"}])
     assert answer.choices[0].message.content
+    # demo-pd has a prefill and a decode engine: served through prefill/decode disaggregation.
+    pd = httpx.post(
+        f"{stack['base']}/v1/chat/completions",
+        json={"model": "demo-pd", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8},
+        headers={"Authorization": f"Bearer {stack['env']['ROUTERPANEL_DEMO_API_KEY']}"},
+        timeout=30,
+    )
+    assert pd.status_code == 200, pd.text
+    assert pd.headers["x-routerpanel-node"].startswith("prefill=")
+    assert pd.json()["choices"][0]["message"]["content"]
