@@ -1,10 +1,12 @@
 """The control side's HTTP calls to an engine node (not the data path): read its served models and
 ask it to terminate. Every call has a timeout; failures raise ``EngineError`` with a message fit for
-an operator."""
+an operator.
+
+httpx is imported inside the functions that use it: every web worker loads this module (the admin
+and the API do), the data path never calls it, and httpx with its dependencies costs a worker
+~18 MB of memory."""
 
 from __future__ import annotations
-
-import httpx
 
 
 class EngineError(Exception):
@@ -13,6 +15,8 @@ class EngineError(Exception):
 
 def fetch_served_models(base_url: str, *, timeout: float) -> list[str]:
     """The model ids a node lists at ``/v1/models`` (OpenAI list shape)."""
+    import httpx  # see the module docstring
+
     try:
         response = httpx.get(f"{base_url}/v1/models", timeout=timeout)
     except httpx.HTTPError as exc:
@@ -31,6 +35,8 @@ def fetch_served_models(base_url: str, *, timeout: float) -> list[str]:
 
 def terminate(base_url: str, *, timeout: float) -> None:
     """Ask the node to shut down (``GET {node}/terminate``, as DLRouter does)."""
+    import httpx  # see the module docstring
+
     try:
         response = httpx.get(f"{base_url}/terminate", headers={"accept": "application/json"}, timeout=timeout)
     except httpx.HTTPError as exc:

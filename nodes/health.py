@@ -16,14 +16,17 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
 import redis as redis_lib
 from django.conf import settings
 
 from . import bus
 from .choices import NodeHealth, NodeState
 from .models import Node
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class HealthReport:
 
 
 async def probe_one(client: httpx.AsyncClient, url: str) -> Probe:
+    import httpx
+
     started = time.perf_counter()
     try:
         response = await client.get(f"{url}/health")
@@ -60,6 +65,10 @@ async def probe_one(client: httpx.AsyncClient, url: str) -> Probe:
 
 
 async def probe_all(urls: list[str], *, timeout: float) -> list[Probe]:
+    # httpx is imported here, not at the top: web workers load this module (for the admin) but never
+    # probe, and httpx with its dependencies costs each of them ~18 MB of memory.
+    import httpx
+
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         return await asyncio.gather(*(probe_one(client, url) for url in urls))

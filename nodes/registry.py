@@ -12,8 +12,6 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from .choices import NodeRole
 
 ENTITY_TYPE = "service"
@@ -131,6 +129,8 @@ class NanoCtrlClient:
 
     def list_entities(self, *, kind: str, scope: str) -> tuple[list[RegistryEntity], list[str]]:
         """The entities of ``kind`` in ``scope``, and messages for those that could not be used."""
+        import httpx  # only the sync calls NanoCtrl; web workers need not pay httpx's memory
+
         body: dict[str, Any] = {"entity_type": ENTITY_TYPE, "kind": kind}
         if scope:
             body["scope"] = scope
