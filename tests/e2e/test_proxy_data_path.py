@@ -275,6 +275,8 @@ def test_each_error_status_has_the_openai_shape(fleet):
     for response, status in cases:
         assert response.status_code == status, response.text
         assert set(response.json()["error"]) == {"message", "type", "code"}
+        if status == 429:
+            assert 1 <= int(response.headers["retry-after"]) <= 60
 
 
 def test_a_dead_node_is_retried_with_no_client_visible_errors(fleet):

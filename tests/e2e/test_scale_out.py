@@ -100,6 +100,29 @@ def test_a_node_added_through_worker_a_gets_traffic_from_worker_b_within_a_secon
     assert took < 1.0
 
 
+def test_a_keys_rate_limit_counts_requests_through_every_worker(clean) -> None:
+    api: httpx.Client = clean["api"]
+    with run_simulator(served_model_name="scale-d") as sim:
+        add_node(api, sim.url, "scale-d")
+        created = api.post("/api/api-keys/", json={"name": "limited", "rate_limit_rpm": 4})
+        assert created.status_code == 201, created.text
+        key = created.json()["key"]
+        if 60 - time.time() % 60 < 15:  # the one-minute window must not roll over mid-test
+            time.sleep(60 - time.time() % 60 + 0.5)
+        time.sleep(1.0)  # both workers' snapshots know the key and the node
+
+        def send(base: str) -> httpx.Response:
+            body = {"model": "scale-d", "prompt": "hi", "max_tokens": 2}
+            return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        assert [send(clean["a"]).status_code for _ in range(2)] == [200, 200]
+        time.sleep(0.5)  # B learns A's count at the next shared-counter sync (every 0.1 s)
+        answers = [send(clean["b"]) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 60
+
+
 async def _streams(base: str, model: str, count: int, opened: asyncio.Event) -> None:
     """Run ``count`` slow streams (about 8 s each) through ``base``; ``opened`` is set once all started.
     Each is read to its end: a client that stopped reading would count as gone and be cancelled."""
