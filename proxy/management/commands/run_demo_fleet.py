@@ -10,8 +10,8 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from proxy.simulator.config import parse_args
-from proxy.simulator.server import run
+from enginesim.config import parse_args
+from enginesim.server import run
 
 DEMO_FLEET = [
     {"role": "hybrid", "served_model_name": "demo-chat", "model_path": "/models/demo-chat-8B"},

@@ -1,11 +1,11 @@
-"""``manage.py simulate_engine``: run a simulated inference engine (see ``proxy.simulator``)."""
+"""``manage.py simulate_engine``: run a simulated inference engine (see ``enginesim``)."""
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from proxy.simulator.config import FleetError, add_arguments, configs_from_options
-from proxy.simulator.server import run
+from enginesim.config import FleetError, add_arguments, configs_from_options
+from enginesim.server import run
 
 
 class Command(BaseCommand):

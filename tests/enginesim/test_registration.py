@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.procs import PYTHON, REPO_ROOT, free_port, running, wait_for_port
 
 pytestmark = pytest.mark.e2e

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy.simulator.openai import ChoicePlan, Plan
-from proxy.simulator.textgen import count_prompt_tokens, plan_tokens
+from enginesim.openai import ChoicePlan, Plan
+from enginesim.textgen import count_prompt_tokens, plan_tokens
 
 if TYPE_CHECKING:
-    from proxy.simulator.app import Handler, InferenceRequest, SimulatorApp
+    from enginesim.app import Handler, InferenceRequest, SimulatorApp
 
 
 class Flavour:

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from proxy.simulator import chat_prompt_text, expected_completion
-from proxy.simulator.testing import Simulator, run_simulator
+from enginesim import chat_prompt_text, expected_completion
+from enginesim.testing import Simulator, run_simulator
 
 MODEL_PATH = "/models/org/Llama-Sim-8B/"
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from proxy.simulator import expected_completion
-from proxy.simulator.testing import Simulator, free_port, run_simulator
+from enginesim import expected_completion
+from enginesim.testing import Simulator, free_port, run_simulator
 
 
 @pytest.fixture(scope="module")

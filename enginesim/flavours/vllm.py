@@ -17,14 +17,14 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from proxy.simulator.flavours.base import Flavour, blocks_for
-from proxy.simulator.openai import HttpError, Plan
-from proxy.simulator.peer import PeerUnreachable, post_json
-from proxy.simulator.textgen import count_prompt_tokens
+from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.openai import HttpError, Plan
+from enginesim.peer import PeerUnreachable, post_json
+from enginesim.textgen import count_prompt_tokens
 
 if TYPE_CHECKING:
-    from proxy.simulator.app import Handler, InferenceRequest
-    from proxy.simulator.http import Request, Response
+    from enginesim.app import Handler, InferenceRequest
+    from enginesim.http import Request, Response
 
 KV_ABORT_TIMEOUT_S = 480.0  # vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT default
 _REQUIRED = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from proxy.simulator.flavours.base import Flavour, blocks_for
-from proxy.simulator.openai import HttpError, Plan
-from proxy.simulator.peer import PeerUnreachable, post_json
-from proxy.simulator.textgen import count_prompt_tokens, prompt_token_ids
+from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.openai import HttpError, Plan
+from enginesim.peer import PeerUnreachable, post_json
+from enginesim.textgen import count_prompt_tokens, prompt_token_ids
 
 if TYPE_CHECKING:
-    from proxy.simulator.app import Handler, InferenceRequest
-    from proxy.simulator.http import Request, Response
+    from enginesim.app import Handler, InferenceRequest
+    from enginesim.http import Request, Response
 
 
 def _is_int(value: Any) -> bool:

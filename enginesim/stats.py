@@ -6,8 +6,8 @@ import json
 import time
 from collections import Counter, deque
 
-from proxy.simulator.http import Request
-from proxy.simulator.shapes import RecordedRequest, RequestCounters
+from enginesim.http import Request
+from enginesim.shapes import RecordedRequest, RequestCounters
 
 
 class RequestStats:

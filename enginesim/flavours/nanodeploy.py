@@ -19,9 +19,9 @@ import json
 import random
 from typing import TYPE_CHECKING, Any
 
-from proxy.simulator.flavours.base import Flavour, blocks_for
-from proxy.simulator.openai import ChoicePlan, HttpError, Plan
-from proxy.simulator.textgen import (
+from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.openai import ChoicePlan, HttpError, Plan
+from enginesim.textgen import (
     count_prompt_tokens,
     natural_length,
     plan_tokens_from_seed,
@@ -30,8 +30,8 @@ from proxy.simulator.textgen import (
 )
 
 if TYPE_CHECKING:
-    from proxy.simulator.app import Handler, InferenceRequest
-    from proxy.simulator.http import Request, Response
+    from enginesim.app import Handler, InferenceRequest
+    from enginesim.http import Request, Response
 
 FIRST_SEQ_ID = 1024
 

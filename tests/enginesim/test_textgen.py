@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.simulator import chat_prompt_text, expected_completion, expected_finish_reason
-from proxy.simulator.textgen import VOCAB, completion_prompt_texts, natural_length
+from enginesim import chat_prompt_text, expected_completion, expected_finish_reason
+from enginesim.textgen import VOCAB, completion_prompt_texts, natural_length
 
 
 def test_it_answers_the_same_text_for_the_same_prompt():

@@ -7,14 +7,14 @@ import logging
 import signal
 from collections.abc import Sequence
 
-from proxy.simulator.app import SimulatorApp
-from proxy.simulator.config import SimConfig
-from proxy.simulator.flavours.sglang import BootstrapApp, SglangFlavour
-from proxy.simulator.http import HttpServer
-from proxy.simulator.peer import close_sessions
-from proxy.simulator.registration import Registrar
+from enginesim.app import SimulatorApp
+from enginesim.config import SimConfig
+from enginesim.flavours.sglang import BootstrapApp, SglangFlavour
+from enginesim.http import HttpServer
+from enginesim.peer import close_sessions
+from enginesim.registration import Registrar
 
-logger = logging.getLogger("proxy.simulator")
+logger = logging.getLogger("enginesim")
 
 
 class RunningEngine:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.simulator.textgen import piece
+from enginesim.textgen import piece
 
 
 def dumps(obj: Any) -> bytes:

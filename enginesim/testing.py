@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from proxy.simulator.shapes import RecordedRequest, SimStats
+from enginesim.shapes import RecordedRequest, SimStats
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -44,11 +44,11 @@ def simulator_argv(
     itl_ms: float = 0.0,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of ``python -m proxy.simulator`` with these options."""
+    """The command line of ``python -m enginesim`` with these options."""
     return [
         sys.executable,
         "-m",
-        "proxy.simulator",
+        "enginesim",
         f"--engine={engine}",
         f"--role={role}",
         f"--host={host}",

@@ -16,9 +16,9 @@ from typing import Any
 
 import aiohttp
 
-from proxy.simulator.config import SimConfig
+from enginesim.config import SimConfig
 
-logger = logging.getLogger("proxy.simulator.registration")
+logger = logging.getLogger("enginesim.registration")
 
 
 def entity_for(config: SimConfig) -> dict[str, Any]:

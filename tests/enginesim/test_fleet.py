@@ -8,8 +8,8 @@ import sys
 
 import httpx
 
-from proxy.simulator import expected_completion
-from proxy.simulator.testing import REPO_ROOT, free_port, run_simulator, wait_listening
+from enginesim import expected_completion
+from enginesim.testing import REPO_ROOT, free_port, run_simulator, wait_listening
 
 
 def test_one_process_serves_a_prefill_and_a_decode_that_complete_a_pd_request():
@@ -28,7 +28,7 @@ def test_one_process_serves_a_prefill_and_a_decode_that_complete_a_pd_request():
 
 
 def test_a_bad_fleet_is_refused_with_a_message():
-    argv = [sys.executable, "-m", "proxy.simulator", "--fleet", '[{"port": 1, "colour": "red"}]']
+    argv = [sys.executable, "-m", "enginesim", "--fleet", '[{"port": 1, "colour": "red"}]']
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "colour" in result.stderr

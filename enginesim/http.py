@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 import httptools
 
-logger = logging.getLogger("proxy.simulator")
+logger = logging.getLogger("enginesim")
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 STREAM_HEADERS = (

@@ -11,16 +11,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from proxy.simulator.config import SimConfig
-from proxy.simulator.faults import FaultError, Faults, RequestFaults
-from proxy.simulator.http import STREAM_HEADERS, ClientGone, HttpServer, Request, Response, render_head, render_response
-from proxy.simulator.kv import KvLedger
-from proxy.simulator.openai import HttpError, Plan, dumps, error_type_for
-from proxy.simulator.shapes import SimStats
-from proxy.simulator.stats import RequestLog, RequestStats
-from proxy.simulator.textgen import chat_prompt_text, completion_prompt_texts
+from enginesim.config import SimConfig
+from enginesim.faults import FaultError, Faults, RequestFaults
+from enginesim.http import STREAM_HEADERS, ClientGone, HttpServer, Request, Response, render_head, render_response
+from enginesim.kv import KvLedger
+from enginesim.openai import HttpError, Plan, dumps, error_type_for
+from enginesim.shapes import SimStats
+from enginesim.stats import RequestLog, RequestStats
+from enginesim.textgen import chat_prompt_text, completion_prompt_texts
 
-logger = logging.getLogger("proxy.simulator")
+logger = logging.getLogger("enginesim")
 
 Handler = Callable[[Request, Response], Awaitable[None]]
 FAST_CACHE_MAX = 4096
@@ -48,7 +48,7 @@ class SimulatorApp:
     """One simulated engine. The HTTP layer calls ``handle_fast`` then ``handle`` for each request."""
 
     def __init__(self, config: SimConfig) -> None:
-        from proxy.simulator.flavours import flavour_for  # flavours import this module's types
+        from enginesim.flavours import flavour_for  # flavours import this module's types
 
         self.config = config
         self.started_at = time.time()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from proxy.simulator.testing import Simulator, run_simulator
+from enginesim.testing import Simulator, run_simulator
 
 
 @pytest.fixture(scope="module")

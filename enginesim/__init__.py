@@ -1,13 +1,13 @@
 """A simulated LLM inference engine that speaks NanoDeploy/DLEngine, vLLM, SGLang, LMDeploy and plain OpenAI.
 
-Run it with ``python manage.py simulate_engine`` or ``python -m proxy.simulator`` (no Django needed).
+Run it with ``python manage.py simulate_engine`` or ``python -m enginesim`` (no Django needed).
 Tests compute what it answers with ``expected_completion`` (see ``textgen``). It imports no Django
 models and needs no database.
 """
 
 from __future__ import annotations
 
-from proxy.simulator.textgen import (
+from enginesim.textgen import (
     EOS_MARKER,
     chat_prompt_text,
     count_prompt_tokens,

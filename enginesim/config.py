@@ -1,4 +1,4 @@
-"""Command-line options of the simulator (shared by ``python -m proxy.simulator`` and the management command)."""
+"""Command-line options of the simulator (shared by ``python -m enginesim`` and the management command)."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def configs_from_options(options: dict[str, Any]) -> list[SimConfig]:
 
 
 def parse_args(argv: list[str] | None = None) -> list[SimConfig]:
-    parser = argparse.ArgumentParser(prog="python -m proxy.simulator", description="Simulated LLM inference engine")
+    parser = argparse.ArgumentParser(prog="python -m enginesim", description="Simulated LLM inference engine")
     add_arguments(parser)
     options = vars(parser.parse_args(argv))
     try:

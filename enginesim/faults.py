@@ -6,7 +6,7 @@ import random
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from proxy.simulator.config import FaultOptions
+from enginesim.config import FaultOptions
 
 ERROR_STATUSES = (429, 500, 503)
 

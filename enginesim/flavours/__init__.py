@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from proxy.simulator.flavours.base import Flavour
-from proxy.simulator.flavours.lmdeploy import LmdeployFlavour
-from proxy.simulator.flavours.nanodeploy import NanoDeployFlavour
-from proxy.simulator.flavours.sglang import SglangFlavour
-from proxy.simulator.flavours.vllm import VllmFlavour
+from enginesim.flavours.base import Flavour
+from enginesim.flavours.lmdeploy import LmdeployFlavour
+from enginesim.flavours.nanodeploy import NanoDeployFlavour
+from enginesim.flavours.sglang import SglangFlavour
+from enginesim.flavours.vllm import VllmFlavour
 
 FLAVOURS: dict[str, type[Flavour]] = {
     "openai": Flavour,

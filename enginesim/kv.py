@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.simulator.shapes import KvLedgerSnapshot
+from enginesim.shapes import KvLedgerSnapshot
 
 
 @dataclass

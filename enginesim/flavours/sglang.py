@@ -15,13 +15,13 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from proxy.simulator.flavours.base import Flavour
-from proxy.simulator.http import Request, Response
-from proxy.simulator.openai import HttpError, Plan
-from proxy.simulator.peer import PeerUnreachable, post_json
+from enginesim.flavours.base import Flavour
+from enginesim.http import Request, Response
+from enginesim.openai import HttpError, Plan
+from enginesim.peer import PeerUnreachable, post_json
 
 if TYPE_CHECKING:
-    from proxy.simulator.app import InferenceRequest
+    from enginesim.app import InferenceRequest
 
 
 @dataclass
