@@ -3,53 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
 
 from enginesim.config import SimConfig
 from enginesim.faults import FaultError, Faults, RequestFaults
+from enginesim.flavours import flavour_for
 from enginesim.http import STREAM_HEADERS, ClientGone, HttpServer, Request, Response, render_head, render_response
+from enginesim.inference import Handler, InferenceRequest, parse_inference, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan, dumps, error_type_for
 from enginesim.shapes import SimStats
 from enginesim.stats import RequestLog, RequestStats
-from enginesim.textgen import chat_prompt_text, completion_prompt_texts
 
 logger = logging.getLogger("enginesim")
 
-Handler = Callable[[Request, Response], Awaitable[None]]
 FAST_CACHE_MAX = 4096
-
-
-@dataclass
-class InferenceRequest:
-    """A parsed chat or completion request, what flavours plan an answer for."""
-
-    request: Request
-    body: dict[str, Any]
-    kind: str  # "chat" or "completion"
-    model: str
-    prompts: list[str]
-    n: int
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool
-
-    def header(self, name: str) -> str | None:
-        return self.request.header(name)
 
 
 class SimulatorApp:
     """One simulated engine. The HTTP layer calls ``handle_fast`` then ``handle`` for each request."""
 
     def __init__(self, config: SimConfig) -> None:
-        from enginesim.flavours import flavour_for  # flavours import this module's types
-
         self.config = config
         self.started_at = time.time()
         self.stats = RequestStats()
@@ -59,7 +36,7 @@ class SimulatorApp:
         self.server: HttpServer | None = None
         self.accepted_models = config.accepted_model_names
         self._fast_cache: dict[tuple[str, bytes], bytes] = {}
-        self.flavour = flavour_for(config.engine)(self)
+        self.flavour = flavour_for(config.engine)(config, self.kv, self.stats)
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.models,
@@ -158,56 +135,6 @@ class SimulatorApp:
         await self._inference(request, response, "completion")
 
     # The inference path
-    def parse_json(self, request: Request) -> Any:
-        try:
-            return json.loads(request.body)
-        except ValueError as exc:
-            raise HttpError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
-
-    def _parse_inference(self, request: Request, kind: str) -> InferenceRequest:
-        body = self.parse_json(request)
-        if not isinstance(body, dict):
-            raise HttpError(400, "request body must be a JSON object", code="invalid_json")
-        model = body.get("model", self.config.served_model_name)
-        if model not in self.accepted_models:
-            raise HttpError(
-                404,
-                f"The model `{model}` does not exist. Accepted names: {', '.join(self.accepted_models)}",
-                code="model_not_found",
-            )
-        if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise HttpError(400, "messages must be a non-empty list", code="invalid_request")
-            prompts = [chat_prompt_text(messages)]
-        else:
-            prompts = completion_prompt_texts(body.get("prompt"))
-            if prompts is None:
-                raise HttpError(400, "prompt must be a string, a list of strings or token ids", code="invalid_request")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-        ):
-            raise HttpError(400, "max_tokens must be a positive integer", code="invalid_request")
-        n = body.get("n", 1)
-        if n is None:
-            n = 1
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 64:
-            raise HttpError(400, "n must be an integer between 1 and 64", code="invalid_request")
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return InferenceRequest(
-            request=request,
-            body=body,
-            kind=kind,
-            model=model,
-            prompts=prompts,
-            n=n,
-            max_tokens=max_tokens,
-            stream=bool(body.get("stream", False)),
-            include_usage=include_usage,
-        )
-
     async def _inference(self, request: Request, response: Response, kind: str) -> None:
         rank = request.header("x-data-parallel-rank")
         if rank is not None:
@@ -216,7 +143,9 @@ class SimulatorApp:
         if injected is not None:
             self.stats.faults_injected += 1
             await self._apply_entry_faults(injected)
-        req = self._parse_inference(request, kind)
+        req = parse_inference(
+            request, kind, default_model=self.config.served_model_name, accepted_models=self.accepted_models
+        )
         plan = await self.flavour.plan(req)
         extra_headers = self.flavour.response_headers(req)
         delay = not self.config.fast
@@ -333,7 +262,7 @@ class SimulatorApp:
     async def sim_faults_set(self, request: Request, response: Response) -> None:
         """Replace the active faults (fields left out are off); ``{}`` clears them all."""
         try:
-            faults = Faults.from_json(self.parse_json(request))
+            faults = Faults.from_json(parse_json(request))
         except (FaultError, TypeError) as exc:
             raise HttpError(400, str(exc)) from None
         await self.set_faults(faults)
@@ -354,9 +283,7 @@ class SimulatorApp:
 
     async def sim_reset(self, request: Request, response: Response) -> None:
         """Forget counters, recorded requests, faults and the KV ledger (between test cases)."""
-        in_flight = self.stats.in_flight
-        self.stats = RequestStats()
-        self.stats.in_flight = in_flight
+        self.stats.reset()
         self.log.clear()
         self.kv.reset()
         self.flavour.reset()

@@ -14,11 +14,15 @@ class RequestStats:
     """Counters of everything but ``/sim/*``. ``cancelled`` counts requests the client abandoned."""
 
     def __init__(self) -> None:
+        self.in_flight = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero every counter but ``in_flight`` (``POST /sim/reset``): requests still running decrement it."""
         self.total = 0
         self.by_endpoint: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
         self.by_dp_rank: Counter[str] = Counter()
-        self.in_flight = 0
         self.completed = 0
         self.cancelled = 0
         self.aborted = 0

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enginesim.config import SimConfig
+from enginesim.inference import Handler, InferenceRequest
+from enginesim.kv import KvLedger
 from enginesim.openai import ChoicePlan, Plan
+from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens, plan_tokens
-
-if TYPE_CHECKING:
-    from enginesim.app import Handler, InferenceRequest, SimulatorApp
 
 
 class Flavour:
-    """Hybrid serving only: every request is answered in full."""
+    """Hybrid serving only: every request is answered in full.
 
-    def __init__(self, app: SimulatorApp) -> None:
-        self.app = app
-        self.config = app.config
+    A flavour sees what it needs of its engine (the options, the KV ledger, the request counters), not the app.
+    """
+
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        self.config = config
+        self.kv = kv
+        self.counters = counters
 
     def routes(self) -> dict[tuple[str, str], Handler]:
         """Extra engine endpoints (counted in stats like the OpenAI ones)."""

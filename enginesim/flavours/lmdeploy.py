@@ -16,16 +16,17 @@ makes once per pair) answer success and are counted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.http import Request, Response
+from enginesim.inference import Handler, InferenceRequest, parse_json
+from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
+from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens, prompt_token_ids
-
-if TYPE_CHECKING:
-    from enginesim.app import Handler, InferenceRequest
-    from enginesim.http import Request, Response
 
 
 def _is_int(value: Any) -> bool:
@@ -33,8 +34,8 @@ def _is_int(value: Any) -> bool:
 
 
 class LmdeployFlavour(Flavour):
-    def __init__(self, app) -> None:
-        super().__init__(app)
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        super().__init__(config, kv, counters)
         self.next_session_id = 1
         self.reset()
 
@@ -75,11 +76,11 @@ class LmdeployFlavour(Flavour):
         self.next_session_id += 1
         token_ids = prompt_token_ids(req.prompts[0])
         first = plan.choices[0].token_ids[0]
-        entry = self.app.kv.allocate(
+        entry = self.kv.allocate(
             session_id, blocks_for(count_prompt_tokens(req.prompts[0]), self.config.kv_block_size), token=first
         )
         if not req.body.get("preserve_cache"):
-            self.app.kv.free(session_id)
+            self.kv.free(session_id)
         plan.response_id = str(session_id)
         plan.extra["cache_block_ids"] = entry.blocks
         plan.extra["remote_token_ids"] = [*token_ids, first]
@@ -120,8 +121,8 @@ class LmdeployFlavour(Flavour):
         return plan
 
     async def migrate(self, request: Request, response: Response) -> None:
-        body = self.app.parse_json(request)
-        entry = self.app.kv.get(body.get("session_id")) if isinstance(body, dict) else None
+        body = parse_json(request)
+        entry = self.kv.get(body.get("session_id")) if isinstance(body, dict) else None
         if entry is None:
             raise HttpError(404, "no preserved cache for that session")
         if body.get("block_ids") != entry.blocks or body.get("token_id") != entry.meta.get("token"):
@@ -130,12 +131,12 @@ class LmdeployFlavour(Flavour):
         response.send_json(200, {"session_id": entry.key, "blocks": entry.blocks})
 
     async def free_cache(self, request: Request, response: Response) -> None:
-        body = self.app.parse_json(request)
+        body = parse_json(request)
         session_id = body.get("session_id") if isinstance(body, dict) else None
         if not _is_int(session_id):
             raise HttpError(400, 'body must be {"session_id": int}')
-        freed = self.app.kv.free(session_id)
-        self.app.stats.by_status["200"] += 1
+        freed = self.kv.free(session_id)
+        self.counters.by_status["200"] += 1
         response.send_json(200, {"session_id": session_id, "freed": freed})
 
     def _handshake(self, name: str) -> Handler:

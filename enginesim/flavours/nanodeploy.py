@@ -17,10 +17,15 @@ import binascii
 import hashlib
 import json
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.http import Request, Response
+from enginesim.inference import Handler, InferenceRequest, parse_json
+from enginesim.kv import KvLedger
 from enginesim.openai import ChoicePlan, HttpError, Plan
+from enginesim.stats import RequestStats
 from enginesim.textgen import (
     count_prompt_tokens,
     natural_length,
@@ -28,10 +33,6 @@ from enginesim.textgen import (
     prompt_seed,
     prompt_token_ids,
 )
-
-if TYPE_CHECKING:
-    from enginesim.app import Handler, InferenceRequest
-    from enginesim.http import Request, Response
 
 FIRST_SEQ_ID = 1024
 
@@ -61,8 +62,8 @@ def decode_migration(migration: Any) -> dict[str, Any]:
 
 
 class NanoDeployFlavour(Flavour):
-    def __init__(self, app) -> None:
-        super().__init__(app)
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        super().__init__(config, kv, counters)
         self.reset()
 
     def reset(self) -> None:
@@ -109,7 +110,7 @@ class NanoDeployFlavour(Flavour):
         seq_id = self.next_seq_id
         self.next_seq_id += 1
         token_ids = prompt_token_ids(prompt)
-        entry = self.app.kv.allocate(seq_id, blocks_for(len(token_ids), self.config.kv_block_size))
+        entry = self.kv.allocate(seq_id, blocks_for(len(token_ids), self.config.kv_block_size))
         migration = encode_migration(
             {
                 "version": 1,
@@ -160,10 +161,10 @@ class NanoDeployFlavour(Flavour):
         return Plan(req.kind, req.model, choices, prompt_tokens, cacheable=False)
 
     async def pd_free(self, request: Request, response: Response) -> None:
-        body = self.app.parse_json(request)
+        body = parse_json(request)
         seq_ids = body.get("seq_ids") if isinstance(body, dict) else None
         if not isinstance(seq_ids, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seq_ids):
             raise HttpError(400, 'body must be {"seq_ids": [int, ...]}', code="invalid_request")
-        freed = [s for s in seq_ids if self.app.kv.free(s)]
-        self.app.stats.by_status["200"] += 1
+        freed = [s for s in seq_ids if self.kv.free(s)]
+        self.counters.by_status["200"] += 1
         response.send_json(200, {"freed": freed})

@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour
 from enginesim.http import Request, Response
+from enginesim.inference import InferenceRequest, parse_json
+from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
-
-if TYPE_CHECKING:
-    from enginesim.app import InferenceRequest
+from enginesim.stats import RequestStats
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Room:
 
 
 class SglangFlavour(Flavour):
-    def __init__(self, app) -> None:
-        super().__init__(app)
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        super().__init__(config, kv, counters)
         self.rooms: dict[int, Room] = {}
         self.reset()
 
@@ -125,7 +126,7 @@ class SglangFlavour(Flavour):
 
     async def claim(self, request: Request, response: Response) -> None:
         """Bootstrap server: a decode joins rooms; wait until the prefill has them all."""
-        body = self.app.parse_json(request)
+        body = parse_json(request)
         rooms = body.get("rooms") if isinstance(body, dict) else None
         if not isinstance(rooms, list) or not all(isinstance(r, int) for r in rooms):
             raise HttpError(400, 'body must be {"rooms": [int, ...]}')

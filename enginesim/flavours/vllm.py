@@ -15,24 +15,25 @@ fails with 500 if the prefill never saw that request id or the blocks differ.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour, blocks_for
+from enginesim.http import Request, Response
+from enginesim.inference import Handler, InferenceRequest, parse_json
+from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
+from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens
-
-if TYPE_CHECKING:
-    from enginesim.app import Handler, InferenceRequest
-    from enginesim.http import Request, Response
 
 KV_ABORT_TIMEOUT_S = 480.0  # vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT default
 _REQUIRED = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
 
 
 class VllmFlavour(Flavour):
-    def __init__(self, app) -> None:
-        super().__init__(app)
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        super().__init__(config, kv, counters)
         self.engine_id = str(uuid.uuid4())
         self.reset()
 
@@ -68,11 +69,11 @@ class VllmFlavour(Flavour):
         return self.hybrid_plan(req)
 
     def _prefill(self, req: InferenceRequest) -> Plan:
-        self.app.kv.expire_older_than(KV_ABORT_TIMEOUT_S)
+        self.kv.expire_older_than(KV_ABORT_TIMEOUT_S)
         request_id = req.header("x-request-id") or f"cmpl-{uuid.uuid4().hex}"
         plan = self.hybrid_plan(req)
         tokens = sum(count_prompt_tokens(p) for p in req.prompts)
-        entry = self.app.kv.allocate(request_id, blocks_for(tokens, self.config.kv_block_size))
+        entry = self.kv.allocate(request_id, blocks_for(tokens, self.config.kv_block_size))
         self.prefills += 1
         plan.extra["kv_transfer_params"] = {
             "do_remote_prefill": True,
@@ -117,15 +118,15 @@ class VllmFlavour(Flavour):
 
     async def kv_read(self, request: Request, response: Response) -> None:
         """Side channel: the decode reads (and thereby releases) the blocks it was promised."""
-        body = self.app.parse_json(request)
+        body = parse_json(request)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object")
-        entry = self.app.kv.get(body.get("request_id"))
+        entry = self.kv.get(body.get("request_id"))
         if entry is None:
             raise HttpError(404, f"no prefilled KV for request id {body.get('request_id')!r}")
         if body.get("engine_id") != self.engine_id or body.get("block_ids") != entry.blocks:
             raise HttpError(409, "engine id or block ids do not match the prefill's")
-        self.app.kv.free(entry.key)
+        self.kv.free(entry.key)
         response.send_json(200, {"read": entry.blocks})
 
 
