@@ -1,8 +1,10 @@
 """A simulated LLM inference engine that speaks NanoDeploy/DLEngine, vLLM, SGLang, LMDeploy and plain OpenAI.
 
-Run it with ``python manage.py simulate_engine`` or ``python -m enginesim`` (no Django needed).
-Tests compute what it answers with ``expected_completion`` (see ``textgen``). It imports no Django
-models and needs no database.
+Test and benchmark tooling, not part of the product: it is left out of the wheel and imports nothing of
+RouterPanel's (no Django, no database). Run one engine with ``python -m enginesim``, the demo fleet with
+``python -m enginesim.demo``; tests start engines with ``enginesim.testing.run_simulator`` and compute
+what they answer with ``expected_completion`` (see ``textgen``). ``enginesim/README.md`` describes the
+wire behaviour.
 """
 
 from __future__ import annotations

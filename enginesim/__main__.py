@@ -1,4 +1,4 @@
-"""``python -m enginesim --engine ... --port ...``: the simulator without Django's start-up cost."""
+"""``python -m enginesim --engine ... --port ...``: one simulated engine, or several with ``--fleet``."""
 
 from __future__ import annotations
 

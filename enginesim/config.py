@@ -1,4 +1,4 @@
-"""Command-line options of the simulator (shared by ``python -m enginesim`` and the management command)."""
+"""Command-line options of the simulator (``python -m enginesim``) and the config they build."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class SimConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the simulator's options on ``parser`` (argparse or a Django command's parser)."""
+    """Declare the simulator's options on ``parser``."""
     parser.add_argument("--engine", choices=ENGINES, default="openai")
     parser.add_argument("--role", choices=ROLES, default="hybrid")
     parser.add_argument("--host", default="127.0.0.1")
@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_options(options: dict) -> SimConfig:
-    """Build a ``SimConfig`` from parsed options (argparse namespace ``vars`` or Django's ``options``)."""
+    """Build a ``SimConfig`` from parsed options (``vars`` of an argparse namespace)."""
     fault_fields = FaultOptions.__dataclass_fields__
     config_fields = SimConfig.__dataclass_fields__
     faults = FaultOptions(**{k: v for k, v in options.items() if k in fault_fields})

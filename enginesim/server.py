@@ -40,7 +40,7 @@ class RunningEngine:
         config = self.config
         extra = f", bootstrap port {config.bootstrap_port}" if self.bootstrap else ""
         print(
-            f"simulate_engine: {config.engine} {config.role} '{config.served_model_name}' "
+            f"enginesim: {config.engine} {config.role} '{config.served_model_name}' "
             f"on http://{config.host}:{config.port}{extra}",
             flush=True,
         )

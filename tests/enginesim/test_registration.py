@@ -1,4 +1,5 @@
-"""Simulated engines registering with the real NanoCtrl binary on a real Redis (SPEC §5)."""
+"""Simulated engines registering with the real NanoCtrl binary on a real Redis (the protocol:
+``enginesim/registration.py``)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def ctrl_args(address: str, scope: str, interval: float = 1.0) -> list[str]:
 
 def test_two_engines_register_and_a_cleanly_stopped_one_is_gone_at_once(nanoctrl, scope):
     port = free_port()
-    command = [PYTHON, "manage.py", "simulate_engine", "--engine=dlengine", "--role=decode", f"--port={port}"]
+    command = [PYTHON, "-m", "enginesim", "--engine=dlengine", "--role=decode", f"--port={port}"]
     command += ["--served-model-name=qwen", "--model-path=/models/Qwen3-8B", *ctrl_args(nanoctrl, scope)]
     with (
         run_simulator(

@@ -1,4 +1,4 @@
-"""NanoDeploy / DLEngine PD (SPEC §4) against real prefill and decode simulators: migration, EOS, KV ledger."""
+"""NanoDeploy / DLEngine PD (docs/pd.md) against real prefill and decode simulators: migration, EOS, KV ledger."""
 
 from __future__ import annotations
 
@@ -156,8 +156,8 @@ def test_eos_at_prefill_can_be_forced_by_probability():
 
 
 def test_a_prefill_the_client_abandoned_keeps_its_kv_for_the_router_to_free():
-    # SPEC §4: a router must let the prefill call finish and free the seq_id it returns; one that cancels
-    # the call instead leaves KV behind, and this ledger shows it.
+    # docs/pd.md, "Nothing leaks": a router must let the prefill call finish and free the seq_id it returns;
+    # one that cancels the call instead leaves KV behind, and this ledger shows it.
     with run_simulator(engine="nanodeploy", role="prefill", ttft_ms=2000) as prefill:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
