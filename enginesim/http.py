@@ -1,10 +1,12 @@
 """A small, fast HTTP/1.1 server on asyncio protocols with httptools parsing.
 
-aiohttp.web spends ~10x more CPU per request than this; the fast mode must be a benchmark baseline, so
-requests are parsed with httptools, served with keep-alive, and an application may answer from
-precomputed bytes without creating a task (``App.handle_fast``). Everything else runs as one task per
-request; when the client goes away, ``connection_lost`` cancels that task so the application sees
-``CancelledError`` exactly where it was waiting (in a TTFT sleep, a hang, between stream chunks).
+The fast mode is the benchmark's DIRECT baseline, so it must cost little: for the same cached answer
+aiohttp.web spends about 4x and a raw ASGI app under uvicorn about 3x the CPU per request of this server
+(docs/decisions/0007-engine-simulator-own-http-server.md). Requests are parsed with httptools, served
+with keep-alive, and an application may answer from precomputed bytes without creating a task
+(``App.handle_fast``). Everything else runs as one task per request; when the client goes away,
+``connection_lost`` cancels that task so the application sees ``CancelledError`` exactly where it was
+waiting (in a TTFT sleep, a hang, between stream chunks).
 """
 
 from __future__ import annotations
