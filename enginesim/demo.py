@@ -11,11 +11,12 @@ import argparse
 from enginesim.config import SimConfig
 from enginesim.server import run
 
-DEMO_FLEET: list[dict[str, str]] = [
-    {"role": "hybrid", "served_model_name": "demo-chat", "model_path": "/models/demo-chat-8B"},
-    {"role": "hybrid", "served_model_name": "demo-chat", "model_path": "/models/demo-chat-8B"},
-    {"role": "prefill", "served_model_name": "demo-pd", "model_path": "/models/demo-pd-8B"},
-    {"role": "decode", "served_model_name": "demo-pd", "model_path": "/models/demo-pd-8B"},
+# (role, served model name, model path) of each engine, in port order
+DEMO_FLEET: list[tuple[str, str, str]] = [
+    ("hybrid", "demo-chat", "/models/demo-chat-8B"),
+    ("hybrid", "demo-chat", "/models/demo-chat-8B"),
+    ("prefill", "demo-pd", "/models/demo-pd-8B"),
+    ("decode", "demo-pd", "/models/demo-pd-8B"),
 ]
 
 
@@ -39,9 +40,11 @@ def demo_configs(
             ctrl_address=ctrl_address,
             ctrl_scope=ctrl_scope or None,
             heartbeat_interval=heartbeat_interval,
-            **entry,
+            role=role,
+            served_model_name=served_model_name,
+            model_path=model_path,
         )
-        for offset, entry in enumerate(DEMO_FLEET)
+        for offset, (role, served_model_name, model_path) in enumerate(DEMO_FLEET)
     ]
 
 

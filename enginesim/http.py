@@ -42,7 +42,9 @@ class Request:
 
     __slots__ = ("_json", "body", "headers", "keep_alive", "method", "path", "query")
 
-    def __init__(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool):
+    def __init__(
+        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
+    ) -> None:
         self.method = method.decode("latin-1")
         path, _, query = url.partition(b"?")
         self.path = path.decode("latin-1")
@@ -96,7 +98,7 @@ class Response:
 
     __slots__ = ("_conn", "keep_alive", "started")
 
-    def __init__(self, conn: HttpConnection, keep_alive: bool):
+    def __init__(self, conn: HttpConnection, keep_alive: bool) -> None:
         self._conn = conn
         self.keep_alive = keep_alive
         self.started = False
@@ -147,7 +149,7 @@ class Response:
 class HttpConnection(asyncio.Protocol):
     """One client connection: parses requests and serves them in order (pipelined ones queue up)."""
 
-    def __init__(self, app: App, connections: set[HttpConnection]):
+    def __init__(self, app: App, connections: set[HttpConnection]) -> None:
         self.app = app
         self.connections = connections
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -258,7 +260,7 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """A listening socket serving ``app``; it can stop and resume accepting (the refuse-connections fault)."""
 
-    def __init__(self, app: App, host: str, port: int):
+    def __init__(self, app: App, host: str, port: int) -> None:
         self.app = app
         self.host = host
         self.port = port

@@ -61,9 +61,10 @@ def parse_inference(request: Request, kind: str, *, default_model: str, accepted
             raise HttpError(400, "messages must be a non-empty list", code="invalid_request")
         prompts = [chat_prompt_text(messages)]
     else:
-        prompts = completion_prompt_texts(body.get("prompt"))
-        if prompts is None:
+        texts = completion_prompt_texts(body.get("prompt"))
+        if texts is None:
             raise HttpError(400, "prompt must be a string, a list of strings or token ids", code="invalid_request")
+        prompts = texts
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise HttpError(400, "max_tokens must be a positive integer", code="invalid_request")

@@ -25,6 +25,10 @@ class KvLedger:
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every allocation and counter (``POST /sim/reset``)."""
         self.entries: dict[int | str, KvEntry] = {}
         self.freed_keys: set[int | str] = set()
         self.allocated = 0
@@ -43,8 +47,9 @@ class KvLedger:
         self.allocated += 1
         return entry
 
-    def get(self, key: int | str) -> KvEntry | None:
-        return self.entries.get(key)
+    def get(self, key: object) -> KvEntry | None:
+        """The entry held under ``key``; None for any other value (an id from a request body is unchecked)."""
+        return self.entries.get(key) if isinstance(key, int | str) else None
 
     def free(self, key: int | str) -> bool:
         """Release ``key``; True when it was held."""
@@ -67,9 +72,6 @@ class KvLedger:
             self.freed_keys.add(key)
             self.expired += 1
         return len(stale)
-
-    def reset(self) -> None:
-        self.__init__()
 
     def snapshot(self) -> KvLedgerSnapshot:
         now = time.monotonic()

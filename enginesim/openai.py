@@ -18,7 +18,7 @@ def dumps(obj: Any) -> bytes:
 class HttpError(Exception):
     """An error answer in OpenAI shape: ``{"error": {"message", "type", "code"}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: Any = None):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: Any = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

@@ -51,7 +51,9 @@ class Registrar:
         self.base = (address if address.startswith(("http://", "https://")) else f"http://{address}").rstrip("/")
         self.interval = config.heartbeat_interval
         self.entity = entity_for(config)
-        self.ids = {k: self.entity[k] for k in ("entity_type", "entity_id", "scope") if k in self.entity}
+        self.ids: dict[str, Any] = {
+            k: self.entity[k] for k in ("entity_type", "entity_id", "scope") if k in self.entity
+        }
         self.registered = False
         self._task: asyncio.Task | None = None
         self._session: aiohttp.ClientSession | None = None

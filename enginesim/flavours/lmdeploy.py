@@ -16,7 +16,7 @@ makes once per pair) answer success and are counted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour, blocks_for
@@ -29,7 +29,7 @@ from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens, prompt_token_ids
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
