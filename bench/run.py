@@ -35,8 +35,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from enginesim.testing import run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
-from proxy.simulator.testing import run_simulator  # noqa: E402
 from tests.procs import PYTHON, free_port, running  # noqa: E402
 
 API_TOKEN = "bench000000000000000000000000000000000000"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 
 
 def lua_script(body: dict) -> str:

@@ -15,6 +15,4 @@ A lean ASGI app (no Django request handling) serves ``/v1/*``, ``/health`` and `
 - ``pd``         prefill/decode pairs: per-engine protocols, both legs, KV released on every path
 - ``adapters``   per-engine request shaping of the hybrid path, registered by engine type
 - ``upstream``   the aiohttp session per event loop; ``errors``, ``sse``, ``metrics``: helpers
-
-``simulator`` (and ``management/commands/simulate_engine``) is a separate test/bench engine.
 """

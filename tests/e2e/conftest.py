@@ -2,7 +2,7 @@
 and the web process (uvicorn by default; daphne too, via ``routerpanel_server``'s parameters).
 
 ``stack`` gives a test a clean registry and helpers to set it up through the REST API, exactly as
-an operator's automation would; simulated engines come from ``proxy.simulator.testing``.
+an operator's automation would; simulated engines come from ``enginesim.testing``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from proxy.simulator import chat_prompt_text, expected_completion
+from enginesim import chat_prompt_text, expected_completion
 
 
 def chat(model: str, content: str = "Tell me about prefill", **extra: Any) -> dict[str, Any]:

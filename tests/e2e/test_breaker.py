@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.procs import PYTHON, REPO_ROOT, free_port, running
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.procs import celery_argv, free_port, redis_db, routerpanel_env, running, uvicorn_argv
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ import aiohttp
 import httpx
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.e2e.conftest import SERVERS
 from tests.e2e.pd_support import (
     chat,

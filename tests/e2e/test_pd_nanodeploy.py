@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.e2e.pd_support import (
     answer_text,
     chat,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from proxy.simulator.testing import free_port, run_simulator
+from enginesim.testing import free_port, run_simulator
 from tests.e2e.pd_support import (
     answer_text,
     chat,

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.e2e.pd_support import (
     answer_text,
     chat,

@@ -11,7 +11,7 @@ import sqlite3
 import httpx
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 
 pytestmark = pytest.mark.e2e
 

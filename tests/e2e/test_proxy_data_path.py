@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 
 pytestmark = pytest.mark.e2e
 

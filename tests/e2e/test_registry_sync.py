@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 
-from proxy.simulator.testing import run_simulator
+from enginesim.testing import run_simulator
 from tests.procs import (
     BIN,
     PYTHON,

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis
 
+from enginesim.testing import run_simulator
 from nodes.localredis import redis_server_argv
-from proxy.simulator.testing import run_simulator
 from tests.procs import free_port, routerpanel_env, running, stop_process, uvicorn_argv, wait_for_port
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,65 @@
+"""The plain OpenAI engine; other flavours extend it with their PD protocol."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from enginesim.config import SimConfig
+from enginesim.inference import Handler, InferenceRequest
+from enginesim.kv import KvLedger
+from enginesim.openai import ChoicePlan, Plan
+from enginesim.stats import RequestStats
+from enginesim.textgen import count_prompt_tokens, plan_tokens
+
+
+class Flavour:
+    """Hybrid serving only: every request is answered in full.
+
+    A flavour sees what it needs of its engine (the options, the KV ledger, the request counters), not the app.
+    """
+
+    def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
+        self.config = config
+        self.kv = kv
+        self.counters = counters
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """Extra engine endpoints (counted in stats like the OpenAI ones)."""
+        return {}
+
+    def admin_routes(self) -> dict[tuple[str, str], Handler]:
+        """Extra ``/sim/*`` endpoints (simulator plumbing, e.g. the PD side channels)."""
+        return {}
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def reset(self) -> None:
+        """Forget PD counters (``POST /sim/reset``)."""
+
+    def response_headers(self, req: InferenceRequest) -> list[tuple[str, str]]:
+        return []
+
+    async def plan(self, req: InferenceRequest) -> Plan:
+        return self.hybrid_plan(req)
+
+    def hybrid_plan(self, req: InferenceRequest, max_tokens: int | None = None, *, limit: int | None = None) -> Plan:
+        """The full answer: for each prompt, ``n`` copies of its deterministic completion.
+
+        ``limit`` cuts every choice to that many tokens (a prefill leg that stops after its first token).
+        """
+        budget = req.max_tokens if max_tokens is None else max_tokens
+        choices: list[ChoicePlan] = []
+        prompt_tokens = 0
+        for j, prompt in enumerate(req.prompts):
+            ids, finish = plan_tokens(prompt, budget, self.config.natural_tokens)
+            if limit is not None and len(ids) > limit:
+                ids, finish = ids[:limit], "length"
+            prompt_tokens += count_prompt_tokens(prompt)
+            choices.extend(ChoicePlan(j * req.n + k, ids, finish) for k in range(req.n))
+        return Plan(kind=req.kind, model=req.model, choices=choices, prompt_tokens=prompt_tokens)
+
+
+def blocks_for(prompt_tokens: int, block_size: int) -> int:
+    """KV blocks a sequence of ``prompt_tokens`` occupies."""
+    return max(1, -(-prompt_tokens // max(1, block_size)))

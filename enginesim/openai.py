@@ -1,0 +1,178 @@
+"""OpenAI wire shapes: response bodies, SSE chunks and error bodies the simulated engines send."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from enginesim.textgen import piece
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class HttpError(Exception):
+    """An error answer in OpenAI shape: ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code if code is not None else status
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+def error_type_for(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+@dataclass
+class ChoicePlan:
+    index: int
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class Plan:
+    """What one inference request answers: the choices, usage, and extra top-level fields (PD params)."""
+
+    kind: str  # "chat" or "completion"
+    model: str
+    choices: list[ChoicePlan]
+    prompt_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    response_id: str = ""
+    created: int = 0
+    force_non_stream: bool = False
+    cacheable: bool = True
+    # KV this answer allocated on a prefill: released if the engine itself drops the answer (an injected
+    # close_after_chunks), since nobody can learn its id. A client that leaves does not release it.
+    kv_key: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.response_id:
+            prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
+            self.response_id = prefix + os.urandom(12).hex()
+        if not self.created:
+            self.created = int(time.time())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+    @property
+    def steps(self) -> int:
+        return max((len(c.token_ids) for c in self.choices), default=0)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def full_body(self) -> dict[str, Any]:
+        """The non-streaming response body."""
+        if self.kind == "chat":
+            choices = [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": "".join(piece(t) for t in c.token_ids)},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ]
+            obj = "chat.completion"
+        else:
+            choices = [
+                {
+                    "index": c.index,
+                    "text": "".join(piece(t) for t in c.token_ids),
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in self.choices
+            ]
+            obj = "text_completion"
+        body = {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+        body.update(self.extra)
+        return body
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        chunk = {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        return b"data: " + dumps(chunk) + b"\n\n"
+
+    def stream_steps(self) -> list[list[bytes]]:
+        """SSE events grouped by generation step (the latency model sleeps between steps).
+
+        Chat: the first step also carries ``delta {"role": "assistant"}``; each choice's last token
+        carries its ``finish_reason``. The usage chunk and ``[DONE]`` come from ``stream_tail``.
+        """
+        steps: list[list[bytes]] = []
+        for step in range(self.steps):
+            events: list[bytes] = []
+            for c in self.choices:
+                if step >= len(c.token_ids):
+                    continue
+                last = step == len(c.token_ids) - 1
+                text = piece(c.token_ids[step])
+                if self.kind == "chat":
+                    delta: dict[str, Any] = {"role": "assistant", "content": text} if step == 0 else {"content": text}
+                    choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+                    events.append(self._chunk([choice]))
+                    if last:
+                        end = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
+                        events.append(self._chunk([end]))
+                else:
+                    choice = {
+                        "index": c.index,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason if last else None,
+                    }
+                    events.append(self._chunk([choice]))
+            steps.append(events)
+        return steps
+
+    def stream_tail(self, include_usage: bool) -> list[bytes]:
+        events = []
+        if include_usage:
+            obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            usage_chunk = {
+                "id": self.response_id,
+                "object": obj,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage(),
+            }
+            events.append(b"data: " + dumps(usage_chunk) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return events

@@ -1,0 +1,181 @@
+"""Start simulated engines from tests (this project's and the proxy's) and talk to their ``/sim/*`` API.
+
+with run_simulator(engine="nanodeploy", role="prefill", ttft_ms=0) as sim:
+    httpx.post(sim.url + "/v1/completions", json={...})
+    assert sim.stats()["kv"]["outstanding_count"] == 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from enginesim.shapes import RecordedRequest, SimStats
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def simulator_argv(
+    *,
+    engine: str = "openai",
+    role: str = "hybrid",
+    port: int,
+    host: str = "127.0.0.1",
+    served_model_name: str = "sim-model",
+    model_path: str = "/models/sim-model",
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The command line of ``python -m enginesim`` with these options."""
+    return [
+        sys.executable,
+        "-m",
+        "enginesim",
+        f"--engine={engine}",
+        f"--role={role}",
+        f"--host={host}",
+        f"--port={port}",
+        f"--served-model-name={served_model_name}",
+        f"--model-path={model_path}",
+        f"--ttft-ms={ttft_ms}",
+        f"--itl-ms={itl_ms}",
+        *extra_args,
+    ]
+
+
+class Simulator:
+    """A running simulator process and helpers for its admin API."""
+
+    def __init__(self, proc: subprocess.Popen, host: str, port: int) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.url = f"http://{host}:{port}"
+
+    def _get(self, path: str) -> Any:
+        response = httpx.get(self.url + path, timeout=10.0)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> SimStats:
+        return self._get("/sim/stats")
+
+    def requests(self, limit: int | None = None) -> list[RecordedRequest]:
+        suffix = f"?limit={limit}" if limit is not None else ""
+        return self._get("/sim/requests" + suffix)["requests"]
+
+    def set_faults(self, **faults: Any) -> dict[str, Any]:
+        response = httpx.post(self.url + "/sim/faults", json=faults, timeout=10.0)
+        response.raise_for_status()
+        return response.json()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/sim/reset", timeout=10.0).raise_for_status()
+
+    def wait_for(self, predicate: Callable[[SimStats], bool], *, timeout: float = 10.0) -> SimStats:
+        """Poll ``/sim/stats`` until ``predicate(stats)`` holds; returns the stats (fails on timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if predicate(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout} s; last stats: {stats}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        """What the process printed (only once it has exited)."""
+        return _read_log(self.proc)
+
+
+def _read_log(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_file", None)
+    if log is None:
+        return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = _read_log(proc)
+            raise RuntimeError(f"simulator exited with {proc.returncode}:\n{out[-4000:]}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"simulator did not listen on {host}:{port} within {timeout} s")
+
+
+@contextlib.contextmanager
+def run_simulator(
+    *,
+    engine: str = "openai",
+    role: str = "hybrid",
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    served_model_name: str = "sim-model",
+    model_path: str = "/models/sim-model",
+    ttft_ms: float = 0.0,
+    itl_ms: float = 0.0,
+    extra_args: Sequence[str] = (),
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+) -> Iterator[Simulator]:
+    """Run a simulator process for the ``with`` block; SIGTERM (then SIGKILL) and reap it afterwards."""
+    port = port or free_port()
+    argv = simulator_argv(
+        engine=engine,
+        role=role,
+        port=port,
+        host=host,
+        served_model_name=served_model_name,
+        model_path=model_path,
+        ttft_ms=ttft_ms,
+        itl_ms=itl_ms,
+        extra_args=extra_args,
+    )
+    # Output goes to a file, not a pipe: nobody drains a pipe during a long test, and a full pipe
+    # would block the simulator on its next log line.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    proc.log_file = log  # type: ignore[attr-defined]
+    try:
+        if wait:
+            wait_listening(host, port, proc)
+        yield Simulator(proc, host, port)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        log.close()
