@@ -26,7 +26,7 @@ from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .pd import proxy_pd, wants_pd
 from .readiness import readiness
-from .relay import Outcome, ProxyRequest
+from .request import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
 from .snapshot import KeyView, Snapshot

@@ -16,7 +16,7 @@ from __future__ import annotations
 from nodes.choices import EngineType
 
 from ..errors import ProxyError
-from ..relay import Outcome, ProxyRequest
+from ..request import Outcome, ProxyRequest
 from ..router import Router
 from ..transport import DisconnectWatcher, Send
 from . import core

@@ -27,7 +27,7 @@ from nodes.choices import EngineType, NodeRole, ServingMode
 
 from .. import sse, stats
 from ..errors import ProxyError, engine_failed, engine_timeout
-from ..relay import Outcome, ProxyRequest
+from ..request import Outcome, ProxyRequest
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
 from ..transport import DisconnectWatcher, Send, send_bytes
