@@ -124,9 +124,9 @@ class AttemptLoop(Generic[R]):
         self,
         router: Router,
         route: Route,
-        *,
         stream: bool,
         first_byte_timeout: float | None,
+        *,
         retry_other_node: bool = True,
         retry_statuses: bool = True,
     ) -> None:
