@@ -12,12 +12,12 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from nodes.choices import NodeRole
 
 from .. import sse
-from ..attempts import DECODE, PREFILL, Attempt, AttemptLoop, R, verdict_for
+from ..attempts import DECODE, PREFILL, Attempt, AttemptLoop, verdict_for
 from ..errors import ProxyError, engine_failed
 from ..relay import relay_stream
 from ..request import ProxyRequest
@@ -25,6 +25,8 @@ from ..transport import send_bytes
 from . import metrics as pd_metrics
 from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
+
+Result = TypeVar("Result")
 
 
 class LegAttempt(Attempt):
@@ -37,7 +39,7 @@ class LegAttempt(Attempt):
         self.leg = leg
 
 
-class PdLeg(AttemptLoop[R]):
+class PdLeg(AttemptLoop[Result]):
     """One leg: first on the node picked with the pair, then on other nodes of its role."""
 
     __slots__ = ("build_leg", "first", "pd")
