@@ -9,10 +9,11 @@ A lean ASGI app (no Django request handling) serves ``/v1/*``, ``/health`` and `
 - ``snapshot``   the immutable per-process routing table (nodes, aliases, policies, keys)
 - ``watcher``    rebuilds the snapshot off the hot path when the configuration version moves
 - ``router``     picks a node for a route and role; ``strategies`` are the pure functions it uses
-- ``load``       in-flight counters and latency per node, per-key limits (in process for now)
-- ``hybrid``     one node answers: retries before the first byte, then ``relay``
-- ``relay``      passes the engine's JSON or SSE back byte for byte
+- ``load``       in-flight counters and latency per node, per-key limits; ``shared`` shares them
+- ``request``    the parsed client request and its outcome
+- ``attempts``   the one attempt loop: pick, send, retry before the first byte, verdict, release, record
+- ``hybrid``     one node answers: the attempt loop with plain OpenAI requests
+- ``relay``      passes an engine's SSE stream back as it arrives
 - ``pd``         prefill/decode pairs: per-engine protocols, both legs, KV released on every path
-- ``adapters``   per-engine request shaping of the hybrid path, registered by engine type
 - ``upstream``   the aiohttp session per event loop; ``errors``, ``sse``, ``metrics``: helpers
 """

@@ -1,7 +1,7 @@
 """The lean ASGI application for ``/v1/*``, ``/health`` and ``/metrics``.
 
-No Django request handling runs here (it costs ~840 µs per request, SPEC §8): this module parses,
-authenticates and routes against the in-memory snapshot, then hands over to the hybrid data path.
+No Django request handling runs here (it costs ~840 µs per request): this module parses,
+authenticates and routes against the in-memory snapshot, then hands over to the hybrid or PD path.
 ``routerpanel.asgi`` mounts it in front of Django and the Channels WebSocket router.
 """
 
@@ -26,7 +26,7 @@ from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .pd import proxy_pd, wants_pd
 from .readiness import readiness
-from .relay import Outcome, ProxyRequest
+from .request import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
 from .snapshot import KeyView, Snapshot

@@ -73,7 +73,3 @@ def engine_failed(message: str, code: str = "engine_error") -> ProxyError:
 
 def engine_timeout(message: str, code: str = "engine_timeout") -> ProxyError:
     return ProxyError(504, message, code)
-
-
-def no_routable_node(model: str) -> ProxyError:
-    return ProxyError(503, f"No routable node serves {model!r} right now.", "no_routable_node")

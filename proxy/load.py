@@ -1,9 +1,10 @@
 """In-flight request counters and observed latency per node, and per-key limits.
 
-Counters live in this process for now; issue 8 moves them to Redis so several workers and hosts
-agree. Everything outside this module talks to the ``LoadTracker`` protocol only, and its
-hot-path methods are synchronous and O(1): a Redis-backed tracker keeps a local view (its own
-increments plus a periodically refreshed cluster-wide sum) and ships its deltas in the background.
+The classes here count in this process; ``proxy.shared`` extends them so that every worker on every
+host counts the others' requests too, through Redis. Everything outside these modules talks to the
+``LoadTracker`` protocol only, and its hot-path methods are synchronous and O(1): the shared tracker
+keeps a local view (its own counts plus the other workers' as of the last sync) and publishes its
+own counts in the background.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ class LocalLoadTracker:
 class KeyLimiter:
     """Per-API-key requests-per-minute (fixed one-minute windows) and concurrency, in this process.
 
-    Like the node counters these become shared in Redis with issue 8; until then a limit applies
-    per web worker.
+    ``proxy.shared.SharedKeyLimiter`` adds the other workers' counts, so a limit holds across every
+    worker; this class alone (tests, or shared counters turned off) limits per web worker.
     """
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """The data path's HTTP client: one aiohttp ``ClientSession`` per event loop, created lazily.
 
 aiohttp is used here (and only here) because it costs a fraction of httpx's CPU per request on
-this path (SPEC §8). Connections are pooled and kept alive; aiohttp sets TCP_NODELAY on them.
+this path. Connections are pooled and kept alive; aiohttp sets TCP_NODELAY on them.
 Responses are not decompressed (we ask for identity encoding), so bytes pass through unchanged.
 """
 

@@ -1,13 +1,17 @@
-"""Prefill/decode (PD) orchestration (SPEC §4), in one place.
+"""Prefill/decode (PD) orchestration (docs/pd.md), in one place.
 
 ``proxy_pd`` serves a request whose route is in PD serving mode (``wants_pd``): it picks a prefill
 and a decode node with the route's strategy (separate counters per role), runs the engine family's
-protocol from ``engines`` (NanoDeploy/DLEngine, vLLM, LMDeploy two-stage; SGLang dual dispatch) and
-guarantees that every counter and every KV hold on a prefill node is released, on every path:
-success, engine error, timeout, mid-stream failure, and a client that leaves at any moment.
+protocol (NanoDeploy/DLEngine, vLLM, LMDeploy two-stage; SGLang dual dispatch) and guarantees that
+every counter and every KV hold on a prefill node is released, on every path: success, engine error,
+timeout, mid-stream failure, and a client that leaves at any moment.
 
-- ``core``     the PD request: pair selection, legs, relaying, usage merge, KV release, clean-up tasks
-- ``engines``  per-engine protocol steps and the two sequencing functions
+- ``core``     the PD request: its pair of nodes, the legs' types, the serving-mode decision
+- ``legs``     the prefill and decode legs through the attempt loop; the prefill's own answers
+- ``flows``    the two sequencings: two-stage and dual dispatch
+- ``engines``  per-engine protocol steps, registered by engine type
+- ``usage``    prompt tokens from the prefill merged into the decode's usage
+- ``cleanup``  background tasks that outlive a client disconnect; KV frees
 - ``metrics``  per-leg durations, errors and frees; gauges of PD requests and pending clean-ups
 """
 
@@ -16,14 +20,19 @@ from __future__ import annotations
 from nodes.choices import EngineType
 
 from ..errors import ProxyError
-from ..relay import Outcome, ProxyRequest
+from ..request import Outcome, ProxyRequest
 from ..router import Router
 from ..transport import DisconnectWatcher, Send
 from . import core
-from .core import PdRequest, inflight, pending_cleanups, wants_pd
-from .engines import SGLANG, TWO_STAGE, dual_dispatch, two_stage
+from . import metrics as pd_metrics
+from .cleanup import pending_cleanups
+from .core import PdRequest, inflight, wants_pd
+from .engines import SGLANG, TWO_STAGE
+from .flows import dual_dispatch, two_stage
 
 __all__ = ["inflight", "pending_cleanups", "proxy_pd", "wants_pd"]
+
+pd_metrics.register_gauges(inflight, pending_cleanups)
 
 
 def _engine_type(request: ProxyRequest) -> str:

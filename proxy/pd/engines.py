@@ -1,15 +1,15 @@
-"""Per-engine PD protocols (SPEC §4), registered by engine type.
+"""Per-engine PD protocols (docs/pd.md), registered by engine type: what each leg sends.
 
 Three engines hand the KV over in two stages (prefill, then decode with what the prefill returned):
 NanoDeploy/DLEngine (``migration``, freed with ``/pd/free``), vLLM (NIXL ``kv_transfer_params``
 under one ``X-Request-Id``; the decode's read frees it) and LMDeploy (``migration_request``, freed
 with ``/distserve/free_cache``). SGLang dispatches both legs at once and the engines meet in a
-bootstrap room. ``two_stage`` and ``dual_dispatch`` are the only places that sequence legs.
+bootstrap room. The protocols send nothing themselves except LMDeploy's one-off p2p handshake and
+the KV frees; ``proxy.pd.flows`` sequences the legs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import uuid
@@ -19,14 +19,14 @@ import aiohttp
 
 from nodes.choices import EngineType
 
-from ..errors import ProxyError, engine_failed
-from . import metrics as pd_metrics
-from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port, prefill_prompt_tokens, spawn
+from ..errors import engine_failed
+from .cleanup import free_kv
+from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port
 
 _STREAM_FIELDS = ("stream_options",)
 
 
-class TwoStage:
+class TwoStagePd:
     """Prefill, hand the KV over, decode, release. Subclasses say what each step sends."""
 
     engine_type = ""
@@ -34,8 +34,11 @@ class TwoStage:
     frees_kv = True
     # Whether a decode that could not be reached, or (the second) answered 429/502/503, is retried
     # on another decode node while nothing has reached the client.
-    decode_retries = True
+    decode_retry_other_node = True
     decode_retry_statuses = True
+
+    async def connect(self, pd: PdRequest) -> None:
+        """Set up whatever the pair needs before its first prefill (LMDeploy's p2p link)."""
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
         raise NotImplementedError
@@ -55,7 +58,7 @@ class TwoStage:
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
         raise NotImplementedError
 
-    def decode_failed(self, pd: PdRequest) -> None:
+    def forget_pair(self, pd: PdRequest) -> None:
         """The decode leg failed (after any retries): forget per-pair state that may be stale."""
 
 
@@ -63,7 +66,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-class NanoDeploy(TwoStage):
+class NanoDeployPd(TwoStagePd):
     """NanoDeploy / DLEngine ``serve``: no ``max_tokens`` clamp (the engine stops after the first
     token and the budget must survive into the migrated sequence)."""
 
@@ -96,10 +99,10 @@ class NanoDeploy(TwoStage):
         return _int(params.get("seq_id")) if isinstance(params, dict) else None
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        await pd.free_kv(leg, "/pd/free", {"seq_ids": [key]}, lambda a: key in ((a.data or {}).get("freed") or ()))
+        await free_kv(pd, leg, "/pd/free", {"seq_ids": [key]}, lambda a: key in ((a.data or {}).get("freed") or ()))
 
 
-class Vllm(TwoStage):
+class VllmPd(TwoStagePd):
     """vLLM with a NIXL/P2P KV connector. The decode pulls the blocks, which releases them on the
     prefill; an abandoned transfer is released by vLLM itself after its abort timeout."""
 
@@ -150,7 +153,7 @@ class Vllm(TwoStage):
         return pd.request.path, pd.payload_for(leg, kv_transfer_params=handoff), leg.headers(pd.upstream_request_id)
 
 
-class Lmdeploy(TwoStage):
+class LmdeployPd(TwoStagePd):
     """LMDeploy migration: one-token prefill that keeps its cache, decode with a ``migration_request``,
     then ``/distserve/free_cache``. The pair's p2p connection is set up once per process, as
     LMDeploy's proxy does (``p2p_initialize`` then ``p2p_connect`` on both engines)."""
@@ -158,7 +161,7 @@ class Lmdeploy(TwoStage):
     engine_type = EngineType.LMDEPLOY
     protocol = "RDMA"
     # Another decode node has no p2p link with this prefill: a migration to it would fail.
-    decode_retries = False
+    decode_retry_other_node = False
 
     def __init__(self) -> None:
         self._connected: set[tuple[str, str]] = set()
@@ -202,7 +205,7 @@ class Lmdeploy(TwoStage):
             )
         return answer.data
 
-    def decode_failed(self, pd: PdRequest) -> None:
+    def forget_pair(self, pd: PdRequest) -> None:
         # A restarted engine has lost its p2p links: connect the pair again on its next request.
         if pd.prefill is not None and pd.decode is not None:
             self._connected.discard((pd.prefill.url, pd.decode.url))
@@ -237,70 +240,11 @@ class Lmdeploy(TwoStage):
         return None
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        await pd.free_kv(leg, "/distserve/free_cache", {"session_id": key}, lambda a: bool((a.data or {}).get("freed")))
+        body = {"session_id": key}
+        await free_kv(pd, leg, "/distserve/free_cache", body, lambda a: bool((a.data or {}).get("freed")))
 
 
-async def two_stage(pd: PdRequest, protocol: TwoStage) -> None:
-    """Prefill → decode → release, with the release on every path after the prefill was sent.
-
-    The prefill call runs as its own task awaited through ``shield``: a client that leaves while it
-    is in flight cancels only our wait, and the clean-up task below lets the call finish (bounded by
-    the prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
-    """
-    pd.choose_pair()
-    if isinstance(protocol, Lmdeploy):
-        try:
-            await protocol.connect(pd)
-        except BaseException:  # an engine error, or the client left during the handshake
-            pd.release_unused()
-            assert pd.prefill is not None
-            pd.router.release(pd.prefill.target)
-            raise
-    prefill = spawn(pd.run_prefill(lambda leg: protocol.prefill_request(pd, leg)), "routerpanel-pd-prefill")
-    try:
-        try:
-            answer = await asyncio.shield(prefill)
-        except asyncio.CancelledError:
-            pd.left_during_prefill = True
-            raise
-        if answer.status != 200:
-            await pd.send_prefill_error(answer)
-            return
-        handoff = protocol.handoff(pd, answer)
-        if handoff is None:
-            await pd.send_prefill_completion(answer)
-            return
-        pd.prompt_tokens = prefill_prompt_tokens(answer)
-        try:
-            await pd.run_decode(
-                lambda leg: protocol.decode_request(pd, leg, handoff),
-                retry=protocol.decode_retries,
-                retry_statuses=protocol.decode_retry_statuses,
-            )
-        except ProxyError:
-            protocol.decode_failed(pd)
-            raise
-    finally:
-        pd.release_unused()
-        if protocol.frees_kv:
-            # Runs to the end even if this task is cancelled again while waiting for it.
-            await asyncio.shield(spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free"))
-
-
-async def _release_after(pd: PdRequest, protocol: TwoStage, prefill: asyncio.Task) -> None:
-    """Wait for the prefill call (never cancelled) and release the KV its answer holds, once."""
-    try:
-        answer = await prefill
-    except Exception:  # the prefill failed: its error went to the client, and there is no KV id to free
-        return
-    key = protocol.kv_key(answer)
-    if key is not None:
-        if pd.left_during_prefill:
-            pd_metrics.count_shielded_prefill()
-        await protocol.free(pd, answer.leg, key)
-
-
-class Sglang:
+class SglangPd:
     """SGLang bootstrap dual dispatch: the same request with ``bootstrap_host``, ``bootstrap_port``
     and ``bootstrap_room`` to a prefill and a decode at once; the decode answers the client."""
 
@@ -329,71 +273,5 @@ class Sglang:
         }
 
 
-async def dual_dispatch(pd: PdRequest, protocol: Sglang) -> None:
-    """Both legs at once; the decode's answer is the client's. When the decode fails (or the client
-    leaves) the prefill is cancelled; a prefill that failed first explains the failure."""
-    pd.choose_pair()
-    assert pd.prefill is not None
-    fields = protocol.bootstrap(pd, pd.prefill)
-    path = pd.request.path
-
-    def prefill_request(leg: Leg) -> LegRequest:
-        return path, pd.payload_for(leg, **fields), leg.headers(pd.request.request_id)
-
-    def decode_request(leg: Leg) -> LegRequest:
-        return path, pd.payload_for(leg, **fields), leg.headers(pd.request.request_id)
-
-    # No retries of the prefill on another node (the decode was told this prefill's bootstrap
-    # address), nor of an answered decode (it may have joined the room already).
-    prefill = spawn(pd.run_prefill(prefill_request, retry=False), "routerpanel-pd-sglang-prefill")
-    decode = asyncio.ensure_future(pd.run_decode(decode_request, retry_statuses=False))
-    decoded = False
-    try:
-        await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
-        if not decode.done() and pd.outcome.status == 0 and _failed(prefill):
-            # The prefill failed before the decode answered: the decode would only wait in vain
-            # for its bootstrap room, so stop it and answer with the prefill's error now.
-            decode.cancel()
-            await asyncio.wait({decode})
-            await _prefill_error(pd, prefill)
-            return
-        try:
-            await decode
-            decoded = pd.outcome.error is None
-        except ProxyError:
-            if _failed(prefill):
-                await _prefill_error(pd, prefill)
-                return
-            raise
-    finally:
-        # ``asyncio.wait`` does not cancel what it waits for: a client that left cancels us here.
-        decode.cancel()
-        pd.release_unused()
-        if not decoded:
-            prefill.cancel()
-        # Both tasks' outcomes are read when they end, so none is "never retrieved".
-        prefill.add_done_callback(_consume)
-        decode.add_done_callback(_consume)
-
-
-def _failed(prefill: asyncio.Task) -> bool:
-    if not prefill.done() or prefill.cancelled():
-        return False
-    return prefill.exception() is not None or prefill.result().status != 200
-
-
-async def _prefill_error(pd: PdRequest, prefill: asyncio.Task) -> None:
-    """Answer with a failed prefill's error: its own answer, or the proxy's error for it."""
-    error = prefill.exception()
-    if error is not None:
-        raise error
-    await pd.send_prefill_error(prefill.result())
-
-
-def _consume(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-TWO_STAGE: dict[str, TwoStage] = {p.engine_type: p for p in (NanoDeploy(), Vllm(), Lmdeploy())}
-SGLANG = Sglang()
+TWO_STAGE: dict[str, TwoStagePd] = {p.engine_type: p for p in (NanoDeployPd(), VllmPd(), LmdeployPd())}
+SGLANG = SglangPd()

@@ -10,16 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.pd.core import (
-    Leg,
-    LegAnswer,
-    completion_chunk,
-    decode_failed,
-    merge_usage,
-    merge_usage_events,
-    wants_pd,
-)
-from proxy.pd.engines import Lmdeploy, NanoDeploy, Sglang, Vllm
+from proxy.pd.core import Leg, LegAnswer, wants_pd
+from proxy.pd.engines import LmdeployPd, NanoDeployPd, SglangPd, VllmPd
+from proxy.pd.legs import completion_chunk, decode_failed
+from proxy.pd.usage import merge_usage, merge_usage_events
 from proxy.snapshot import NodeView, PolicyView, Target
 
 from .conftest import make_snapshot
@@ -71,7 +65,7 @@ def leg(url: str, role: str, engine: str, **node) -> Leg:
 
 def test_nanodeploy_prefill_keeps_the_budget_and_the_decode_gets_the_migration():
     pd = fake_pd({"model": "alias", "messages": [], "max_tokens": 50, "stream": True, "stream_options": {}})
-    protocol = NanoDeploy()
+    protocol = NanoDeployPd()
     path, body, headers = protocol.prefill_request(pd, leg("http://p:1", "prefill", "nanodeploy"))
     assert path == "/v1/chat/completions"
     assert headers == {"Content-Type": "application/json", "X-Request-Id": "rid"}
@@ -96,15 +90,15 @@ def test_nanodeploy_prefill_keeps_the_budget_and_the_decode_gets_the_migration()
 def test_nanodeploy_eos_at_prefill_has_no_handoff_and_nothing_to_free():
     pd = fake_pd({"model": "m", "messages": []})
     answer = LegAnswer(leg("http://p:1", "prefill", "nanodeploy"), 200, b"", "application/json", {"choices": [{}]})
-    assert NanoDeploy().handoff(pd, answer) is None
-    assert NanoDeploy().kv_key(answer) is None
+    assert NanoDeployPd().handoff(pd, answer) is None
+    assert NanoDeployPd().kv_key(answer) is None
 
 
 def test_a_nanodeploy_prefill_answer_without_migration_or_choices_is_a_502():
     pd = fake_pd({"model": "m", "messages": []})
     answer = LegAnswer(leg("http://p:1", "prefill", "nanodeploy"), 200, b"{}", "application/json", {})
     with pytest.raises(ProxyError) as caught:
-        NanoDeploy().handoff(pd, answer)
+        NanoDeployPd().handoff(pd, answer)
     assert caught.value.status == 502
 
 
@@ -112,7 +106,7 @@ def test_vllm_prefill_is_clamped_and_named_after_both_nodes():
     pd = fake_pd({"model": "m", "prompt": "x", "max_completion_tokens": 9, "stream": True, "stream_options": {}})
     pd.decode = leg("http://10.0.0.2:8200", "decode", "vllm")
     prefill = leg("http://10.0.0.1:8100", "prefill", "vllm", kv_connector_address="10.9.9.9:14579")
-    _, body, headers = Vllm().prefill_request(pd, prefill)
+    _, body, headers = VllmPd().prefill_request(pd, prefill)
     assert body["stream"] is False and body["max_tokens"] == 1 and body["min_tokens"] == 1
     assert body["max_completion_tokens"] == 1 and "stream_options" not in body
     assert body["kv_transfer_params"]["do_remote_decode"] is True
@@ -125,18 +119,18 @@ def test_vllm_prefill_is_clamped_and_named_after_both_nodes():
 def test_lmdeploy_builds_the_migration_request_from_the_prefill_answer():
     pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30})
     prefill = leg("http://p:1", "prefill", "lmdeploy")
-    _, body, _ = Lmdeploy().prefill_request(pd, prefill)
+    _, body, _ = LmdeployPd().prefill_request(pd, prefill)
     assert body["max_tokens"] == 1 and body["with_cache"] is True and body["preserve_cache"] is True
     data = {"id": "17", "cache_block_ids": [4, 5], "remote_token_ids": [1, 2, 99]}
     answer = LegAnswer(prefill, 200, b"", "application/json", data)
-    assert Lmdeploy().handoff(pd, answer) == {
+    assert LmdeployPd().handoff(pd, answer) == {
         "protocol": "RDMA",
         "remote_engine_id": "http://p:1",
         "remote_session_id": 17,
         "remote_block_ids": [4, 5],
         "remote_token_id": 99,
     }
-    assert Lmdeploy().kv_key(answer) == 17
+    assert LmdeployPd().kv_key(answer) == 17
 
 
 @pytest.mark.parametrize(
@@ -153,7 +147,7 @@ def test_lmdeploy_builds_the_migration_request_from_the_prefill_answer():
 def test_sglang_gets_one_room_per_prompt_and_copy(payload, rooms):
     random.seed(1)
     pd = fake_pd({"model": "m", **payload})
-    fields = Sglang().bootstrap(pd, leg("http://[::1]:30000", "prefill", "sglang"))
+    fields = SglangPd().bootstrap(pd, leg("http://[::1]:30000", "prefill", "sglang"))
     assert fields["bootstrap_host"] == "[::1]" and fields["bootstrap_port"] == 8998
     room = fields["bootstrap_room"]
     if rooms == 1:
@@ -164,7 +158,7 @@ def test_sglang_gets_one_room_per_prompt_and_copy(payload, rooms):
 
 def test_sglang_uses_the_nodes_bootstrap_port():
     pd = fake_pd({"model": "m", "messages": []})
-    fields = Sglang().bootstrap(pd, leg("http://10.0.0.1:30000", "prefill", "sglang", bootstrap_port=9100))
+    fields = SglangPd().bootstrap(pd, leg("http://10.0.0.1:30000", "prefill", "sglang", bootstrap_port=9100))
     assert fields["bootstrap_host"] == "10.0.0.1" and fields["bootstrap_port"] == 9100
 
 

@@ -1,0 +1,147 @@
+"""The two ways a PD request's legs are sequenced; the only places that do (docs/pd.md).
+
+``two_stage``: prefill, hand the KV over, decode, release (NanoDeploy/DLEngine, vLLM, LMDeploy).
+``dual_dispatch``: both legs at once, the engines meet in a bootstrap room (SGLang).
+Either way every node slot and every KV hold on a prefill node is released on every path: success,
+engine error, timeout, mid-stream failure, and a client that leaves at any moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..errors import ProxyError
+from . import metrics as pd_metrics
+from .cleanup import spawn
+from .core import Leg, LegAnswer, LegRequest, PdRequest
+from .engines import SglangPd, TwoStagePd
+from .legs import run_decode, run_prefill, send_prefill_completion, send_prefill_error
+from .usage import prefill_prompt_tokens
+
+
+async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
+    """Prefill → decode → release, with the release on every path after the prefill was sent.
+
+    The prefill call runs as its own task awaited through ``shield``: a client that leaves while it
+    is in flight cancels only our wait, and the clean-up task below lets the call finish (bounded by
+    the prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
+    """
+    pd.choose_pair()
+    assert pd.prefill is not None
+    try:
+        await protocol.connect(pd)
+    except BaseException:  # an engine error, or the client left during the handshake
+        pd.release_unused()
+        pd.router.release(pd.prefill.target)
+        raise
+    prefill = spawn(run_prefill(pd, lambda leg: protocol.prefill_request(pd, leg)), "routerpanel-pd-prefill")
+    try:
+        try:
+            answer = await asyncio.shield(prefill)
+        except asyncio.CancelledError:
+            pd.left_during_prefill = True
+            raise
+        await _decode_after(pd, protocol, answer)
+    finally:
+        pd.release_unused()
+        if protocol.frees_kv:
+            # Runs to the end even if this task is cancelled again while waiting for it.
+            await asyncio.shield(spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free"))
+
+
+async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) -> None:
+    """The client's answer after the prefill's: its error, its whole completion, or the decode."""
+    if answer.status != 200:
+        await send_prefill_error(pd, answer)
+        return
+    handoff = protocol.handoff(pd, answer)
+    if handoff is None:
+        await send_prefill_completion(pd, answer)
+        return
+    pd.prompt_tokens = prefill_prompt_tokens(answer)
+    try:
+        await run_decode(
+            pd,
+            lambda leg: protocol.decode_request(pd, leg, handoff),
+            retry_other_node=protocol.decode_retry_other_node,
+            retry_statuses=protocol.decode_retry_statuses,
+        )
+    except ProxyError:
+        protocol.forget_pair(pd)
+        raise
+
+
+async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:
+    """Wait for the prefill call (never cancelled) and release the KV its answer holds, once."""
+    try:
+        answer = await prefill
+    except Exception:  # the prefill failed: its error went to the client, and there is no KV id to free
+        return
+    key = protocol.kv_key(answer)
+    if key is not None:
+        if pd.left_during_prefill:
+            pd_metrics.count_shielded_prefill()
+        await protocol.free(pd, answer.leg, key)
+
+
+async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
+    """Both legs at once; the decode's answer is the client's. When the decode fails (or the client
+    leaves) the prefill is cancelled; a prefill that failed first explains the failure."""
+    pd.choose_pair()
+    assert pd.prefill is not None
+    fields = protocol.bootstrap(pd, pd.prefill)
+    path = pd.request.path
+
+    def request(leg: Leg) -> LegRequest:  # the same body for both legs
+        return path, pd.payload_for(leg, **fields), leg.headers(pd.request.request_id)
+
+    # No retries of the prefill on another node (the decode was told this prefill's bootstrap
+    # address), nor of an answered decode (it may have joined the room already).
+    prefill = spawn(run_prefill(pd, request, retry=False), "routerpanel-pd-sglang-prefill")
+    decode = asyncio.ensure_future(run_decode(pd, request, retry_statuses=False))
+    decode_ok = False
+    try:
+        await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
+        if not decode.done() and pd.outcome.status == 0 and _failed(prefill):
+            # The prefill failed before the decode answered: the decode would only wait in vain
+            # for its bootstrap room, so stop it and answer with the prefill's error now.
+            decode.cancel()
+            await asyncio.wait({decode})
+            await _prefill_error(pd, prefill)
+            return
+        try:
+            await decode
+            decode_ok = pd.outcome.error is None
+        except ProxyError:
+            if _failed(prefill):
+                await _prefill_error(pd, prefill)
+                return
+            raise
+    finally:
+        # ``asyncio.wait`` does not cancel what it waits for: a client that left cancels us here.
+        decode.cancel()
+        pd.release_unused()
+        if not decode_ok:
+            prefill.cancel()
+        # Both tasks' outcomes are read when they end, so none is "never retrieved".
+        prefill.add_done_callback(_consume)
+        decode.add_done_callback(_consume)
+
+
+def _failed(prefill: asyncio.Task) -> bool:
+    if not prefill.done() or prefill.cancelled():
+        return False
+    return prefill.exception() is not None or prefill.result().status != 200
+
+
+async def _prefill_error(pd: PdRequest, prefill: asyncio.Task) -> None:
+    """Answer with a failed prefill's error: its own answer, or the proxy's error for it."""
+    error = prefill.exception()
+    if error is not None:
+        raise error
+    await send_prefill_error(pd, prefill.result())
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

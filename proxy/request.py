@@ -1,0 +1,52 @@
+"""A parsed client request (``ProxyRequest``) and what became of it (``Outcome``), shared by the
+hybrid path and the PD legs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .snapshot import Route
+from .transport import RequestHeaders
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    path: str
+    model: str
+    route: Route
+    payload: dict[str, Any]
+    body: bytes
+    stream: bool
+    request_id: str
+    headers: RequestHeaders
+    rewritten: dict[str, bytes] = field(default_factory=dict)
+
+    def body_for(self, served_name: str) -> bytes:
+        """The client's bytes unchanged when the node serves the requested name; otherwise the
+        same JSON with only ``model`` replaced (key order and every other field kept)."""
+        if served_name == self.model:
+            return self.body
+        body = self.rewritten.get(served_name)
+        if body is None:
+            rewritten = {**self.payload, "model": served_name}
+            body = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+            self.rewritten[served_name] = body
+        return body
+
+    def response_headers(self, node: str) -> list[tuple[bytes, bytes]]:
+        """The headers RouterPanel adds to an answer: the request id and who served it (a node's
+        URL, or a PD pair ``prefill=…; decode=…``)."""
+        return [(b"x-request-id", self.request_id.encode("latin-1")), (b"x-routerpanel-node", node.encode())]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened, for metrics."""
+
+    status: int = 0
+    node: str = "-"
+    ttft: float | None = None
+    mean_gap: float | None = None
+    error: str | None = None
