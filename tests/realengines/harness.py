@@ -26,6 +26,8 @@ from tests.procs import REPO_ROOT, free_port
 VLLM_PYTHON = Path(os.environ.get("ROUTERPANEL_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 MAKE_MODEL = Path(__file__).resolve().parent / "make_model.py"
 MODELS_DIR = Path(os.environ.get("ROUTERPANEL_REALENGINES_MODELS", REPO_ROOT / "var" / "realengines" / "models"))
+# vLLM's own cache (model-inspection results), kept out of the home directory.
+VLLM_CACHE_ROOT = REPO_ROOT / "var" / "realengines" / "vllm-cache"
 # Start-up takes 40-75 s on two shared cores (two servers at once: about 70 s each); allow for a busy machine.
 START_TIMEOUT = float(os.environ.get("ROUTERPANEL_VLLM_START_TIMEOUT", "420"))
 # vLLM start-up is CPU-heavy and a server holds about 2.5 GB: never more than this many at once.
@@ -213,6 +215,7 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_CACHE_ROOT": str(VLLM_CACHE_ROOT),
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
         }

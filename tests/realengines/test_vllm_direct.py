@@ -209,3 +209,30 @@ def test_the_prefill_leg_must_not_carry_min_tokens(vllm_pair: tuple[VllmServer, 
     reply = httpx.post(f"{prefill.url}/v1/completions", json=body, timeout=60)
     assert reply.status_code == 400
     assert reply.json()["error"]["message"].startswith("min_tokens must be less than or equal to max_tokens=1")
+
+
+def test_the_auxiliary_endpoints_answer_on_cpu(vllm_pair: tuple[VllmServer, VllmServer]) -> None:
+    """What later work may lean on, and what it may not (/v1/models/{id} is not served)."""
+    server = vllm_pair[0]
+
+    def post(path: str, body: dict[str, object]) -> dict[str, object]:
+        reply = httpx.post(f"{server.url}{path}", json={"model": server.model, **body}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    assert httpx.get(f"{server.url}/v1/models/{server.model}").status_code == 404
+    assert httpx.get(f"{server.url}/load").json() == {"server_load": 0}
+    tokens = post("/tokenize", {"prompt": "def f(x): return x"})
+    assert tokens["count"] == len(tokens["tokens"]) > 1
+    assert tokens["max_model_len"] == MAX_MODEL_LEN
+    # With messages, /tokenize applies the chat template: its special tokens come on top of the text's.
+    chat_tokens = post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert chat_tokens["count"] > post("/tokenize", {"prompt": "hi"})["count"] + 3
+    assert post("/detokenize", {"tokens": tokens["tokens"]}) == {"prompt": "def f(x): return x"}
+    response = post("/v1/responses", {"input": "Say hi", "max_output_tokens": 4})
+    assert response["object"] == "response"
+    assert response["status"] == "incomplete"
+    assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert response["output"][0]["type"] == "message"
+    assert response["output"][0]["content"][0]["type"] == "output_text"
+    assert response["usage"]["output_tokens"] == 4
