@@ -75,10 +75,10 @@ run: install redis-server
 
 # The whole suite on SQLite; then, when ROUTERPANEL_TEST_DATABASE_URL names a PostgreSQL server
 # (CI starts one), everything but the end-to-end suite again on PostgreSQL.
-test: install redis-server
+test: install redis-server vllm-env
 	$(PY) -m pytest
 	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
-		echo "== the suite again on PostgreSQL (end-to-end tests ran above) =="; \
+		echo "== the suite again on PostgreSQL (end-to-end and real-engine tests ran above) =="; \
 		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest -m "not e2e" -p no:cacheprovider; \
 	fi
 
