@@ -24,12 +24,12 @@ from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
-from .pd import proxy_pd, wants_pd
+from .pd import proxy_pd
 from .readiness import readiness
 from .relay import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
-from .snapshot import KeyView, Snapshot
+from .snapshot import KeyView, Snapshot, wants_pd
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session

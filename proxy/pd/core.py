@@ -23,13 +23,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from nodes.choices import EngineType, NodeRole, ServingMode
+from nodes.choices import EngineType, NodeRole
 
 from .. import sse, stats
 from ..errors import ProxyError, engine_failed, engine_timeout
 from ..relay import Outcome, ProxyRequest
 from ..router import Router
-from ..snapshot import NodeView, Route, Target
+from ..snapshot import NodeView, Target
 from ..transport import DisconnectWatcher, Send, send_bytes
 from ..upstream import CONNECT_ERRORS, session, timeout_for
 from . import metrics as pd_metrics
@@ -64,20 +64,6 @@ def inflight() -> int:
 
 
 pd_metrics.register_gauges(inflight, pending_cleanups)
-
-
-def wants_pd(route: Route) -> bool:
-    """Serving mode of a route: ``pd``, ``hybrid``, or ``auto`` = PD when the model has a routable
-    prefill and a routable decode node. ``auto`` with no routable hybrid node but some prefill or
-    decode node also goes the PD way, so the client's 503 names the role that is missing."""
-    mode = route.policy.serving_mode
-    if mode == ServingMode.PD:
-        return True
-    if mode == ServingMode.HYBRID:
-        return False
-    if route.prefill and route.decode:
-        return True
-    return not route.hybrid and any(t.node.role != NodeRole.HYBRID for t in route.targets)
 
 
 def dumps(obj: Any) -> bytes:

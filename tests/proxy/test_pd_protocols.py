@@ -17,10 +17,9 @@ from proxy.pd.core import (
     decode_failed,
     merge_usage,
     merge_usage_events,
-    wants_pd,
 )
 from proxy.pd.engines import Lmdeploy, NanoDeploy, Sglang, Vllm
-from proxy.snapshot import NodeView, PolicyView, Target
+from proxy.snapshot import NodeView, PolicyView, Target, wants_pd
 
 from .conftest import make_snapshot
 
