@@ -11,8 +11,21 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.html import format_html, format_html_join
 
-from . import bus, dashboard, health, services
-from .choices import ChangeVia, NodeHealth, NodeRole, NodeSource, NodeState, ServingMode, Strategy, SyncState
+from . import health, services
+from .choices import (
+    BadgeChoices,
+    BreakerState,
+    ChangeVia,
+    NodeHealth,
+    NodeRole,
+    NodeSource,
+    NodeState,
+    ServingMode,
+    Strategy,
+    SyncState,
+)
+from .live.breakers import read_breakers_sync
+from .live.connection import client as redis_client
 from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, generate_api_key
 
 
@@ -20,8 +33,9 @@ def _actor(request: HttpRequest) -> services.Actor:
     return services.Actor.for_user(request.user, ChangeVia.ADMIN)
 
 
-def badge(choices, value: str) -> str:
-    label = dict(choices.choices).get(value, value)
+def badge(choices: type[BadgeChoices], value: str, text: str | None = None) -> str:
+    """``value`` in its colour, labelled with its choice label (or ``text``)."""
+    label = text if text is not None else dict(choices.choices).get(value, value)
     return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
 
 
@@ -116,14 +130,13 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
     def changelist_view(self, request: HttpRequest, extra_context=None):
         # One Redis read per page for the breaker column.
-        self._breakers = dashboard.read_breakers_sync(bus.client()) or {}
+        self._breakers = read_breakers_sync(redis_client()) or {}
         return super().changelist_view(request, extra_context)
 
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
-        state = getattr(self, "_breakers", {}).get(node.pk, "closed")
-        colour = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#7d4e00"}.get(state, "#6e7781")
-        return format_html('<span class="rp-badge" style="background:{}">{}</span>', colour, state.replace("_", "-"))
+        state = getattr(self, "_breakers", {}).get(node.pk, BreakerState.CLOSED.value)
+        return badge(BreakerState, state, text=state.replace("_", "-"))  # as the logs and metrics name it
 
     @admin.display(description="source", ordering="source")
     def source_badge(self, node: Node) -> str:

@@ -2,32 +2,26 @@
 ``/dashboard/data``, and the payload the WebSocket consumer (``nodes.consumers``) pushes every second.
 
 The payload joins the database's view of the fleet (``nodes.selectors``) with the live per-node
-figures every web worker publishes to Redis (``proxy.stats``). Redis being down leaves the live
+figures every web worker publishes to Redis (``nodes.live``). Redis being down leaves the live
 figures empty (``live: false``); the page says so instead of failing.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
-import logging
-import time
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from django.contrib import admin
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from proxy import stats
-from proxy.breaker import BREAKERS
-from proxy.stats import NodeFigures
-
-from . import bus
-from .choices import NodeHealth, NodeRole, NodeState, ServingMode, Strategy, SyncState
+from .choices import BadgeChoices, BreakerState, NodeHealth, NodeRole, NodeState, ServingMode, Strategy, SyncState
+from .live import stats as live_stats
+from .live.breakers import read_breakers_sync
+from .live.connection import client as redis_client
+from .live.stats import NodeFigures
 from .selectors import ControlPlaneRow, FleetState, ModelCard, NodeRow, fleet_state
-
-logger = logging.getLogger(__name__)
 
 # How often the page gets a fresh payload over its WebSocket (and polls /dashboard/data without one).
 REFRESH_SECONDS = 1.0
@@ -46,46 +40,6 @@ class DashboardPayload(TypedDict):
     control_planes: list[ControlPlaneRow]
 
 
-# The proxy's circuit breakers share their transitions in this Redis hash (proxy/breaker.py):
-# node id -> {"state": "closed" | "open" | "half_open", "until": epoch seconds, "at": epoch seconds}.
-BREAKERS_KEY = BREAKERS
-
-
-def parse_breakers(raw: dict, now: float | None = None) -> dict[int, str]:
-    """Breaker state per node from the shared hash; an open breaker whose cool-down is over is
-    half-open (its next request is the trial)."""
-    now = time.time() if now is None else now
-    states: dict[int, str] = {}
-    for node_id, value in raw.items():
-        try:
-            data = json.loads(value)
-            state = str(data["state"])
-            if state == "open" and float(data.get("until", 0)) <= now:
-                state = "half_open"
-            states[int(node_id)] = state
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return states
-
-
-def read_breakers_sync(client) -> dict[int, str] | None:
-    """Breaker states from Redis (``redis.Redis``), or None when Redis cannot be read."""
-    try:
-        return parse_breakers(client.hgetall(BREAKERS_KEY))
-    except Exception as exc:
-        logger.debug("could not read breaker states from Redis: %s", exc)
-        return None
-
-
-async def read_breakers(client) -> dict[int, str] | None:
-    """``read_breakers_sync`` for the event loop (``redis.asyncio.Redis``)."""
-    try:
-        return parse_breakers(await client.hgetall(BREAKERS_KEY))
-    except Exception as exc:
-        logger.debug("could not read breaker states from Redis: %s", exc)
-        return None
-
-
 def build_payload(
     state: FleetState, live: dict[int, NodeFigures] | None, breakers: dict[int, str] | None = None
 ) -> DashboardPayload:
@@ -94,7 +48,7 @@ def build_payload(
     figures = live or {}
 
     def breaker(node_id: int) -> str | None:
-        return None if breakers is None else breakers.get(node_id, "closed")
+        return None if breakers is None else breakers.get(node_id, BreakerState.CLOSED.value)
 
     return DashboardPayload(
         generated_at=datetime.datetime.now(datetime.UTC).isoformat(),
@@ -107,29 +61,31 @@ def build_payload(
 
 def current_payload() -> DashboardPayload:
     """The payload now (blocking: the database and Redis, each with short timeouts)."""
-    client = bus.client()
-    live = stats.read_fleet_stats_sync(client)
+    client = redis_client()
+    live = live_stats.read_fleet_stats_sync(client)
     breakers = read_breakers_sync(client) if live is not None else None  # no second wait on a dead Redis
     return build_payload(fleet_state(breakers), live, breakers)
 
 
-def page_config() -> dict:
-    """What the page's script needs once: labels and badge colours of every choice it shows."""
+def page_config() -> dict[str, Any]:
+    """What the page's script needs once: labels and badge colours of every choice it shows
+    (``nodes.choices``, their one definition)."""
 
-    def choices(cls) -> dict[str, dict[str, str]]:
+    def choices(cls: type[BadgeChoices]) -> dict[str, dict[str, str]]:
         return {value: {"label": str(label), "colour": cls.colour(value)} for value, label in cls.choices}
 
     return {
         "refresh_seconds": REFRESH_SECONDS,
-        "history_seconds": stats.HISTORY_SECONDS,
-        "rate_window": stats.RATE_WINDOW,
-        "sample_window": stats.SAMPLE_WINDOW,
+        "history_seconds": live_stats.HISTORY_SECONDS,
+        "rate_window": live_stats.RATE_WINDOW,
+        "sample_window": live_stats.SAMPLE_WINDOW,
         "websocket_path": "/ws/dashboard/",
         "data_path": "/dashboard/data",
         "choices": {
             "role": choices(NodeRole),
             "state": choices(NodeState),
             "health": choices(NodeHealth),
+            "breaker": choices(BreakerState),
             "serving_mode": choices(ServingMode),
             "strategy": choices(Strategy),
             "sync_state": choices(SyncState),

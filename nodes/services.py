@@ -23,8 +23,11 @@ from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from . import bus, health
+from . import health
 from .choices import AliasOrigin, ChangeAction, ChangeVia, NodeHealth, NodeSource, NodeState, SyncState
+from .live import keys as live_keys
+from .live.config_version import publish_config_version
+from .live.connection import client as redis_client
 from .models import (
     ApiKey,
     ChangeRecord,
@@ -96,7 +99,7 @@ def config_version_bump() -> int:
         ConfigVersion.objects.get_or_create(pk=1, defaults={"version": 0})
         ConfigVersion.objects.filter(pk=1).update(version=F("version") + 1)
     version = ConfigVersion.objects.values_list("version", flat=True).get(pk=1)
-    transaction.on_commit(lambda: bus.publish_config_version(version))
+    transaction.on_commit(lambda: publish_config_version(version))
     return version
 
 
@@ -374,7 +377,7 @@ def api_key_record_usage() -> int:
     """Copy the proxy's record of when each key was last used (Redis) into ``ApiKey.last_used_at``.
     Bookkeeping, not a configuration change: no audit record, no version bump. Returns rows updated."""
     try:
-        raw = bus.client().hgetall(bus.KEYS_LAST_USED)
+        raw = redis_client().hgetall(live_keys.KEYS_LAST_USED)
     except redis_lib.RedisError as exc:
         logger.warning("could not read API key usage from Redis: %s", exc)
         return 0
@@ -513,7 +516,7 @@ def registry_mark_gone(*, control_plane: ControlPlane, entity_ids: Iterable[str]
 
 
 def _sync_lock(control_plane: ControlPlane):
-    return bus.client().lock(f"routerpanel:sync-lock:{control_plane.pk}", timeout=SYNC_LOCK_TIMEOUT, blocking=False)
+    return redis_client().lock(live_keys.sync_lock_key(control_plane.pk), timeout=SYNC_LOCK_TIMEOUT, blocking=False)
 
 
 def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None) -> SyncResult:

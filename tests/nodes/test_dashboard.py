@@ -10,10 +10,13 @@ from django.test import Client
 
 from nodes import services
 from nodes.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
-from nodes.dashboard import BREAKERS_KEY, build_payload, parse_breakers
+from nodes.dashboard import build_payload
+from nodes.live.breakers import parse_breakers
+from nodes.live.keys import BREAKERS as BREAKERS_KEY
 from nodes.models import ControlPlane, RoutePolicy
 from nodes.selectors import fleet_state, model_readiness
-from proxy.stats import NodeStats, StatsPublisher
+from proxy.shared import SharedCounters
+from proxy.stats import NodeStats
 
 pytestmark = pytest.mark.django_db
 
@@ -168,7 +171,8 @@ def test_the_json_includes_what_the_workers_published(client: Client, operator_u
     node_stats = NodeStats()
     for _ in range(3):
         node_stats.record(fleet["hybrid"].id, status=200, elapsed=0.1)
-    asyncio.run(StatsPublisher(node_stats, inflight=lambda: {fleet["hybrid"].id: 1}, worker_id="w").publish())
+    worker = SharedCounters(redis_url, stats=node_stats, inflight=lambda: {fleet["hybrid"].id: 1}, worker="w")
+    asyncio.run(worker.publish_stats())
     client.force_login(operator_user)
 
     data = client.get("/dashboard/data").json()
