@@ -8,9 +8,9 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
+from dashboard.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
+from dashboard.payload import build_payload
 from nodes import services
-from nodes.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
-from nodes.dashboard import build_payload
 from nodes.live.breakers import parse_breakers
 from nodes.live.keys import BREAKERS as BREAKERS_KEY
 from nodes.models import ControlPlane, RoutePolicy

@@ -18,10 +18,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from .dashboard import REFRESH_SECONDS, DashboardPayload, build_payload
-from .live.breakers import read_breakers
-from .live.stats import read_fleet_stats
-from .selectors import fleet_state
+from nodes.live.breakers import read_breakers
+from nodes.live.stats import read_fleet_stats
+from nodes.selectors import fleet_state
+
+from .payload import REFRESH_SECONDS, DashboardPayload, build_payload
 
 logger = logging.getLogger(__name__)
 
