@@ -183,7 +183,7 @@ def _assign(obj: M, fields: dict[str, Any]) -> M:
 # ---------------------------------------------------------------------------------------------
 
 
-def node_save(node: Node, *, actor: Actor, note: str = "") -> Node:
+def node_save(*, node: Node, actor: Actor, note: str = "") -> Node:
     """Save a node edited in place (the admin's forms); remembers which registry-owned fields an
     operator changed by hand so the sync leaves them alone."""
     if node.pk and node.source == NodeSource.REGISTRY and actor.via in OPERATOR_INTERFACES:
@@ -206,13 +206,13 @@ def node_create(
     """Create a node and the aliases for the models it serves."""
     with transaction.atomic():
         node = _assign(Node(url=url), fields)
-        node_save(node, actor=actor, note=note)
+        node_save(node=node, actor=actor, note=note)
         node_set_models(node=node, actor=actor, models=models, model_path=model_path)
     return node
 
 
 def node_update(*, node: Node, actor: Actor, note: str = "", **fields: Any) -> Node:
-    return node_save(_assign(node, fields), actor=actor, note=note)
+    return node_save(node=_assign(node, fields), actor=actor, note=note)
 
 
 def node_upsert(
@@ -289,32 +289,32 @@ def node_disable(*, node: Node, actor: Actor) -> Node:
 # ---------------------------------------------------------------------------------------------
 
 
-def alias_save(alias: ModelAlias, *, actor: Actor) -> ModelAlias:
+def alias_save(*, alias: ModelAlias, actor: Actor) -> ModelAlias:
     return _save(alias, actor=actor)[0]
 
 
 def alias_create(*, actor: Actor, **fields: Any) -> ModelAlias:
-    return alias_save(_assign(ModelAlias(), fields), actor=actor)
+    return alias_save(alias=_assign(ModelAlias(), fields), actor=actor)
 
 
 def alias_update(*, alias: ModelAlias, actor: Actor, **fields: Any) -> ModelAlias:
-    return alias_save(_assign(alias, fields), actor=actor)
+    return alias_save(alias=_assign(alias, fields), actor=actor)
 
 
 def alias_delete(*, alias: ModelAlias, actor: Actor) -> None:
     _delete(alias, actor=actor)
 
 
-def policy_save(policy: RoutePolicy, *, actor: Actor) -> RoutePolicy:
+def policy_save(*, policy: RoutePolicy, actor: Actor) -> RoutePolicy:
     return _save(policy, actor=actor)[0]
 
 
 def policy_create(*, actor: Actor, **fields: Any) -> RoutePolicy:
-    return policy_save(_assign(RoutePolicy(), fields), actor=actor)
+    return policy_save(policy=_assign(RoutePolicy(), fields), actor=actor)
 
 
 def policy_update(*, policy: RoutePolicy, actor: Actor, **fields: Any) -> RoutePolicy:
-    return policy_save(_assign(policy, fields), actor=actor)
+    return policy_save(policy=_assign(policy, fields), actor=actor)
 
 
 def policy_delete(*, policy: RoutePolicy, actor: Actor) -> None:
@@ -323,7 +323,7 @@ def policy_delete(*, policy: RoutePolicy, actor: Actor) -> None:
     _delete(policy, actor=actor)
 
 
-def control_plane_save(control_plane: ControlPlane, *, actor: Actor) -> ControlPlane:
+def control_plane_save(*, control_plane: ControlPlane, actor: Actor) -> ControlPlane:
     """Save a control plane and keep its periodic sync task (django-celery-beat) in step."""
     with transaction.atomic():
         _save(control_plane, actor=actor)
@@ -332,11 +332,11 @@ def control_plane_save(control_plane: ControlPlane, *, actor: Actor) -> ControlP
 
 
 def control_plane_create(*, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(_assign(ControlPlane(), fields), actor=actor)
+    return control_plane_save(control_plane=_assign(ControlPlane(), fields), actor=actor)
 
 
 def control_plane_update(*, control_plane: ControlPlane, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(_assign(control_plane, fields), actor=actor)
+    return control_plane_save(control_plane=_assign(control_plane, fields), actor=actor)
 
 
 def control_plane_delete(*, control_plane: ControlPlane, actor: Actor) -> None:
@@ -353,24 +353,24 @@ def control_plane_delete(*, control_plane: ControlPlane, actor: Actor) -> None:
 def api_key_create(*, actor: Actor, name: str, plaintext: str | None = None, **fields: Any) -> tuple[ApiKey, str]:
     """Create a proxy key. Returns the row and the plaintext key, which is never stored or shown again."""
     plaintext = plaintext or generate_api_key()
-    key = _assign(ApiKey(name=name, created_by=actor.user), fields)
-    key.set_plaintext(plaintext)
-    if ApiKey.objects.filter(key_hash=key.key_hash).exists():
+    api_key = _assign(ApiKey(name=name, created_by=actor.user), fields)
+    api_key.set_plaintext(plaintext)
+    if ApiKey.objects.filter(key_hash=api_key.key_hash).exists():
         raise ValidationError({"key": "This key is already registered."})
-    _save(key, actor=actor)
-    return key, plaintext
+    _save(api_key, actor=actor)
+    return api_key, plaintext
 
 
-def api_key_save(key: ApiKey, *, actor: Actor) -> ApiKey:
-    return _save(key, actor=actor)[0]
+def api_key_save(*, api_key: ApiKey, actor: Actor) -> ApiKey:
+    return _save(api_key, actor=actor)[0]
 
 
-def api_key_update(*, key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
-    return api_key_save(_assign(key, fields), actor=actor)
+def api_key_update(*, api_key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
+    return api_key_save(api_key=_assign(api_key, fields), actor=actor)
 
 
-def api_key_delete(*, key: ApiKey, actor: Actor) -> None:
-    _delete(key, actor=actor)
+def api_key_delete(*, api_key: ApiKey, actor: Actor) -> None:
+    _delete(api_key, actor=actor)
 
 
 def api_key_record_usage() -> int:
@@ -400,9 +400,6 @@ def api_key_record_usage() -> int:
 # Registry sync (dlslime-ctrl / NanoCtrl)
 # ---------------------------------------------------------------------------------------------
 
-# Fields the sync owns on a registry node. An operator's edit of one of them (recorded in
-# ``Node.operator_fields``) takes it away from the sync for good.
-REGISTRY_OWNED_FIELDS = ("url", "role", "engine_type", "kind", "scope")
 SYNC_LOCK_TIMEOUT = 120  # seconds; a crashed sync's lock expires by itself
 
 
