@@ -13,6 +13,7 @@ from nodes.listener import RegistryListener
 from nodes.live import connection
 from nodes.models import ChangeRecord, ControlPlane, Node
 from nodes.registry import RegistryEntity, RegistryError, parse_entity, parse_event
+from nodes.services.registry_sync import _sync_lock
 
 pytestmark = pytest.mark.django_db
 
@@ -171,7 +172,7 @@ def test_control_planes_are_isolated(control_plane, registry, system) -> None:
 
 
 def test_a_held_lock_makes_a_second_sync_skip(control_plane, registry) -> None:
-    lock = services._sync_lock(control_plane)
+    lock = _sync_lock(control_plane)
     assert lock.acquire()
     try:
         result = sync(control_plane, registry)
