@@ -125,7 +125,8 @@ class ProxyApp:
         await self.watcher.ensure_started()
         self.shared.start()
         # Django, DRF and friends leave ~100k long-lived objects; keep the cyclic GC from rescanning
-        # them on every full collection (cheaper per request, and no periodic pauses).
+        # them on every full collection (cheaper per request, and no periodic pauses; see
+        # docs/decisions/0004-gc-freeze.md).
         gc.freeze()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
