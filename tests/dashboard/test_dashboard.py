@@ -250,3 +250,13 @@ def test_the_json_shows_breakers_closed_unless_the_proxy_opened_them(
 
     assert nodes["http://d:1"]["breaker"] == "open"
     assert nodes["http://p:1"]["breaker"] == "closed"
+
+
+def test_the_page_gets_the_breaker_labels_and_colours_from_their_one_definition() -> None:
+    from dashboard.payload import page_config
+    from nodes.choices import BreakerState
+
+    breaker = page_config(data_path="/dashboard/data")["choices"]["breaker"]
+    assert breaker == {
+        state: {"label": str(label), "colour": BreakerState.colour(state)} for state, label in BreakerState.choices
+    }
