@@ -1,7 +1,6 @@
 """The lean ASGI application for ``/v1/*``, ``/health`` and ``/metrics``.
 
-No Django request handling runs here (it costs ~840 µs per request; see
-docs/decisions/0001-lean-asgi-app-in-front-of-django.md): this module parses,
+No Django request handling runs here (it costs ~840 µs per request, SPEC §8): this module parses,
 authenticates and routes against the in-memory snapshot, then hands over to the hybrid data path.
 ``routerpanel.asgi`` mounts it in front of Django and the Channels WebSocket router.
 """
@@ -25,12 +24,12 @@ from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
-from .pd import proxy_pd
+from .pd import proxy_pd, wants_pd
 from .readiness import readiness
 from .relay import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
-from .snapshot import KeyView, Snapshot, wants_pd
+from .snapshot import KeyView, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session

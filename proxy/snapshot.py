@@ -182,12 +182,6 @@ def build_routes(
     return routes
 
 
-def wants_pd(route: Route) -> bool:
-    """Whether a request for ``route`` goes the prefill/decode way (decided when the snapshot was
-    built, by ``nodes.rules.serving_mode``)."""
-    return route.mode == ServingMode.PD
-
-
 def build_snapshot() -> Snapshot:
     """Read the registry and return a fresh snapshot. Blocking: call it from a worker thread."""
     version = ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0

@@ -1,4 +1,4 @@
-"""Prefill/decode (PD) orchestration (docs/pd.md), in one place.
+"""Prefill/decode (PD) orchestration (SPEC §4), in one place.
 
 ``proxy_pd`` serves a request whose route is in PD serving mode (``wants_pd``): it picks a prefill
 and a decode node with the route's strategy (separate counters per role), runs the engine family's
@@ -20,10 +20,10 @@ from ..relay import Outcome, ProxyRequest
 from ..router import Router
 from ..transport import DisconnectWatcher, Send
 from . import core
-from .core import PdRequest, inflight, pending_cleanups
+from .core import PdRequest, inflight, pending_cleanups, wants_pd
 from .engines import SGLANG, TWO_STAGE, dual_dispatch, two_stage
 
-__all__ = ["inflight", "pending_cleanups", "proxy_pd"]
+__all__ = ["inflight", "pending_cleanups", "proxy_pd", "wants_pd"]
 
 
 def _engine_type(request: ProxyRequest) -> str:

@@ -23,13 +23,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from nodes.choices import EngineType, NodeRole
+from nodes.choices import EngineType, NodeRole, ServingMode
 
 from .. import sse, stats
 from ..errors import ProxyError, engine_failed, engine_timeout
 from ..relay import Outcome, ProxyRequest
 from ..router import Router
-from ..snapshot import NodeView, Target
+from ..snapshot import NodeView, Route, Target
 from ..transport import DisconnectWatcher, Send, send_bytes
 from ..upstream import CONNECT_ERRORS, session, timeout_for
 from . import metrics as pd_metrics
@@ -64,6 +64,12 @@ def inflight() -> int:
 
 
 pd_metrics.register_gauges(inflight, pending_cleanups)
+
+
+def wants_pd(route: Route) -> bool:
+    """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
+    was built by the one rule, ``nodes.rules.serving_mode``."""
+    return route.mode == ServingMode.PD
 
 
 def dumps(obj: Any) -> bytes:

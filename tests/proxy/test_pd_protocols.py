@@ -17,9 +17,10 @@ from proxy.pd.core import (
     decode_failed,
     merge_usage,
     merge_usage_events,
+    wants_pd,
 )
 from proxy.pd.engines import Lmdeploy, NanoDeploy, Sglang, Vllm
-from proxy.snapshot import NodeView, PolicyView, Target, wants_pd
+from proxy.snapshot import NodeView, PolicyView, Target
 
 from .conftest import make_snapshot
 
