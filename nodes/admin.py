@@ -5,39 +5,61 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
+from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.db.models import Model, QuerySet
+from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
-from . import bus, dashboard, health, services
-from .choices import ChangeVia, NodeHealth, NodeRole, NodeSource, NodeState, ServingMode, Strategy, SyncState
-from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, generate_api_key
+from . import health, services
+from .choices import (
+    BadgeChoices,
+    BreakerState,
+    ChangeVia,
+    NodeHealth,
+    NodeRole,
+    NodeSource,
+    NodeState,
+    ServingMode,
+    Strategy,
+    SyncState,
+)
+from .live.breakers import read_breakers_sync
+from .live.connection import client as redis_client
+from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
 
 
 def _actor(request: HttpRequest) -> services.Actor:
     return services.Actor.for_user(request.user, ChangeVia.ADMIN)
 
 
-def badge(choices, value: str) -> str:
-    label = dict(choices.choices).get(value, value)
+def badge(choices: type[BadgeChoices], value: str, text: str | None = None) -> str:
+    """``value`` in its colour, labelled with its choice label (or ``text``)."""
+    label = text if text is not None else dict(choices.choices).get(value, value)
     return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
 
 
 class ServiceAdminMixin:
-    """Routes the admin's writes through a model's ``*_save`` and ``*_delete`` services."""
+    """Routes the admin's saves and deletes through the model's services.
 
-    save_service = None  # callable(obj, *, actor)
-    delete_service = None  # callable(obj, *, actor)
+    ``entity`` names them: with ``entity = "node"`` a save calls
+    ``services.node_save(node=obj, actor=...)`` and a delete ``services.node_delete(node=obj, actor=...)``.
+    """
 
-    def save_model(self, request, obj, form, change) -> None:
-        type(self).save_service(obj, actor=_actor(request))
+    entity: str
 
-    def delete_model(self, request, obj) -> None:
-        type(self).delete_service(obj, actor=_actor(request))
+    def _service(self, action: str) -> Callable[..., Any]:
+        return getattr(services, f"{self.entity}_{action}")
 
-    def delete_queryset(self, request, queryset: QuerySet) -> None:
+    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
+        self._service("save")(**{self.entity: obj}, actor=_actor(request))
+
+    def delete_model(self, request: HttpRequest, obj: Model) -> None:
+        self._service("delete")(**{self.entity: obj}, actor=_actor(request))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
         for obj in queryset:
             self.delete_model(request, obj)
 
@@ -51,8 +73,7 @@ class ModelAliasInline(admin.TabularInline):
 
 @admin.register(Node)
 class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
-    save_service = staticmethod(services.node_save)
-    delete_service = staticmethod(lambda node, *, actor: services.node_delete(node=node, actor=actor))
+    entity = "node"
 
     list_display = (
         "url",
@@ -114,16 +135,15 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     def health_badge(self, node: Node) -> str:
         return badge(NodeHealth, node.health)
 
-    def changelist_view(self, request: HttpRequest, extra_context=None):
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
         # One Redis read per page for the breaker column.
-        self._breakers = dashboard.read_breakers_sync(bus.client()) or {}
+        self._breakers = read_breakers_sync(redis_client()) or {}
         return super().changelist_view(request, extra_context)
 
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
-        state = getattr(self, "_breakers", {}).get(node.pk, "closed")
-        colour = {"closed": "#1a7f37", "open": "#cf222e", "half_open": "#7d4e00"}.get(state, "#6e7781")
-        return format_html('<span class="rp-badge" style="background:{}">{}</span>', colour, state.replace("_", "-"))
+        state = getattr(self, "_breakers", {}).get(node.pk, BreakerState.CLOSED.value)
+        return badge(BreakerState, state, text=state.replace("_", "-"))  # as the logs and metrics name it
 
     @admin.display(description="source", ordering="source")
     def source_badge(self, node: Node) -> str:
@@ -139,7 +159,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
         for alias in formset.deleted_objects:
             services.alias_delete(alias=alias, actor=actor)
         for alias in instances:
-            services.alias_save(alias, actor=actor)
+            services.alias_save(alias=alias, actor=actor)
         formset.save_m2m()
 
     def _apply(self, request: HttpRequest, queryset: QuerySet, service, verb: str) -> None:
@@ -193,8 +213,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 @admin.register(ModelAlias)
 class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
-    save_service = staticmethod(services.alias_save)
-    delete_service = staticmethod(lambda alias, *, actor: services.alias_delete(alias=alias, actor=actor))
+    entity = "alias"
     list_display = ("name", "served_name", "origin", "node")
     list_filter = ("origin",)
     search_fields = ("name", "served_name", "node__url")
@@ -203,8 +222,7 @@ class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 @admin.register(RoutePolicy)
 class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
-    save_service = staticmethod(services.policy_save)
-    delete_service = staticmethod(lambda policy, *, actor: services.policy_delete(policy=policy, actor=actor))
+    entity = "policy"
     list_display = ("__str__", "strategy_badge", "mode_badge", "retry_budget", "first_token_timeout", "enabled")
     list_filter = ("strategy", "serving_mode", "enabled")
     search_fields = ("model",)
@@ -225,10 +243,7 @@ class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 @admin.register(ControlPlane)
 class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
-    save_service = staticmethod(services.control_plane_save)
-    delete_service = staticmethod(
-        lambda control_plane, *, actor: services.control_plane_delete(control_plane=control_plane, actor=actor)
-    )
+    entity = "control_plane"
     list_display = (
         "name",
         "address",
@@ -267,7 +282,7 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 @admin.register(ApiKey)
 class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
-    delete_service = staticmethod(lambda key, *, actor: services.api_key_delete(key=key, actor=actor))
+    entity = "api_key"
     list_display = ("name", "prefix", "is_active", "allowed_models", "rate_limit_rpm", "created_at", "last_used_at")
     list_filter = ("is_active",)
     search_fields = ("name", "prefix")
@@ -277,15 +292,15 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None):
         return self.fields if obj is None else (*self.fields, *self.readonly_fields)
 
-    def save_model(self, request, obj: ApiKey, form, change) -> None:
-        actor = _actor(request)
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
-            services.api_key_save(obj, actor=actor)
+            super().save_model(request, obj, form, change)
             return
-        plaintext = generate_api_key()
-        obj.set_plaintext(plaintext)
-        obj.created_by = actor.user
-        services.api_key_save(obj, actor=actor)
+        # A new key is made by the service (its plaintext, its hash, the duplicate check); the admin
+        # then logs and redirects to the object it passed in, so that becomes the stored row.
+        created, plaintext = services.api_key_create(actor=_actor(request), **form.cleaned_data)
+        obj.pk = created.pk
+        obj.refresh_from_db()
         messages.warning(
             request,
             format_html(

@@ -1,4 +1,5 @@
-"""Choice sets for the registry models. Each carries the badge colour the admin shows it in."""
+"""Choice sets for the registry models and the live state. Each carries its badge colour, the one
+definition the admin and the dashboard both show it in."""
 
 from __future__ import annotations
 
@@ -143,6 +144,19 @@ class SyncState(BadgeChoices):
     @classmethod
     def _colours(cls) -> dict[str, str]:
         return {cls.IDLE: "#6e7781", cls.SYNCING: "#0969da", cls.OK: "#1a7f37", cls.FAILED: "#cf222e"}
+
+
+class BreakerState(BadgeChoices):
+    """The proxy's circuit breaker for a node (``proxy.breaker``), shared by the web workers through
+    Redis (``nodes.live.breakers``). Not stored in the database."""
+
+    CLOSED = "closed", "Closed"
+    OPEN = "open", "Open"
+    HALF_OPEN = "half_open", "Half-open"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.CLOSED: "#1a7f37", cls.OPEN: "#cf222e", cls.HALF_OPEN: "#7d4e00"}
 
 
 class ChangeVia(models.TextChoices):

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import redis as redis_lib
 from django.conf import settings
 
-from . import bus
 from .choices import NodeHealth, NodeState
+from .live import keys
+from .live.connection import client as redis_client
 from .models import Node
 
 if TYPE_CHECKING:
@@ -74,20 +75,16 @@ async def probe_all(urls: list[str], *, timeout: float) -> list[Probe]:
         return await asyncio.gather(*(probe_one(client, url) for url in urls))
 
 
-def history_key(node_id: int) -> str:
-    return f"routerpanel:health:{node_id}"
-
-
 def record_history(results: list[tuple[Node, Probe]]) -> None:
     """Keep the last probes per node in Redis (bounded); a Redis outage only loses history."""
     keep = settings.ROUTERPANEL_HEALTH_HISTORY
     now = time.time()
     try:
-        pipe = bus.client().pipeline(transaction=False)
+        pipe = redis_client().pipeline(transaction=False)
         for node, probe in results:
             entry = {"t": now, "ok": probe.ok, "ms": round(probe.latency_ms, 1), "detail": probe.detail}
-            pipe.lpush(history_key(node.pk), json.dumps(entry))
-            pipe.ltrim(history_key(node.pk), 0, keep - 1)
+            pipe.lpush(keys.health_history_key(node.pk), json.dumps(entry))
+            pipe.ltrim(keys.health_history_key(node.pk), 0, keep - 1)
         pipe.execute()
     except redis_lib.RedisError as exc:
         logger.warning("could not record health history: %s", exc)
@@ -95,7 +92,7 @@ def record_history(results: list[tuple[Node, Probe]]) -> None:
 
 def recent_history(node_id: int, limit: int = 20) -> list[dict]:
     try:
-        raw = bus.client().lrange(history_key(node_id), 0, limit - 1)
+        raw = redis_client().lrange(keys.health_history_key(node_id), 0, limit - 1)
     except redis_lib.RedisError:
         return []
     return [json.loads(item) for item in raw]
@@ -117,7 +114,7 @@ def next_health(node: Node, probe: Probe) -> tuple[str, int, int]:
 
 
 def health_lock():
-    return bus.client().lock("routerpanel:health-lock", timeout=30, blocking=False)
+    return redis_client().lock(keys.HEALTH_LOCK, timeout=30, blocking=False)
 
 
 @contextlib.contextmanager

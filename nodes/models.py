@@ -194,10 +194,6 @@ class Node(models.Model):
         """The model names this node serves (what the proxy writes into ``model``)."""
         return sorted({alias.served_name for alias in self.aliases.all()})
 
-    @property
-    def is_routable(self) -> bool:
-        return self.state == NodeState.ACTIVE and self.health != NodeHealth.UNHEALTHY
-
 
 class ModelAlias(models.Model):
     """A name a client may send in ``model``, mapped to the model name a node serves.

@@ -12,7 +12,8 @@ from typing import TypedDict
 
 from django.urls import reverse
 
-from .choices import NodeHealth, NodeRole, NodeState, ServingMode, SyncState
+from . import rules
+from .choices import NodeRole, NodeState, ServingMode, SyncState
 from .models import ControlPlane, ModelAlias, Node, RoutePolicy
 
 
@@ -59,11 +60,6 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _routable(state: str, health: str) -> bool:
-    """Mirrors ``NodeView.routable``: active and not known to be unhealthy."""
-    return state == NodeState.ACTIVE and health != NodeHealth.UNHEALTHY
-
-
 def node_rows() -> list[NodeRow]:
     """Every node, gone ones too (an operator sees what vanished), ordered by URL."""
     models: dict[int, set[str]] = defaultdict(set)
@@ -82,7 +78,7 @@ def node_rows() -> list[NodeRow]:
                 role=node["role"],
                 state=node["state"],
                 health=node["health"],
-                routable=_routable(node["state"], node["health"]),
+                routable=rules.is_routable(node["state"], node["health"]),
                 models=sorted(models[node["id"]]),
                 consecutive_failures=node["consecutive_failures"],
                 last_checked_at=_iso(node["last_checked_at"]),
@@ -95,33 +91,22 @@ def node_rows() -> list[NodeRow]:
 def model_readiness(
     serving_mode: str, nodes: list[NodeRow], breakers: dict[int, str] | None = None
 ) -> tuple[bool, str, list[str]]:
-    """Whether a model can be served by healthy nodes now, the mode it is served in, and why not.
-
-    The same rules as the proxy's ``GET /health/ready`` (``proxy.readiness``): PD needs at least
-    one healthy prefill and one healthy decode node, hybrid one healthy hybrid node, where healthy
-    means routable, probed healthy (``unknown`` is not enough) and no open circuit breaker.
-    ``auto`` is PD when the model has a routable prefill and a routable decode node, or no
-    routable hybrid node but some prefill or decode node (as ``proxy.pd.wants_pd`` decides).
-    """
+    """Whether a model can be served by healthy nodes now, the mode it is served in, and why not:
+    ``nodes.rules``, the proxy's ``GET /health/ready`` answer, applied to the model's nodes and
+    ``breakers`` (node id -> circuit-breaker state)."""
     breakers = breakers or {}
     routable = dict.fromkeys(NodeRole.values, 0)
     healthy = dict.fromkeys(NodeRole.values, 0)
     for node in nodes:
         if node["routable"]:
             routable[node["role"]] += 1
-            if node["health"] == NodeHealth.HEALTHY and breakers.get(node["id"]) != "open":
-                healthy[node["role"]] += 1
-    if serving_mode == ServingMode.PD:
-        pd = True
-    elif serving_mode == ServingMode.HYBRID:
-        pd = False
-    else:
-        pd = bool(routable[NodeRole.PREFILL] and routable[NodeRole.DECODE]) or (
-            not routable[NodeRole.HYBRID] and any(node["role"] != NodeRole.HYBRID for node in nodes)
-        )
-    roles = (NodeRole.PREFILL, NodeRole.DECODE) if pd else (NodeRole.HYBRID,)
-    reasons = [f"no healthy {role} node" for role in roles if not healthy[role]]
-    return not reasons, ServingMode.PD if pd else ServingMode.HYBRID, reasons
+        if rules.is_healthy(routable=node["routable"], health=node["health"], breaker=breakers.get(node["id"])):
+            healthy[node["role"]] += 1
+    mode = rules.serving_mode(
+        serving_mode, routable=routable, has_split_nodes=any(node["role"] != NodeRole.HYBRID for node in nodes)
+    )
+    result = rules.readiness(mode, healthy)
+    return result.ready, result.mode, result.reasons
 
 
 def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) -> list[ModelCard]:

@@ -18,7 +18,7 @@ import time
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import metrics, stats
+from . import metrics
 from . import snapshot as snapshots
 from .breaker import Breakers
 from .errors import ProxyError, bad_request
@@ -56,24 +56,24 @@ class ProxyApp:
     def __init__(
         self, *, router: Router | None = None, watcher: SnapshotWatcher | None = None, limiter: KeyLimiter | None = None
     ) -> None:
-        # In-flight counts and key limits shared by every worker through Redis (tests that pass
-        # their own router or limiter keep them local to the process).
-        self.shared = (
-            SharedCounters(
-                settings.ROUTERPANEL_REDIS_URL,
-                interval=settings.ROUTERPANEL_PROXY_SHARED_INTERVAL,
-                breakers=Breakers(
-                    failures=settings.ROUTERPANEL_BREAKER_FAILURES, cooldown=settings.ROUTERPANEL_BREAKER_COOLDOWN
-                ),
-            )
-            if settings.ROUTERPANEL_PROXY_SHARED_COUNTERS and router is None and limiter is None
-            else None
+        # This worker's one loop on Redis: live statistics always; in-flight counts, key limits and
+        # breakers shared by every worker too (tests that pass their own router or limiter keep them
+        # local to the process).
+        share = settings.ROUTERPANEL_PROXY_SHARED_COUNTERS and router is None and limiter is None
+        self.shared = SharedCounters(
+            settings.ROUTERPANEL_REDIS_URL,
+            interval=settings.ROUTERPANEL_PROXY_SHARED_INTERVAL,
+            breakers=Breakers(
+                failures=settings.ROUTERPANEL_BREAKER_FAILURES, cooldown=settings.ROUTERPANEL_BREAKER_COOLDOWN
+            ),
+            share_counters=share,
         )
         self.router = router or Router(
-            load=self.shared.load if self.shared else None, breakers=self.shared.breakers if self.shared else None
+            load=self.shared.load if share else None, breakers=self.shared.breakers if share else None
         )
+        self.shared.inflight = self.router.load.counts  # live per-node figures for the dashboard
         self.watcher = watcher or SnapshotWatcher()
-        self.limiter = limiter or (self.shared.limiter if self.shared else KeyLimiter())
+        self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
         metrics.register_inflight(self._inflight_by_node)
@@ -122,11 +122,10 @@ class ProxyApp:
         """Build the first snapshot and start the watcher on this loop (uvicorn's lifespan start-up;
         under daphne, which has no lifespan, the first request)."""
         await self.watcher.ensure_started()
-        if self.shared is not None:
-            self.shared.start()
-        stats.start_publisher(self.router.load.counts)  # live per-node figures for the dashboard
+        self.shared.start()
         # Django, DRF and friends leave ~100k long-lived objects; keep the cyclic GC from rescanning
-        # them on every full collection (cheaper per request, and no periodic pauses).
+        # them on every full collection (cheaper per request, and no periodic pauses; see
+        # docs/decisions/0004-gc-freeze.md).
         gc.freeze()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
@@ -142,9 +141,7 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.watcher.stop()
-                if self.shared is not None:
-                    await self.shared.stop()
-                await stats.stop_publisher()
+                await self.shared.stop()
                 await close_session()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -180,7 +177,7 @@ class ProxyApp:
         headers = RequestHeaders.parse(scope["headers"])
         request_id = headers.request_id or _new_request_id()
         key = self.authenticate(snap, headers)
-        if key is not None and self.shared is not None:
+        if key is not None and self.shared.share_counters:
             self.shared.key_used[key.id] = time.time()  # copied to ApiKey.last_used_at off the hot path
         try:
             body = await read_body(receive, self.max_body, headers.content_length)

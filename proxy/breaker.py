@@ -6,19 +6,21 @@ and the node gets no requests; after ``cooldown`` seconds one trial request is l
 (half-open); its success closes the breaker, its failure opens it again.
 
 The state is shared by every web worker: each transition is queued here and written to the Redis
-hash ``routerpanel:breakers`` by the shared-counters task, which also reads the hash back and adopts
-any newer transition another worker made. The hot-path methods are synchronous and O(1).
+hash ``nodes.live.keys.BREAKERS`` (as ``nodes.live.breakers.BreakerRecord``) by the worker's sync
+loop (``proxy.shared``), which also reads the hash back and adopts any newer transition another
+worker made. The hot-path methods are synchronous and O(1).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
-BREAKERS = "routerpanel:breakers"
+from nodes.choices import BreakerState
+from nodes.live.breakers import BreakerRecord, encode
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+# Plain strings on the hot path; their one definition is nodes.choices.BreakerState.
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED.value, BreakerState.OPEN.value, BreakerState.HALF_OPEN.value
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Breakers:
         self.threshold = failures
         self.cooldown = cooldown
         self.nodes: dict[int, NodeBreaker] = {}
-        self.pending: dict[int, NodeBreaker] = {}  # transitions to publish
+        self.pending: dict[int, BreakerRecord] = {}  # transitions to publish
 
     def state(self, node_id: int) -> str:
         breaker = self.nodes.get(node_id)
@@ -88,30 +90,18 @@ class Breakers:
         breaker.changed_at = now
         if state == CLOSED:
             breaker.failures = 0
-        self.pending[node_id] = NodeBreaker(breaker.state, breaker.failures, breaker.until, breaker.changed_at)
+        self.pending[node_id] = BreakerRecord(breaker.state, breaker.until, breaker.changed_at)
 
     # -- sharing ------------------------------------------------------------------------------
 
     def take_pending(self) -> dict[str, str]:
         """Transitions since the last call, as the Redis hash fields to write."""
         pending, self.pending = self.pending, {}
-        return {str(node_id): encode(b) for node_id, b in pending.items()}
+        return {str(node_id): encode(record) for node_id, record in pending.items()}
 
-    def adopt(self, remote: dict[int, NodeBreaker]) -> None:
+    def adopt(self, remote: dict[int, BreakerRecord]) -> None:
         """Apply other workers' transitions that are newer than what this worker knows."""
         for node_id, theirs in remote.items():
             mine = self.nodes.get(node_id)
-            if mine is None or theirs.changed_at > mine.changed_at:
-                self.nodes[node_id] = NodeBreaker(theirs.state, theirs.failures, theirs.until, theirs.changed_at)
-
-
-def encode(breaker: NodeBreaker) -> str:
-    return json.dumps({"state": breaker.state, "until": breaker.until, "at": breaker.changed_at})
-
-
-def decode(raw: bytes | str) -> NodeBreaker | None:
-    try:
-        data = json.loads(raw)
-        return NodeBreaker(str(data["state"]), 0, float(data["until"]), float(data["at"]))
-    except (ValueError, KeyError, TypeError):
-        return None
+            if mine is None or theirs.at > mine.changed_at:
+                self.nodes[node_id] = NodeBreaker(theirs.state, 0, theirs.until, theirs.at)

@@ -1,33 +1,33 @@
 """Per-model readiness for ``GET /health/ready``: can every model be served by healthy nodes now?
 
-A model served in PD mode is ready only with at least one healthy prefill and one healthy decode
-node; a hybrid model needs one healthy hybrid node. "Healthy" is strict: the active health check
-said so (``unknown`` is not enough) and the node's circuit breaker is not open.
+The rules are ``nodes.rules`` (the dashboard shows the same answer): a model served in PD mode is
+ready only with at least one healthy prefill and one healthy decode node; a hybrid model needs one
+healthy hybrid node. "Healthy" is strict: the active health check said so (``unknown`` is not
+enough) and the node's circuit breaker is not open.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from nodes.choices import NodeHealth, NodeRole
+from nodes import rules
 
-from .breaker import OPEN, Breakers
-from .pd import wants_pd
+from .breaker import Breakers
 from .snapshot import Route, Snapshot
 
 
 def _healthy(route: Route, role: str, breakers: Breakers) -> int:
     return sum(
-        1 for t in route.by_role(role) if t.node.health == NodeHealth.HEALTHY and breakers.state(t.node.id) != OPEN
+        1
+        for t in route.by_role(role)
+        if rules.is_healthy(routable=t.node.routable, health=t.node.health, breaker=breakers.state(t.node.id))
     )
 
 
 def model_readiness(route: Route, breakers: Breakers) -> dict[str, Any]:
-    pd = wants_pd(route)
-    roles = (NodeRole.PREFILL, NodeRole.DECODE) if pd else (NodeRole.HYBRID,)
-    counts = {role: _healthy(route, role, breakers) for role in roles}
-    reasons = [f"no healthy {role} node" for role, count in counts.items() if count == 0]
-    return {"ready": not reasons, "mode": "pd" if pd else "hybrid", "healthy_nodes": counts, "reasons": reasons}
+    healthy = {role: _healthy(route, role, breakers) for role in rules.needed_roles(route.mode)}
+    return dataclasses.asdict(rules.readiness(route.mode, healthy))
 
 
 def readiness(snapshot: Snapshot, breakers: Breakers) -> tuple[bool, dict[str, Any]]:

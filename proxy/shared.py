@@ -1,16 +1,18 @@
-"""Load counters and per-key limits shared by every web worker on every host, through Redis.
+"""This web worker's one link to the others through Redis: one identity, one client, one loop.
 
-The hot path stays synchronous and O(1): each worker counts its own requests locally and exactly,
-and a background task (every ``interval``) publishes those counts to Redis and reads the other
-workers'. A node's in-flight count is then "mine now + theirs as of the last sync" — at most one
-interval old, which is what ``least_requests``, ``power_of_two`` and the per-node and per-key limits
-need. If Redis is unreachable the others' view goes stale after ``stale_after`` and is dropped:
-each worker keeps serving on its own counts (the local fallback) until Redis is back.
+Load counters and per-key limits are shared by every web worker on every host. The hot path stays
+synchronous and O(1): each worker counts its own requests locally and exactly, and the loop (every
+``interval``, 0.1 s) publishes those counts to Redis and reads the other workers'. A node's
+in-flight count is then "mine now + theirs as of the last sync" — at most one interval old, which
+is what ``least_requests``, ``power_of_two`` and the per-node and per-key limits need. If Redis is
+unreachable the others' view goes stale after ``stale_after`` and is dropped: each worker keeps
+serving on its own counts (the local fallback) until Redis is back. See
+docs/decisions/0005-counters-shared-through-redis.md.
 
-Redis layout (all keys expire on their own when a worker dies):
-- ``routerpanel:workers`` — a set of worker ids; ``routerpanel:alive:{worker}`` says one is alive;
-- ``routerpanel:load:{worker}`` — hash ``node id → in-flight``;
-- ``routerpanel:keys:{worker}`` — hash ``active:{key id} → requests`` and ``rpm:{key id}:{minute}``.
+The same loop carries the circuit breakers' transitions (``proxy.breaker``), the API keys' last use,
+and, every ``stats_every``-th tick (about once a second), this worker's live statistics snapshot
+for the dashboard (``proxy.stats``). Every key name and codec is in ``nodes.live``; all of them
+expire on their own when a worker dies.
 """
 
 from __future__ import annotations
@@ -18,39 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from nodes.bus import KEYS_LAST_USED
+from nodes.live import keys
+from nodes.live import stats as live_stats
+from nodes.live.breakers import BreakerRecord, decode
 
-from .breaker import BREAKERS, Breakers, NodeBreaker, decode
+from .breaker import Breakers
 from .load import KeyLimiter, LocalLoadTracker
 from .snapshot import KeyView, NodeView
+from .stats import STATS, NodeStats
 
 logger = logging.getLogger(__name__)
-
-WORKERS = "routerpanel:workers"
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-
-
-def _load_key(worker: str) -> str:
-    return f"routerpanel:load:{worker}"
-
-
-def _keys_key(worker: str) -> str:
-    return f"routerpanel:keys:{worker}"
-
-
-def _alive_key(worker: str) -> str:
-    return f"routerpanel:alive:{worker}"
 
 
 class SharedView:
@@ -132,7 +117,13 @@ class SharedKeyLimiter(KeyLimiter):
 
 
 class SharedCounters:
-    """Owns the shared view, the tracker and limiter built on it, and the background sync task."""
+    """Owns this worker's identity, its Redis client and its one background loop, and the shared
+    view with the tracker and limiter built on it.
+
+    ``share_counters`` False (a test with its own router or limiter, or
+    ``ROUTERPANEL_PROXY_SHARED_COUNTERS`` off) keeps the counters local: the loop then only
+    publishes the statistics, of ``stats`` with in-flight counts from ``inflight``.
+    """
 
     def __init__(
         self,
@@ -142,27 +133,40 @@ class SharedCounters:
         stale_after: float = 2.0,
         client_factory: Callable[[], aioredis.Redis] | None = None,
         breakers: Breakers | None = None,
+        share_counters: bool = True,
+        stats: NodeStats = STATS,
+        inflight: Callable[[], dict[int, int]] | None = None,
+        stats_interval: float = live_stats.PUBLISH_INTERVAL,
+        worker: str | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.interval = interval
-        self.worker = worker_id()
+        self.worker = worker or keys.new_worker_id()
+        self.share_counters = share_counters
         self.view = SharedView(stale_after)
         self.load = SharedLoadTracker(self.view)
         self.limiter = SharedKeyLimiter(self.view)
         self.breakers = breakers or Breakers()
         self.key_used: dict[int, float] = {}  # key id -> last use since the previous sync
+        self.stats = stats
+        self.inflight: Callable[[], dict[int, int]] = inflight or self.load.counts
+        self.stats_every = max(1, round(stats_interval / interval))  # ticks between statistics publishes
+        self.published = 0  # statistics snapshots written
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task | None = None
         self._healthy = True
+        self._ticks_to_stats = 1  # the first tick publishes
 
     def start(self) -> None:
+        """Start the loop on the running event loop, unless it already runs."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="routerpanel-shared-counters")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="routerpanel-worker-sync")
 
     async def stop(self) -> None:
+        """Stop the loop and say goodbye: this worker's counts and statistics leave Redis at once."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -170,25 +174,37 @@ class SharedCounters:
             self._task = None
         if self._client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._client.srem(WORKERS, self.worker)
-                await self._client.delete(_load_key(self.worker), _keys_key(self.worker), _alive_key(self.worker))
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.srem(keys.WORKERS, self.worker)
+                    pipe.delete(
+                        keys.worker_load_key(self.worker),
+                        keys.worker_keys_key(self.worker),
+                        keys.worker_alive_key(self.worker),
+                        keys.stats_worker_key(self.worker),
+                    )
+                    await pipe.execute()
             with contextlib.suppress(RedisError, OSError):
                 await self._client.aclose()
             self._client = None
 
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
     async def _run(self) -> None:
         while True:
             try:
-                await self.sync_once()
+                await self.tick()
                 if not self._healthy:
-                    logger.info("shared counters: Redis is back; sharing load with the other workers again")
+                    logger.info("Redis is back; sharing counters and statistics with the other workers again")
                 self._healthy = True
                 await asyncio.sleep(self.interval)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # Redis down or slow: requests never notice, the next tick retries
                 if self._healthy:
-                    logger.warning("shared counters: Redis unreachable (%s); using this worker's counts only", exc)
+                    logger.warning("Redis unreachable (%s); using this worker's counts only, no live statistics", exc)
                 self._healthy = False
                 if self._client is not None:
                     with contextlib.suppress(RedisError, OSError):
@@ -196,38 +212,60 @@ class SharedCounters:
                     self._client = None
                 await asyncio.sleep(max(self.interval, 0.5))
 
+    async def tick(self) -> None:
+        """One turn of the loop: the counters every time, the statistics every ``stats_every``-th
+        (retried on the next tick when it fails)."""
+        if self.share_counters:
+            await self.sync_once()
+        self._ticks_to_stats -= 1
+        if self._ticks_to_stats <= 0:
+            await self.publish_stats()
+            self._ticks_to_stats = self.stats_every
+
+    def stats_payload(self) -> bytes:
+        snapshot = live_stats.WorkerSnapshot(
+            worker=self.worker, at=time.time(), nodes=self.stats.snapshot(self.inflight())
+        )
+        return live_stats.encode_snapshot(snapshot)
+
+    async def publish_stats(self) -> None:
+        """Write this worker's statistics snapshot (with a TTL) and its entry in the index."""
+        async with self.client().pipeline(transaction=False) as pipe:
+            live_stats.queue_publish(pipe, self.worker, self.stats_payload(), time.time())
+            await pipe.execute()
+        self.published += 1
+
     async def sync_once(self) -> None:
         """Publish this worker's counts and read everyone else's (one round trip each way)."""
-        if self._client is None:
-            self._client = self._client_factory()
-        client = self._client
+        client = self.client()
         ttl_ms = int(max(self.view.stale_after, self.interval * 5) * 1000)
+        load_key, keys_key = keys.worker_load_key(self.worker), keys.worker_keys_key(self.worker)
         load = {str(node_id): count for node_id, count in self.load.counts().items()}
-        keys = self.limiter.fields()
+        key_counts = self.limiter.fields()
         async with client.pipeline(transaction=False) as pipe:
-            pipe.delete(_load_key(self.worker), _keys_key(self.worker))
+            pipe.delete(load_key, keys_key)
             if load:
-                pipe.hset(_load_key(self.worker), mapping=load)
-            if keys:
-                pipe.hset(_keys_key(self.worker), mapping=keys)
-            pipe.pexpire(_load_key(self.worker), ttl_ms)
-            pipe.pexpire(_keys_key(self.worker), ttl_ms)
-            pipe.set(_alive_key(self.worker), 1, px=ttl_ms)
+                pipe.hset(load_key, mapping=load)
+            if key_counts:
+                pipe.hset(keys_key, mapping=key_counts)
+            pipe.pexpire(load_key, ttl_ms)
+            pipe.pexpire(keys_key, ttl_ms)
+            pipe.set(keys.worker_alive_key(self.worker), 1, px=ttl_ms)
             if self.key_used:
                 used, self.key_used = self.key_used, {}
-                pipe.hset(KEYS_LAST_USED, mapping={str(k): repr(t) for k, t in used.items()})
+                pipe.hset(keys.KEYS_LAST_USED, mapping={str(k): repr(t) for k, t in used.items()})
             transitions = self.breakers.take_pending()
             if transitions:
-                pipe.hset(BREAKERS, mapping=transitions)
-            pipe.hgetall(BREAKERS)
-            pipe.sadd(WORKERS, self.worker)
-            pipe.smembers(WORKERS)
+                pipe.hset(keys.BREAKERS, mapping=transitions)
+            pipe.hgetall(keys.BREAKERS)
+            pipe.sadd(keys.WORKERS, self.worker)
+            pipe.smembers(keys.WORKERS)
             results = await pipe.execute()
-        remote: dict[int, NodeBreaker] = {}
+        remote: dict[int, BreakerRecord] = {}
         for node_id, raw in results[-3].items():
-            breaker = decode(raw)
-            if breaker is not None:
-                remote[int(node_id)] = breaker
+            record = decode(raw)
+            if record is not None:
+                remote[int(node_id)] = record
         self.breakers.adopt(remote)
         others = [w.decode() if isinstance(w, bytes) else w for w in results[-1]]
         others = [w for w in others if w != self.worker]
@@ -236,9 +274,9 @@ class SharedCounters:
         if others:
             async with client.pipeline(transaction=False) as pipe:
                 for worker in others:
-                    pipe.exists(_alive_key(worker))
-                    pipe.hgetall(_load_key(worker))
-                    pipe.hgetall(_keys_key(worker))
+                    pipe.exists(keys.worker_alive_key(worker))
+                    pipe.hgetall(keys.worker_load_key(worker))
+                    pipe.hgetall(keys.worker_keys_key(worker))
                 results = await pipe.execute()
             dead = []
             for index, worker in enumerate(others):
@@ -252,6 +290,6 @@ class SharedCounters:
                     name = field.decode() if isinstance(field, bytes) else field
                     other_keys[name] = other_keys.get(name, 0) + int(count)
             if dead:
-                await client.srem(WORKERS, *dead)  # workers that died without saying goodbye
+                await client.srem(keys.WORKERS, *dead)  # workers that died without saying goodbye
         self.view.load, self.view.keys = other_load, other_keys
         self.view.synced_at = time.monotonic()

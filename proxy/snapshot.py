@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from nodes.choices import NodeHealth, NodeRole, NodeState, ServingMode, Strategy
+from nodes import rules
+from nodes.choices import NodeRole, ServingMode, Strategy
 from nodes.models import ApiKey, ConfigVersion, ModelAlias, Node, RoutePolicy
 
 
@@ -37,8 +38,8 @@ class NodeView:
 
     @property
     def routable(self) -> bool:
-        """Active and not known to be unhealthy (capacity is checked per request)."""
-        return self.state == NodeState.ACTIVE and self.health != NodeHealth.UNHEALTHY
+        """Takes new requests (``nodes.rules.is_routable``; capacity is checked per request)."""
+        return rules.is_routable(self.state, self.health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,7 @@ class Route:
     prefill: tuple[Target, ...]  # routable prefill nodes
     decode: tuple[Target, ...]  # routable decode nodes
     served_names: frozenset[str]
+    mode: str  # how the route is served now, pd or hybrid (``nodes.rules.serving_mode``)
 
     @property
     def servable(self) -> bool:
@@ -159,14 +161,23 @@ def build_routes(
         candidates = [name, *sorted(served_names)] if len(served_names) > 1 else sorted(served_names)
         policy = next((policies[s] for s in candidates if s in policies), default_policy)
         routable = [t for t in ordered if t.node.routable]
+        hybrid = tuple(t for t in routable if t.node.role == NodeRole.HYBRID)
+        prefill = tuple(t for t in routable if t.node.role == NodeRole.PREFILL)
+        decode = tuple(t for t in routable if t.node.role == NodeRole.DECODE)
+        mode = rules.serving_mode(
+            policy.serving_mode,
+            routable={NodeRole.HYBRID: len(hybrid), NodeRole.PREFILL: len(prefill), NodeRole.DECODE: len(decode)},
+            has_split_nodes=any(t.node.role != NodeRole.HYBRID for t in ordered),
+        )
         routes[name] = Route(
             name=name,
             policy=policy,
             targets=ordered,
-            hybrid=tuple(t for t in routable if t.node.role == NodeRole.HYBRID),
-            prefill=tuple(t for t in routable if t.node.role == NodeRole.PREFILL),
-            decode=tuple(t for t in routable if t.node.role == NodeRole.DECODE),
+            hybrid=hybrid,
+            prefill=prefill,
+            decode=decode,
             served_names=served_names,
+            mode=mode,
         )
     return routes
 

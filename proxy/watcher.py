@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from django.db import connection
 
-from nodes.bus import version_key
+from nodes.live.keys import config_channel, config_version_key
 
 from . import snapshot as snapshots
 
@@ -129,7 +129,7 @@ class SnapshotWatcher:
     async def _redis_version(self) -> int | None:
         """The version stored in Redis; raises on a Redis error."""
         assert self._redis is not None
-        raw = await self._redis.get(version_key())
+        raw = await self._redis.get(config_version_key())
         return int(raw) if raw is not None else None
 
     async def _db_version(self) -> int:
@@ -181,7 +181,7 @@ class SnapshotWatcher:
             client = aioredis.Redis.from_url(settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(settings.ROUTERPANEL_CONFIG_CHANNEL)
+                await pubsub.subscribe(config_channel())
                 while True:
                     message = await pubsub.get_message(timeout=5.0)
                     if message is not None:

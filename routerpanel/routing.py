@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from channels.auth import AuthMiddlewareStack
-from django.urls import path
+from dashboard.routing import websocket_urlpatterns as dashboard_websockets
 
-from nodes.consumers import DashboardConsumer
-
-websocket_urlpatterns: list = [
-    path("ws/dashboard/", AuthMiddlewareStack(DashboardConsumer.as_asgi())),
-]
+websocket_urlpatterns: list = [*dashboard_websockets]

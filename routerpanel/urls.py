@@ -6,16 +6,13 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from nodes import dashboard
-
 admin.site.site_header = "RouterPanel"
 admin.site.site_title = "RouterPanel"
 admin.site.index_title = "Fleet administration"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("dashboard/", dashboard.dashboard, name="dashboard"),
-    path("dashboard/data", dashboard.dashboard_data, name="dashboard-data"),
+    path("", include("dashboard.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/", include("nodes.api.urls")),

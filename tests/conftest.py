@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Redis, personas for permission tests, and API clients."""
+"""Shared fixtures: a real Redis, and the personas for permission tests (admin, operator, outsider)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
+from django.contrib.auth import get_user_model
 
 from nodes.localredis import redis_server_argv
+from nodes.services import Actor
 from tests.procs import free_port, redis_db, stop_process, wait_for_port
 
 
@@ -61,3 +63,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("django_db")
         if marker is not None and marker.kwargs.get("transaction") and not marker.kwargs.get("serialized_rollback"):
             item.add_marker(pytest.mark.django_db(**{**marker.kwargs, "serialized_rollback": True}), append=False)
+
+
+@pytest.fixture
+def admin_user(db):
+    """A superuser: may do anything."""
+    return get_user_model().objects.create_superuser("root", "root@example.com", "pw-admin-123")
+
+
+@pytest.fixture
+def operator_user(db):
+    """A staff user without superuser rights: may read and change the registry through the API."""
+    return get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
+
+
+@pytest.fixture
+def outsider_user(db):
+    """A logged-in user who is not staff: may read, never write."""
+    return get_user_model().objects.create_user("outsider", "out@example.com", "pw-outsider-123")
+
+
+@pytest.fixture
+def system() -> Actor:
+    """The actor for fixtures' own writes."""
+    return Actor.system("tests")

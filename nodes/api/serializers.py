@@ -244,7 +244,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
         return key
 
     def update(self, key: ApiKey, validated_data: dict[str, Any]) -> ApiKey:
-        return _call(services.api_key_update, key=key, actor=_actor(self), **validated_data)
+        return _call(services.api_key_update, api_key=key, actor=_actor(self), **validated_data)
 
 
 class ChangeRecordSerializer(serializers.ModelSerializer):

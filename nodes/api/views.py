@@ -143,7 +143,7 @@ class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     filterset_fields = ["is_active", "name"]
 
     def delete_with_service(self, key: ApiKey) -> None:
-        services.api_key_delete(key=key, actor=_actor(self.request))
+        services.api_key_delete(api_key=key, actor=_actor(self.request))
 
 
 class ChangeRecordViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

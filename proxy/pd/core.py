@@ -33,17 +33,9 @@ def inflight() -> int:
 
 
 def wants_pd(route: Route) -> bool:
-    """Serving mode of a route: ``pd``, ``hybrid``, or ``auto`` = PD when the model has a routable
-    prefill and a routable decode node. ``auto`` with no routable hybrid node but some prefill or
-    decode node also goes the PD way, so the client's 503 names the role that is missing."""
-    mode = route.policy.serving_mode
-    if mode == ServingMode.PD:
-        return True
-    if mode == ServingMode.HYBRID:
-        return False
-    if route.prefill and route.decode:
-        return True
-    return not route.hybrid and any(t.node.role != NodeRole.HYBRID for t in route.targets)
+    """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
+    was built by the one rule, ``nodes.rules.serving_mode``."""
+    return route.mode == ServingMode.PD
 
 
 def dumps(obj: Any) -> bytes:

@@ -231,7 +231,7 @@ def staff_session(base: str) -> httpx.Client:
 
 
 def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> None:
-    from proxy import stats
+    from nodes.live import keys, stats
 
     port = free_port()
     workers = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
@@ -258,7 +258,7 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> Non
                     time.sleep(0.05)
         assert served >= 60
         client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])
-        live_workers = client.zrangebyscore(stats.WORKERS_KEY, time.time() - stats.SNAPSHOT_TTL, "+inf")
+        live_workers = client.zrangebyscore(keys.STATS_WORKERS, time.time() - stats.SNAPSHOT_TTL, "+inf")
         assert len(live_workers) >= 3  # the module's server and these two workers
         dashboard = staff_session(routerpanel["base"])
         figures: dict = {}

@@ -1,31 +1,10 @@
-"""Personas and clients for the registry's tests."""
+"""API clients for the personas (tests/conftest.py) and a stub engine, for the registry's tests."""
 
 from __future__ import annotations
 
 import pytest
-from django.contrib.auth import get_user_model
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
-
-from nodes.services import Actor
-
-
-@pytest.fixture
-def admin_user(db):
-    """A superuser: may do anything."""
-    return get_user_model().objects.create_superuser("root", "root@example.com", "pw-admin-123")
-
-
-@pytest.fixture
-def operator_user(db):
-    """A staff user without superuser rights: may read and change the registry through the API."""
-    return get_user_model().objects.create_user("operator", "op@example.com", "pw-operator-123", is_staff=True)
-
-
-@pytest.fixture
-def outsider_user(db):
-    """A logged-in user who is not staff: may read, never write."""
-    return get_user_model().objects.create_user("outsider", "out@example.com", "pw-outsider-123")
 
 
 def _token_client(user) -> APIClient:
@@ -53,12 +32,6 @@ def outsider_api(outsider_user) -> APIClient:
 @pytest.fixture
 def anonymous_api() -> APIClient:
     return APIClient()
-
-
-@pytest.fixture
-def system() -> Actor:
-    """The actor for fixtures' own writes."""
-    return Actor.system("tests")
 
 
 class _EngineStub:

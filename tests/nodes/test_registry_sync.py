@@ -7,11 +7,13 @@ import json
 import pytest
 from django_celery_beat.models import PeriodicTask
 
-from nodes import bus, services
+from nodes import services
 from nodes.choices import ChangeVia, NodeSource, NodeState
 from nodes.listener import RegistryListener
+from nodes.live import connection
 from nodes.models import ChangeRecord, ControlPlane, Node
 from nodes.registry import RegistryEntity, RegistryError, parse_entity, parse_event
+from nodes.services.registry_sync import _sync_lock
 
 pytestmark = pytest.mark.django_db
 
@@ -170,7 +172,7 @@ def test_control_planes_are_isolated(control_plane, registry, system) -> None:
 
 
 def test_a_held_lock_makes_a_second_sync_skip(control_plane, registry) -> None:
-    lock = services._sync_lock(control_plane)
+    lock = _sync_lock(control_plane)
     assert lock.acquire()
     try:
         result = sync(control_plane, registry)
@@ -182,7 +184,7 @@ def test_a_held_lock_makes_a_second_sync_skip(control_plane, registry) -> None:
 
 def test_without_redis_the_sync_skips_and_says_why(control_plane, registry, settings) -> None:
     settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
-    bus._client = None
+    connection._client = None
     result = sync(control_plane, registry)
     assert result.skipped and "Redis is unavailable" in result.reason
 

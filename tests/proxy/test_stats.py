@@ -10,8 +10,12 @@ import pytest
 import redis as redis_lib
 import redis.asyncio as aioredis
 
+from nodes.live import keys
+from nodes.live import stats as live_stats
+from nodes.live.stats import merge_snapshots
 from proxy import stats
-from proxy.stats import NodeStats, StatsPublisher, is_failure, merge_snapshots
+from proxy.shared import SharedCounters
+from proxy.stats import NodeStats, is_failure
 
 from .pd_fakes import fake_pd
 
@@ -75,14 +79,14 @@ def test_a_node_with_requests_in_flight_but_none_finished_is_listed() -> None:
 def test_its_memory_is_bounded() -> None:
     clock = Clock()
     node_stats = NodeStats(clock=clock)
-    for _ in range(stats.HISTORY_SECONDS + 50):
+    for _ in range(live_stats.HISTORY_SECONDS + 50):
         for _ in range(3):
             node_stats.record(1, status=200, elapsed=0.01, ttft=0.001)
         clock.now += 1
     snapshot = node_stats.snapshot()["1"]
-    assert len(snapshot["buckets"]) <= stats.HISTORY_SECONDS + 1
+    assert len(snapshot["buckets"]) <= live_stats.HISTORY_SECONDS + 1
     assert len(node_stats._nodes[1].latency) == stats.SAMPLES
-    assert len(snapshot["latency"]) <= stats.SAMPLE_WINDOW * 3 + 3
+    assert len(snapshot["latency"]) <= live_stats.SAMPLE_WINDOW * 3 + 3
 
 
 def test_a_node_idle_for_the_whole_history_is_forgotten() -> None:
@@ -90,7 +94,7 @@ def test_a_node_idle_for_the_whole_history_is_forgotten() -> None:
     node_stats = NodeStats(clock=clock)
     node_stats.record(1, status=200, elapsed=0.01)
     node_stats.record(2, status=200, elapsed=0.01)
-    clock.now += stats.HISTORY_SECONDS + 2
+    clock.now += live_stats.HISTORY_SECONDS + 2
     node_stats.record(2, status=200, elapsed=0.01)
     assert set(node_stats.snapshot({3: 1})) == {"2", "3"}
     assert set(node_stats._nodes) == {2}
@@ -139,11 +143,11 @@ def test_it_merges_workers_into_rates_error_rates_and_medians() -> None:
     assert figures["inflight"] == 3
     assert figures["requests"] == 150
     assert figures["errors"] == 4
-    assert figures["rps"] == pytest.approx(25 / stats.RATE_WINDOW)  # the current second is left out
+    assert figures["rps"] == pytest.approx(25 / live_stats.RATE_WINDOW)  # the current second is left out
     assert figures["error_rate"] == pytest.approx(2 / 25)
     assert figures["p50_latency"] == pytest.approx(0.2)
     assert figures["p50_ttft"] == pytest.approx(0.01)
-    assert len(figures["history"]) == stats.HISTORY_SECONDS
+    assert len(figures["history"]) == live_stats.HISTORY_SECONDS
     assert figures["history"][-2:] == [10, 15]
 
 
@@ -157,8 +161,16 @@ def test_an_idle_node_has_no_rates_to_show() -> None:
 async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url: str) -> None:
     node_stats = NodeStats()
     node_stats.record(5, status=200, elapsed=0.25)
-    publisher = StatsPublisher(node_stats, inflight=lambda: {5: 4}, interval=0.05, worker_id="test-worker")
-    publisher.ensure_started()
+    publisher = SharedCounters(
+        redis_url,
+        share_counters=False,
+        stats=node_stats,
+        inflight=lambda: {5: 4},
+        interval=0.05,
+        stats_interval=0.05,
+        worker="test-worker",
+    )
+    publisher.start()
     try:
         deadline = time.monotonic() + 10
         while publisher.published < 2:
@@ -166,8 +178,8 @@ async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url
             await asyncio.sleep(0.02)
         client = aioredis.Redis.from_url(redis_url)
         try:
-            fleet = await stats.read_fleet_stats(client)
-            ttl = await client.ttl(stats.worker_key("test-worker"))
+            fleet = await live_stats.read_fleet_stats(client)
+            ttl = await client.ttl(keys.stats_worker_key("test-worker"))
         finally:
             await client.aclose()
     finally:
@@ -176,15 +188,21 @@ async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url
     assert fleet[5]["inflight"] == 4
     assert fleet[5]["requests"] == 1
     assert fleet[5]["p50_latency"] == pytest.approx(0.25)
-    assert 0 < ttl <= stats.SNAPSHOT_TTL
+    assert 0 < ttl <= live_stats.SNAPSHOT_TTL
     # A stopped worker removes its snapshot at once.
-    assert redis_lib.Redis.from_url(redis_url).get(stats.worker_key("test-worker")) is None
+    assert redis_lib.Redis.from_url(redis_url).get(keys.stats_worker_key("test-worker")) is None
 
 
-async def test_the_publisher_keeps_going_while_redis_is_down(settings) -> None:
-    settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
-    publisher = StatsPublisher(NodeStats(), interval=0.01, worker_id="down")
-    publisher.ensure_started()
+async def test_the_publisher_keeps_going_while_redis_is_down() -> None:
+    publisher = SharedCounters(
+        "redis://127.0.0.1:1/0",
+        share_counters=False,
+        stats=NodeStats(),
+        interval=0.01,
+        stats_interval=0.01,
+        worker="down",
+    )
+    publisher.start()
     await asyncio.sleep(0.2)
     assert publisher._task is not None and not publisher._task.done()
     assert publisher.published == 0
@@ -194,7 +212,7 @@ async def test_the_publisher_keeps_going_while_redis_is_down(settings) -> None:
 async def test_reading_while_redis_is_down_gives_none() -> None:
     client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
     try:
-        assert await stats.read_fleet_stats(client) is None
+        assert await live_stats.read_fleet_stats(client) is None
     finally:
         await client.aclose()
 
@@ -202,7 +220,7 @@ async def test_reading_while_redis_is_down_gives_none() -> None:
 def test_the_payload_is_json_a_dashboard_can_read() -> None:
     node_stats = NodeStats()
     node_stats.record(1, status=200, elapsed=0.1)
-    payload = json.loads(StatsPublisher(node_stats, worker_id="w1").payload())
+    payload = json.loads(SharedCounters("redis://127.0.0.1:1/0", stats=node_stats, worker="w1").stats_payload())
     assert payload["worker"] == "w1"
     assert payload["nodes"]["1"]["requests"] == 1
 

@@ -26,12 +26,6 @@
   const previous = new Map(); // node id -> "state/health/breaker" last seen
   let updates = 0;
 
-  const BREAKER = {
-    closed: { label: "Closed", colour: "#1a7f37" },
-    open: { label: "Open", colour: "#cf222e" },
-    half_open: { label: "Half-open", colour: "#9a6700" },
-  };
-
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
     for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
@@ -39,8 +33,8 @@
     return node;
   }
 
+  // Labels and badge colours come from the server (nodes/choices.py), their one definition.
   function describe(kind, value) {
-    if (kind === "breaker") return BREAKER[value] || { label: value, colour: "#6e7781" };
     return (choices[kind] && choices[kind][value]) || { label: value, colour: "#6e7781" };
   }
 

@@ -8,12 +8,15 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
+from dashboard.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
+from dashboard.payload import build_payload
 from nodes import services
-from nodes.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
-from nodes.dashboard import BREAKERS_KEY, build_payload, parse_breakers
+from nodes.live.breakers import parse_breakers
+from nodes.live.keys import BREAKERS as BREAKERS_KEY
 from nodes.models import ControlPlane, RoutePolicy
 from nodes.selectors import fleet_state, model_readiness
-from proxy.stats import NodeStats, StatsPublisher
+from proxy.shared import SharedCounters
+from proxy.stats import NodeStats
 
 pytestmark = pytest.mark.django_db
 
@@ -168,7 +171,8 @@ def test_the_json_includes_what_the_workers_published(client: Client, operator_u
     node_stats = NodeStats()
     for _ in range(3):
         node_stats.record(fleet["hybrid"].id, status=200, elapsed=0.1)
-    asyncio.run(StatsPublisher(node_stats, inflight=lambda: {fleet["hybrid"].id: 1}, worker_id="w").publish())
+    worker = SharedCounters(redis_url, stats=node_stats, inflight=lambda: {fleet["hybrid"].id: 1}, worker="w")
+    asyncio.run(worker.publish_stats())
     client.force_login(operator_user)
 
     data = client.get("/dashboard/data").json()
@@ -246,3 +250,13 @@ def test_the_json_shows_breakers_closed_unless_the_proxy_opened_them(
 
     assert nodes["http://d:1"]["breaker"] == "open"
     assert nodes["http://p:1"]["breaker"] == "closed"
+
+
+def test_the_page_gets_the_breaker_labels_and_colours_from_their_one_definition() -> None:
+    from dashboard.payload import page_config
+    from nodes.choices import BreakerState
+
+    breaker = page_config(data_path="/dashboard/data")["choices"]["breaker"]
+    assert breaker == {
+        state: {"label": str(label), "colour": BreakerState.colour(state)} for state, label in BreakerState.choices
+    }

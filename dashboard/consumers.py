@@ -18,10 +18,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from proxy import stats
+from nodes.live.breakers import read_breakers
+from nodes.live.stats import read_fleet_stats
+from nodes.selectors import fleet_state
 
-from .dashboard import REFRESH_SECONDS, DashboardPayload, build_payload, read_breakers
-from .selectors import fleet_state
+from .payload import REFRESH_SECONDS, DashboardPayload, build_payload
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             wake.set()
 
     async def payload(self) -> DashboardPayload:
-        live = await stats.read_fleet_stats(self._redis)
+        live = await read_fleet_stats(self._redis)
         breakers = await read_breakers(self._redis) if live is not None else None  # no second wait on a dead Redis
         state = await database_sync_to_async(fleet_state)(breakers)
         return build_payload(state, live, breakers)

@@ -1,0 +1,90 @@
+"""What the dashboard shows: the registry's view of the fleet joined with the live state.
+
+The same payload is rendered into the page (``dashboard.views``), served as JSON at
+``/dashboard/data`` and pushed every second over the WebSocket (``dashboard.consumers``). It joins
+the database's view (``nodes.selectors``) with the live per-node figures and breaker states every
+web worker publishes to Redis (``nodes.live``). Redis being down leaves the live figures empty
+(``live: false``); the page says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, TypedDict
+
+from nodes.choices import BadgeChoices, BreakerState, NodeHealth, NodeRole, NodeState, ServingMode, Strategy, SyncState
+from nodes.live import stats as live_stats
+from nodes.live.breakers import read_breakers_sync
+from nodes.live.connection import client as redis_client
+from nodes.live.stats import NodeFigures
+from nodes.selectors import ControlPlaneRow, FleetState, ModelCard, NodeRow, fleet_state
+
+# How often the page gets a fresh payload over its WebSocket (and polls /dashboard/data without one).
+REFRESH_SECONDS = 1.0
+WEBSOCKET_PATH = "/ws/dashboard/"
+
+
+class DashboardNode(NodeRow):
+    breaker: str | None  # the proxy's circuit breaker for this node, when known
+    live: NodeFigures | None  # None: no worker has sent this node a request recently
+
+
+class DashboardPayload(TypedDict):
+    generated_at: str
+    live: bool  # whether the live figures could be read from Redis
+    nodes: list[DashboardNode]
+    models: list[ModelCard]
+    control_planes: list[ControlPlaneRow]
+
+
+def build_payload(
+    state: FleetState, live: dict[int, NodeFigures] | None, breakers: dict[int, str] | None = None
+) -> DashboardPayload:
+    """Join the registry with the live figures and breaker states. ``breakers`` None means they
+    could not be read (shown as unknown); a node missing from a readable hash has a closed breaker."""
+    figures = live or {}
+
+    def breaker(node_id: int) -> str | None:
+        return None if breakers is None else breakers.get(node_id, BreakerState.CLOSED.value)
+
+    return DashboardPayload(
+        generated_at=datetime.datetime.now(datetime.UTC).isoformat(),
+        live=live is not None,
+        nodes=[DashboardNode(**row, breaker=breaker(row["id"]), live=figures.get(row["id"])) for row in state["nodes"]],
+        models=state["models"],
+        control_planes=state["control_planes"],
+    )
+
+
+def current_payload() -> DashboardPayload:
+    """The payload now (blocking: the database and Redis, each with short timeouts)."""
+    client = redis_client()
+    live = live_stats.read_fleet_stats_sync(client)
+    breakers = read_breakers_sync(client) if live is not None else None  # no second wait on a dead Redis
+    return build_payload(fleet_state(breakers), live, breakers)
+
+
+def _choices(cls: type[BadgeChoices]) -> dict[str, dict[str, str]]:
+    return {value: {"label": str(label), "colour": cls.colour(value)} for value, label in cls.choices}
+
+
+def page_config(data_path: str) -> dict[str, Any]:
+    """What the page's script needs once: where to get updates, the windows the figures cover, and
+    the label and badge colour of every choice it shows (``nodes.choices``, their one definition)."""
+    return {
+        "refresh_seconds": REFRESH_SECONDS,
+        "history_seconds": live_stats.HISTORY_SECONDS,
+        "rate_window": live_stats.RATE_WINDOW,
+        "sample_window": live_stats.SAMPLE_WINDOW,
+        "websocket_path": WEBSOCKET_PATH,
+        "data_path": data_path,
+        "choices": {
+            "role": _choices(NodeRole),
+            "state": _choices(NodeState),
+            "health": _choices(NodeHealth),
+            "breaker": _choices(BreakerState),
+            "serving_mode": _choices(ServingMode),
+            "strategy": _choices(Strategy),
+            "sync_state": _choices(SyncState),
+        },
+    }

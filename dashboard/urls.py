@@ -1,0 +1,12 @@
+"""The dashboard's HTTP routes (included at the site root by ``routerpanel.urls``)."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("dashboard/", views.dashboard, name="dashboard"),
+    path("dashboard/data", views.dashboard_data, name="dashboard-data"),
+]

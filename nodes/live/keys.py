@@ -1,0 +1,83 @@
+"""Every Redis key and channel shared between RouterPanel's processes, in one place.
+
+Who writes and who reads each one is said next to it. A key naming a worker uses the id from
+``new_worker_id``, which each web worker draws once (``proxy.shared.SharedCounters``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from django.conf import settings
+
+# -- Configuration version: the registry services publish, every web worker's watcher reads ------
+
+
+def config_channel() -> str:
+    """Pub/sub channel announcing a new configuration version (``ROUTERPANEL_CONFIG_CHANNEL``)."""
+    return settings.ROUTERPANEL_CONFIG_CHANNEL
+
+
+def config_version_key() -> str:
+    """The newest configuration version, for a worker that starts or missed a message."""
+    return f"{config_channel()}:version"
+
+
+# -- Written by the web workers --------------------------------------------------------------
+
+# Hash: node id -> the node's circuit breaker as its last transition left it (``nodes.live.breakers``).
+# Every worker writes its transitions and adopts newer ones; the dashboard and the admin read it.
+BREAKERS = "routerpanel:breakers"
+
+# Hash: API key id -> Unix time of its last use; copied to ApiKey.last_used_at by a periodic task
+# (``nodes.tasks.record_key_usage``).
+KEYS_LAST_USED = "routerpanel:keys-last-used"
+
+# Set of the ids of the workers sharing their counters (``proxy.shared``); a member whose
+# ``worker_alive_key`` expired died without saying goodbye and is removed by the next reader.
+WORKERS = "routerpanel:workers"
+
+# Sorted set: statistics snapshot key -> Unix time of its last publish (``nodes.live.stats``).
+STATS_WORKERS = "routerpanel:stats:workers"
+
+
+def worker_alive_key(worker: str) -> str:
+    """Set with a short TTL on every sync: the worker is alive."""
+    return f"routerpanel:alive:{worker}"
+
+
+def worker_load_key(worker: str) -> str:
+    """Hash: node id -> the worker's requests in flight on that node."""
+    return f"routerpanel:load:{worker}"
+
+
+def worker_keys_key(worker: str) -> str:
+    """Hash: ``active:{key id}`` -> requests in flight, ``rpm:{key id}:{minute}`` -> requests that minute."""
+    return f"routerpanel:keys:{worker}"
+
+
+def stats_worker_key(worker: str) -> str:
+    """The worker's statistics snapshot (JSON, with a TTL so a stopped worker's numbers vanish)."""
+    return f"routerpanel:stats:worker:{worker}"
+
+
+def new_worker_id() -> str:
+    """A web worker's identity: host and pid, plus random bytes so a reused pid is a new worker."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+# -- Written by the health checker and the registry sync (Celery) ------------------------------
+
+# Lock: one health-check run at a time across every Celery worker.
+HEALTH_LOCK = "routerpanel:health-lock"
+
+
+def health_history_key(node_id: int) -> str:
+    """List: the node's most recent probes, newest first (bounded; shown in the admin)."""
+    return f"routerpanel:health:{node_id}"
+
+
+def sync_lock_key(control_plane_id: int) -> str:
+    """Lock: one sync of a control plane at a time across every worker and host."""
+    return f"routerpanel:sync-lock:{control_plane_id}"

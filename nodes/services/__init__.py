@@ -1,0 +1,95 @@
+"""Writes to the registry. Every interface (admin, REST API, DLRouter compat, registry sync, commands)
+calls these functions, so each change is validated, audited and — when it affects routing — bumps
+the configuration version exactly once, in one place (``config_version_bump``).
+
+Each service is ``<entity>_<action>`` with keyword-only arguments and takes its object by a keyword
+named after the entity (``node_save(node=..., actor=...)``). Callers import the package
+(``from nodes import services; services.node_upsert(...)``); the modules group them:
+
+- ``audit``          the actor, the audit trail, the configuration version
+- ``nodes``          nodes and their served models
+- ``routing``        model aliases and route policies
+- ``api_keys``       the proxy's API keys
+- ``registry_sync``  control planes and the registry sync
+- ``health_checks``  active health checks
+"""
+
+from __future__ import annotations
+
+from .api_keys import api_key_create, api_key_delete, api_key_record_usage, api_key_save, api_key_update
+from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_version_current
+from .health_checks import HEALTH_ACTOR, health_check_nodes
+from .nodes import (
+    node_create,
+    node_delete,
+    node_disable,
+    node_drain,
+    node_enable,
+    node_save,
+    node_set_models,
+    node_set_state,
+    node_update,
+    node_upsert,
+)
+from .registry_sync import (
+    SYNC_LOCK_TIMEOUT,
+    SyncResult,
+    control_plane_create,
+    control_plane_delete,
+    control_plane_save,
+    control_plane_update,
+    registry_apply_entity,
+    registry_mark_gone,
+    registry_sync,
+)
+from .routing import (
+    alias_create,
+    alias_delete,
+    alias_save,
+    alias_update,
+    policy_create,
+    policy_delete,
+    policy_save,
+    policy_update,
+)
+
+__all__ = [
+    "HEALTH_ACTOR",
+    "OPERATOR_INTERFACES",
+    "SYNC_LOCK_TIMEOUT",
+    "Actor",
+    "SyncResult",
+    "alias_create",
+    "alias_delete",
+    "alias_save",
+    "alias_update",
+    "api_key_create",
+    "api_key_delete",
+    "api_key_record_usage",
+    "api_key_save",
+    "api_key_update",
+    "config_version_bump",
+    "config_version_current",
+    "control_plane_create",
+    "control_plane_delete",
+    "control_plane_save",
+    "control_plane_update",
+    "health_check_nodes",
+    "node_create",
+    "node_delete",
+    "node_disable",
+    "node_drain",
+    "node_enable",
+    "node_save",
+    "node_set_models",
+    "node_set_state",
+    "node_update",
+    "node_upsert",
+    "policy_create",
+    "policy_delete",
+    "policy_save",
+    "policy_update",
+    "registry_apply_entity",
+    "registry_mark_gone",
+    "registry_sync",
+]

@@ -1,0 +1,55 @@
+"""Active health checks: probe the nodes and apply the hysteresis (``nodes.health``), auditing transitions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from django.conf import settings
+from django.utils import timezone
+
+from .. import health
+from ..choices import ChangeVia, NodeHealth
+from ..models import Node
+from .audit import Actor
+from .nodes import node_update
+
+logger = logging.getLogger(__name__)
+
+
+HEALTH_ACTOR = Actor(label="health-check", via=ChangeVia.SYSTEM)
+
+
+def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.HealthReport:
+    """Probe the active and draining nodes (or just ``node_ids``, for "probe now") and apply the
+    hysteresis. The periodic run holds a Redis lock so only one runner probes at a time."""
+    report = health.HealthReport()
+    with health.single_runner(enabled=node_ids is None) as acquired:
+        if not acquired:
+            report.skipped, report.reason = True, "another health check is running"
+            logger.info("health check skipped: %s", report.reason)
+            return report
+        nodes = Node.objects.all() if node_ids is not None else Node.objects.filter(state__in=health.PROBED_STATES)
+        if node_ids is not None:
+            nodes = nodes.filter(pk__in=list(node_ids))
+        nodes = list(nodes)
+        if not nodes:
+            return report
+        probes = asyncio.run(health.probe_all([n.url for n in nodes], timeout=settings.ROUTERPANEL_HEALTH_TIMEOUT))
+        now = timezone.now()
+        for node, probe in zip(nodes, probes, strict=True):
+            new_health, failures, successes = health.next_health(node, probe)
+            Node.objects.filter(pk=node.pk).update(
+                consecutive_failures=failures, consecutive_successes=successes, last_checked_at=now
+            )
+            if new_health != node.health:
+                node.refresh_from_db()
+                node_update(node=node, actor=HEALTH_ACTOR, health=new_health, note=probe.detail[:200])
+                report.transitions.append(f"{node.url}: {new_health} ({probe.detail})")
+                logger.info("node %s is now %s: %s", node.url, new_health, probe.detail)
+            report.checked += 1
+            report.healthy += new_health == NodeHealth.HEALTHY
+            report.unhealthy += new_health == NodeHealth.UNHEALTHY
+        health.record_history(list(zip(nodes, probes, strict=True)))
+    return report

@@ -1,0 +1,117 @@
+"""Writes to nodes: create, update, upsert (engines re-register on restart), their served models, state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from ..choices import AliasOrigin, NodeSource, NodeState
+from ..models import Node, aliases_for_model, normalize_node_url
+from .audit import OPERATOR_INTERFACES, Actor, assign_fields, audited_delete, audited_save, diff_fields, field_values
+from .routing import alias_create, alias_delete, alias_update
+
+
+def node_save(*, node: Node, actor: Actor, note: str = "") -> Node:
+    """Save a node edited in place (the admin's forms); remembers which registry-owned fields an
+    operator changed by hand so the sync leaves them alone."""
+    if node.pk and node.source == NodeSource.REGISTRY and actor.via in OPERATOR_INTERFACES:
+        stored = field_values(Node.objects.get(pk=node.pk))
+        edited = {
+            name for name, (old, new) in diff_fields(stored, field_values(node)).items() if name != "operator_fields"
+        }
+        node.operator_fields = sorted(set(node.operator_fields or []) | edited)
+    saved, _ = audited_save(node, actor=actor, note=note)
+    return saved
+
+
+def node_create(
+    *,
+    actor: Actor,
+    url: str,
+    models: Iterable[str] = (),
+    model_path: str = "",
+    note: str = "",
+    **fields: Any,
+) -> Node:
+    """Create a node and the aliases for the models it serves."""
+    with transaction.atomic():
+        node = assign_fields(Node(url=url), fields)
+        node_save(node=node, actor=actor, note=note)
+        node_set_models(node=node, actor=actor, models=models, model_path=model_path)
+    return node
+
+
+def node_update(*, node: Node, actor: Actor, note: str = "", **fields: Any) -> Node:
+    return node_save(node=assign_fields(node, fields), actor=actor, note=note)
+
+
+def node_upsert(
+    *,
+    actor: Actor,
+    url: str,
+    models: Iterable[str] | None = None,
+    model_path: str = "",
+    note: str = "",
+    **fields: Any,
+) -> tuple[Node, bool]:
+    """Create the node at ``url`` or update the one already there (engines re-register on restart).
+
+    ``models=None`` keeps the node's models; a list replaces them. Returns ``(node, created)``.
+    """
+    normalized = normalize_node_url(url)
+    with transaction.atomic():
+        existing = Node.objects.select_for_update().filter(url=normalized).first()
+        if existing is None:
+            return node_create(actor=actor, url=normalized, models=models or (), model_path=model_path, **fields), True
+        if existing.state == NodeState.GONE:
+            fields.setdefault("state", NodeState.ACTIVE)
+        node_update(node=existing, actor=actor, note=note, **fields)
+        if models is not None:
+            node_set_models(node=existing, actor=actor, models=models, model_path=model_path)
+        return existing, False
+
+
+def node_set_models(*, node: Node, actor: Actor, models: Iterable[str], model_path: str = "") -> None:
+    """Make the node's served-model aliases exactly ``models`` (plus path and basename aliases);
+    operator-added aliases on the node are kept."""
+    wanted: dict[str, tuple[str, str]] = {}
+    for served in dict.fromkeys(m.strip() for m in models if m and m.strip()):
+        for name, origin in aliases_for_model(served, model_path):
+            wanted.setdefault(name, (served, origin))
+    with transaction.atomic():
+        current = {a.name: a for a in node.aliases.exclude(origin=AliasOrigin.OPERATOR)}
+        for name, alias in current.items():
+            if name not in wanted:
+                alias_delete(alias=alias, actor=actor)
+        for name, (served, origin) in wanted.items():
+            alias = current.get(name)
+            if alias is None:
+                alias_create(actor=actor, node=node, name=name, served_name=served, origin=origin)
+            elif (alias.served_name, alias.origin) != (served, origin):
+                alias_update(alias=alias, actor=actor, served_name=served, origin=origin)
+
+
+def node_delete(*, node: Node, actor: Actor, note: str = "") -> None:
+    audited_delete(node, actor=actor, note=note)
+
+
+def node_set_state(*, node: Node, actor: Actor, state: str, note: str = "") -> Node:
+    if state not in NodeState.values:
+        raise ValidationError({"state": f"Unknown state {state!r}."})
+    return node_update(node=node, actor=actor, note=note, state=state)
+
+
+def node_drain(*, node: Node, actor: Actor) -> Node:
+    """Stop sending new requests to the node; requests in flight finish."""
+    return node_set_state(node=node, actor=actor, state=NodeState.DRAINING)
+
+
+def node_enable(*, node: Node, actor: Actor) -> Node:
+    return node_set_state(node=node, actor=actor, state=NodeState.ACTIVE)
+
+
+def node_disable(*, node: Node, actor: Actor) -> Node:
+    return node_set_state(node=node, actor=actor, state=NodeState.DISABLED)

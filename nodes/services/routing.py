@@ -1,0 +1,44 @@
+"""Writes to the routing configuration: model aliases and route policies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+
+from ..models import ModelAlias, RoutePolicy
+from .audit import Actor, assign_fields, audited_delete, audited_save
+
+
+def alias_save(*, alias: ModelAlias, actor: Actor) -> ModelAlias:
+    return audited_save(alias, actor=actor)[0]
+
+
+def alias_create(*, actor: Actor, **fields: Any) -> ModelAlias:
+    return alias_save(alias=assign_fields(ModelAlias(), fields), actor=actor)
+
+
+def alias_update(*, alias: ModelAlias, actor: Actor, **fields: Any) -> ModelAlias:
+    return alias_save(alias=assign_fields(alias, fields), actor=actor)
+
+
+def alias_delete(*, alias: ModelAlias, actor: Actor) -> None:
+    audited_delete(alias, actor=actor)
+
+
+def policy_save(*, policy: RoutePolicy, actor: Actor) -> RoutePolicy:
+    return audited_save(policy, actor=actor)[0]
+
+
+def policy_create(*, actor: Actor, **fields: Any) -> RoutePolicy:
+    return policy_save(policy=assign_fields(RoutePolicy(), fields), actor=actor)
+
+
+def policy_update(*, policy: RoutePolicy, actor: Actor, **fields: Any) -> RoutePolicy:
+    return policy_save(policy=assign_fields(policy, fields), actor=actor)
+
+
+def policy_delete(*, policy: RoutePolicy, actor: Actor) -> None:
+    if policy.model == "":
+        raise ValidationError("The global default policy cannot be deleted; edit it instead.")
+    audited_delete(policy, actor=actor)
