@@ -156,16 +156,20 @@ class SglangFlavour(Flavour):
         self.claims += 1
         created = [r for r in rooms if r not in self.rooms]
         entries = [self.rooms.setdefault(r, Room()) for r in rooms]
+        joined = False
         try:
             async with asyncio.timeout(self.config.pd_timeout_s):
                 for entry in entries:
                     await entry.registered.wait()
+            joined = True
         except TimeoutError:
-            for r in created:
-                with contextlib.suppress(KeyError):
-                    if not self.rooms[r].registered.is_set():
-                        del self.rooms[r]
             raise HttpError(408, f"room(s) {rooms} never reached the prefill") from None
+        finally:
+            if not joined:  # timed out, or the decode gave up: forget the rooms no prefill took
+                for r in created:
+                    with contextlib.suppress(KeyError):
+                        if not self.rooms[r].registered.is_set():
+                            del self.rooms[r]
         for entry in entries:
             entry.claimed.set()
         response.send_json(200, {"rooms": rooms})
