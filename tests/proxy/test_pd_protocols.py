@@ -175,6 +175,32 @@ def test_lmdeploy_takes_the_session_only_from_a_field_that_names_it(data, sessio
     assert LmdeployPd().handoff(fake_pd({"model": "m"}), answer)["remote_session_id"] == session
 
 
+class RecordingPd(SimpleNamespace):
+    """A ``PdRequest`` stand-in that records the KV releases sent and answers them 200."""
+
+    async def post_json(self, leg, path, body, headers, timeout):
+        self.sent.append((leg.url + path, body))
+        return LegAnswer(leg, 200, b'{"status":"SUCCESS"}', "application/json", {"status": "SUCCESS"})
+
+
+@pytest.mark.parametrize(
+    ("session", "decode_completed", "sent"),
+    [
+        (5, False, [("http://p:1/distserve/free_cache", {"remote_engine_id": "http://p:1", "remote_session_id": 5})]),
+        (5, True, []),  # the decode engine freed the session itself after reading the blocks
+        (-1, False, []),  # nobody can name that session: nothing to send (counted as unreleasable)
+    ],
+)
+async def test_lmdeploy_frees_with_free_cache_only_a_named_session_the_decode_did_not_take(
+    session, decode_completed, sent
+):
+    pd = RecordingPd(sent=[], decode_completed=decode_completed, prefill_timeout=5.0)
+    before = pd_metrics.UNRELEASABLE._value.get()
+    await LmdeployPd().free(pd, leg("http://p:1", "prefill", "lmdeploy"), session)
+    assert pd.sent == sent
+    assert pd_metrics.UNRELEASABLE._value.get() == before + (session == -1)
+
+
 def test_lmdeploy_refuses_chat_with_n_above_one_before_any_node_is_picked():
     with pytest.raises(ProxyError) as caught:
         LmdeployPd().validate(fake_pd({"model": "m", "messages": [], "n": 2}))
