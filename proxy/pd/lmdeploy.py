@@ -176,7 +176,12 @@ def parse_init_response(data: Any) -> InitResponse:
         isinstance(t, dict) and _is_int(t.get("protocol")) and isinstance(t.get("endpoint_info"), str) for t in transfer
     ):
         raise WireError("p2p_initialize answered no kvtransfer_endpoint_info list")
-    return {"status": STATUS_SUCCESS, "engine_endpoint_info": endpoint, "kvtransfer_endpoint_info": transfer}  # type: ignore[typeddict-item]
+    answer: InitResponse = {
+        "status": STATUS_SUCCESS,
+        "engine_endpoint_info": {"zmq_address": endpoint["zmq_address"]},
+        "kvtransfer_endpoint_info": transfer,  # passed to the peer as the engine gave it
+    }
+    return answer
 
 
 def init_request(local: str, local_config: EngineConfig, remote: str, remote_config: EngineConfig) -> InitRequest:
@@ -267,7 +272,8 @@ class Links:
             except _Retryable as exc:
                 error = exc.error
                 logger.warning("LMDeploy link %s -> %s, attempt %d: %s", prefill.url, decode.url, attempt + 1, error)
-                await asyncio.sleep(0.05 * (attempt + 1))
+                if attempt + 1 < CONNECT_ATTEMPTS:
+                    await asyncio.sleep(0.05 * (attempt + 1))
         assert error is not None
         raise error
 
