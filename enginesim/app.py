@@ -100,7 +100,10 @@ class SimulatorApp:
             self.stats.completed += 1
         except HttpError as err:
             self.stats.by_status[str(err.status)] += 1
-            response.send_json(err.status, err.body())
+            if isinstance(err.payload, str):
+                response.send(err.status, err.payload.encode(), "text/plain; charset=utf-8")
+            else:
+                response.send_json(err.status, err.body())
             self.stats.completed += 1
         except (asyncio.CancelledError, ClientGone):
             # The client went away before the answer was complete (the proxy cancelled us).

@@ -38,6 +38,9 @@ class SimConfig:
     itl_ms: float = 2.0
     fast: bool = False
     bootstrap_port: int = 8998
+    lmdeploy_version: str = "0.18.0"
+    cache_session_id: bool = False
+    tp_size: int = 1
     dp_size: int = 1
     pd_timeout_s: float = 10.0
     kv_block_size: int = 16
@@ -70,6 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--itl-ms", type=float, default=2.0, help="inter-token latency")
     parser.add_argument("--fast", action="store_true", help="no artificial latency; serve repeated requests from cache")
     parser.add_argument("--bootstrap-port", type=int, default=8998, help="SGLang prefill bootstrap server port")
+    parser.add_argument(
+        "--lmdeploy-version", default="0.18.0", help="LMDeploy release played (ids, error statuses): 0.14 to 0.18"
+    )
+    parser.add_argument(
+        "--cache-session-id",
+        action="store_true",
+        help="LMDeploy: name the prefill's session in a cache_session_id answer field (not in 0.18)",
+    )
+    parser.add_argument("--tp-size", type=int, default=1, help="LMDeploy: tensor-parallel ranks reported")
     parser.add_argument("--dp-size", type=int, default=1, help="vLLM data-parallel ranks accepted")
     parser.add_argument("--pd-timeout-s", type=float, default=10.0, help="how long one PD leg waits for the other")
     parser.add_argument("--kv-block-size", type=int, default=16, help="prompt tokens per KV block")

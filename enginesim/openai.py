@@ -16,16 +16,28 @@ def dumps(obj: Any) -> bytes:
 
 
 class HttpError(Exception):
-    """An error answer in OpenAI shape: ``{"error": {"message", "type", "code"}}``."""
+    """An error answer in OpenAI shape: ``{"error": {"message", "type", "code"}}``, or ``payload`` as
+    it is when a flavour answers in its engine's own shape (a dict as JSON, a str as plain text)."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: Any = None,
+        payload: dict[str, Any] | str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code if code is not None else status
+        self.payload = payload
 
     def body(self) -> dict[str, Any]:
+        if isinstance(self.payload, dict):
+            return self.payload
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
 

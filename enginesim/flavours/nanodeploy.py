@@ -1,13 +1,21 @@
-"""NanoDeploy / DLEngine ``serve``: two-stage PD with a serialised sequence migrated from prefill to decode.
+"""NanoDeploy / DLEngine ``serve``: two-stage PD with a serialised sequence migrated from prefill to decode,
+as DLEngine's OpenAI server does it (no schema validation: only what it checks by hand is a 400).
 
-Prefill (role ``prefill``, request ``kv_transfer_params.do_remote_decode``): compute the first token,
-keep the sequence's KV blocks, answer an empty completion with ``kv_transfer_params {migration, seq_id,
-first_token}``. The blocks stay held until ``POST /pd/free {"seq_ids": [...]}``. When the first token is
-EOS (prompt marker ``[[eos]]``, ``--eos-at-prefill-prob``, or a budget of one token) the prefill answers
-the full completion and holds nothing.
+Prefill (role ``prefill``, request ``kv_transfer_params.do_remote_decode``): compute the first token of
+the first prompt (``n`` is ignored), keep the sequence's KV blocks, answer an empty completion
+(``finish_reason: "length"``, no completion tokens) with ``kv_transfer_params {migration, seq_id,
+first_token}``. The blocks stay held until ``POST /pd/free {"seq_ids": [...]}``, which queues the release
+and echoes the ids it was given (``int()`` of each), whether they were held or not; the KV ledger still
+counts double and unknown frees for tests. When the first token is EOS (prompt marker ``[[eos]]``,
+``--eos-at-prefill-prob``, or a budget of one token) the prefill answers the full completion and holds
+nothing.
 
-Decode (role ``decode``): requires ``kv_transfer_params.migration`` + ``seq_id``; generates the whole
-answer starting with ``first_token`` (so the client sees what a hybrid engine would say).
+Decode (role ``decode``): requires ``kv_transfer_params.migration`` (the simulator's own 400 when it
+is missing) and a positive ``seq_id`` (else 400 ``invalid migration payload: missing positive seq_id``);
+a migration that does not decode is an engine error (500). It continues the migrated sequence (the
+prompt of its own request is not compared), starting with ``first_token`` when given (without it the
+answer lacks that token, as in DLEngine), capped by the request's ``max_tokens`` (else
+``max_completion_tokens``, else 512).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Any
 from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour, blocks_for
 from enginesim.http import Request, Response
-from enginesim.inference import Handler, InferenceRequest, parse_json
+from enginesim.inference import Handler, InferenceRequest
 from enginesim.kv import KvLedger
 from enginesim.openai import ChoicePlan, HttpError, Plan
 from enginesim.stats import RequestStats
@@ -94,9 +102,7 @@ class NanoDeployFlavour(Flavour):
         return self.hybrid_plan(req)
 
     def _prefill(self, req: InferenceRequest) -> Plan:
-        if len(req.prompts) != 1 or req.n != 1:
-            raise HttpError(400, "PD prefill takes one prompt and n=1", code="invalid_request")
-        prompt = req.prompts[0]
+        prompt = req.prompts[0]  # DLEngine takes the first prompt of a list and ignores n
         seed = prompt_seed(prompt)
         natural = natural_length(prompt, seed, self.config.natural_tokens)
         ids, finish = plan_tokens_from_seed(seed, natural, req.max_tokens)
@@ -127,7 +133,7 @@ class NanoDeployFlavour(Flavour):
         )
         self.migrations_out += 1
         params = {"migration": migration, "seq_id": seq_id, "first_token": ids[0]}
-        empty = ChoicePlan(0, [], None)  # type: ignore[arg-type]
+        empty = ChoicePlan(0, [], "length")
         return Plan(
             req.kind,
             req.model,
@@ -140,31 +146,52 @@ class NanoDeployFlavour(Flavour):
         )
 
     def _decode(self, req: InferenceRequest, params: Any) -> Plan:
+        if not isinstance(params, dict) or not params.get("migration"):
+            # What a DLEngine decode does then is not in its source's PD path; the simulator refuses,
+            # so a router that forgot the migration fails its tests instead of recomputing unseen.
+            self.rejected_migrations += 1
+            raise nano_error(400, "invalid migration payload: missing migration", "invalid_request_error")
         try:
-            if not isinstance(params, dict) or "seq_id" not in params:
-                raise ValueError("kv_transfer_params.migration and seq_id are required")
-            payload = decode_migration(params.get("migration"))
-            if payload.get("seq_id") != params["seq_id"]:
-                raise ValueError("seq_id does not match the migration")
-            if "first_token" in params and params["first_token"] != payload.get("first_token"):
-                raise ValueError("first_token does not match the migration")
+            seq_id = int(params.get("seq_id") or 0)
+        except (TypeError, ValueError):
+            seq_id = 0
+        if seq_id <= 0:
+            self.rejected_migrations += 1
+            raise nano_error(400, "invalid migration payload: missing positive seq_id", "invalid_request_error")
+        try:
+            payload = decode_migration(params["migration"])
             seed = bytes.fromhex(payload["prompt_seed"])
-            if len(req.prompts) != 1 or prompt_seed(req.prompts[0]) != seed:
-                raise ValueError("the request's prompt is not the migrated sequence's")
+            ids, finish = plan_tokens_from_seed(seed, int(payload["natural_length"]), payload.get("max_tokens"))
         except (ValueError, KeyError, TypeError) as exc:
             self.rejected_migrations += 1
-            raise HttpError(400, f"invalid migration payload: {exc}", code="invalid_migration") from None
-        ids, finish = plan_tokens_from_seed(seed, int(payload["natural_length"]), payload.get("max_tokens"))
+            raise nano_error(500, f"engine error: {exc}", "engine_error") from None
+        if params.get("first_token") is None:
+            ids = ids[1:]  # the migrated sequence goes on after its first token, which only the router has
+        budget = req.body.get("max_tokens") or req.body.get("max_completion_tokens") or 512
+        if isinstance(budget, int) and len(ids) > budget:
+            ids, finish = ids[:budget], "length"
         self.migrations_in += 1
         prompt_tokens = len(payload.get("prompt_token_ids") or []) or 1
-        choices = [ChoicePlan(k, ids, finish) for k in range(req.n)]
-        return Plan(req.kind, req.model, choices, prompt_tokens, cacheable=False)
+        return Plan(req.kind, req.model, [ChoicePlan(0, ids, finish)], prompt_tokens, cacheable=False)
 
     async def pd_free(self, request: Request, response: Response) -> None:
-        body = parse_json(request)
+        try:
+            body = json.loads(request.body)
+        except ValueError as exc:
+            raise nano_error(400, f"Invalid JSON body: {exc}", "invalid_request_error") from None
         seq_ids = body.get("seq_ids") if isinstance(body, dict) else None
-        if not isinstance(seq_ids, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seq_ids):
-            raise HttpError(400, 'body must be {"seq_ids": [int, ...]}', code="invalid_request")
-        freed = [s for s in seq_ids if self.kv.free(s)]
+        if not isinstance(seq_ids, list):
+            raise nano_error(400, "'seq_ids' must be a list of integers", "invalid_request_error")
+        try:
+            ids = [int(s) for s in seq_ids]
+        except (TypeError, ValueError) as exc:
+            raise nano_error(400, f"invalid seq_ids: {exc}", "invalid_request_error") from None
+        for seq_id in ids:  # the release is queued: the answer says nothing about what was held
+            self.kv.free(seq_id)
         self.counters.by_status["200"] += 1
-        response.send_json(200, {"freed": freed})
+        response.send_json(200, {"freed": ids})
+
+
+def nano_error(status: int, message: str, error_type: str) -> HttpError:
+    """DLEngine's error body: ``{"error": {"message", "type"}}``."""
+    return HttpError(status, message, payload={"error": {"message": message, "type": error_type}})

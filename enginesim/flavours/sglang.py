@@ -1,17 +1,24 @@
-"""SGLang PD by bootstrap dual dispatch.
+"""SGLang PD by bootstrap dual dispatch, as strict as SGLang 0.5.23's server.
 
-The router sends the same request, with ``bootstrap_host``, ``bootstrap_port`` and ``bootstrap_room``
-(an int, or a list with one room per batch entry and per ``n`` copy), to a prefill and a decode at once.
-As in SGLang, the prefill runs a bootstrap server (``--bootstrap-port``, default 8998) and the decode
-contacts it: here with ``POST /sim/bootstrap/claim {"rooms": [...]}``, which waits until the prefill has
-received every room. A room that does not arrive on both legs within ``--pd-timeout-s`` fails both legs
-(prefill: 500 bootstrap timeout; decode: 500 bootstrap failed).
+The router sends the same request, with ``bootstrap_host``, ``bootstrap_port`` and ``bootstrap_room``,
+to a prefill and a decode at once. The fields are validated like SGLang's pydantic request models (lax
+types; a wrong type is a 400 in SGLang's flat error shape). A missing room is a 400 (SGLang's
+scheduler); a missing port is this engine's own bootstrap port (8998 by default). Rooms are expanded as
+SGLang does for a batch of ``b`` prompts with ``n`` copies: an int room becomes ``room + i`` for each of
+the ``b * n`` sequences, a list is repeated ``n`` times and indexed (too short: a 500; entries that
+repeat: a 400 here, where the real engine would pair sequences wrongly).
+
+As in SGLang, the prefill runs a bootstrap server (``--bootstrap-port``) and only the decode uses the
+bootstrap address: here with ``POST /sim/bootstrap/claim {"rooms": [...]}``, which waits until the
+prefill has received every room. A room that does not arrive on both legs within ``--pd-timeout-s``
+fails both legs (prefill: 500 bootstrap timeout; decode: 500 bootstrap failed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +29,18 @@ from enginesim.inference import InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
+from enginesim.schema import Field, Invalid, ListOf, Model, Optional, Union, validate
 from enginesim.stats import RequestStats
+
+# SGLang's ``PDRoutingFields`` (``srt/entrypoints/openai/protocol.py``), the base of its chat and
+# completion requests.
+PD_ROUTING_FIELDS: Model = {
+    "bootstrap_host": Field(Optional(Union((ListOf("str"), "str"))), required=False),
+    "bootstrap_port": Field(Optional(Union((ListOf(Optional("int")), "int"))), required=False),
+    "bootstrap_room": Field(Optional(Union((ListOf("int"), "int"))), required=False),
+    "routed_dp_rank": Field(Optional("int"), required=False),
+    "disagg_prefill_dp_rank": Field(Optional("int"), required=False),
+}
 
 
 @dataclass
@@ -51,52 +69,57 @@ class SglangFlavour(Flavour):
             "claims": self.claims,
         }
 
+    @staticmethod
+    def error(status: int, message: str) -> HttpError:
+        """SGLang's ``ErrorResponse``: flat, ``type`` "Bad Request" for a 400."""
+        error_type = "Bad Request" if status == 400 else str(status)
+        payload = {"object": "error", "message": message, "type": error_type, "param": None, "code": status}
+        return HttpError(status, message, payload=payload)
+
     async def plan(self, req: InferenceRequest) -> Plan:
+        try:
+            fields = validate(PD_ROUTING_FIELDS, req.body)
+        except Invalid as exc:
+            raise self.error(400, f"1 validation error for request\n{exc}") from None
         if self.config.role == "hybrid":
             return self.hybrid_plan(req)
-        rooms = self._rooms(req)
-        host, port = req.body.get("bootstrap_host"), req.body.get("bootstrap_port")
-        if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
-            raise HttpError(400, "bootstrap_host (str) and bootstrap_port (int) are required in PD mode")
+        rooms = self._rooms(req, fields["bootstrap_room"])
         if self.config.role == "prefill":
-            await self._prefill(rooms, host, port)
+            await self._prefill(rooms)
             plan = self.hybrid_plan(req, limit=1)
         else:
-            await self._decode(rooms, host, port)
+            host, port = fields["bootstrap_host"], fields["bootstrap_port"]
+            if isinstance(host, list):
+                host = host[0] if host else None
+            if isinstance(port, list):
+                port = port[0] if port else None
+            if not isinstance(host, str):
+                raise self.error(400, "Invalid request: the decode needs bootstrap_host to reach its prefill.")
+            await self._decode(rooms, host, self.config.bootstrap_port if port is None else port)
             plan = self.hybrid_plan(req)
         plan.cacheable = False
         return plan
 
-    @staticmethod
-    def _rooms(req: InferenceRequest) -> list[int]:
-        room = req.body.get("bootstrap_room")
-        batch = len(req.prompts)
-        if isinstance(room, int) and not isinstance(room, bool):
-            if batch * req.n != 1:
-                raise HttpError(400, f"a batch of {batch} prompt(s) with n={req.n} needs a list of bootstrap rooms")
-            return [room]
-        if isinstance(room, list) and room and all(isinstance(r, int) and not isinstance(r, bool) for r in room):
-            if len(room) not in (batch, batch * req.n):
-                raise HttpError(400, f"{len(room)} bootstrap rooms for a batch of {batch} with n={req.n}")
-            if len(set(room)) != len(room):
-                raise HttpError(400, "bootstrap rooms must be distinct")
-            return room
-        raise HttpError(400, "bootstrap_room (int or list of ints) is required in PD mode")
-
-    def _own_address(self, host: str, port: int) -> bool:
-        if port != self.config.bootstrap_port:
-            return False
-        own = self.config.host
-        return own in ("0.0.0.0", "::") or host.strip("[]") in (own, "localhost" if own == "127.0.0.1" else own)
-
-    async def _prefill(self, rooms: list[int], host: str, port: int) -> None:
-        if not self._own_address(host, port):
-            self.rooms_failed += len(rooms)
-            raise HttpError(
+    def _rooms(self, req: InferenceRequest, room: int | list[int] | None) -> list[int]:
+        """One room per sequence (``batch * n`` of them), the way SGLang normalises the field."""
+        if room is None:
+            raise self.error(
                 400,
-                f"bootstrap address {host}:{port} is not this prefill's "
-                f"({self.config.host}:{self.config.bootstrap_port})",
+                "Invalid request: Disaggregated request received without bootstrap room id. "
+                f"req.rid={os.urandom(16).hex()}",
             )
+        count = len(req.prompts) * req.n
+        if isinstance(room, int):
+            return [room + i for i in range(count)] if count > 1 else [room]
+        expanded = room * req.n if count > 1 else room
+        if len(expanded) < count:
+            raise self.error(500, f"list index out of range: {len(room)} bootstrap rooms for {count} sequences")
+        rooms = expanded[:count]
+        if len(set(rooms)) != len(rooms):
+            raise self.error(400, f"bootstrap rooms repeat across the {count} sequences: {rooms}")
+        return rooms
+
+    async def _prefill(self, rooms: list[int]) -> None:
         entries = [self.rooms.setdefault(r, Room()) for r in rooms]
         for entry in entries:
             entry.registered.set()
@@ -106,7 +129,7 @@ class SglangFlavour(Flavour):
                     await entry.claimed.wait()
         except TimeoutError:
             self.rooms_failed += len(rooms)
-            raise HttpError(500, f"bootstrap timeout: no decode joined room(s) {rooms}", type="server_error") from None
+            raise self.error(500, f"bootstrap timeout: no decode joined room(s) {rooms}") from None
         finally:
             for r in rooms:
                 self.rooms.pop(r, None)
@@ -121,7 +144,7 @@ class SglangFlavour(Flavour):
             status, answer = 0, str(exc)
         if status != 200:
             self.rooms_failed += len(rooms)
-            raise HttpError(500, f"bootstrap failed for room(s) {rooms}: {answer}", type="server_error")
+            raise self.error(500, f"bootstrap failed for room(s) {rooms}: {answer}")
         self.rooms_ok += len(rooms)
 
     async def claim(self, request: Request, response: Response) -> None:
@@ -133,16 +156,20 @@ class SglangFlavour(Flavour):
         self.claims += 1
         created = [r for r in rooms if r not in self.rooms]
         entries = [self.rooms.setdefault(r, Room()) for r in rooms]
+        joined = False
         try:
             async with asyncio.timeout(self.config.pd_timeout_s):
                 for entry in entries:
                     await entry.registered.wait()
+            joined = True
         except TimeoutError:
-            for r in created:
-                with contextlib.suppress(KeyError):
-                    if not self.rooms[r].registered.is_set():
-                        del self.rooms[r]
             raise HttpError(408, f"room(s) {rooms} never reached the prefill") from None
+        finally:
+            if not joined:  # timed out, or the decode gave up: forget the rooms no prefill took
+                for r in created:
+                    with contextlib.suppress(KeyError):
+                        if not self.rooms[r].registered.is_set():
+                            del self.rooms[r]
         for entry in entries:
             entry.claimed.set()
         response.send_json(200, {"rooms": rooms})

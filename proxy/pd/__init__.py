@@ -10,6 +10,7 @@ timeout, mid-stream failure, and a client that leaves at any moment.
 - ``legs``     the prefill and decode legs through the attempt loop; the prefill's own answers
 - ``flows``    the two sequencings: two-stage and dual dispatch
 - ``engines``  per-engine protocol steps, registered by engine type
+- ``lmdeploy`` LMDeploy's DistServe wire shapes and the per-pair p2p link
 - ``usage``    prompt tokens from the prefill merged into the decode's usage
 - ``cleanup``  background tasks that outlive a client disconnect; KV frees
 - ``metrics``  per-leg durations, errors and frees; gauges of PD requests and pending clean-ups

@@ -100,9 +100,14 @@ class LegAnswer:
         return cls(leg, status, body, content_type or "application/json", data)
 
     def message(self) -> str:
-        error = (self.data or {}).get("error")
+        """The engine's error message: nested ``{"error": {"message"}}`` (vLLM, NanoDeploy) or flat
+        ``{"message"}`` (SGLang, LMDeploy >= 0.16); else the start of the body."""
+        data = self.data or {}
+        error = data.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return error["message"]
+        if isinstance(data.get("message"), str):
+            return data["message"]
         return self.body[:300].decode(errors="replace")
 
 
@@ -124,6 +129,8 @@ class PdRequest:
         self.prefill: Leg | None = None
         self.decode: Leg | None = None
         self._decode_held = False
+        self.decode_status = 0  # the last decode engine's HTTP status (0: none answered)
+        self.decode_completed = False  # the decode's answer reached the client in full
         self.prompt_tokens: int | None = None  # from the prefill, merged into the decode's usage
         self.upstream_request_id = request.request_id  # vLLM: one id shared by both legs
         self.left_during_prefill = False  # the client left while the (shielded) prefill ran
@@ -152,11 +159,13 @@ class PdRequest:
             f"no_{role}_capacity",
         )
 
-    def choose_pair(self) -> None:
+    def choose_pair(self, avoid_prefill: list[int] | None = None, avoid_decode: list[int] | None = None) -> None:
         """Pick a prefill and a decode node, each role with its own strategy counters; 503 naming the
         missing role. Both slots are held from here: the prefill's until its leg runs, the decode's
-        until ``take_decode`` (its leg) or ``release_unused``."""
-        prefill = self.choose_leg(NodeRole.PREFILL, [])
+        until ``take_decode`` (its leg) or ``release_unused``. Nodes in ``avoid_*`` (a pair that just
+        failed) are taken only when no other node of that role is left."""
+        self.decode_status, self.decode_completed = 0, False
+        prefill = self._choose_avoiding(NodeRole.PREFILL, avoid_prefill)
         if prefill is None:
             if not self.route.by_role(NodeRole.DECODE):
                 raise ProxyError(
@@ -165,11 +174,15 @@ class PdRequest:
                     "no_prefill_node",
                 )
             raise self.missing(NodeRole.PREFILL)
-        decode = self.choose_leg(NodeRole.DECODE, [])
+        decode = self._choose_avoiding(NodeRole.DECODE, avoid_decode)
         if decode is None:
             self.router.release(prefill.target)
             raise self.missing(NodeRole.DECODE)
         self.prefill, self.decode, self._decode_held = prefill, decode, True
+
+    def _choose_avoiding(self, role: str, avoid: list[int] | None) -> Leg | None:
+        leg = self.choose_leg(role, avoid) if avoid else None
+        return leg if leg is not None else self.choose_leg(role, [])
 
     def take_decode(self) -> Leg:
         """The decode leg's node, whose slot its leg releases from now on."""
@@ -200,9 +213,25 @@ class PdRequest:
     ) -> LegAnswer:
         """POST ``body`` outside the attempt loop (a KV free, an LMDeploy handshake) and read the
         whole answer within ``timeout`` seconds."""
+        return await self.call_json(leg, "POST", path, body, timeout, headers)
+
+    async def call_json(
+        self,
+        leg: Leg,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> LegAnswer:
+        """``method`` ``path`` on the leg's node with a JSON ``body`` (None: no body), outside the
+        attempt loop; the whole answer within ``timeout`` seconds."""
+        data = None if body is None else dumps(body)
+        if headers is None:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
         async with asyncio.timeout(timeout):
-            async with session().post(
-                leg.url + path, data=dumps(body), headers=headers, timeout=timeout_for(self.policy)
+            async with session().request(
+                method, leg.url + path, data=data, headers=headers, timeout=timeout_for(self.policy)
             ) as response:
                 raw = await response.read()
                 return LegAnswer.parse(leg, response.status, raw, response.content_type)

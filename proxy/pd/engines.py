@@ -2,24 +2,25 @@
 
 Three engines hand the KV over in two stages (prefill, then decode with what the prefill returned):
 NanoDeploy/DLEngine (``migration``, freed with ``/pd/free``), vLLM (NIXL ``kv_transfer_params``
-under one ``X-Request-Id``; the decode's read frees it) and LMDeploy (``migration_request``, freed
-with ``/distserve/free_cache``). SGLang dispatches both legs at once and the engines meet in a
-bootstrap room. The protocols send nothing themselves except LMDeploy's one-off p2p handshake and
-the KV frees; ``proxy.pd.flows`` sequences the legs.
+under one ``X-Request-Id``; the decode's read frees it) and LMDeploy (``migration_request``; the
+decode frees the prefill's session itself, ``/distserve/free_cache`` covers a decode that never
+finished; its wire shapes and p2p link are in ``proxy.pd.lmdeploy``). SGLang dispatches both legs at
+once and the engines meet in a bootstrap room. The protocols send nothing themselves except
+LMDeploy's p2p link and the KV frees; ``proxy.pd.flows`` sequences the legs.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import random
 import uuid
 from typing import Any
 
-import aiohttp
-
 from nodes.choices import EngineType
 
-from ..errors import engine_failed
+from ..errors import ProxyError, engine_failed, engine_timeout
+from . import lmdeploy as wire
+from . import metrics as pd_metrics
 from .cleanup import free_kv
 from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port
 
@@ -36,6 +37,9 @@ class TwoStagePd:
     # on another decode node while nothing has reached the client.
     decode_retry_other_node = True
     decode_retry_statuses = True
+
+    def validate(self, pd: PdRequest) -> None:
+        """Refuse, before any node is picked, a request the engines cannot serve in PD (a 400)."""
 
     async def connect(self, pd: PdRequest) -> None:
         """Set up whatever the pair needs before its first prefill (LMDeploy's p2p link)."""
@@ -56,6 +60,7 @@ class TwoStagePd:
         return None
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
+        """Release ``key`` on the prefill node, after the decode ended one way or another."""
         raise NotImplementedError
 
     def forget_pair(self, pd: PdRequest) -> None:
@@ -99,7 +104,8 @@ class NanoDeployPd(TwoStagePd):
         return _int(params.get("seq_id")) if isinstance(params, dict) else None
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        await free_kv(pd, leg, "/pd/free", {"seq_ids": [key]}, lambda a: key in ((a.data or {}).get("freed") or ()))
+        # DLEngine queues the release and answers the ids it was given: a 200 is all it reports.
+        await free_kv(pd, leg, "/pd/free", {"seq_ids": [key]})
 
 
 class VllmPd(TwoStagePd):
@@ -154,94 +160,99 @@ class VllmPd(TwoStagePd):
 
 
 class LmdeployPd(TwoStagePd):
-    """LMDeploy migration: one-token prefill that keeps its cache, decode with a ``migration_request``,
-    then ``/distserve/free_cache``. The pair's p2p connection is set up once per process, as
-    LMDeploy's proxy does (``p2p_initialize`` then ``p2p_connect`` on both engines)."""
+    """LMDeploy migration (``lmdeploy serve proxy --serving-strategy DistServe`` semantics).
+
+    A one-token prefill that preserves its cache, then a decode with a ``migration_request``. The
+    decode engine reads the blocks and then frees the prefill's session itself (over its ZMQ link),
+    so RouterPanel calls ``/distserve/free_cache`` only when the decode did not finish: it failed,
+    timed out, was never sent, or the client left. A second free of a session is harmless there
+    (sessions are numbered upwards and never reused; an unknown one is only logged).
+    """
 
     engine_type = EngineType.LMDEPLOY
-    protocol = "RDMA"
     # Another decode node has no p2p link with this prefill: a migration to it would fail.
     decode_retry_other_node = False
 
-    def __init__(self) -> None:
-        self._connected: set[tuple[str, str]] = set()
+    _PREFILL_DROP = ("stream_options", "migration_request")
+    _DECODE_DROP = ("with_cache", "preserve_cache")
 
-    def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
-        changes: dict[str, Any] = {"stream": False, "max_tokens": 1, "with_cache": True, "preserve_cache": True}
-        if "max_completion_tokens" in pd.request.payload:
-            changes["max_completion_tokens"] = 1
-        body = pd.payload_for(leg, drop=_STREAM_FIELDS, **changes)
-        return pd.request.path, body, leg.headers(pd.request.request_id)
+    def __init__(self) -> None:
+        self.links = wire.Links()
+
+    def validate(self, pd: PdRequest) -> None:
+        n = _int(pd.request.payload.get("n"))
+        if pd.request.path.endswith("/chat/completions") and n is not None and n > 1:
+            # The engine refuses cache migration for n > 1 (400), as LMDeploy's proxy does up front.
+            raise ProxyError(400, "n > 1 is not supported with LMDeploy prefill/decode serving.", "pd_n_unsupported")
 
     async def connect(self, pd: PdRequest) -> None:
         assert pd.prefill is not None and pd.decode is not None
-        pair = (pd.prefill.url, pd.decode.url)
-        if pair in self._connected:
-            return
-        # Each engine initialises a link to the other, then connects with the other's endpoint info.
-        sides = ((pd.prefill, pd.decode), (pd.decode, pd.prefill))
-        endpoints: dict[str, Any] = {}
-        for leg, peer in sides:
-            init = {"protocol": self.protocol, "remote_engine_id": peer.url}
-            endpoints[leg.url] = await self._handshake(pd, leg, "p2p_initialize", init)
-        for leg, peer in sides:
-            link = {
-                "protocol": self.protocol,
-                "remote_engine_id": peer.url,
-                "remote_endpoint_info": endpoints[peer.url],
-            }
-            await self._handshake(pd, leg, "p2p_connect", link)
-        self._connected.add(pair)
-
-    @staticmethod
-    async def _handshake(pd: PdRequest, leg: Leg, step: str, body: dict[str, Any]) -> Any:
         try:
-            answer = await pd.post_json(leg, f"/distserve/{step}", body, {"Content-Type": "application/json"}, 30.0)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise engine_failed(f"LMDeploy {step} on {leg.url} failed: {exc}", "pd_connect_failed") from None
-        if answer.status != 200:
-            raise engine_failed(
-                f"LMDeploy {step} on {leg.url} answered {answer.status}: {answer.message()}", "pd_connect_failed"
-            )
-        return answer.data
+            async with asyncio.timeout(pd.prefill_timeout):
+                await self.links.ensure(pd, pd.prefill, pd.decode)
+        except TimeoutError:
+            raise engine_timeout(
+                f"LMDeploy link {pd.prefill.url} -> {pd.decode.url} not made within {pd.prefill_timeout:g} s.",
+                "pd_connect_timeout",
+            ) from None
+
+    def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
+        # max_completion_tokens wins over max_tokens in LMDeploy, on completions too: both are set to
+        # 1, or a client's max_completion_tokens would turn the prefill into the whole generation.
+        body = pd.payload_for(
+            leg,
+            drop=self._PREFILL_DROP,
+            stream=False,
+            max_tokens=1,
+            max_completion_tokens=1,
+            with_cache=True,
+            preserve_cache=True,
+        )
+        return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def forget_pair(self, pd: PdRequest) -> None:
-        # A restarted engine has lost its p2p links: connect the pair again on its next request.
+        # A restarted engine has lost its p2p links: link the pair again on its next request.
         if pd.prefill is not None and pd.decode is not None:
-            self._connected.discard((pd.prefill.url, pd.decode.url))
+            self.links.forget(pd.prefill.url, pd.decode.url)
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:
         data = answer.data or {}
-        session_id = self.kv_key(answer)
         blocks = data.get("cache_block_ids")
         tokens = data.get("remote_token_ids")
-        if session_id is None or not isinstance(blocks, list) or not isinstance(tokens, list) or not tokens:
+        if (
+            not isinstance(blocks, list)
+            or not all(_int(b) is not None for b in blocks)
+            or not isinstance(tokens, list)
+            or not tokens
+            or _int(tokens[-1]) is None
+        ):
             raise engine_failed(
-                f"Prefill node {answer.leg.url} returned no migratable cache (id, cache_block_ids, remote_token_ids).",
+                f"Prefill node {answer.leg.url} returned no migratable cache (cache_block_ids, remote_token_ids).",
                 "prefill_failed",
             )
-        return {
-            "protocol": self.protocol,
-            "remote_engine_id": answer.leg.url,
-            "remote_session_id": session_id,
-            "remote_block_ids": blocks,
-            "remote_token_id": tokens[-1],
-        }
+        session = wire.session_of(data)
+        return dict(wire.migration_request(answer.leg.url, session, blocks, tokens[-1]))
 
     def decode_request(self, pd: PdRequest, leg: Leg, handoff: dict[str, Any]) -> LegRequest:
-        return pd.request.path, pd.payload_for(leg, migration_request=handoff), leg.headers(pd.request.request_id)
+        body = pd.payload_for(leg, drop=self._DECODE_DROP, migration_request=handoff)
+        return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def kv_key(self, answer: LegAnswer) -> Any | None:
+        """The preserved session (``UNKNOWN_SESSION`` when no field names it), None when nothing is held."""
         data = answer.data or {}
-        if answer.status != 200 or "cache_block_ids" not in data:
+        if answer.status != 200 or not isinstance(data.get("cache_block_ids"), list):
             return None
-        with contextlib.suppress(TypeError, ValueError):
-            return int(data.get("id"))  # LMDeploy's response id is the session id
-        return None
+        return wire.session_of(data)
 
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        body = {"session_id": key}
-        await free_kv(pd, leg, "/distserve/free_cache", body, lambda a: bool((a.data or {}).get("freed")))
+        if key == wire.UNKNOWN_SESSION:
+            # Neither RouterPanel nor the decode can name this session: it stays on the prefill
+            # engine (the leak docs/pd.md describes). Counted so operators can see it.
+            pd_metrics.count_unreleasable()
+            return
+        if pd.decode_completed:
+            return  # the decode engine freed it after reading the blocks
+        await free_kv(pd, leg, "/distserve/free_cache", dict(wire.cache_free_request(leg.url, key)))
 
 
 class SglangPd:
@@ -251,6 +262,44 @@ class SglangPd:
     engine_type = EngineType.SGLANG
     default_bootstrap_port = 8998
 
+    # What SGLang's gateway (sgl-model-gateway, now smg) retries a whole pair on, with a new pair and
+    # room each time: these engine statuses, and a leg that got no answer. RouterPanel's own
+    # first-token timeout is not retried: it already bounds how long the client waits.
+    RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+    # Its backoff: 50 ms x 1.5^n, at most 30 s, +-20 % jitter.
+    BACKOFF_INITIAL = 0.05
+    BACKOFF_MULTIPLIER = 1.5
+    BACKOFF_MAX = 30.0
+    BACKOFF_JITTER = 0.2
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0 for the first retry)."""
+        delay = min(self.BACKOFF_INITIAL * self.BACKOFF_MULTIPLIER**retry, self.BACKOFF_MAX)
+        return delay * (1 + random.uniform(-self.BACKOFF_JITTER, self.BACKOFF_JITTER))
+
+    def retry_reason_prefill(self, prefill: asyncio.Task) -> str | None:
+        """Why a failed prefill leg's pair is worth another try (None: it is not)."""
+        error = prefill.exception()
+        if isinstance(error, ProxyError):
+            return self._retry_reason(error.code, 0)
+        if error is not None:
+            return None
+        status = prefill.result().status
+        return str(status) if status in self.RETRY_STATUSES else None
+
+    def retry_reason_decode(self, error: ProxyError, status: int) -> str | None:
+        """Why a failed decode leg's pair is worth another try; ``status`` is its engine's answer (0: none)."""
+        return self._retry_reason(error.code, status)
+
+    def _retry_reason(self, code: str, status: int) -> str | None:
+        if code.endswith("_unreachable"):
+            return "connect"
+        if code.endswith("_failed"):
+            if not status:
+                return "transport"  # the connection broke before an answer
+            return str(status) if status in self.RETRY_STATUSES else None
+        return None  # a timeout, or a 4xx that another pair would answer the same
+
     @staticmethod
     def batch_size(payload: dict[str, Any]) -> int:
         prompt = payload.get("prompt")
@@ -259,6 +308,13 @@ class SglangPd:
         return 1
 
     def bootstrap(self, pd: PdRequest, leg: Leg) -> dict[str, Any]:
+        """The bootstrap fields for a pair whose prefill is ``leg``, with fresh rooms.
+
+        One room for a single sequence; for a batch or ``n > 1`` a list of ``batch * n`` distinct
+        random rooms (SGLang repeats a list ``n`` times and takes the first ``batch * n`` entries, so
+        a list of that length gives every sequence its own room). A single int would also do (SGLang
+        derives ``room + i``), but explicit rooms are what the gateways send for batches and show in
+        both legs' logs exactly which room each sequence used."""
         node = leg.target.node
         host, _ = host_port(node)
         if ":" in host:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+from .. import metrics as proxy_metrics
 from ..errors import ProxyError
 from . import metrics as pd_metrics
 from .cleanup import spawn
@@ -26,6 +27,7 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
     is in flight cancels only our wait, and the clean-up task below lets the call finish (bounded by
     the prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
     """
+    protocol.validate(pd)
     pd.choose_pair()
     assert pd.prefill is not None
     try:
@@ -86,8 +88,32 @@ async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.T
 
 async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
     """Both legs at once; the decode's answer is the client's. When the decode fails (or the client
-    leaves) the prefill is cancelled; a prefill that failed first explains the failure."""
-    pd.choose_pair()
+    leaves) the prefill is cancelled; a prefill that failed first explains the failure.
+
+    A pair that failed with a status SGLang's own gateway retries (``SglangPd.RETRY_STATUSES``), or
+    whose node could not be reached, is tried again while nothing reached the client: a new pair
+    (other nodes when there are any) and a fresh bootstrap room, after a backoff with jitter, up to
+    the route policy's retry budget. Both legs of the failed pair were released first."""
+    attempts = pd.policy.retry_budget + 1
+    failed_prefills: list[int] = []
+    failed_decodes: list[int] = []
+    for number in range(attempts):
+        if number:
+            await asyncio.sleep(protocol.backoff(number - 1))
+        pd.choose_pair(failed_prefills, failed_decodes)
+        assert pd.prefill is not None and pd.decode is not None
+        pair = (pd.prefill.target.node.id, pd.decode.target.node.id)
+        reason = await _dispatch_once(pd, protocol, final=number + 1 == attempts)
+        if reason is None:
+            return
+        proxy_metrics.count_retry(pd.route.name, f"pd_pair_{reason}")
+        failed_prefills.append(pair[0])
+        failed_decodes.append(pair[1])
+
+
+async def _dispatch_once(pd: PdRequest, protocol: SglangPd, *, final: bool) -> str | None:
+    """One pair, one room. Returns why to try a new pair (only when not ``final`` and nothing
+    reached the client), or None once the client was answered (or an error was raised for it)."""
     assert pd.prefill is not None
     fields = protocol.bootstrap(pd, pd.prefill)
     path = pd.request.path
@@ -95,11 +121,12 @@ async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
     def request(leg: Leg) -> LegRequest:  # the same body for both legs
         return path, pd.payload_for(leg, **fields), leg.headers(pd.request.request_id)
 
-    # No retries of the prefill on another node (the decode was told this prefill's bootstrap
-    # address), nor of an answered decode (it may have joined the room already).
+    # No retries inside a leg: the decode was told this prefill's bootstrap address and room, so a
+    # retry is a new pair with a new room (``dual_dispatch``).
     prefill = spawn(run_prefill(pd, request, retry=False), "routerpanel-pd-sglang-prefill")
-    decode = asyncio.ensure_future(run_decode(pd, request, retry_statuses=False))
+    decode = asyncio.ensure_future(run_decode(pd, request, retry_other_node=False, retry_statuses=False))
     decode_ok = False
+    retry: str | None = None
     try:
         await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
         if not decode.done() and pd.outcome.status == 0 and _failed(prefill):
@@ -107,16 +134,24 @@ async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
             # for its bootstrap room, so stop it and answer with the prefill's error now.
             decode.cancel()
             await asyncio.wait({decode})
-            await _prefill_error(pd, prefill)
-            return
+            retry = None if final else protocol.retry_reason_prefill(prefill)
+            if retry is None:
+                await _prefill_error(pd, prefill)
+            return retry
         try:
             await decode
             decode_ok = pd.outcome.error is None
-        except ProxyError:
+        except ProxyError as exc:
+            nothing_sent = pd.outcome.status == 0
             if _failed(prefill):
-                await _prefill_error(pd, prefill)
-                return
-            raise
+                retry = None if final or not nothing_sent else protocol.retry_reason_prefill(prefill)
+                if retry is None:
+                    await _prefill_error(pd, prefill)
+                return retry
+            retry = None if final or not nothing_sent else protocol.retry_reason_decode(exc, pd.decode_status)
+            if retry is None:
+                raise
+            return retry
     finally:
         # ``asyncio.wait`` does not cancel what it waits for: a client that left cancels us here.
         decode.cancel()
@@ -126,6 +161,10 @@ async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
         # Both tasks' outcomes are read when they end, so none is "never retrieved".
         prefill.add_done_callback(_consume)
         decode.add_done_callback(_consume)
+        if retry is not None:
+            # Before a new pair: both legs of this one have ended and released their nodes.
+            await asyncio.wait({prefill, decode})
+    return None
 
 
 def _failed(prefill: asyncio.Task) -> bool:

@@ -125,6 +125,7 @@ class DecodeLeg(PdLeg[None]):
 
     async def deliver(self, attempt: Attempt) -> None:
         pd = self.pd
+        pd.decode_status = attempt.status
         if attempt.streaming:
             pd.outcome.node = attempt.url
             merge = self._merge_usage if pd.prompt_tokens is not None else None
@@ -133,6 +134,7 @@ class DecodeLeg(PdLeg[None]):
             if not complete:
                 pd_metrics.count_leg_error("decode", pd.outcome.error or DECODE.stream_error)
             attempt.verdict = complete  # a stream the engine broke counts against it
+            pd.decode_completed = bool(complete)
             return
         if attempt.status != 200:
             attempt.verdict = verdict_for(attempt.status)
@@ -143,6 +145,7 @@ class DecodeLeg(PdLeg[None]):
         body = merge_usage(attempt.body, pd.prompt_tokens)
         await send_bytes(pd.send, 200, body, content_type=attempt.content_type(), extra=pd.response_headers())
         attempt.verdict = True
+        pd.decode_completed = True
 
     def _merge_usage(self, chunk: bytes) -> bytes:
         return merge_usage_events(chunk, self.pd.prompt_tokens)

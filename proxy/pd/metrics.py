@@ -1,7 +1,7 @@
 """Prometheus metrics of PD orchestration, per leg (served at ``/metrics`` with the rest).
 
 Labels are bounded: ``model`` is a route name, ``leg`` is ``prefill`` or ``decode``, ``kind`` an
-error code the PD path emits, ``result`` one of ``ok``, ``not_held``, ``failed``. Two gauges are read
+error code the PD path emits, ``result`` ``ok`` or ``failed``. Two gauges are read
 at scrape time: PD requests being orchestrated and background clean-ups (shielded prefills, frees)
 still running; both must fall back to 0 once traffic stops.
 """
@@ -24,7 +24,16 @@ LEG_DURATION = Histogram(
 )
 LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
 FREES = Counter(
-    "routerpanel_proxy_pd_frees", "KV releases sent to prefill nodes (/pd/free, free_cache) by result.", ["result"]
+    "routerpanel_proxy_pd_frees",
+    "KV releases RouterPanel sent to prefill nodes (NanoDeploy /pd/free, LMDeploy /distserve/free_cache) by "
+    "result: ok (accepted; the engines do not say whether they held the id: DLEngine queues the release and "
+    "echoes the ids), failed (no answer, or an error status).",
+    ["result"],
+)
+UNRELEASABLE = Counter(
+    "routerpanel_proxy_pd_kv_unreleasable",
+    "Prefill answers that preserved KV under a session no response field names (LMDeploy >= 0.15 without "
+    "cache_session_id): neither RouterPanel nor the decode engine can free it (docs/pd.md).",
 )
 SHIELDED_PREFILLS = Counter(
     "routerpanel_proxy_pd_shielded_prefills",
@@ -52,6 +61,10 @@ def count_leg_error(leg: str, kind: str) -> None:
 
 def count_free(result: str) -> None:
     _child(FREES, result).inc()
+
+
+def count_unreleasable() -> None:
+    UNRELEASABLE.inc()
 
 
 def count_shielded_prefill() -> None:

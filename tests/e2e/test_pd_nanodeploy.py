@@ -293,7 +293,7 @@ def raw_request(stack, body: bytes, path: str = "/v1/chat/completions") -> socke
 
 def test_a_client_that_leaves_during_the_prefill_still_gets_its_kv_freed(pair):
     """The prefill engine has allocated the KV and will answer a seq_id nobody asked for any more:
-    RouterPanel lets the call finish and frees it (SPEC §4 step 5)."""
+    RouterPanel lets the call finish and frees it (docs/pd.md, "Nothing leaks")."""
     stack, prefill, decode = pair
     prefill.set_faults(slow_first_token_ms=600, count=1)
     sock = raw_request(stack, json.dumps(chat(MODEL, max_tokens=4)).encode())
@@ -339,4 +339,7 @@ def test_leg_metrics_are_exported(pd):
         time.sleep(0.05)
     durations = metric_values(stack, "routerpanel_proxy_pd_leg_duration_seconds_count")
     assert any('leg="prefill"' in k for k in durations) and any('leg="decode"' in k for k in durations)
-    assert metric_values(stack, "routerpanel_proxy_pd_frees_total").get('{result="ok"}', 0) >= 1
+    frees = metric_values(stack, "routerpanel_proxy_pd_frees_total")
+    assert frees.get('{result="ok"}', 0) >= 1
+    # DLEngine echoes the ids a /pd/free names (the release is queued): "held or not" is not reported.
+    assert set(frees) <= {'{result="ok"}', '{result="failed"}'}

@@ -114,3 +114,43 @@ def test_a_client_that_leaves_cancels_both_legs(pd):
         post(stack, chat(MODEL, max_tokens=4), timeout=httpx.Timeout(1.0, connect=5.0))
     prefill.wait_for(lambda s: s["requests"]["cancelled"] == 1)
     decode.wait_for(lambda s: s["requests"]["cancelled"] == 1)
+
+
+def rooms_sent(sim) -> list:
+    return [r["body"]["bootstrap_room"] for r in inference(sim)]
+
+
+def test_a_pair_that_failed_with_a_retryable_status_is_retried_with_a_fresh_room(pd):
+    """As SGLang's gateway does: a new pair and a new room, within the route's retry budget, while
+    nothing reached the client; the failed pair's legs were both ended first."""
+    stack, prefill, decode = pd
+    stack.set_policy(MODEL, serving_mode="pd", retry_budget=2, first_token_timeout=8.0, total_timeout=15.0)
+    decode.set_faults(error_rate=1.0, error_status=503, count=1)
+    body = chat(MODEL, max_tokens=6)
+    response = post(stack, body)
+    assert response.status_code == 200, response.text
+    assert answer_text(response.json()) == expected_text(body)
+    first, second = rooms_sent(decode)
+    assert first != second and rooms_sent(prefill) == [first, second]
+    prefill.wait_for(lambda s: s["requests"]["cancelled"] == 1)  # the first pair's prefill was called off
+    assert prefill.stats()["pd"]["rooms_ok"] == 1 and decode.stats()["pd"]["rooms_ok"] == 1
+
+    prefill.reset()
+    decode.reset()
+    prefill.set_faults(error_rate=1.0, error_status=500, count=1)
+    response = post(stack, chat(MODEL, max_tokens=6, stream=True))
+    assert response.status_code == 200 and streamed_text(events(response.text)) == expected_text(body)
+    assert len(set(rooms_sent(prefill))) == 2
+
+
+def test_a_pair_that_keeps_failing_answers_once_the_retry_budget_is_spent(pd):
+    stack, prefill, decode = pd
+    stack.set_policy(MODEL, serving_mode="pd", retry_budget=2, first_token_timeout=8.0, total_timeout=15.0)
+    decode.set_faults(error_rate=1.0, error_status=503, count=3)
+    response = post(stack, chat(MODEL, max_tokens=4))
+    assert response.status_code == 502 and response.json()["error"]["code"] == "decode_failed"
+    assert len(set(rooms_sent(decode))) == 3
+    # Every prefill that reached its engine was called off (a decode that fails at once may beat its
+    # prefill to the engine, which then never sees that one).
+    stats = prefill.wait_for(lambda s: s["requests"]["in_flight"] == 0)
+    assert 1 <= stats["requests"]["total"] == stats["requests"]["cancelled"] <= 3

@@ -70,15 +70,15 @@ class FakePdEngines:
         return web.json_response({"choices": [], "usage": usage, "kv_transfer_params": params})
 
     async def free(self, request: web.Request) -> web.Response:
-        freed = []
-        for seq_id in (await request.json())["seq_ids"]:
+        """Like DLEngine: the release is queued and the answer echoes the ids it was given."""
+        seq_ids = (await request.json())["seq_ids"]
+        for seq_id in seq_ids:
             if seq_id in self.held:
                 self.held.discard(seq_id)
                 self.freed += 1
-                freed.append(seq_id)
             else:
                 self.double_frees += 1
-        return web.json_response({"freed": freed})
+        return web.json_response({"freed": seq_ids})
 
     async def decode(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()

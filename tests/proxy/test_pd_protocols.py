@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from proxy.errors import ProxyError
+from proxy.pd import lmdeploy as lmdeploy_wire
+from proxy.pd import metrics as pd_metrics
 from proxy.pd.core import Leg, LegAnswer, wants_pd
 from proxy.pd.engines import LmdeployPd, NanoDeployPd, SglangPd, VllmPd
 from proxy.pd.legs import completion_chunk, decode_failed
@@ -117,20 +119,136 @@ def test_vllm_prefill_is_clamped_and_named_after_both_nodes():
 
 
 def test_lmdeploy_builds_the_migration_request_from_the_prefill_answer():
-    pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30})
+    pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30, "stream": True, "stream_options": {}})
     prefill = leg("http://p:1", "prefill", "lmdeploy")
     _, body, _ = LmdeployPd().prefill_request(pd, prefill)
-    assert body["max_tokens"] == 1 and body["with_cache"] is True and body["preserve_cache"] is True
-    data = {"id": "17", "cache_block_ids": [4, 5], "remote_token_ids": [1, 2, 99]}
+    assert body == {
+        "model": "served",
+        "messages": [],
+        "max_tokens": 1,
+        "max_completion_tokens": 1,
+        "stream": False,
+        "with_cache": True,
+        "preserve_cache": True,
+    }
+    data = {"id": "17", "object": "chat.completion", "cache_block_ids": [4, 5], "remote_token_ids": [99]}
     answer = LegAnswer(prefill, 200, b"", "application/json", data)
-    assert LmdeployPd().handoff(pd, answer) == {
-        "protocol": "RDMA",
+    handoff = LmdeployPd().handoff(pd, answer)
+    # LMDeploy's enums are integers on the wire: MigrationProtocol.RDMA is 2, never "RDMA".
+    assert handoff == {
+        "protocol": 2,
         "remote_engine_id": "http://p:1",
         "remote_session_id": 17,
         "remote_block_ids": [4, 5],
         "remote_token_id": 99,
+        "is_dummy_prefill": False,
     }
     assert LmdeployPd().kv_key(answer) == 17
+    _, decoded, _ = LmdeployPd().decode_request(pd, leg("http://d:1", "decode", "lmdeploy"), handoff)
+    assert decoded["migration_request"] == handoff and decoded["stream"] is True and "with_cache" not in decoded
+
+
+def test_lmdeploy_caps_a_completions_prefill_at_one_token_even_with_max_completion_tokens():
+    # LMDeploy prefers max_completion_tokens over max_tokens, on completions too; its own proxy
+    # leaves a client's max_completion_tokens there, so the prefill would generate the whole answer.
+    pd = fake_pd({"model": "m", "prompt": "x", "max_completion_tokens": 50, "migration_request": {"x": 1}})
+    _, body, _ = LmdeployPd().prefill_request(pd, leg("http://p:1", "prefill", "lmdeploy"))
+    assert body["max_completion_tokens"] == 1 and body["max_tokens"] == 1 and "migration_request" not in body
+
+
+@pytest.mark.parametrize(
+    ("data", "session"),
+    [
+        ({"id": "chatcmpl-8fJx2", "object": "chat.completion"}, -1),  # LMDeploy >= 0.15: no session in the id
+        ({"id": "12", "object": "chat.completion"}, 12),  # LMDeploy <= 0.14: the chat id is the session id
+        ({"id": "-1", "object": "text_completion"}, -1),  # completions: the client's session_id, never ours
+        ({"id": "7", "object": "text_completion"}, -1),
+        ({"id": "chatcmpl-1", "object": "chat.completion", "cache_session_id": 31}, 31),  # an explicit field
+        ({"id": None, "object": "chat.completion"}, -1),
+        ({"object": "chat.completion", "cache_session_id": "31"}, -1),
+    ],
+)
+def test_lmdeploy_takes_the_session_only_from_a_field_that_names_it(data, session):
+    prefill = leg("http://p:1", "prefill", "lmdeploy")
+    answer = LegAnswer(prefill, 200, b"", "application/json", {**data, "cache_block_ids": [1], "remote_token_ids": [5]})
+    assert LmdeployPd().kv_key(answer) == session
+    assert LmdeployPd().handoff(fake_pd({"model": "m"}), answer)["remote_session_id"] == session
+
+
+class RecordingPd(SimpleNamespace):
+    """A ``PdRequest`` stand-in that records the KV releases sent and answers them 200."""
+
+    async def post_json(self, leg, path, body, headers, timeout):
+        self.sent.append((leg.url + path, body))
+        return LegAnswer(leg, 200, b'{"status":"SUCCESS"}', "application/json", {"status": "SUCCESS"})
+
+
+@pytest.mark.parametrize(
+    ("session", "decode_completed", "sent"),
+    [
+        (5, False, [("http://p:1/distserve/free_cache", {"remote_engine_id": "http://p:1", "remote_session_id": 5})]),
+        (5, True, []),  # the decode engine freed the session itself after reading the blocks
+        (-1, False, []),  # nobody can name that session: nothing to send (counted as unreleasable)
+    ],
+)
+async def test_lmdeploy_frees_with_free_cache_only_a_named_session_the_decode_did_not_take(
+    session, decode_completed, sent
+):
+    pd = RecordingPd(sent=[], decode_completed=decode_completed, prefill_timeout=5.0)
+    before = pd_metrics.UNRELEASABLE._value.get()
+    await LmdeployPd().free(pd, leg("http://p:1", "prefill", "lmdeploy"), session)
+    assert pd.sent == sent
+    assert pd_metrics.UNRELEASABLE._value.get() == before + (session == -1)
+
+
+def test_lmdeploy_refuses_chat_with_n_above_one_before_any_node_is_picked():
+    with pytest.raises(ProxyError) as caught:
+        LmdeployPd().validate(fake_pd({"model": "m", "messages": [], "n": 2}))
+    assert caught.value.status == 400
+    LmdeployPd().validate(fake_pd({"model": "m", "messages": [], "n": 1}))
+
+
+def test_a_prefill_answer_without_cache_blocks_holds_nothing_and_cannot_be_migrated():
+    prefill = leg("http://p:1", "prefill", "lmdeploy")
+    answer = LegAnswer(prefill, 200, b"", "application/json", {"id": "chatcmpl-1", "object": "chat.completion"})
+    assert LmdeployPd().kv_key(answer) is None
+    with pytest.raises(ProxyError) as caught:
+        LmdeployPd().handoff(fake_pd({"model": "m"}), answer)
+    assert caught.value.code == "prefill_failed"
+
+
+def test_lmdeploy_engine_info_is_a_json_string_of_json_parsed_twice():
+    config = {
+        "tp_size": 1,
+        "ep_size": 1,
+        "dp_size": 1,
+        "pp_size": None,
+        "dp_rank": 0,
+        "block_size": 64,
+        "num_cpu_blocks": 0,
+        "num_gpu_blocks": 512,
+    }
+    assert lmdeploy_wire.parse_engine_info(json.dumps(json.dumps(config)).encode()) == config
+    with pytest.raises(lmdeploy_wire.WireError):
+        lmdeploy_wire.parse_engine_info(json.dumps(json.dumps({**config, "block_size": "64"})).encode())
+    init = lmdeploy_wire.init_request("http://p:1", config, "http://d:1", config)
+    assert init["protocol"] == 2 and init["rdma_config"] == {"with_gdr": True, "link_type": 2}
+    assert (init["local_engine_id"], init["remote_engine_id"]) == ("http://p:1", "http://d:1")
+    peer = lmdeploy_wire.parse_init_response(
+        {
+            "status": 1,
+            "engine_endpoint_info": {"zmq_address": "tcp://d:5555"},
+            "kvtransfer_endpoint_info": [{"protocol": 2, "endpoint_info": "{}", "cache_pools": None}],
+        }
+    )
+    assert lmdeploy_wire.connect_request("http://d:1", peer) == {
+        "protocol": 2,
+        "remote_engine_id": "http://d:1",
+        "remote_engine_endpoint_info": {"zmq_address": "tcp://d:5555"},
+        "remote_kvtransfer_endpoint_info": [{"protocol": 2, "endpoint_info": "{}", "cache_pools": None}],
+    }
+    with pytest.raises(lmdeploy_wire.WireError):
+        lmdeploy_wire.parse_init_response({"status": 2, "engine_endpoint_info": {}, "kvtransfer_endpoint_info": []})
 
 
 @pytest.mark.parametrize(
@@ -160,6 +278,39 @@ def test_sglang_uses_the_nodes_bootstrap_port():
     pd = fake_pd({"model": "m", "messages": []})
     fields = SglangPd().bootstrap(pd, leg("http://10.0.0.1:30000", "prefill", "sglang", bootstrap_port=9100))
     assert fields["bootstrap_host"] == "10.0.0.1" and fields["bootstrap_port"] == 9100
+
+
+def test_sglang_backs_off_between_pairs_like_its_gateway():
+    protocol = SglangPd()
+    for retry, base in ((0, 0.05), (1, 0.075), (3, 0.05 * 1.5**3), (40, 30.0)):
+        delays = [protocol.backoff(retry) for _ in range(200)]
+        assert all(base * 0.8 <= d <= base * 1.2 for d in delays)
+        assert max(delays) - min(delays) > base * 0.1  # jittered
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [
+        ("decode_unreachable", 0, "connect"),
+        ("decode_failed", 0, "transport"),
+        ("decode_failed", 503, "503"),
+        ("decode_failed", 500, "500"),
+        ("decode_failed", 408, "408"),
+        ("decode_failed", 429, "429"),
+        ("decode_failed", 400, None),
+        ("decode_failed", 404, None),
+        ("decode_timeout", 0, None),
+    ],
+)
+def test_sglang_retries_a_pair_on_the_gateways_statuses_and_on_no_answer(code, status, reason):
+    assert SglangPd().retry_reason_decode(ProxyError(502, "x", code), status) == reason
+
+
+def test_the_frees_metric_reports_only_what_engines_can_say():
+    # DLEngine echoes the ids it was given and LMDeploy answers SUCCESS whatever it held, so a
+    # "not held" result cannot be observed.
+    help_text = pd_metrics.FREES._documentation
+    assert "not_held" not in help_text and "echo" in help_text
 
 
 def test_usage_takes_prompt_tokens_from_the_prefill():

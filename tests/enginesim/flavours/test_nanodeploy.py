@@ -73,24 +73,51 @@ def test_the_decode_streams_when_the_client_asked_for_a_stream(pair):
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == expected_completion("[[len=5]] s")
 
 
-def test_the_decode_answers_400_invalid_migration_payload_without_a_migration(pair):
-    _, decode = pair
-    for params in (None, {"seq_id": 1024}, {"migration": "not base64!", "seq_id": 1024}):
-        response = decode_call(decode, "x", params)
-        assert response.status_code == 400
-        assert "invalid migration payload" in response.json()["error"]["message"]
+def test_the_decode_answers_400_invalid_migration_payload_without_a_migration_or_a_positive_seq_id(pair):
+    prefill, decode = pair
+    params = prefill_call(prefill, "[[len=5]] real").json()["kv_transfer_params"]
+    for bad in (None, {"seq_id": 1024}, {**params, "seq_id": 0}, {**params, "seq_id": None}, {"migration": "x"}):
+        response = decode_call(decode, "x", bad)
+        assert response.status_code == 400, bad
+        error = response.json()["error"]
+        assert "invalid migration payload" in error["message"] and error["type"] == "invalid_request_error"
 
 
-def test_the_decode_rejects_a_corrupted_or_mismatched_migration(pair):
+def test_a_corrupt_migration_is_an_engine_error(pair):
     prefill, decode = pair
     params = prefill_call(prefill, "[[len=5]] real").json()["kv_transfer_params"]
     payload = json.loads(base64.b64decode(params["migration"]))
     payload["max_tokens"] = 999  # tampered without fixing the checksum
     tampered = {**params, "migration": base64.b64encode(json.dumps(payload).encode()).decode()}
-    assert decode_call(decode, "[[len=5]] real", tampered).status_code == 400
-    assert decode_call(decode, "[[len=5]] real", {**params, "seq_id": 7}).status_code == 400
-    assert decode_call(decode, "[[len=5]] other prompt", params).status_code == 400
-    assert decode.stats()["pd"]["rejected_migrations"] == 3
+    for bad in (tampered, {**params, "migration": "not base64!"}):
+        response = decode_call(decode, "[[len=5]] real", bad)
+        assert response.status_code == 500 and response.json()["error"]["type"] == "engine_error"
+    assert decode.stats()["pd"]["rejected_migrations"] == 2
+
+
+def test_the_decode_takes_a_numeric_string_seq_id_and_does_not_compare_prompts(pair):
+    # DLEngine applies int() to seq_id and never compares the request's prompt with the migrated one.
+    prefill, decode = pair
+    params = prefill_call(prefill, "[[len=5]] real", max_tokens=8).json()["kv_transfer_params"]
+    response = decode_call(decode, "another prompt", {**params, "seq_id": str(params["seq_id"])}, max_tokens=8)
+    assert response.json()["choices"][0]["text"] == expected_completion("[[len=5]] real", 8)
+
+
+def test_without_first_token_the_decode_answer_lacks_it_and_it_is_capped_by_its_own_max_tokens(pair):
+    prefill, decode = pair
+    params = prefill_call(prefill, "[[len=9]] cap", max_tokens=9).json()["kv_transfer_params"]
+    full = expected_completion("[[len=9]] cap", 9)
+    without = {k: v for k, v in params.items() if k != "first_token"}
+    assert decode_call(decode, "[[len=9]] cap", without, max_tokens=9).json()["choices"][0]["text"] != full
+    capped = decode_call(decode, "[[len=9]] cap", params, max_tokens=3).json()["choices"][0]
+    assert capped["text"] == expected_completion("[[len=9]] cap", 3) and capped["finish_reason"] == "length"
+
+
+def test_the_prefill_takes_the_first_prompt_and_ignores_n(pair):
+    prefill, _ = pair
+    body = prefill_call(prefill, ["first", "second"], n=3).json()
+    assert len(body["choices"]) == 1 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 0 and prefill.stats()["kv"]["allocated"] == 1
 
 
 def test_eos_at_prefill_returns_the_full_completion_without_migration_or_held_kv(pair):
@@ -103,7 +130,7 @@ def test_eos_at_prefill_returns_the_full_completion_without_migration_or_held_kv
     assert (kv["allocated"], kv["outstanding_count"]) == (0, 0)
 
 
-def test_the_prefill_holds_kv_until_freed_once_and_counts_a_double_free(pair):
+def test_the_prefill_holds_kv_until_freed_and_pd_free_echoes_the_ids_like_dlengine(pair):
     prefill, _ = pair
     first = prefill_call(prefill, "a").json()["kv_transfer_params"]["seq_id"]
     second = prefill_call(prefill, "b").json()["kv_transfer_params"]["seq_id"]
@@ -112,17 +139,23 @@ def test_the_prefill_holds_kv_until_freed_once_and_counts_a_double_free(pair):
     assert sorted(e["id"] for e in kv["outstanding"]) == [first, second]
     assert all(e["age_s"] >= 0 for e in kv["outstanding"])
 
+    # DLEngine queues the release and echoes the ids it was given, held or not; the ledger still
+    # tells a double free from a release.
     assert free(prefill, {"seq_ids": [first]}).json() == {"freed": [first]}
-    assert free(prefill, {"seq_ids": [first]}).json() == {"freed": []}
+    assert free(prefill, {"seq_ids": [first]}).json() == {"freed": [first]}
     kv = prefill.stats()["kv"]
     assert (kv["freed"], kv["double_free"], kv["outstanding_count"]) == (1, 1, 1)
     assert [e["id"] for e in kv["outstanding"]] == [second]
+    assert free(prefill, {"seq_ids": [str(second), 7.0]}).json() == {"freed": [second, 7]}  # int() of each
+    assert prefill.stats()["kv"]["unknown_free"] == 1
 
 
-def test_pd_free_rejects_a_bad_body_with_400(pair):
+def test_pd_free_rejects_a_bad_body_with_dlengines_400(pair):
     prefill, _ = pair
     for body in ({}, {"seq_ids": "1024"}, {"seq_ids": ["a"]}, [1024]):
-        assert free(prefill, body).status_code == 400
+        response = free(prefill, body)
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
     assert httpx.post(prefill.url + "/pd/free", content=b"{", timeout=10).status_code == 400
 
 
