@@ -105,7 +105,8 @@ def read_body(request: Request) -> dict[str, Any]:
         ctx = {"error": getattr(exc, "msg", str(exc))}
         raise schema_error("json_invalid", f"body.{pos}", "JSON decode error", {}, ctx) from None
     if not isinstance(body, dict):
-        raise schema_error("model_attributes_type", "body", "Input should be a valid dictionary or object", body)
+        msg = "Input should be a valid dictionary or object to extract fields from"
+        raise schema_error("model_attributes_type", "body", msg, body)
     return body
 
 
