@@ -116,9 +116,9 @@ def vllm_pair(vllm_fleet: VllmFleet, vllm_kv_dir: Path) -> tuple[VllmServer, Vll
 
 
 @pytest.fixture(scope="session")
-def routerpanel_process(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[Stack]:
+def routerpanel_process(tmp_path_factory: pytest.TempPathFactory, routerpanel_redis: str) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("routerpanel-real")
-    env = routerpanel_env(directory, redis_db(redis_server, REDIS_DB), token=API_TOKEN, proxy_key=PROXY_KEY)
+    env = routerpanel_env(directory, routerpanel_redis, token=API_TOKEN, proxy_key=PROXY_KEY)
     port = free_port()
     with running(uvicorn_argv(port), port=port, env=env, timeout=60):
         base = f"http://127.0.0.1:{port}"
@@ -131,3 +131,9 @@ def routerpanel(routerpanel_process: Stack) -> Stack:
     """RouterPanel with an empty registry and the default route policy."""
     routerpanel_process.reset()
     return routerpanel_process
+
+
+@pytest.fixture(scope="session")
+def routerpanel_redis(redis_server: str) -> str:
+    """The Redis database of the tier's RouterPanel (its breakers, counters and configuration version)."""
+    return redis_db(redis_server, REDIS_DB)
