@@ -12,7 +12,7 @@ from enginesim.config import SimConfig
 from enginesim.faults import FaultError, Faults, RequestFaults
 from enginesim.flavours import flavour_for
 from enginesim.http import STREAM_HEADERS, ClientGone, HttpServer, Request, Response, render_head, render_response
-from enginesim.inference import Handler, InferenceRequest, parse_inference, parse_json
+from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan, dumps, error_type_for
 from enginesim.shapes import SimStats
@@ -146,9 +146,7 @@ class SimulatorApp:
         if injected is not None:
             self.stats.faults_injected += 1
             await self._apply_entry_faults(injected)
-        req = parse_inference(
-            request, kind, default_model=self.config.served_model_name, accepted_models=self.accepted_models
-        )
+        req = self.flavour.parse(request, kind)
         plan = await self.flavour.plan(req)
         extra_headers = self.flavour.response_headers(req)
         delay = not self.config.fast

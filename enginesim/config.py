@@ -10,6 +10,7 @@ from typing import Any
 
 ENGINES = ("nanodeploy", "dlengine", "vllm", "sglang", "lmdeploy", "openai")
 ROLES = ("hybrid", "prefill", "decode")
+KV_CONNECTORS = ("NixlConnector", "ExampleConnector")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class SimConfig:
     cache_session_id: bool = False
     tp_size: int = 1
     dp_size: int = 1
+    max_model_len: int = 4096
+    kv_connector: str = "NixlConnector"
     pd_timeout_s: float = 10.0
     kv_block_size: int = 16
     eos_at_prefill_prob: float = 0.0
@@ -83,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tp-size", type=int, default=1, help="LMDeploy: tensor-parallel ranks reported")
     parser.add_argument("--dp-size", type=int, default=1, help="vLLM data-parallel ranks accepted")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="vLLM context length (prompt + output tokens)")
+    parser.add_argument(
+        "--kv-connector",
+        choices=KV_CONNECTORS,
+        default="NixlConnector",
+        help="vLLM prefill/decode roles: NIXL-style kv_transfer_params, or none (ExampleConnector)",
+    )
     parser.add_argument("--pd-timeout-s", type=float, default=10.0, help="how long one PD leg waits for the other")
     parser.add_argument("--kv-block-size", type=int, default=16, help="prompt tokens per KV block")
     parser.add_argument("--eos-at-prefill-prob", type=float, default=0.0, help="chance a PD prefill ends at once")

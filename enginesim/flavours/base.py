@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from enginesim.config import SimConfig
-from enginesim.inference import Handler, InferenceRequest
+from enginesim.http import Request
+from enginesim.inference import Handler, InferenceRequest, parse_inference
 from enginesim.kv import KvLedger
 from enginesim.openai import ChoicePlan, Plan
 from enginesim.stats import RequestStats
@@ -39,6 +40,12 @@ class Flavour:
 
     def response_headers(self, req: InferenceRequest) -> list[tuple[str, str]]:
         return []
+
+    def parse(self, request: Request, kind: str) -> InferenceRequest:
+        """A chat (``kind="chat"``) or completion request, refused (``HttpError``) as the engine refuses it."""
+        return parse_inference(
+            request, kind, default_model=self.config.served_model_name, accepted_models=self.config.accepted_model_names
+        )
 
     async def plan(self, req: InferenceRequest) -> Plan:
         return self.hybrid_plan(req)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from typing import Any
 
 from nodes.choices import EngineType
@@ -109,12 +108,18 @@ class NanoDeployPd(TwoStagePd):
 
 
 class VllmPd(TwoStagePd):
-    """vLLM with a NIXL/P2P KV connector. The decode pulls the blocks, which releases them on the
-    prefill; an abandoned transfer is released by vLLM itself after its abort timeout."""
+    """vLLM (docs/pd.md), as its own disaggregation proxies drive it: the prefill is the request cut
+    to one token, not streamed, with remote-decode ``kv_transfer_params``; the decode is the request
+    plus the ``kv_transfer_params`` the prefill answered, unchanged (NIXL: the blocks to pull, named
+    by their ``remote_request_id``). A prefill that answers none (``null``, as the ExampleConnector
+    and LMCache do: the decode finds the KV by the prompt, or computes it) is no error: the decode
+    is sent without them. Both legs carry the request's one ``X-Request-Id``. The decode's pull
+    releases the blocks; an abandoned transfer is released when the prefill's NIXL lease runs out."""
 
     engine_type = EngineType.VLLM
     frees_kv = False
-    # The request id names the decode; a decode that answered (even 503) is not swapped for another.
+    # A decode that answered may have pulled the blocks already, which releases them on the prefill:
+    # it is not swapped for another decode node (one that could not be reached is).
     decode_retry_statuses = False
 
     _PREFILL_KV = {
@@ -125,38 +130,33 @@ class VllmPd(TwoStagePd):
         "remote_host": None,
         "remote_port": None,
     }
-
-    @staticmethod
-    def _address(leg: Leg) -> str:
-        node = leg.target.node
-        if node.kv_connector_address:
-            return node.kv_connector_address
-        host, port = host_port(node)
-        return f"{host}:{port}"
+    # vLLM answers 400 when min_tokens exceeds the prefill's max_tokens of 1; its proxies drop both
+    # spellings from the prefill copy (the decode keeps the client's).
+    _PREFILL_DROP = (*_STREAM_FIELDS, "min_tokens", "min_completion_tokens")
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
-        # Built per prefill attempt: P2P connectors read the addresses out of the id.
-        assert pd.decode is not None
-        pd.upstream_request_id = (
-            f"___prefill_addr_{self._address(leg)}___decode_addr_{self._address(pd.decode)}_{uuid.uuid4().hex}"
-        )
-        changes: dict[str, Any] = {"stream": False, "max_tokens": 1, "min_tokens": 1}
+        changes: dict[str, Any] = {"stream": False, "max_tokens": 1}
         if "max_completion_tokens" in pd.request.payload:
             changes["max_completion_tokens"] = 1
-        body = pd.payload_for(leg, drop=_STREAM_FIELDS, kv_transfer_params=dict(self._PREFILL_KV), **changes)
-        return pd.request.path, body, leg.headers(pd.upstream_request_id)
+        body = pd.payload_for(leg, drop=self._PREFILL_DROP, kv_transfer_params=dict(self._PREFILL_KV), **changes)
+        return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:
-        params = (answer.data or {}).get("kv_transfer_params")
+        """The prefill's ``kv_transfer_params`` for the decode; ``{}`` when it answered none."""
+        if answer.data is None:
+            raise engine_failed(f"Prefill node {answer.leg.url} answered 200 without a JSON object.", "prefill_failed")
+        params = answer.data.get("kv_transfer_params")
+        if params is None:
+            return {}
         if not isinstance(params, dict):
             raise engine_failed(
-                f"Prefill node {answer.leg.url} returned no kv_transfer_params (is its KV connector configured?).",
-                "prefill_failed",
+                f"Prefill node {answer.leg.url} returned kv_transfer_params that are not an object.", "prefill_failed"
             )
         return params
 
     def decode_request(self, pd: PdRequest, leg: Leg, handoff: dict[str, Any]) -> LegRequest:
-        return pd.request.path, pd.payload_for(leg, kv_transfer_params=handoff), leg.headers(pd.upstream_request_id)
+        changes = {"kv_transfer_params": handoff} if handoff else {}
+        return pd.request.path, pd.payload_for(leg, **changes), leg.headers(pd.request.request_id)
 
 
 class LmdeployPd(TwoStagePd):

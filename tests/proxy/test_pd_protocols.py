@@ -104,18 +104,99 @@ def test_a_nanodeploy_prefill_answer_without_migration_or_choices_is_a_502():
     assert caught.value.status == 502
 
 
-def test_vllm_prefill_is_clamped_and_named_after_both_nodes():
-    pd = fake_pd({"model": "m", "prompt": "x", "max_completion_tokens": 9, "stream": True, "stream_options": {}})
+def test_vllm_prefill_is_clamped_without_min_tokens_under_the_requests_own_id():
+    client = {
+        "model": "m",
+        "prompt": "x",
+        "max_completion_tokens": 9,
+        "min_tokens": 4,
+        "min_completion_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    pd = fake_pd(client, path="/v1/completions", request_id="rid-1")
     pd.decode = leg("http://10.0.0.2:8200", "decode", "vllm")
     prefill = leg("http://10.0.0.1:8100", "prefill", "vllm", kv_connector_address="10.9.9.9:14579")
-    _, body, headers = VllmPd().prefill_request(pd, prefill)
-    assert body["stream"] is False and body["max_tokens"] == 1 and body["min_tokens"] == 1
-    assert body["max_completion_tokens"] == 1 and "stream_options" not in body
-    assert body["kv_transfer_params"]["do_remote_decode"] is True
-    assert headers["X-Request-Id"].startswith("___prefill_addr_10.9.9.9:14579___decode_addr_10.0.0.2:8200_")
+    path, body, headers = VllmPd().prefill_request(pd, prefill)
+    # As vLLM's own proxies build it: min_tokens above max_tokens=1 is a 400 in vLLM, so both are dropped.
+    assert (path, body) == (
+        "/v1/completions",
+        {
+            "model": "served",
+            "prompt": "x",
+            "max_tokens": 1,
+            "max_completion_tokens": 1,
+            "stream": False,
+            "kv_transfer_params": {
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
+        },
+    )
+    # One X-Request-Id on both legs (no P2P-NCCL address encoding: that connector is gone from vLLM).
+    assert headers == {"Content-Type": "application/json", "X-Request-Id": "rid-1"}
+    _, decoded, decode_headers = VllmPd().decode_request(pd, pd.decode, {"remote_request_id": "r"})
+    assert decode_headers["X-Request-Id"] == "rid-1"
+    assert decoded["min_tokens"] == 4 and decoded["max_completion_tokens"] == 9 and decoded["stream"] is True
     ranked = Leg("decode", pd.decode.target, rank=1)
     assert ranked.label == "http://10.0.0.2:8200@1"
     assert ranked.headers("r")["X-data-parallel-rank"] == "1"
+
+
+def test_vllm_prefill_without_min_tokens_sends_no_max_completion_tokens_either():
+    pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30})
+    _, body, _ = VllmPd().prefill_request(pd, leg("http://p:1", "prefill", "vllm"))
+    assert body["max_tokens"] == 1 and "max_completion_tokens" not in body and "min_tokens" not in body
+
+
+def vllm_prefill_answer(data: dict | None) -> LegAnswer:
+    return LegAnswer(leg("http://p:1", "prefill", "vllm"), 200, b"", "application/json", data)
+
+
+def test_vllm_nixl_params_go_to_the_decode_unchanged():
+    params = {
+        "do_remote_prefill": True,
+        "do_remote_decode": False,
+        "remote_block_ids": [[3, 4, 5]],
+        "remote_engine_id": "e-1",
+        "remote_request_id": "cmpl-rid-1-0-ab12cd34",
+        "remote_host": "10.0.0.1",
+        "remote_port": 5600,
+        "tp_size": 1,
+        "dcp_size": 1,
+        "pp_size": 1,
+        "remote_num_tokens": 331,
+        "remote_blocks_expiry_time": None,
+        "transfer_mode": "pull",
+    }
+    pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30})
+    handoff = VllmPd().handoff(pd, vllm_prefill_answer({"choices": [{}], "kv_transfer_params": params}))
+    assert handoff == params
+    _, body, _ = VllmPd().decode_request(pd, leg("http://d:1", "decode", "vllm"), handoff)
+    assert body == {"model": "served", "messages": [], "max_tokens": 30, "kv_transfer_params": params}
+
+
+@pytest.mark.parametrize(
+    "data", [{"choices": [{}], "kv_transfer_params": None}, {"choices": [{}]}], ids=["null", "absent"]
+)
+def test_a_vllm_prefill_without_kv_transfer_params_is_followed_by_a_plain_decode(data):
+    # The ExampleConnector answers "kv_transfer_params": null; vLLM's proxies then send the decode as is.
+    pd = fake_pd({"model": "m", "messages": [], "max_tokens": 30, "stream": True})
+    handoff = VllmPd().handoff(pd, vllm_prefill_answer(data))
+    assert handoff == {}
+    _, body, _ = VllmPd().decode_request(pd, leg("http://d:1", "decode", "vllm"), handoff)
+    assert body == {"model": "served", "messages": [], "max_tokens": 30, "stream": True}
+
+
+@pytest.mark.parametrize("data", [None, {"kv_transfer_params": "x"}], ids=["not-json", "not-an-object"])
+def test_an_unusable_vllm_prefill_answer_is_a_502(data):
+    with pytest.raises(ProxyError) as caught:
+        VllmPd().handoff(fake_pd({"model": "m", "messages": []}), vllm_prefill_answer(data))
+    assert (caught.value.status, caught.value.code) == (502, "prefill_failed")
 
 
 def test_lmdeploy_builds_the_migration_request_from_the_prefill_answer():

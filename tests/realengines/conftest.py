@@ -8,6 +8,12 @@
 - ``vllm_pair``: the session's pair, prefill and decode, both ``kv_both`` with the ExampleConnector
   on one shared directory. Such a server also answers plain requests, so the pair doubles as two
   hybrid servers; tests that want servers without a connector ask ``vllm_server`` for them.
+- ``routerpanel``: RouterPanel's web process (uvicorn) on a database and a Redis database of its own,
+  as a ``Stack`` (tests/e2e/conftest.py) with a clean registry for each test.
+
+The servers are shared by the whole session and at most two run at once, so the modules run in the
+order of ``MODULE_ORDER``: the tests on the pair first, the one that kills a server of it last among
+them, the embedding server's after.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.e2e.conftest import Stack
+from tests.procs import free_port, redis_db, routerpanel_env, running, uvicorn_argv
 from tests.realengines.harness import (
     ROLES,
     VLLM_PYTHON,
@@ -26,6 +35,31 @@ from tests.realengines.harness import (
     build_models,
     real_engines_required,
 )
+
+HERE = Path(__file__).resolve().parent
+MODULE_ORDER = (
+    "test_vllm_direct",
+    "test_vllm_and_simulator_agree",
+    "test_vllm_request_models",
+    "test_routerpanel_vllm",  # ends by killing a server of the pair
+    "test_vllm_embeddings",
+)
+API_TOKEN = "real1111111111111111111111111111111111111"
+PROXY_KEY = "rp-real-engine-key"
+REDIS_DB = 4  # each suite that runs RouterPanel has its own (tests/procs.py, redis_db)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run this directory's modules in ``MODULE_ORDER``, each in its own order, in the places its
+    items had (so the rest of the session keeps its order)."""
+    places = [i for i, item in enumerate(items) if item.path.parent == HERE]
+
+    def rank(item: pytest.Item) -> int:
+        stem = item.path.stem
+        return MODULE_ORDER.index(stem) if stem in MODULE_ORDER else len(MODULE_ORDER)
+
+    for place, item in zip(places, sorted((items[i] for i in places), key=rank), strict=True):
+        items[place] = item
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +113,27 @@ def vllm_pair(vllm_fleet: VllmFleet, vllm_kv_dir: Path) -> tuple[VllmServer, Vll
         ServerSpec(role="prefill", kv_dir=vllm_kv_dir), ServerSpec(role="decode", kv_dir=vllm_kv_dir)
     )
     return prefill, decode
+
+
+@pytest.fixture(scope="session")
+def routerpanel_process(tmp_path_factory: pytest.TempPathFactory, routerpanel_redis: str) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("routerpanel-real")
+    env = routerpanel_env(directory, routerpanel_redis, token=API_TOKEN, proxy_key=PROXY_KEY)
+    port = free_port()
+    with running(uvicorn_argv(port), port=port, env=env, timeout=60):
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
+            yield Stack(base=base, database=Path(env["ROUTERPANEL_SQLITE_PATH"]), api=api, key=PROXY_KEY)
+
+
+@pytest.fixture
+def routerpanel(routerpanel_process: Stack) -> Stack:
+    """RouterPanel with an empty registry and the default route policy."""
+    routerpanel_process.reset()
+    return routerpanel_process
+
+
+@pytest.fixture(scope="session")
+def routerpanel_redis(redis_server: str) -> str:
+    """The Redis database of the tier's RouterPanel (its breakers, counters and configuration version)."""
+    return redis_db(redis_server, REDIS_DB)
