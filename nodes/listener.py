@@ -20,6 +20,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from . import services
+from .masking import mask_credentials
 from .models import ControlPlane
 from .registry import RegistryEvent, event_channel, parse_event
 
@@ -95,7 +96,7 @@ class RegistryListener:
                 return
             message = sub.pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
         except (redis.RedisError, OSError) as exc:
-            logger.warning("registry events on %s unavailable (%s); reconnecting", _safe(sub.url), exc)
+            logger.warning("registry events on %s unavailable (%s); reconnecting", mask_credentials(sub.url), exc)
             sub.close()
             sub.retry_at = time.monotonic() + self.retry_interval
             return
@@ -119,7 +120,7 @@ class RegistryListener:
         if wanted - sub.subscribed:
             sub.pubsub.subscribe(*(wanted - sub.subscribed))
         sub.subscribed = wanted
-        logger.info("listening for registry events on %s: %s", _safe(sub.url), ", ".join(sorted(wanted)))
+        logger.info("listening for registry events on %s: %s", mask_credentials(sub.url), ", ".join(sorted(wanted)))
         if reconnect:
             # Events published while we were away are lost: catch up with a full listing now.
             for ids in sub.channels.values():
@@ -157,11 +158,3 @@ class RegistryListener:
             )
         logger.info("registry event %s %s on %s: %s", event.event_type, event.entity_id, control_plane, outcome)
         return outcome
-
-
-def _safe(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -30,6 +30,7 @@ from .choices import (
     Strategy,
     SyncState,
 )
+from .masking import mask_credentials
 
 
 def normalize_node_url(value: str) -> str:
@@ -41,20 +42,21 @@ def normalize_node_url(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValidationError("Enter the node's base URL, for example http://10.0.0.5:8000.", code="required")
     raw = value.strip()
+    shown = mask_credentials(raw)  # error messages never echo a password
     try:
         parts = urlsplit(raw)
         port = parts.port  # raises ValueError for a port out of range or not a number
     except ValueError as exc:
-        raise ValidationError(f"{raw!r} is not a valid URL ({exc}).", code="invalid") from None
+        raise ValidationError(f"{shown!r} is not a valid URL ({mask_credentials(str(exc))}).", code="invalid") from None
     scheme = parts.scheme.lower()
     if scheme not in {"http", "https"}:
-        raise ValidationError(f"{raw!r} must start with http:// or https://.", code="invalid_scheme")
+        raise ValidationError(f"{shown!r} must start with http:// or https://.", code="invalid_scheme")
     if not parts.hostname:
-        raise ValidationError(f"{raw!r} has no host.", code="invalid_host")
+        raise ValidationError(f"{shown!r} has no host.", code="invalid_host")
     if parts.query or parts.fragment:
-        raise ValidationError(f"{raw!r} must not carry a query string or fragment.", code="invalid")
+        raise ValidationError(f"{shown!r} must not carry a query string or fragment.", code="invalid")
     if parts.username or parts.password:
-        raise ValidationError(f"{raw!r} must not carry credentials.", code="invalid")
+        raise ValidationError(f"{shown!r} must not carry credentials.", code="invalid")
     host = parts.hostname.lower()
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"

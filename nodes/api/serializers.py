@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from nodes import services
 from nodes.choices import ChangeVia, NodeRole
+from nodes.masking import mask_credentials
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, normalize_node_url
 
 from .exceptions import validation_detail
@@ -206,6 +207,18 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "last_sync_counts",
             "last_sync_error",
         ]
+
+    SECRET_FIELDS = ("redis_url", "address")
+
+    def to_representation(self, control_plane: ControlPlane) -> dict[str, Any]:
+        """Staff see the URLs they edit; other readers see them with passwords masked."""
+        data = super().to_representation(control_plane)
+        request = self.context.get("request")
+        if not getattr(getattr(request, "user", None), "is_staff", False):
+            for name in self.SECRET_FIELDS:
+                if data.get(name):
+                    data[name] = mask_credentials(data[name])
+        return data
 
     def create(self, validated_data: dict[str, Any]) -> ControlPlane:
         return _call(services.control_plane_create, actor=_actor(self), **validated_data)

@@ -24,6 +24,7 @@ from redis.lock import Lock
 from ..choices import AliasOrigin, ChangeVia, NodeSource, NodeState, SyncState
 from ..live import keys as live_keys
 from ..live.connection import client as redis_client
+from ..masking import mask_credentials
 from ..models import ControlPlane, Node, default_registry_kinds, normalize_node_url
 from ..registry import NanoCtrlClient, RegistryEntity, RegistryError
 from ..schedules import schedule_control_plane, unschedule_control_plane
@@ -233,6 +234,7 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         result.ok, result.reason = False, f"{exc.__class__.__name__}: {exc}"
         logger.exception("sync of %s crashed", control_plane)
     finally:
+        result.reason = mask_credentials(result.reason)
         result.duration_ms = int((time.monotonic() - started) * 1000)
         ControlPlane.objects.filter(pk=control_plane.pk).update(
             sync_state=SyncState.OK if result.ok else SyncState.FAILED,
