@@ -10,7 +10,8 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 - ``nodes``          nodes and their served models
 - ``routing``        model aliases and route policies
 - ``api_keys``       the proxy's API keys
-- ``registry_sync``  control planes and the registry sync
+- ``control_planes`` control planes
+- ``registry_sync``  the registry sync
 - ``health_checks``  active health checks
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from .api_keys import api_key_create, api_key_delete, api_key_record_usage, api_key_save, api_key_update
 from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_version_current
+from .control_planes import control_plane_create, control_plane_delete, control_plane_save, control_plane_update
 from .health_checks import HEALTH_ACTOR, health_check_nodes
 from .nodes import (
     node_create,
@@ -34,10 +36,6 @@ from .nodes import (
 from .registry_sync import (
     SYNC_LOCK_TIMEOUT,
     SyncResult,
-    control_plane_create,
-    control_plane_delete,
-    control_plane_save,
-    control_plane_update,
     registry_apply_entity,
     registry_mark_gone,
     registry_sync,

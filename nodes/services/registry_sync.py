@@ -1,7 +1,7 @@
-"""Control planes and the registry sync: mirror a NanoCtrl (dlslime-ctrl) registry into the node table.
+"""The registry sync: mirror a NanoCtrl (dlslime-ctrl) registry into the node table.
 
-A control plane's save keeps its periodic sync task (django-celery-beat) in step. ``registry_sync``
-is the one sync: the Celery task, the ``sync_nodes`` command and the admin's "Sync now" call it.
+``registry_sync`` is the one sync: the Celery task, the ``sync_nodes`` command and the admin's
+"Sync now" call it; the registry listener applies single entities with ``registry_apply_entity``.
 """
 
 from __future__ import annotations
@@ -27,33 +27,10 @@ from ..live.connection import client as redis_client
 from ..masking import mask_credentials
 from ..models import ControlPlane, Node, default_registry_kinds, normalize_node_url
 from ..registry import NanoCtrlClient, RegistryEntity, RegistryError
-from ..schedules import schedule_control_plane, unschedule_control_plane
-from .audit import Actor, assign_fields, audited_delete, audited_save
+from .audit import Actor
 from .nodes import node_create, node_set_models, node_update
 
 logger = logging.getLogger(__name__)
-
-
-def control_plane_save(*, control_plane: ControlPlane, actor: Actor) -> ControlPlane:
-    """Save a control plane and keep its periodic sync task (django-celery-beat) in step."""
-    with transaction.atomic():
-        audited_save(control_plane, actor=actor)
-        schedule_control_plane(control_plane)
-    return control_plane
-
-
-def control_plane_create(*, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(control_plane=assign_fields(ControlPlane(), fields), actor=actor)
-
-
-def control_plane_update(*, control_plane: ControlPlane, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(control_plane=assign_fields(control_plane, fields), actor=actor)
-
-
-def control_plane_delete(*, control_plane: ControlPlane, actor: Actor) -> None:
-    with transaction.atomic():
-        unschedule_control_plane(control_plane.pk)
-        audited_delete(control_plane, actor=actor)
 
 
 SYNC_LOCK_TIMEOUT = 120  # seconds; a crashed sync's lock expires by itself
