@@ -90,7 +90,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     list_filter = ("role", "state", "health", "engine_type", "source", "control_plane")
     search_fields = ("url", "name", "aliases__name", "aliases__served_name")
     inlines = [ModelAliasInline]
-    actions = ["drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
+    actions = ["approve_nodes", "drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
         "health",
         "consecutive_failures",
@@ -169,6 +169,16 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
             service(node=node, actor=actor)
             count += 1
         self.message_user(request, f"{verb} {count} node(s).", messages.SUCCESS)
+
+    @admin.action(description="Approve selected pending nodes (they start taking traffic)")
+    def approve_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        actor = _actor(request)
+        pending = list(queryset.filter(state=NodeState.PENDING))
+        for node in pending:
+            services.node_approve(node=node, actor=actor)
+        skipped = queryset.count() - len(pending)
+        note = f"; {skipped} selected node(s) were not pending and were left alone" if skipped else ""
+        self.message_user(request, f"Approved {len(pending)} node(s){note}.", messages.SUCCESS)
 
     @admin.action(description="Drain selected nodes (no new requests; in-flight ones finish)")
     def drain_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:

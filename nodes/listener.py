@@ -20,6 +20,7 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from . import services
+from .choices import ControlPlaneKind
 from .masking import mask_credentials
 from .models import ControlPlane
 from .registry import RegistryEvent, event_channel, parse_event
@@ -59,7 +60,8 @@ class RegistryListener:
     def reload(self) -> None:
         """Re-read which control planes want events, and on which Redis and channel."""
         wanted: dict[str, dict[str, list[int]]] = {}
-        for cp in ControlPlane.objects.filter(enabled=True).exclude(redis_url=""):
+        planes = ControlPlane.objects.filter(enabled=True, kind=ControlPlaneKind.NANOCTRL).exclude(redis_url="")
+        for cp in planes:
             wanted.setdefault(cp.redis_url, {}).setdefault(event_channel(cp.scope), []).append(cp.pk)
         for url in set(self.subscriptions) - set(wanted):
             self.subscriptions.pop(url).close()

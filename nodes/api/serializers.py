@@ -179,12 +179,18 @@ class RoutePolicySerializer(serializers.ModelSerializer):
 
 class ControlPlaneSerializer(serializers.ModelSerializer):
     kinds = ModelNameListField(required=False, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].')
+    allowed_networks = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        help_text='Networks new nodes must be in, e.g. ["10.0.0.0/8"]; empty allows any address.',
+    )
 
     class Meta:
         model = ControlPlane
         fields = [
             "id",
             "name",
+            "kind",
             "address",
             "scope",
             "kinds",
@@ -192,6 +198,9 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "sync_interval",
             "redis_url",
             "enabled",
+            "approval_mode",
+            "allowed_networks",
+            "registration_token_prefix",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",
@@ -292,5 +301,6 @@ class SyncResultSerializer(serializers.Serializer):
     unchanged = serializers.IntegerField()
     conflicts = serializers.IntegerField()
     invalid = serializers.IntegerField()
+    refused = serializers.IntegerField()
     duration_ms = serializers.IntegerField()
     problems = serializers.ListField(child=serializers.CharField())

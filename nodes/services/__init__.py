@@ -22,6 +22,7 @@ from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_versi
 from .control_planes import control_plane_create, control_plane_delete, control_plane_save, control_plane_update
 from .health_checks import HEALTH_ACTOR, health_check_nodes
 from .nodes import (
+    node_approve,
     node_create,
     node_delete,
     node_disable,
@@ -73,6 +74,7 @@ __all__ = [
     "control_plane_save",
     "control_plane_update",
     "health_check_nodes",
+    "node_approve",
     "node_create",
     "node_delete",
     "node_disable",
