@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
 from nodes import services
 from nodes.choices import ChangeVia, NodeRole
+from nodes.engine_detect import choose_engine_type, with_detection
 from nodes.masking import mask_credentials
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, normalize_node_url
+from nodes.networks import is_unspecified, url_host
 
 from .exceptions import validation_detail
 
@@ -90,6 +93,9 @@ class NodeSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
+        extra_kwargs = {
+            "engine_type": {"help_text": "Detected from the node's own endpoints when not given."},
+        }
         read_only_fields = [
             "health",
             "consecutive_failures",
@@ -110,6 +116,11 @@ class NodeSerializer(serializers.ModelSerializer):
             url = normalize_node_url(value)
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.messages) from None
+        if is_unspecified(url_host(url)):
+            raise serializers.ValidationError(
+                f"{url_host(url)} is an address a server binds to, not one RouterPanel can reach; "
+                "give the engine's address."
+            )
         clash = Node.objects.filter(url=url)
         if self.instance is not None:
             clash = clash.exclude(pk=self.instance.pk)
@@ -126,6 +137,15 @@ class NodeSerializer(serializers.ModelSerializer):
     def create(self, validated_data: dict[str, Any]) -> Node:
         models = validated_data.pop("models", [])
         model_path = validated_data.pop("model_path", "")
+        if "engine_type" not in validated_data:
+            # Not given: what the node's own endpoints show (nodes.engine_detect), else the default.
+            choice = choose_engine_type(
+                validated_data["url"],
+                fallback=settings.ROUTERPANEL_DEFAULT_ENGINE_TYPE,
+                timeout=settings.ROUTERPANEL_ENGINE_DETECT_TIMEOUT,
+            )
+            validated_data["engine_type"] = choice.engine_type
+            validated_data["metadata"] = with_detection(validated_data.get("metadata") or {}, choice)
         return _call(services.node_create, actor=_actor(self), models=models, model_path=model_path, **validated_data)
 
     def update(self, node: Node, validated_data: dict[str, Any]) -> Node:
