@@ -204,6 +204,22 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
         required=False,
         help_text='Networks new nodes must be in, e.g. ["10.0.0.0/8"]; empty allows any address.',
     )
+    registration_token = serializers.SerializerMethodField(
+        help_text="The registration token: in the response that issued it only (it is stored hashed)."
+    )
+    registration_url = serializers.SerializerMethodField(
+        help_text="What to give an engine as its --proxy-url: in the response that issued the token only."
+    )
+
+    def get_registration_token(self, control_plane: ControlPlane) -> str | None:
+        return getattr(control_plane, "issued_token", None)
+
+    def get_registration_url(self, control_plane: ControlPlane) -> str | None:
+        token = getattr(control_plane, "issued_token", None)
+        request = self.context.get("request")
+        if token is None or request is None:
+            return None
+        return request.build_absolute_uri(f"/register/{token}")
 
     class Meta:
         model = ControlPlane
@@ -221,6 +237,8 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "approval_mode",
             "allowed_networks",
             "registration_token_prefix",
+            "registration_token",
+            "registration_url",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",
@@ -230,6 +248,7 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = [
+            "registration_token_prefix",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",

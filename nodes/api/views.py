@@ -144,6 +144,22 @@ class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         code = 200 if result.ok else 409 if result.skipped else 502
         return Response(s.SyncResultSerializer(result).data, status=code)
 
+    @extend_schema(methods=["POST"], request=None, responses=s.ControlPlaneSerializer)
+    @extend_schema(methods=["DELETE"], request=None, responses={204: None})
+    @action(detail=True, methods=["post", "delete"], url_path="registration-token")
+    def registration_token(self, request: Request, pk: str | None = None) -> Response:
+        """POST issues a new registration token (the old one stops working) and answers it, with
+        the registration URL to give engines, in this response only. DELETE revokes it. Nodes
+        already registered stay either way."""
+        control_plane = self.get_object()
+        if request.method == "DELETE":
+            services.control_plane_revoke_token(control_plane=control_plane, actor=_actor(request))
+            return Response(status=204)
+        control_plane.issued_token = services.control_plane_issue_token(
+            control_plane=control_plane, actor=_actor(request)
+        )
+        return Response(self.get_serializer(control_plane).data)
+
 
 class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     """Proxy API keys. The plaintext key is in the create response only; just a hash is stored."""

@@ -33,6 +33,7 @@ _UNAUDITED_FIELDS = {
     "created_at",
     "updated_at",
     "key_hash",
+    "registration_token_hash",  # the prefix is audited: a new or revoked token shows there
     # Health bookkeeping changes every probe; only transitions of ``health`` itself are audited.
     "consecutive_failures",
     "consecutive_successes",
