@@ -133,8 +133,20 @@ def detect(base_url: str, *, timeout: float) -> Detection:
             engine_type = OWNED_BY.get(owner.strip().lower())
             if engine_type is not None:
                 return Detection(engine_type.value, f"GET /v1/models: owned_by {owner!r}", models)
-        with ThreadPoolExecutor(max_workers=len(PROBES), thread_name_prefix="engine-detect") as pool:
-            answers = list(pool.map(lambda item: _probe(client, base_url, item[1]), PROBES))
+        return _by_endpoints(client, base_url, models)
+
+
+def detect_by_endpoints(base_url: str, *, timeout: float) -> Detection:
+    """Only step 2 and 3: what decides when ``owned_by`` does not."""
+    import httpx
+
+    with httpx.Client(timeout=timeout, trust_env=False) as client:
+        return _by_endpoints(client, base_url, None)
+
+
+def _by_endpoints(client: httpx.Client, base_url: str, models: list[str] | None) -> Detection:
+    with ThreadPoolExecutor(max_workers=len(PROBES), thread_name_prefix="engine-detect") as pool:
+        answers = list(pool.map(lambda item: _probe(client, base_url, item[1]), PROBES))
     for (engine_type, _), evidence in zip(PROBES, answers, strict=True):
         if evidence is not None:
             return Detection(str(engine_type), evidence, models)
