@@ -111,6 +111,8 @@ class ControlPlane(models.Model):
         max_length=16, blank=True, editable=False, help_text="First characters of the registration token."
     )
     registration_token_hash = models.CharField(max_length=64, blank=True, editable=False)
+    # Not a field: the plaintext of a token just issued, for the caller to show once.
+    issued_token: str | None = None
 
     sync_state = models.CharField(max_length=10, choices=SyncState.choices, default=SyncState.IDLE, editable=False)
     last_sync_at = models.DateTimeField(null=True, blank=True, editable=False)

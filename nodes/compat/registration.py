@@ -22,7 +22,7 @@ from nodes.choices import NodeState
 from nodes.models import ControlPlane, Node
 from nodes.networks import is_unspecified, url_host, with_host
 
-from .views import CompatView, _error, dlrouter_status, parse_registration, peer_address, resolve_engine
+from .views import CompatView, compat_error, dlrouter_status, parse_registration, peer_address, resolve_engine
 
 
 class RegistrationView(CompatView):
@@ -34,9 +34,9 @@ class RegistrationView(CompatView):
     def registering_control_plane(self) -> ControlPlane:
         plane = admission.control_plane_for_token(self.kwargs.get("token") or "")
         if plane is None:
-            raise _error("Not found.", 404)  # the same answer as any unknown URL
+            raise compat_error("Not found.", 404)  # the same answer as any unknown URL
         if not plane.enabled:
-            raise _error(f"Registration through control plane {plane.name!r} is disabled.", 403)
+            raise compat_error(f"Registration through control plane {plane.name!r} is disabled.", 403)
         return plane
 
 
@@ -54,7 +54,7 @@ class RegisterAddView(RegistrationView):
             # Before the engine is asked anything: an address outside is never contacted.
             admission.check_allowed(plane, url=registration.url, peer=peer)
         except admission.AdmissionRefused as exc:
-            raise _error(f"Registration refused: {exc}", 403) from None
+            raise compat_error(f"Registration refused: {exc}", 403) from None
         engine_type, models, choice = resolve_engine(registration, fallback=plane.engine_type)
         try:
             node, _ = services.node_register(
@@ -68,11 +68,11 @@ class RegisterAddView(RegistrationView):
                 speed=registration.speed,
             )
         except admission.AdmissionRefused as exc:
-            raise _error(f"Registration refused: {exc}", 403) from None
+            raise compat_error(f"Registration refused: {exc}", 403) from None
         except services.RegistrationConflict as exc:
-            raise _error(f"Failed to add node: {exc}", 409) from None
+            raise compat_error(f"Failed to add node: {exc}", 409) from None
         except DjangoValidationError as exc:
-            raise _error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
+            raise compat_error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
         if node.state == NodeState.PENDING:
             return Response({"message": "Added successfully; waiting for an operator's approval.", "state": node.state})
         return Response({"message": "Added successfully.", "state": node.state})
@@ -87,7 +87,7 @@ class RegisterRemoveView(RegistrationView):
         if is_unspecified(url_host(url)) and peer is not None:
             url = with_host(url, peer)
         if not services.node_unregister(control_plane=plane, url=url):
-            raise _error(f"Node {url} is not registered.", 404)
+            raise compat_error(f"Node {url} is not registered.", 404)
         return Response({"message": "Removed successfully."})
 
 

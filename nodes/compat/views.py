@@ -32,7 +32,7 @@ class CompatError(exceptions.APIException):
     status_code = status.HTTP_400_BAD_REQUEST
 
 
-def _error(message: str, code: int) -> CompatError:
+def compat_error(message: str, code: int) -> CompatError:
     exc = CompatError(message)
     exc.status_code = code
     return exc
@@ -56,26 +56,26 @@ class CompatView(APIView):
         try:
             body = json.loads(self.request.body or b"null")
         except (ValueError, UnicodeDecodeError):
-            raise _error("The request body is not valid JSON.", 400) from None
+            raise compat_error("The request body is not valid JSON.", 400) from None
         if not isinstance(body, dict):
-            raise _error("The request body must be a JSON object.", 400)
+            raise compat_error("The request body must be a JSON object.", 400)
         return body
 
     def node_from_body(self) -> Node:
         url = self.normalized_url(self.json_body())
         node = Node.objects.filter(url=url).first()
         if node is None:
-            raise _error(f"Node {url} is not registered.", 404)
+            raise compat_error(f"Node {url} is not registered.", 404)
         return node
 
     @staticmethod
     def normalized_url(body: dict[str, Any]) -> str:
         if "url" not in body:
-            raise _error("Field 'url' is required.", 400)
+            raise compat_error("Field 'url' is required.", 400)
         try:
             return normalize_node_url(body["url"])
         except DjangoValidationError as exc:
-            raise _error(f"Field 'url': {' '.join(exc.messages)}", 400) from None
+            raise compat_error(f"Field 'url': {' '.join(exc.messages)}", 400) from None
 
 
 def peer_address(request: Request) -> str | None:
@@ -126,28 +126,28 @@ def parse_registration(view: CompatView) -> Registration:
     if is_unspecified(host):
         peer = peer_address(view.request)
         if peer is None:
-            raise _error(f"Field 'url': {host} is a bind address and the caller's address is unknown.", 400)
+            raise compat_error(f"Field 'url': {host} is a bind address and the caller's address is unknown.", 400)
         url = with_host(url, peer)
     node_status = body.get("status") or {}
     if not isinstance(node_status, dict):
-        raise _error("Field 'status' must be an object.", 400)
+        raise compat_error("Field 'status' must be an object.", 400)
 
     try:
         role = NodeRole.from_dlrouter(node_status.get("role", NodeRole.HYBRID.value))
     except ValueError as exc:
-        raise _error(f"Field 'status.role': {exc}", 400) from None
+        raise compat_error(f"Field 'status.role': {exc}", 400) from None
 
     engine_type = body.get("engine_type", node_status.get("engine_type"))
     if engine_type is not None and engine_type not in EngineType.values:
-        raise _error(f"Field 'engine_type': use one of {', '.join(EngineType.values)}.", 400)
+        raise compat_error(f"Field 'engine_type': use one of {', '.join(EngineType.values)}.", 400)
 
     models = node_status.get("models") or []
     if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
-        raise _error("Field 'status.models' must be a list of model names.", 400)
+        raise compat_error("Field 'status.models' must be a list of model names.", 400)
 
     speed = node_status.get("speed")
     if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float)):
-        raise _error("Field 'status.speed' must be a number.", 400)
+        raise compat_error("Field 'status.speed' must be a number.", 400)
     return Registration(url=url, role=role.value, engine_type=engine_type, models=models, speed=speed)
 
 
@@ -164,13 +164,13 @@ def resolve_engine(registration: Registration, *, fallback: str) -> tuple[str, l
     models = registration.models
     if not models:
         if choice is not None and choice.unreachable:
-            raise _error(f"Failed to add node: no models given and {choice.detection['evidence']}.", 400)
+            raise compat_error(f"Failed to add node: no models given and {choice.detection['evidence']}.", 400)
         try:
             models = (choice.models if choice is not None else None) or engine_client.fetch_served_models(
                 registration.url, timeout=settings.ROUTERPANEL_NODE_PROBE_TIMEOUT
             )
         except engine_client.EngineError as exc:
-            raise _error(f"Failed to add node: no models given and {exc}.", 400) from None
+            raise compat_error(f"Failed to add node: no models given and {exc}.", 400) from None
     return engine_type, models, choice
 
 
@@ -199,7 +199,7 @@ class AddView(CompatView):
         try:
             services.node_upsert(actor=self.actor(), url=url, models=models, **fields)
         except DjangoValidationError as exc:
-            raise _error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
+            raise compat_error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
         return Response({"message": "Added successfully."})
 
 
@@ -224,7 +224,7 @@ class TerminateView(CompatView):
         try:
             _terminate(node, self.actor())
         except engine_client.EngineError as exc:
-            raise _error(f"Failed to terminate {node.url}: {exc}.", 502) from None
+            raise compat_error(f"Failed to terminate {node.url}: {exc}.", 502) from None
         return Response({"message": "Terminated successfully."})
 
 

@@ -22,8 +22,9 @@ HEALTH_ACTOR = Actor(label="health-check", via=ChangeVia.SYSTEM)
 
 
 def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.HealthReport:
-    """Probe the active and draining nodes (or just ``node_ids``, for "probe now") and apply the
-    hysteresis. The periodic run holds a Redis lock so only one runner probes at a time."""
+    """Probe the active, pending and draining nodes (or just ``node_ids``, for "probe now") and
+    apply the hysteresis; complete the engine-type detection of nodes that now answer. The periodic
+    run holds a Redis lock so only one runner probes at a time."""
     report = health.HealthReport()
     with health.single_runner(enabled=node_ids is None) as acquired:
         if not acquired:
