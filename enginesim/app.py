@@ -125,7 +125,7 @@ class SimulatorApp:
             "id": self.config.served_model_name,
             "object": "model",
             "created": int(self.started_at),
-            "owned_by": self.config.engine,
+            "owned_by": self.flavour.owned_by,
             "root": self.config.model_path,
             "parent": None,
         }

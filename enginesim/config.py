@@ -54,6 +54,7 @@ class SimConfig:
     ctrl_scope: str | None = None
     ctrl_kind: str | None = None
     heartbeat_interval: float = 15.0
+    proxy_url: str | None = None
     faults: FaultOptions = field(default_factory=FaultOptions)
 
     @property
@@ -104,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctrl-scope", default=None)
     parser.add_argument("--ctrl-kind", default=None, help="entity kind (default: the engine name)")
     parser.add_argument("--heartbeat-interval", type=float, default=15.0)
+    parser.add_argument(
+        "--proxy-url",
+        default=None,
+        help="LMDeploy only: register once with this router (POST URL/nodes/add), as api_server --proxy-url does",
+    )
     faults = parser.add_argument_group("faults (also settable at run time with POST /sim/faults)")
     faults.add_argument("--error-rate", type=float, default=0.0)
     faults.add_argument("--error-status", type=int, choices=(429, 500, 503), default=500)
@@ -156,6 +162,7 @@ def configs_from_options(options: dict[str, Any]) -> list[SimConfig]:
         config = config_from_options({**options, **entry})
         if config.engine not in ENGINES or config.role not in ROLES:
             raise FleetError(f"bad engine or role in --fleet entry: {entry}")
+        check_proxy_url(config)
         configs.append(config)
     ports = [c.port for c in configs]
     if len(set(ports)) != len(ports):
@@ -163,11 +170,19 @@ def configs_from_options(options: dict[str, Any]) -> list[SimConfig]:
     return configs
 
 
+def check_proxy_url(config: SimConfig) -> None:
+    """``--proxy-url`` is LMDeploy's way of joining a router; the other engines have none."""
+    if config.proxy_url and config.engine != "lmdeploy":
+        raise FleetError(f"--proxy-url is LMDeploy's option; engine {config.engine} has no such option")
+
+
 def parse_args(argv: list[str] | None = None) -> list[SimConfig]:
     parser = argparse.ArgumentParser(prog="python -m enginesim", description="Simulated LLM inference engine")
     add_arguments(parser)
     options = vars(parser.parse_args(argv))
     try:
+        if not options.get("fleet"):
+            check_proxy_url(config_from_options(options))
         return configs_from_options(options)
     except (FleetError, OSError) as exc:
         parser.error(str(exc))

@@ -12,13 +12,15 @@ from enginesim.config import SimConfig
 from enginesim.flavours.sglang import BootstrapApp, SglangFlavour
 from enginesim.http import HttpServer
 from enginesim.peer import close_sessions
+from enginesim.proxy_registration import register_with_proxy
 from enginesim.registration import Registrar
 
 logger = logging.getLogger("enginesim")
 
 
 class RunningEngine:
-    """One simulated engine: its HTTP server, its SGLang bootstrap server, its NanoCtrl registration."""
+    """One simulated engine: its HTTP server, its SGLang bootstrap server, its NanoCtrl registration
+    or (LMDeploy) its one registration with a router."""
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config
@@ -31,6 +33,9 @@ class RunningEngine:
         self.registrar = Registrar(config) if config.ctrl_address else None
 
     async def start(self) -> None:
+        if self.config.proxy_url:
+            # Before listening, as LMDeploy does (its lifespan start-up runs before uvicorn binds).
+            await register_with_proxy(self.config)
         if not self.config.faults.refuse_connections:
             await self.server.start()
         if self.bootstrap is not None:

@@ -15,9 +15,11 @@ from django.utils.html import format_html, format_html_join
 
 from . import health, services
 from .choices import (
+    ApprovalMode,
     BadgeChoices,
     BreakerState,
     ChangeVia,
+    ControlPlaneKind,
     NodeHealth,
     NodeRole,
     NodeSource,
@@ -90,7 +92,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     list_filter = ("role", "state", "health", "engine_type", "source", "control_plane")
     search_fields = ("url", "name", "aliases__name", "aliases__served_name")
     inlines = [ModelAliasInline]
-    actions = ["drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
+    actions = ["approve_nodes", "drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
         "health",
         "consecutive_failures",
@@ -170,6 +172,16 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
             count += 1
         self.message_user(request, f"{verb} {count} node(s).", messages.SUCCESS)
 
+    @admin.action(description="Approve selected pending nodes (they start taking traffic)")
+    def approve_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
+        actor = _actor(request)
+        pending = list(queryset.filter(state=NodeState.PENDING))
+        for node in pending:
+            services.node_approve(node=node, actor=actor)
+        skipped = queryset.count() - len(pending)
+        note = f"; {skipped} selected node(s) were not pending and were left alone" if skipped else ""
+        self.message_user(request, f"Approved {len(pending)} node(s){note}.", messages.SUCCESS)
+
     @admin.action(description="Drain selected nodes (no new requests; in-flight ones finish)")
     def drain_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._apply(request, queryset, services.node_drain, "Drained")
@@ -246,19 +258,23 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
     entity = "control_plane"
     list_display = (
         "name",
+        "kind_badge",
         "address",
         "scope",
         "engine_type",
+        "approval_badge",
+        "registration_token_prefix",
         "enabled",
         "sync_badge",
         "last_sync_at",
         "last_sync_counts",
         "last_sync_error",
     )
-    actions = ["sync_now"]
-    list_filter = ("enabled", "engine_type", "sync_state")
+    actions = ["sync_now", "issue_registration_token", "revoke_registration_token"]
+    list_filter = ("kind", "approval_mode", "enabled", "engine_type", "sync_state")
     search_fields = ("name", "address", "scope")
     readonly_fields = (
+        "registration_token_prefix",
         "sync_state",
         "last_sync_at",
         "last_sync_duration_ms",
@@ -268,9 +284,35 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
         "updated_at",
     )
 
+    @admin.display(description="kind", ordering="kind")
+    def kind_badge(self, control_plane: ControlPlane) -> str:
+        return badge(ControlPlaneKind, control_plane.kind)
+
+    @admin.display(description="approval", ordering="approval_mode")
+    def approval_badge(self, control_plane: ControlPlane) -> str:
+        return badge(ApprovalMode, control_plane.approval_mode)
+
     @admin.display(description="sync", ordering="sync_state")
     def sync_badge(self, control_plane: ControlPlane) -> str:
         return badge(SyncState, control_plane.sync_state)
+
+    def save_model(self, request: HttpRequest, obj: ControlPlane, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        token = getattr(obj, "issued_token", None)
+        if token is not None:
+            self._show_token(request, obj, token)
+
+    def _show_token(self, request: HttpRequest, control_plane: ControlPlane, token: str) -> None:
+        url = request.build_absolute_uri(f"/register/{token}")
+        messages.warning(
+            request,
+            format_html(
+                "Copy the registration URL of “{}” now — its token is stored hashed and will not be shown "
+                "again. Start engines with <code>--proxy-url {}</code>",
+                control_plane.name,
+                url,
+            ),
+        )
 
     @admin.action(description="Sync now")
     def sync_now(self, request: HttpRequest, queryset: QuerySet) -> None:
@@ -278,6 +320,18 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
             result = services.registry_sync(control_plane_id=control_plane.pk)
             level = messages.SUCCESS if result.ok else messages.WARNING if result.skipped else messages.ERROR
             self.message_user(request, f"{control_plane.name}: {result.summary()}", level)
+
+    @admin.action(description="Issue a new registration token (the old one stops working)")
+    def issue_registration_token(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for control_plane in queryset:
+            token = services.control_plane_issue_token(control_plane=control_plane, actor=_actor(request))
+            self._show_token(request, control_plane, token)
+
+    @admin.action(description="Revoke the registration token (registered nodes stay)")
+    def revoke_registration_token(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for control_plane in queryset:
+            services.control_plane_revoke_token(control_plane=control_plane, actor=_actor(request))
+        self.message_user(request, f"Revoked the registration token of {queryset.count()} control plane(s).")
 
 
 @admin.register(ApiKey)

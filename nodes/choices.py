@@ -70,14 +70,24 @@ class NodeRole(BadgeChoices):
 
 
 class NodeState(BadgeChoices):
+    """Only ``active`` takes new requests (``nodes.rules.is_routable``). ``pending`` is a node that
+    joined a control plane whose approval mode is manual and waits for an operator's approval."""
+
     ACTIVE = "active", "Active"
+    PENDING = "pending", "Pending approval"
     DRAINING = "draining", "Draining"
     DISABLED = "disabled", "Disabled"
     GONE = "gone", "Gone"
 
     @classmethod
     def _colours(cls) -> dict[str, str]:
-        return {cls.ACTIVE: "#1a7f37", cls.DRAINING: "#7d4e00", cls.DISABLED: "#6e7781", cls.GONE: "#cf222e"}
+        return {
+            cls.ACTIVE: "#1a7f37",
+            cls.PENDING: "#9a6700",
+            cls.DRAINING: "#7d4e00",
+            cls.DISABLED: "#6e7781",
+            cls.GONE: "#cf222e",
+        }
 
 
 class NodeHealth(BadgeChoices):
@@ -91,13 +101,42 @@ class NodeHealth(BadgeChoices):
 
 
 class NodeSource(BadgeChoices):
+    """Where a node came from: an operator (admin, REST API, ``/nodes/add``), a NanoCtrl registry
+    (the sync), the static configuration, or the engine itself through a control plane's
+    registration URL (``/register/<token>/nodes/add``)."""
+
     MANUAL = "manual", "Manual"
     REGISTRY = "registry", "Registry"
     STATIC = "static", "Static"
+    ENGINE = "engine", "Engine registration"
 
     @classmethod
     def _colours(cls) -> dict[str, str]:
-        return {cls.MANUAL: "#0969da", cls.REGISTRY: "#8250df", cls.STATIC: "#444d56"}
+        return {cls.MANUAL: "#0969da", cls.REGISTRY: "#8250df", cls.STATIC: "#444d56", cls.ENGINE: "#0f7b6c"}
+
+
+class ControlPlaneKind(BadgeChoices):
+    """How engines reach a control plane: listed by a NanoCtrl registry (synced), or registering
+    themselves directly with RouterPanel through the control plane's registration URL."""
+
+    NANOCTRL = "nanoctrl", "NanoCtrl registry"
+    DIRECT = "direct", "Direct registration"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.NANOCTRL: "#8250df", cls.DIRECT: "#0f7b6c"}
+
+
+class ApprovalMode(BadgeChoices):
+    """Whether a control plane's new nodes take traffic at once (``auto``) or wait as ``pending``
+    until an operator approves them (``manual``)."""
+
+    AUTO = "auto", "Automatic"
+    MANUAL = "manual", "Operator approves"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {cls.AUTO: "#444d56", cls.MANUAL: "#9a6700"}
 
 
 class AliasOrigin(BadgeChoices):
@@ -164,6 +203,7 @@ class ChangeVia(models.TextChoices):
     API = "api", "REST API"
     COMPAT = "compat", "DLRouter API"
     SYNC = "sync", "Registry sync"
+    REGISTER = "register", "Registration URL"
     SYSTEM = "system", "System"
 
 

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROBED_STATES = (NodeState.ACTIVE, NodeState.DRAINING)
+# Pending nodes are probed too: an operator sees a node's health (and its detected engine type)
+# before approving it.
+PROBED_STATES = (NodeState.ACTIVE, NodeState.PENDING, NodeState.DRAINING)
 
 
 @dataclass(frozen=True)

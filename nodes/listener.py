@@ -20,6 +20,8 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from . import services
+from .choices import ControlPlaneKind
+from .masking import mask_credentials
 from .models import ControlPlane
 from .registry import RegistryEvent, event_channel, parse_event
 
@@ -58,7 +60,8 @@ class RegistryListener:
     def reload(self) -> None:
         """Re-read which control planes want events, and on which Redis and channel."""
         wanted: dict[str, dict[str, list[int]]] = {}
-        for cp in ControlPlane.objects.filter(enabled=True).exclude(redis_url=""):
+        planes = ControlPlane.objects.filter(enabled=True, kind=ControlPlaneKind.NANOCTRL).exclude(redis_url="")
+        for cp in planes:
             wanted.setdefault(cp.redis_url, {}).setdefault(event_channel(cp.scope), []).append(cp.pk)
         for url in set(self.subscriptions) - set(wanted):
             self.subscriptions.pop(url).close()
@@ -95,7 +98,7 @@ class RegistryListener:
                 return
             message = sub.pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
         except (redis.RedisError, OSError) as exc:
-            logger.warning("registry events on %s unavailable (%s); reconnecting", _safe(sub.url), exc)
+            logger.warning("registry events on %s unavailable (%s); reconnecting", mask_credentials(sub.url), exc)
             sub.close()
             sub.retry_at = time.monotonic() + self.retry_interval
             return
@@ -119,7 +122,7 @@ class RegistryListener:
         if wanted - sub.subscribed:
             sub.pubsub.subscribe(*(wanted - sub.subscribed))
         sub.subscribed = wanted
-        logger.info("listening for registry events on %s: %s", _safe(sub.url), ", ".join(sorted(wanted)))
+        logger.info("listening for registry events on %s: %s", mask_credentials(sub.url), ", ".join(sorted(wanted)))
         if reconnect:
             # Events published while we were away are lost: catch up with a full listing now.
             for ids in sub.channels.values():
@@ -157,11 +160,3 @@ class RegistryListener:
             )
         logger.info("registry event %s %s on %s: %s", event.event_type, event.entity_id, control_plane, outcome)
         return outcome
-
-
-def _safe(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

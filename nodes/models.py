@@ -19,8 +19,10 @@ from django.db.models import Q
 
 from .choices import (
     AliasOrigin,
+    ApprovalMode,
     ChangeAction,
     ChangeVia,
+    ControlPlaneKind,
     EngineType,
     NodeHealth,
     NodeRole,
@@ -30,37 +32,7 @@ from .choices import (
     Strategy,
     SyncState,
 )
-
-
-def normalize_node_url(value: str) -> str:
-    """Return the canonical form of a node's base URL, or raise ``ValidationError``.
-
-    Scheme and host are lower-cased, the scheme is kept (http or https), a trailing slash is
-    removed, and query strings or fragments are refused: a node is addressed by its base URL.
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError("Enter the node's base URL, for example http://10.0.0.5:8000.", code="required")
-    raw = value.strip()
-    try:
-        parts = urlsplit(raw)
-        port = parts.port  # raises ValueError for a port out of range or not a number
-    except ValueError as exc:
-        raise ValidationError(f"{raw!r} is not a valid URL ({exc}).", code="invalid") from None
-    scheme = parts.scheme.lower()
-    if scheme not in {"http", "https"}:
-        raise ValidationError(f"{raw!r} must start with http:// or https://.", code="invalid_scheme")
-    if not parts.hostname:
-        raise ValidationError(f"{raw!r} has no host.", code="invalid_host")
-    if parts.query or parts.fragment:
-        raise ValidationError(f"{raw!r} must not carry a query string or fragment.", code="invalid")
-    if parts.username or parts.password:
-        raise ValidationError(f"{raw!r} must not carry credentials.", code="invalid")
-    host = parts.hostname.lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{host}:{port}" if port is not None else host
-    path = parts.path.rstrip("/")
-    return f"{scheme}://{netloc}{path}"
+from .networks import is_unspecified, normalize_node_url, parse_network
 
 
 class ConfigVersion(models.Model):
@@ -82,15 +54,33 @@ def default_registry_kinds() -> list[str]:
 
 
 class ControlPlane(models.Model):
-    """A dlslime-ctrl (NanoCtrl) registry whose engines are mirrored into the node table."""
+    """Where engines join from, and who may: a NanoCtrl (dlslime-ctrl) registry whose engines are
+    mirrored into the node table, or a set of engines that register themselves directly through
+    the control plane's registration URL. Either way its approval mode and allow-list decide
+    whether a new node takes traffic (see ``nodes.admission``)."""
 
     name = models.CharField(max_length=100, unique=True)
-    address = models.CharField(max_length=255, help_text="host:port of the NanoCtrl server, or its http(s):// URL.")
+    kind = models.CharField(
+        max_length=10,
+        choices=ControlPlaneKind.choices,
+        default=ControlPlaneKind.NANOCTRL,
+        help_text="NanoCtrl: nodes are synced from a NanoCtrl registry. Direct: engines register themselves "
+        "through the registration URL (/register/<token>), e.g. LMDeploy's api_server --proxy-url.",
+    )
+    address = models.CharField(
+        max_length=255, blank=True, help_text="NanoCtrl only: host:port of the NanoCtrl server, or its http(s):// URL."
+    )
     scope = models.CharField(max_length=100, blank=True, help_text="Registry scope; empty for the unscoped registry.")
     kinds = models.JSONField(
         default=default_registry_kinds, blank=True, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].'
     )
-    engine_type = models.CharField(max_length=20, choices=EngineType.choices, default=EngineType.NANODEPLOY)
+    engine_type = models.CharField(
+        max_length=20,
+        choices=EngineType.choices,
+        default=EngineType.NANODEPLOY,
+        help_text="NanoCtrl: the engine type of the nodes it lists. Direct: the type of a registered engine "
+        "whose type cannot be detected from its own endpoints.",
+    )
     sync_interval = models.PositiveIntegerField(
         default=10,
         validators=[MinValueValidator(1), MaxValueValidator(86400)],
@@ -102,6 +92,27 @@ class ControlPlane(models.Model):
         help_text="The registry's Redis (for its change events); empty disables the fast path.",
     )
     enabled = models.BooleanField(default=True)
+
+    approval_mode = models.CharField(
+        max_length=10,
+        choices=ApprovalMode.choices,
+        default=ApprovalMode.AUTO,
+        help_text="Automatic: new nodes take traffic at once. Operator approves: they wait as pending "
+        "(never routed to) until an operator approves them in the admin or the API.",
+    )
+    allowed_networks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Networks new nodes must be in, e.g. ["10.0.0.0/8", "fd00::/8"]; empty allows any address. '
+        "A node outside is refused and not stored.",
+    )
+    # The registration token is stored hashed, like API keys: shown once when issued.
+    registration_token_prefix = models.CharField(
+        max_length=16, blank=True, editable=False, help_text="First characters of the registration token."
+    )
+    registration_token_hash = models.CharField(max_length=64, blank=True, editable=False)
+    # Not a field: the plaintext of a token just issued, for the caller to show once.
+    issued_token: str | None = None
 
     sync_state = models.CharField(max_length=10, choices=SyncState.choices, default=SyncState.IDLE, editable=False)
     last_sync_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -118,14 +129,39 @@ class ControlPlane(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def is_direct(self) -> bool:
+        return self.kind == ControlPlaneKind.DIRECT
+
     def clean(self) -> None:
         super().clean()
         if not isinstance(self.kinds, list) or not all(isinstance(k, str) and k.strip() for k in self.kinds):
             raise ValidationError({"kinds": 'Give a list of entity kinds, e.g. ["nanodeploy", "dlengine"].'})
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValidationError({"redis_url": "Use a redis://, rediss:// or unix:// URL."})
-        if not self.address.strip():
+        if self.is_direct:
+            if self.address.strip():
+                raise ValidationError({"address": "A direct-registration control plane has no NanoCtrl address."})
+            if self.redis_url.strip():
+                raise ValidationError({"redis_url": "A direct-registration control plane has no registry Redis."})
+        elif not self.address.strip():
             raise ValidationError({"address": "Give host:port of the NanoCtrl server."})
+        self.allowed_networks = self._clean_networks(self.allowed_networks)
+
+    @staticmethod
+    def _clean_networks(value: object) -> list[str]:
+        message = 'Give a list of networks, e.g. ["10.0.0.0/8", "fd00::/8"] (empty allows any address).'
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValidationError({"allowed_networks": message})
+        networks: list[str] = []
+        for item in value:
+            try:
+                network = str(parse_network(item))
+            except ValueError:
+                raise ValidationError({"allowed_networks": f"{item!r} is not a network. {message}"}) from None
+            if network not in networks:
+                networks.append(network)
+        return networks
 
 
 class Node(models.Model):
@@ -186,6 +222,14 @@ class Node(models.Model):
     def clean(self) -> None:
         super().clean()
         self.url = normalize_node_url(self.url)
+        host = urlsplit(self.url).hostname or ""
+        if is_unspecified(host):
+            raise ValidationError(
+                {
+                    "url": f"{host} is an address a server binds to, not one RouterPanel can reach; give the "
+                    "engine's address (the /nodes/add and registration endpoints use the caller's address)."
+                }
+            )
         if not isinstance(self.metadata, dict):
             raise ValidationError({"metadata": "Metadata must be a JSON object."})
 

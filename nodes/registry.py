@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import NodeRole
+from .masking import mask_credentials
 
 ENTITY_TYPE = "service"
 
@@ -125,6 +126,7 @@ class NanoCtrlClient:
 
     def __init__(self, address: str, *, timeout: float = 5.0) -> None:
         self.base = base_url(address)
+        self.shown = mask_credentials(self.base)  # for messages: the address may carry a password
         self.timeout = timeout
 
     def list_entities(self, *, kind: str, scope: str) -> tuple[list[RegistryEntity], list[str]]:
@@ -137,15 +139,17 @@ class NanoCtrlClient:
         try:
             response = httpx.post(f"{self.base}/list_entities", json=body, timeout=self.timeout)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"NanoCtrl at {self.base} is unreachable: {exc.__class__.__name__}: {exc}") from None
+            raise RegistryError(
+                f"NanoCtrl at {self.shown} is unreachable: {exc.__class__.__name__}: {mask_credentials(str(exc))}"
+            ) from None
         if response.status_code != 200:
-            raise RegistryError(f"NanoCtrl at {self.base} answered HTTP {response.status_code} to list_entities")
+            raise RegistryError(f"NanoCtrl at {self.shown} answered HTTP {response.status_code} to list_entities")
         try:
             data = response.json()
         except ValueError:
-            raise RegistryError(f"NanoCtrl at {self.base} answered list_entities with something not JSON") from None
+            raise RegistryError(f"NanoCtrl at {self.shown} answered list_entities with something not JSON") from None
         if not isinstance(data, dict) or data.get("status") != "ok" or not isinstance(data.get("entities"), list):
-            raise RegistryError(f"NanoCtrl at {self.base} refused list_entities: {str(data)[:300]}")
+            raise RegistryError(f"NanoCtrl at {self.shown} refused list_entities: {str(data)[:300]}")
         entities: list[RegistryEntity] = []
         problems: list[str] = []
         for item in data["entities"]:

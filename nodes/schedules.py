@@ -17,7 +17,12 @@ def periodic_task_name(control_plane: ControlPlane) -> str:
     return f"registry sync: {control_plane.name} (#{control_plane.pk})"
 
 
-def schedule_control_plane(control_plane: ControlPlane) -> PeriodicTask:
+def schedule_control_plane(control_plane: ControlPlane) -> PeriodicTask | None:
+    """Create or update the control plane's periodic sync; a direct-registration control plane has
+    no registry to sync, so it has none."""
+    if control_plane.is_direct:
+        unschedule_control_plane(control_plane.pk)
+        return None
     interval, _ = IntervalSchedule.objects.get_or_create(
         every=control_plane.sync_interval, period=IntervalSchedule.SECONDS
     )

@@ -14,6 +14,7 @@ from django.urls import reverse
 
 from . import rules
 from .choices import NodeRole, NodeState, ServingMode, SyncState
+from .masking import mask_credentials
 from .models import ControlPlane, ModelAlias, Node, RoutePolicy
 
 
@@ -152,7 +153,7 @@ def control_plane_rows() -> list[ControlPlaneRow]:
         ControlPlaneRow(
             id=cp.id,
             name=cp.name,
-            address=cp.address,
+            address=mask_credentials(cp.address),
             scope=cp.scope,
             enabled=cp.enabled,
             sync_state=cp.sync_state or SyncState.IDLE,

@@ -282,8 +282,12 @@ SPECTACULAR_SETTINGS = {
 # --------------------------------------------------------------------------------------------
 
 ENGINE_TYPES = {"nanodeploy", "vllm", "sglang", "lmdeploy", "openai"}
-# DLRouter had one backend type per process; `/nodes/add` without `engine_type` uses this one.
+# DLRouter had one backend type per process. A node added without `engine_type` (`/nodes/add`, the
+# REST API) gets the type its own endpoints show (`nodes.engine_detect`); this one only when the
+# node cannot be reached (the health checker detects it once the node answers).
 ROUTERPANEL_DEFAULT_ENGINE_TYPE = env_choice("ROUTERPANEL_DEFAULT_ENGINE_TYPE", "nanodeploy", ENGINE_TYPES)
+# How long each request of that detection may take (they run concurrently, off the event loop).
+ROUTERPANEL_ENGINE_DETECT_TIMEOUT = env_float("ROUTERPANEL_ENGINE_DETECT_TIMEOUT", 1.0, minimum=0.05)
 # How long `/nodes/add` waits for a node's `/v1/models` when the caller gives no models.
 ROUTERPANEL_NODE_PROBE_TIMEOUT = env_float("ROUTERPANEL_NODE_PROBE_TIMEOUT", 5.0, minimum=0.1)
 # How long `/nodes/terminate` waits for a node's `/terminate`.

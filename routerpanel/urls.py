@@ -1,10 +1,13 @@
-"""URL configuration: admin, the live dashboard, REST API with its OpenAPI schema, and DLRouter's ``/nodes/*``."""
+"""URL configuration: admin, the live dashboard, REST API with its OpenAPI schema, DLRouter's ``/nodes/*``,
+and the control planes' registration URLs (``/register/<token>/nodes/*``)."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from nodes.compat.urls import register_urlpatterns
 
 admin.site.site_header = "RouterPanel"
 admin.site.site_title = "RouterPanel"
@@ -17,6 +20,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/", include("nodes.api.urls")),
     path("nodes/", include("nodes.compat.urls")),
+    path("register/<str:token>/nodes/", include(register_urlpatterns)),
 ]
 
 handler404 = "nodes.api.exceptions.not_found"

@@ -19,6 +19,9 @@ class Flavour:
     A flavour sees what it needs of its engine (the options, the KV ledger, the request counters), not the app.
     """
 
+    # What the engine's ``GET /v1/models`` says in ``owned_by`` (routers detect the engine by it).
+    owned_by = "openai"
+
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         self.config = config
         self.kv = kv

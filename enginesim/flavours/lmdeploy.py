@@ -64,6 +64,8 @@ def internal_error(message: str) -> HttpError:
 
 
 class LmdeployFlavour(Flavour):
+    owned_by = "lmdeploy"
+
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
         self.version = _version(config.lmdeploy_version)

@@ -70,6 +70,8 @@ def decode_migration(migration: Any) -> dict[str, Any]:
 
 
 class NanoDeployFlavour(Flavour):
+    owned_by = "dlengine"  # ``dlengine serve`` lists its model as owned by "dlengine"
+
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
         self.reset()

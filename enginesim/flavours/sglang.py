@@ -25,7 +25,7 @@ from typing import Any
 from enginesim.config import SimConfig
 from enginesim.flavours.base import Flavour
 from enginesim.http import Request, Response
-from enginesim.inference import InferenceRequest, parse_json
+from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
@@ -49,7 +49,12 @@ class Room:
     claimed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+VERSION = "0.5.23"  # the SGLang release the simulator follows
+
+
 class SglangFlavour(Flavour):
+    owned_by = "sglang"
+
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
         self.rooms: dict[int, Room] = {}
@@ -59,6 +64,30 @@ class SglangFlavour(Flavour):
         self.rooms_ok = 0
         self.rooms_failed = 0
         self.claims = 0
+
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        # ``/get_server_info`` is the older name, still served (with a deprecation warning).
+        return {("GET", "/server_info"): self.server_info, ("GET", "/get_server_info"): self.server_info}
+
+    async def server_info(self, request: Request, response: Response) -> None:
+        """SGLang's server arguments, scheduler info and version (a few of its many fields)."""
+        config = self.config
+        self.counters.by_status["200"] += 1
+        response.send_json(
+            200,
+            {
+                "model_path": config.model_path,
+                "served_model_name": config.served_model_name,
+                "host": config.host,
+                "port": config.port,
+                "tp_size": config.tp_size,
+                "dp_size": 1,
+                "disaggregation_mode": "null" if config.role == "hybrid" else config.role,
+                "disaggregation_bootstrap_port": config.bootstrap_port,
+                "internal_states": [{}],
+                "version": VERSION,
+            },
+        )
 
     def stats(self) -> dict[str, Any]:
         return {

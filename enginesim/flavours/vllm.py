@@ -42,11 +42,14 @@ from enginesim.openai import HttpError, Plan
 from enginesim.peer import PeerUnreachable, post_json
 from enginesim.stats import RequestStats
 
+VERSION = "0.32.0"  # what GET /version answers: the vLLM release the simulator follows
 KV_LEASE_S = 30.0  # NIXL's kv_lease_duration default in vLLM 0.32 (renewed by the decode's heartbeats)
 _REQUIRED = ("remote_engine_id", "remote_request_id", "remote_block_ids", "remote_host", "remote_port")
 
 
 class VllmFlavour(Flavour):
+    owned_by = "vllm"
+
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
         self.engine_id = str(uuid.uuid4())
@@ -59,8 +62,16 @@ class VllmFlavour(Flavour):
         self.plain_decodes = 0
         self.transfer_failures = 0
 
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        return {("GET", "/version"): self.version}
+
     def admin_routes(self) -> dict[tuple[str, str], Handler]:
         return {("POST", "/sim/vllm/kv_read"): self.kv_read}
+
+    async def version(self, request: Request, response: Response) -> None:
+        """``GET /version`` → ``{"version": "0.32.0"}``, as vLLM's OpenAI server answers."""
+        self.counters.by_status["200"] += 1
+        response.send_json(200, {"version": VERSION})
 
     def stats(self) -> dict[str, Any]:
         return {

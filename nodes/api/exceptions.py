@@ -33,13 +33,13 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     """404 for URLs nothing matched: JSON under the APIs (clients parse it), Django's page elsewhere."""
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Not found."}, status=404)
-    if request.path.startswith("/nodes/"):
+    if request.path.startswith(("/nodes/", "/register/")):
         return JsonResponse({"error": "Not found."}, status=404)
     return page_not_found(request, exception)
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
     """500 without a traceback: JSON under the APIs, Django's page elsewhere."""
-    if request.path.startswith(("/api/", "/nodes/")):
+    if request.path.startswith(("/api/", "/nodes/", "/register/")):
         return JsonResponse({"detail": "Internal error; the operator's log has the details."}, status=500)
     return django_server_error(request)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import serializers
 
 from nodes import services
 from nodes.choices import ChangeVia, NodeRole
+from nodes.engine_detect import choose_engine_type, with_detection
+from nodes.masking import mask_credentials
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, normalize_node_url
+from nodes.networks import is_unspecified, url_host
 
 from .exceptions import validation_detail
 
@@ -89,6 +93,9 @@ class NodeSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
+        extra_kwargs = {
+            "engine_type": {"help_text": "Detected from the node's own endpoints when not given."},
+        }
         read_only_fields = [
             "health",
             "consecutive_failures",
@@ -109,6 +116,11 @@ class NodeSerializer(serializers.ModelSerializer):
             url = normalize_node_url(value)
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.messages) from None
+        if is_unspecified(url_host(url)):
+            raise serializers.ValidationError(
+                f"{url_host(url)} is an address a server binds to, not one RouterPanel can reach; "
+                "give the engine's address."
+            )
         clash = Node.objects.filter(url=url)
         if self.instance is not None:
             clash = clash.exclude(pk=self.instance.pk)
@@ -125,6 +137,15 @@ class NodeSerializer(serializers.ModelSerializer):
     def create(self, validated_data: dict[str, Any]) -> Node:
         models = validated_data.pop("models", [])
         model_path = validated_data.pop("model_path", "")
+        if "engine_type" not in validated_data:
+            # Not given: what the node's own endpoints show (nodes.engine_detect), else the default.
+            choice = choose_engine_type(
+                validated_data["url"],
+                fallback=settings.ROUTERPANEL_DEFAULT_ENGINE_TYPE,
+                timeout=settings.ROUTERPANEL_ENGINE_DETECT_TIMEOUT,
+            )
+            validated_data["engine_type"] = choice.engine_type
+            validated_data["metadata"] = with_detection(validated_data.get("metadata") or {}, choice)
         return _call(services.node_create, actor=_actor(self), models=models, model_path=model_path, **validated_data)
 
     def update(self, node: Node, validated_data: dict[str, Any]) -> Node:
@@ -178,12 +199,34 @@ class RoutePolicySerializer(serializers.ModelSerializer):
 
 class ControlPlaneSerializer(serializers.ModelSerializer):
     kinds = ModelNameListField(required=False, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].')
+    allowed_networks = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        help_text='Networks new nodes must be in, e.g. ["10.0.0.0/8"]; empty allows any address.',
+    )
+    registration_token = serializers.SerializerMethodField(
+        help_text="The registration token: in the response that issued it only (it is stored hashed)."
+    )
+    registration_url = serializers.SerializerMethodField(
+        help_text="What to give an engine as its --proxy-url: in the response that issued the token only."
+    )
+
+    def get_registration_token(self, control_plane: ControlPlane) -> str | None:
+        return getattr(control_plane, "issued_token", None)
+
+    def get_registration_url(self, control_plane: ControlPlane) -> str | None:
+        token = getattr(control_plane, "issued_token", None)
+        request = self.context.get("request")
+        if token is None or request is None:
+            return None
+        return request.build_absolute_uri(f"/register/{token}")
 
     class Meta:
         model = ControlPlane
         fields = [
             "id",
             "name",
+            "kind",
             "address",
             "scope",
             "kinds",
@@ -191,6 +234,11 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "sync_interval",
             "redis_url",
             "enabled",
+            "approval_mode",
+            "allowed_networks",
+            "registration_token_prefix",
+            "registration_token",
+            "registration_url",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",
@@ -200,12 +248,25 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = [
+            "registration_token_prefix",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",
             "last_sync_counts",
             "last_sync_error",
         ]
+
+    SECRET_FIELDS = ("redis_url", "address")
+
+    def to_representation(self, control_plane: ControlPlane) -> dict[str, Any]:
+        """Staff see the URLs they edit; other readers see them with passwords masked."""
+        data = super().to_representation(control_plane)
+        request = self.context.get("request")
+        if not getattr(getattr(request, "user", None), "is_staff", False):
+            for name in self.SECRET_FIELDS:
+                if data.get(name):
+                    data[name] = mask_credentials(data[name])
+        return data
 
     def create(self, validated_data: dict[str, Any]) -> ControlPlane:
         return _call(services.control_plane_create, actor=_actor(self), **validated_data)
@@ -279,5 +340,6 @@ class SyncResultSerializer(serializers.Serializer):
     unchanged = serializers.IntegerField()
     conflicts = serializers.IntegerField()
     invalid = serializers.IntegerField()
+    refused = serializers.IntegerField()
     duration_ms = serializers.IntegerField()
     problems = serializers.ListField(child=serializers.CharField())

@@ -92,6 +92,16 @@ class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
 
     @extend_schema(request=None, responses=s.NodeSerializer)
     @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str | None = None) -> Response:
+        """Let a pending node (one that joined a control plane whose approval mode is manual) take
+        traffic; 400 when the node is not pending."""
+        try:
+            return self._state_action(request, services.node_approve)
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError(validation_detail(exc)) from None
+
+    @extend_schema(request=None, responses=s.NodeSerializer)
+    @action(detail=True, methods=["post"])
     def disable(self, request: Request, pk: str | None = None) -> Response:
         """Take the node out of rotation."""
         return self._state_action(request, services.node_disable)
@@ -118,7 +128,7 @@ class RoutePolicyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
 class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     queryset = ControlPlane.objects.order_by("name")
     serializer_class = s.ControlPlaneSerializer
-    filterset_fields = ["enabled", "engine_type", "sync_state", "scope"]
+    filterset_fields = ["enabled", "kind", "approval_mode", "engine_type", "sync_state", "scope"]
 
     def delete_with_service(self, control_plane: ControlPlane) -> None:
         services.control_plane_delete(control_plane=control_plane, actor=_actor(self.request))
@@ -133,6 +143,22 @@ class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         result = services.registry_sync(control_plane_id=self.get_object().pk)
         code = 200 if result.ok else 409 if result.skipped else 502
         return Response(s.SyncResultSerializer(result).data, status=code)
+
+    @extend_schema(methods=["POST"], request=None, responses=s.ControlPlaneSerializer)
+    @extend_schema(methods=["DELETE"], request=None, responses={204: None})
+    @action(detail=True, methods=["post", "delete"], url_path="registration-token")
+    def registration_token(self, request: Request, pk: str | None = None) -> Response:
+        """POST issues a new registration token (the old one stops working) and answers it, with
+        the registration URL to give engines, in this response only. DELETE revokes it. Nodes
+        already registered stay either way."""
+        control_plane = self.get_object()
+        if request.method == "DELETE":
+            services.control_plane_revoke_token(control_plane=control_plane, actor=_actor(request))
+            return Response(status=204)
+        control_plane.issued_token = services.control_plane_issue_token(
+            control_plane=control_plane, actor=_actor(request)
+        )
+        return Response(self.get_serializer(control_plane).data)
 
 
 class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):

@@ -10,6 +10,7 @@ Content-Type, because DLRouter's users post with ``curl -d`` and no header.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -22,14 +23,16 @@ from rest_framework.views import APIView
 
 from nodes import engine_client, services
 from nodes.choices import ChangeVia, EngineType, NodeRole, NodeSource, NodeState
-from nodes.models import Node, normalize_node_url
+from nodes.engine_detect import EngineTypeChoice, choose_engine_type, with_detection
+from nodes.models import Node
+from nodes.networks import is_unspecified, normalize_node_url, parse_address, url_host, with_host
 
 
 class CompatError(exceptions.APIException):
     status_code = status.HTTP_400_BAD_REQUEST
 
 
-def _error(message: str, code: int) -> CompatError:
+def compat_error(message: str, code: int) -> CompatError:
     exc = CompatError(message)
     exc.status_code = code
     return exc
@@ -53,26 +56,33 @@ class CompatView(APIView):
         try:
             body = json.loads(self.request.body or b"null")
         except (ValueError, UnicodeDecodeError):
-            raise _error("The request body is not valid JSON.", 400) from None
+            raise compat_error("The request body is not valid JSON.", 400) from None
         if not isinstance(body, dict):
-            raise _error("The request body must be a JSON object.", 400)
+            raise compat_error("The request body must be a JSON object.", 400)
         return body
 
     def node_from_body(self) -> Node:
         url = self.normalized_url(self.json_body())
         node = Node.objects.filter(url=url).first()
         if node is None:
-            raise _error(f"Node {url} is not registered.", 404)
+            raise compat_error(f"Node {url} is not registered.", 404)
         return node
 
     @staticmethod
     def normalized_url(body: dict[str, Any]) -> str:
         if "url" not in body:
-            raise _error("Field 'url' is required.", 400)
+            raise compat_error("Field 'url' is required.", 400)
         try:
             return normalize_node_url(body["url"])
         except DjangoValidationError as exc:
-            raise _error(f"Field 'url': {' '.join(exc.messages)}", 400) from None
+            raise compat_error(f"Field 'url': {' '.join(exc.messages)}", 400) from None
+
+
+def peer_address(request: Request) -> str | None:
+    """The address the request came from, as the web server saw it (``REMOTE_ADDR``; behind a
+    reverse proxy, uvicorn's ``--forwarded-allow-ips`` makes it the client's)."""
+    address = parse_address(request.META.get("REMOTE_ADDR") or "")
+    return str(address) if address is not None and not address.is_unspecified else None
 
 
 def dlrouter_status(node: Node) -> dict[str, Any]:
@@ -96,51 +106,100 @@ class StatusView(CompatView):
         return Response({node.url: dlrouter_status(node) for node in nodes})
 
 
+@dataclass(frozen=True)
+class Registration:
+    """A ``/nodes/add`` body, validated (DLRouter's and LMDeploy's ``{"url", "status": {...}}``)."""
+
+    url: str
+    role: str
+    engine_type: str | None  # None: not given, detect it
+    models: list[str]  # empty: ask the node
+    speed: float | None
+
+
+def parse_registration(view: CompatView) -> Registration:
+    """Read and validate a ``/nodes/add`` body. A bind address in the URL (``http://0.0.0.0:23333``,
+    as LMDeploy sends its ``--server-name`` default) becomes the address the request came from."""
+    body = view.json_body()
+    url = view.normalized_url(body)
+    host = url_host(url)
+    if is_unspecified(host):
+        peer = peer_address(view.request)
+        if peer is None:
+            raise compat_error(f"Field 'url': {host} is a bind address and the caller's address is unknown.", 400)
+        url = with_host(url, peer)
+    node_status = body.get("status") or {}
+    if not isinstance(node_status, dict):
+        raise compat_error("Field 'status' must be an object.", 400)
+
+    try:
+        role = NodeRole.from_dlrouter(node_status.get("role", NodeRole.HYBRID.value))
+    except ValueError as exc:
+        raise compat_error(f"Field 'status.role': {exc}", 400) from None
+
+    engine_type = body.get("engine_type", node_status.get("engine_type"))
+    if engine_type is not None and engine_type not in EngineType.values:
+        raise compat_error(f"Field 'engine_type': use one of {', '.join(EngineType.values)}.", 400)
+
+    models = node_status.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
+        raise compat_error("Field 'status.models' must be a list of model names.", 400)
+
+    speed = node_status.get("speed")
+    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float)):
+        raise compat_error("Field 'status.speed' must be a number.", 400)
+    return Registration(url=url, role=role.value, engine_type=engine_type, models=models, speed=speed)
+
+
+def resolve_engine(registration: Registration, *, fallback: str) -> tuple[str, list[str], EngineTypeChoice | None]:
+    """The node's engine type (given, else detected from its endpoints, else ``fallback``) and its
+    models (given, else what its ``/v1/models`` lists). Blocking, with short timeouts: these views
+    are sync Django views, run off the event loop."""
+    choice = None
+    if registration.engine_type is None:
+        choice = choose_engine_type(
+            registration.url, fallback=fallback, timeout=settings.ROUTERPANEL_ENGINE_DETECT_TIMEOUT
+        )
+    engine_type = registration.engine_type or (choice.engine_type if choice else fallback)
+    models = registration.models
+    if not models:
+        if choice is not None and choice.unreachable:
+            raise compat_error(f"Failed to add node: no models given and {choice.detection['evidence']}.", 400)
+        try:
+            models = (choice.models if choice is not None else None) or engine_client.fetch_served_models(
+                registration.url, timeout=settings.ROUTERPANEL_NODE_PROBE_TIMEOUT
+            )
+        except engine_client.EngineError as exc:
+            raise compat_error(f"Failed to add node: no models given and {exc}.", 400) from None
+    return engine_type, models, choice
+
+
 class AddView(CompatView):
     @extend_schema(
-        summary="Register a node (DLRouter format); asks the node's /v1/models when no models are given",
+        summary="Register a node (DLRouter format); asks the node's /v1/models when no models are given "
+        "and detects its engine type when none is given",
         request=dict,
         responses=dict,
     )
     def post(self, request: Request) -> Response:
-        body = self.json_body()
-        url = self.normalized_url(body)
-        node_status = body.get("status") or {}
-        if not isinstance(node_status, dict):
-            raise _error("Field 'status' must be an object.", 400)
-
-        try:
-            role = NodeRole.from_dlrouter(node_status.get("role", NodeRole.HYBRID.value))
-        except ValueError as exc:
-            raise _error(f"Field 'status.role': {exc}", 400) from None
-
-        engine_type = body.get("engine_type", node_status.get("engine_type", settings.ROUTERPANEL_DEFAULT_ENGINE_TYPE))
-        if engine_type not in EngineType.values:
-            raise _error(f"Field 'engine_type': use one of {', '.join(EngineType.values)}.", 400)
-
-        models = node_status.get("models") or []
-        if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
-            raise _error("Field 'status.models' must be a list of model names.", 400)
-        if not models:
-            try:
-                models = engine_client.fetch_served_models(url, timeout=settings.ROUTERPANEL_NODE_PROBE_TIMEOUT)
-            except engine_client.EngineError as exc:
-                raise _error(f"Failed to add node: no models given and {exc}.", 400) from None
-
-        speed = node_status.get("speed")
-        if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float)):
-            raise _error("Field 'status.speed' must be a number.", 400)
+        registration = parse_registration(self)
+        url = registration.url
+        engine_type, models, choice = resolve_engine(registration, fallback=settings.ROUTERPANEL_DEFAULT_ENGINE_TYPE)
 
         existing = Node.objects.filter(url=url).first()
-        fields: dict[str, Any] = {"role": role, "engine_type": engine_type}
+        fields: dict[str, Any] = {"role": registration.role, "engine_type": engine_type}
         if existing is None:
             fields["source"] = NodeSource.MANUAL
-        if speed is not None:
-            fields["metadata"] = {**(existing.metadata if existing else {}), "speed": speed}
+        metadata = dict(existing.metadata) if existing else {}
+        if registration.speed is not None:
+            metadata["speed"] = registration.speed
+        metadata = with_detection(metadata, choice)
+        if metadata != (existing.metadata if existing else {}):
+            fields["metadata"] = metadata
         try:
             services.node_upsert(actor=self.actor(), url=url, models=models, **fields)
         except DjangoValidationError as exc:
-            raise _error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
+            raise compat_error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
         return Response({"message": "Added successfully."})
 
 
@@ -165,7 +224,7 @@ class TerminateView(CompatView):
         try:
             _terminate(node, self.actor())
         except engine_client.EngineError as exc:
-            raise _error(f"Failed to terminate {node.url}: {exc}.", 502) from None
+            raise compat_error(f"Failed to terminate {node.url}: {exc}.", 502) from None
         return Response({"message": "Terminated successfully."})
 
 

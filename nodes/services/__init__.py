@@ -10,7 +10,9 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 - ``nodes``          nodes and their served models
 - ``routing``        model aliases and route policies
 - ``api_keys``       the proxy's API keys
-- ``registry_sync``  control planes and the registry sync
+- ``control_planes`` control planes and their registration tokens
+- ``registration``   engines registering themselves through a control plane's registration URL
+- ``registry_sync``  the registry sync
 - ``health_checks``  active health checks
 """
 
@@ -18,8 +20,17 @@ from __future__ import annotations
 
 from .api_keys import api_key_create, api_key_delete, api_key_record_usage, api_key_save, api_key_update
 from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_version_current
+from .control_planes import (
+    control_plane_create,
+    control_plane_delete,
+    control_plane_issue_token,
+    control_plane_revoke_token,
+    control_plane_save,
+    control_plane_update,
+)
 from .health_checks import HEALTH_ACTOR, health_check_nodes
 from .nodes import (
+    node_approve,
     node_create,
     node_delete,
     node_disable,
@@ -31,13 +42,10 @@ from .nodes import (
     node_update,
     node_upsert,
 )
+from .registration import RegistrationConflict, node_register, node_unregister
 from .registry_sync import (
     SYNC_LOCK_TIMEOUT,
     SyncResult,
-    control_plane_create,
-    control_plane_delete,
-    control_plane_save,
-    control_plane_update,
     registry_apply_entity,
     registry_mark_gone,
     registry_sync,
@@ -58,6 +66,7 @@ __all__ = [
     "OPERATOR_INTERFACES",
     "SYNC_LOCK_TIMEOUT",
     "Actor",
+    "RegistrationConflict",
     "SyncResult",
     "alias_create",
     "alias_delete",
@@ -72,17 +81,22 @@ __all__ = [
     "config_version_current",
     "control_plane_create",
     "control_plane_delete",
+    "control_plane_issue_token",
+    "control_plane_revoke_token",
     "control_plane_save",
     "control_plane_update",
     "health_check_nodes",
+    "node_approve",
     "node_create",
     "node_delete",
     "node_disable",
     "node_drain",
     "node_enable",
+    "node_register",
     "node_save",
     "node_set_models",
     "node_set_state",
+    "node_unregister",
     "node_update",
     "node_upsert",
     "policy_create",

@@ -20,6 +20,7 @@ from django.db.models import F
 
 from ..choices import ChangeAction, ChangeVia
 from ..live.config_version import publish_config_version
+from ..masking import mask_credentials
 from ..models import ChangeRecord, ConfigVersion
 
 M = TypeVar("M", bound=models.Model)
@@ -32,6 +33,7 @@ _UNAUDITED_FIELDS = {
     "created_at",
     "updated_at",
     "key_hash",
+    "registration_token_hash",  # the prefix is audited: a new or revoked token shows there
     # Health bookkeeping changes every probe; only transitions of ``health`` itself are audited.
     "consecutive_failures",
     "consecutive_successes",
@@ -99,7 +101,20 @@ def diff_fields(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list
     return {name: [before.get(name), value] for name, value in after.items() if before.get(name) != value}
 
 
+def _masked(value: Any) -> Any:
+    """``value`` with the password of any URL in it masked (the audit trail never stores secrets)."""
+    if isinstance(value, str):
+        return mask_credentials(value)
+    if isinstance(value, list):
+        return [_masked(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    return value
+
+
 def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[str, Any], note: str = "") -> None:
+    """Store one audit record. Values are masked (``nodes.masking``): a Redis URL's password shows
+    as ``***``; that it changed still shows, since the difference was taken before masking."""
     ChangeRecord.objects.create(
         actor=actor.user,
         actor_label=actor.label[:200],
@@ -107,9 +122,9 @@ def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[st
         action=action,
         object_type=obj._meta.model_name,
         object_id=str(obj.pk),
-        object_repr=str(obj)[:500],
-        changes=changes,
-        note=note[:500],
+        object_repr=mask_credentials(str(obj))[:500],
+        changes=_masked(changes),
+        note=mask_credentials(note)[:500],
     )
 
 

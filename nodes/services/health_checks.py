@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from django.conf import settings
 from django.utils import timezone
 
-from .. import health
+from .. import engine_detect, health
 from ..choices import ChangeVia, NodeHealth
 from ..models import Node
 from .audit import Actor
@@ -22,8 +22,9 @@ HEALTH_ACTOR = Actor(label="health-check", via=ChangeVia.SYSTEM)
 
 
 def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.HealthReport:
-    """Probe the active and draining nodes (or just ``node_ids``, for "probe now") and apply the
-    hysteresis. The periodic run holds a Redis lock so only one runner probes at a time."""
+    """Probe the active, pending and draining nodes (or just ``node_ids``, for "probe now") and
+    apply the hysteresis; complete the engine-type detection of nodes that now answer. The periodic
+    run holds a Redis lock so only one runner probes at a time."""
     report = health.HealthReport()
     with health.single_runner(enabled=node_ids is None) as acquired:
         if not acquired:
@@ -52,4 +53,30 @@ def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.Healt
             report.healthy += new_health == NodeHealth.HEALTHY
             report.unhealthy += new_health == NodeHealth.UNHEALTHY
         health.record_history(list(zip(nodes, probes, strict=True)))
+        for node, probe in zip(nodes, probes, strict=True):
+            if probe.ok and engine_detect.detection_pending(node.metadata):
+                _complete_detection(node, report)
     return report
+
+
+def _complete_detection(node: Node, report: health.HealthReport) -> None:
+    """The node was added without an engine type while it did not answer (LMDeploy registers
+    before it listens): now that it answers, detect its type. (An operator who sets the type by
+    hand meanwhile drops the pending mark: ``node_save``.)"""
+    node.refresh_from_db()
+    if not engine_detect.detection_pending(node.metadata):
+        return
+    choice = engine_detect.choose_engine_type(
+        node.url, fallback=node.engine_type, timeout=settings.ROUTERPANEL_ENGINE_DETECT_TIMEOUT
+    )
+    if choice.pending:
+        return  # answered /health but not /v1/models yet: try again at the next run
+    node_update(
+        node=node,
+        actor=HEALTH_ACTOR,
+        engine_type=choice.engine_type,
+        metadata=engine_detect.with_detection(node.metadata, choice),
+        note=f"engine type detected: {choice.detection['evidence']}"[:200],
+    )
+    report.transitions.append(f"{node.url}: engine type {choice.engine_type} ({choice.detection['evidence']})")
+    logger.info("node %s is %s: %s", node.url, choice.engine_type, choice.detection["evidence"])

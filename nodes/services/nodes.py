@@ -9,20 +9,29 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from ..choices import AliasOrigin, NodeSource, NodeState
+from ..engine_detect import with_detection
 from ..models import Node, aliases_for_model, normalize_node_url
 from .audit import OPERATOR_INTERFACES, Actor, assign_fields, audited_delete, audited_save, diff_fields, field_values
 from .routing import alias_create, alias_delete, alias_update
 
+# Nodes whose fields their registry or the engine itself keeps up to date, unless an operator
+# changed them by hand.
+SELF_MAINTAINED_SOURCES = (NodeSource.REGISTRY, NodeSource.ENGINE)
+
 
 def node_save(*, node: Node, actor: Actor, note: str = "") -> Node:
     """Save a node edited in place (the admin's forms); remembers which registry-owned fields an
-    operator changed by hand so the sync leaves them alone."""
-    if node.pk and node.source == NodeSource.REGISTRY and actor.via in OPERATOR_INTERFACES:
+    operator changed by hand so the sync (or the engine's own registration) leaves them alone."""
+    if node.pk and actor.via in OPERATOR_INTERFACES:
         stored = field_values(Node.objects.get(pk=node.pk))
         edited = {
             name for name, (old, new) in diff_fields(stored, field_values(node)).items() if name != "operator_fields"
         }
-        node.operator_fields = sorted(set(node.operator_fields or []) | edited)
+        if "engine_type" in edited:
+            # An operator chose the type: a detection still pending must not overwrite it.
+            node.metadata = with_detection(node.metadata or {}, None)
+        if node.source in SELF_MAINTAINED_SOURCES:
+            node.operator_fields = sorted(set(node.operator_fields or []) | edited)
     saved, _ = audited_save(node, actor=actor, note=note)
     return saved
 
@@ -115,3 +124,11 @@ def node_enable(*, node: Node, actor: Actor) -> Node:
 
 def node_disable(*, node: Node, actor: Actor) -> Node:
     return node_set_state(node=node, actor=actor, state=NodeState.DISABLED)
+
+
+def node_approve(*, node: Node, actor: Actor) -> Node:
+    """Let a node that joined a control plane with manual approval take traffic (``pending`` →
+    ``active``). Refusing one is disabling it: it stays disabled when it registers again."""
+    if node.state != NodeState.PENDING:
+        raise ValidationError({"state": f"{node} is {node.state}, not pending approval."}, code="not_pending")
+    return node_set_state(node=node, actor=actor, state=NodeState.ACTIVE, note="approved")

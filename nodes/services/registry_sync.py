@@ -1,7 +1,7 @@
-"""Control planes and the registry sync: mirror a NanoCtrl (dlslime-ctrl) registry into the node table.
+"""The registry sync: mirror a NanoCtrl (dlslime-ctrl) registry into the node table.
 
-A control plane's save keeps its periodic sync task (django-celery-beat) in step. ``registry_sync``
-is the one sync: the Celery task, the ``sync_nodes`` command and the admin's "Sync now" call it.
+``registry_sync`` is the one sync: the Celery task, the ``sync_nodes`` command and the admin's
+"Sync now" call it; the registry listener applies single entities with ``registry_apply_entity``.
 """
 
 from __future__ import annotations
@@ -21,38 +21,18 @@ from django.db import transaction
 from django.utils import timezone
 from redis.lock import Lock
 
+from .. import admission
 from ..choices import AliasOrigin, ChangeVia, NodeSource, NodeState, SyncState
 from ..live import keys as live_keys
 from ..live.connection import client as redis_client
-from ..models import ControlPlane, Node, default_registry_kinds, normalize_node_url
+from ..masking import mask_credentials
+from ..models import ControlPlane, Node, default_registry_kinds
+from ..networks import is_unspecified, normalize_node_url, url_host
 from ..registry import NanoCtrlClient, RegistryEntity, RegistryError
-from ..schedules import schedule_control_plane, unschedule_control_plane
-from .audit import Actor, assign_fields, audited_delete, audited_save
+from .audit import Actor
 from .nodes import node_create, node_set_models, node_update
 
 logger = logging.getLogger(__name__)
-
-
-def control_plane_save(*, control_plane: ControlPlane, actor: Actor) -> ControlPlane:
-    """Save a control plane and keep its periodic sync task (django-celery-beat) in step."""
-    with transaction.atomic():
-        audited_save(control_plane, actor=actor)
-        schedule_control_plane(control_plane)
-    return control_plane
-
-
-def control_plane_create(*, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(control_plane=assign_fields(ControlPlane(), fields), actor=actor)
-
-
-def control_plane_update(*, control_plane: ControlPlane, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(control_plane=assign_fields(control_plane, fields), actor=actor)
-
-
-def control_plane_delete(*, control_plane: ControlPlane, actor: Actor) -> None:
-    with transaction.atomic():
-        unschedule_control_plane(control_plane.pk)
-        audited_delete(control_plane, actor=actor)
 
 
 SYNC_LOCK_TIMEOUT = 120  # seconds; a crashed sync's lock expires by itself
@@ -74,11 +54,12 @@ class SyncResult:
     unchanged: int = 0
     conflicts: int = 0
     invalid: int = 0
+    refused: int = 0
     duration_ms: int = 0
     problems: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        names = ("listed", "created", "updated", "revived", "gone", "unchanged", "conflicts", "invalid")
+        names = ("listed", "created", "updated", "revived", "gone", "unchanged", "conflicts", "invalid", "refused")
         return {name: getattr(self, name) for name in names}
 
     def summary(self) -> str:
@@ -95,12 +76,24 @@ def _sync_actor(control_plane: ControlPlane) -> Actor:
 
 def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity, now: datetime.datetime) -> str:
     """Create or update the node for one registry entity. Returns what happened: ``created``,
-    ``updated``, ``revived``, ``unchanged`` or ``conflict`` (the URL belongs to a manual node)."""
+    ``updated``, ``revived``, ``unchanged``, ``conflict`` (the URL belongs to a manual node),
+    ``invalid`` or ``refused`` (outside the control plane's allowed networks: not stored).
+
+    A new node starts ``pending`` when the control plane's approval mode is manual
+    (``nodes.admission.initial_state``); a known node keeps its state, except that a ``gone`` one
+    (it was approved before) comes back ``active``."""
     actor = _sync_actor(control_plane)
     try:
         url = normalize_node_url(entity.url)
     except ValidationError:
         return "invalid"
+    if is_unspecified(url_host(url)):
+        return "invalid"
+    try:
+        admission.check_allowed(control_plane, url=url)
+    except admission.AdmissionRefused as exc:
+        logger.warning("registry entity %s of %s refused: %s", entity.entity_id, control_plane, exc)
+        return "refused"
     imported = {
         "url": url,
         "role": entity.role,
@@ -121,6 +114,7 @@ def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity
                 models=[served] if served else [],
                 model_path=entity.model_path,
                 source=NodeSource.REGISTRY,
+                state=admission.initial_state(control_plane),
                 control_plane=control_plane,
                 entity_id=entity.entity_id,
                 last_seen_at=now,
@@ -152,7 +146,8 @@ def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity
 
 def registry_mark_gone(*, control_plane: ControlPlane, entity_ids: Iterable[str]) -> int:
     """Mark the control plane's active or draining nodes for ``entity_ids`` as ``gone`` (kept, not
-    deleted; an operator's disabled node stays disabled). Returns how many changed."""
+    deleted; an operator's disabled node stays disabled, a pending one stays pending: it was never
+    approved, and coming back ``gone`` → ``active`` would skip the approval). Returns how many changed."""
     actor = _sync_actor(control_plane)
     count = 0
     nodes = Node.objects.filter(
@@ -182,6 +177,9 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
     control_plane = ControlPlane.objects.filter(pk=control_plane_id).first()
     if control_plane is None:
         result.skipped, result.reason = True, "the control plane no longer exists"
+        return result
+    if control_plane.is_direct:
+        result.skipped, result.reason = True, "a direct-registration control plane has no registry to sync"
         return result
 
     lock = _sync_lock(control_plane)
@@ -213,6 +211,7 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         else:
             now = timezone.now()
             result.listed = len(entities)
+            kept: list[str] = []
             for entity in entities.values():
                 outcome = registry_apply_entity(control_plane=control_plane, entity=entity, now=now)
                 if outcome == "conflict":
@@ -220,11 +219,17 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
                     result.problems.append(f"{entity.entity_id}: {entity.url} is a manual node; left alone")
                 elif outcome == "invalid":
                     result.invalid += 1
+                elif outcome == "refused":
+                    # Not stored; a node it had before (the allow-list was narrowed) goes below.
+                    result.refused += 1
+                    result.problems.append(f"{entity.entity_id}: {entity.url} is outside the allowed networks")
                 else:
                     setattr(result, outcome, getattr(result, outcome) + 1)
+                if outcome != "refused":
+                    kept.append(entity.entity_id)
             missing = (
                 Node.objects.filter(control_plane=control_plane, source=NodeSource.REGISTRY)
-                .exclude(entity_id__in=list(entities))
+                .exclude(entity_id__in=kept)
                 .values_list("entity_id", flat=True)
             )
             result.gone = registry_mark_gone(control_plane=control_plane, entity_ids=list(missing))
@@ -233,6 +238,7 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         result.ok, result.reason = False, f"{exc.__class__.__name__}: {exc}"
         logger.exception("sync of %s crashed", control_plane)
     finally:
+        result.reason = mask_credentials(result.reason)
         result.duration_ms = int((time.monotonic() - started) * 1000)
         ControlPlane.objects.filter(pk=control_plane.pk).update(
             sync_state=SyncState.OK if result.ok else SyncState.FAILED,

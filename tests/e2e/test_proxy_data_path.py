@@ -315,7 +315,8 @@ def test_a_client_disconnect_while_waiting_for_the_first_token_cancels_upstream(
 
 def test_a_client_disconnect_mid_stream_cancels_upstream(stack):
     with run_simulator(served_model_name="paced", itl_ms=20) as paced:
-        stack.add_node(paced.url, ["paced"])
+        # The engine type is given: a detection's requests would count as completed below.
+        stack.add_node(paced.url, ["paced"], engine_type="openai")
         with (
             httpx.Client(timeout=30) as client,
             client.stream(

@@ -323,3 +323,51 @@ def test_scopes_are_isolated_and_manual_edits_survive_syncs(system, control_plan
         assert cp["sync_state"] == "ok" and cp["last_sync_counts"]["listed"] == 1
         node = node_at(api, mine.url)
         assert (node["weight"], node["state"]) == (7, "disabled")
+
+
+def chat_status(system: dict, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+    return httpx.post(system["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=10).status_code
+
+
+def test_with_manual_approval_a_registered_engine_waits_pending_until_approved(system, control_plane, scope) -> None:
+    api: httpx.Client = system["api"]
+    assert api.patch(f"/api/control-planes/{control_plane['id']}/", json={"approval_mode": "manual"}).status_code == 200
+    model = f"m-{scope}"
+    with run_simulator(engine="nanodeploy", served_model_name=model, extra_args=engine_args(system, scope)) as sim:
+        wait_until(lambda: node_at(api, sim.url), timeout=5, what="node created")
+        node = node_at(api, sim.url)
+        assert (node["state"], node["source"]) == ("pending", "registry")
+        assert model not in routable_models(system)
+        assert chat_status(system, model) == 503
+        time.sleep(2 * SYNC_INTERVAL)  # later syncs and events keep it pending
+        assert node_at(api, sim.url)["state"] == "pending"
+        assert sim.stats()["requests"]["by_endpoint"].get("/v1/chat/completions", 0) == 0
+
+        assert api.post(f"/api/nodes/{node['id']}/approve/").status_code == 200
+        took = wait_until(lambda: chat_status(system, model) == 200, timeout=5, what="served after approval")
+        print(f"\napproved registry node served {took:.2f} s after the approval")
+        assert sim.stats()["requests"]["by_endpoint"]["/v1/chat/completions"] >= 1
+        time.sleep(2 * SYNC_INTERVAL)
+        assert node_at(api, sim.url)["state"] == "active"
+
+
+def test_an_engine_outside_the_allowed_networks_is_refused_and_counted(system, control_plane, scope) -> None:
+    api: httpx.Client = system["api"]
+    path = f"/api/control-planes/{control_plane['id']}/"
+    assert api.patch(path, json={"allowed_networks": ["10.0.0.0/8"]}).status_code == 200
+    with run_simulator(
+        engine="nanodeploy", served_model_name=f"m-{scope}", extra_args=engine_args(system, scope)
+    ) as sim:
+        wait_until(
+            lambda: api.get(path).json()["last_sync_counts"].get("refused") == 1, timeout=15, what="refused by a sync"
+        )
+        answer = api.post(path + "sync/")
+        while answer.status_code == 409:  # the scheduled sync holds the lock: ask again
+            time.sleep(0.2)
+            answer = api.post(path + "sync/")
+        result = answer.json()
+        assert (result["listed"], result["refused"], result["created"]) == (1, 1, 0)
+        assert "outside the allowed networks" in " ".join(result["problems"])
+        assert node_at(api, sim.url) is None

@@ -57,7 +57,8 @@ def test_add_takes_an_engine_type_at_top_level_or_in_status(operator_api: APICli
 def test_add_without_models_asks_the_node(operator_api: APIClient, engine_stub) -> None:
     url, stub = engine_stub
     stub.models = ["Qwen3-0.6B"]
-    status, body = post(operator_api, "/nodes/add", {"url": url, "status": None})
+    # The engine type is given, so only the models are asked (detection: tests/nodes/test_engine_detect.py).
+    status, body = post(operator_api, "/nodes/add", {"url": url, "engine_type": "vllm", "status": None})
     assert (status, body) == (200, {"message": "Added successfully."})
     assert stub.calls == ["/v1/models"]
     assert Node.objects.get(url=url).served_models == ["Qwen3-0.6B"]

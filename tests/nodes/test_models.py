@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from nodes.choices import AliasOrigin, NodeRole
-from nodes.models import Node, RoutePolicy, aliases_for_model, normalize_node_url
+from nodes.models import ControlPlane, Node, RoutePolicy, aliases_for_model, normalize_node_url
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,32 @@ def test_full_clean_normalises_the_url_and_refuses_a_duplicate(db) -> None:
 
 def test_a_fresh_database_has_a_global_default_policy(db) -> None:
     assert RoutePolicy.objects.filter(model="").exists()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]"])
+def test_a_node_url_with_a_bind_address_is_refused_with_a_clear_message(host: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        Node(url=f"http://{host}:8000").clean()
+    assert "binds to" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"kind": "nanoctrl", "address": ""}, "address"),
+        ({"kind": "direct", "address": "127.0.0.1:4479"}, "address"),
+        ({"kind": "direct", "redis_url": "redis://h:6379/0"}, "redis_url"),
+        ({"kind": "direct", "allowed_networks": ["10.0.0.0/8", "not-a-network"]}, "allowed_networks"),
+        ({"kind": "direct", "allowed_networks": "10.0.0.0/8"}, "allowed_networks"),
+    ],
+)
+def test_control_plane_validation_names_the_field(fields: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        ControlPlane(name="cp", **fields).clean()
+    assert field in raised.value.message_dict
+
+
+def test_allowed_networks_are_stored_in_their_canonical_form() -> None:
+    plane = ControlPlane(name="cp", kind="direct", allowed_networks=["10.1.2.3/8", "fd00::1/8", "10.0.0.0/8", "::1"])
+    plane.clean()
+    assert plane.allowed_networks == ["10.0.0.0/8", "fd00::/8", "::1/128"]

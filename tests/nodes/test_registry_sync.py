@@ -257,3 +257,85 @@ def test_the_admin_sync_now_action_reports_the_result(client, admin_user, contro
         "/admin/nodes/controlplane/", {"action": "sync_now", "_selected_action": [control_plane.pk]}, follow=True
     )
     assert "local: failed: nanoctrl at http://127.0.0.1:4479 is unreachable" in response.content.decode().lower()
+
+
+# -- who may join: approval mode and allowed networks ------------------------------------------
+
+
+def test_with_manual_approval_new_registry_nodes_wait_as_pending_until_approved(control_plane, registry) -> None:
+    services.control_plane_update(control_plane=control_plane, actor=services.Actor.system(), approval_mode="manual")
+    registry.entities = [entity(9001, role="prefill")]
+    result = sync(control_plane, registry)
+    assert result.created == 1
+    node = Node.objects.get()
+    assert (node.state, node.role) == (NodeState.PENDING, "prefill")
+    # Later syncs keep it pending; vanishing from the registry does not turn it into "gone" (which
+    # would come back "active" without an approval).
+    assert sync(control_plane, registry).unchanged == 1
+    registry.entities = []
+    assert sync(control_plane, registry).gone == 0
+    registry.entities = [entity(9001, role="prefill")]
+    sync(control_plane, registry)
+    node.refresh_from_db()
+    assert node.state == NodeState.PENDING
+    services.node_approve(node=node, actor=services.Actor("alice", ChangeVia.ADMIN))
+    assert sync(control_plane, registry).unchanged == 1
+    node.refresh_from_db()
+    assert node.state == NodeState.ACTIVE
+
+
+def test_with_automatic_approval_new_registry_nodes_are_active_at_once(control_plane, registry) -> None:
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    assert Node.objects.get().state == NodeState.ACTIVE
+
+
+def test_registry_entities_outside_the_allowed_networks_are_refused_and_not_stored(control_plane, registry) -> None:
+    services.control_plane_update(
+        control_plane=control_plane, actor=services.Actor.system(), allowed_networks=["10.0.0.0/8"]
+    )
+    inside = {**entity(9002), "endpoint": {"host": "10.1.2.3", "port": 9002, "protocol": "http"}}
+    registry.entities = [entity(9001), inside]
+    result = sync(control_plane, registry)
+    assert (result.ok, result.created, result.refused) == (True, 1, 1)
+    assert "127.0.0.1:9001 is outside the allowed networks" in " ".join(result.problems)
+    assert list(Node.objects.values_list("url", flat=True)) == ["http://10.1.2.3:9002"]
+    control_plane.refresh_from_db()
+    assert control_plane.last_sync_counts["refused"] == 1
+
+
+def test_narrowing_the_allowed_networks_takes_nodes_outside_out_of_rotation(control_plane, registry) -> None:
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    services.control_plane_update(
+        control_plane=control_plane, actor=services.Actor.system(), allowed_networks=["10.0.0.0/8"]
+    )
+    result = sync(control_plane, registry)
+    assert (result.refused, result.gone) == (1, 1)
+    assert Node.objects.get().state == NodeState.GONE
+
+
+def test_a_refused_event_is_not_applied(control_plane) -> None:
+    services.control_plane_update(
+        control_plane=control_plane, actor=services.Actor.system(), allowed_networks=["192.168.0.0/16"]
+    )
+    add = parse_event(
+        b'{"event_type":"ADD","entity_type":"service","entity_id":"nanodeploy-qwen-127.0.0.1:9001",'
+        b'"kind":"nanodeploy","payload":' + json.dumps(entity(9001)).encode() + b"}"
+    )
+    assert RegistryListener.apply(control_plane, add) == "refused"
+    assert not Node.objects.exists()
+
+
+def test_an_entity_advertising_a_bind_address_is_invalid(control_plane, registry) -> None:
+    registry.entities = [{**entity(9001), "endpoint": {"host": "0.0.0.0", "port": 9001, "protocol": "http"}}]
+    result = sync(control_plane, registry)
+    assert (result.ok, result.invalid) == (True, 1)
+    assert not Node.objects.exists()
+
+
+def test_a_direct_registration_control_plane_has_no_sync_and_no_schedule(system, redis_url) -> None:
+    plane = services.control_plane_create(actor=system, name="direct", kind="direct")
+    assert not PeriodicTask.objects.filter(task="nodes.sync_control_plane").exists()
+    result = services.registry_sync(control_plane_id=plane.pk, client=FakeRegistry())
+    assert result.skipped and "direct" in result.reason

@@ -14,6 +14,7 @@ from nodes.live.breakers import BreakerRecord, decode, encode, parse_breakers
         ("active", "healthy", True),
         ("active", "unknown", True),  # a node just added serves at once
         ("active", "unhealthy", False),
+        ("pending", "healthy", False),  # waits for an operator's approval
         ("draining", "healthy", False),
         ("disabled", "healthy", False),
         ("gone", "healthy", False),
