@@ -10,6 +10,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
+from django.forms import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
@@ -155,7 +156,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     def models_list(self, node: Node) -> str:
         return format_html_join(", ", "{}", ((name,) for name in node.served_models)) or "—"
 
-    def save_formset(self, request, form, formset, change) -> None:
+    def save_formset(self, request: HttpRequest, form: Any, formset: BaseInlineFormSet, change: bool) -> None:
         actor = _actor(request)
         instances = formset.save(commit=False)
         for alias in formset.deleted_objects:
@@ -164,7 +165,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
             services.alias_save(alias=alias, actor=actor)
         formset.save_m2m()
 
-    def _apply(self, request: HttpRequest, queryset: QuerySet, service, verb: str) -> None:
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Node], service: services.NodeAction, verb: str) -> None:
         actor = _actor(request)
         count = 0
         for node in queryset:
@@ -343,10 +344,10 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
     fields = ("name", "allowed_models", "rate_limit_rpm", "max_concurrent", "is_active")
     readonly_fields = ("prefix", "created_by", "created_at", "last_used_at")
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None):
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
         return self.fields if obj is None else (*self.fields, *self.readonly_fields)
 
-    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
@@ -359,7 +360,7 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
             request,
             format_html(
                 "Copy the key for “{}” now — it is not stored and will not be shown again: <code>{}</code>",
-                obj.name,
+                created.name,
                 plaintext,
             ),
         )

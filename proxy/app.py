@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -78,7 +79,7 @@ class ProxyApp:
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
         metrics.register_inflight(self._inflight_by_node)
 
-    def _inflight_by_node(self):
+    def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
         nodes = snapshots.current().nodes
         for node_id, count in self.router.load.counts().items():
             node = nodes.get(node_id)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from nodes.live import keys
 from nodes.live import stats as live_stats
@@ -109,8 +110,8 @@ class SharedKeyLimiter(KeyLimiter):
         now = time.time() if now is None else now
         return max(1, 60 - int(now % 60))
 
-    def fields(self) -> dict[str, int]:
-        values = {f"active:{key_id}": count for key_id, count in self._active.items()}
+    def fields(self) -> dict[FieldT, EncodableT]:
+        values: dict[FieldT, EncodableT] = {f"active:{key_id}": count for key_id, count in self._active.items()}
         for key_id, (minute, used) in self._window.items():
             values[f"rpm:{key_id}:{minute}"] = used
         return values
@@ -240,7 +241,7 @@ class SharedCounters:
         client = self.client()
         ttl_ms = int(max(self.view.stale_after, self.interval * 5) * 1000)
         load_key, keys_key = keys.worker_load_key(self.worker), keys.worker_keys_key(self.worker)
-        load = {str(node_id): count for node_id, count in self.load.counts().items()}
+        load: dict[FieldT, EncodableT] = {str(node_id): count for node_id, count in self.load.counts().items()}
         key_counts = self.limiter.fields()
         async with client.pipeline(transaction=False) as pipe:
             pipe.delete(load_key, keys_key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,7 +127,7 @@ _POLICY_FIELDS = [f for f in PolicyView.__dataclass_fields__ if f != "model"]
 
 def build_routes(
     nodes: dict[int, NodeView],
-    aliases: list[tuple[int | None, str, str]],
+    aliases: Sequence[tuple[int | None, str, str]],
     policies: dict[str, PolicyView],
     default_policy: PolicyView,
 ) -> dict[str, Route]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -17,13 +18,15 @@ from nodes.networks import is_unspecified, url_host
 
 from .exceptions import validation_detail
 
+_T = TypeVar("_T")
+
 
 def _actor(serializer: serializers.Serializer) -> services.Actor:
     request = serializer.context.get("request")
     return services.Actor.for_user(getattr(request, "user", None), ChangeVia.API)
 
 
-def _call(service, **kwargs):
+def _call(service: Callable[..., _T], **kwargs: Any) -> _T:
     """Run a service and turn Django validation errors into DRF ones (400 with the field named)."""
     try:
         return service(**kwargs)
@@ -296,12 +299,14 @@ class ApiKeySerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["prefix", "created_by", "created_at", "last_used_at"]
 
+    # The plaintext of the key this serializer has just created: shown in that response only.
+    _plaintext: str | None = None
+
     def get_key(self, key: ApiKey) -> str | None:
-        return getattr(key, "_plaintext", None)
+        return self._plaintext if key is self.instance else None
 
     def create(self, validated_data: dict[str, Any]) -> ApiKey:
-        key, plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
-        key._plaintext = plaintext  # shown in this response only
+        key, self._plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
         return key
 
     def update(self, key: ApiKey, validated_data: dict[str, Any]) -> ApiKey:

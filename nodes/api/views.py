@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, viewsets
 from rest_framework.decorators import action
@@ -18,18 +20,20 @@ from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, R
 from . import serializers as s
 from .exceptions import validation_detail
 
+_M = TypeVar("_M", bound=Model)
+
 
 def _actor(request: Request) -> services.Actor:
     return services.Actor.for_user(request.user, ChangeVia.API)
 
 
-class ServiceDestroyMixin:
+class ServiceDestroyMixin(Generic[_M]):
     """Deletes through a service so the deletion is audited and bumps the configuration version."""
 
-    def delete_with_service(self, instance) -> None:  # pragma: no cover - overridden
+    def delete_with_service(self, instance: _M) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def perform_destroy(self, instance) -> None:
+    def perform_destroy(self, instance: _M) -> None:
         try:
             self.delete_with_service(instance)
         except DjangoValidationError as exc:
@@ -55,7 +59,7 @@ class NodeFilter(django_filters.FilterSet):
         return queryset.filter(Q(aliases__served_name__in=served) | Q(aliases__name=value)).distinct()
 
 
-class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class NodeViewSet(ServiceDestroyMixin[Node], viewsets.ModelViewSet):
     """Inference nodes. Reads need a login; writes need a staff account."""
 
     queryset = Node.objects.prefetch_related("aliases").order_by("url")
@@ -65,7 +69,7 @@ class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
     def delete_with_service(self, node: Node) -> None:
         services.node_delete(node=node, actor=_actor(self.request))
 
-    def _state_action(self, request: Request, service) -> Response:
+    def _state_action(self, request: Request, service: services.NodeAction) -> Response:
         node = service(node=self.get_object(), actor=_actor(request))
         return Response(self.get_serializer(node).data)
 
@@ -107,7 +111,7 @@ class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         return self._state_action(request, services.node_disable)
 
 
-class ModelAliasViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ModelAliasViewSet(ServiceDestroyMixin[ModelAlias], viewsets.ModelViewSet):
     queryset = ModelAlias.objects.select_related("node").order_by("name", "id")
     serializer_class = s.ModelAliasSerializer
     filterset_fields = ["node", "name", "served_name", "origin"]
@@ -116,7 +120,7 @@ class ModelAliasViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         services.alias_delete(alias=alias, actor=_actor(self.request))
 
 
-class RoutePolicyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class RoutePolicyViewSet(ServiceDestroyMixin[RoutePolicy], viewsets.ModelViewSet):
     queryset = RoutePolicy.objects.order_by("model")
     serializer_class = s.RoutePolicySerializer
     filterset_fields = ["model", "strategy", "serving_mode", "enabled"]
@@ -125,7 +129,7 @@ class RoutePolicyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         services.policy_delete(policy=policy, actor=_actor(self.request))
 
 
-class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ControlPlaneViewSet(ServiceDestroyMixin[ControlPlane], viewsets.ModelViewSet):
     queryset = ControlPlane.objects.order_by("name")
     serializer_class = s.ControlPlaneSerializer
     filterset_fields = ["enabled", "kind", "approval_mode", "engine_type", "sync_state", "scope"]
@@ -161,7 +165,7 @@ class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         return Response(self.get_serializer(control_plane).data)
 
 
-class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ApiKeyViewSet(ServiceDestroyMixin[ApiKey], viewsets.ModelViewSet):
     """Proxy API keys. The plaintext key is in the create response only; just a hash is stored."""
 
     queryset = ApiKey.objects.order_by("name", "id")

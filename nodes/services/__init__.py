@@ -30,6 +30,7 @@ from .control_planes import (
 )
 from .health_checks import HEALTH_ACTOR, health_check_nodes
 from .nodes import (
+    NodeAction,
     node_approve,
     node_create,
     node_delete,
@@ -66,6 +67,7 @@ __all__ = [
     "OPERATOR_INTERFACES",
     "SYNC_LOCK_TIMEOUT",
     "Actor",
+    "NodeAction",
     "RegistrationConflict",
     "SyncResult",
     "alias_create",
