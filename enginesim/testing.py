@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -59,6 +59,12 @@ def simulator_argv(
         f"--itl-ms={itl_ms}",
         *extra_args,
     ]
+
+
+class SimulatorProcess(subprocess.Popen[bytes]):
+    """A simulator's process and the file its output goes to."""
+
+    log_file: IO[bytes] | None = None
 
 
 class Simulator:
@@ -157,7 +163,7 @@ def run_simulator(
     # Output goes to a file, not a pipe: nobody drains a pipe during a long test, and a full pipe
     # would block the simulator on its next log line.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
+    proc = SimulatorProcess(
         argv,
         cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
@@ -165,7 +171,7 @@ def run_simulator(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    proc.log_file = log  # type: ignore[attr-defined]
+    proc.log_file = log
     try:
         if wait:
             wait_listening(host, port, proc)

@@ -246,7 +246,9 @@ class ProxyApp:
                 raise
             # Our own cancellation on client disconnect: upstream is closed and counters released
             # (the ``finally`` blocks ran); end quietly instead of logging an application error.
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            assert task is not None  # this coroutine runs in the server's task for the request
+            task.uncancel()
             outcome.status, outcome.error = 499, "client_disconnected"
             metrics.count_error("client_disconnected")
         finally:
