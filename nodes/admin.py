@@ -95,15 +95,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     inlines = [ModelAliasInline]
     actions = ["approve_nodes", "drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
-        "health",
-        "consecutive_failures",
-        "last_checked_at",
-        "source",
-        "control_plane",
-        "entity_id",
-        "scope",
-        "kind",
-        "last_seen_at",
+        *Node.READ_ONLY_FIELDS,
         "operator_fields",
         "health_history",
         "created_at",
@@ -274,16 +266,7 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
     actions = ["sync_now", "issue_registration_token", "revoke_registration_token"]
     list_filter = ("kind", "approval_mode", "enabled", "engine_type", "sync_state")
     search_fields = ("name", "address", "scope")
-    readonly_fields = (
-        "registration_token_prefix",
-        "sync_state",
-        "last_sync_at",
-        "last_sync_duration_ms",
-        "last_sync_counts",
-        "last_sync_error",
-        "created_at",
-        "updated_at",
-    )
+    readonly_fields = (*ControlPlane.READ_ONLY_FIELDS, "created_at", "updated_at")
 
     @admin.display(description="kind", ordering="kind")
     def kind_badge(self, control_plane: ControlPlane) -> str:

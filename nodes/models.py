@@ -123,6 +123,17 @@ class ControlPlane(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Set by RouterPanel, never by an operator (the registration token's prefix, the sync's outcome):
+    # read-only in the admin and the REST API.
+    READ_ONLY_FIELDS = (
+        "registration_token_prefix",
+        "sync_state",
+        "last_sync_at",
+        "last_sync_duration_ms",
+        "last_sync_counts",
+        "last_sync_error",
+    )
+
     class Meta:
         ordering = ["name"]
 
@@ -205,6 +216,20 @@ class Node(models.Model):
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Written by the health checker and the registry sync, never by an operator: read-only in the
+    # admin and the REST API.
+    READ_ONLY_FIELDS = (
+        "health",
+        "consecutive_failures",
+        "last_checked_at",
+        "source",
+        "control_plane",
+        "entity_id",
+        "scope",
+        "kind",
+        "last_seen_at",
+    )
 
     class Meta:
         ordering = ["url"]

@@ -99,17 +99,7 @@ class NodeSerializer(serializers.ModelSerializer):
         extra_kwargs = {
             "engine_type": {"help_text": "Detected from the node's own endpoints when not given."},
         }
-        read_only_fields = [
-            "health",
-            "consecutive_failures",
-            "last_checked_at",
-            "source",
-            "control_plane",
-            "entity_id",
-            "scope",
-            "kind",
-            "last_seen_at",
-        ]
+        read_only_fields = Node.READ_ONLY_FIELDS
 
     def get_served_models(self, node: Node) -> list[str]:
         return node.served_models
@@ -250,14 +240,7 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
-        read_only_fields = [
-            "registration_token_prefix",
-            "sync_state",
-            "last_sync_at",
-            "last_sync_duration_ms",
-            "last_sync_counts",
-            "last_sync_error",
-        ]
+        read_only_fields = ControlPlane.READ_ONLY_FIELDS
 
     SECRET_FIELDS = ("redis_url", "address")
 
