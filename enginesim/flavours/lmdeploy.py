@@ -45,7 +45,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.schema import Invalid, Model, validate
 from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens
@@ -193,12 +193,9 @@ class LmdeployFlavour(Flavour):
             "token_id": mr["remote_token_id"],
             "session_id": mr["remote_session_id"],
         }
-        try:
-            status, answer = await post_json(
-                prefill.rstrip("/") + "/sim/lmdeploy/migrate", read, timeout=self.config.pd_timeout_s
-            )
-        except PeerUnreachable as exc:
-            status, answer = 0, str(exc)
+        status, answer = await post_json(
+            prefill.rstrip("/") + "/sim/lmdeploy/migrate", read, timeout=self.config.pd_timeout_s
+        )
         if status != 200:
             self.migration_failures += 1
             raise self.error(500, f"migration failed: {answer}")

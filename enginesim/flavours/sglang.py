@@ -28,7 +28,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.schema import Field, Invalid, ListOf, Model, Optional, Union, validate
 from enginesim.stats import RequestStats
 
@@ -167,10 +167,7 @@ class SglangFlavour(Flavour):
     async def _decode(self, rooms: list[int], host: str, port: int) -> None:
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         url = f"http://{host}:{port}/sim/bootstrap/claim"
-        try:
-            status, answer = await post_json(url, {"rooms": rooms}, timeout=self.config.pd_timeout_s + 5.0)
-        except PeerUnreachable as exc:
-            status, answer = 0, str(exc)
+        status, answer = await post_json(url, {"rooms": rooms}, timeout=self.config.pd_timeout_s + 5.0)
         if status != 200:
             self.rooms_failed += len(rooms)
             raise self.error(500, f"bootstrap failed for room(s) {rooms}: {answer}")

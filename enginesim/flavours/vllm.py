@@ -39,7 +39,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.stats import RequestStats
 
 VERSION = "0.32.0"  # what GET /version answers: the vLLM release the simulator follows
@@ -166,10 +166,7 @@ class VllmFlavour(Flavour):
             url = f"http://{_host(str(params['remote_host']))}:{params['remote_port']}/sim/vllm/kv_read"
             read = {"request_id": request_id, "engine_id": params["remote_engine_id"]}
             read["block_ids"] = params["remote_block_ids"]
-            try:
-                status, answer = await post_json(url, read, timeout=self.config.pd_timeout_s)
-            except PeerUnreachable as exc:
-                status, answer = 0, str(exc)
+            status, answer = await post_json(url, read, timeout=self.config.pd_timeout_s)
         if status != 200:
             self.transfer_failures += 1
             raise vllm_error(500, f"KV transfer failed for request {request_id}: {answer}", "InternalServerError")
