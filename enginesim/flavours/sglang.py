@@ -115,7 +115,7 @@ class SglangFlavour(Flavour):
         rooms = self._rooms(req, fields["bootstrap_room"])
         if self.config.role == "prefill":
             await self._prefill(rooms)
-            plan = self.hybrid_plan(req, limit=1)
+            return self.hybrid_plan(req, limit=1, cacheable=False)
         else:
             host, port = fields["bootstrap_host"], fields["bootstrap_port"]
             if isinstance(host, list):
@@ -125,9 +125,7 @@ class SglangFlavour(Flavour):
             if not isinstance(host, str):
                 raise self.error(400, "Invalid request: the decode needs bootstrap_host to reach its prefill.")
             await self._decode(rooms, host, self.config.bootstrap_port if port is None else port)
-            plan = self.hybrid_plan(req)
-        plan.cacheable = False
-        return plan
+            return self.hybrid_plan(req, cacheable=False)
 
     def _rooms(self, req: InferenceRequest, room: int | list[int] | None) -> list[int]:
         """One room per sequence (``batch * n`` of them), the way SGLang normalises the field."""

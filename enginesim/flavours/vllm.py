@@ -151,7 +151,6 @@ class VllmFlavour(Flavour):
             "remote_blocks_expiry_time": None,
             "transfer_mode": "pull",
         }
-        plan.cacheable = False
         plan.kv_key = request_id
         return plan
 
@@ -171,9 +170,7 @@ class VllmFlavour(Flavour):
             self.transfer_failures += 1
             raise vllm_error(500, f"KV transfer failed for request {request_id}: {answer}", "InternalServerError")
         self.decodes += 1
-        plan = self.hybrid_plan(req)
-        plan.cacheable = False
-        return plan
+        return self.hybrid_plan(req, cacheable=False)
 
     async def kv_read(self, request: Request, response: Response) -> None:
         """Side channel: the decode pulls (and thereby releases) the blocks it was promised."""
