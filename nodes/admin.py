@@ -5,7 +5,6 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from typing import Any
 
 from django.contrib import admin, messages
@@ -53,14 +52,11 @@ class ServiceAdminMixin:
 
     entity: str
 
-    def _service(self, action: str) -> Callable[..., Any]:
-        return getattr(services, f"{self.entity}_{action}")
-
     def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
-        self._service("save")(**{self.entity: obj}, actor=_actor(request))
+        services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))
 
     def delete_model(self, request: HttpRequest, obj: Model) -> None:
-        self._service("delete")(**{self.entity: obj}, actor=_actor(request))
+        services.entity_service(self.entity, "delete")(**{self.entity: obj}, actor=_actor(request))
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
         for obj in queryset:

@@ -34,6 +34,20 @@ def _call(service: Callable[..., _T], **kwargs: Any) -> _T:
         raise serializers.ValidationError(validation_detail(exc)) from None
 
 
+class ServiceModelSerializer(serializers.ModelSerializer):
+    """Creates and updates through the entity's services (``services.<entity>_create`` and
+    ``<entity>_update``), so a write through the API is validated, audited and versioned like any other."""
+
+    entity: str
+
+    def create(self, validated_data: dict[str, Any]) -> Any:
+        return _call(services.entity_service(self.entity, "create"), actor=_actor(self), **validated_data)
+
+    def update(self, instance: Any, validated_data: dict[str, Any]) -> Any:
+        update = services.entity_service(self.entity, "update")
+        return _call(update, **{self.entity: instance}, actor=_actor(self), **validated_data)
+
+
 class StrictJSONObjectField(serializers.JSONField):
     def to_internal_value(self, data: Any) -> Any:
         value = super().to_internal_value(data)
@@ -74,15 +88,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "engine_type",
             "role",
             "state",
-            "health",
-            "consecutive_failures",
-            "last_checked_at",
-            "source",
-            "control_plane",
-            "entity_id",
-            "scope",
-            "kind",
-            "last_seen_at",
+            *Node.READ_ONLY_FIELDS,
             "weight",
             "max_concurrency",
             "bootstrap_port",
@@ -151,20 +157,18 @@ class NodeSerializer(serializers.ModelSerializer):
         return node
 
 
-class ModelAliasSerializer(serializers.ModelSerializer):
+class ModelAliasSerializer(ServiceModelSerializer):
+    entity = "alias"
+
     class Meta:
         model = ModelAlias
         fields = ["id", "node", "name", "served_name", "origin", "created_at"]
         validators: list = []  # uniqueness is checked by the model's constraints in the service
 
-    def create(self, validated_data: dict[str, Any]) -> ModelAlias:
-        return _call(services.alias_create, actor=_actor(self), **validated_data)
 
-    def update(self, alias: ModelAlias, validated_data: dict[str, Any]) -> ModelAlias:
-        return _call(services.alias_update, alias=alias, actor=_actor(self), **validated_data)
+class RoutePolicySerializer(ServiceModelSerializer):
+    entity = "policy"
 
-
-class RoutePolicySerializer(serializers.ModelSerializer):
     class Meta:
         model = RoutePolicy
         fields = [
@@ -183,14 +187,9 @@ class RoutePolicySerializer(serializers.ModelSerializer):
             "updated_at",
         ]
 
-    def create(self, validated_data: dict[str, Any]) -> RoutePolicy:
-        return _call(services.policy_create, actor=_actor(self), **validated_data)
 
-    def update(self, policy: RoutePolicy, validated_data: dict[str, Any]) -> RoutePolicy:
-        return _call(services.policy_update, policy=policy, actor=_actor(self), **validated_data)
-
-
-class ControlPlaneSerializer(serializers.ModelSerializer):
+class ControlPlaneSerializer(ServiceModelSerializer):
+    entity = "control_plane"
     kinds = ModelNameListField(required=False, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].')
     allowed_networks = serializers.ListField(
         child=serializers.CharField(max_length=64),
@@ -254,14 +253,9 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
                     data[name] = mask_credentials(data[name])
         return data
 
-    def create(self, validated_data: dict[str, Any]) -> ControlPlane:
-        return _call(services.control_plane_create, actor=_actor(self), **validated_data)
 
-    def update(self, control_plane: ControlPlane, validated_data: dict[str, Any]) -> ControlPlane:
-        return _call(services.control_plane_update, control_plane=control_plane, actor=_actor(self), **validated_data)
-
-
-class ApiKeySerializer(serializers.ModelSerializer):
+class ApiKeySerializer(ServiceModelSerializer):
+    entity = "api_key"
     allowed_models = ModelNameListField(required=False, help_text="Models this key may use; empty for all.")
     key = serializers.SerializerMethodField(help_text="The plaintext key: returned once, in the create response.")
 
@@ -291,9 +285,6 @@ class ApiKeySerializer(serializers.ModelSerializer):
     def create(self, validated_data: dict[str, Any]) -> ApiKey:
         key, self._plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
         return key
-
-    def update(self, key: ApiKey, validated_data: dict[str, Any]) -> ApiKey:
-        return _call(services.api_key_update, api_key=key, actor=_actor(self), **validated_data)
 
 
 class ChangeRecordSerializer(serializers.ModelSerializer):
