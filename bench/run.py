@@ -8,8 +8,9 @@ the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite d
   process (from /proc/PID/stat and /proc/PID/status);
 - 64-chunk streams, unpaced and at 5 ms pacing: time to first event p50/p99 and chunks/s.
 
-DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and
-the targets of SPEC §8. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in about a minute.
+DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and, in
+the last column, the data path's targets. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in
+about a minute.
 """
 
 from __future__ import annotations
