@@ -134,7 +134,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
         state = getattr(self, "_breakers", {}).get(node.pk, BreakerState.CLOSED.value)
-        return badge(BreakerState, state, text=state.replace("_", "-"))  # as the logs and metrics name it
+        return badge(BreakerState, state)  # its label, as the dashboard shows it
 
     @admin.display(description="source", ordering="source")
     def source_badge(self, node: Node) -> str:
