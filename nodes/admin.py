@@ -5,7 +5,7 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
@@ -43,7 +43,10 @@ def badge(choices: type[BadgeChoices], value: str, text: str | None = None) -> s
     return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
 
 
-class ServiceAdminMixin:
+_M = TypeVar("_M", bound=Model)
+
+
+class ServiceAdminMixin(Generic[_M]):
     """Routes the admin's saves and deletes through the model's services.
 
     ``entity`` names them: with ``entity = "node"`` a save calls
@@ -52,13 +55,13 @@ class ServiceAdminMixin:
 
     entity: str
 
-    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
+    def save_model(self, request: HttpRequest, obj: _M, form: Any, change: bool) -> None:
         services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))
 
-    def delete_model(self, request: HttpRequest, obj: Model) -> None:
+    def delete_model(self, request: HttpRequest, obj: _M) -> None:
         services.entity_service(self.entity, "delete")(**{self.entity: obj}, actor=_actor(request))
 
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[_M]) -> None:
         for obj in queryset:
             self.delete_model(request, obj)
 
@@ -71,7 +74,7 @@ class ModelAliasInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     entity = "node"
 
     list_display = (
@@ -213,7 +216,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ModelAliasAdmin(ServiceAdminMixin[ModelAlias], admin.ModelAdmin):
     entity = "alias"
     list_display = ("name", "served_name", "origin", "node")
     list_filter = ("origin",)
@@ -222,7 +225,7 @@ class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(RoutePolicy)
-class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class RoutePolicyAdmin(ServiceAdminMixin[RoutePolicy], admin.ModelAdmin):
     entity = "policy"
     list_display = ("__str__", "strategy_badge", "mode_badge", "retry_budget", "first_token_timeout", "enabled")
     list_filter = ("strategy", "serving_mode", "enabled")
@@ -243,7 +246,7 @@ class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ControlPlane)
-class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ControlPlaneAdmin(ServiceAdminMixin[ControlPlane], admin.ModelAdmin):
     entity = "control_plane"
     list_display = (
         "name",
@@ -315,7 +318,7 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ApiKeyAdmin(ServiceAdminMixin[ApiKey], admin.ModelAdmin):
     entity = "api_key"
     list_display = ("name", "prefix", "is_active", "allowed_models", "rate_limit_rpm", "created_at", "last_used_at")
     list_filter = ("is_active",)
@@ -326,7 +329,7 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
         return self.fields if obj is None else (*self.fields, *self.readonly_fields)
 
-    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
             super().save_model(request, obj, form, change)
             return
@@ -339,7 +342,7 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
             request,
             format_html(
                 "Copy the key for “{}” now — it is not stored and will not be shown again: <code>{}</code>",
-                created.name,
+                obj.name,
                 plaintext,
             ),
         )

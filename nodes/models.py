@@ -123,16 +123,9 @@ class ControlPlane(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    # Set by RouterPanel, never by an operator (the registration token's prefix, the sync's outcome):
-    # read-only in the admin and the REST API.
-    READ_ONLY_FIELDS = (
-        "registration_token_prefix",
-        "sync_state",
-        "last_sync_at",
-        "last_sync_duration_ms",
-        "last_sync_counts",
-        "last_sync_error",
-    )
+    # Set by RouterPanel, never by an operator: read-only in the admin and the REST API.
+    SYNC_FIELDS = ("sync_state", "last_sync_at", "last_sync_duration_ms", "last_sync_counts", "last_sync_error")
+    READ_ONLY_FIELDS = ("registration_token_prefix", *SYNC_FIELDS)
 
     class Meta:
         ordering = ["name"]
@@ -219,17 +212,9 @@ class Node(models.Model):
 
     # Written by the health checker and the registry sync, never by an operator: read-only in the
     # admin and the REST API.
-    READ_ONLY_FIELDS = (
-        "health",
-        "consecutive_failures",
-        "last_checked_at",
-        "source",
-        "control_plane",
-        "entity_id",
-        "scope",
-        "kind",
-        "last_seen_at",
-    )
+    HEALTH_FIELDS = ("health", "consecutive_failures", "last_checked_at")
+    REGISTRY_FIELDS = ("source", "control_plane", "entity_id", "scope", "kind", "last_seen_at")
+    READ_ONLY_FIELDS = (*HEALTH_FIELDS, *REGISTRY_FIELDS)
 
     class Meta:
         ordering = ["url"]
