@@ -10,7 +10,7 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-fast bench lint format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-fast bench lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -109,6 +109,10 @@ bench: install redis-server
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy with the Django and DRF plugins over the files named in pyproject.toml ([tool.mypy]).
+typecheck: install
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -8,8 +8,9 @@ the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite d
   process (from /proc/PID/stat and /proc/PID/status);
 - 64-chunk streams, unpaced and at 5 ms pacing: time to first event p50/p99 and chunks/s.
 
-DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and
-the targets of SPEC §8. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in about a minute.
+DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and, in
+the last column, the data path's targets. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in
+about a minute.
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ class WrkResult:
     cpu_us: float | None = None
 
 
+def _wrk_figure(pattern: str, out: str) -> str:
+    """The figure ``pattern`` captures in wrk's report (which always prints it when wrk ran)."""
+    match = re.search(pattern, out)
+    if match is None:
+        raise RuntimeError(f"no {pattern!r} in wrk's output:\n{out}")
+    return match.group(1)
+
+
 def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int, pid: int | None) -> WrkResult:
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
     lines += [
@@ -126,8 +135,8 @@ def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int
     finally:
         os.unlink(script.name)
     out = result.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
+    requests = int(_wrk_figure(r"(\d+) requests in", out))
     errors = 0
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         errors += int(m.group(1))
@@ -329,25 +338,25 @@ def main() -> int:
             ("5 ms", PACED, paced.url, 4, 24),
         ):
             body = chat_body(model, 64, stream=True)
-            d = streams(engine + path, {}, body, concurrency, count)
-            f = streams(floor + path, {}, body, concurrency, count)
-            p = streams(proxy + path, auth, body, concurrency, count)
+            ds = streams(engine + path, {}, body, concurrency, count)
+            fs = streams(floor + path, {}, body, concurrency, count)
+            ps = streams(proxy + path, auth, body, concurrency, count)
             fmt = us if label == "0 ms" else ms
             for q in (0.5, 0.99):
-                dq, fq, pq = pct(d.ttfe, q), pct(f.ttfe, q), pct(p.ttfe, q)
+                dq, fq, pq = pct(ds.ttfe, q), pct(fs.ttfe, q), pct(ps.ttfe, q)
                 target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
                 metric = f"stream {label}: first event p{round(q * 100)}"
                 row(metric, fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target, fmt(fq))
-            ratio = f"{p.chunks_per_s / d.chunks_per_s:.2f}x"
+            ratio = f"{ps.chunks_per_s / ds.chunks_per_s:.2f}x"
             row(
                 f"stream {label}: chunks/s ({concurrency} streams)",
-                f"{d.chunks_per_s:,.0f}",
-                f"{p.chunks_per_s:,.0f}",
+                f"{ds.chunks_per_s:,.0f}",
+                f"{ps.chunks_per_s:,.0f}",
                 ratio,
                 ">= 0.3x" if label == "0 ms" else "",
-                f"{f.chunks_per_s:,.0f}",
+                f"{fs.chunks_per_s:,.0f}",
             )
-            row(f"stream {label}: errors", str(d.errors), str(p.errors), base=str(f.errors))
+            row(f"stream {label}: errors", str(ds.errors), str(ps.errors), base=str(fs.errors))
         row(
             "peak RSS, web process",
             through=f"{peak_rss_mb(web.pid):,.1f} MB",

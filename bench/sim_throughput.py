@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -42,7 +43,11 @@ def main() -> int:
         print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
     pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "[[len=16]] hello"}], "max_tokens": 16}
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "[[len=16]] hello"}],
+        "max_tokens": 16,
+    }
     if args.stream:
         body.update(stream=True, max_tokens=64)
         body["messages"][0]["content"] = "[[len=64]] hello"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 from channels.db import database_sync_to_async
@@ -50,7 +51,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         user = self.scope.get("user")
-        if user is None or not user.is_active or not user.is_staff:
+        # The scope's lazy user is typed as an AbstractBaseUser, which has no is_staff; at run time it is
+        # a User or an AnonymousUser (whose is_staff is False).
+        if user is None or not user.is_active or not getattr(user, "is_staff", False):
             await self.close(code=FORBIDDEN)
             return
         self._redis = aioredis.Redis.from_url(
@@ -71,7 +74,7 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             with contextlib.suppress(Exception):
                 await client.aclose()
 
-    async def receive_json(self, content, **kwargs) -> None:
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if isinstance(content, dict) and content.get("type") == "refresh":
             self._wake.set()
 

@@ -9,5 +9,6 @@ from .consumers import DashboardConsumer
 from .payload import WEBSOCKET_PATH
 
 websocket_urlpatterns = [
-    path(WEBSOCKET_PATH.lstrip("/"), AuthMiddlewareStack(DashboardConsumer.as_asgi())),
+    # Channels routes ASGI applications with Django's path(), whose stubs accept only views.
+    path(WEBSOCKET_PATH.lstrip("/"), AuthMiddlewareStack(DashboardConsumer.as_asgi())),  # type: ignore[arg-type]
 ]

@@ -13,9 +13,13 @@ ROLES = ("hybrid", "prefill", "decode")
 KV_CONNECTORS = ("NixlConnector", "ExampleConnector")
 
 
-@dataclass(frozen=True)
+@dataclass
 class FaultOptions:
-    """Faults switched on from the command line (the same fields as ``POST /sim/faults``)."""
+    """Faults switched on from the command line: the fields of ``POST /sim/faults`` but ``count``.
+
+    ``faults.Faults`` extends it with ``count`` and the behaviour; a running engine works on its
+    own ``Faults`` made from these, so a config's options are never changed.
+    """
 
     error_rate: float = 0.0
     error_status: int = 500

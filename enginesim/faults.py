@@ -16,7 +16,7 @@ class FaultError(ValueError):
 
 
 @dataclass
-class Faults:
+class Faults(FaultOptions):
     """The active faults.
 
     Request-level faults (``error_rate``, ``hang``, ``slow_first_token_ms``, ``close_after_chunks``,
@@ -24,14 +24,6 @@ class Faults:
     inference requests and then switch off, which makes tests deterministic.
     """
 
-    error_rate: float = 0.0
-    error_status: int = 500
-    hang: bool = False
-    slow_first_token_ms: float = 0.0
-    close_after_chunks: int | None = None
-    fail_health: bool = False
-    refuse_connections: bool = False
-    crash: bool = False
     count: int | None = None
 
     @classmethod

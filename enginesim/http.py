@@ -18,7 +18,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qs
 
 import httptools
@@ -152,7 +152,7 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, app: App, connections: set[HttpConnection]) -> None:
         self.app = app
         self.connections = connections
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.transport: asyncio.Transport  # set by connection_made, before anything reads it
         self.parser = httptools.HttpRequestParser(self)
         self.closed = False
         self.task: asyncio.Task | None = None
@@ -164,7 +164,7 @@ class HttpConnection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream server's transport is one
         self.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -19,12 +19,9 @@ def _session() -> aiohttp.ClientSession:
     return session
 
 
-class PeerUnreachable(Exception):
-    """The peer engine did not answer (connection refused, timeout)."""
-
-
 async def post_json(url: str, body: dict[str, Any], *, timeout: float) -> tuple[int, Any]:
-    """POST JSON to a peer; returns (status, parsed body or text)."""
+    """POST JSON to a peer; returns (status, parsed body or text), or (0, the reason) when the peer
+    did not answer (connection refused, timeout), which every caller treats as a failed call."""
     try:
         async with _session().post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             try:
@@ -33,7 +30,7 @@ async def post_json(url: str, body: dict[str, Any], *, timeout: float) -> tuple[
                 data = await resp.text()
             return resp.status, data
     except (aiohttp.ClientError, OSError) as exc:
-        raise PeerUnreachable(f"{url}: {exc.__class__.__name__}: {exc}") from None
+        return 0, f"{url}: {exc.__class__.__name__}: {exc}"
 
 
 async def close_sessions() -> None:

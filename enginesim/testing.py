@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypedDict, Unpack
 
 import httpx
 
@@ -32,12 +32,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class SimulatorOptions(TypedDict, total=False):
+    """The options ``simulator_argv`` takes besides the port, which ``run_simulator`` passes on."""
+
+    engine: str
+    role: str
+    host: str
+    served_model_name: str
+    model_path: str
+    ttft_ms: float
+    itl_ms: float
+    extra_args: Sequence[str]
+
+
+DEFAULT_HOST = "127.0.0.1"
+
+
 def simulator_argv(
     *,
     engine: str = "openai",
     role: str = "hybrid",
     port: int,
-    host: str = "127.0.0.1",
+    host: str = DEFAULT_HOST,
     served_model_name: str = "sim-model",
     model_path: str = "/models/sim-model",
     ttft_ms: float = 0.0,
@@ -59,6 +75,12 @@ def simulator_argv(
         f"--itl-ms={itl_ms}",
         *extra_args,
     ]
+
+
+class SimulatorProcess(subprocess.Popen[bytes]):
+    """A simulator's process and the file its output goes to."""
+
+    log_file: IO[bytes] | None = None
 
 
 class Simulator:
@@ -129,35 +151,22 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float 
 @contextlib.contextmanager
 def run_simulator(
     *,
-    engine: str = "openai",
-    role: str = "hybrid",
     port: int | None = None,
-    host: str = "127.0.0.1",
-    served_model_name: str = "sim-model",
-    model_path: str = "/models/sim-model",
-    ttft_ms: float = 0.0,
-    itl_ms: float = 0.0,
-    extra_args: Sequence[str] = (),
     wait: bool = True,
     env: dict[str, str] | None = None,
+    **options: Unpack[SimulatorOptions],
 ) -> Iterator[Simulator]:
-    """Run a simulator process for the ``with`` block; SIGTERM (then SIGKILL) and reap it afterwards."""
+    """Run a simulator process for the ``with`` block; SIGTERM (then SIGKILL) and reap it afterwards.
+
+    ``options`` are ``simulator_argv``'s (with its defaults); ``port`` defaults to a free one.
+    """
     port = port or free_port()
-    argv = simulator_argv(
-        engine=engine,
-        role=role,
-        port=port,
-        host=host,
-        served_model_name=served_model_name,
-        model_path=model_path,
-        ttft_ms=ttft_ms,
-        itl_ms=itl_ms,
-        extra_args=extra_args,
-    )
+    host = options.get("host", DEFAULT_HOST)
+    argv = simulator_argv(port=port, **options)
     # Output goes to a file, not a pipe: nobody drains a pipe during a long test, and a full pipe
     # would block the simulator on its next log line.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
+    proc = SimulatorProcess(
         argv,
         cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
@@ -165,7 +174,7 @@ def run_simulator(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    proc.log_file = log  # type: ignore[attr-defined]
+    proc.log_file = log
     try:
         if wait:
             wait_listening(host, port, proc)

@@ -5,11 +5,11 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from django.contrib import admin, messages
 from django.db.models import Model, QuerySet
+from django.forms import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
@@ -43,7 +43,10 @@ def badge(choices: type[BadgeChoices], value: str, text: str | None = None) -> s
     return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
 
 
-class ServiceAdminMixin:
+_M = TypeVar("_M", bound=Model)
+
+
+class ServiceAdminMixin(Generic[_M]):
     """Routes the admin's saves and deletes through the model's services.
 
     ``entity`` names them: with ``entity = "node"`` a save calls
@@ -52,16 +55,13 @@ class ServiceAdminMixin:
 
     entity: str
 
-    def _service(self, action: str) -> Callable[..., Any]:
-        return getattr(services, f"{self.entity}_{action}")
+    def save_model(self, request: HttpRequest, obj: _M, form: Any, change: bool) -> None:
+        services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))
 
-    def save_model(self, request: HttpRequest, obj: Model, form: Any, change: bool) -> None:
-        self._service("save")(**{self.entity: obj}, actor=_actor(request))
+    def delete_model(self, request: HttpRequest, obj: _M) -> None:
+        services.entity_service(self.entity, "delete")(**{self.entity: obj}, actor=_actor(request))
 
-    def delete_model(self, request: HttpRequest, obj: Model) -> None:
-        self._service("delete")(**{self.entity: obj}, actor=_actor(request))
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[_M]) -> None:
         for obj in queryset:
             self.delete_model(request, obj)
 
@@ -74,7 +74,7 @@ class ModelAliasInline(admin.TabularInline):
 
 
 @admin.register(Node)
-class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     entity = "node"
 
     list_display = (
@@ -94,15 +94,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     inlines = [ModelAliasInline]
     actions = ["approve_nodes", "drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
-        "health",
-        "consecutive_failures",
-        "last_checked_at",
-        "source",
-        "control_plane",
-        "entity_id",
-        "scope",
-        "kind",
-        "last_seen_at",
+        *Node.READ_ONLY_FIELDS,
         "operator_fields",
         "health_history",
         "created_at",
@@ -145,7 +137,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
         state = getattr(self, "_breakers", {}).get(node.pk, BreakerState.CLOSED.value)
-        return badge(BreakerState, state, text=state.replace("_", "-"))  # as the logs and metrics name it
+        return badge(BreakerState, state)  # its label, as the dashboard shows it
 
     @admin.display(description="source", ordering="source")
     def source_badge(self, node: Node) -> str:
@@ -155,7 +147,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
     def models_list(self, node: Node) -> str:
         return format_html_join(", ", "{}", ((name,) for name in node.served_models)) or "—"
 
-    def save_formset(self, request, form, formset, change) -> None:
+    def save_formset(self, request: HttpRequest, form: Any, formset: BaseInlineFormSet, change: bool) -> None:
         actor = _actor(request)
         instances = formset.save(commit=False)
         for alias in formset.deleted_objects:
@@ -164,7 +156,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
             services.alias_save(alias=alias, actor=actor)
         formset.save_m2m()
 
-    def _apply(self, request: HttpRequest, queryset: QuerySet, service, verb: str) -> None:
+    def _apply(self, request: HttpRequest, queryset: QuerySet[Node], service: services.NodeAction, verb: str) -> None:
         actor = _actor(request)
         count = 0
         for node in queryset:
@@ -224,7 +216,7 @@ class NodeAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ModelAliasAdmin(ServiceAdminMixin[ModelAlias], admin.ModelAdmin):
     entity = "alias"
     list_display = ("name", "served_name", "origin", "node")
     list_filter = ("origin",)
@@ -233,7 +225,7 @@ class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(RoutePolicy)
-class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class RoutePolicyAdmin(ServiceAdminMixin[RoutePolicy], admin.ModelAdmin):
     entity = "policy"
     list_display = ("__str__", "strategy_badge", "mode_badge", "retry_budget", "first_token_timeout", "enabled")
     list_filter = ("strategy", "serving_mode", "enabled")
@@ -254,7 +246,7 @@ class RoutePolicyAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ControlPlane)
-class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ControlPlaneAdmin(ServiceAdminMixin[ControlPlane], admin.ModelAdmin):
     entity = "control_plane"
     list_display = (
         "name",
@@ -273,16 +265,7 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
     actions = ["sync_now", "issue_registration_token", "revoke_registration_token"]
     list_filter = ("kind", "approval_mode", "enabled", "engine_type", "sync_state")
     search_fields = ("name", "address", "scope")
-    readonly_fields = (
-        "registration_token_prefix",
-        "sync_state",
-        "last_sync_at",
-        "last_sync_duration_ms",
-        "last_sync_counts",
-        "last_sync_error",
-        "created_at",
-        "updated_at",
-    )
+    readonly_fields = (*ControlPlane.READ_ONLY_FIELDS, "created_at", "updated_at")
 
     @admin.display(description="kind", ordering="kind")
     def kind_badge(self, control_plane: ControlPlane) -> str:
@@ -335,7 +318,7 @@ class ControlPlaneAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ApiKeyAdmin(ServiceAdminMixin[ApiKey], admin.ModelAdmin):
     entity = "api_key"
     list_display = ("name", "prefix", "is_active", "allowed_models", "rate_limit_rpm", "created_at", "last_used_at")
     list_filter = ("is_active",)
@@ -343,7 +326,7 @@ class ApiKeyAdmin(ServiceAdminMixin, admin.ModelAdmin):
     fields = ("name", "allowed_models", "rate_limit_rpm", "max_concurrent", "is_active")
     readonly_fields = ("prefix", "created_by", "created_at", "last_used_at")
 
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None):
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
         return self.fields if obj is None else (*self.fields, *self.readonly_fields)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:

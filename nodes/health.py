@@ -15,11 +15,13 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import redis as redis_lib
 from django.conf import settings
+from redis.lock import Lock
 
 from .choices import NodeHealth, NodeState
 from .live import keys
@@ -115,12 +117,12 @@ def next_health(node: Node, probe: Probe) -> tuple[str, int, int]:
     return node.health, failures, successes
 
 
-def health_lock():
+def health_lock() -> Lock:
     return redis_client().lock(keys.HEALTH_LOCK, timeout=30, blocking=False)
 
 
 @contextlib.contextmanager
-def single_runner(enabled: bool):
+def single_runner(enabled: bool) -> Iterator[bool]:
     """Hold the health checker's lock (one runner at a time across workers) when ``enabled``."""
     if not enabled:
         yield True
@@ -129,11 +131,11 @@ def single_runner(enabled: bool):
     try:
         acquired = lock.acquire()
     except redis_lib.RedisError:
-        acquired = True  # without Redis there is no other coordination; probing is harmless
-        lock = None
+        yield True  # without Redis there is no other coordination; probing is harmless
+        return
     try:
         yield acquired
     finally:
-        if acquired and lock is not None:
+        if acquired:
             with contextlib.suppress(redis_lib.RedisError):
                 lock.release()

@@ -123,6 +123,10 @@ class ControlPlane(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Set by RouterPanel, never by an operator: read-only in the admin and the REST API.
+    SYNC_FIELDS = ("sync_state", "last_sync_at", "last_sync_duration_ms", "last_sync_counts", "last_sync_error")
+    READ_ONLY_FIELDS = ("registration_token_prefix", *SYNC_FIELDS)
+
     class Meta:
         ordering = ["name"]
 
@@ -205,6 +209,12 @@ class Node(models.Model):
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Written by the health checker and the registry sync, never by an operator: read-only in the
+    # admin and the REST API.
+    HEALTH_FIELDS = ("health", "consecutive_failures", "last_checked_at")
+    REGISTRY_FIELDS = ("source", "control_plane", "entity_id", "scope", "kind", "last_seen_at")
+    READ_ONLY_FIELDS = (*HEALTH_FIELDS, *REGISTRY_FIELDS)
 
     class Meta:
         ordering = ["url"]

@@ -66,12 +66,12 @@ def parse_entity(payload: Any) -> RegistryEntity:
     if not isinstance(endpoint, dict) or not isinstance(metadata, dict):
         raise ValueError(f"entity {entity_id}: endpoint and metadata must be objects")
     host = endpoint.get("host") or metadata.get("host")
-    port = endpoint.get("port") or metadata.get("port")
+    raw_port: Any = endpoint.get("port") or metadata.get("port")  # any JSON value; int() judges it
     protocol = str(endpoint.get("protocol") or "http").lower()
     if not isinstance(host, str) or not host:
         raise ValueError(f"entity {entity_id}: no endpoint host")
     try:
-        port = int(port)
+        port = int(raw_port)
     except (TypeError, ValueError):
         raise ValueError(f"entity {entity_id}: no valid endpoint port") from None
     if not 0 < port < 65536 or protocol not in {"http", "https"}:

@@ -8,6 +8,7 @@ through ``database_sync_to_async``.
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime
 from typing import TypedDict
 
 from django.urls import reverse
@@ -57,7 +58,7 @@ class ControlPlaneRow(TypedDict):
     admin_url: str
 
 
-def _iso(value) -> str | None:
+def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 

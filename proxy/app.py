@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 from django.conf import settings
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -78,7 +79,7 @@ class ProxyApp:
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
         metrics.register_inflight(self._inflight_by_node)
 
-    def _inflight_by_node(self):
+    def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
         nodes = snapshots.current().nodes
         for node_id, count in self.router.load.counts().items():
             node = nodes.get(node_id)
@@ -245,7 +246,9 @@ class ProxyApp:
                 raise
             # Our own cancellation on client disconnect: upstream is closed and counters released
             # (the ``finally`` blocks ran); end quietly instead of logging an application error.
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            assert task is not None  # this coroutine runs in the server's task for the request
+            task.uncancel()
             outcome.status, outcome.error = 499, "client_disconnected"
             metrics.count_error("client_disconnected")
         finally:

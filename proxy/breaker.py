@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from redis.typing import EncodableT, FieldT
+
 from nodes.choices import BreakerState
 from nodes.live.breakers import BreakerRecord, encode
 
@@ -94,7 +96,7 @@ class Breakers:
 
     # -- sharing ------------------------------------------------------------------------------
 
-    def take_pending(self) -> dict[str, str]:
+    def take_pending(self) -> dict[FieldT, EncodableT]:
         """Transitions since the last call, as the Redis hash fields to write."""
         pending, self.pending = self.pending, {}
         return {str(node_id): encode(record) for node_id, record in pending.items()}

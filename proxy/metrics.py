@@ -8,13 +8,16 @@ dict lookup per metric. Metrics are per process (one scrape target per web worke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 REQUESTS = Counter(
@@ -24,13 +27,13 @@ DURATION = Histogram(
     "routerpanel_proxy_request_duration_seconds",
     "Time from request to the end of the response.",
     ["model"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 TTFT = Histogram(
     "routerpanel_proxy_time_to_first_token_seconds",
     "Time from request to the first streamed chunk.",
     ["model"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 ITL = Histogram(
     "routerpanel_proxy_inter_token_latency_seconds",
@@ -41,35 +44,40 @@ ITL = Histogram(
 RETRIES = Counter("routerpanel_proxy_retries", "Attempts retried on another node.", ["model", "reason"])
 ERRORS = Counter("routerpanel_proxy_errors", "Errors the proxy answered or ended a stream with.", ["kind"])
 
-_children: dict[tuple, object] = {}
+_M = TypeVar("_M", bound=MetricWrapperBase)
+
+# Every labelled child made so far, keyed by (id of its metric, *labels): the child of metric M is
+# always of M's type, which the dict cannot say, hence Any.
+_children: dict[tuple[int | str, ...], Any] = {}
 
 
-def _child(metric, *labels: str):
-    key = (id(metric), *labels)
-    child = _children.get(key)
+def labelled(metric: _M, *labels: str) -> _M:
+    """``metric.labels(*labels)``, made once per label set so the hot path does one dict lookup."""
+    key: tuple[int | str, ...] = (id(metric), *labels)
+    child: _M | None = _children.get(key)
     if child is None:
         child = _children[key] = metric.labels(*labels)
     return child
 
 
 def observe_request(model: str, node: str, status: int, duration: float) -> None:
-    _child(REQUESTS, model, node, str(status)).inc()
-    _child(DURATION, model).observe(duration)
+    labelled(REQUESTS, model, node, str(status)).inc()
+    labelled(DURATION, model).observe(duration)
 
 
 def observe_stream(model: str, ttft: float | None, mean_gap: float | None) -> None:
     if ttft is not None:
-        _child(TTFT, model).observe(ttft)
+        labelled(TTFT, model).observe(ttft)
     if mean_gap is not None:
-        _child(ITL, model).observe(mean_gap)
+        labelled(ITL, model).observe(mean_gap)
 
 
 def count_retry(model: str, reason: str) -> None:
-    _child(RETRIES, model, reason).inc()
+    labelled(RETRIES, model, reason).inc()
 
 
 def count_error(kind: str) -> None:
-    _child(ERRORS, kind).inc()
+    labelled(ERRORS, kind).inc()
 
 
 class InflightCollector(Collector):
@@ -78,7 +86,7 @@ class InflightCollector(Collector):
     def __init__(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
         self._source = source
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily("routerpanel_proxy_inflight", "Requests in flight per node.", labels=["node"])
         for node, count in self._source():
             family.add_metric([node], count)

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .app import ProxyApp, handles
 from .transport import Receive, Scope, Send
 
+# Any ASGI 3 application: Channels' router types its scope with asgiref's TypedDicts, the lean app
+# with a plain mapping, so the parameters are left open.
+FallbackApp = Callable[..., Awaitable[None]]
+
 
 class ProxyMount:
-    def __init__(self, proxy: ProxyApp, fallback) -> None:
+    def __init__(self, proxy: ProxyApp, fallback: FallbackApp) -> None:
         self.proxy = proxy
         self.fallback = fallback
 
@@ -36,10 +42,12 @@ def enable_tcp_nodelay_under_twisted() -> bool:
     if getattr(tcp.Port.transport, "routerpanel_nodelay", False):
         return True
 
-    class NoDelayServer(tcp.Port.transport):  # type: ignore[misc, name-defined]
+    server_transport: Any = tcp.Port.transport  # a class found at run time, so mypy cannot see it
+
+    class NoDelayServer(server_transport):
         routerpanel_nodelay = True
 
-        def __init__(self, *args, **kwargs) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             with contextlib.suppress(OSError):
                 self.setTcpNoDelay(True)

@@ -12,7 +12,8 @@ docs/decisions/0005-counters-shared-through-redis.md.
 The same loop carries the circuit breakers' transitions (``proxy.breaker``), the API keys' last use,
 and, every ``stats_every``-th tick (about once a second), this worker's live statistics snapshot
 for the dashboard (``proxy.stats``). Every key name and codec is in ``nodes.live``; all of them
-expire on their own when a worker dies.
+expire on their own when a worker dies, and its entry in the registry of workers
+(``nodes.live.workers``) is dropped a minute later.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from nodes.live import keys
 from nodes.live import stats as live_stats
+from nodes.live import workers as live_workers
 from nodes.live.breakers import BreakerRecord, decode
 
 from .breaker import Breakers
@@ -109,8 +112,8 @@ class SharedKeyLimiter(KeyLimiter):
         now = time.time() if now is None else now
         return max(1, 60 - int(now % 60))
 
-    def fields(self) -> dict[str, int]:
-        values = {f"active:{key_id}": count for key_id, count in self._active.items()}
+    def fields(self) -> dict[FieldT, EncodableT]:
+        values: dict[FieldT, EncodableT] = {f"active:{key_id}": count for key_id, count in self._active.items()}
         for key_id, (minute, used) in self._window.items():
             values[f"rpm:{key_id}:{minute}"] = used
         return values
@@ -175,11 +178,10 @@ class SharedCounters:
         if self._client is not None:
             with contextlib.suppress(RedisError, OSError):
                 async with self._client.pipeline(transaction=False) as pipe:
-                    pipe.srem(keys.WORKERS, self.worker)
+                    pipe.zrem(keys.WORKERS, self.worker)
                     pipe.delete(
                         keys.worker_load_key(self.worker),
                         keys.worker_keys_key(self.worker),
-                        keys.worker_alive_key(self.worker),
                         keys.stats_worker_key(self.worker),
                     )
                     await pipe.execute()
@@ -229,7 +231,7 @@ class SharedCounters:
         return live_stats.encode_snapshot(snapshot)
 
     async def publish_stats(self) -> None:
-        """Write this worker's statistics snapshot (with a TTL) and its entry in the index."""
+        """Write this worker's statistics snapshot (with a TTL) and its turn in the registry of workers."""
         async with self.client().pipeline(transaction=False) as pipe:
             live_stats.queue_publish(pipe, self.worker, self.stats_payload(), time.time())
             await pipe.execute()
@@ -240,7 +242,7 @@ class SharedCounters:
         client = self.client()
         ttl_ms = int(max(self.view.stale_after, self.interval * 5) * 1000)
         load_key, keys_key = keys.worker_load_key(self.worker), keys.worker_keys_key(self.worker)
-        load = {str(node_id): count for node_id, count in self.load.counts().items()}
+        load: dict[FieldT, EncodableT] = {str(node_id): count for node_id, count in self.load.counts().items()}
         key_counts = self.limiter.fields()
         async with client.pipeline(transaction=False) as pipe:
             pipe.delete(load_key, keys_key)
@@ -250,7 +252,6 @@ class SharedCounters:
                 pipe.hset(keys_key, mapping=key_counts)
             pipe.pexpire(load_key, ttl_ms)
             pipe.pexpire(keys_key, ttl_ms)
-            pipe.set(keys.worker_alive_key(self.worker), 1, px=ttl_ms)
             if self.key_used:
                 used, self.key_used = self.key_used, {}
                 pipe.hset(keys.KEYS_LAST_USED, mapping={str(k): repr(t) for k, t in used.items()})
@@ -258,38 +259,30 @@ class SharedCounters:
             if transitions:
                 pipe.hset(keys.BREAKERS, mapping=transitions)
             pipe.hgetall(keys.BREAKERS)
-            pipe.sadd(keys.WORKERS, self.worker)
-            pipe.smembers(keys.WORKERS)
+            live_workers.queue_seen(pipe, self.worker, time.time())
+            pipe.zrange(keys.WORKERS, 0, -1)
             results = await pipe.execute()
         remote: dict[int, BreakerRecord] = {}
-        for node_id, raw in results[-3].items():
+        for node_id, raw in results[-4].items():  # the hash, then the two writes of queue_seen, then the list
             record = decode(raw)
             if record is not None:
                 remote[int(node_id)] = record
         self.breakers.adopt(remote)
-        others = [w.decode() if isinstance(w, bytes) else w for w in results[-1]]
-        others = [w for w in others if w != self.worker]
+        others = [w for w in live_workers.names(results[-1]) if w != self.worker]
         other_load: dict[int, int] = {}
         other_keys: dict[str, int] = {}
         if others:
+            # A worker that died without saying goodbye has no hashes left (they expire with ttl_ms).
             async with client.pipeline(transaction=False) as pipe:
                 for worker in others:
-                    pipe.exists(keys.worker_alive_key(worker))
                     pipe.hgetall(keys.worker_load_key(worker))
                     pipe.hgetall(keys.worker_keys_key(worker))
                 results = await pipe.execute()
-            dead = []
-            for index, worker in enumerate(others):
-                alive, worker_load, worker_keys = results[3 * index : 3 * index + 3]
-                if not alive:
-                    dead.append(worker)
-                    continue
+            for worker_load, worker_keys in zip(results[0::2], results[1::2], strict=True):
                 for node_id, count in worker_load.items():
                     other_load[int(node_id)] = other_load.get(int(node_id), 0) + int(count)
                 for field, count in worker_keys.items():
                     name = field.decode() if isinstance(field, bytes) else field
                     other_keys[name] = other_keys.get(name, 0) + int(count)
-            if dead:
-                await client.srem(keys.WORKERS, *dead)  # workers that died without saying goodbye
         self.view.load, self.view.keys = other_load, other_keys
         self.view.synced_at = time.monotonic()

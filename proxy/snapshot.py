@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,12 +122,13 @@ class Snapshot:
 
 EMPTY = Snapshot(version=-1, built_at=0.0, nodes={}, routes={}, keys={}, default_policy=PolicyView(), models=())
 
+_NODE_FIELDS = list(NodeView.__dataclass_fields__)
 _POLICY_FIELDS = [f for f in PolicyView.__dataclass_fields__ if f != "model"]
 
 
 def build_routes(
     nodes: dict[int, NodeView],
-    aliases: list[tuple[int | None, str, str]],
+    aliases: Sequence[tuple[int | None, str, str]],
     policies: dict[str, PolicyView],
     default_policy: PolicyView,
 ) -> dict[str, Route]:
@@ -185,23 +187,7 @@ def build_routes(
 def build_snapshot() -> Snapshot:
     """Read the registry and return a fresh snapshot. Blocking: call it from a worker thread."""
     version = ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
-    nodes = {
-        row["id"]: NodeView(**row)
-        for row in Node.objects.values(
-            "id",
-            "url",
-            "engine_type",
-            "role",
-            "state",
-            "health",
-            "weight",
-            "max_concurrency",
-            "bootstrap_port",
-            "dp_size",
-            "kv_connector_address",
-            "metadata",
-        )
-    }
+    nodes = {row["id"]: NodeView(**row) for row in Node.objects.values(*_NODE_FIELDS)}
     aliases = list(ModelAlias.objects.values_list("node_id", "name", "served_name"))
     policies: dict[str, PolicyView] = {}
     default_policy = PolicyView()

@@ -12,7 +12,7 @@ import bisect
 import hashlib
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from .load import LoadTracker
 from .snapshot import Target
@@ -92,7 +92,7 @@ class HashRing:
         self._node_ids = [p[1] for p in points]
         self._distinct = len(set(self._node_ids))
 
-    def lookup(self, key: str, available_ids: set[int] | frozenset[int]) -> int | None:
+    def lookup(self, key: str, available_ids: Container[int]) -> int | None:
         if not self._hashes:
             return None
         start = bisect.bisect(self._hashes, _hash64(key))

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -30,16 +32,18 @@ from . import snapshot as snapshots
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 # While Redis cannot be reached the database is polled this often instead.
 DB_POLL_WITHOUT_REDIS = 1.0
 # Seconds between attempts after a failed rebuild (the previous snapshot keeps serving meanwhile).
 REBUILD_RETRY = 1.0
 
 
-def _in_thread(func):
+def _in_thread(func: Callable[[], _T]) -> Callable[[], _T]:
     """Run a blocking ORM call and close the thread's connection afterwards (CONN_MAX_AGE = 0)."""
 
-    def run():
+    def run() -> _T:
         try:
             return func()
         finally:

@@ -136,7 +136,8 @@ ASGI_APPLICATION = "routerpanel.asgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        # The project's own templates (the admin's branding), ahead of the apps' (admin's included).
+        "DIRS": [BASE_DIR / "routerpanel" / "templates"],
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

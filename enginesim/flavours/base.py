@@ -53,10 +53,13 @@ class Flavour:
     async def plan(self, req: InferenceRequest) -> Plan:
         return self.hybrid_plan(req)
 
-    def hybrid_plan(self, req: InferenceRequest, max_tokens: int | None = None, *, limit: int | None = None) -> Plan:
+    def hybrid_plan(
+        self, req: InferenceRequest, max_tokens: int | None = None, *, limit: int | None = None, cacheable: bool = True
+    ) -> Plan:
         """The full answer: for each prompt, ``n`` copies of its deterministic completion.
 
         ``limit`` cuts every choice to that many tokens (a prefill leg that stops after its first token).
+        ``cacheable=False`` keeps fast mode from answering a repeat from cache (a PD leg has side effects).
         """
         budget = req.max_tokens if max_tokens is None else max_tokens
         choices: list[ChoicePlan] = []
@@ -67,7 +70,7 @@ class Flavour:
                 ids, finish = ids[:limit], "length"
             prompt_tokens += count_prompt_tokens(prompt)
             choices.extend(ChoicePlan(j * req.n + k, ids, finish) for k in range(req.n))
-        return Plan(kind=req.kind, model=req.model, choices=choices, prompt_tokens=prompt_tokens)
+        return Plan(kind=req.kind, model=req.model, choices=choices, prompt_tokens=prompt_tokens, cacheable=cacheable)
 
 
 def blocks_for(prompt_tokens: int, block_size: int) -> int:

@@ -45,7 +45,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.schema import Invalid, Model, validate
 from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens
@@ -150,7 +150,7 @@ class LmdeployFlavour(Flavour):
         return self.hybrid_plan(req)
 
     def _prefill(self, req: InferenceRequest, preserve: bool) -> Plan:
-        plan = self.hybrid_plan(req)
+        plan = self.hybrid_plan(req, cacheable=False)
         session_id = self.next_session_id
         self.next_session_id += 1
         first = plan.choices[0].token_ids[0]
@@ -169,7 +169,6 @@ class LmdeployFlavour(Flavour):
             plan.response_id = "chatcmpl-" + "".join(_ALPHABET[b % len(_ALPHABET)] for b in os.urandom(22))
         else:
             plan.response_id = str(session_id)
-        plan.cacheable = False
         plan.kv_key = session_id if preserve else None
         return plan
 
@@ -193,19 +192,14 @@ class LmdeployFlavour(Flavour):
             "token_id": mr["remote_token_id"],
             "session_id": mr["remote_session_id"],
         }
-        try:
-            status, answer = await post_json(
-                prefill.rstrip("/") + "/sim/lmdeploy/migrate", read, timeout=self.config.pd_timeout_s
-            )
-        except PeerUnreachable as exc:
-            status, answer = 0, str(exc)
+        status, answer = await post_json(
+            prefill.rstrip("/") + "/sim/lmdeploy/migrate", read, timeout=self.config.pd_timeout_s
+        )
         if status != 200:
             self.migration_failures += 1
             raise self.error(500, f"migration failed: {answer}")
         self.migrations_in += 1
-        plan = self.hybrid_plan(req)
-        plan.cacheable = False
-        return plan
+        return self.hybrid_plan(req, cacheable=False)
 
     async def migrate(self, request: Request, response: Response) -> None:
         """The prefill side of a migration: the decode's RDMA read, then its ZMQ free of the session."""

@@ -28,7 +28,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.schema import Field, Invalid, ListOf, Model, Optional, Union, validate
 from enginesim.stats import RequestStats
 
@@ -115,7 +115,7 @@ class SglangFlavour(Flavour):
         rooms = self._rooms(req, fields["bootstrap_room"])
         if self.config.role == "prefill":
             await self._prefill(rooms)
-            plan = self.hybrid_plan(req, limit=1)
+            return self.hybrid_plan(req, limit=1, cacheable=False)
         else:
             host, port = fields["bootstrap_host"], fields["bootstrap_port"]
             if isinstance(host, list):
@@ -125,9 +125,7 @@ class SglangFlavour(Flavour):
             if not isinstance(host, str):
                 raise self.error(400, "Invalid request: the decode needs bootstrap_host to reach its prefill.")
             await self._decode(rooms, host, self.config.bootstrap_port if port is None else port)
-            plan = self.hybrid_plan(req)
-        plan.cacheable = False
-        return plan
+            return self.hybrid_plan(req, cacheable=False)
 
     def _rooms(self, req: InferenceRequest, room: int | list[int] | None) -> list[int]:
         """One room per sequence (``batch * n`` of them), the way SGLang normalises the field."""
@@ -167,10 +165,7 @@ class SglangFlavour(Flavour):
     async def _decode(self, rooms: list[int], host: str, port: int) -> None:
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         url = f"http://{host}:{port}/sim/bootstrap/claim"
-        try:
-            status, answer = await post_json(url, {"rooms": rooms}, timeout=self.config.pd_timeout_s + 5.0)
-        except PeerUnreachable as exc:
-            status, answer = 0, str(exc)
+        status, answer = await post_json(url, {"rooms": rooms}, timeout=self.config.pd_timeout_s + 5.0)
         if status != 200:
             self.rooms_failed += len(rooms)
             raise self.error(500, f"bootstrap failed for room(s) {rooms}: {answer}")

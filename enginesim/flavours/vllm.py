@@ -39,7 +39,7 @@ from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
 from enginesim.openai import HttpError, Plan
-from enginesim.peer import PeerUnreachable, post_json
+from enginesim.peer import post_json
 from enginesim.stats import RequestStats
 
 VERSION = "0.32.0"  # what GET /version answers: the vLLM release the simulator follows
@@ -151,7 +151,6 @@ class VllmFlavour(Flavour):
             "remote_blocks_expiry_time": None,
             "transfer_mode": "pull",
         }
-        plan.cacheable = False
         plan.kv_key = request_id
         return plan
 
@@ -166,17 +165,12 @@ class VllmFlavour(Flavour):
             url = f"http://{_host(str(params['remote_host']))}:{params['remote_port']}/sim/vllm/kv_read"
             read = {"request_id": request_id, "engine_id": params["remote_engine_id"]}
             read["block_ids"] = params["remote_block_ids"]
-            try:
-                status, answer = await post_json(url, read, timeout=self.config.pd_timeout_s)
-            except PeerUnreachable as exc:
-                status, answer = 0, str(exc)
+            status, answer = await post_json(url, read, timeout=self.config.pd_timeout_s)
         if status != 200:
             self.transfer_failures += 1
             raise vllm_error(500, f"KV transfer failed for request {request_id}: {answer}", "InternalServerError")
         self.decodes += 1
-        plan = self.hybrid_plan(req)
-        plan.cacheable = False
-        return plan
+        return self.hybrid_plan(req, cacheable=False)
 
     async def kv_read(self, request: Request, response: Response) -> None:
         """Side channel: the decode pulls (and thereby releases) the blocks it was promised."""

@@ -6,8 +6,13 @@ carry the same DRF token, so scripts written for either keep working.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import TokenAuthentication
+
+if TYPE_CHECKING:
+    from drf_spectacular.openapi import AutoSchema
 
 
 class BearerTokenAuthentication(TokenAuthentication):
@@ -20,5 +25,5 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
     target_class = "nodes.api.authentication.BearerTokenAuthentication"
     name = "bearerAuth"
 
-    def get_security_definition(self, auto_schema):
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, str]:
         return {"type": "http", "scheme": "bearer", "description": "A REST API token: `Bearer <token>`."}

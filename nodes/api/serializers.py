@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -17,18 +18,34 @@ from nodes.networks import is_unspecified, url_host
 
 from .exceptions import validation_detail
 
+_T = TypeVar("_T")
+
 
 def _actor(serializer: serializers.Serializer) -> services.Actor:
     request = serializer.context.get("request")
     return services.Actor.for_user(getattr(request, "user", None), ChangeVia.API)
 
 
-def _call(service, **kwargs):
+def _call(service: Callable[..., _T], **kwargs: Any) -> _T:
     """Run a service and turn Django validation errors into DRF ones (400 with the field named)."""
     try:
         return service(**kwargs)
     except DjangoValidationError as exc:
         raise serializers.ValidationError(validation_detail(exc)) from None
+
+
+class ServiceModelSerializer(serializers.ModelSerializer):
+    """Creates and updates through the entity's services (``services.<entity>_create`` and
+    ``<entity>_update``), so a write through the API is validated, audited and versioned like any other."""
+
+    entity: str
+
+    def create(self, validated_data: dict[str, Any]) -> Any:
+        return _call(services.entity_service(self.entity, "create"), actor=_actor(self), **validated_data)
+
+    def update(self, instance: Any, validated_data: dict[str, Any]) -> Any:
+        update = services.entity_service(self.entity, "update")
+        return _call(update, **{self.entity: instance}, actor=_actor(self), **validated_data)
 
 
 class StrictJSONObjectField(serializers.JSONField):
@@ -71,15 +88,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "engine_type",
             "role",
             "state",
-            "health",
-            "consecutive_failures",
-            "last_checked_at",
-            "source",
-            "control_plane",
-            "entity_id",
-            "scope",
-            "kind",
-            "last_seen_at",
+            *Node.READ_ONLY_FIELDS,
             "weight",
             "max_concurrency",
             "bootstrap_port",
@@ -96,17 +105,7 @@ class NodeSerializer(serializers.ModelSerializer):
         extra_kwargs = {
             "engine_type": {"help_text": "Detected from the node's own endpoints when not given."},
         }
-        read_only_fields = [
-            "health",
-            "consecutive_failures",
-            "last_checked_at",
-            "source",
-            "control_plane",
-            "entity_id",
-            "scope",
-            "kind",
-            "last_seen_at",
-        ]
+        read_only_fields = Node.READ_ONLY_FIELDS
 
     def get_served_models(self, node: Node) -> list[str]:
         return node.served_models
@@ -158,20 +157,18 @@ class NodeSerializer(serializers.ModelSerializer):
         return node
 
 
-class ModelAliasSerializer(serializers.ModelSerializer):
+class ModelAliasSerializer(ServiceModelSerializer):
+    entity = "alias"
+
     class Meta:
         model = ModelAlias
         fields = ["id", "node", "name", "served_name", "origin", "created_at"]
         validators: list = []  # uniqueness is checked by the model's constraints in the service
 
-    def create(self, validated_data: dict[str, Any]) -> ModelAlias:
-        return _call(services.alias_create, actor=_actor(self), **validated_data)
 
-    def update(self, alias: ModelAlias, validated_data: dict[str, Any]) -> ModelAlias:
-        return _call(services.alias_update, alias=alias, actor=_actor(self), **validated_data)
+class RoutePolicySerializer(ServiceModelSerializer):
+    entity = "policy"
 
-
-class RoutePolicySerializer(serializers.ModelSerializer):
     class Meta:
         model = RoutePolicy
         fields = [
@@ -190,14 +187,9 @@ class RoutePolicySerializer(serializers.ModelSerializer):
             "updated_at",
         ]
 
-    def create(self, validated_data: dict[str, Any]) -> RoutePolicy:
-        return _call(services.policy_create, actor=_actor(self), **validated_data)
 
-    def update(self, policy: RoutePolicy, validated_data: dict[str, Any]) -> RoutePolicy:
-        return _call(services.policy_update, policy=policy, actor=_actor(self), **validated_data)
-
-
-class ControlPlaneSerializer(serializers.ModelSerializer):
+class ControlPlaneSerializer(ServiceModelSerializer):
+    entity = "control_plane"
     kinds = ModelNameListField(required=False, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].')
     allowed_networks = serializers.ListField(
         child=serializers.CharField(max_length=64),
@@ -247,14 +239,7 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
             "created_at",
             "updated_at",
         ]
-        read_only_fields = [
-            "registration_token_prefix",
-            "sync_state",
-            "last_sync_at",
-            "last_sync_duration_ms",
-            "last_sync_counts",
-            "last_sync_error",
-        ]
+        read_only_fields = ControlPlane.READ_ONLY_FIELDS
 
     SECRET_FIELDS = ("redis_url", "address")
 
@@ -268,14 +253,9 @@ class ControlPlaneSerializer(serializers.ModelSerializer):
                     data[name] = mask_credentials(data[name])
         return data
 
-    def create(self, validated_data: dict[str, Any]) -> ControlPlane:
-        return _call(services.control_plane_create, actor=_actor(self), **validated_data)
 
-    def update(self, control_plane: ControlPlane, validated_data: dict[str, Any]) -> ControlPlane:
-        return _call(services.control_plane_update, control_plane=control_plane, actor=_actor(self), **validated_data)
-
-
-class ApiKeySerializer(serializers.ModelSerializer):
+class ApiKeySerializer(ServiceModelSerializer):
+    entity = "api_key"
     allowed_models = ModelNameListField(required=False, help_text="Models this key may use; empty for all.")
     key = serializers.SerializerMethodField(help_text="The plaintext key: returned once, in the create response.")
 
@@ -296,16 +276,15 @@ class ApiKeySerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["prefix", "created_by", "created_at", "last_used_at"]
 
+    # The plaintext of the key this serializer has just created: shown in that response only.
+    _plaintext: str | None = None
+
     def get_key(self, key: ApiKey) -> str | None:
-        return getattr(key, "_plaintext", None)
+        return self._plaintext if key is self.instance else None
 
     def create(self, validated_data: dict[str, Any]) -> ApiKey:
-        key, plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
-        key._plaintext = plaintext  # shown in this response only
+        key, self._plaintext = _call(services.api_key_create, actor=_actor(self), **validated_data)
         return key
-
-    def update(self, key: ApiKey, validated_data: dict[str, Any]) -> ApiKey:
-        return _call(services.api_key_update, api_key=key, actor=_actor(self), **validated_data)
 
 
 class ChangeRecordSerializer(serializers.ModelSerializer):

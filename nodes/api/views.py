@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, viewsets
 from rest_framework.decorators import action
@@ -23,15 +23,17 @@ def _actor(request: Request) -> services.Actor:
     return services.Actor.for_user(request.user, ChangeVia.API)
 
 
-class ServiceDestroyMixin:
-    """Deletes through a service so the deletion is audited and bumps the configuration version."""
+class ServiceModelViewSet(viewsets.ModelViewSet):
+    """A model's viewset whose deletes go through the entity's service (``services.<entity>_delete``),
+    so the deletion is audited and bumps the configuration version; its serializer does the same for
+    creates and updates (``serializers.ServiceModelSerializer``)."""
 
-    def delete_with_service(self, instance) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    entity: str
 
-    def perform_destroy(self, instance) -> None:
+    def perform_destroy(self, instance: Model) -> None:
+        delete = services.entity_service(self.entity, "delete")
         try:
-            self.delete_with_service(instance)
+            delete(**{self.entity: instance}, actor=_actor(self.request))
         except DjangoValidationError as exc:
             raise serializers.ValidationError(validation_detail(exc)) from None
 
@@ -55,17 +57,15 @@ class NodeFilter(django_filters.FilterSet):
         return queryset.filter(Q(aliases__served_name__in=served) | Q(aliases__name=value)).distinct()
 
 
-class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class NodeViewSet(ServiceModelViewSet):
     """Inference nodes. Reads need a login; writes need a staff account."""
 
+    entity = "node"
     queryset = Node.objects.prefetch_related("aliases").order_by("url")
     serializer_class = s.NodeSerializer
     filterset_class = NodeFilter
 
-    def delete_with_service(self, node: Node) -> None:
-        services.node_delete(node=node, actor=_actor(self.request))
-
-    def _state_action(self, request: Request, service) -> Response:
+    def _state_action(self, request: Request, service: services.NodeAction) -> Response:
         node = service(node=self.get_object(), actor=_actor(request))
         return Response(self.get_serializer(node).data)
 
@@ -107,31 +107,25 @@ class NodeViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         return self._state_action(request, services.node_disable)
 
 
-class ModelAliasViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ModelAliasViewSet(ServiceModelViewSet):
+    entity = "alias"
     queryset = ModelAlias.objects.select_related("node").order_by("name", "id")
     serializer_class = s.ModelAliasSerializer
     filterset_fields = ["node", "name", "served_name", "origin"]
 
-    def delete_with_service(self, alias: ModelAlias) -> None:
-        services.alias_delete(alias=alias, actor=_actor(self.request))
 
-
-class RoutePolicyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class RoutePolicyViewSet(ServiceModelViewSet):
+    entity = "policy"
     queryset = RoutePolicy.objects.order_by("model")
     serializer_class = s.RoutePolicySerializer
     filterset_fields = ["model", "strategy", "serving_mode", "enabled"]
 
-    def delete_with_service(self, policy: RoutePolicy) -> None:
-        services.policy_delete(policy=policy, actor=_actor(self.request))
 
-
-class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ControlPlaneViewSet(ServiceModelViewSet):
+    entity = "control_plane"
     queryset = ControlPlane.objects.order_by("name")
     serializer_class = s.ControlPlaneSerializer
     filterset_fields = ["enabled", "kind", "approval_mode", "engine_type", "sync_state", "scope"]
-
-    def delete_with_service(self, control_plane: ControlPlane) -> None:
-        services.control_plane_delete(control_plane=control_plane, actor=_actor(self.request))
 
     @extend_schema(
         request=None, responses={200: s.SyncResultSerializer, 409: s.SyncResultSerializer, 502: s.SyncResultSerializer}
@@ -161,15 +155,13 @@ class ControlPlaneViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
         return Response(self.get_serializer(control_plane).data)
 
 
-class ApiKeyViewSet(ServiceDestroyMixin, viewsets.ModelViewSet):
+class ApiKeyViewSet(ServiceModelViewSet):
     """Proxy API keys. The plaintext key is in the create response only; just a hash is stored."""
 
+    entity = "api_key"
     queryset = ApiKey.objects.order_by("name", "id")
     serializer_class = s.ApiKeySerializer
     filterset_fields = ["is_active", "name"]
-
-    def delete_with_service(self, key: ApiKey) -> None:
-        services.api_key_delete(api_key=key, actor=_actor(self.request))
 
 
 class ChangeRecordViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):

@@ -29,7 +29,7 @@ from nodes.networks import is_unspecified, normalize_node_url, parse_address, ur
 
 
 class CompatError(exceptions.APIException):
-    status_code = status.HTTP_400_BAD_REQUEST
+    status_code: int = status.HTTP_400_BAD_REQUEST
 
 
 def compat_error(message: str, code: int) -> CompatError:

@@ -6,6 +6,7 @@ Nothing here is the source of truth: the database is, and Redis being down must 
 request or a write. See docs/architecture.md and docs/decisions/0005-counters-shared-through-redis.md.
 
 - ``keys``: the names of every shared key and channel, and a worker's identity.
+- ``workers``: the one registry of the web workers.
 - ``connection``: the process-wide blocking Redis client for Django code (short timeouts).
 - ``config_version``: publishing the configuration version after a registry change.
 - ``breakers``: the circuit-breaker hash's record and codec, and reading the states per node.

@@ -34,26 +34,20 @@ BREAKERS = "routerpanel:breakers"
 # (``nodes.tasks.record_key_usage``).
 KEYS_LAST_USED = "routerpanel:keys-last-used"
 
-# Set of the ids of the workers sharing their counters (``proxy.shared``); a member whose
-# ``worker_alive_key`` expired died without saying goodbye and is removed by the next reader.
+# Sorted set: worker id -> Unix time of the worker's last turn; the one registry of the web workers,
+# listed by the other workers (their counters) and the dashboard (their statistics). See
+# ``nodes.live.workers``.
 WORKERS = "routerpanel:workers"
-
-# Sorted set: statistics snapshot key -> Unix time of its last publish (``nodes.live.stats``).
-STATS_WORKERS = "routerpanel:stats:workers"
-
-
-def worker_alive_key(worker: str) -> str:
-    """Set with a short TTL on every sync: the worker is alive."""
-    return f"routerpanel:alive:{worker}"
 
 
 def worker_load_key(worker: str) -> str:
-    """Hash: node id -> the worker's requests in flight on that node."""
+    """Hash: node id -> the worker's requests in flight on that node (with a TTL of about 2 s)."""
     return f"routerpanel:load:{worker}"
 
 
 def worker_keys_key(worker: str) -> str:
-    """Hash: ``active:{key id}`` -> requests in flight, ``rpm:{key id}:{minute}`` -> requests that minute."""
+    """Hash: ``active:{key id}`` -> requests in flight, ``rpm:{key id}:{minute}`` -> requests that minute
+    (with a TTL of about 2 s)."""
     return f"routerpanel:keys:{worker}"
 
 

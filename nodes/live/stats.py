@@ -2,8 +2,9 @@
 
 Each web worker counts its attempts per node (``proxy.stats``) and, about once a second, writes a
 ``WorkerSnapshot`` under ``keys.stats_worker_key(worker)`` with a short TTL (so a stopped worker's
-numbers vanish on their own) and its entry in the ``keys.STATS_WORKERS`` index. The dashboard reads
-every live worker's snapshot and merges them into per-node figures (``read_fleet_stats``).
+numbers vanish on their own) and marks itself seen in the registry of workers (``nodes.live.workers``).
+The dashboard reads every registered worker's snapshot and merges them into per-node figures
+(``read_fleet_stats``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import redis
 import redis.asyncio as aioredis
 
-from . import keys
+from . import keys, workers
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ HISTORY_SECONDS = 180
 SAMPLE_WINDOW = 60.0
 # requests/s and error rate are taken over the last few complete seconds.
 RATE_WINDOW = 5
-# Index entries older than this are dropped by the publishing worker.
-INDEX_HORIZON = 60
 
 
 class NodeSnapshot(TypedDict):
@@ -73,12 +72,10 @@ def encode_snapshot(snapshot: WorkerSnapshot) -> bytes:
 
 
 def queue_publish(pipe: aioredis.client.Pipeline, worker: str, payload: bytes, now: float) -> None:
-    """Queue on a Redis pipeline the writes of one publish: the snapshot with its TTL, the worker's
-    entry in the index, and the pruning of entries nobody refreshed for a minute."""
-    key = keys.stats_worker_key(worker)
-    pipe.set(key, payload, ex=SNAPSHOT_TTL)
-    pipe.zadd(keys.STATS_WORKERS, {key: now})
-    pipe.zremrangebyscore(keys.STATS_WORKERS, "-inf", now - INDEX_HORIZON)
+    """Queue on a Redis pipeline the writes of one publish: the snapshot with its TTL, and the
+    worker's turn in the registry of workers."""
+    pipe.set(keys.stats_worker_key(worker), payload, ex=SNAPSHOT_TTL)
+    workers.queue_seen(pipe, worker, now)
 
 
 # -- Reading (the dashboard) -------------------------------------------------------------------
@@ -91,7 +88,7 @@ def decode_snapshot(raw: bytes | str | None) -> WorkerSnapshot | None:
         value = json.loads(raw)
     except ValueError:
         return None
-    return value if isinstance(value, dict) else None
+    return cast(WorkerSnapshot, value) if isinstance(value, dict) else None  # as encode_snapshot wrote it
 
 
 def _p50(samples: Iterable[float]) -> float | None:
@@ -148,24 +145,25 @@ def merge_snapshots(workers: Iterable[WorkerSnapshot], now: float | None = None)
     return figures
 
 
-def _live_since() -> float:
-    return time.time() - SNAPSHOT_TTL * 2
+def _snapshot_keys(members: Iterable[object]) -> list[str]:
+    return [keys.stats_worker_key(worker) for worker in workers.names(members)]
+
+
+def _decode_all(raw: Iterable[bytes | str | None]) -> list[WorkerSnapshot]:
+    """The snapshots that are there (a stopped worker's expired; a worker just started has none yet)."""
+    return [s for s in map(decode_snapshot, raw) if s is not None]
 
 
 async def read_worker_snapshots(client: aioredis.Redis) -> list[WorkerSnapshot]:
-    """Every live worker's snapshot from Redis."""
-    snapshot_keys = await client.zrangebyscore(keys.STATS_WORKERS, _live_since(), "+inf")
-    if not snapshot_keys:
-        return []
-    return [s for s in map(decode_snapshot, await client.mget(snapshot_keys)) if s is not None]
+    """Every registered worker's snapshot from Redis."""
+    snapshot_keys = _snapshot_keys(await client.zrange(keys.WORKERS, 0, -1))
+    return _decode_all(await client.mget(snapshot_keys)) if snapshot_keys else []
 
 
 def read_worker_snapshots_sync(client: redis.Redis) -> list[WorkerSnapshot]:
     """``read_worker_snapshots`` for blocking callers."""
-    snapshot_keys = client.zrangebyscore(keys.STATS_WORKERS, _live_since(), "+inf")
-    if not snapshot_keys:
-        return []
-    return [s for s in map(decode_snapshot, client.mget(snapshot_keys)) if s is not None]
+    snapshot_keys = _snapshot_keys(client.zrange(keys.WORKERS, 0, -1))
+    return _decode_all(client.mget(snapshot_keys)) if snapshot_keys else []
 
 
 async def read_fleet_stats(client: aioredis.Redis) -> dict[int, NodeFigures] | None:

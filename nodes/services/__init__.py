@@ -18,6 +18,9 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .api_keys import api_key_create, api_key_delete, api_key_record_usage, api_key_save, api_key_update
 from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_version_current
 from .control_planes import (
@@ -30,6 +33,7 @@ from .control_planes import (
 )
 from .health_checks import HEALTH_ACTOR, health_check_nodes
 from .nodes import (
+    NodeAction,
     node_approve,
     node_create,
     node_delete,
@@ -61,11 +65,25 @@ from .routing import (
     policy_update,
 )
 
+
+def entity_service(entity: str, action: str) -> Callable[..., Any]:
+    """The service ``<entity>_<action>``: ``entity_service("policy", "delete")`` is ``policy_delete``.
+
+    For the interfaces that treat every entity alike (the admin's saves and deletes, the REST API's
+    creates, updates and deletes); each such service takes its object by the keyword ``entity``.
+    """
+    service = globals().get(f"{entity}_{action}")
+    if not callable(service):
+        raise LookupError(f"there is no service {entity}_{action}")
+    return service
+
+
 __all__ = [
     "HEALTH_ACTOR",
     "OPERATOR_INTERFACES",
     "SYNC_LOCK_TIMEOUT",
     "Actor",
+    "NodeAction",
     "RegistrationConflict",
     "SyncResult",
     "alias_create",
@@ -85,6 +103,7 @@ __all__ = [
     "control_plane_revoke_token",
     "control_plane_save",
     "control_plane_update",
+    "entity_service",
     "health_check_nodes",
     "node_approve",
     "node_create",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.core.exceptions import ValidationError
 from django.db import models, transaction
 from django.db.models import F
@@ -47,13 +47,13 @@ class Actor:
 
     label: str
     via: str
-    user: AbstractBaseUser | None = None
+    user: User | None = None  # Django's User is the AUTH_USER_MODEL, which ChangeRecord.actor points at
 
     @classmethod
     def for_user(cls, user: AbstractBaseUser | AnonymousUser | None, via: str) -> Actor:
-        if user is None or not user.is_authenticated:
+        if not isinstance(user, User) or not user.is_authenticated:
             return cls(label="anonymous", via=via)
-        return cls(label=user.get_username(), via=via, user=user)  # type: ignore[arg-type]
+        return cls(label=user.get_username(), via=via, user=user)
 
     @classmethod
     def system(cls, label: str = "system") -> Actor:
@@ -120,7 +120,7 @@ def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[st
         actor_label=actor.label[:200],
         via=actor.via,
         action=action,
-        object_type=obj._meta.model_name,
+        object_type=obj._meta.model_name or "",  # set on every model class; None only before that
         object_id=str(obj.pk),
         object_repr=mask_credentials(str(obj))[:500],
         changes=_masked(changes),
@@ -138,7 +138,7 @@ def audited_save(
     """
     model = type(obj)
     creating = obj._state.adding or obj.pk is None
-    before = {} if creating else field_values(model.objects.get(pk=obj.pk))
+    before = {} if creating else field_values(model._default_manager.get(pk=obj.pk))
     obj.full_clean()
     with transaction.atomic():
         obj.save()

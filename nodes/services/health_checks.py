@@ -31,10 +31,10 @@ def health_check_nodes(*, node_ids: Iterable[int] | None = None) -> health.Healt
             report.skipped, report.reason = True, "another health check is running"
             logger.info("health check skipped: %s", report.reason)
             return report
-        nodes = Node.objects.all() if node_ids is not None else Node.objects.filter(state__in=health.PROBED_STATES)
         if node_ids is not None:
-            nodes = nodes.filter(pk__in=list(node_ids))
-        nodes = list(nodes)
+            nodes = list(Node.objects.filter(pk__in=list(node_ids)))
+        else:
+            nodes = list(Node.objects.filter(state__in=health.PROBED_STATES))
         if not nodes:
             return report
         probes = asyncio.run(health.probe_all([n.url for n in nodes], timeout=settings.ROUTERPANEL_HEALTH_TIMEOUT))

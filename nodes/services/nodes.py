@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -96,15 +96,22 @@ def node_set_models(*, node: Node, actor: Actor, models: Iterable[str], model_pa
             if name not in wanted:
                 alias_delete(alias=alias, actor=actor)
         for name, (served, origin) in wanted.items():
-            alias = current.get(name)
-            if alias is None:
+            kept = current.get(name)
+            if kept is None:
                 alias_create(actor=actor, node=node, name=name, served_name=served, origin=origin)
-            elif (alias.served_name, alias.origin) != (served, origin):
-                alias_update(alias=alias, actor=actor, served_name=served, origin=origin)
+            elif (kept.served_name, kept.origin) != (served, origin):
+                alias_update(alias=kept, actor=actor, served_name=served, origin=origin)
 
 
 def node_delete(*, node: Node, actor: Actor, note: str = "") -> None:
     audited_delete(node, actor=actor, note=note)
+
+
+class NodeAction(Protocol):
+    """The shape of the state changes an operator applies to one node at a time: ``node_drain``,
+    ``node_enable`` and ``node_disable`` (the admin's actions and the REST API's take one of them)."""
+
+    def __call__(self, *, node: Node, actor: Actor) -> Node: ...
 
 
 def node_set_state(*, node: Node, actor: Actor, state: str, note: str = "") -> Node:

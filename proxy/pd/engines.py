@@ -155,7 +155,7 @@ class VllmPd(TwoStagePd):
         return params
 
     def decode_request(self, pd: PdRequest, leg: Leg, handoff: dict[str, Any]) -> LegRequest:
-        changes = {"kv_transfer_params": handoff} if handoff else {}
+        changes: dict[str, Any] = {"kv_transfer_params": handoff} if handoff else {}
         return pd.request.path, pd.payload_for(leg, **changes), leg.headers(pd.request.request_id)
 
 

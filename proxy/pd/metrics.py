@@ -8,19 +8,20 @@ still running; both must fall back to 0 once traffic stops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+from proxy.metrics import LATENCY_BUCKETS, labelled
 
 LEG_DURATION = Histogram(
     "routerpanel_proxy_pd_leg_duration_seconds",
     "Duration of each PD leg: the prefill call, and the decode call up to the end of its answer.",
     ["model", "leg"],
-    buckets=_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
 FREES = Counter(
@@ -40,27 +41,17 @@ SHIELDED_PREFILLS = Counter(
     "Prefill calls that finished after their client left and held KV, which was then freed.",
 )
 
-_children: dict[tuple, object] = {}
-
-
-def _child(metric, *labels: str):
-    key = (id(metric), *labels)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = metric.labels(*labels)
-    return child
-
 
 def observe_leg(model: str, leg: str, seconds: float) -> None:
-    _child(LEG_DURATION, model, leg).observe(seconds)
+    labelled(LEG_DURATION, model, leg).observe(seconds)
 
 
 def count_leg_error(leg: str, kind: str) -> None:
-    _child(LEG_ERRORS, leg, kind).inc()
+    labelled(LEG_ERRORS, leg, kind).inc()
 
 
 def count_free(result: str) -> None:
-    _child(FREES, result).inc()
+    labelled(FREES, result).inc()
 
 
 def count_unreleasable() -> None:
@@ -76,7 +67,7 @@ class PdGauges(Collector):
         self._inflight = inflight
         self._cleanups = cleanups
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "routerpanel_proxy_pd_inflight", "PD requests being orchestrated now.", value=self._inflight()
         )

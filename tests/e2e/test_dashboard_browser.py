@@ -258,7 +258,7 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> Non
                     time.sleep(0.05)
         assert served >= 60
         client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])
-        live_workers = client.zrangebyscore(keys.STATS_WORKERS, time.time() - stats.SNAPSHOT_TTL, "+inf")
+        live_workers = client.zrangebyscore(keys.WORKERS, time.time() - stats.SNAPSHOT_TTL, "+inf")
         assert len(live_workers) >= 3  # the module's server and these two workers
         dashboard = staff_session(routerpanel["base"])
         figures: dict = {}

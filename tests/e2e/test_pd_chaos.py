@@ -1,4 +1,4 @@
-"""The PD chaos soak (issue 6): 1,000 NanoDeploy PD requests at concurrency 32 through RouterPanel
+"""The PD chaos soak (docs/pd.md): 1,000 NanoDeploy PD requests at concurrency 32 through RouterPanel
 (uvicorn) and real simulated engines, mixed chat/completions and streaming/non-streaming, while the
 client leaves at random moments and a chaos task injects prefill and decode errors, hangs, slow
 first tokens and dropped answers. At the end every KV block a prefill allocated was freed exactly

@@ -211,7 +211,7 @@ def test_redis_down_for_30_s_under_load_then_sharing_resumes(clean) -> None:
             back = time.monotonic()
             # Shared counters resume: both workers register again in the fresh Redis.
             client = redis.Redis.from_url(private_redis.url)
-            while client.scard("routerpanel:workers") < 2:
+            while client.zcard("routerpanel:workers") < 2:
                 assert time.monotonic() - back < 10, "workers did not come back to Redis"
                 await asyncio.sleep(0.05)
             rejoined = time.monotonic() - back

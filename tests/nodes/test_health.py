@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from nodes import health, services
+from nodes.choices import BreakerState
 from nodes.models import ChangeRecord, Node
 from tests.procs import free_port
 
@@ -141,10 +142,14 @@ def test_beat_schedules_the_health_check_with_expiry_under_the_interval(settings
 
 def test_the_admin_shows_each_nodes_circuit_breaker(client, admin_user, system, redis_url) -> None:
     open_node = services.node_create(actor=system, url="http://a:1", models=["m"])
+    half_open_node = services.node_create(actor=system, url="http://c:1", models=["m"])
     services.node_create(actor=system, url="http://b:1", models=["m"])
-    redis.Redis.from_url(redis_url).hset(
-        "routerpanel:breakers", str(open_node.pk), json.dumps({"state": "open", "until": time.time() + 60, "at": 1})
-    )
+    for node, state in ((open_node, "open"), (half_open_node, "half_open")):
+        redis.Redis.from_url(redis_url).hset(
+            "routerpanel:breakers", str(node.pk), json.dumps({"state": state, "until": time.time() + 60, "at": 1})
+        )
     client.force_login(admin_user)
     html = client.get("/admin/nodes/node/").content.decode()
-    assert html.count(">open</span>") == 1 and html.count(">closed</span>") == 1
+    # Each state in its colour with its label, as the dashboard shows it (nodes.choices.BreakerState).
+    for state, label in (("open", "Open"), ("half_open", "Half-open"), ("closed", "Closed")):
+        assert html.count(f'background:{BreakerState.colour(state)}">{label}</span>') == 1, state

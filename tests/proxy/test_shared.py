@@ -4,10 +4,13 @@ share per-key limits; without Redis each keeps serving on its own counts."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis
 
+from nodes.live import keys
+from nodes.live import workers as live_workers
 from proxy.shared import SharedCounters
 from proxy.snapshot import KeyView, NodeView
 
@@ -91,7 +94,27 @@ async def test_the_background_task_survives_an_unreachable_redis_and_recovers(re
     await asyncio.sleep(0.3)
     assert up.view.fresh()
     await up.stop()
-    assert up.worker.encode() not in redis.Redis.from_url(redis_url).smembers("routerpanel:workers")
+    assert redis.Redis.from_url(redis_url).zscore("routerpanel:workers", up.worker) is None
+
+
+async def test_a_worker_that_died_without_saying_goodbye_counts_for_nothing_and_is_forgotten(
+    workers, redis_url
+) -> None:
+    a, b = workers
+    a.load.try_acquire(NODE)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.load.inflight(NODE.id) == 1
+    client = redis.Redis.from_url(redis_url)
+    # ``a`` dies: its counters expire (as their TTL makes them do), then its last turn ages past the horizon.
+    client.delete(keys.worker_load_key(a.worker), keys.worker_keys_key(a.worker))
+    await b.sync_once()
+    assert b.load.inflight(NODE.id) == 0
+    assert client.zscore(keys.WORKERS, a.worker) is not None
+    client.zadd(keys.WORKERS, {a.worker: time.time() - live_workers.HORIZON - 1})
+    await b.sync_once()
+    assert client.zscore(keys.WORKERS, a.worker) is None
+    assert client.zscore(keys.WORKERS, b.worker) is not None
 
 
 async def test_key_use_is_recorded_for_the_database_off_the_hot_path(workers, redis_url) -> None:

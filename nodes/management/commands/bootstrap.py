@@ -11,7 +11,7 @@ import os
 import secrets
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 from rest_framework.authtoken.models import Token
 
@@ -25,7 +25,7 @@ DEMO_CONTROL_PLANE = "local"
 class Command(BaseCommand):
     help = "Create the admin user, its REST API token and a demo proxy API key (printed once)."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--username", default="admin")
         parser.add_argument("--url", default="http://127.0.0.1:8000", help="Where the web server listens.")
         parser.add_argument(
@@ -35,7 +35,16 @@ class Command(BaseCommand):
         parser.add_argument("--sync-interval", type=int, default=5)
 
     @transaction.atomic
-    def handle(self, *args, username: str, url: str, control_plane: str, **options) -> None:
+    def handle(
+        self,
+        *args: object,
+        username: str,
+        url: str,
+        control_plane: str,
+        control_plane_redis: str,
+        sync_interval: int,
+        **options: object,
+    ) -> None:
         actor = Actor.system("bootstrap")
         lines: list[str] = []
 
@@ -81,8 +90,8 @@ class Command(BaseCommand):
         if control_plane:
             fields = {
                 "address": control_plane,
-                "redis_url": options["control_plane_redis"],
-                "sync_interval": options["sync_interval"],
+                "redis_url": control_plane_redis,
+                "sync_interval": sync_interval,
                 "enabled": True,
             }
             existing = ControlPlane.objects.filter(name=DEMO_CONTROL_PLANE).first()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 
 def nanoctrl_binary() -> str:
@@ -24,13 +24,13 @@ def nanoctrl_binary() -> str:
 class Command(BaseCommand):
     help = "Wait for Redis, then run `nanoctrl server` in the foreground."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=4479)
         parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
         parser.add_argument("--wait", type=float, default=30.0, help="Seconds to wait for Redis.")
 
-    def handle(self, *args, host: str, port: int, redis_url: str, wait: float, **options) -> None:
+    def handle(self, *args: object, host: str, port: int, redis_url: str, wait: float, **options: object) -> None:
         parts = urlsplit(redis_url)
         deadline = time.monotonic() + wait
         while True:

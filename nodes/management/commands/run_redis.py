@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from nodes.localredis import redis_server_argv
 
@@ -14,11 +14,11 @@ from nodes.localredis import redis_server_argv
 class Command(BaseCommand):
     help = "Run a local, non-persistent redis-server in the foreground."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--port", type=int, default=6379)
         parser.add_argument("--host", default="127.0.0.1")
 
-    def handle(self, *args, port: int, host: str, **options) -> None:
+    def handle(self, *args: object, port: int, host: str, **options: object) -> None:
         data_dir = Path(settings.BASE_DIR) / "var" / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = redis_server_argv(port=port, host=host, data_dir=data_dir)

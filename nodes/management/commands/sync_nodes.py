@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nodes.models import ControlPlane
 from nodes.services import registry_sync
@@ -11,10 +11,10 @@ from nodes.services import registry_sync
 class Command(BaseCommand):
     help = "Sync nodes from every enabled control plane (or the ones named)."
 
-    def add_arguments(self, parser) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("control_planes", nargs="*", help="Control plane names or ids (default: all enabled).")
 
-    def handle(self, *args, control_planes: list[str], **options) -> None:
+    def handle(self, *args: object, control_planes: list[str], **options: object) -> None:
         if control_planes:
             selected = []
             for ref in control_planes:
