@@ -150,7 +150,8 @@ class ProxyApp:
     # -- Endpoints -----------------------------------------------------------------------------
 
     def authenticate(self, snap: Snapshot, headers: RequestHeaders) -> KeyView | None:
-        """The caller's key from ``Authorization: Bearer``; 401 when missing, 403 when unknown."""
+        """The caller's key from ``Authorization: Bearer``; 401 when missing or unknown (OpenAI's
+        ``invalid_api_key``: a key that exists but may not use a model is the 403)."""
         if not self.require_key:
             return None
         raw = headers.authorization
@@ -162,7 +163,7 @@ class ProxyApp:
             raise ProxyError(401, "Malformed Authorization header: use Bearer <key>.", "missing_api_key")
         key = snap.keys.get(hashlib.sha256(token).hexdigest())
         if key is None:
-            raise ProxyError(403, "Invalid API key.", "invalid_api_key")
+            raise ProxyError(401, "Incorrect API key provided.", "invalid_api_key")
         return key
 
     async def models(self, scope: Scope, send: Send) -> None:
