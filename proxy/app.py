@@ -25,6 +25,7 @@ from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
+from .loops import check_hops, hop_value
 from .pd import proxy_pd, wants_pd
 from .readiness import readiness
 from .request import Outcome, ProxyRequest
@@ -77,6 +78,7 @@ class ProxyApp:
         self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
+        self.deployment = settings.ROUTERPANEL_DEPLOYMENT_ID  # the hop marker (proxy.loops)
         metrics.register_inflight(self._inflight_by_node)
 
     def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
@@ -177,6 +179,8 @@ class ProxyApp:
         started = time.perf_counter()
         snap = snapshots.current()
         headers = RequestHeaders.parse(scope["headers"])
+        if headers.hops is not None:  # sent by a RouterPanel: maybe by this one (before the key: we send none)
+            check_hops(self.deployment, headers.hops)
         request_id = headers.request_id or _new_request_id()
         key = self.authenticate(snap, headers)
         if key is not None and self.shared.share_counters:
@@ -229,6 +233,7 @@ class ProxyApp:
             stream=stream is True,
             request_id=request_id,
             headers=headers,
+            hop=self.deployment if headers.hops is None else hop_value(self.deployment, headers.hops),
         )
         outcome = Outcome()
         watcher = DisconnectWatcher(receive)

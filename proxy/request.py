@@ -36,6 +36,7 @@ class ProxyRequest:
     stream: bool
     request_id: str
     headers: RequestHeaders
+    hop: str = ""  # the X-RouterPanel-Hop value sent on (``proxy.loops``)
     rewritten: dict[str, bytes] = field(default_factory=dict)
 
     def body_for(self, served_name: str) -> bytes:

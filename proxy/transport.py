@@ -34,6 +34,7 @@ class RequestHeaders:
 
     authorization: bytes | None = None
     request_id: str | None = None
+    hops: bytes | None = None  # x-routerpanel-hop: the RouterPanel deployments it went through
     content_length: int | None = None
     routing: dict[str, str] = field(default_factory=dict)  # x-session-id, x-user-id
 
@@ -50,6 +51,8 @@ class RequestHeaders:
                     headers.content_length = int(value)
             elif name == b"x-session-id" or name == b"x-user-id":
                 headers.routing[name.decode()] = value.decode("latin-1")
+            elif name == b"x-routerpanel-hop":
+                headers.hops = value
         return headers
 
 

@@ -7,6 +7,8 @@ start-up with a message that names the variable, instead of surfacing later as a
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -351,3 +353,15 @@ ROUTERPANEL_PROXY_SHARED_INTERVAL = env_float("ROUTERPANEL_PROXY_SHARED_INTERVAL
 # timeouts or 5xx answers (never 4xx), and lets one trial request through after the cool-down.
 ROUTERPANEL_BREAKER_FAILURES = env_int("ROUTERPANEL_BREAKER_FAILURES", 5, minimum=1)
 ROUTERPANEL_BREAKER_COOLDOWN = env_float("ROUTERPANEL_BREAKER_COOLDOWN", 5.0, minimum=0.1)
+# This deployment's hop marker, sent on every request to a node and refused (508) when it comes back
+# (proxy/loops.py). The same in every process that shares the secret key, database and Redis; set it
+# explicitly only to give several deployments sharing those one identity.
+ROUTERPANEL_DEPLOYMENT_ID = (
+    env_str("ROUTERPANEL_DEPLOYMENT_ID")
+    or hmac.new(
+        SECRET_KEY.encode(),
+        "|".join(str(DATABASES["default"].get(part, "")) for part in ("ENGINE", "NAME", "HOST", "PORT")).encode()
+        + ROUTERPANEL_REDIS_URL.encode(),
+        hashlib.sha256,
+    ).hexdigest()[:16]
+)
