@@ -75,6 +75,9 @@ class ProxyApp:
         )
         self.shared.inflight = self.router.load.counts  # live per-node figures for the dashboard
         self.watcher = watcher or SnapshotWatcher()
+        # This worker learns that a node turned unhealthy from the snapshots it installs: requests
+        # still waiting for that node's first byte are retried elsewhere (``Router.eject``).
+        self.watcher.on_install = self.router.eject_unhealthy
         self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES

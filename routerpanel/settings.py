@@ -349,6 +349,14 @@ ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES = env_int("ROUTERPANEL_PROXY_PREFIX_CACHE
 # Redis is unreachable).
 ROUTERPANEL_PROXY_SHARED_COUNTERS = env_bool("ROUTERPANEL_PROXY_SHARED_COUNTERS", True)
 ROUTERPANEL_PROXY_SHARED_INTERVAL = env_float("ROUTERPANEL_PROXY_SHARED_INTERVAL", 0.1, minimum=0.01)
+# A streaming request's response headers must come within this many seconds: engines (vLLM, SGLang,
+# LMDeploy, NanoDeploy) send them once they accepted the request, before the prefill, so a node
+# that sends none is silent (a frozen engine still accepts connections). Counted as the node's
+# failure and retried on another node. The first token then has the route policy's first-token
+# timeout (a long prompt's prefill). Raise it if your engines fetch large media (video URLs) before
+# answering. Non-streaming answers come whole at the end: their bound is the policy's total timeout,
+# and a node marked unhealthy (health checks, about 2 s) or whose breaker opens releases them at once.
+ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT = env_float("ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT", 10.0, minimum=0.1)
 # Passive health: a node's circuit breaker opens after this many consecutive connect errors,
 # timeouts or 5xx answers (never 4xx), and lets one trial request through after the cool-down.
 ROUTERPANEL_BREAKER_FAILURES = env_int("ROUTERPANEL_BREAKER_FAILURES", 5, minimum=1)
