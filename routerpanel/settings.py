@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -22,6 +23,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------
 # Core
 # --------------------------------------------------------------------------------------------
+
 
 DEBUG = env_bool("ROUTERPANEL_DEBUG", True)
 
@@ -47,6 +49,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "django_celery_beat",
+    "axes",
     "channels",
     "nodes",
     "proxy",
@@ -62,7 +65,24 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Failed logins (the admin's form) and failed REST API tokens are counted by django-axes, per
+# client address, in the database (shared by every process); past the limit that address is
+# refused, the right password included, until the cool-off has passed (or an operator runs
+# `manage.py axes_reset`). The REST API's token failures feed the same counts
+# (nodes/api/authentication.py).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("ROUTERPANEL_LOGIN_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_float("ROUTERPANEL_LOGIN_COOLOFF", 900.0, minimum=1.0))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "routerpanel.urls"
 WSGI_APPLICATION = None
@@ -186,7 +206,7 @@ CHANNEL_LAYERS = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "nodes.api.authentication.BearerTokenAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "nodes.api.authentication.CountedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["nodes.api.permissions.StaffWriteAuthenticatedRead"],
