@@ -58,6 +58,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: the Content-Security-Policy on every page (routerpanel/middleware.py).
+    "routerpanel.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -274,6 +276,15 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("ROUTERPANEL_HSTS_INCLUDE_SUBDOMAINS",
 SECURE_HSTS_PRELOAD = env_bool("ROUTERPANEL_HSTS_PRELOAD", not DEBUG)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Every page Django serves (admin, dashboard, API docs) may run only scripts from our own static
+# files: no inline script, no eval, nothing from another origin. Styles may be inline (the admin's
+# templates use style attributes); the dashboard's WebSocket is same-origin.
+ROUTERPANEL_CONTENT_SECURITY_POLICY = env_str(
+    "ROUTERPANEL_CONTENT_SECURITY_POLICY",
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'",
+)
 
 # --------------------------------------------------------------------------------------------
 # Logging: plain lines on stderr; secrets are never part of a log message.
