@@ -1,14 +1,17 @@
 """RouterPanel settings.
 
 Every value comes from the environment with a safe default (SQLite, a local Redis, DEBUG on for a
-developer's machine). Project variables are prefixed ``ROUTERPANEL_``. Malformed values stop
-start-up with a message that names the variable, instead of surfacing later as a strange error.
+developer's machine; `make run` turns it off, see the Makefile). Project variables are prefixed
+``ROUTERPANEL_``. Malformed values stop start-up with a message that names the variable, instead
+of surfacing later as a strange error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,9 +28,38 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------
 
 
+def secret_key_from_file(path: str) -> str:
+    """The secret key kept in ``path``, generated there (readable by its owner only) on first use:
+    `make run` works on a fresh machine without debug mode, and keeps its sessions across runs.
+    Several processes may start at once: the first to link its file in place wins, the others read it."""
+    if not path:
+        return ""
+    target = Path(path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        draft = target.with_name(f".{target.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, target)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    key = target.read_text().strip()
+    if len(key) < 50:
+        raise ImproperlyConfigured(f"ROUTERPANEL_SECRET_KEY_FILE={path!r} holds fewer than 50 characters.")
+    return key
+
+
 DEBUG = env_bool("ROUTERPANEL_DEBUG", True)
 
-SECRET_KEY = env_str("ROUTERPANEL_SECRET_KEY") or env_str("SECRET_KEY")
+SECRET_KEY = (
+    env_str("ROUTERPANEL_SECRET_KEY")
+    or env_str("SECRET_KEY")
+    or secret_key_from_file(env_str("ROUTERPANEL_SECRET_KEY_FILE"))
+)
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("ROUTERPANEL_SECRET_KEY is required when ROUTERPANEL_DEBUG is off.")
@@ -58,7 +90,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: the Content-Security-Policy on every page (routerpanel/middleware.py).
+    # First: refuses an oversized body before anything reads it (413), keeps the APIs' errors JSON,
+    # and sets the Content-Security-Policy (routerpanel/middleware.py).
+    "routerpanel.middleware.ErrorShapesMiddleware",
     "routerpanel.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
