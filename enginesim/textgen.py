@@ -106,7 +106,11 @@ def count_prompt_tokens(prompt_text: str) -> int:
 
 def prompt_token_ids(prompt_text: str) -> list[int]:
     """Stable fake token ids of the prompt's words (what a migrated sequence carries)."""
-    return [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=2).digest(), "big") for w in prompt_text.split()]
+    # surrogatepass: valid JSON may carry a lone surrogate ("\\ud800"), which strict UTF-8 refuses.
+    return [
+        int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=2).digest(), "big")
+        for w in prompt_text.split()
+    ]
 
 
 def _content_text(content: Any) -> str:

@@ -25,6 +25,7 @@ from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
+from .loops import check_hops, hop_value
 from .pd import proxy_pd, wants_pd
 from .readiness import readiness
 from .request import Outcome, ProxyRequest
@@ -74,9 +75,13 @@ class ProxyApp:
         )
         self.shared.inflight = self.router.load.counts  # live per-node figures for the dashboard
         self.watcher = watcher or SnapshotWatcher()
+        # This worker learns that a node turned unhealthy from the snapshots it installs: requests
+        # still waiting for that node's first byte are retried elsewhere (``Router.eject``).
+        self.watcher.on_install = self.router.eject_unhealthy
         self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
+        self.deployment = settings.ROUTERPANEL_DEPLOYMENT_ID  # the hop marker (proxy.loops)
         metrics.register_inflight(self._inflight_by_node)
 
     def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
@@ -150,7 +155,8 @@ class ProxyApp:
     # -- Endpoints -----------------------------------------------------------------------------
 
     def authenticate(self, snap: Snapshot, headers: RequestHeaders) -> KeyView | None:
-        """The caller's key from ``Authorization: Bearer``; 401 when missing, 403 when unknown."""
+        """The caller's key from ``Authorization: Bearer``; 401 when missing or unknown (OpenAI's
+        ``invalid_api_key``: a key that exists but may not use a model is the 403)."""
         if not self.require_key:
             return None
         raw = headers.authorization
@@ -162,7 +168,7 @@ class ProxyApp:
             raise ProxyError(401, "Malformed Authorization header: use Bearer <key>.", "missing_api_key")
         key = snap.keys.get(hashlib.sha256(token).hexdigest())
         if key is None:
-            raise ProxyError(403, "Invalid API key.", "invalid_api_key")
+            raise ProxyError(401, "Incorrect API key provided.", "invalid_api_key")
         return key
 
     async def models(self, scope: Scope, send: Send) -> None:
@@ -176,6 +182,8 @@ class ProxyApp:
         started = time.perf_counter()
         snap = snapshots.current()
         headers = RequestHeaders.parse(scope["headers"])
+        if headers.hops is not None:  # sent by a RouterPanel: maybe by this one (before the key: we send none)
+            check_hops(self.deployment, headers.hops)
         request_id = headers.request_id or _new_request_id()
         key = self.authenticate(snap, headers)
         if key is not None and self.shared.share_counters:
@@ -228,6 +236,7 @@ class ProxyApp:
             stream=stream is True,
             request_id=request_id,
             headers=headers,
+            hop=self.deployment if headers.hops is None else hop_value(self.deployment, headers.hops),
         )
         outcome = Outcome()
         watcher = DisconnectWatcher(receive)

@@ -8,6 +8,17 @@ rules live here and nowhere else:
   where the caller allows it, an answer in ``RETRY_STATUSES`` are tried again on another node of the
   same role, within the route policy's retry budget. A timeout (504) or any other failure (502)
   before the first byte is the answer; nothing is retried once the answer started.
+- An attempt still waiting for its first byte when its node is ejected (``Router.eject``: the node
+  was marked unhealthy, or its circuit breaker opened) stops waiting at once and counts as the
+  node's failure; it is tried again on another node like an unreachable one. A silent node (a
+  frozen engine accepts connections and never answers) thus costs its waiting requests the seconds
+  the health checks or the breaker take to notice, not the first-token timeout.
+- Waiting is bounded: a streaming attempt gets its response headers within
+  ``ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT`` (engines send them as soon as they accept the
+  request, before the prefill; a node that sends none is tried again elsewhere, and its timeout is
+  the answer when none is left) and its first chunk within the policy's first-token timeout (a
+  long prompt's prefill); a non-streaming answer comes whole at the end, so only the policy's
+  total timeout and ejection bound it.
 - When every try failed, an engine's own answer says more than a connect error: the last one is
   delivered as if it were the only one, status and body intact; otherwise the last connect error.
 - Each attempt gives its node's circuit breaker a verdict (``verdict_for``): no answer, a timeout,
@@ -23,12 +34,12 @@ Callers subclass ``AttemptLoop``: ``pick`` a node, ``build`` what to send, ``del
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import aiohttp
+from django.conf import settings
 
 from . import metrics, stats
 from .errors import ProxyError, engine_failed, engine_timeout
@@ -41,9 +52,6 @@ from .upstream import CONNECT_ERRORS, session, timeout_for
 RETRY_STATUSES = frozenset({429, 502, 503})
 
 SSE = "text/event-stream"
-
-# Attempts without a first-byte bound (non-streaming requests) are bounded by the total timeout only.
-_NO_TIMEOUT = contextlib.nullcontext()
 
 R = TypeVar("R")
 
@@ -78,6 +86,7 @@ class Attempt:
     __slots__ = (
         "body",
         "cancelled",
+        "ejected",
         "error",
         "first",
         "response",
@@ -87,6 +96,7 @@ class Attempt:
         "target",
         "ttft",
         "verdict",
+        "waiting",
     )
 
     def __init__(self, target: Target) -> None:
@@ -101,6 +111,16 @@ class Attempt:
         self.verdict: bool | None = None  # for the circuit breaker: success, failure, or no say
         self.ttft: float | None = None  # time to the first chunk of a delivered stream
         self.cancelled = False  # cancelled under us: the client left, or a PD leg was called off
+        self.ejected = False  # its node was ejected while it waited for the first byte
+        self.waiting: asyncio.Timeout | None = None  # the wait for the first byte, while it lasts
+
+    def eject(self) -> None:
+        """Stop waiting for the first byte now (``Router.eject``): the wait ends in a timeout that
+        ``_send`` turns into a retry on another node."""
+        waiting = self.waiting
+        if waiting is not None and not waiting.expired():
+            self.ejected = True
+            waiting.reschedule(-1.0)  # in the past: expires on the loop's next turn
 
     @property
     def url(self) -> str:
@@ -116,7 +136,16 @@ class AttemptLoop(Generic[R]):
     """Tries nodes until one answers (see the module doc); subclasses say what to pick, send and
     deliver. ``run`` returns what ``deliver`` returns."""
 
-    __slots__ = ("first_byte_timeout", "retry_other_node", "retry_statuses", "route", "router", "stream", "timeout")
+    __slots__ = (
+        "first_byte_timeout",
+        "headers_timeout",
+        "retry_other_node",
+        "retry_statuses",
+        "route",
+        "router",
+        "stream",
+        "timeout",
+    )
 
     names: Names = HYBRID
 
@@ -137,6 +166,8 @@ class AttemptLoop(Generic[R]):
         self.retry_other_node = retry_other_node  # False: one attempt only
         self.retry_statuses = retry_statuses  # False: only a node that could not be reached is retried
         self.timeout = timeout_for(route.policy)  # connect (short) and total (long), per attempt
+        # A stream's response headers come before the prefill: a node that sends none is silent.
+        self.headers_timeout: float | None = settings.ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT if stream else None
 
     # -- What callers say ----------------------------------------------------------------------
 
@@ -192,13 +223,25 @@ class AttemptLoop(Generic[R]):
         raise unreachable or self.missing()
 
     async def _send(self, attempt: Attempt, *, retry_status: bool) -> str:
-        """Send ``attempt`` and wait for its first byte. Returns why to try another node (``connect``
-        or the status), or ``""`` to deliver; raises the 504 or 502 of any other failure."""
+        """Send ``attempt`` and wait for its first byte. Returns why to try another node (``connect``,
+        ``ejected`` or the status), or ``""`` to deliver; raises the 504 or 502 of any other failure."""
         url, body, headers = self.build(attempt)
         first_byte = self.first_byte_timeout
+        headers_bound = self.headers_timeout
         names = self.names
+        loop = asyncio.get_running_loop()
+        first_deadline = None if first_byte is None else loop.time() + first_byte
+        deadline = first_deadline
+        if headers_bound is not None and (first_byte is None or headers_bound < first_byte):
+            deadline = loop.time() + headers_bound
+        else:
+            headers_bound = None
+        node_id = attempt.target.node.id
+        router = self.router
         try:
-            async with _NO_TIMEOUT if first_byte is None else asyncio.timeout(first_byte):
+            async with asyncio.timeout_at(deadline) as waiting:
+                attempt.waiting = waiting
+                router.waiting(node_id, attempt)
                 try:
                     response = await session().post(url, data=body, headers=headers, timeout=self.timeout)
                 except CONNECT_ERRORS as exc:
@@ -207,6 +250,9 @@ class AttemptLoop(Generic[R]):
                     attempt.error = engine_failed(message, names.unreachable)
                     return "connect"
                 attempt.response = response
+                if headers_bound is not None:
+                    waiting.reschedule(first_deadline)  # the headers came: now the first token's bound
+                    headers_bound = None
                 status = attempt.status = response.status
                 if self.stream and status == 200 and response.content_type == SSE:
                     attempt.streaming = True
@@ -215,11 +261,26 @@ class AttemptLoop(Generic[R]):
                 attempt.body = await response.read()
         except TimeoutError:
             attempt.verdict = False
+            if attempt.ejected:
+                message = (
+                    f"{names.node} {attempt.url} was taken out of rotation (unhealthy or failing) before it answered."
+                )
+                attempt.error = engine_failed(message, names.unreachable)
+                return "ejected"
+            if headers_bound is not None:
+                # The node accepted the connection and never started answering (a frozen engine):
+                # nothing was generated, so another node may try, like one that could not be reached.
+                message = f"{names.node} {attempt.url} sent no response headers within {headers_bound:g} s."
+                attempt.error = engine_timeout(message, names.timeout)
+                return "headers_timeout"
             message = f"{names.node} {attempt.url} did not answer within {self._first_byte_bound():g} s."
             raise engine_timeout(message, names.timeout) from None
         except aiohttp.ClientError as exc:
             attempt.verdict = False
             raise engine_failed(f"{names.node} {attempt.url} failed before answering: {exc}", names.failed) from None
+        finally:
+            attempt.waiting = None
+            router.done_waiting(node_id, attempt)
         if retry_status and status in RETRY_STATUSES:
             attempt.verdict = verdict_for(status)
             return str(status)

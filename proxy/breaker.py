@@ -14,6 +14,7 @@ worker made. The hot-path methods are synchronous and O(1).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.typing import EncodableT, FieldT
@@ -40,6 +41,9 @@ class Breakers:
         self.cooldown = cooldown
         self.nodes: dict[int, NodeBreaker] = {}
         self.pending: dict[int, BreakerRecord] = {}  # transitions to publish
+        # Called with a node's id when its breaker opens, here or in another worker (``Router.eject``:
+        # requests still waiting on that node go elsewhere).
+        self.on_open: Callable[[int], object] | None = None
 
     def state(self, node_id: int) -> str:
         breaker = self.nodes.get(node_id)
@@ -93,6 +97,8 @@ class Breakers:
         if state == CLOSED:
             breaker.failures = 0
         self.pending[node_id] = BreakerRecord(breaker.state, breaker.until, breaker.changed_at)
+        if state == OPEN and self.on_open is not None:
+            self.on_open(node_id)
 
     # -- sharing ------------------------------------------------------------------------------
 
@@ -107,3 +113,5 @@ class Breakers:
             mine = self.nodes.get(node_id)
             if mine is None or theirs.at > mine.changed_at:
                 self.nodes[node_id] = NodeBreaker(theirs.state, 0, theirs.until, theirs.at)
+                if theirs.state == OPEN and (mine is None or mine.state != OPEN) and self.on_open is not None:
+                    self.on_open(node_id)

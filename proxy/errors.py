@@ -30,6 +30,7 @@ _TYPES = {
     502: "upstream_error",
     503: "service_unavailable",
     504: "timeout_error",
+    508: "server_error",
 }
 
 

@@ -15,6 +15,7 @@ from nodes.choices import NodeRole
 
 from .attempts import HYBRID, Attempt, AttemptLoop, verdict_for
 from .errors import ProxyError
+from .loops import HOP_HEADER
 from .relay import relay_stream
 from .request import Outcome, ProxyRequest
 from .router import Router
@@ -48,7 +49,7 @@ class HybridRequest(AttemptLoop[None]):
 
     def build(self, attempt: Attempt) -> tuple[str, bytes, dict[str, str]]:
         request = self.request
-        headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id}
+        headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id, HOP_HEADER: request.hop}
         return attempt.url + request.path, request.body_for(attempt.target.served_name), headers
 
     async def deliver(self, attempt: Attempt) -> None:

@@ -11,6 +11,21 @@ from .snapshot import Route
 from .transport import RequestHeaders
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as compact JSON in UTF-8: the one encoder for everything sent on from a client's JSON
+    (a rewritten ``model``, the PD legs' bodies).
+
+    A string the client sent as a lone surrogate escape (``"\\ud800"``) decodes to a code point
+    UTF-8 cannot encode; it is then sent escaped, as the client sent it, so the engine decides on
+    it on every path as it does when the client's bytes pass unchanged (never a 500 of ours). The
+    common case pays for nothing: the fallback runs only when the UTF-8 encoding fails."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
 @dataclass(slots=True)
 class ProxyRequest:
     path: str
@@ -21,6 +36,7 @@ class ProxyRequest:
     stream: bool
     request_id: str
     headers: RequestHeaders
+    hop: str = ""  # the X-RouterPanel-Hop value sent on (``proxy.loops``)
     rewritten: dict[str, bytes] = field(default_factory=dict)
 
     def body_for(self, served_name: str) -> bytes:
@@ -30,8 +46,7 @@ class ProxyRequest:
             return self.body
         body = self.rewritten.get(served_name)
         if body is None:
-            rewritten = {**self.payload, "model": served_name}
-            body = json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+            body = json_bytes({**self.payload, "model": served_name})
             self.rewritten[served_name] = body
         return body
 

@@ -4,24 +4,38 @@ route policy's strategy, and takes a slot on the chosen node.
 The ``Router`` owns the per-process mutable state the strategies need (round-robin counters per
 model and role, cached hash rings, the prefix index) and the ``LoadTracker``. It survives snapshot
 swaps, so affinity and counters are not reset by an unrelated configuration change.
+
+It also knows which attempts are waiting for a node's first byte, so that a node taken out of
+rotation releases them at once (``eject``): when its circuit breaker opens (``Breakers.on_open``)
+and when this worker learns it is unhealthy (``eject_unhealthy``, called with every routing
+snapshot the watcher installs). Those attempts are retried on other nodes (``proxy.attempts``).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Protocol
 
 from django.conf import settings
 
-from nodes.choices import Strategy
+from nodes.choices import NodeHealth, Strategy
 
 from . import strategies
 from .breaker import Breakers
 from .load import LoadTracker, LocalLoadTracker
-from .snapshot import Route, Target
+from .snapshot import Route, Snapshot, Target
+
+logger = logging.getLogger(__name__)
 
 _RING_CACHE_MAX = 256
+
+
+class Waiter(Protocol):
+    """An attempt waiting for its node's first byte (``proxy.attempts.Attempt``)."""
+
+    def eject(self) -> None: ...
 
 
 def session_key(headers: dict[str, str], payload: dict[str, Any]) -> str | None:
@@ -74,6 +88,9 @@ class Router:
         self.rng = rng or random.Random()
         self._ticks: dict[tuple[str, str], int] = {}
         self._rings: dict[tuple[int, ...], strategies.HashRing] = {}
+        self._waiting: dict[int, set[Waiter]] = {}  # node id -> attempts waiting for its first byte
+        self.breakers.on_open = self.eject
+        self.ejected = 0  # attempts released by eject, for tests and logs
 
     def _tick(self, model: str, role: str) -> int:
         key = (model, role)
@@ -151,3 +168,43 @@ class Router:
             self.breakers.failure(target.node.id)
         else:
             self.breakers.released(target.node.id)
+
+    # -- Ejection ---------------------------------------------------------------------------------
+
+    def waiting(self, node_id: int, waiter: Waiter) -> None:
+        """``waiter`` is waiting for ``node_id``'s first byte (until ``done_waiting``)."""
+        waiters = self._waiting.get(node_id)
+        if waiters is None:
+            self._waiting[node_id] = {waiter}
+        else:
+            waiters.add(waiter)
+
+    def done_waiting(self, node_id: int, waiter: Waiter) -> None:
+        waiters = self._waiting.get(node_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiting[node_id]
+
+    def eject(self, node_id: int) -> int:
+        """The node is out of rotation: every attempt still waiting for its first byte stops waiting
+        and is retried on another node. Call it whenever this worker learns a node is unhealthy or
+        failing; O(waiters of that node), synchronous, on the event loop. Returns how many."""
+        waiters = self._waiting.pop(node_id, None)
+        if not waiters:
+            return 0
+        for waiter in waiters:
+            waiter.eject()
+        self.ejected += len(waiters)
+        logger.warning("node %s is out of rotation: %d request(s) waiting on it go elsewhere", node_id, len(waiters))
+        return len(waiters)
+
+    def eject_unhealthy(self, snapshot: Snapshot) -> int:
+        """``eject`` every node that ``snapshot`` (just installed) says is unhealthy; only the nodes
+        with waiters are looked at, so this costs nothing while nobody waits."""
+        ejected = 0
+        for node_id in list(self._waiting):
+            node = snapshot.nodes.get(node_id)
+            if node is not None and node.health == NodeHealth.UNHEALTHY:
+                ejected += self.eject(node_id)
+        return ejected

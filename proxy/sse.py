@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from .errors import ProxyError
+from .transport import NOSNIFF
 
-# Never buffered or compressed by a reverse proxy in front of us (nginx honours X-Accel-Buffering).
+# Never buffered or compressed by a reverse proxy in front of us (nginx honours X-Accel-Buffering),
+# never sniffed by a browser.
 STREAM_HEADERS: list[tuple[bytes, bytes]] = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
+    NOSNIFF,
 ]
 
 DONE = b"data: [DONE]\n\n"

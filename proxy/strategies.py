@@ -74,7 +74,9 @@ def min_observed_latency(available: Sequence[Target], load: LoadTracker, tick: i
 
 
 def _hash64(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    # surrogatepass: a session key from the client's JSON ("user") may hold a lone surrogate, which
+    # strict UTF-8 cannot encode; any fixed bytes do for a hash.
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 class HashRing:

@@ -53,7 +53,10 @@ def _in_thread(func: Callable[[], _T]) -> Callable[[], _T]:
 
 
 class SnapshotWatcher:
-    def __init__(self) -> None:
+    def __init__(self, on_install: Callable[[snapshots.Snapshot], object] | None = None) -> None:
+        # Called with every snapshot installed, on the loop (``Router.eject_unhealthy``: requests
+        # waiting on a node that is now unhealthy go elsewhere).
+        self.on_install = on_install
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rebuilds = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routerpanel-snapshot")
@@ -117,6 +120,8 @@ class SnapshotWatcher:
             self._retry_at = time.monotonic() + REBUILD_RETRY
             return False
         snapshots.install(new)
+        if self.on_install is not None:
+            self.on_install(new)
         self._dirty = False
         self.rebuilds += 1
         logger.info(

@@ -1,96 +1,65 @@
 """RouterPanel settings.
 
 Every value comes from the environment with a safe default (SQLite, a local Redis, DEBUG on for a
-developer's machine). Project variables are prefixed ``ROUTERPANEL_``. Malformed values stop
-start-up with a message that names the variable, instead of surfacing later as a strange error.
+developer's machine; `make run` turns it off, see the Makefile). Project variables are prefixed
+``ROUTERPANEL_``. Malformed values stop start-up with a message that names the variable, instead
+of surfacing later as a strange error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from routerpanel.env import env_bool, env_choice, env_float, env_int, env_list, env_redis_url, env_str
+
 BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-# --------------------------------------------------------------------------------------------
-# Environment helpers
-# --------------------------------------------------------------------------------------------
-
-
-def env_str(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
-
-
-def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    value = raw.strip().lower()
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    if value in {"0", "false", "no", "off"}:
-        return False
-    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean; use one of 1/0, true/false, yes/no, on/off.")
-
-
-def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}.")
-    return value
-
-
-def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} must be at least {minimum}.")
-    return value
-
-
-def env_list(name: str, default: list[str]) -> list[str]:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    return [item.strip() for item in raw.split(",") if item.strip()]
-
-
-def env_choice(name: str, default: str, choices: set[str]) -> str:
-    value = env_str(name, default)
-    if value not in choices:
-        raise ImproperlyConfigured(f"{name}={value!r} must be one of: {', '.join(sorted(choices))}.")
-    return value
-
-
-def env_redis_url(name: str, default: str) -> str:
-    value = env_str(name, default)
-    if not value.startswith(("redis://", "rediss://", "unix://")):
-        raise ImproperlyConfigured(f"{name} must be a redis://, rediss:// or unix:// URL.")
-    return value
 
 
 # --------------------------------------------------------------------------------------------
 # Core
 # --------------------------------------------------------------------------------------------
 
+
+def secret_key_from_file(path: str) -> str:
+    """The secret key kept in ``path``, generated there (readable by its owner only) on first use:
+    `make run` works on a fresh machine without debug mode, and keeps its sessions across runs.
+    Several processes may start at once: the first to link its file in place wins, the others read it."""
+    if not path:
+        return ""
+    target = Path(path)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        draft = target.with_name(f".{target.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(draft, target)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    key = target.read_text().strip()
+    if len(key) < 50:
+        raise ImproperlyConfigured(f"ROUTERPANEL_SECRET_KEY_FILE={path!r} holds fewer than 50 characters.")
+    return key
+
+
 DEBUG = env_bool("ROUTERPANEL_DEBUG", True)
 
-SECRET_KEY = env_str("ROUTERPANEL_SECRET_KEY") or env_str("SECRET_KEY")
+SECRET_KEY = (
+    env_str("ROUTERPANEL_SECRET_KEY")
+    or env_str("SECRET_KEY")
+    or secret_key_from_file(env_str("ROUTERPANEL_SECRET_KEY_FILE"))
+)
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("ROUTERPANEL_SECRET_KEY is required when ROUTERPANEL_DEBUG is off.")
@@ -111,7 +80,9 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here (no CDN)
     "django_celery_beat",
+    "axes",
     "channels",
     "nodes",
     "proxy",
@@ -119,6 +90,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: refuses an oversized body before anything reads it (413), keeps the APIs' errors JSON,
+    # and sets the Content-Security-Policy (routerpanel/middleware.py).
+    "routerpanel.middleware.ErrorShapesMiddleware",
+    "routerpanel.middleware.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -127,7 +102,24 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out login into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Failed logins (the admin's form) and failed REST API tokens are counted by django-axes, per
+# client address, in the database (shared by every process); past the limit that address is
+# refused, the right password included, until the cool-off has passed (or an operator runs
+# `manage.py axes_reset`). The REST API's token failures feed the same counts
+# (nodes/api/authentication.py).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("ROUTERPANEL_LOGIN_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_float("ROUTERPANEL_LOGIN_COOLOFF", 900.0, minimum=1.0))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "routerpanel.urls"
 WSGI_APPLICATION = None
@@ -251,7 +243,7 @@ CHANNEL_LAYERS = {
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "nodes.api.authentication.BearerTokenAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "nodes.api.authentication.CountedTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["nodes.api.permissions.StaffWriteAuthenticatedRead"],
@@ -271,6 +263,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Manage inference nodes, model aliases, route policies, control planes and proxy API keys.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's static files: works offline, trusts no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
@@ -314,6 +310,15 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("ROUTERPANEL_HSTS_INCLUDE_SUBDOMAINS",
 SECURE_HSTS_PRELOAD = env_bool("ROUTERPANEL_HSTS_PRELOAD", not DEBUG)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# Every page Django serves (admin, dashboard, API docs) may run only scripts from our own static
+# files: no inline script, no eval, nothing from another origin. Styles may be inline (the admin's
+# templates use style attributes); the dashboard's WebSocket is same-origin.
+ROUTERPANEL_CONTENT_SECURITY_POLICY = env_str(
+    "ROUTERPANEL_CONTENT_SECURITY_POLICY",
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'",
+)
 
 # --------------------------------------------------------------------------------------------
 # Logging: plain lines on stderr; secrets are never part of a log message.
@@ -347,7 +352,27 @@ ROUTERPANEL_PROXY_PREFIX_CACHE_ENTRIES = env_int("ROUTERPANEL_PROXY_PREFIX_CACHE
 # Redis is unreachable).
 ROUTERPANEL_PROXY_SHARED_COUNTERS = env_bool("ROUTERPANEL_PROXY_SHARED_COUNTERS", True)
 ROUTERPANEL_PROXY_SHARED_INTERVAL = env_float("ROUTERPANEL_PROXY_SHARED_INTERVAL", 0.1, minimum=0.01)
+# A streaming request's response headers must come within this many seconds: engines (vLLM, SGLang,
+# LMDeploy, NanoDeploy) send them once they accepted the request, before the prefill, so a node
+# that sends none is silent (a frozen engine still accepts connections). Counted as the node's
+# failure and retried on another node. The first token then has the route policy's first-token
+# timeout (a long prompt's prefill). Raise it if your engines fetch large media (video URLs) before
+# answering. Non-streaming answers come whole at the end: their bound is the policy's total timeout,
+# and a node marked unhealthy (health checks, about 2 s) or whose breaker opens releases them at once.
+ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT = env_float("ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT", 10.0, minimum=0.1)
 # Passive health: a node's circuit breaker opens after this many consecutive connect errors,
 # timeouts or 5xx answers (never 4xx), and lets one trial request through after the cool-down.
 ROUTERPANEL_BREAKER_FAILURES = env_int("ROUTERPANEL_BREAKER_FAILURES", 5, minimum=1)
 ROUTERPANEL_BREAKER_COOLDOWN = env_float("ROUTERPANEL_BREAKER_COOLDOWN", 5.0, minimum=0.1)
+# This deployment's hop marker, sent on every request to a node and refused (508) when it comes back
+# (proxy/loops.py). The same in every process that shares the secret key, database and Redis; set it
+# explicitly only to give several deployments sharing those one identity.
+ROUTERPANEL_DEPLOYMENT_ID = (
+    env_str("ROUTERPANEL_DEPLOYMENT_ID")
+    or hmac.new(
+        SECRET_KEY.encode(),
+        "|".join(str(DATABASES["default"].get(part, "")) for part in ("ENGINE", "NAME", "HOST", "PORT")).encode()
+        + ROUTERPANEL_REDIS_URL.encode(),
+        hashlib.sha256,
+    ).hexdigest()[:16]
+)

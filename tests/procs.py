@@ -115,6 +115,8 @@ def running(
 
 
 BIN = Path(PYTHON).parent
+# The HTTP protocol every web process runs with (the Procfile's, docs/deployment.md's).
+EDGE = "routerpanel.httpedge:GuardedHttpToolsProtocol"
 
 
 def routerpanel_env(directory: Path, redis_url: str, *, token: str, proxy_key: str, **extra: str) -> dict[str, str]:
@@ -143,6 +145,7 @@ def uvicorn_argv(port: int) -> list[str]:
         "--host=127.0.0.1",
         f"--port={port}",
         "--no-access-log",
+        f"--http={EDGE}",
     ]
 
 

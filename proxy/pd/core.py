@@ -18,6 +18,7 @@ from nodes.choices import EngineType, NodeRole, ServingMode
 
 from ..errors import ProxyError
 from ..request import Outcome, ProxyRequest
+from ..request import json_bytes as dumps
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
 from ..transport import DisconnectWatcher, Send
@@ -36,10 +37,6 @@ def wants_pd(route: Route) -> bool:
     """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
     was built by the one rule, ``nodes.rules.serving_mode``."""
     return route.mode == ServingMode.PD
-
-
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def host_port(node: NodeView) -> tuple[str, int]:

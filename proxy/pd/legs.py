@@ -19,6 +19,7 @@ from nodes.choices import NodeRole
 from .. import sse
 from ..attempts import DECODE, PREFILL, Attempt, AttemptLoop, verdict_for
 from ..errors import ProxyError, engine_failed
+from ..loops import HOP_HEADER
 from ..relay import relay_stream
 from ..request import ProxyRequest
 from ..transport import send_bytes
@@ -85,6 +86,7 @@ class PdLeg(AttemptLoop[Result]):
     def build(self, attempt: Attempt) -> tuple[str, bytes, dict[str, str]]:
         leg = cast(LegAttempt, attempt).leg
         path, body, headers = self.build_leg(leg)
+        headers[HOP_HEADER] = self.pd.request.hop
         return leg.url + path, dumps(body), headers
 
     def missing(self) -> ProxyError:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.procs import PYTHON, REPO_ROOT, free_port, running
+from tests.procs import EDGE, PYTHON, REPO_ROOT, free_port, running
 
 API_TOKEN = "e2e1111111111111111111111111111111111111"
 PROXY_KEY = "rp-e2e-proxy-key"
@@ -35,7 +35,7 @@ SERVERS = {
         f"--port={port}",
         "--no-access-log",
         "--loop=uvloop",
-        "--http=httptools",
+        f"--http={EDGE}",
     ],
     "daphne": lambda port: [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "routerpanel.asgi:application"],
 }

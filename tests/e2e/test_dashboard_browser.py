@@ -43,6 +43,7 @@ TOKEN = "e2e4444444444444444444444444444444444444"
 PROXY_KEY = "rp-e2e-dashboard-key"
 ADMIN_PASSWORD = "e2e-admin-password"
 MODEL = "dash-model"
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
 # Generous: CI machines have 2 cores and run chromium, uvicorn, Celery and engines at once.
 TIMEOUT_MS = 30_000
 
@@ -111,8 +112,13 @@ def page(routerpanel: dict) -> Iterator:
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            # Chromium reports what the Content-Security-Policy blocked on the console.
+            page.on(
+                "console",
+                lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None,
+            )
             yield page
-            assert errors == [], f"JavaScript errors on the page: {errors}"
+            assert errors == [], f"JavaScript errors or Content-Security-Policy violations on the page: {errors}"
         finally:
             browser.close()
 
@@ -415,7 +421,9 @@ def test_the_dashboard_passes_an_accessibility_audit(page, routerpanel: dict) ->
             # The admin's links fade to the new theme's colours (a 0.15 s CSS transition): audit the
             # settled page, not a frame halfway between the themes.
             page.wait_for_timeout(500)
-            page.add_script_tag(path=str(Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"))
+            # From the page's own origin (the Content-Security-Policy refuses inline scripts).
+            page.route("**/__axe.min.js", lambda route: route.fulfill(path=str(AXE), content_type="text/javascript"))
+            page.add_script_tag(url="/__axe.min.js")
             result = page.evaluate(
                 """() => axe.run({include: [["#content-main"]]},
                                  {runOnly: {type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}})"""
@@ -448,3 +456,34 @@ def test_the_dashboard_can_be_used_with_the_keyboard(page) -> None:
     assert any("rp-scroll" in name for name in focused), f"the node table is not reachable by Tab: {focused}"
     outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
     assert outline != "none", "the focused region shows no focus ring"
+
+
+def test_the_admin_the_dashboard_and_the_api_docs_run_under_the_content_security_policy(
+    page, routerpanel: dict
+) -> None:
+    """Every page an operator opens, in a real browser, with the policy on (the ``page`` fixture
+    fails on any violation Chromium reports): the admin's node list, change form (its scripts: the
+    related-object popups, the date widgets) and add form, the dashboard live, and Swagger UI."""
+    from playwright.sync_api import expect
+
+    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    added = api.post("/api/nodes/", json={"url": "http://127.0.0.1:9", "models": ["csp-model"], "name": "csp-node"})
+    assert added.status_code == 201, added.text
+    node = added.json()["id"]
+    try:
+        log_in(page, "/admin/nodes/node/")
+        response = page.goto(f"/admin/nodes/node/{node}/change/")
+        assert response is not None and "script-src 'self'" in response.headers["content-security-policy"]
+        expect(page.locator("#node_form")).to_be_visible()
+        page.get_by_role("button", name="Save and continue editing").click()
+        expect(page.locator(".messagelist")).to_be_visible()
+        page.goto("/admin/nodes/node/add/")
+        expect(page.locator("#node_form")).to_be_visible()
+        page.goto("/dashboard/")
+        expect(page.locator("#rp-connection")).to_have_attribute("data-state", "live")
+        expect(row(page, "csp-node")).to_be_visible()
+        page.goto("/api/docs/")
+        expect(page.locator(".swagger-ui .info .title")).to_contain_text("RouterPanel API")
+        shot(page, "9-api-docs")
+    finally:
+        api.delete(f"/api/nodes/{node}/")

@@ -250,7 +250,7 @@ def test_each_error_status_has_the_openai_shape(fleet):
     assert post(stack, chat(), key=limited_key).status_code == 200
     cases = [
         (httpx.post(stack.v1 + "/chat/completions", json=chat(), timeout=10), 401),
-        (post(stack, chat(), key="rp-not-a-key"), 403),
+        (post(stack, chat(), key="rp-not-a-key"), 401),
         (post(stack, chat(), key=other_key), 403),
         (post(stack, chat("no-such-model")), 404),
         (

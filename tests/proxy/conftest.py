@@ -23,8 +23,9 @@ from proxy.upstream import close_session
 @dataclass
 class FakeEngine:
     """An OpenAI-ish engine whose behaviour a test sets: ``mode`` is ``ok``, ``status:<code>``,
-    ``hang`` (never answers), ``hang_stream`` (headers and one chunk, then nothing) or
-    ``break_stream`` (drops the connection after two chunks)."""
+    ``hang`` (never answers), ``hang_stream`` (headers and one chunk, then nothing),
+    ``slow_first_token`` (headers at once, the first chunk 0.5 s later) or ``break_stream`` (drops
+    the connection after two chunks)."""
 
     name: str
     mode: str = "ok"
@@ -62,6 +63,8 @@ class FakeEngine:
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if self.mode == "slow_first_token":
+            await asyncio.sleep(0.5)
         for i in range(self.chunks):
             event = {"object": "chat.completion.chunk", "engine": self.name, "i": i, "model": body["model"]}
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")

@@ -200,7 +200,7 @@ async def test_errors_have_the_openai_shape_and_status(engines, proxy_app):
     )
     cases = [
         ({}, chat(), 401, "missing_api_key"),
-        ({"Authorization": "Bearer nope"}, chat(), 403, "invalid_api_key"),
+        ({"Authorization": "Bearer nope"}, chat(), 401, "invalid_api_key"),
         ({"Authorization": "Bearer rp-limited"}, chat(), 403, "model_not_allowed"),
         (AUTH, chat("unknown"), 404, "model_not_found"),
         (AUTH, chat("idle"), 503, "no_routable_node"),
