@@ -1,4 +1,6 @@
-"""The registry's persistent state: nodes, model aliases, route policies, control planes, API keys.
+"""The registry's persistent state: control planes, nodes, model aliases and route policies here;
+API keys in ``api_keys``, the audit trail and the configuration version in ``audit`` (all of them
+importable from ``nodes.models``).
 
 Writes go through ``nodes.services`` so that every routing change is audited and bumps the
 configuration version the proxy watches. Models only validate and describe.
@@ -6,22 +8,17 @@ configuration version the proxy watches. Models only validate and describe.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
-import secrets
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
-from .choices import (
+from ..choices import (
     AliasOrigin,
     ApprovalMode,
-    ChangeAction,
-    ChangeVia,
     ControlPlaneKind,
     EngineType,
     NodeHealth,
@@ -32,20 +29,25 @@ from .choices import (
     Strategy,
     SyncState,
 )
-from .networks import is_unspecified, normalize_node_url, parse_network
+from ..networks import is_unspecified, normalize_node_url, parse_network
+from .api_keys import API_KEY_PREFIX, ApiKey, generate_api_key, hash_api_key
+from .audit import ChangeRecord, ConfigVersion
 
-
-class ConfigVersion(models.Model):
-    """A single row whose ``version`` grows by one on every routing change (see services)."""
-
-    version = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        verbose_name = "configuration version"
-
-    def __str__(self) -> str:
-        return f"configuration v{self.version}"
+__all__ = [
+    "API_KEY_PREFIX",
+    "ApiKey",
+    "ChangeRecord",
+    "ConfigVersion",
+    "ControlPlane",
+    "ModelAlias",
+    "Node",
+    "RoutePolicy",
+    "aliases_for_model",
+    "default_registry_kinds",
+    "generate_api_key",
+    "hash_api_key",
+    "normalize_node_url",
+]
 
 
 def default_registry_kinds() -> list[str]:
@@ -340,74 +342,3 @@ class RoutePolicy(models.Model):
         self.model = (self.model or "").strip()
         if self.first_token_timeout > self.total_timeout:
             raise ValidationError({"first_token_timeout": "The first-token timeout cannot exceed the total timeout."})
-
-
-API_KEY_PREFIX = "rp-"
-
-
-def hash_api_key(plaintext: str) -> str:
-    """SHA-256 of a proxy key. Keys are 256-bit random strings, so a fast hash is enough and keeps
-    the proxy's per-request check cheap."""
-    return hashlib.sha256(plaintext.encode()).hexdigest()
-
-
-def generate_api_key() -> str:
-    return API_KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-class ApiKey(models.Model):
-    """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
-
-    name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
-    key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may use; empty = all.")
-    rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
-    max_concurrent = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent requests; empty = none.")
-    is_active = models.BooleanField(default=True)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    created_at = models.DateTimeField(auto_now_add=True)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-
-    class Meta:
-        verbose_name = "API key"
-        ordering = ["name"]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.prefix}…)"
-
-    def clean(self) -> None:
-        super().clean()
-        if not isinstance(self.allowed_models, list) or not all(
-            isinstance(m, str) and m.strip() for m in self.allowed_models
-        ):
-            raise ValidationError({"allowed_models": "Give a list of model names (empty for all models)."})
-
-    def set_plaintext(self, plaintext: str) -> None:
-        self.key_hash = hash_api_key(plaintext)
-        self.prefix = plaintext[:10]
-
-
-class ChangeRecord(models.Model):
-    """One audited change: who or what made it, through which interface, and what changed."""
-
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    actor_label = models.CharField(max_length=200, help_text="User name, or the process that made the change.")
-    via = models.CharField(max_length=10, choices=ChangeVia.choices)
-    action = models.CharField(max_length=10, choices=ChangeAction.choices)
-    object_type = models.CharField(max_length=50, db_index=True)
-    object_id = models.CharField(max_length=50, db_index=True)
-    object_repr = models.CharField(max_length=500)
-    changes = models.JSONField(default=dict, blank=True, help_text="{field: [old, new]}")
-    note = models.CharField(max_length=500, blank=True)
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-
-    def __str__(self) -> str:
-        return f"{self.actor_label} {self.action} {self.object_type} {self.object_repr}"
