@@ -5,15 +5,17 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
+from django.db.models import Field, JSONField, Model, QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
 from . import health, services
+from .admin_forms import StorableJSONField
 from .choices import (
     ApprovalMode,
     BadgeChoices,
@@ -54,6 +56,7 @@ class ServiceAdminMixin(Generic[_M]):
     """
 
     entity: str
+    formfield_overrides: Mapping[type[Field], Mapping[str, Any]] = {JSONField: {"form_class": StorableJSONField}}
 
     def save_model(self, request: HttpRequest, obj: _M, form: Any, change: bool) -> None:
         services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))

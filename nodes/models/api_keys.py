@@ -9,6 +9,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
+from ..validators import clean_model_names, validate_single_line
+from .base import RegistryModel
+
 API_KEY_PREFIX = "rp-"
 
 
@@ -22,10 +25,10 @@ def generate_api_key() -> str:
     return API_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class ApiKey(models.Model):
+class ApiKey(RegistryModel):
     """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
 
-    name = models.CharField(max_length=100)
+    name = models.CharField(max_length=100, validators=[validate_single_line])
     prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may use; empty = all.")
@@ -47,10 +50,10 @@ class ApiKey(models.Model):
 
     def clean(self) -> None:
         super().clean()
-        if not isinstance(self.allowed_models, list) or not all(
-            isinstance(m, str) and m.strip() for m in self.allowed_models
-        ):
-            raise ValidationError({"allowed_models": "Give a list of model names (empty for all models)."})
+        try:
+            self.allowed_models = clean_model_names(self.allowed_models)
+        except ValidationError as exc:
+            raise ValidationError({"allowed_models": f"{' '.join(exc.messages)} (empty for all models)"}) from None
 
     def set_plaintext(self, plaintext: str) -> None:
         self.key_hash = hash_api_key(plaintext)

@@ -11,6 +11,7 @@ from django.db import transaction
 from ..choices import AliasOrigin, NodeSource, NodeState
 from ..engine_detect import with_detection
 from ..models import Node, aliases_for_model, normalize_node_url
+from ..validators import clean_model_names
 from .audit import OPERATOR_INTERFACES, Actor, assign_fields, audited_delete, audited_save, diff_fields, field_values
 from .routing import alias_create, alias_delete, alias_update
 
@@ -86,8 +87,12 @@ def node_upsert(
 def node_set_models(*, node: Node, actor: Actor, models: Iterable[str], model_path: str = "") -> None:
     """Make the node's served-model aliases exactly ``models`` (plus path and basename aliases);
     operator-added aliases on the node are kept."""
+    try:
+        served_names = clean_model_names(list(models))
+    except ValidationError as exc:
+        raise ValidationError({"models": exc.messages}) from None
     wanted: dict[str, tuple[str, str]] = {}
-    for served in dict.fromkeys(m.strip() for m in models if m and m.strip()):
+    for served in served_names:
         for name, origin in aliases_for_model(served, model_path):
             wanted.setdefault(name, (served, origin))
     with transaction.atomic():

@@ -13,3 +13,35 @@ def test_models_and_migrations_do_not_drift() -> None:
         call_command("makemigrations", "--check", "--dry-run", stdout=out, stderr=out)
     except SystemExit as exc:  # makemigrations --check exits 1 when a migration is missing
         pytest.fail(f"models changed without a migration:\n{out.getvalue()} (exit {exc.code})")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_input_rules_migration_stores_node_urls_in_one_spelling_and_goes_back(caplog) -> None:
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("nodes", "0005_control_plane_admission")], [("nodes", "0006_input_rules")]
+    executor = MigrationExecutor(connection)
+    try:
+        executor.migrate(before)
+        Node = executor.loader.project_state(before).apps.get_model("nodes", "Node")
+        for url in ("http://localhost:9001", "http://127.0.0.1:9002", "http://127.1:9002", "http://10.0.0.5:80"):
+            Node.objects.create(url=url)
+
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+        Node = executor.loader.project_state(after).apps.get_model("nodes", "Node")
+        # 127.1:9002 is 127.0.0.1:9002, which another node has: left for the operator, and named.
+        assert sorted(Node.objects.values_list("url", flat=True)) == [
+            "http://10.0.0.5",
+            "http://127.0.0.1:9001",
+            "http://127.0.0.1:9002",
+            "http://127.1:9002",
+        ]
+        assert "same backend as node" in caplog.text
+
+        executor = MigrationExecutor(connection)
+        executor.migrate(before)  # reversible: the URLs stay as they are
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
