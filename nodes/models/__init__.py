@@ -203,7 +203,9 @@ class Node(RegistryModel):
 
     weight = models.PositiveIntegerField(default=1, validators=[MaxValueValidator(10000)])
     max_concurrency = models.PositiveIntegerField(
-        default=0, validators=[MaxValueValidator(1_000_000)], help_text="Concurrent requests allowed; 0 = unlimited."
+        default=0,
+        validators=[MaxValueValidator(1_000_000)],
+        help_text="Concurrent requests allowed; 0 = no limit (as on API keys).",
     )
     bootstrap_port = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)], help_text="SGLang only."

@@ -33,7 +33,9 @@ class ApiKey(RegistryModel):
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may use; empty = all.")
     rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
-    max_concurrent = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent requests; empty = none.")
+    max_concurrent = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Concurrent requests; empty or 0 = no limit (as on nodes)."
+    )
     is_active = models.BooleanField(default=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

@@ -45,3 +45,32 @@ def test_the_input_rules_migration_stores_node_urls_in_one_spelling_and_goes_bac
     finally:
         executor = MigrationExecutor(connection)
         executor.migrate(executor.loader.graph.leaf_nodes())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keys_locked_out_by_max_concurrent_0_are_deactivated_not_opened() -> None:
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("nodes", "0006_input_rules")], [("nodes", "0007_key_max_concurrent_zero_is_no_limit")]
+    executor = MigrationExecutor(connection)
+    try:
+        executor.migrate(before)
+        ApiKey = executor.loader.project_state(before).apps.get_model("nodes", "ApiKey")
+        ApiKey.objects.create(name="locked", key_hash="a" * 64, max_concurrent=0)
+        ApiKey.objects.create(name="limited", key_hash="b" * 64, max_concurrent=3)
+
+        executor = MigrationExecutor(connection)
+        executor.migrate(after)
+        apps = executor.loader.project_state(after).apps
+        rows = (
+            apps.get_model("nodes", "ApiKey")
+            .objects.order_by("name")
+            .values_list("name", "max_concurrent", "is_active")
+        )
+        assert list(rows) == [("limited", 3, True), ("locked", None, False)]
+        record = apps.get_model("nodes", "ChangeRecord").objects.get()
+        assert record.changes == {"max_concurrent": [0, None], "is_active": [True, False]}
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.migrate(executor.loader.graph.leaf_nodes())
