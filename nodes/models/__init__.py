@@ -289,8 +289,17 @@ class ModelAlias(RegistryModel):
         verbose_name_plural = "model aliases"
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["node", "name"], name="alias_unique_per_node"),
-            models.UniqueConstraint(fields=["name"], condition=Q(node__isnull=True), name="alias_unique_global"),
+            models.UniqueConstraint(
+                fields=["node", "name"],
+                name="alias_unique_per_node",
+                violation_error_message="This node already has an alias with this name.",
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(node__isnull=True),
+                name="alias_unique_global",
+                violation_error_message="A model alias with this name (for no particular node) already exists.",
+            ),
         ]
 
     def __str__(self) -> str:

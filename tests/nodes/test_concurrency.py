@@ -1,0 +1,53 @@
+"""Concurrent writers: partial updates against the current row, row versions (ETag / If-Match), and
+unique clashes. The parallel versions of these run through real processes in
+tests/e2e/test_integrity.py."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError
+
+from nodes import services
+from nodes.models import ChangeRecord, ModelAlias, Node
+
+pytestmark = pytest.mark.django_db
+
+DETAIL_BODIES = {
+    "nodes": ({"url": "http://10.0.0.9:8000", "models": ["m"]}, {"weight": 7}),
+    "aliases": ({"name": "gpt-4", "served_name": "m"}, {"served_name": "n"}),
+    "route-policies": ({"model": "m"}, {"retry_budget": 3}),
+    "control-planes": ({"name": "cp", "address": "127.0.0.1:4479"}, {"scope": "s"}),
+    "api-keys": ({"name": "app"}, {"rate_limit_rpm": 60}),
+}
+
+
+def test_an_update_through_a_stale_instance_keeps_what_others_changed(system) -> None:
+    node = services.node_create(actor=system, url="http://10.0.0.1:8000", models=["m"])
+    first, second = Node.objects.get(pk=node.pk), Node.objects.get(pk=node.pk)
+    services.node_update(node=first, actor=system, weight=5)
+    services.node_update(node=second, actor=system, name="renamed")  # read before the weight changed
+    node.refresh_from_db()
+    assert (node.weight, node.name) == (5, "renamed")
+    assert second.weight == 5  # the caller's instance now holds what was stored
+
+
+def test_the_audit_records_the_stored_value_as_before(system) -> None:
+    node = services.node_create(actor=system, url="http://10.0.0.1:8000", models=["m"])
+    stale = Node.objects.get(pk=node.pk)
+    services.node_update(node=node, actor=system, weight=5)
+    services.node_update(node=stale, actor=system, weight=9)
+    weights = [r.changes["weight"] for r in ChangeRecord.objects.filter(object_id=str(node.pk), action="update")]
+    assert weights == [[5, 9], [1, 5]]  # newest first: 5 -> 9, not 1 -> 9
+
+
+def test_a_unique_clash_found_only_by_the_database_is_a_validation_error(system, monkeypatch) -> None:
+    services.alias_create(actor=system, name="gpt-4", served_name="m")
+
+    def save_as_if_the_check_had_passed(self: ModelAlias, *args: object, **kwargs: object) -> None:
+        raise IntegrityError("UNIQUE constraint failed: nodes_modelalias.name")
+
+    monkeypatch.setattr(ModelAlias, "validate_constraints", lambda self, exclude=None: None)
+    monkeypatch.setattr(ModelAlias, "save", save_as_if_the_check_had_passed)
+    with pytest.raises(ValidationError, match="already exists"):
+        services.alias_create(actor=system, name="gpt-4", served_name="m")
