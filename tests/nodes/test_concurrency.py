@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError
+from rest_framework.test import APIClient
 
 from nodes import services
 from nodes.models import ChangeRecord, ModelAlias, Node
@@ -39,6 +40,34 @@ def test_the_audit_records_the_stored_value_as_before(system) -> None:
     services.node_update(node=stale, actor=system, weight=9)
     weights = [r.changes["weight"] for r in ChangeRecord.objects.filter(object_id=str(node.pk), action="update")]
     assert weights == [[5, 9], [1, 5]]  # newest first: 5 -> 9, not 1 -> 9
+
+
+@pytest.mark.parametrize("collection", DETAIL_BODIES)
+def test_get_answers_an_etag_that_if_match_must_carry(admin_api: APIClient, collection: str) -> None:
+    create, change = DETAIL_BODIES[collection]
+    created = admin_api.post(f"/api/{collection}/", create, format="json")
+    assert created.status_code == 201, created.content
+    url = f"/api/{collection}/{created.json()['id']}/"
+    etag = admin_api.get(url)["ETag"]
+    assert etag.startswith('"') and admin_api.get(url)["ETag"] == etag
+
+    updated = admin_api.patch(url, change, format="json", HTTP_IF_MATCH=etag)
+    assert updated.status_code == 200, updated.content
+    assert updated["ETag"] != etag and admin_api.get(url)["ETag"] == updated["ETag"]
+
+    stale = admin_api.patch(url, change, format="json", HTTP_IF_MATCH=etag)
+    assert stale.status_code == 412
+    assert "changed by someone else" in stale.json()["detail"]
+    full = {**created.json(), **create, **change}
+    assert admin_api.put(url, full, format="json", HTTP_IF_MATCH=etag).status_code == 412
+    assert admin_api.put(url, full, format="json", HTTP_IF_MATCH="*").status_code == 200
+
+
+def test_a_probe_does_not_change_a_nodes_etag(admin_api: APIClient, system) -> None:
+    node = services.node_create(actor=system, url="http://10.0.0.1:8000", models=["m"])
+    etag = admin_api.get(f"/api/nodes/{node.pk}/")["ETag"]
+    Node.objects.filter(pk=node.pk).update(health="unhealthy", consecutive_failures=3)
+    assert admin_api.get(f"/api/nodes/{node.pk}/")["ETag"] == etag
 
 
 def test_a_unique_clash_found_only_by_the_database_is_a_validation_error(system, monkeypatch) -> None:
