@@ -4,9 +4,12 @@ tests/e2e/test_integrity.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError
+from django.test import Client
 from rest_framework.test import APIClient
 
 from nodes import services
@@ -80,3 +83,62 @@ def test_a_unique_clash_found_only_by_the_database_is_a_validation_error(system,
     monkeypatch.setattr(ModelAlias, "save", save_as_if_the_check_had_passed)
     with pytest.raises(ValidationError, match="already exists"):
         services.alias_create(actor=system, name="gpt-4", served_name="m")
+
+
+def _version_in(html: str) -> str:
+    match = re.search(r'name="row_version" value="([^"]+)"', html)
+    assert match is not None, "the change form carries no row version"
+    return match.group(1)
+
+
+def test_the_admin_refuses_to_overwrite_a_node_changed_since_its_form_was_opened(
+    client: Client, admin_user, system
+) -> None:
+    client.force_login(admin_user)
+    node = services.node_create(actor=system, url="http://10.0.0.1:8000", name="before")
+    page = f"/admin/nodes/node/{node.pk}/change/"
+    opened = _version_in(client.get(page).content.decode())
+    services.node_update(node=node, actor=system, weight=40)  # someone else, meanwhile
+
+    form = {
+        "url": "http://10.0.0.1:8000",
+        "name": "mine",
+        "engine_type": "nanodeploy",
+        "role": "hybrid",
+        "state": "active",
+        "weight": "1",
+        "max_concurrency": "0",
+        "bootstrap_port": "",
+        "dp_size": "1",
+        "kv_connector_address": "",
+        "metadata": "{}",
+        "aliases-TOTAL_FORMS": "0",
+        "aliases-INITIAL_FORMS": "0",
+        "aliases-MIN_NUM_FORMS": "0",
+        "aliases-MAX_NUM_FORMS": "1000",
+        "row_version": opened,
+    }
+    refused = client.post(page, form)
+    assert (
+        refused.status_code == 200
+        and "Someone changed this node since you opened this page" in refused.content.decode()
+    )
+    node.refresh_from_db()
+    assert (node.name, node.weight) == ("before", 40)
+
+    # The form shown again carries the current version: saving again overwrites, knowingly.
+    again = client.post(page, {**form, "row_version": _version_in(refused.content.decode())})
+    assert again.status_code == 302
+    node.refresh_from_db()
+    assert (node.name, node.weight) == ("mine", 1)
+
+
+def test_the_admin_saves_a_key_whose_form_is_current(client: Client, admin_user, system) -> None:
+    client.force_login(admin_user)
+    key, _ = services.api_key_create(actor=system, name="app")
+    page = f"/admin/nodes/apikey/{key.pk}/change/"
+    form = {"name": "renamed", "allowed_models": "[]", "rate_limit_rpm": "", "max_concurrent": "", "is_active": "on"}
+    assert client.post(page, {**form, "row_version": "stale"}).status_code == 200
+    assert client.post(page, {**form, "row_version": _version_in(client.get(page).content.decode())}).status_code == 302
+    key.refresh_from_db()
+    assert key.name == "renamed"
