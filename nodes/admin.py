@@ -5,15 +5,17 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
 from django.contrib import admin, messages
-from django.db.models import Model, QuerySet
-from django.forms import BaseInlineFormSet
+from django.db.models import Field, JSONField, Model, QuerySet
+from django.forms import BaseInlineFormSet, ModelForm
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
 from . import health, services
+from .admin_forms import RowVersionForm, StorableJSONField
 from .choices import (
     ApprovalMode,
     BadgeChoices,
@@ -54,6 +56,16 @@ class ServiceAdminMixin(Generic[_M]):
     """
 
     entity: str
+    formfield_overrides: Mapping[type[Field], Mapping[str, Any]] = {JSONField: {"form_class": StorableJSONField}}
+    form: type[ModelForm[Any]] = RowVersionForm
+
+    def get_fieldsets(self, request: HttpRequest, obj: _M | None = None) -> Any:
+        """The change form's fieldsets, with the hidden row version (``RowVersionForm``) in the first."""
+        fieldsets = super().get_fieldsets(request, obj)  # type: ignore[misc]
+        if obj is None or any("row_version" in options.get("fields", ()) for _, options in fieldsets):
+            return fieldsets
+        (name, options), *rest = fieldsets
+        return [(name, {**options, "fields": [*options.get("fields", ()), "row_version"]}), *rest]
 
     def save_model(self, request: HttpRequest, obj: _M, form: Any, change: bool) -> None:
         services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))

@@ -17,6 +17,13 @@ PD_ROLES = (NodeRole.PREFILL.value, NodeRole.DECODE.value)
 HYBRID_ROLES = (NodeRole.HYBRID.value,)
 
 
+def concurrency_limit(value: int | None) -> int | None:
+    """A concurrency limit as stored (a node's ``max_concurrency``, a key's ``max_concurrent``) as
+    the proxy applies it: 0 and empty both mean no limit, on keys as on nodes (to stop a key,
+    deactivate it)."""
+    return value or None
+
+
 def is_routable(state: str, health: str) -> bool:
     """A node takes new requests when it is active and not known to be unhealthy (``unknown``
     is routable: a node just added serves at once). Capacity and breakers are checked per request."""

@@ -203,7 +203,7 @@ def build_snapshot() -> Snapshot:
             name=row["name"],
             allowed_models=frozenset(row["allowed_models"] or ()),
             rate_limit_rpm=row["rate_limit_rpm"],
-            max_concurrent=row["max_concurrent"],
+            max_concurrent=rules.concurrency_limit(row["max_concurrent"]),
         )
         for row in ApiKey.objects.filter(is_active=True).values(
             "id", "name", "key_hash", "allowed_models", "rate_limit_rpm", "max_concurrent"

@@ -7,14 +7,16 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import FloatField as ModelFloatField
 from rest_framework import serializers
 
 from nodes import services
 from nodes.choices import ChangeVia, NodeRole
 from nodes.engine_detect import choose_engine_type, with_detection
 from nodes.masking import mask_credentials
-from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy, normalize_node_url
-from nodes.networks import is_unspecified, url_host
+from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
+from nodes.networks import validate_node_url
+from nodes.validators import MAX_MODELS_PER_NODE, unstorable, validate_model_name
 
 from .exceptions import validation_detail
 
@@ -34,7 +36,28 @@ def _call(service: Callable[..., _T], **kwargs: Any) -> _T:
         raise serializers.ValidationError(validation_detail(exc)) from None
 
 
-class ServiceModelSerializer(serializers.ModelSerializer):
+class StrictFloatField(serializers.FloatField):
+    """A number, not ``true`` (DRF's own reads ``true`` as 1.0), and a finite one."""
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if unstorable(value) is not None:
+            self.fail("invalid")
+        return value
+
+
+class RegistrySerializer(serializers.ModelSerializer):
+    """The registry's model serializers: strict numbers."""
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        ModelFloatField: StrictFloatField,
+    }
+
+
+class ServiceModelSerializer(RegistrySerializer):
     """Creates and updates through the entity's services (``services.<entity>_create`` and
     ``<entity>_update``), so a write through the API is validated, audited and versioned like any other."""
 
@@ -50,23 +73,34 @@ class ServiceModelSerializer(serializers.ModelSerializer):
 
 class StrictJSONObjectField(serializers.JSONField):
     def to_internal_value(self, data: Any) -> Any:
-        value = super().to_internal_value(data)
+        try:
+            value = super().to_internal_value(data)
+        except RecursionError:  # a form field's text, parsed here (JSON bodies are parsed by nodes.api.parsers)
+            raise serializers.ValidationError("This is nested too deeply.") from None
         if not isinstance(value, dict):
             raise serializers.ValidationError("Expected a JSON object.")
+        reason = unstorable(value)
+        if reason is not None:
+            raise serializers.ValidationError(f"This cannot be stored: {reason}.")
         return value
 
 
 class ModelNameListField(serializers.ListField):
-    child = serializers.CharField(max_length=255, allow_blank=False, trim_whitespace=True)
+    """Model names, each checked by ``nodes.validators.validate_model_name`` like every interface's."""
+
+    child = serializers.CharField(
+        max_length=255, allow_blank=False, trim_whitespace=True, validators=[validate_model_name]
+    )
+    max_length = MAX_MODELS_PER_NODE
 
 
-class NodeAliasSerializer(serializers.ModelSerializer):
+class NodeAliasSerializer(RegistrySerializer):
     class Meta:
         model = ModelAlias
         fields = ["id", "name", "served_name", "origin"]
 
 
-class NodeSerializer(serializers.ModelSerializer):
+class NodeSerializer(RegistrySerializer):
     url = serializers.CharField(max_length=500, help_text="Base URL, e.g. http://10.0.0.5:8000.")
     role = serializers.CharField(default=NodeRole.HYBRID, help_text="hybrid, prefill or decode (DLRouter's 1/2/3 too).")
     models = ModelNameListField(
@@ -111,21 +145,13 @@ class NodeSerializer(serializers.ModelSerializer):
         return node.served_models
 
     def validate_url(self, value: str) -> str:
+        """Checked before the node's engine is asked its type, and kept as written: the model stores
+        it in its one spelling and, when another node has that, names the node and the spelling."""
         try:
-            url = normalize_node_url(value)
+            validate_node_url(value)
         except DjangoValidationError as exc:
             raise serializers.ValidationError(exc.messages) from None
-        if is_unspecified(url_host(url)):
-            raise serializers.ValidationError(
-                f"{url_host(url)} is an address a server binds to, not one RouterPanel can reach; "
-                "give the engine's address."
-            )
-        clash = Node.objects.filter(url=url)
-        if self.instance is not None:
-            clash = clash.exclude(pk=self.instance.pk)
-        if clash.exists():
-            raise serializers.ValidationError(f"A node with URL {url} already exists.")
-        return url
+        return value
 
     def validate_role(self, value: Any) -> str:
         try:
@@ -139,7 +165,7 @@ class NodeSerializer(serializers.ModelSerializer):
         if "engine_type" not in validated_data:
             # Not given: what the node's own endpoints show (nodes.engine_detect), else the default.
             choice = choose_engine_type(
-                validated_data["url"],
+                validate_node_url(validated_data["url"]),
                 fallback=settings.ROUTERPANEL_DEFAULT_ENGINE_TYPE,
                 timeout=settings.ROUTERPANEL_ENGINE_DETECT_TIMEOUT,
             )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import django_filters
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import transaction
 from django.db.models import Model, Q, QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, serializers, viewsets
+from rest_framework import exceptions, mixins, serializers, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -23,12 +26,65 @@ def _actor(request: Request) -> services.Actor:
     return services.Actor.for_user(request.user, ChangeVia.API)
 
 
+class PreconditionFailed(exceptions.APIException):
+    status_code = 412
+    default_detail = "The resource changed since you read it."
+    default_code = "precondition_failed"
+
+
+def _if_match(request: Request) -> list[str] | None:
+    """The versions an ``If-Match`` header lists (quotes and ``W/`` removed), or ``None`` without one."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    return [item.strip().removeprefix("W/").strip('"') for item in header.split(",") if item.strip()]
+
+
+def _with_etag(response: Response, obj: Model) -> Response:
+    response["ETag"] = f'"{services.row_version(obj)}"'
+    return response
+
+
 class ServiceModelViewSet(viewsets.ModelViewSet):
     """A model's viewset whose deletes go through the entity's service (``services.<entity>_delete``),
     so the deletion is audited and bumps the configuration version; its serializer does the same for
-    creates and updates (``serializers.ServiceModelSerializer``)."""
+    creates and updates (``serializers.ServiceModelSerializer``).
+
+    A single object's ``GET`` answers its version as the ``ETag``. ``PUT`` and ``PATCH`` run in one
+    transaction against the row read again under its lock, so a partial update changes only what it
+    sends; with ``If-Match`` they are refused (412) when the row is no longer at that version
+    (``nodes.services.concurrency``)."""
 
     entity: str
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        instance = self.get_object()
+        return _with_etag(Response(self.get_serializer(instance).data), instance)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        partial = kwargs.pop("partial", False)
+        expected = _if_match(request)
+        with transaction.atomic():
+            self._locking = True
+            instance = self.get_object()
+            if expected is not None:
+                try:
+                    services.check_version(instance, expected)
+                except services.StaleWrite as exc:
+                    raise PreconditionFailed(str(exc)) from None
+            serializer = self.get_serializer(instance, data=request.data, partial=partial)
+            serializer.is_valid(raise_exception=True)
+            self.perform_update(serializer)
+            self._locking = False
+        saved = type(instance)._default_manager.get(pk=instance.pk)
+        return _with_etag(Response(self.get_serializer(saved).data), saved)
+
+    def get_queryset(self) -> QuerySet:
+        queryset = super().get_queryset()
+        if getattr(self, "_locking", False):
+            # of=("self",): PostgreSQL cannot lock the nullable side of an outer join (an alias's node).
+            return queryset.select_for_update(of=("self",))
+        return queryset
 
     def perform_destroy(self, instance: Model) -> None:
         delete = services.entity_service(self.entity, "delete")

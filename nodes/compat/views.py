@@ -9,7 +9,6 @@ Content-Type, because DLRouter's users post with ``curl -d`` and no header.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ from nodes.choices import ChangeVia, EngineType, NodeRole, NodeSource, NodeState
 from nodes.engine_detect import EngineTypeChoice, choose_engine_type, with_detection
 from nodes.models import Node
 from nodes.networks import is_unspecified, normalize_node_url, parse_address, url_host, with_host
+from nodes.validators import clean_model_names, load_json
 
 
 class CompatError(exceptions.APIException):
@@ -54,9 +54,9 @@ class CompatView(APIView):
 
     def json_body(self) -> dict[str, Any]:
         try:
-            body = json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise compat_error("The request body is not valid JSON.", 400) from None
+            body = load_json(self.request.body or b"null")
+        except ValueError as exc:  # UnicodeDecodeError is one
+            raise compat_error(f"The request body is not valid JSON: {exc}.", 400) from None
         if not isinstance(body, dict):
             raise compat_error("The request body must be a JSON object.", 400)
         return body
@@ -141,13 +141,15 @@ def parse_registration(view: CompatView) -> Registration:
     if engine_type is not None and engine_type not in EngineType.values:
         raise compat_error(f"Field 'engine_type': use one of {', '.join(EngineType.values)}.", 400)
 
-    models = node_status.get("models") or []
-    if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
-        raise compat_error("Field 'status.models' must be a list of model names.", 400)
+    # The rules every interface applies to model names (nodes.validators), not a looser copy.
+    try:
+        models = clean_model_names(node_status.get("models") or [])
+    except DjangoValidationError as exc:
+        raise compat_error(f"Field 'status.models': {' '.join(exc.messages)}", 400) from None
 
     speed = node_status.get("speed")
-    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float)):
-        raise compat_error("Field 'status.speed' must be a number.", 400)
+    if speed is not None and (isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 <= speed < 1e300):
+        raise compat_error("Field 'status.speed' must be a number, 0 or more.", 400)
     return Registration(url=url, role=role.value, engine_type=engine_type, models=models, speed=speed)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .api_keys import api_key_create, api_key_delete, api_key_record_usage, api_key_save, api_key_update
 from .audit import OPERATOR_INTERFACES, Actor, config_version_bump, config_version_current
+from .concurrency import StaleWrite, check_version, locked_row, row_version
 from .control_planes import (
     control_plane_create,
     control_plane_delete,
@@ -85,6 +86,7 @@ __all__ = [
     "Actor",
     "NodeAction",
     "RegistrationConflict",
+    "StaleWrite",
     "SyncResult",
     "alias_create",
     "alias_delete",
@@ -95,6 +97,7 @@ __all__ = [
     "api_key_record_usage",
     "api_key_save",
     "api_key_update",
+    "check_version",
     "config_version_bump",
     "config_version_current",
     "control_plane_create",
@@ -105,6 +108,7 @@ __all__ = [
     "control_plane_update",
     "entity_service",
     "health_check_nodes",
+    "locked_row",
     "node_approve",
     "node_create",
     "node_delete",
@@ -125,4 +129,5 @@ __all__ = [
     "registry_apply_entity",
     "registry_mark_gone",
     "registry_sync",
+    "row_version",
 ]

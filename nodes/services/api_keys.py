@@ -8,12 +8,13 @@ from typing import Any
 
 import redis as redis_lib
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import models, transaction
 
 from ..live import keys as live_keys
 from ..live.connection import client as redis_client
 from ..models import ApiKey, generate_api_key
 from .audit import Actor, assign_fields, audited_delete, audited_save
+from .concurrency import copy_row, current_with
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def api_key_save(*, api_key: ApiKey, actor: Actor) -> ApiKey:
 
 
 def api_key_update(*, api_key: ApiKey, actor: Actor, **fields: Any) -> ApiKey:
-    return api_key_save(api_key=assign_fields(api_key, fields), actor=actor)
+    """Change ``fields`` of the key as it is stored now (``nodes.services.concurrency``)."""
+    with transaction.atomic():
+        return copy_row(api_key, api_key_save(api_key=current_with(api_key, fields), actor=actor))
 
 
 def api_key_delete(*, api_key: ApiKey, actor: Actor) -> None:

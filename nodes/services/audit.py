@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, User
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import F
 
 from ..choices import ChangeAction, ChangeVia
@@ -138,10 +138,21 @@ def audited_save(
     """
     model = type(obj)
     creating = obj._state.adding or obj.pk is None
-    before = {} if creating else field_values(model._default_manager.get(pk=obj.pk))
-    obj.full_clean()
     with transaction.atomic():
-        obj.save()
+        # "before" is the row as it is now, locked until the write commits: two writers never both
+        # record the same old value (docs/architecture.md, "Concurrent writers"). Validating inside
+        # the transaction makes the uniqueness checks see the rows committed before it.
+        before = {} if creating else field_values(model._default_manager.select_for_update().get(pk=obj.pk))
+        obj.full_clean()
+        try:
+            with transaction.atomic():
+                obj.save()
+        except IntegrityError as exc:
+            # A unique row created by a writer that committed after our checks ran (PostgreSQL;
+            # SQLite's IMMEDIATE transactions serialise the checks): a 400 naming it, not a 500.
+            raise ValidationError(
+                f"A {model._meta.verbose_name} with these values already exists ({exc}).", code="unique"
+            ) from None
         changes = diff_fields(before, field_values(obj))
         if creating or changes:
             record_change(actor, ChangeAction.CREATE if creating else ChangeAction.UPDATE, obj, changes, note)

@@ -11,6 +11,7 @@ from .. import admission
 from ..models import ControlPlane
 from ..schedules import schedule_control_plane, unschedule_control_plane
 from .audit import Actor, assign_fields, audited_delete, audited_save
+from .concurrency import copy_row, current_with
 
 
 def control_plane_save(*, control_plane: ControlPlane, actor: Actor) -> ControlPlane:
@@ -34,7 +35,10 @@ def control_plane_create(*, actor: Actor, **fields: Any) -> ControlPlane:
 
 
 def control_plane_update(*, control_plane: ControlPlane, actor: Actor, **fields: Any) -> ControlPlane:
-    return control_plane_save(control_plane=assign_fields(control_plane, fields), actor=actor)
+    """Change ``fields`` of the control plane as it is stored now (``nodes.services.concurrency``)."""
+    with transaction.atomic():
+        saved = control_plane_save(control_plane=current_with(control_plane, fields), actor=actor)
+    return copy_row(control_plane, saved)
 
 
 def control_plane_delete(*, control_plane: ControlPlane, actor: Actor) -> None:

@@ -11,7 +11,9 @@ from django.db import transaction
 from ..choices import AliasOrigin, NodeSource, NodeState
 from ..engine_detect import with_detection
 from ..models import Node, aliases_for_model, normalize_node_url
+from ..validators import clean_model_names
 from .audit import OPERATOR_INTERFACES, Actor, assign_fields, audited_delete, audited_save, diff_fields, field_values
+from .concurrency import copy_row, current_with
 from .routing import alias_create, alias_delete, alias_update
 
 # Nodes whose fields their registry or the engine itself keeps up to date, unless an operator
@@ -54,7 +56,11 @@ def node_create(
 
 
 def node_update(*, node: Node, actor: Actor, note: str = "", **fields: Any) -> Node:
-    return node_save(node=assign_fields(node, fields), actor=actor, note=note)
+    """Change ``fields`` of the node as it is stored now (``nodes.services.concurrency``): a
+    concurrent update of other fields is kept. ``node`` is given the saved values."""
+    with transaction.atomic():
+        saved = node_save(node=current_with(node, fields), actor=actor, note=note)
+    return copy_row(node, saved)
 
 
 def node_upsert(
@@ -86,8 +92,12 @@ def node_upsert(
 def node_set_models(*, node: Node, actor: Actor, models: Iterable[str], model_path: str = "") -> None:
     """Make the node's served-model aliases exactly ``models`` (plus path and basename aliases);
     operator-added aliases on the node are kept."""
+    try:
+        served_names = clean_model_names(list(models))
+    except ValidationError as exc:
+        raise ValidationError({"models": exc.messages}) from None
     wanted: dict[str, tuple[str, str]] = {}
-    for served in dict.fromkeys(m.strip() for m in models if m and m.strip()):
+    for served in served_names:
         for name, origin in aliases_for_model(served, model_path):
             wanted.setdefault(name, (served, origin))
     with transaction.atomic():

@@ -27,7 +27,7 @@ from ..live import keys as live_keys
 from ..live.connection import client as redis_client
 from ..masking import mask_credentials
 from ..models import ControlPlane, Node, default_registry_kinds
-from ..networks import is_unspecified, normalize_node_url, url_host
+from ..networks import validate_node_url
 from ..registry import NanoCtrlClient, RegistryEntity, RegistryError
 from .audit import Actor
 from .nodes import node_create, node_set_models, node_update
@@ -82,18 +82,26 @@ def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity
     A new node starts ``pending`` when the control plane's approval mode is manual
     (``nodes.admission.initial_state``); a known node keeps its state, except that a ``gone`` one
     (it was approved before) comes back ``active``."""
-    actor = _sync_actor(control_plane)
     try:
-        url = normalize_node_url(entity.url)
+        url = validate_node_url(entity.url)
     except ValidationError:
-        return "invalid"
-    if is_unspecified(url_host(url)):
         return "invalid"
     try:
         admission.check_allowed(control_plane, url=url)
     except admission.AdmissionRefused as exc:
         logger.warning("registry entity %s of %s refused: %s", entity.entity_id, control_plane, exc)
         return "refused"
+    try:
+        return _apply_entity(control_plane, entity, url=url, now=now)
+    except ValidationError as exc:
+        # What the registry lists passes the same validation as every other interface (model
+        # names, values that cannot be stored): an entity that fails it is skipped, not half-stored.
+        logger.warning("registry entity %s of %s is invalid: %s", entity.entity_id, control_plane, exc)
+        return "invalid"
+
+
+def _apply_entity(control_plane: ControlPlane, entity: RegistryEntity, *, url: str, now: datetime.datetime) -> str:
+    actor = _sync_actor(control_plane)
     imported = {
         "url": url,
         "role": entity.role,

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError
+from django.db import transaction
 
 from ..models import ModelAlias, RoutePolicy
 from .audit import Actor, assign_fields, audited_delete, audited_save
+from .concurrency import copy_row, current_with
 
 
 def alias_save(*, alias: ModelAlias, actor: Actor) -> ModelAlias:
@@ -19,7 +21,9 @@ def alias_create(*, actor: Actor, **fields: Any) -> ModelAlias:
 
 
 def alias_update(*, alias: ModelAlias, actor: Actor, **fields: Any) -> ModelAlias:
-    return alias_save(alias=assign_fields(alias, fields), actor=actor)
+    """Change ``fields`` of the alias as it is stored now (``nodes.services.concurrency``)."""
+    with transaction.atomic():
+        return copy_row(alias, alias_save(alias=current_with(alias, fields), actor=actor))
 
 
 def alias_delete(*, alias: ModelAlias, actor: Actor) -> None:
@@ -35,7 +39,9 @@ def policy_create(*, actor: Actor, **fields: Any) -> RoutePolicy:
 
 
 def policy_update(*, policy: RoutePolicy, actor: Actor, **fields: Any) -> RoutePolicy:
-    return policy_save(policy=assign_fields(policy, fields), actor=actor)
+    """Change ``fields`` of the policy as it is stored now (``nodes.services.concurrency``)."""
+    with transaction.atomic():
+        return copy_row(policy, policy_save(policy=current_with(policy, fields), actor=actor))
 
 
 def policy_delete(*, policy: RoutePolicy, actor: Actor) -> None:

@@ -226,3 +226,40 @@ def test_a_proxy_api_key_does_not_open_the_rest_api_or_the_dlrouter_endpoints(sy
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
     assert client.get("/api/nodes/").status_code == 401
     assert client.get("/nodes/status").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"url": "http://10.0.0.9:8000", "models": ["m"], "weight": NaN}',
+        b'{"url": "http://10.0.0.9:8000", "models": ["\\ud800"]}',
+        b'{"url": "http://10.0.0.9:8000", "models": ["m"], "metadata": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001,
+        b'{"url": "http://10.0.0.9:8000", "models": ["m"], "metadata": {"a": "\\u0000"}}',
+        b'{"url": "http://10.0.0.9:8000", "models": ["m"], "weight": 1e400}',
+        b'{"url": "http://my host:8000", "models": ["m"]}',
+    ],
+)
+def test_bodies_nothing_could_store_are_a_400_naming_the_problem(admin_api: APIClient, raw: bytes) -> None:
+    response = admin_api.generic("POST", "/api/nodes/", raw, content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert not Node.objects.exists()
+
+
+def test_a_number_field_refuses_true(admin_api: APIClient) -> None:
+    response = admin_api.post("/api/route-policies/", {"model": "m", "connect_timeout": True}, format="json")
+    assert response.status_code == 400
+
+
+def test_a_limit_beyond_any_page_is_the_largest_page(admin_api: APIClient) -> None:
+    for query in ("limit=99999999999999999999", "offset=99999999999999999999", f"limit={'9' * 5000}"):
+        assert admin_api.get(f"/api/route-policies/?{query}").status_code == 200
+
+
+def test_a_url_spelled_another_way_names_the_node_that_has_it(admin_api: APIClient, system) -> None:
+    node = services.node_create(actor=system, url="http://127.0.0.1:8000", models=["m"])
+    response = admin_api.post("/api/nodes/", {"url": "http://localhost:8000", "models": ["m"]}, format="json")
+    assert response.status_code == 400
+    assert response.json()["url"] == [
+        f"A node with URL http://127.0.0.1:8000 already exists: node {node.pk} "
+        "(http://localhost:8000 is written http://127.0.0.1:8000)."
+    ]

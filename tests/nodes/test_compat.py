@@ -196,3 +196,45 @@ def test_terminate_all_reports_the_nodes_that_failed(operator_api: APIClient, en
     assert status == 502
     assert body["failed"] == [dead]
     assert list(Node.objects.values_list("url", flat=True)) == [dead]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "http://127.0.0.1:8100", "status": {"models": ["a\x00b"]}}, "status.models"),
+        ({"url": "http://127.0.0.1:8100", "status": {"models": ["a\x1b[2J"]}}, "status.models"),
+        ({"url": "http://127.0.0.1:8100", "status": {"models": ["m"], "speed": -1}}, "status.speed"),
+        ({"url": "http://my host:8100", "status": {"models": ["m"]}}, "url"),
+        ({"url": "http://127.0.0.1:8100/a b", "status": {"models": ["m"]}}, "url"),
+    ],
+)
+def test_add_refuses_what_the_rest_api_refuses(operator_api: APIClient, body: dict, field: str) -> None:
+    status, answer = post(operator_api, "/nodes/add", body)
+    assert status == 400 and field in answer["error"], answer
+    assert not Node.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"url": "http://127.0.0.1:8100", "status": {"models": ["m"], "speed": NaN}}',
+        '{"url": "http://127.0.0.1:8100", "status": {"models": ["m"], "speed": Infinity}}',
+        '{"url": "http://127.0.0.1:8100", "status": {"models": ["\\ud800"]}}',
+        '{"url": "http://127.0.0.1:8100", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
+def test_add_refuses_json_nothing_can_store_with_a_400(operator_api: APIClient, raw: str) -> None:
+    status, answer = post(operator_api, "/nodes/add", raw)
+    assert status == 400 and "not valid JSON" in answer["error"]
+    assert not Node.objects.exists()
+
+
+def test_add_of_another_spelling_of_a_known_backend_updates_that_node(operator_api: APIClient) -> None:
+    for url in (
+        "http://127.0.0.1:8100",
+        "http://localhost:8100",
+        "http://2130706433:8100",
+        "http://[::ffff:127.0.0.1]:8100",
+    ):
+        assert post(operator_api, "/nodes/add", {"url": url, "status": {"models": ["m"]}})[0] == 200
+    assert list(Node.objects.values_list("url", flat=True)) == ["http://127.0.0.1:8100"]

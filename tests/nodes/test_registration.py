@@ -267,3 +267,11 @@ def test_the_admin_shows_the_registration_url_once_and_can_issue_and_revoke(clie
     client.post("/admin/nodes/controlplane/", {"action": "revoke_registration_token", "_selected_action": [plane.pk]})
     plane.refresh_from_db()
     assert (plane.registration_token_hash, plane.registration_token_prefix) == ("", "")
+
+
+def test_a_registration_is_held_to_the_same_validation(client: Client, direct) -> None:
+    _, base = direct
+    for models in (["a\x00b"], ["\ud800"], ["two\nlines"]):
+        body = json.dumps({"url": "http://127.0.0.1:8100", "status": {"models": models}})
+        assert client.post(f"{base}/nodes/add", body, content_type="application/json").status_code == 400
+    assert not Node.objects.exists()

@@ -339,3 +339,15 @@ def test_a_direct_registration_control_plane_has_no_sync_and_no_schedule(system,
     assert not PeriodicTask.objects.filter(task="nodes.sync_control_plane").exists()
     result = services.registry_sync(control_plane_id=plane.pk, client=FakeRegistry())
     assert result.skipped and "direct" in result.reason
+
+
+def test_an_entity_that_fails_the_shared_validation_is_skipped_as_invalid(control_plane, registry) -> None:
+    registry.entities = [
+        entity(9001),
+        entity(9002, served="bad\x00name"),
+        entity(9003, note="a\x00b"),  # metadata no database holds
+        {**entity(9004), "endpoint": {"host": "my host", "port": 9004, "protocol": "http"}},
+    ]
+    result = sync(control_plane, registry)
+    assert result.ok and (result.created, result.invalid) == (1, 3)
+    assert list(Node.objects.values_list("url", flat=True)) == ["http://127.0.0.1:9001"]

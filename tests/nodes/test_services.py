@@ -139,3 +139,24 @@ def test_key_usage_recorded_by_the_proxy_reaches_the_database(system, redis_url)
     assert key.last_used_at.timestamp() == 1700000000.5
     assert services.api_key_record_usage() == 0  # not newer: nothing to do
     assert ChangeRecord.objects.count() == records  # bookkeeping, not audited
+
+
+def test_two_spellings_of_one_backend_are_one_node(system) -> None:
+    node = services.node_create(actor=system, url="http://localhost:8100", models=["m"], name="first")
+    assert node.url == "http://127.0.0.1:8100"
+    with pytest.raises(ValidationError, match=f"already exists: node {node.pk} “first”"):
+        services.node_create(actor=system, url="http://[::ffff:127.0.0.1]:8100", models=["m"])
+    again, created = services.node_upsert(actor=system, url="http://127.1:8100", models=["m"])
+    assert (again.pk, created, Node.objects.count()) == (node.pk, False, 1)
+
+
+def test_values_no_database_can_hold_are_refused_on_every_entity(system) -> None:
+    with pytest.raises(ValidationError, match="NUL"):
+        services.node_create(actor=system, url="http://127.0.0.1:8100", metadata={"k": "a\x00"})
+    with pytest.raises(ValidationError, match="models"):
+        services.node_create(actor=system, url="http://127.0.0.1:8101", models=["a\x00b"])
+    with pytest.raises(ValidationError):
+        services.policy_create(actor=system, model="m\n")
+    with pytest.raises(ValidationError):
+        services.control_plane_create(actor=system, name="cp", address="127.0.0.1:1", scope="\ud800")
+    assert not Node.objects.exists()

@@ -120,3 +120,11 @@ async def test_a_failed_rebuild_keeps_the_previous_snapshot_and_is_retried(watch
     assert len(calls) == 1  # not retried on every 50 ms tick
     monkeypatch.undo()
     await _wait_for(lambda: snapshots.current() is not before, 2.0)
+
+
+@pytest.mark.django_db
+def test_a_keys_max_concurrent_of_0_means_no_limit_as_on_nodes() -> None:
+    api_key_create(actor=ACTOR, name="zero", max_concurrent=0)
+    api_key_create(actor=ACTOR, name="two", max_concurrent=2)
+    keys = {key.name: key for key in build_snapshot().keys.values()}
+    assert (keys["zero"].max_concurrent, keys["two"].max_concurrent) == (None, 2)

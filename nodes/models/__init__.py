@@ -1,4 +1,6 @@
-"""The registry's persistent state: nodes, model aliases, route policies, control planes, API keys.
+"""The registry's persistent state: control planes, nodes, model aliases and route policies here;
+API keys in ``api_keys``, the audit trail and the configuration version in ``audit`` (all of them
+importable from ``nodes.models``).
 
 Writes go through ``nodes.services`` so that every routing change is audited and bumps the
 configuration version the proxy watches. Models only validate and describe.
@@ -6,22 +8,16 @@ configuration version the proxy watches. Models only validate and describe.
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
-import secrets
-from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
-from .choices import (
+from ..choices import (
     AliasOrigin,
     ApprovalMode,
-    ChangeAction,
-    ChangeVia,
     ControlPlaneKind,
     EngineType,
     NodeHealth,
@@ -32,20 +28,28 @@ from .choices import (
     Strategy,
     SyncState,
 )
-from .networks import is_unspecified, normalize_node_url, parse_network
+from ..networks import clean_networks, normalize_node_url, validate_node_url
+from ..validators import refused_character, validate_model_name, validate_single_line
+from .api_keys import API_KEY_PREFIX, ApiKey, generate_api_key, hash_api_key
+from .audit import ChangeRecord, ConfigVersion
+from .base import RegistryModel
 
-
-class ConfigVersion(models.Model):
-    """A single row whose ``version`` grows by one on every routing change (see services)."""
-
-    version = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        verbose_name = "configuration version"
-
-    def __str__(self) -> str:
-        return f"configuration v{self.version}"
+__all__ = [
+    "API_KEY_PREFIX",
+    "ApiKey",
+    "ChangeRecord",
+    "ConfigVersion",
+    "ControlPlane",
+    "ModelAlias",
+    "Node",
+    "RegistryModel",
+    "RoutePolicy",
+    "aliases_for_model",
+    "default_registry_kinds",
+    "generate_api_key",
+    "hash_api_key",
+    "normalize_node_url",
+]
 
 
 def default_registry_kinds() -> list[str]:
@@ -53,13 +57,13 @@ def default_registry_kinds() -> list[str]:
     return ["nanodeploy", "dlengine"]
 
 
-class ControlPlane(models.Model):
+class ControlPlane(RegistryModel):
     """Where engines join from, and who may: a NanoCtrl (dlslime-ctrl) registry whose engines are
     mirrored into the node table, or a set of engines that register themselves directly through
     the control plane's registration URL. Either way its approval mode and allow-list decide
     whether a new node takes traffic (see ``nodes.admission``)."""
 
-    name = models.CharField(max_length=100, unique=True)
+    name = models.CharField(max_length=100, unique=True, validators=[validate_single_line])
     kind = models.CharField(
         max_length=10,
         choices=ControlPlaneKind.choices,
@@ -68,9 +72,17 @@ class ControlPlane(models.Model):
         "through the registration URL (/register/<token>), e.g. LMDeploy's api_server --proxy-url.",
     )
     address = models.CharField(
-        max_length=255, blank=True, help_text="NanoCtrl only: host:port of the NanoCtrl server, or its http(s):// URL."
+        max_length=255,
+        blank=True,
+        validators=[validate_single_line],
+        help_text="NanoCtrl only: host:port of the NanoCtrl server, or its http(s):// URL.",
     )
-    scope = models.CharField(max_length=100, blank=True, help_text="Registry scope; empty for the unscoped registry.")
+    scope = models.CharField(
+        max_length=100,
+        blank=True,
+        validators=[validate_single_line],
+        help_text="Registry scope; empty for the unscoped registry.",
+    )
     kinds = models.JSONField(
         default=default_registry_kinds, blank=True, help_text='Entity kinds to import, e.g. ["nanodeploy", "dlengine"].'
     )
@@ -139,7 +151,9 @@ class ControlPlane(models.Model):
 
     def clean(self) -> None:
         super().clean()
-        if not isinstance(self.kinds, list) or not all(isinstance(k, str) and k.strip() for k in self.kinds):
+        if not isinstance(self.kinds, list) or not all(
+            isinstance(k, str) and k.strip() and refused_character(k) is None for k in self.kinds
+        ):
             raise ValidationError({"kinds": 'Give a list of entity kinds, e.g. ["nanodeploy", "dlengine"].'})
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValidationError({"redis_url": "Use a redis://, rediss:// or unix:// URL."})
@@ -150,31 +164,24 @@ class ControlPlane(models.Model):
                 raise ValidationError({"redis_url": "A direct-registration control plane has no registry Redis."})
         elif not self.address.strip():
             raise ValidationError({"address": "Give host:port of the NanoCtrl server."})
-        self.allowed_networks = self._clean_networks(self.allowed_networks)
-
-    @staticmethod
-    def _clean_networks(value: object) -> list[str]:
-        message = 'Give a list of networks, e.g. ["10.0.0.0/8", "fd00::/8"] (empty allows any address).'
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValidationError({"allowed_networks": message})
-        networks: list[str] = []
-        for item in value:
-            try:
-                network = str(parse_network(item))
-            except ValueError:
-                raise ValidationError({"allowed_networks": f"{item!r} is not a network. {message}"}) from None
-            if network not in networks:
-                networks.append(network)
-        return networks
+        try:
+            self.allowed_networks = clean_networks(self.allowed_networks)
+        except ValidationError as exc:
+            raise ValidationError({"allowed_networks": exc.messages}) from None
 
 
-class Node(models.Model):
+class Node(RegistryModel):
     """An inference engine endpoint that the proxy may route to."""
 
     url = models.CharField(
-        max_length=500, unique=True, help_text="Base URL, e.g. http://10.0.0.5:8000 (normalised: no trailing slash)."
+        max_length=500,
+        unique=True,
+        help_text="Base URL, e.g. http://10.0.0.5:8000, stored in one spelling (localhost, 127.1 and "
+        "[::ffff:127.0.0.1] are 127.0.0.1; no default port, no trailing slash).",
     )
-    name = models.CharField(max_length=200, blank=True, help_text="Optional display name.")
+    name = models.CharField(
+        max_length=200, blank=True, validators=[validate_single_line], help_text="Optional display name."
+    )
     engine_type = models.CharField(max_length=20, choices=EngineType.choices, default=EngineType.NANODEPLOY)
     role = models.CharField(max_length=10, choices=NodeRole.choices, default=NodeRole.HYBRID)
     state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.ACTIVE)
@@ -196,7 +203,9 @@ class Node(models.Model):
 
     weight = models.PositiveIntegerField(default=1, validators=[MaxValueValidator(10000)])
     max_concurrency = models.PositiveIntegerField(
-        default=0, validators=[MaxValueValidator(1_000_000)], help_text="Concurrent requests allowed; 0 = unlimited."
+        default=0,
+        validators=[MaxValueValidator(1_000_000)],
+        help_text="Concurrent requests allowed; 0 = no limit (as on API keys).",
     )
     bootstrap_port = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)], help_text="SGLang only."
@@ -204,7 +213,9 @@ class Node(models.Model):
     dp_size = models.PositiveIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(1024)], help_text="vLLM data-parallel ranks."
     )
-    kv_connector_address = models.CharField(max_length=255, blank=True, help_text="vLLM KV connector host:port.")
+    kv_connector_address = models.CharField(
+        max_length=255, blank=True, validators=[validate_single_line], help_text="vLLM KV connector host:port."
+    )
     metadata = models.JSONField(default=dict, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
@@ -231,13 +242,20 @@ class Node(models.Model):
 
     def clean(self) -> None:
         super().clean()
-        self.url = normalize_node_url(self.url)
-        host = urlsplit(self.url).hostname or ""
-        if is_unspecified(host):
+        written = self.url
+        try:
+            self.url = validate_node_url(self.url)
+        except ValidationError as exc:
+            raise ValidationError({"url": exc.messages}) from None
+        clash = Node.objects.filter(url=self.url).exclude(pk=self.pk).only("pk", "name", "url").first()
+        if clash is not None:
+            spelled = f" ({written.strip()} is written {self.url})" if written.strip() != self.url else ""
+            named = f" “{clash.name}”" if clash.name else ""
             raise ValidationError(
                 {
-                    "url": f"{host} is an address a server binds to, not one RouterPanel can reach; give the "
-                    "engine's address (the /nodes/add and registration endpoints use the caller's address)."
+                    "url": ValidationError(
+                        f"A node with URL {self.url} already exists: node {clash.pk}{named}{spelled}.", code="unique"
+                    )
                 }
             )
         if not isinstance(self.metadata, dict):
@@ -249,7 +267,7 @@ class Node(models.Model):
         return sorted({alias.served_name for alias in self.aliases.all()})
 
 
-class ModelAlias(models.Model):
+class ModelAlias(RegistryModel):
     """A name a client may send in ``model``, mapped to the model name a node serves.
 
     A row with a node belongs to that node (its served name, model path and basename). A row
@@ -257,8 +275,12 @@ class ModelAlias(models.Model):
     """
 
     node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="aliases")
-    name = models.CharField(max_length=255, help_text="What a client sends in the request's model field.")
-    served_name = models.CharField(max_length=255, help_text="The model name the node serves (sent upstream).")
+    name = models.CharField(
+        max_length=255, validators=[validate_model_name], help_text="What a client sends in the request's model field."
+    )
+    served_name = models.CharField(
+        max_length=255, validators=[validate_model_name], help_text="The model name the node serves (sent upstream)."
+    )
     origin = models.CharField(max_length=10, choices=AliasOrigin.choices, default=AliasOrigin.OPERATOR)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -267,8 +289,17 @@ class ModelAlias(models.Model):
         verbose_name_plural = "model aliases"
         ordering = ["name"]
         constraints = [
-            models.UniqueConstraint(fields=["node", "name"], name="alias_unique_per_node"),
-            models.UniqueConstraint(fields=["name"], condition=Q(node__isnull=True), name="alias_unique_global"),
+            models.UniqueConstraint(
+                fields=["node", "name"],
+                name="alias_unique_per_node",
+                violation_error_message="This node already has an alias with this name.",
+            ),
+            models.UniqueConstraint(
+                fields=["name"],
+                condition=Q(node__isnull=True),
+                name="alias_unique_global",
+                violation_error_message="A model alias with this name (for no particular node) already exists.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -297,11 +328,15 @@ def aliases_for_model(served_name: str, model_path: str = "") -> list[tuple[str,
     return pairs
 
 
-class RoutePolicy(models.Model):
+class RoutePolicy(RegistryModel):
     """How requests for one model are routed; the row with an empty model is the global default."""
 
     model = models.CharField(
-        max_length=255, unique=True, blank=True, help_text="Served model name; empty for the global default."
+        max_length=255,
+        unique=True,
+        blank=True,
+        validators=[validate_model_name],
+        help_text="Served model name; empty for the global default.",
     )
     strategy = models.CharField(max_length=30, choices=Strategy.choices, default=Strategy.ROUND_ROBIN)
     serving_mode = models.CharField(max_length=10, choices=ServingMode.choices, default=ServingMode.AUTO)
@@ -340,74 +375,3 @@ class RoutePolicy(models.Model):
         self.model = (self.model or "").strip()
         if self.first_token_timeout > self.total_timeout:
             raise ValidationError({"first_token_timeout": "The first-token timeout cannot exceed the total timeout."})
-
-
-API_KEY_PREFIX = "rp-"
-
-
-def hash_api_key(plaintext: str) -> str:
-    """SHA-256 of a proxy key. Keys are 256-bit random strings, so a fast hash is enough and keeps
-    the proxy's per-request check cheap."""
-    return hashlib.sha256(plaintext.encode()).hexdigest()
-
-
-def generate_api_key() -> str:
-    return API_KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-class ApiKey(models.Model):
-    """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
-
-    name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
-    key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    allowed_models = models.JSONField(default=list, blank=True, help_text="Model names this key may use; empty = all.")
-    rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
-    max_concurrent = models.PositiveIntegerField(null=True, blank=True, help_text="Concurrent requests; empty = none.")
-    is_active = models.BooleanField(default=True)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    created_at = models.DateTimeField(auto_now_add=True)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-
-    class Meta:
-        verbose_name = "API key"
-        ordering = ["name"]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.prefix}…)"
-
-    def clean(self) -> None:
-        super().clean()
-        if not isinstance(self.allowed_models, list) or not all(
-            isinstance(m, str) and m.strip() for m in self.allowed_models
-        ):
-            raise ValidationError({"allowed_models": "Give a list of model names (empty for all models)."})
-
-    def set_plaintext(self, plaintext: str) -> None:
-        self.key_hash = hash_api_key(plaintext)
-        self.prefix = plaintext[:10]
-
-
-class ChangeRecord(models.Model):
-    """One audited change: who or what made it, through which interface, and what changed."""
-
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-    actor = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
-    )
-    actor_label = models.CharField(max_length=200, help_text="User name, or the process that made the change.")
-    via = models.CharField(max_length=10, choices=ChangeVia.choices)
-    action = models.CharField(max_length=10, choices=ChangeAction.choices)
-    object_type = models.CharField(max_length=50, db_index=True)
-    object_id = models.CharField(max_length=50, db_index=True)
-    object_repr = models.CharField(max_length=500)
-    changes = models.JSONField(default=dict, blank=True, help_text="{field: [old, new]}")
-    note = models.CharField(max_length=500, blank=True)
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-
-    def __str__(self) -> str:
-        return f"{self.actor_label} {self.action} {self.object_type} {self.object_repr}"
