@@ -31,7 +31,7 @@ from .readiness import readiness
 from .request import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
-from .snapshot import KeyView, Snapshot
+from .snapshot import KeyView, Route, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session
@@ -209,24 +209,7 @@ class ProxyApp:
         if not isinstance(stream, bool) and stream is not None:
             # Engines read a string like "no" as true; answer as OpenAI does instead of guessing.
             raise bad_request("'stream' must be true or false.", "invalid_stream")
-        route = snap.routes.get(model)
-        if route is None:
-            raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
-        if key is not None and not key.allows(route):
-            raise ProxyError(403, f"This API key may not use the model {model!r}.", "model_not_allowed")
-        if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
-            exceeded = self.limiter.try_acquire(key)
-            if exceeded is not None:
-                retry_after = self.limiter.retry_after() if exceeded == "rate_limit_rpm" else 1
-                raise ProxyError(
-                    429,
-                    f"This API key exceeded its limit ({exceeded}); retry in {retry_after} s.",
-                    "rate_limit_exceeded",
-                    headers=[(b"retry-after", str(retry_after).encode())],
-                )
-            limited = key
-        else:
-            limited = None
+        route, limited = self.admit(snap, key, model)
         request = ProxyRequest(
             path=path,
             model=model,
@@ -269,6 +252,27 @@ class ProxyApp:
             metrics.observe_request(route.name, outcome.node, outcome.status, time.perf_counter() - started)
             if outcome.ttft is not None:
                 metrics.observe_stream(route.name, outcome.ttft, outcome.mean_gap)
+
+    def admit(self, snap: Snapshot, key: KeyView | None, model: str) -> tuple[Route, KeyView | None]:
+        """The route for ``model``, and the key whose limits the request holds (released when it
+        ends); 404, 403 or 429 when the model is unknown or the key may not use it now."""
+        route = snap.routes.get(model)
+        if route is None:
+            raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
+        if key is not None and not key.allows(route):
+            raise ProxyError(403, f"This API key may not use the model {model!r}.", "model_not_allowed")
+        if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
+            exceeded = self.limiter.try_acquire(key)
+            if exceeded is not None:
+                retry_after = self.limiter.retry_after() if exceeded == "rate_limit_rpm" else 1
+                raise ProxyError(
+                    429,
+                    f"This API key exceeded its limit ({exceeded}); retry in {retry_after} s.",
+                    "rate_limit_exceeded",
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
+            return route, key
+        return route, None
 
 
 _app: ProxyApp | None = None
