@@ -56,6 +56,12 @@ def stats_worker_key(worker: str) -> str:
     return f"routerpanel:stats:worker:{worker}"
 
 
+# Stream: one entry per proxied request, its explanation (field ``r``: ``nodes.live.explain``'s
+# codec), capped by count and age. Every worker's loop appends its requests in batches; the
+# dashboard's Requests page, its live tail and ``/api/requests/`` read it.
+EXPLAIN = "routerpanel:explain"
+
+
 def new_worker_id() -> str:
     """A web worker's identity: host and pid, plus random bytes so a reused pid is a new worker."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
