@@ -139,7 +139,7 @@ def measure_redis(payload: bytes, batches: int) -> float | None:
 
         async def run() -> float:
             client = aioredis.Redis(port=port)
-            records = [payload] * 1000
+            records = [(f"{i:032x}", payload) for i in range(1000)]
             await client.eval(*live.append_args(records, max_records=100_000, oldest_ms=0))
             started = time.process_time()
             for _ in range(batches):

@@ -380,10 +380,10 @@ class Explainer:
         batch and raises, so the loop backs off as for any Redis error."""
         batch, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
         self._flushed_at = time.monotonic()
-        payloads = [live.encode(explanation.wire()) for explanation in batch]
+        records = [(explanation.request_id, live.encode(explanation.wire())) for explanation in batch]
         oldest_ms = int((time.time() - self.retention) * 1000)
         try:
-            await client.eval(*live.append_args(payloads, max_records=self.max_records, oldest_ms=oldest_ms))
+            await client.eval(*live.append_args(records, max_records=self.max_records, oldest_ms=oldest_ms))
         except BaseException:
             self.dropped += len(batch)
             DROPPED.labels("redis").inc(len(batch))

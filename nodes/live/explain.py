@@ -81,25 +81,39 @@ def encode(record: WireRecord) -> bytes:
     return _packer.pack(record)
 
 
+def encoded_text(text: str) -> bytes:
+    """How ``text`` appears inside an encoded record: a reader skips a record that does not hold
+    the model or key name it looks for without decoding it."""
+    return _packer.pack(text)
+
+
 # -- Appending (each web worker's loop) ----------------------------------------------------------
 
-# KEYS[1] the stream; ARGV[1] the most entries kept, ARGV[2] the oldest entry id kept (milliseconds),
-# ARGV[3..] one record each. One call per batch: a pipeline of XADDs costs the web worker ~15 µs of
-# CPU per record in redis-py, this ~1 µs. Both trims are approximate (whole radix-tree nodes), so
-# Redis does them in O(1) amortised.
+# KEYS[1] the stream, KEYS[2] its index of request ids; ARGV[1] the most entries kept, ARGV[2] the
+# oldest entry id kept (milliseconds), then a request id and its record for each request. One call
+# per batch: a pipeline of XADDs costs the web worker ~15 µs of CPU per record in redis-py, this
+# ~1 µs. The stream's trims are approximate (whole radix-tree nodes), so Redis does them in O(1)
+# amortised; the index follows them closely enough (a lookup of a trimmed entry finds nothing).
 APPEND_SCRIPT = """
-for i = 3, #ARGV do
-  redis.call('XADD', KEYS[1], '*', 'r', ARGV[i])
+for i = 3, #ARGV, 2 do
+  local entry = redis.call('XADD', KEYS[1], '*', 'r', ARGV[i + 1])
+  redis.call('ZADD', KEYS[2], tonumber(string.match(entry, '^%d+')), ARGV[i])
 end
 redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
 redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[2])
-return #ARGV - 2
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[1]) - 1)
+return (#ARGV - 2) / 2
 """
 
 
-def append_args(payloads: list[bytes], *, max_records: int, oldest_ms: int) -> list[Any]:
-    """``EVAL`` arguments appending ``payloads`` and trimming the stream (see ``APPEND_SCRIPT``)."""
-    return [APPEND_SCRIPT, 1, keys.EXPLAIN, max_records, oldest_ms, *payloads]
+def append_args(records: list[tuple[str, bytes]], *, max_records: int, oldest_ms: int) -> list[Any]:
+    """``EVAL`` arguments appending ``records`` (request id, encoded record) and trimming the stream
+    and its index (see ``APPEND_SCRIPT``)."""
+    args: list[Any] = [APPEND_SCRIPT, 2, keys.EXPLAIN, keys.EXPLAIN_IDS, max_records, oldest_ms]
+    for request_id, payload in records:
+        args += (request_id, payload)
+    return args
 
 
 # -- The readable record -----------------------------------------------------------------------

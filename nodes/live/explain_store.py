@@ -16,12 +16,13 @@ import redis
 import redis.asyncio as aioredis
 
 from . import keys
-from .explain import Record, decode
+from .explain import Record, decode, encoded_text
 
-# Entries read per round trip while paging, and the most a page may walk before it gives up
-# (a filter that matches nothing must not read an unbounded stream on every call).
+# Entries read per round trip while paging, and the most one page walks (about a tenth of a second
+# of decoding): a filter that matches rarely returns a shorter page with a cursor to go on from,
+# rather than reading the whole stream in one call.
 CHUNK = 500
-MAX_SCAN = 200_000
+MAX_SCAN = 20_000
 # A record's ``timestamp`` is when the request arrived, on its web worker's clock; its entry's id
 # is when it was flushed, on Redis's. The entry is always later, but allow for hosts' clocks
 # being this far apart when a time range narrows the part of the stream read.
@@ -53,6 +54,10 @@ class RequestFilter:
         if self.status is not None and not _status_matches(self.status, record):
             return False
         return self.node is None or _involves(record, self.node)
+
+    def needles(self) -> list[bytes]:
+        """Bytes every matching record's encoding holds (see ``explain.encoded_text``)."""
+        return [encoded_text(text) for text in (self.model, self.key) if text is not None]
 
     def lowest_entry(self) -> str:
         """The oldest entry id that can hold a matching record ("-" for the whole stream)."""
@@ -99,10 +104,13 @@ def read_page(
     high = f"({before}" if before else "+"
     low = wanted.lowest_entry()
     records: list[Record] = []
+    needles = wanted.needles()
     scanned = 0
     while scanned < scan:
         chunk = _entries(client.xrevrange(keys.EXPLAIN, max=high, min=low, count=CHUNK))
         for entry_id, value in chunk:
+            if needles and not all(needle in value for needle in needles):
+                continue
             record = decode(value, entry_id)
             if record is not None and wanted.matches(record):
                 records.append(record)
@@ -115,22 +123,19 @@ def read_page(
     return Page(records, high[1:])
 
 
-def find(client: redis.Redis, request_id: str, *, scan: int = MAX_SCAN) -> Record | None:
-    """The newest record of ``request_id`` (clients may reuse an ``X-Request-Id``), or None."""
+def find(client: redis.Redis, request_id: str) -> Record | None:
+    """The newest record of ``request_id`` (clients may reuse an ``X-Request-Id``), or None: the
+    index gives its entry's millisecond, which holds a handful of entries at most."""
+    millisecond = client.zscore(keys.EXPLAIN_IDS, request_id)
+    if millisecond is None:
+        return None
     needle = request_id.encode()
-    high = "+"
-    scanned = 0
-    while scanned < scan:
-        chunk = _entries(client.xrevrange(keys.EXPLAIN, max=high, min="-", count=CHUNK))
-        for entry_id, value in chunk:
-            if needle in value:  # a byte search first: decoding every record would cost far more
-                record = decode(value, entry_id)
-                if record is not None and record["id"] == request_id:
-                    return record
-        scanned += len(chunk)
-        if len(chunk) < CHUNK:
-            return None
-        high = f"({chunk[-1][0]}"
+    entries = _entries(client.xrevrange(keys.EXPLAIN, max=str(int(millisecond)), min=str(int(millisecond))))
+    for entry_id, value in entries:
+        if needle in value:  # a byte search first: decoding every record would cost more
+            record = decode(value, entry_id)
+            if record is not None and record["id"] == request_id:
+                return record
     return None
 
 

@@ -60,6 +60,9 @@ def stats_worker_key(worker: str) -> str:
 # codec), capped by count and age. Every worker's loop appends its requests in batches; the
 # dashboard's Requests page, its live tail and ``/api/requests/`` read it.
 EXPLAIN = "routerpanel:explain"
+# Sorted set: request id -> the millisecond of its entry in EXPLAIN, written and trimmed with it, so
+# ``/api/requests/<id>/`` reads one entry instead of scanning the stream.
+EXPLAIN_IDS = "routerpanel:explain:ids"
 
 
 def new_worker_id() -> str:

@@ -132,9 +132,12 @@ async def test_the_stream_is_capped_by_count_and_by_age(redis_url, sync_client):
     try:
         await flush_all(redis_url, Explainer(max_records=100), [explanation(f"r{i}") for i in range(400)])
         assert 100 <= sync_client.xlen(keys.EXPLAIN) <= 110
+        assert sync_client.zcard(keys.EXPLAIN_IDS) == 100
+        assert store.find(sync_client, "r399") is not None and store.find(sync_client, "r0") is None
         time.sleep(0.01)
         await flush_all(redis_url, Explainer(retention=0.005), [explanation("newest")])
         assert sync_client.xlen(keys.EXPLAIN) <= 11  # everything older than 5 ms went, in whole nodes
+        assert sync_client.zrange(keys.EXPLAIN_IDS, 0, -1) == [b"newest"]
     finally:
         sync_client.config_set("stream-node-max-entries", 100)
 
