@@ -265,7 +265,8 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "RouterPanel API",
-    "DESCRIPTION": "Manage inference nodes, model aliases, route policies, control planes and proxy API keys.",
+    "DESCRIPTION": "Manage inference nodes, model aliases, route policies, control planes and proxy API keys; "
+    "read why each proxied request went where it went.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     # Swagger UI from drf-spectacular-sidecar's static files: works offline, trusts no CDN.
@@ -277,6 +278,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "nodes.api.schema.add_error_responses",
     ],
+    # The serving mode is a route policy's field and a request explanation's: one enum for both.
+    "ENUM_NAME_OVERRIDES": {"ServingModeEnum": "nodes.choices.ServingMode"},
 }
 
 # --------------------------------------------------------------------------------------------

@@ -100,7 +100,10 @@ class Page:
 def read_page(
     client: redis.Redis, wanted: RequestFilter, *, before: str | None = None, limit: int = 50, scan: int = MAX_SCAN
 ) -> Page:
-    """The newest ``limit`` records matching ``wanted``, older than the entry ``before`` if given."""
+    """The newest ``limit`` records matching ``wanted``, older than the entry ``before`` if given
+    (a stream entry id, ``<ms>-<seq>``)."""
+    if before == "0-0":  # nothing is older than the first possible entry
+        return Page([], None)
     high = f"({before}" if before else "+"
     low = wanted.lowest_entry()
     records: list[Record] = []

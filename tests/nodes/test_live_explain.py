@@ -16,47 +16,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from nodes.live import explain as live
 from nodes.live import explain_store as store
 from nodes.live import keys
-from proxy.explain import Explainer, Explanation
+from proxy.explain import Explainer
 from proxy.request import Outcome
-from proxy.snapshot import KeyView, NodeView, PolicyView, Route, Target
 
-NODES = [
-    NodeView(id=i, url=f"http://n{i}:8000", engine_type="openai", role="hybrid", state="active", health="healthy")
-    for i in (1, 2, 3)
-]
-
-
-def route(model: str) -> Route:
-    targets = tuple(Target(node, model) for node in NODES)
-    return Route(model, PolicyView(model=model), targets, targets, (), (), frozenset({model}), "hybrid")
-
-
-def explanation(request_id: str, *, model: str = "m", node: int = 1, status: int = 200, key: str = "k") -> Explanation:
-    item = Explanation(
-        request_id,
-        KeyView(id=1, name=key, allowed_models=frozenset()),
-        model,
-        "/v1/completions",
-        False,
-        time.perf_counter(),
-        False,
-    )
-    item.route = route(model)
-    target = item.route.targets[node - 1]
-
-    class Load:
-        def inflight(self, node_id: int) -> int:
-            return 0
-
-        def latency(self, node_id: int) -> float:
-            return 0.0
-
-    class Router:
-        load = Load()
-
-    item.chose(Router(), "hybrid", item.route.hybrid, item.route.hybrid, (), target)  # type: ignore[arg-type]
-    item.status = status
-    return item
+from .explain_records import explanation, flush_all
 
 
 @pytest.fixture
@@ -64,17 +27,6 @@ def sync_client(redis_url: str) -> Iterator[redis_lib.Redis]:
     client = redis_lib.Redis.from_url(redis_url)
     yield client
     client.close()
-
-
-async def flush_all(redis_url: str, explainer: Explainer, items: list[Explanation]) -> None:
-    for item in items:
-        explainer.finish(item, Outcome(status=item.status))
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        while explainer.buffer:
-            await explainer.flush(client)
-    finally:
-        await client.aclose()
 
 
 async def test_a_flush_appends_one_entry_per_request_in_one_call(redis_url, sync_client):
