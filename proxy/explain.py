@@ -68,6 +68,7 @@ class Explanation:
     """One request's decision record while it runs (see the module doc)."""
 
     __slots__ = (
+        "answered_by",
         "at",
         "attempts",
         "choices",
@@ -107,6 +108,7 @@ class Explanation:
         self.message: str | None = None
         self.total = 0.0
         self.usage = b""
+        self.answered_by: str | None = None  # the URL of the node whose answer the client got
 
     # -- Recording (hot path) ------------------------------------------------------------------
 
@@ -163,12 +165,17 @@ class Explanation:
         counts: dict[str, int] = {}
         for reason, count in self._exclusion_counts(last):
             counts[reason] = counts.get(reason, 0) + count
+        # Each pick after a role's first is a retry, for the way the attempt before it ended (the
+        # attempt being delivered has not settled yet when the headers go out).
+        picked: dict[str, int] = {}
+        for choice in self.choices:
+            if choice[3] is not None:
+                picked[choice[0]] = picked.get(choice[0], 0) + 1
         retries = []
-        outcome_by_role: dict[str, str] = {}
         for node, _, _, status, error, _, _ in self.attempts:
-            if node.role in outcome_by_role:
-                retries.append(outcome_by_role[node.role])
-            outcome_by_role[node.role] = error or str(status)
+            if picked.get(node.role, 0) > 1:
+                picked[node.role] -= 1
+                retries.append(error or str(status))
         parts = [
             f"strategy={route.policy.strategy if route is not None else '-'}",
             f"pick={', '.join(picks) or 'none'}",
@@ -246,6 +253,7 @@ class Explanation:
             self.error,
             self.message,
             self.usage,
+            self.answered_by,
         )
 
 
@@ -358,6 +366,8 @@ class Explainer:
         explanation.total = time.perf_counter() - explanation.started
         if outcome is not None:
             explanation.status, explanation.error = outcome.status, outcome.error
+            if outcome.node != "-":
+                explanation.answered_by = outcome.node
             if outcome.usage:
                 explanation.usage = live.usage_slice(outcome.usage)
         if not self.enabled:

@@ -52,7 +52,8 @@ WireChoice = tuple[str, int, int, WireNode | None, str | None, list[WireCandidat
 WireAttempt = tuple[str, int, str, float, float, int, str | None, float | None, bool | None]
 # version, request id, Unix time it arrived, key name, model asked for, path, stream, serving mode,
 # route policy ("" the default policy), strategy, choices, attempts, total seconds, status, error
-# code, error message, the slice of the answer that holds its usage object (b"" when none)
+# code, error message, the slice of the answer that holds its usage object (b"" when none), the URL
+# of the node whose answer the client got (None: the proxy answered itself)
 WireRecord = tuple[
     int,
     str,
@@ -71,6 +72,7 @@ WireRecord = tuple[
     str | None,
     str | None,
     bytes,
+    str | None,
 ]
 
 _packer = msgpack.Packer()
@@ -188,7 +190,7 @@ class Record(TypedDict):
     choices: list[Choice]
     attempts: list[Attempt]
     retries: int
-    node: NodeRef | None  # the node whose answer (or failure) ended the request
+    node: NodeRef | None  # the node whose answer the client got, else the last one tried
     pair: Pair | None  # a PD request's prefill and decode nodes
     ttfb_ms: float | None
     total_ms: float
@@ -292,7 +294,7 @@ def decode(raw: bytes, entry: str = "") -> Record | None:
         wire = msgpack.unpackb(raw, raw=False)
     except Exception:  # any malformed value: msgpack raises several exception types
         return None
-    if not isinstance(wire, list) or len(wire) < 17 or wire[0] != VERSION:
+    if not isinstance(wire, list) or len(wire) < 18 or wire[0] != VERSION:
         return None
     try:
         return _decode(wire, entry)
@@ -303,7 +305,7 @@ def decode(raw: bytes, entry: str = "") -> Record | None:
 
 def _decode(wire: list[Any], entry: str) -> Record:
     _, request_id, at, key, model, path, stream, mode, policy, strategy, choices, attempts_wire = wire[:12]
-    total, status, error, message, usage = wire[12:17]
+    total, status, error, message, usage, answered_by = wire[12:18]
     attempts, retries = _attempts(attempts_wire)
     ttfb: float | None = None
     delivering = next((a for a in reversed(attempts) if a["ttft_ms"] is not None), None)
@@ -311,7 +313,8 @@ def _decode(wire: list[Any], entry: str) -> Record:
         ttfb = round(delivering["started_ms"] + (delivering["ttft_ms"] or 0.0), 3)
     elif status:
         ttfb = _ms(total)  # an answer sent in one piece: its first byte went out with the rest
-    last = attempts[-1] if attempts else None
+    answered = [a for a in attempts if a["url"] == answered_by] if answered_by else []
+    last = answered[-1] if answered else attempts[-1] if attempts else None
     pair: Pair | None = None
     if mode == ServingMode.PD:
         legs = {attempt["role"]: attempt for attempt in attempts}  # the last attempt of each leg

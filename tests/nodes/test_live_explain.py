@@ -67,7 +67,8 @@ async def test_a_request_is_found_by_its_id_and_tailed_after_the_last_entry_seen
     assert store.find(sync_client, "missing") is None
     client = aioredis.Redis.from_url(redis_url)
     try:
-        start = await store.latest_entry(client)
+        start = await store.newest_entry(client)
+        assert start == store.newest_entry_sync(sync_client)
         await flush_all(redis_url, Explainer(), [explanation("third", model="z"), explanation("fourth")])
         records, last, skipped = await store.read_after(client, start, store.RequestFilter(model="z"))
         assert [r["id"] for r in records] == ["third"] and not skipped
@@ -107,7 +108,7 @@ async def test_a_redis_that_is_down_costs_the_batch_counted_never_a_request():
 def test_values_that_are_not_records_of_this_version_are_skipped():
     assert live.decode(b"not msgpack \xc1") is None
     assert live.decode(msgpack.packb({"a": 1})) is None
-    assert live.decode(msgpack.packb([99, "id"] + [None] * 15)) is None
+    assert live.decode(msgpack.packb([99, "id"] + [None] * 16)) is None
     wire = list(explanation("ok").wire())
     assert live.decode(live.encode(tuple(wire))) is not None  # type: ignore[arg-type]
     wire[10] = [["hybrid"]]  # a choice cut short

@@ -159,6 +159,7 @@ async def test_a_request_that_fails_after_retries_says_why(engines, proxy_app):
         [(busy.url, 503, None, "engine_unreachable"), (DEAD, 0, "engine_unreachable", None)],
     )
     assert all(excluded(c)["breaker_open"] == (1, ["http://127.0.0.1:10003"]) for c in record["choices"])
+    assert record["node"] == {"node": 2, "url": busy.url}  # whose answer the client got, tried first or last
     summary = response.headers["x-routerpanel-explain"]
     assert summary.startswith("strategy=round_robin; pick=") and "retries=1 (" in summary
     assert "breaker_open:1" in summary and "tried:1" in summary
