@@ -142,10 +142,15 @@ def find(client: redis.Redis, request_id: str) -> Record | None:
     return None
 
 
-async def latest_entry(client: aioredis.Redis) -> str:
+async def newest_entry(client: aioredis.Redis) -> str:
     """The newest entry's id, or "0" for an empty stream: where a live tail starts."""
-    newest = await client.xrevrange(keys.EXPLAIN, count=1)
-    entries = _entries(newest)
+    entries = _entries(await client.xrevrange(keys.EXPLAIN, count=1))
+    return entries[0][0] if entries else "0"
+
+
+def newest_entry_sync(client: redis.Redis) -> str:
+    """``newest_entry`` for blocking callers."""
+    entries = _entries(client.xrevrange(keys.EXPLAIN, count=1))
     return entries[0][0] if entries else "0"
 
 
