@@ -19,7 +19,6 @@ from tests.e2e import test_dashboard_browser as browser
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "explained-model"
 OTHER = "other-model"
 
 
@@ -65,11 +64,12 @@ def post(stack, model: str, request_id: str) -> httpx.Response:
 def test_an_operator_finds_a_failed_request_and_reads_why(page, stack) -> None:
     from playwright.sync_api import expect
 
-    with run_simulator(served_model_name=MODEL) as busy, run_simulator(served_model_name=OTHER) as fine:
-        stack.add_node(busy.url, [MODEL], engine_type="openai", name="busy-engine", settle=False)
-        stack.add_node("http://127.0.0.1:9", [MODEL], engine_type="openai", name="dead-engine", settle=False)
+    model = f"explained-{uuid.uuid4().hex[:6]}"  # the store outlives the test: its records are this run's only
+    with run_simulator(served_model_name=model) as busy, run_simulator(served_model_name=OTHER) as fine:
+        stack.add_node(busy.url, [model], engine_type="openai", name="busy-engine", settle=False)
+        stack.add_node("http://127.0.0.1:9", [model], engine_type="openai", name="dead-engine", settle=False)
         for name, port, action in (("drained-engine", 10, "drain"), ("disabled-engine", 11, "disable")):
-            node = stack.add_node(f"http://127.0.0.1:{port}", [MODEL], engine_type="openai", name=name, settle=False)
+            node = stack.add_node(f"http://127.0.0.1:{port}", [model], engine_type="openai", name=name, settle=False)
             assert stack.api.post(f"/api/nodes/{node['id']}/{action}/").status_code == 200
         stack.add_node(fine.url, [OTHER], engine_type="openai", name="fine-engine", settle=False)
         stack.settle()
@@ -78,7 +78,7 @@ def test_an_operator_finds_a_failed_request_and_reads_why(page, stack) -> None:
         for _ in range(3):
             assert post(stack, OTHER, f"ok-{uuid.uuid4().hex[:8]}").status_code == 200
         failed_id = f"failed-{uuid.uuid4().hex[:8]}"
-        failed = post(stack, MODEL, failed_id)
+        failed = post(stack, model, failed_id)
         assert failed.status_code == 503, failed.text  # both nodes tried: the engine's own 503 is the answer
 
         # The operator starts from the dashboard and follows its link to the Requests page.
@@ -92,7 +92,7 @@ def test_an_operator_finds_a_failed_request_and_reads_why(page, stack) -> None:
         shot(page, "1-list")
 
         # Only the failures of that model.
-        page.get_by_label("Model").select_option(MODEL)
+        page.get_by_label("Model").select_option(model)
         page.get_by_label("Status").fill("error")
         page.get_by_role("button", name="Filter").click()
         page.wait_for_url("**/dashboard/requests/?*status=error*")
