@@ -9,8 +9,11 @@ The hot path only appends what is already at hand (docs/architecture.md, "Reques
   disabled, unhealthy...) are the snapshot's, so they are worked out off the hot path, once per
   route and role (``_route_exclusions``).
 - Only the pick and the next ``LISTED_CANDIDATES - 1`` candidates get their figures read (in flight,
-  weight, latency, prefix match).
+  weight, latency, prefix match), into one flat tuple per choice.
 - The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
+- Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
+  garbage collector stops tracking them at its first pass: a record waiting in the buffer costs its
+  collections one object, where one of objects cost them more than the rest of the hot path.
 
 ``Explainer.finish`` appends the finished record to an in-memory buffer (bounded: when Redis has
 been away long enough to fill it, records are dropped and counted, and the request never notices).
@@ -30,7 +33,15 @@ from prometheus_client import Counter
 
 from nodes.choices import ExclusionReason, NodeRole, NodeState, ServingMode
 from nodes.live import explain as live
-from nodes.live.explain import LISTED_CANDIDATES, NAMED_PER_REASON, WireChoice, WireExclusion, WireRecord
+from nodes.live.explain import (
+    LISTED_CANDIDATES,
+    NAMED_PER_REASON,
+    WireAttempt,
+    WireCandidate,
+    WireChoice,
+    WireExclusion,
+    WireRecord,
+)
 
 from .snapshot import KeyView, NodeView, Route, Target
 
@@ -49,19 +60,14 @@ DROPPED = Counter(
 )
 STORED = Counter("routerpanel_explain_stored", "Request explanations appended to Redis.")
 
-# A choice while the request runs: role, nodes of the role in rotation, of them available, the pick,
-# the listed candidates (node, in flight, latency), the per-request exclusions, the prefix match.
-_Choice = tuple[
-    str,
-    int,
-    int,
-    Target | None,
-    list[tuple[NodeView, int, float]],
-    dict[str, list[Any]] | None,
-    tuple[int, int] | None,
-]
-# An attempt while the request runs: node, started (perf_counter), duration, status, error, ttft, verdict.
-_Attempt = tuple[NodeView, float, float, int, str | None, float | None, bool | None]
+# A choice while the request runs, flat and of plain values only, so that the garbage collector stops
+# tracking it at its first pass and a buffered record costs it one object (the ``Explanation``):
+# role, nodes of the role in rotation, of them available, the model name the pick serves (None: no
+# pick), the per-request exclusions (reason -> [count, the first few nodes], None: none), then
+# ``CANDIDATE_WIDTH`` values per listed candidate, the pick first (a ``WireCandidate``).
+_Choice = tuple[Any, ...]
+CHOICE_HEAD = 5
+CANDIDATE_WIDTH = 6
 
 
 class Explanation:
@@ -100,8 +106,9 @@ class Explanation:
         self.at = time.time()
         self.header = header  # the client asked for the one-line summary
         self.route: Route | None = None
-        self.choices: list[_Choice] = []
-        self.attempts: list[_Attempt] = []
+        # Tuples, not lists: a tuple of plain tuples leaves the garbage collector's care (see _Choice).
+        self.choices: tuple[_Choice, ...] = ()
+        self.attempts: tuple[WireAttempt, ...] = ()
         self.not_allowed = False  # the key may not use the model: every node of the route was out
         self.status = 0
         self.error: str | None = None
@@ -124,23 +131,36 @@ class Explanation:
     ) -> None:
         """``Router.choose``'s decision: ``available`` is what its filter kept of ``targets``."""
         excluded = None if len(available) == len(targets) else _exclusions(router, targets, available, exclude)
-        listed: list[tuple[NodeView, int, float]] = []
-        if chosen is not None:
-            load = router.load
-            node = chosen.node
-            listed.append((node, load.inflight(node.id), load.latency(node.id)))
-            for target in available[:LISTED_CANDIDATES]:
-                if target is not chosen and len(listed) < LISTED_CANDIDATES:
-                    node = target.node
-                    listed.append((node, load.inflight(node.id), load.latency(node.id)))
-        self.choices.append((role, len(targets), len(available), chosen, listed, excluded, prefix))
+        if chosen is None:
+            self.choices = (*self.choices, (str(role), len(targets), len(available), None, excluded))
+            return
+        load = router.load
+        node = chosen.node
+        node_id = node.id
+        match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+        # The node's role is the same text as ``role`` but a plain string (``role`` may be a NodeRole,
+        # which the garbage collector tracks).
+        choice: _Choice = (node.role, len(targets), len(available), chosen.served_name, excluded)
+        choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
+        listed = 1
+        for target in available:  # the next candidates in the strategy's order, after the pick
+            if listed == LISTED_CANDIDATES:
+                break
+            if target is not chosen:
+                node = target.node
+                node_id = node.id
+                match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+                choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
+                listed += 1
+        self.choices = (*self.choices, choice)
 
     def attempted(self, attempt: Attempt, duration: float) -> None:
-        """One attempt of the attempt loop, after it settled."""
+        """One attempt of the attempt loop, after it settled, already in its wire layout."""
+        node = attempt.target.node
         error = attempt.error.code if attempt.error is not None else ("cancelled" if attempt.cancelled else None)
-        self.attempts.append(
-            (attempt.target.node, attempt.started, duration, attempt.status, error, attempt.ttft, attempt.verdict)
-        )
+        began = attempt.started - self.started
+        step = (node.role, node.id, node.url, began, duration, attempt.status, error, attempt.ttft, attempt.verdict)
+        self.attempts = (*self.attempts, step)
 
     def failed(self, exc: ProxyError) -> list[tuple[bytes, bytes]]:
         """The proxy answers ``exc``: keep its message; the summary header if the client asked."""
@@ -157,10 +177,9 @@ class Explanation:
             if choice[3] is not None or choice[0] not in last or last[choice[0]][3] is None:
                 last[choice[0]] = choice
         pd = route is not None and route.mode == ServingMode.PD
+        url = CHOICE_HEAD + 1  # the pick's URL
         picks = [
-            f"{role} {chosen.node.url}" if pd else chosen.node.url
-            for role, (_, _, _, chosen, *_) in last.items()
-            if chosen is not None
+            f"{role} {choice[url]}" if pd else choice[url] for role, choice in last.items() if choice[3] is not None
         ]
         counts: dict[str, int] = {}
         for reason, count in self._exclusion_counts(last):
@@ -172,9 +191,9 @@ class Explanation:
             if choice[3] is not None:
                 picked[choice[0]] = picked.get(choice[0], 0) + 1
         retries = []
-        for node, _, _, status, error, _, _ in self.attempts:
-            if picked.get(node.role, 0) > 1:
-                picked[node.role] -= 1
+        for role, _, _, _, _, status, error, _, _ in self.attempts:
+            if picked.get(role, 0) > 1:
+                picked[role] -= 1
                 retries.append(error or str(status))
         parts = [
             f"strategy={route.policy.strategy if route is not None else '-'}",
@@ -197,8 +216,8 @@ class Explanation:
         for role in roles:
             counts += [(reason, count) for reason, count, _ in _route_exclusions(route, role)]
             choice = last.get(role)
-            if choice is not None and choice[5]:
-                counts += [(reason, entry[0]) for reason, entry in choice[5].items()]
+            if choice is not None and choice[4]:
+                counts += [(reason, entry[0]) for reason, entry in choice[4].items()]
         return counts
 
     # -- The wire record (off the hot path) ----------------------------------------------------
@@ -206,34 +225,21 @@ class Explanation:
     def wire(self) -> WireRecord:
         route = self.route
         choices: list[WireChoice] = []
-        for role, in_rotation, available, chosen, listed, excluded, prefix in self.choices:
-            exclusions = list(_route_exclusions(route, role)) if route is not None else []
-            if excluded:
-                exclusions += [(reason, count, _refs(named)) for reason, (count, named) in excluded.items()]
-            candidates = [
-                (
-                    node.id,
-                    node.url,
-                    inflight,
-                    node.weight,
-                    latency,
-                    prefix[1] if prefix and prefix[0] == node.id else None,
-                )
-                for node, inflight, latency in listed
+        for choice in self.choices:
+            role, in_rotation, available, served, excluded = choice[:CHOICE_HEAD]
+            exclusions = _route_exclusions(route, role) if route is not None else []
+            if excluded:  # a new list: the route's is shared
+                exclusions = exclusions + [(reason, count, _refs(named)) for reason, (count, named) in excluded.items()]
+            candidates: list[WireCandidate] = [
+                choice[at : at + CANDIDATE_WIDTH] for at in range(CHOICE_HEAD, len(choice), CANDIDATE_WIDTH)
             ]
-            pick = (chosen.node.id, chosen.node.url) if chosen is not None else None
-            served = chosen.served_name if chosen is not None else None
+            pick = (choice[CHOICE_HEAD], choice[CHOICE_HEAD + 1]) if served is not None else None
             choices.append((role, in_rotation, available, pick, served, candidates, exclusions))
         if self.not_allowed and route is not None:
             for role in _needed_roles(route):
                 members = route.by_role(role)
                 refused: WireExclusion = (ExclusionReason.NOT_ALLOWED.value, len(members), _refs(members))
                 choices.append((role, len(members), 0, None, None, [], [refused, *_route_exclusions(route, role)]))
-        started = self.started
-        attempts = [
-            (node.role, node.id, node.url, begun - started, duration, status, error, ttft, verdict)
-            for node, begun, duration, status, error, ttft, verdict in self.attempts
-        ]
         policy = route.policy if route is not None else None
         return (
             live.VERSION,
@@ -247,7 +253,7 @@ class Explanation:
             policy.model if policy is not None else None,
             policy.strategy if policy is not None else None,
             choices,
-            attempts,
+            list(self.attempts),
             self.total,
             self.status,
             self.error,
