@@ -40,6 +40,16 @@ async def test_a_flush_appends_one_entry_per_request_in_one_call(redis_url, sync
     assert older.cursor is None
 
 
+def test_a_batch_is_stored_byte_for_byte_under_its_request_ids(sync_client):
+    """The batch travels as one MessagePack argument (``APPEND_SCRIPT``): every byte value of a
+    record, including ones that are not UTF-8, reaches the stream unchanged."""
+    records = [("a", bytes(range(256))), ("b", b"\x00\xc1\xff" * 100), ("c", b"")]
+    assert sync_client.eval(*live.append_args(records, max_records=1000, oldest_ms=0)) == 3
+    entries = sync_client.xrange(keys.EXPLAIN)
+    assert [fields[b"r"] for _, fields in entries] == [payload for _, payload in records]
+    assert sync_client.zrange(keys.EXPLAIN_IDS, 0, -1) == [b"a", b"b", b"c"]
+
+
 async def test_filters_select_by_model_node_key_status_and_time(redis_url, sync_client):
     started = time.time()
     items = [
