@@ -333,7 +333,7 @@ class Explainer:
         *,
         enabled: bool = True,
         retention: float = 3600.0,
-        max_records: int = 100_000,
+        max_records: int = 50_000,
         buffer_size: int = 10_000,
         flush_interval: float = 1.0,
         batch: int = 2_000,

@@ -387,7 +387,8 @@ ROUTERPANEL_DEPLOYMENT_ID = (
 # Request explanations (docs/architecture.md, "Request explanations"): each proxied request's
 # decision record, kept in one Redis stream of at most ROUTERPANEL_EXPLAIN_MAX_RECORDS entries,
 # none older than ROUTERPANEL_EXPLAIN_RETENTION seconds; shown on /dashboard/requests/ and at
-# /api/requests/. Off, a client may still ask for a request's summary (x-routerpanel-explain: 1).
+# /api/requests/ (about 500 bytes of Redis memory each: the default keeps ~25 MB). Off, a client may
+# still ask for a request's summary (x-routerpanel-explain: 1).
 ROUTERPANEL_EXPLAIN = env_bool("ROUTERPANEL_EXPLAIN", True)
 ROUTERPANEL_EXPLAIN_RETENTION = env_float("ROUTERPANEL_EXPLAIN_RETENTION", 3600.0, minimum=1.0)
-ROUTERPANEL_EXPLAIN_MAX_RECORDS = env_int("ROUTERPANEL_EXPLAIN_MAX_RECORDS", 100_000, minimum=100)
+ROUTERPANEL_EXPLAIN_MAX_RECORDS = env_int("ROUTERPANEL_EXPLAIN_MAX_RECORDS", 50_000, minimum=100)
