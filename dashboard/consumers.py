@@ -1,4 +1,5 @@
-"""The dashboard's WebSocket: pushes the dashboard payload to a staff member's page every second.
+"""The dashboard's WebSockets: the dashboard payload pushed to a staff member's page every second,
+and the Requests page's live tail (``RequestsConsumer``, at the end).
 
 Each connection runs its own loop (one database read through ``database_sync_to_async`` and one
 Redis read per tick); a dashboard is watched by a handful of operators, so no fan-out of payloads
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -19,7 +21,9 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from nodes.api.requests import RequestQuerySerializer
 from nodes.live.breakers import read_breakers
+from nodes.live.explain_store import RequestFilter, read_after
 from nodes.live.stats import read_fleet_stats
 from nodes.selectors import fleet_state
 
@@ -30,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Close code for a connection that is not a staff member's (4000-4999: application codes).
 FORBIDDEN = 4403
 GROUP = "routerpanel.dashboard"
+# The Requests page's tail: records per message at most, and the entry ids it may start after.
+TAIL_MAX = 50
+TAIL_CURSOR = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
 
 async def notify_dashboards() -> None:
@@ -102,3 +109,69 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
                     await self._wake.wait()
+
+
+class RequestsConsumer(AsyncJsonWebsocketConsumer):
+    """The Requests page's live tail: once the page says what it shows (``{"type": "follow",
+    "after": <its newest entry>, "filters": {...}}``), every second the request explanations that
+    arrived since and match its filters, at most ``TAIL_MAX`` per message (when more arrived, the
+    newest, with ``skipped`` set). Staff only, like the page."""
+
+    interval = 1.0
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_active or not getattr(user, "is_staff", False):
+            await self.close(code=FORBIDDEN)
+            return
+        self._redis = aioredis.Redis.from_url(
+            settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
+        self._task: asyncio.Task | None = None
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        await self._stop()
+        client = getattr(self, "_redis", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def _stop(self) -> None:
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self._task = None
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if not isinstance(content, dict) or content.get("type") != "follow":
+            return
+        raw = content.get("filters")
+        query = RequestQuerySerializer(data={k: v for k, v in (raw if isinstance(raw, dict) else {}).items()})
+        after = content.get("after")
+        if not query.is_valid() or not isinstance(after, str) or not TAIL_CURSOR.match(after):
+            await self.send_json({"type": "error", "detail": "Unusable filters for the live tail."})
+            return
+        await self._stop()
+        self._task = asyncio.create_task(self._tail(after, query.wanted()), name="routerpanel-requests-tail")
+
+    async def _tail(self, after: str, wanted: RequestFilter) -> None:
+        live: bool | None = None
+        while True:
+            try:
+                records, after, skipped = await read_after(self._redis, after, wanted, count=TAIL_MAX)
+                if live is not True:
+                    await self.send_json({"type": "status", "live": True})
+                live = True
+                if records or skipped:
+                    await self.send_json({"type": "records", "records": records, "skipped": skipped})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: say so once, keep trying
+                logger.debug("the requests tail could not read Redis: %s", exc)
+                if live is not False:
+                    await self.send_json({"type": "status", "live": False})
+                live = False
+            await asyncio.sleep(self.interval)

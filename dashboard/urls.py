@@ -9,4 +9,5 @@ from . import views
 urlpatterns = [
     path("dashboard/", views.dashboard, name="dashboard"),
     path("dashboard/data", views.dashboard_data, name="dashboard-data"),
+    path("dashboard/requests/", views.requests, name="dashboard-requests"),
 ]

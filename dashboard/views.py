@@ -1,4 +1,5 @@
-"""The dashboard's pages: ``/dashboard/`` (staff only) and the same data as JSON at ``/dashboard/data``."""
+"""The dashboard's pages (staff only): ``/dashboard/``, the same data as JSON at ``/dashboard/data``,
+and the request explanations at ``/dashboard/requests/``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.urls import reverse
 
+from nodes.selectors import request_filter_options
+
+from . import requests as requests_page
 from .payload import current_payload, page_config
 
 
@@ -25,3 +29,20 @@ def dashboard(request: HttpRequest) -> HttpResponse:
 @staff_member_required
 def dashboard_data(request: HttpRequest) -> JsonResponse:
     return JsonResponse(current_payload())
+
+
+@staff_member_required
+def requests(request: HttpRequest) -> HttpResponse:
+    page = requests_page.requests_page(request.GET)
+    options = request_filter_options()
+    context = {
+        **admin.site.each_context(request),
+        "title": "Requests",
+        "page": page,
+        "options": options,
+        "statuses": requests_page.STATUSES.items(),
+        "windows": [(value, label) for value, (_, label) in requests_page.WINDOWS.items()],
+        "initial": {"records": page["records"], "selected": page["selected"]},
+        "config": requests_page.page_config(page, options),
+    }
+    return render(request, "dashboard/requests.html", context)

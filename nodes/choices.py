@@ -211,3 +211,39 @@ class ChangeAction(models.TextChoices):
     CREATE = "create", "Create"
     UPDATE = "update", "Update"
     DELETE = "delete", "Delete"
+
+
+class ExclusionReason(BadgeChoices):
+    """Why a node of a request's route did not get it, as a request's explanation records it
+    (``nodes.live.explain``). The first five are the node's state or health in the routing snapshot
+    (out of rotation for every request); the next four are checked per request by the proxy's router
+    (``proxy.router.Router.exclusion_reason``); ``not_allowed`` is the API key's refusal of the model;
+    ``other`` a per-request check the explanation does not name yet."""
+
+    DRAINING = "draining", "Draining"
+    DISABLED = "disabled", "Disabled"
+    PENDING = "pending", "Pending approval"
+    GONE = "gone", "Gone"
+    UNHEALTHY = "unhealthy", "Unhealthy"
+    BREAKER_OPEN = "breaker_open", "Breaker open"
+    BREAKER_TRIAL = "breaker_trial", "Breaker half-open, trial in flight"
+    MAX_CONCURRENCY = "max_concurrency", "At max concurrency"
+    TRIED = "tried", "Already tried"
+    NOT_ALLOWED = "not_allowed", "Not allowed for the key"
+    OTHER = "other", "Unavailable"
+
+    @classmethod
+    def _colours(cls) -> dict[str, str]:
+        return {
+            cls.DRAINING: "#7d4e00",
+            cls.DISABLED: "#6e7781",
+            cls.PENDING: "#9a6700",
+            cls.GONE: "#cf222e",
+            cls.UNHEALTHY: "#cf222e",
+            cls.BREAKER_OPEN: "#cf222e",
+            cls.BREAKER_TRIAL: "#7d4e00",
+            cls.MAX_CONCURRENCY: "#9a6700",
+            cls.TRIED: "#444d56",
+            cls.NOT_ALLOWED: "#8250df",
+            cls.OTHER: "#6e7781",
+        }

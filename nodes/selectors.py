@@ -1,4 +1,5 @@
-"""Reads for the operator dashboard: nodes, per-model readiness and control planes' sync state.
+"""Reads for the operator dashboard: nodes, per-model readiness, control planes' sync state, and the
+Requests page's filter options.
 
 Plain queries returning JSON-ready TypedDicts (the dashboard's page, its ``/dashboard/data`` view
 and its WebSocket consumer all send the same shapes). Blocking: call them from a sync view or
@@ -16,7 +17,7 @@ from django.urls import reverse
 from . import rules
 from .choices import NodeRole, NodeState, ServingMode, SyncState
 from .masking import mask_credentials
-from .models import ControlPlane, ModelAlias, Node, RoutePolicy
+from .models import ApiKey, ControlPlane, ModelAlias, Node, RoutePolicy
 
 
 class NodeRow(TypedDict):
@@ -179,3 +180,27 @@ def fleet_state(breakers: dict[int, str] | None = None) -> FleetState:
     ``breakers`` (node id -> circuit-breaker state) count in the models' readiness."""
     nodes = node_rows()
     return FleetState(nodes=nodes, models=model_cards(nodes, breakers), control_planes=control_plane_rows())
+
+
+class FilterOption(TypedDict):
+    value: str
+    label: str
+
+
+class RequestFilterOptions(TypedDict):
+    """What the Requests page offers to filter by: the registry's nodes, model names and API keys
+    (a request explained earlier may name one since deleted; the filters take any value)."""
+
+    nodes: list[FilterOption]
+    models: list[str]
+    keys: list[str]
+
+
+def request_filter_options() -> RequestFilterOptions:
+    nodes = [
+        FilterOption(value=str(pk), label=f"{name} ({url})" if name else url)
+        for pk, name, url in Node.objects.order_by("name", "url").values_list("pk", "name", "url")
+    ]
+    models = sorted(set(ModelAlias.objects.values_list("name", flat=True)))
+    keys = sorted(set(ApiKey.objects.values_list("name", flat=True)))
+    return RequestFilterOptions(nodes=nodes, models=models, keys=keys)

@@ -23,6 +23,7 @@ from . import metrics
 from . import snapshot as snapshots
 from .breaker import Breakers
 from .errors import ProxyError, bad_request
+from .explain import Explainer, Explanation
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .loops import check_hops, hop_value
@@ -31,7 +32,7 @@ from .readiness import readiness
 from .request import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
-from .snapshot import KeyView, Snapshot
+from .snapshot import KeyView, Route, Snapshot
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session
@@ -82,6 +83,12 @@ class ProxyApp:
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
         self.deployment = settings.ROUTERPANEL_DEPLOYMENT_ID  # the hop marker (proxy.loops)
+        self.explainer = Explainer(
+            enabled=settings.ROUTERPANEL_EXPLAIN,
+            retention=settings.ROUTERPANEL_EXPLAIN_RETENTION,
+            max_records=settings.ROUTERPANEL_EXPLAIN_MAX_RECORDS,
+        )
+        self.shared.explainer = self.explainer  # flushed to Redis by the worker's loop
         metrics.register_inflight(self._inflight_by_node)
 
     def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
@@ -209,24 +216,13 @@ class ProxyApp:
         if not isinstance(stream, bool) and stream is not None:
             # Engines read a string like "no" as true; answer as OpenAI does instead of guessing.
             raise bad_request("'stream' must be true or false.", "invalid_stream")
-        route = snap.routes.get(model)
-        if route is None:
-            raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
-        if key is not None and not key.allows(route):
-            raise ProxyError(403, f"This API key may not use the model {model!r}.", "model_not_allowed")
-        if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
-            exceeded = self.limiter.try_acquire(key)
-            if exceeded is not None:
-                retry_after = self.limiter.retry_after() if exceeded == "rate_limit_rpm" else 1
-                raise ProxyError(
-                    429,
-                    f"This API key exceeded its limit ({exceeded}); retry in {retry_after} s.",
-                    "rate_limit_exceeded",
-                    headers=[(b"retry-after", str(retry_after).encode())],
-                )
-            limited = key
-        else:
-            limited = None
+        explanation = self.explainer.begin(request_id, key, model, path, stream is True, started, headers.explain)
+        try:
+            route, limited = self.admit(snap, key, model, explanation)
+        except ProxyError as exc:
+            if explanation is not None:
+                self.explainer.refused(explanation, exc)
+            raise
         request = ProxyRequest(
             path=path,
             model=model,
@@ -237,6 +233,7 @@ class ProxyApp:
             request_id=request_id,
             headers=headers,
             hop=self.deployment if headers.hops is None else hop_value(self.deployment, headers.hops),
+            explain=explanation,
         )
         outcome = Outcome()
         watcher = DisconnectWatcher(receive)
@@ -249,7 +246,10 @@ class ProxyApp:
             outcome.status, outcome.error = exc.status, exc.code
             metrics.count_error(exc.code)
             watcher.finish()
-            await _send_error(send, exc, extra=[*exc.headers, (b"x-request-id", request_id.encode("latin-1"))])
+            extra = [*exc.headers, (b"x-request-id", request_id.encode("latin-1"))]
+            if explanation is not None:
+                extra += explanation.failed(exc)
+            await _send_error(send, exc, extra=extra)
         except asyncio.CancelledError:
             if not watcher.client_gone:
                 raise
@@ -269,6 +269,33 @@ class ProxyApp:
             metrics.observe_request(route.name, outcome.node, outcome.status, time.perf_counter() - started)
             if outcome.ttft is not None:
                 metrics.observe_stream(route.name, outcome.ttft, outcome.mean_gap)
+            if explanation is not None:
+                self.explainer.finish(explanation, outcome)
+
+    def admit(
+        self, snap: Snapshot, key: KeyView | None, model: str, explanation: Explanation | None
+    ) -> tuple[Route, KeyView | None]:
+        """The route for ``model``, and the key whose limits the request holds (released when it
+        ends); 404, 403 or 429 when the model is unknown or the key may not use it now."""
+        route = snap.routes.get(model)
+        if route is None:
+            raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
+        if explanation is not None:
+            explanation.route = route
+        if key is not None and not key.allows(route):
+            raise ProxyError(403, f"This API key may not use the model {model!r}.", "model_not_allowed")
+        if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
+            exceeded = self.limiter.try_acquire(key)
+            if exceeded is not None:
+                retry_after = self.limiter.retry_after() if exceeded == "rate_limit_rpm" else 1
+                raise ProxyError(
+                    429,
+                    f"This API key exceeded its limit ({exceeded}); retry in {retry_after} s.",
+                    "rate_limit_exceeded",
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
+            return route, key
+        return route, None
 
 
 _app: ProxyApp | None = None

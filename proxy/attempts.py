@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import aiohttp
 from django.conf import settings
@@ -46,6 +46,9 @@ from .errors import ProxyError, engine_failed, engine_timeout
 from .router import Router
 from .snapshot import Route, Target
 from .upstream import CONNECT_ERRORS, session, timeout_for
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 # Engine answers that mean "not now, try elsewhere": overloaded, at its concurrency limit, or a
 # gateway in front of it failed.
@@ -107,7 +110,7 @@ class Attempt:
         self.streaming = False  # an SSE answer to a streaming request: ``first`` is its first chunk
         self.first = b""
         self.body = b""  # the whole answer otherwise
-        self.error: ProxyError | None = None  # the node could not be reached
+        self.error: ProxyError | None = None  # the node could not be reached (or, raised, a timeout or failure)
         self.verdict: bool | None = None  # for the circuit breaker: success, failure, or no say
         self.ttft: float | None = None  # time to the first chunk of a delivered stream
         self.cancelled = False  # cancelled under us: the client left, or a PD leg was called off
@@ -137,6 +140,7 @@ class AttemptLoop(Generic[R]):
     deliver. ``run`` returns what ``deliver`` returns."""
 
     __slots__ = (
+        "explain",
         "first_byte_timeout",
         "headers_timeout",
         "retry_other_node",
@@ -158,6 +162,7 @@ class AttemptLoop(Generic[R]):
         *,
         retry_other_node: bool = True,
         retry_statuses: bool = True,
+        explain: Explanation | None = None,
     ) -> None:
         self.router = router
         self.route = route
@@ -168,6 +173,7 @@ class AttemptLoop(Generic[R]):
         self.timeout = timeout_for(route.policy)  # connect (short) and total (long), per attempt
         # A stream's response headers come before the prefill: a node that sends none is silent.
         self.headers_timeout: float | None = settings.ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT if stream else None
+        self.explain = explain  # records each attempt (``proxy.explain``)
 
     # -- What callers say ----------------------------------------------------------------------
 
@@ -274,10 +280,13 @@ class AttemptLoop(Generic[R]):
                 attempt.error = engine_timeout(message, names.timeout)
                 return "headers_timeout"
             message = f"{names.node} {attempt.url} did not answer within {self._first_byte_bound():g} s."
-            raise engine_timeout(message, names.timeout) from None
+            attempt.error = engine_timeout(message, names.timeout)
+            raise attempt.error from None
         except aiohttp.ClientError as exc:
             attempt.verdict = False
-            raise engine_failed(f"{names.node} {attempt.url} failed before answering: {exc}", names.failed) from None
+            message = f"{names.node} {attempt.url} failed before answering: {exc}"
+            attempt.error = engine_failed(message, names.failed)
+            raise attempt.error from None
         finally:
             attempt.waiting = None
             router.done_waiting(node_id, attempt)
@@ -306,4 +315,6 @@ class AttemptLoop(Generic[R]):
             ttft=ttft,
             client_gone=attempt.cancelled,
         )
+        if self.explain is not None:
+            self.explain.attempted(attempt, duration)
         self.settled(attempt, duration)

@@ -34,7 +34,7 @@ class HybridRequest(AttemptLoop[None]):
         self, request: ProxyRequest, send: Send, router: Router, watcher: DisconnectWatcher, outcome: Outcome
     ) -> None:
         first_byte = request.route.policy.first_token_timeout if request.stream else None
-        super().__init__(router, request.route, request.stream, first_byte)
+        super().__init__(router, request.route, request.stream, first_byte, explain=request.explain)
         self.request = request
         self.send = send
         self.watcher = watcher
@@ -43,7 +43,12 @@ class HybridRequest(AttemptLoop[None]):
     def pick(self, tried: list[int]) -> Attempt | None:
         request = self.request
         target = self.router.choose(
-            self.route, NodeRole.HYBRID, exclude=tried, headers=request.headers.routing, payload=request.payload
+            self.route,
+            NodeRole.HYBRID,
+            exclude=tried,
+            headers=request.headers.routing,
+            payload=request.payload,
+            explain=request.explain,
         )
         return None if target is None else Attempt(target)
 
@@ -60,6 +65,7 @@ class HybridRequest(AttemptLoop[None]):
             attempt.verdict = await relay_stream(self.send, attempt, headers, self.watcher, outcome, HYBRID)
             return
         outcome.status = attempt.status
+        outcome.usage = attempt.body
         self.watcher.finish()
         await send_bytes(self.send, attempt.status, attempt.body, content_type=attempt.content_type(), extra=headers)
         attempt.verdict = verdict_for(attempt.status)

@@ -40,7 +40,7 @@ async def relay_stream(
     outcome.status = 200
     first_at = last_at = time.perf_counter()
     chunks = 0
-    last = attempt.first
+    last = previous = attempt.first
     complete = True
     try:
         if last:
@@ -50,6 +50,7 @@ async def relay_stream(
             await send({"type": "http.response.body", "body": last, "more_body": True})
             chunks = 1
             async for chunk in response.content.iter_any():
+                previous = last
                 last = chunk if transform is None else transform(chunk)
                 await send({"type": "http.response.body", "body": last, "more_body": True})
                 chunks += 1
@@ -65,6 +66,9 @@ async def relay_stream(
         await send({"type": "http.response.body", "body": sse.error_event(error, after=last), "more_body": True})
     if chunks > 1:
         outcome.mean_gap = (last_at - first_at) / (chunks - 1)
+    # The usage chunk (when the client asked for one) comes last, perhaps read together with
+    # ``[DONE]``, perhaps just before it.
+    outcome.usage = last if b'"usage"' in last else previous
     watcher.finish()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return complete

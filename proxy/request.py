@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .explain import HEADER, Explanation
 from .snapshot import Route
 from .transport import RequestHeaders
 
@@ -38,6 +39,7 @@ class ProxyRequest:
     headers: RequestHeaders
     hop: str = ""  # the X-RouterPanel-Hop value sent on (``proxy.loops``)
     rewritten: dict[str, bytes] = field(default_factory=dict)
+    explain: Explanation | None = None  # the request's decision record (``proxy.explain``)
 
     def body_for(self, served_name: str) -> bytes:
         """The client's bytes unchanged when the node serves the requested name; otherwise the
@@ -52,16 +54,24 @@ class ProxyRequest:
 
     def response_headers(self, node: str) -> list[tuple[bytes, bytes]]:
         """The headers RouterPanel adds to an answer: the request id and who served it (a node's
-        URL, or a PD pair ``prefill=…; decode=…``)."""
-        return [(b"x-request-id", self.request_id.encode("latin-1")), (b"x-routerpanel-node", node.encode())]
+        URL, or a PD pair ``prefill=…; decode=…``), and the explanation's summary if the client asked."""
+        headers = [(b"x-request-id", self.request_id.encode("latin-1")), (b"x-routerpanel-node", node.encode())]
+        explain = self.explain
+        if explain is not None and explain.header:
+            headers.append((HEADER, explain.summary()))
+        return headers
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What happened, for metrics."""
+    """What happened, for metrics and the request's explanation."""
 
     status: int = 0
     node: str = "-"
     ttft: float | None = None
     mean_gap: float | None = None
     error: str | None = None
+    # The bytes of the answer that hold its usage object: a JSON answer's body, or a stream's last
+    # chunk that has one. Only a reference: the explanation keeps a short slice of it
+    # (``nodes.live.explain.usage_slice``) and reads the token counts off the hot path.
+    usage: bytes = b""

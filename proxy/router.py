@@ -16,16 +16,19 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Collection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 
-from nodes.choices import NodeHealth, Strategy
+from nodes.choices import ExclusionReason, NodeHealth, Strategy
 
 from . import strategies
-from .breaker import Breakers
+from .breaker import HALF_OPEN, OPEN, Breakers
 from .load import LoadTracker, LocalLoadTracker
-from .snapshot import Route, Snapshot, Target
+from .snapshot import NodeView, Route, Snapshot, Target
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 logger = logging.getLogger(__name__)
 
@@ -115,20 +118,26 @@ class Router:
         exclude: Collection[int] = (),
         headers: dict[str, str] | None = None,
         payload: dict[str, Any] | None = None,
+        explain: Explanation | None = None,
     ) -> Target | None:
         """Pick a target of ``role`` for ``route`` and acquire a slot on its node; None when no
-        node is available (none routable, all at their limit, or all already tried)."""
+        node is available (none routable, all at their limit, or all already tried). ``explain``
+        records the decision (``proxy.explain``)."""
         targets = route.by_role(role)
         load = self.load
         breakers = self.breakers
+        # Keep in step with ``exclusion_reason``, which says why a target was left out here.
         available = [
             t for t in targets if t.node.id not in exclude and load.has_capacity(t.node) and breakers.allows(t.node.id)
         ]
         if not available:
+            if explain is not None:
+                explain.chose(self, role, targets, available, exclude, None)
             return None
         policy = route.policy
         strategy = policy.strategy
         tick = self._tick(route.name, role)
+        prefix: tuple[int, int] | None = None
         if len(available) == 1 and strategy != Strategy.PREFIX_CACHE:
             chosen = available[0]
         elif strategy == Strategy.ROUND_ROBIN:
@@ -148,15 +157,33 @@ class Router:
             hashes = self.prefix_index.prefix_hashes(
                 f"{route.name}/{role}", prompt_text(payload or {}), policy.prefix_min_match
             )
+            if explain is not None:  # before the strategy remembers this prompt for its pick
+                prefix = self.prefix_index.longest_match(hashes, policy.prefix_min_match)
             chosen = strategies.prefix_cache(
                 available, load, self.prefix_index, hashes, policy.prefix_load_factor, tick
             )
         else:  # an unknown strategy name in the database: behave like the default
             chosen = strategies.round_robin(available, tick)
+        if explain is not None:
+            explain.chose(self, role, targets, available, exclude, chosen, prefix)
         if not load.try_acquire(chosen.node):  # cannot happen on one event loop; kept for shared trackers
             return None
         breakers.acquired(chosen.node.id)
         return chosen
+
+    def exclusion_reason(self, node: NodeView, exclude: Collection[int]) -> str:
+        """Why ``choose``'s filter leaves ``node`` out (an ``ExclusionReason`` value). Only for a node
+        it did leave out, right after, on the same turn of the event loop: reads, never changes."""
+        if node.id in exclude:
+            return ExclusionReason.TRIED.value
+        if not self.load.has_capacity(node):
+            return ExclusionReason.MAX_CONCURRENCY.value
+        state = self.breakers.state(node.id)
+        if state == OPEN:
+            return ExclusionReason.BREAKER_OPEN.value
+        if state == HALF_OPEN:
+            return ExclusionReason.BREAKER_TRIAL.value
+        return ExclusionReason.OTHER.value  # a filter condition this method was not told about
 
     def release(self, target: Target, elapsed: float | None = None, *, ok: bool | None = None) -> None:
         """Free the slot taken by ``choose``; ``ok`` feeds the node's circuit breaker (True: a

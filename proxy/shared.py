@@ -10,8 +10,9 @@ serving on its own counts (the local fallback) until Redis is back. See
 docs/decisions/0005-counters-shared-through-redis.md.
 
 The same loop carries the circuit breakers' transitions (``proxy.breaker``), the API keys' last use,
-and, every ``stats_every``-th tick (about once a second), this worker's live statistics snapshot
-for the dashboard (``proxy.stats``). Every key name and codec is in ``nodes.live``; all of them
+every ``stats_every``-th tick (about once a second), this worker's live statistics snapshot for the
+dashboard (``proxy.stats``), and the requests' explanations in batches (``proxy.explain``). Every
+key name and codec is in ``nodes.live``; all of them
 expire on their own when a worker dies, and its entry in the registry of workers
 (``nodes.live.workers``) is dropped a minute later.
 """
@@ -34,6 +35,7 @@ from nodes.live import workers as live_workers
 from nodes.live.breakers import BreakerRecord, decode
 
 from .breaker import Breakers
+from .explain import Explainer
 from .load import KeyLimiter, LocalLoadTracker
 from .snapshot import KeyView, NodeView
 from .stats import STATS, NodeStats
@@ -155,6 +157,7 @@ class SharedCounters:
         self.inflight: Callable[[], dict[int, int]] = inflight or self.load.counts
         self.stats_every = max(1, round(stats_interval / interval))  # ticks between statistics publishes
         self.published = 0  # statistics snapshots written
+        self.explainer: Explainer | None = None  # the requests' explanations to flush, when kept
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
@@ -176,6 +179,11 @@ class SharedCounters:
                 await self._task
             self._task = None
         if self._client is not None:
+            while self.explainer is not None and self.explainer.buffer:  # the last requests' explanations
+                try:
+                    await self.explainer.flush(self._client)
+                except (RedisError, OSError):
+                    break
             with contextlib.suppress(RedisError, OSError):
                 async with self._client.pipeline(transaction=False) as pipe:
                     pipe.zrem(keys.WORKERS, self.worker)
@@ -223,6 +231,8 @@ class SharedCounters:
         if self._ticks_to_stats <= 0:
             await self.publish_stats()
             self._ticks_to_stats = self.stats_every
+        if self.explainer is not None and self.explainer.due():
+            await self.explainer.flush(self.client())
 
     def stats_payload(self) -> bytes:
         snapshot = live_stats.WorkerSnapshot(

@@ -156,6 +156,15 @@ class PrefixIndex:
                 return node_id
         return None
 
+    def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
+        """``longest``'s node and how many prompt characters it is known to hold (for the request's
+        explanation, ``proxy.explain``)."""
+        for i in range(len(hashes) - 1, -1, -1):
+            node_id = self._entries.get(hashes[i])
+            if node_id is not None:
+                return node_id, min_match + i * self.block
+        return None
+
     def remember(self, hashes: Sequence[int], node_id: int) -> None:
         entries = self._entries
         for h in hashes:

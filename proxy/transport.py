@@ -37,6 +37,7 @@ class RequestHeaders:
     hops: bytes | None = None  # x-routerpanel-hop: the RouterPanel deployments it went through
     content_length: int | None = None
     routing: dict[str, str] = field(default_factory=dict)  # x-session-id, x-user-id
+    explain: bool = False  # x-routerpanel-explain: 1, the client wants the explanation's summary
 
     @classmethod
     def parse(cls, raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
@@ -53,6 +54,8 @@ class RequestHeaders:
                 headers.routing[name.decode()] = value.decode("latin-1")
             elif name == b"x-routerpanel-hop":
                 headers.hops = value
+            elif name == b"x-routerpanel-explain":
+                headers.explain = value.strip() == b"1"
         return headers
 
 

@@ -265,7 +265,8 @@ REST_FRAMEWORK = {
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "RouterPanel API",
-    "DESCRIPTION": "Manage inference nodes, model aliases, route policies, control planes and proxy API keys.",
+    "DESCRIPTION": "Manage inference nodes, model aliases, route policies, control planes and proxy API keys; "
+    "read why each proxied request went where it went.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     # Swagger UI from drf-spectacular-sidecar's static files: works offline, trusts no CDN.
@@ -277,6 +278,8 @@ SPECTACULAR_SETTINGS = {
         "drf_spectacular.hooks.postprocess_schema_enums",
         "nodes.api.schema.add_error_responses",
     ],
+    # The serving mode is a route policy's field and a request explanation's: one enum for both.
+    "ENUM_NAME_OVERRIDES": {"ServingModeEnum": "nodes.choices.ServingMode"},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -381,3 +384,11 @@ ROUTERPANEL_DEPLOYMENT_ID = (
         hashlib.sha256,
     ).hexdigest()[:16]
 )
+# Request explanations (docs/architecture.md, "Request explanations"): each proxied request's
+# decision record, kept in one Redis stream of at most ROUTERPANEL_EXPLAIN_MAX_RECORDS entries,
+# none older than ROUTERPANEL_EXPLAIN_RETENTION seconds; shown on /dashboard/requests/ and at
+# /api/requests/ (about 500 bytes of Redis memory each: the default keeps ~25 MB). Off, a client may
+# still ask for a request's summary (x-routerpanel-explain: 1).
+ROUTERPANEL_EXPLAIN = env_bool("ROUTERPANEL_EXPLAIN", True)
+ROUTERPANEL_EXPLAIN_RETENTION = env_float("ROUTERPANEL_EXPLAIN_RETENTION", 3600.0, minimum=1.0)
+ROUTERPANEL_EXPLAIN_MAX_RECORDS = env_int("ROUTERPANEL_EXPLAIN_MAX_RECORDS", 50_000, minimum=100)

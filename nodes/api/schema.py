@@ -1,7 +1,7 @@
 """OpenAPI schema post-processing: document the error answers every operation can give, so clients
 (and the schema-driven tests) know them: 400 validation errors naming the field, 401 without
 credentials, 403 for non-staff writes, 404 for an unknown object, 405 and 415 for a wrong method or
-content type."""
+content type, and 503 where an answer comes from the live state in Redis."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ ERRORS = {
     "409": "Conflict (another sync of this control plane is running).",
     "415": "Unsupported content type: send JSON.",
     "502": "The node or registry behind this action failed.",
+    "503": "The live state (Redis) cannot be read.",
 }
 
 _WRITE_ONLY = {"415"}
@@ -41,6 +42,8 @@ def add_error_responses(result: dict[str, Any], generator: Any, request: Any, pu
                 if status in _WRITE_ONLY and method == "get":
                     continue
                 if status in {"409", "502"} and not (path.endswith("/sync/") or path.startswith("/nodes/")):
+                    continue
+                if status == "503" and not path.startswith("/api/requests/"):
                     continue
                 responses.setdefault(
                     status, {"description": description, "content": {"application/json": {"schema": ref}}}

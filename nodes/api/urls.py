@@ -3,6 +3,7 @@ from __future__ import annotations
 from rest_framework.routers import DefaultRouter
 
 from . import views
+from .requests import RequestViewSet
 
 router = DefaultRouter()
 router.register("nodes", views.NodeViewSet)
@@ -11,5 +12,6 @@ router.register("route-policies", views.RoutePolicyViewSet)
 router.register("control-planes", views.ControlPlaneViewSet)
 router.register("api-keys", views.ApiKeyViewSet)
 router.register("changes", views.ChangeRecordViewSet)
+router.register("requests", RequestViewSet, basename="request")
 
 urlpatterns = router.urls

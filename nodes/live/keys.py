@@ -56,6 +56,15 @@ def stats_worker_key(worker: str) -> str:
     return f"routerpanel:stats:worker:{worker}"
 
 
+# Stream: one entry per proxied request, its explanation (field ``r``: ``nodes.live.explain``'s
+# codec), capped by count and age. Every worker's loop appends its requests in batches; the
+# dashboard's Requests page, its live tail and ``/api/requests/`` read it.
+EXPLAIN = "routerpanel:explain"
+# Sorted set: request id -> the millisecond of its entry in EXPLAIN, written and trimmed with it, so
+# ``/api/requests/<id>/`` reads one entry instead of scanning the stream.
+EXPLAIN_IDS = "routerpanel:explain:ids"
+
+
 def new_worker_id() -> str:
     """A web worker's identity: host and pid, plus random bytes so a reused pid is a new worker."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"

@@ -136,8 +136,14 @@ class PdRequest:
 
     def choose_leg(self, role: str, exclude: list[int]) -> Leg | None:
         """A node of ``role`` not in ``exclude``, with the route's strategy (its slot acquired)."""
+        request = self.request
         target = self.router.choose(
-            self.route, role, exclude=exclude, headers=self.request.headers.routing, payload=self.request.payload
+            self.route,
+            role,
+            exclude=exclude,
+            headers=request.headers.routing,
+            payload=request.payload,
+            explain=request.explain,
         )
         return None if target is None else Leg(role, target, _rank_for(target.node))
 

@@ -65,6 +65,7 @@ class PdLeg(AttemptLoop[Result]):
             first_byte_timeout=first_byte_timeout,
             retry_other_node=retry_other_node,
             retry_statuses=retry_statuses,
+            explain=pd.request.explain,
         )
         self.pd = pd
         self.first = first
@@ -144,7 +145,7 @@ class DecodeLeg(PdLeg[None]):
         pd.outcome.node = attempt.url
         pd.outcome.status = 200
         pd.watcher.finish()
-        body = merge_usage(attempt.body, pd.prompt_tokens)
+        body = pd.outcome.usage = merge_usage(attempt.body, pd.prompt_tokens)
         await send_bytes(pd.send, 200, body, content_type=attempt.content_type(), extra=pd.response_headers())
         attempt.verdict = True
         pd.decode_completed = True
@@ -229,6 +230,7 @@ async def send_prefill_completion(pd: PdRequest, answer: LegAnswer) -> None:
     """The prefill finished the whole request (its first token was EOS): return that completion,
     as JSON, or as one SSE chunk plus ``[DONE]`` when the client asked for a stream."""
     pd.outcome.status, pd.outcome.node = 200, answer.leg.url
+    pd.outcome.usage = answer.body
     pd.watcher.finish()
     if not pd.request.stream:
         await send_bytes(pd.send, 200, answer.body, extra=pd.response_headers())

@@ -1,0 +1,409 @@
+"""Request explanations on the data path: what the router and the attempt loop decided for one
+request, kept cheaply while it runs and flushed to Redis by the worker's background loop.
+
+The hot path only appends what is already at hand (docs/architecture.md, "Request explanations"):
+
+- ``Router.choose`` hands over its filtered list; the reasons for the nodes it left out are worked
+  out only when it left some out, in one pass with no allocation per node, naming a few per reason
+  and counting the rest (a route may have a thousand nodes). The nodes out of rotation (draining,
+  disabled, unhealthy...) are the snapshot's, so they are worked out off the hot path, once per
+  route and role (``_route_exclusions``).
+- Only the pick and the next ``LISTED_CANDIDATES - 1`` candidates get their figures read (in flight,
+  weight, latency, prefix match), into one flat tuple per choice.
+- The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
+- Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
+  garbage collector stops tracking them at its first pass: a record waiting in the buffer costs its
+  collections one object, where one of objects cost them more than the rest of the hot path.
+
+``Explainer.finish`` appends the finished record to an in-memory buffer (bounded: when Redis has
+been away long enough to fill it, records are dropped and counted, and the request never notices).
+``Explainer.flush``, called by ``proxy.shared.SharedCounters``'s loop, builds the wire records
+(``nodes.live.explain``'s layout) and appends them to the stream in one call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from nodes.choices import ExclusionReason, NodeRole, NodeState, ServingMode
+from nodes.live import explain as live
+from nodes.live.explain import (
+    LISTED_CANDIDATES,
+    NAMED_PER_REASON,
+    WireAttempt,
+    WireCandidate,
+    WireChoice,
+    WireExclusion,
+    WireRecord,
+)
+
+from .snapshot import KeyView, NodeView, Route, Target
+
+if TYPE_CHECKING:
+    from .attempts import Attempt
+    from .errors import ProxyError
+    from .request import Outcome
+    from .router import Router
+
+logger = logging.getLogger(__name__)
+
+HEADER = b"x-routerpanel-explain"
+
+DROPPED = Counter(
+    "routerpanel_explain_dropped", "Request explanations dropped: the buffer was full or Redis failed.", ["why"]
+)
+STORED = Counter("routerpanel_explain_stored", "Request explanations appended to Redis.")
+
+# A choice while the request runs, flat and of plain values only, so that the garbage collector stops
+# tracking it at its first pass and a buffered record costs it one object (the ``Explanation``):
+# role, nodes of the role in rotation, of them available, the model name the pick serves (None: no
+# pick), the per-request exclusions (reason -> [count, the first few nodes], None: none), then
+# ``CANDIDATE_WIDTH`` values per listed candidate, the pick first (a ``WireCandidate``).
+_Choice = tuple[Any, ...]
+CHOICE_HEAD = 5
+CANDIDATE_WIDTH = 6
+
+
+class Explanation:
+    """One request's decision record while it runs (see the module doc)."""
+
+    __slots__ = (
+        "answered_by",
+        "at",
+        "attempts",
+        "choices",
+        "error",
+        "header",
+        "key",
+        "message",
+        "model",
+        "not_allowed",
+        "path",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "stream",
+        "total",
+        "usage",
+    )
+
+    def __init__(
+        self, request_id: str, key: KeyView | None, model: str, path: str, stream: bool, started: float, header: bool
+    ) -> None:
+        self.request_id = request_id
+        self.key = key
+        self.model = model
+        self.path = path
+        self.stream = stream
+        self.started = started  # perf_counter when the request arrived
+        self.at = time.time()
+        self.header = header  # the client asked for the one-line summary
+        self.route: Route | None = None
+        # Tuples, not lists: a tuple of plain tuples leaves the garbage collector's care (see _Choice).
+        self.choices: tuple[_Choice, ...] = ()
+        self.attempts: tuple[WireAttempt, ...] = ()
+        self.not_allowed = False  # the key may not use the model: every node of the route was out
+        self.status = 0
+        self.error: str | None = None
+        self.message: str | None = None
+        self.total = 0.0
+        self.usage = b""
+        self.answered_by: str | None = None  # the URL of the node whose answer the client got
+
+    # -- Recording (hot path) ------------------------------------------------------------------
+
+    def chose(
+        self,
+        router: Router,
+        role: str,
+        targets: Sequence[Target],
+        available: Sequence[Target],
+        exclude: Collection[int],
+        chosen: Target | None,
+        prefix: tuple[int, int] | None = None,
+    ) -> None:
+        """``Router.choose``'s decision: ``available`` is what its filter kept of ``targets``."""
+        excluded = None if len(available) == len(targets) else _exclusions(router, targets, available, exclude)
+        if chosen is None:
+            self.choices = (*self.choices, (str(role), len(targets), len(available), None, excluded))
+            return
+        load = router.load
+        node = chosen.node
+        node_id = node.id
+        match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+        # The node's role is the same text as ``role`` but a plain string (``role`` may be a NodeRole,
+        # which the garbage collector tracks).
+        choice: _Choice = (node.role, len(targets), len(available), chosen.served_name, excluded)
+        choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
+        listed = 1
+        for target in available:  # the next candidates in the strategy's order, after the pick
+            if listed == LISTED_CANDIDATES:
+                break
+            if target is not chosen:
+                node = target.node
+                node_id = node.id
+                match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+                choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
+                listed += 1
+        self.choices = (*self.choices, choice)
+
+    def attempted(self, attempt: Attempt, duration: float) -> None:
+        """One attempt of the attempt loop, after it settled, already in its wire layout."""
+        node = attempt.target.node
+        error = attempt.error.code if attempt.error is not None else ("cancelled" if attempt.cancelled else None)
+        began = attempt.started - self.started
+        step = (node.role, node.id, node.url, began, duration, attempt.status, error, attempt.ttft, attempt.verdict)
+        self.attempts = (*self.attempts, step)
+
+    def failed(self, exc: ProxyError) -> list[tuple[bytes, bytes]]:
+        """The proxy answers ``exc``: keep its message; the summary header if the client asked."""
+        self.message = exc.message
+        return [(HEADER, self.summary())] if self.header else []
+
+    # -- The one-line summary (x-routerpanel-explain) -------------------------------------------
+
+    def summary(self) -> bytes:
+        """What is known now in one header line: strategy, pick, candidates, exclusions, retries."""
+        route = self.route
+        last: dict[str, _Choice] = {}  # per role, the latest choice that picked a node (else the latest)
+        for choice in self.choices:
+            if choice[3] is not None or choice[0] not in last or last[choice[0]][3] is None:
+                last[choice[0]] = choice
+        pd = route is not None and route.mode == ServingMode.PD
+        url = CHOICE_HEAD + 1  # the pick's URL
+        picks = [
+            f"{role} {choice[url]}" if pd else choice[url] for role, choice in last.items() if choice[3] is not None
+        ]
+        counts: dict[str, int] = {}
+        for reason, count in self._exclusion_counts(last):
+            counts[reason] = counts.get(reason, 0) + count
+        # Each pick after a role's first is a retry, for the way the attempt before it ended (the
+        # attempt being delivered has not settled yet when the headers go out).
+        picked: dict[str, int] = {}
+        for choice in self.choices:
+            if choice[3] is not None:
+                picked[choice[0]] = picked.get(choice[0], 0) + 1
+        retries = []
+        for role, _, _, _, _, status, error, _, _ in self.attempts:
+            if picked.get(role, 0) > 1:
+                picked[role] -= 1
+                retries.append(error or str(status))
+        parts = [
+            f"strategy={route.policy.strategy if route is not None else '-'}",
+            f"pick={', '.join(picks) or 'none'}",
+            f"candidates={sum(choice[2] for choice in last.values())}",
+            "excluded=" + (",".join(f"{reason}:{count}" for reason, count in counts.items()) or "none"),
+            f"retries={len(retries)}" + (f" ({','.join(retries)})" if retries else ""),
+        ]
+        return "; ".join(parts).encode("latin-1", "replace")[:1024]
+
+    def _exclusion_counts(self, last: dict[str, _Choice]) -> list[tuple[str, int]]:
+        route = self.route
+        if route is None:
+            return []
+        counts: list[tuple[str, int]] = []
+        roles: Collection[str] = last.keys()
+        if self.not_allowed:
+            roles = _needed_roles(route)
+            counts += [(ExclusionReason.NOT_ALLOWED.value, len(route.by_role(role))) for role in roles]
+        for role in roles:
+            counts += [(reason, count) for reason, count, _ in _route_exclusions(route, role)]
+            choice = last.get(role)
+            if choice is not None and choice[4]:
+                counts += [(reason, entry[0]) for reason, entry in choice[4].items()]
+        return counts
+
+    # -- The wire record (off the hot path) ----------------------------------------------------
+
+    def wire(self) -> WireRecord:
+        route = self.route
+        choices: list[WireChoice] = []
+        for choice in self.choices:
+            role, in_rotation, available, served, excluded = choice[:CHOICE_HEAD]
+            exclusions = _route_exclusions(route, role) if route is not None else []
+            if excluded:  # a new list: the route's is shared
+                exclusions = exclusions + [(reason, count, _refs(named)) for reason, (count, named) in excluded.items()]
+            candidates: list[WireCandidate] = [
+                choice[at : at + CANDIDATE_WIDTH] for at in range(CHOICE_HEAD, len(choice), CANDIDATE_WIDTH)
+            ]
+            pick = (choice[CHOICE_HEAD], choice[CHOICE_HEAD + 1]) if served is not None else None
+            choices.append((role, in_rotation, available, pick, served, candidates, exclusions))
+        if self.not_allowed and route is not None:
+            for role in _needed_roles(route):
+                members = route.by_role(role)
+                refused: WireExclusion = (ExclusionReason.NOT_ALLOWED.value, len(members), _refs(members))
+                choices.append((role, len(members), 0, None, None, [], [refused, *_route_exclusions(route, role)]))
+        policy = route.policy if route is not None else None
+        return (
+            live.VERSION,
+            self.request_id,
+            self.at,
+            self.key.name if self.key is not None else None,
+            self.model,
+            self.path,
+            self.stream,
+            route.mode if route is not None else None,
+            policy.model if policy is not None else None,
+            policy.strategy if policy is not None else None,
+            choices,
+            list(self.attempts),
+            self.total,
+            self.status,
+            self.error,
+            self.message,
+            self.usage,
+            self.answered_by,
+        )
+
+
+def _exclusions(
+    router: Router, targets: Sequence[Target], available: Sequence[Target], exclude: Collection[int]
+) -> dict[str, list[Any]]:
+    """Why each of ``targets`` missing from ``available`` was left out: reason -> [count, the first
+    few nodes]. ``available`` keeps ``targets``' order, so one walk of both finds them."""
+    reasons: dict[str, list[Any]] = {}
+    kept = iter(available)
+    next_kept = next(kept, None)
+    for target in targets:
+        if target is next_kept:
+            next_kept = next(kept, None)
+            continue
+        reason = router.exclusion_reason(target.node, exclude)
+        entry = reasons.get(reason)
+        if entry is None:
+            reasons[reason] = [1, [target.node]]
+        else:
+            entry[0] += 1
+            if len(entry[1]) < NAMED_PER_REASON:
+                entry[1].append(target.node)
+    return reasons
+
+
+def _refs(nodes: Sequence[NodeView] | Sequence[Target]) -> list[tuple[int, str]]:
+    refs = []
+    for item in nodes[:NAMED_PER_REASON]:
+        node = item.node if isinstance(item, Target) else item
+        refs.append((node.id, node.url))
+    return refs
+
+
+def _needed_roles(route: Route) -> tuple[str, ...]:
+    return (NodeRole.PREFILL, NodeRole.DECODE) if route.mode == ServingMode.PD else (NodeRole.HYBRID,)
+
+
+# The snapshot's exclusions per route and role, worked out once: routes are immutable, and the
+# cache holds each route it describes, so an id is never reused while its entry lives.
+_ROUTE_CACHE_MAX = 4096
+_route_cache: dict[tuple[int, str], tuple[Route, list[WireExclusion]]] = {}
+
+
+def _route_exclusions(route: Route, role: str) -> list[WireExclusion]:
+    """The nodes of ``role`` serving ``route`` that are out of rotation, by reason: their state when
+    it is not active, else their health (``nodes.rules.is_routable``)."""
+    key = (id(route), role)
+    cached = _route_cache.get(key)
+    if cached is not None and cached[0] is route:
+        return cached[1]
+    in_rotation = {target.node.id for target in route.by_role(role)}
+    grouped: dict[str, list[NodeView]] = {}
+    for target in route.targets:
+        node = target.node
+        if node.role == role and node.id not in in_rotation:
+            reason = node.state if node.state != NodeState.ACTIVE else ExclusionReason.UNHEALTHY.value
+            grouped.setdefault(reason, []).append(node)
+    result: list[WireExclusion] = [(reason, len(nodes), _refs(nodes)) for reason, nodes in grouped.items()]
+    if len(_route_cache) >= _ROUTE_CACHE_MAX:
+        _route_cache.clear()
+    _route_cache[key] = (route, result)
+    return result
+
+
+class Explainer:
+    """This worker's explanations: starts them, buffers the finished ones, flushes them to Redis."""
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        retention: float = 3600.0,
+        max_records: int = 50_000,
+        buffer_size: int = 10_000,
+        flush_interval: float = 1.0,
+        batch: int = 2_000,
+    ) -> None:
+        self.enabled = enabled
+        self.retention = retention
+        self.max_records = max_records
+        self.buffer_size = buffer_size
+        self.flush_interval = flush_interval
+        self.batch = batch
+        self.buffer: list[Explanation] = []
+        self.dropped = 0  # records lost: the buffer was full (Redis away) or a flush failed
+        self.stored = 0
+        self._flushed_at = 0.0
+
+    def begin(
+        self, request_id: str, key: KeyView | None, model: str, path: str, stream: bool, started: float, header: bool
+    ) -> Explanation | None:
+        """An explanation for a request, or None when explanations are off and the client did not
+        ask for the summary."""
+        if not (self.enabled or header):
+            return None
+        return Explanation(request_id, key, model, path, stream, started, header)
+
+    def refused(self, explanation: Explanation, exc: ProxyError) -> None:
+        """The request was refused before any node was chosen (unknown model, the key's limits):
+        finish its record, and add the summary to the error's headers if the client asked."""
+        explanation.status, explanation.error = exc.status, exc.code
+        explanation.not_allowed = exc.code == "model_not_allowed"
+        exc.headers += explanation.failed(exc)
+        self.finish(explanation, None)
+
+    def finish(self, explanation: Explanation, outcome: Outcome | None) -> None:
+        """The request ended (``outcome`` None: refused before it was sent anywhere): note how, and
+        buffer the record for the next flush."""
+        explanation.total = time.perf_counter() - explanation.started
+        if outcome is not None:
+            explanation.status, explanation.error = outcome.status, outcome.error
+            if outcome.node != "-":
+                explanation.answered_by = outcome.node
+            if outcome.usage:
+                explanation.usage = live.usage_slice(outcome.usage)
+        if not self.enabled:
+            return
+        if len(self.buffer) >= self.buffer_size:
+            self.dropped += 1
+            DROPPED.labels("buffer_full").inc()
+            return
+        self.buffer.append(explanation)
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether the loop should flush now: a full batch waits, or the interval passed."""
+        if not self.buffer:
+            return False
+        now = time.monotonic() if now is None else now
+        return len(self.buffer) >= self.batch or now - self._flushed_at >= self.flush_interval
+
+    async def flush(self, client: aioredis.Redis) -> int:
+        """Append up to one batch to the stream; returns how many. A failure drops (and counts) the
+        batch and raises, so the loop backs off as for any Redis error."""
+        batch, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
+        self._flushed_at = time.monotonic()
+        records = [(explanation.request_id, live.encode(explanation.wire())) for explanation in batch]
+        oldest_ms = int((time.time() - self.retention) * 1000)
+        try:
+            await client.eval(*live.append_args(records, max_records=self.max_records, oldest_ms=oldest_ms))
+        except BaseException:
+            self.dropped += len(batch)
+            DROPPED.labels("redis").inc(len(batch))
+            raise
+        self.stored += len(batch)
+        STORED.inc(len(batch))
+        return len(batch)
