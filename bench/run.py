@@ -11,6 +11,10 @@ the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite d
 DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and, in
 the last column, the data path's targets. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in
 about a minute.
+
+With ``--peers`` (``make bench PEERS=1``) it then runs the same phases against vllm-router and
+sglang-router in front of the same engines (bench/peers.py) and prints every system side by side
+with its ratios to DIRECT: about two minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, peak_rss_mb, run_wrk, streams  # noqa: E402
+from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
 from enginesim.testing import run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.procs import PYTHON, free_port, running  # noqa: E402
@@ -65,7 +70,12 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--latency-requests", type=int, default=2000)
     parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
+    parser.add_argument("--peers", action="store_true", help="also vllm-router and sglang-router (make peers-env)")
     args = parser.parse_args()
+    missing = [peer.name for peer in PEERS if args.peers and not peer.installed()]
+    if missing:
+        print(f"not installed: {', '.join(missing)}; run make peers-env", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -105,6 +115,8 @@ def main() -> int:
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     rows: list[tuple[str, str, str, str, str, str]] = []
     fast = ["--fast", "--record-requests=0"]
+    # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
+    figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
@@ -148,6 +160,8 @@ def main() -> int:
         for q, target in ((0.5, "<= +300 us"), (0.99, "")):
             d, f, p = pct(direct_lat, q), pct(floor_lat, q), pct(proxy_lat, q)
             row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target, us(f))
+        for system, samples in (("direct", direct_lat), ("floor", floor_lat), ("RouterPanel", proxy_lat)):
+            figures[system]["latency_p50"] = pct(samples, 0.5)
         row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us", base=us(floor_cpu))
 
         # Throughput with wrk; CPU per request of the web process over the run.
@@ -156,6 +170,9 @@ def main() -> int:
             base = run_wrk(floor + path, {}, small, connections, args.duration, floor_proc.pid)
             through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid)
             ratio = f"{through.rps / direct.rps:.3f}x"
+            if connections == 32:
+                for system, result in (("direct", direct), ("floor", base), ("RouterPanel", through)):
+                    figures[system].update(rps_c32=result.rps, cpu_us_c32=result.cpu_us)
             target = ">= 0.07x" if connections == 32 else ""
             row(
                 f"req/s, c={connections}",
@@ -184,6 +201,13 @@ def main() -> int:
             fs = streams(floor + path, {}, body, concurrency, count)
             ps = streams(proxy + path, auth, body, concurrency, count)
             fmt = us if label == "0 ms" else ms
+            for system, stream in (("direct", ds), ("floor", fs), ("RouterPanel", ps)):
+                if label == "0 ms":
+                    figures[system]["chunks_per_s"] = stream.chunks_per_s
+                else:
+                    figures[system].update(
+                        first_event_p50=pct(stream.ttfe, 0.5), first_event_p99=pct(stream.ttfe, 0.99)
+                    )
             for q in (0.5, 0.99):
                 dq, fq, pq = pct(ds.ttfe, q), pct(fs.ttfe, q), pct(ps.ttfe, q)
                 target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
@@ -205,6 +229,22 @@ def main() -> int:
             target="<= 100 MB",
             base=f"{peak_rss_mb(floor_proc.pid):,.1f} MB",
         )
+        figures["floor"]["rss_mb"] = peak_rss_mb(floor_proc.pid)
+        figures["RouterPanel"]["rss_mb"] = peak_rss_mb(web.pid)
+        systems = [Figures(system=name, **values) for name, values in figures.items()]
+        if args.peers:  # one router at a time, in front of the same engines, after RouterPanel's phases
+            for peer in PEERS:
+                print(f"measuring {peer.name}...", flush=True)
+                measured = measure_peer(
+                    peer,
+                    fast=[sim_a.url, sim_b.url],
+                    paced=paced.url,
+                    model=MODEL,
+                    paced_model=PACED,
+                    duration=args.duration,
+                    latency_requests=args.latency_requests,
+                )
+                systems.insert(-1, measured)
 
     header = ("metric", "DIRECT", "floor", "proxy", "proxy vs DIRECT", "target")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
@@ -217,7 +257,11 @@ def main() -> int:
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
     saved = results / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
-    saved.write_text(json.dumps({"server": args.server, "header": header, "rows": rows}, indent=1))
+    if args.peers:
+        print(f"\nside by side (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}):\n")
+        print(comparison(systems[1:], systems[0]))
+    report = {"server": args.server, "header": header, "rows": rows, "systems": as_json(systems)}
+    saved.write_text(json.dumps(report, indent=1))
     print(f"\nsaved to {saved.relative_to(REPO)}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
