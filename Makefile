@@ -117,6 +117,7 @@ test-fast: install
 
 # `make bench PEERS=1` also measures vllm-router and sglang-router (bench/peers.py), each from a
 # virtualenv of its own pinned by bench/requirements-<name>.txt, so neither reaches .venv.
+# `make bench PD=1` adds a prefill/decode phase (bench/pd.py).
 PEERS_VENVS := .venv-peers
 PEER_NAMES  := vllm-router sglang-router
 
@@ -130,7 +131,7 @@ $(PEERS_VENVS)/%/.installed: bench/requirements-%.txt
 peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
 
 bench: install redis-server $(if $(PEERS),peers-env)
-	$(PY) bench/run.py $(if $(PEERS),--peers)
+	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -74,12 +74,12 @@ class Figures:
     rss_mb: float | None = None
 
 
-def wait_ready(base: str, model: str, timeout: float = 30.0) -> None:
+def wait_ready(base: str, model: str, timeout: float = 30.0, headers: dict | None = None) -> None:
     """Until ``base`` answers a chat completion: a router may listen before its workers are registered."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.post(base + PATH, json=chat_body(model, 4), timeout=5).status_code == 200:
+            if httpx.post(base + PATH, json=chat_body(model, 4), headers=headers, timeout=5).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{base} never answered a chat completion for {model}")

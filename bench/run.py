@@ -14,7 +14,8 @@ about a minute.
 
 With ``--peers`` (``make bench PEERS=1``) it then runs the same phases against vllm-router and
 sglang-router in front of the same engines (bench/peers.py) and prints every system side by side
-with its ratios to DIRECT: about two minutes.
+with its ratios to DIRECT: about two minutes. With ``--pd`` (``make bench PD=1``) it adds a
+prefill/decode pair of simulated engines and the CPU per PD request beside a hybrid one's (bench/pd.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, peak_rss_mb, run_wrk, streams  # noqa: E402
+from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
-from enginesim.testing import run_simulator  # noqa: E402
+from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.procs import PYTHON, free_port, running  # noqa: E402
 
@@ -50,8 +52,10 @@ PACED = "paced-model"
 # -- the run -----------------------------------------------------------------------------------
 
 
-def setup_registry(base: str, fast: list[str], paced: str) -> None:
+def setup_registry(base: str, fast: list[str], paced: str, pd: tuple[Simulator, Simulator] | None) -> None:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
+        if pd is not None:
+            register(api, *pd)
         for url in fast:
             api.post("/api/nodes/", json={"url": url, "models": [MODEL], "engine_type": "openai"}).raise_for_status()
         api.post("/api/nodes/", json={"url": paced, "models": [PACED], "engine_type": "openai"}).raise_for_status()
@@ -71,6 +75,7 @@ def main() -> int:
     parser.add_argument("--latency-requests", type=int, default=2000)
     parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
     parser.add_argument("--peers", action="store_true", help="also vllm-router and sglang-router (make peers-env)")
+    parser.add_argument("--pd", action="store_true", help="also prefill/decode requests (bench/pd.py)")
     args = parser.parse_args()
     missing = [peer.name for peer in PEERS if args.peers and not peer.installed()]
     if missing:
@@ -124,6 +129,7 @@ def main() -> int:
         paced = stack.enter_context(
             run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
         )
+        pd = stack.enter_context(pd_engines()) if args.pd else None
         web = stack.enter_context(running(servers[args.server], port=web_port, env=env, timeout=60))
         proxy = f"http://127.0.0.1:{web_port}"
         floor_port = free_port()
@@ -132,7 +138,7 @@ def main() -> int:
         floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
         floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))
         floor = f"http://127.0.0.1:{floor_port}"
-        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url)
+        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url, pd)
         path = "/v1/chat/completions"
         small = chat_body(MODEL, 16)
         print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine;")
@@ -190,6 +196,14 @@ def main() -> int:
                 target="<= 200 us",
                 base=us((base.cpu_us or 0) / 1e6),
             )
+        if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
+            split = measure_pd(proxy, auth, web.pid, pd[0], args.duration)
+            hybrid_cpu = figures["RouterPanel"]["cpu_us_c32"] or float("nan")
+            row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
+            row("PD: errors, c=32", through=str(split.errors), target="0")
+            pd_cpu = split.cpu_us or float("nan")
+            ratio = f"{pd_cpu / hybrid_cpu:.2f}x hybrid"
+            row("PD: CPU per request, c=32", through=us(pd_cpu / 1e6), ratio=ratio, target="<= 1.6x hybrid")
 
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count in (
