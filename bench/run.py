@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -155,6 +156,9 @@ def main() -> int:
         def ms(seconds: float) -> str:
             return f"{seconds * 1e3:,.2f} ms"
 
+        def signed(unit: Callable[[float], str], seconds: float) -> str:  # "+5 us", "-1.03 ms" (not "+-1.03 ms")
+            return ("+" if seconds >= 0 else "-") + unit(abs(seconds))
+
         # One client, non-streaming latency (and the web process's CPU per request meanwhile).
         direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
         cpu_before = cpu_seconds(floor_proc.pid)
@@ -165,7 +169,7 @@ def main() -> int:
         one_client_cpu = (cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
         for q, target in ((0.5, "<= +300 us"), (0.99, "")):
             d, f, p = pct(direct_lat, q), pct(floor_lat, q), pct(proxy_lat, q)
-            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target, us(f))
+            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), signed(us, p - d), target, us(f))
         for system, samples in (("direct", direct_lat), ("floor", floor_lat), ("RouterPanel", proxy_lat)):
             figures[system]["latency_p50"] = pct(samples, 0.5)
         row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us", base=us(floor_cpu))
@@ -226,7 +230,7 @@ def main() -> int:
                 dq, fq, pq = pct(ds.ttfe, q), pct(fs.ttfe, q), pct(ps.ttfe, q)
                 target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
                 metric = f"stream {label}: first event p{round(q * 100)}"
-                row(metric, fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target, fmt(fq))
+                row(metric, fmt(dq), fmt(pq), signed(fmt, pq - dq), target, fmt(fq))
             ratio = f"{ps.chunks_per_s / ds.chunks_per_s:.2f}x"
             row(
                 f"stream {label}: chunks/s ({concurrency} streams)",
