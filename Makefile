@@ -10,7 +10,7 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-fast bench lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-fast bench peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -115,8 +115,23 @@ test: install redis-server vllm-env lmdeploy-env
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"
 
-bench: install redis-server
-	$(PY) bench/run.py
+# `make bench PEERS=1` also measures vllm-router and sglang-router (bench/peers.py), each from a
+# virtualenv of its own pinned by bench/requirements-<name>.txt, so neither reaches .venv.
+# `make bench PD=1` adds a prefill/decode phase (bench/pd.py).
+PEERS_VENVS := .venv-peers
+PEER_NAMES  := vllm-router sglang-router
+
+$(PEERS_VENVS)/%/.installed: bench/requirements-%.txt
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Python 3.11)"; exit 1; }
+	rm -rf $(PEERS_VENVS)/$*
+	$(PYTHON) -m venv $(PEERS_VENVS)/$*
+	$(PEERS_VENVS)/$*/bin/pip install --quiet -r $<
+	touch $@
+
+peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
+
+bench: install redis-server $(if $(PEERS),peers-env)
+	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd)
 
 lint: install
 	$(VENV)/bin/ruff check .

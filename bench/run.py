@@ -11,32 +11,36 @@ the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite d
 DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and, in
 the last column, the data path's targets. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in
 about a minute.
+
+With ``--peers`` (``make bench PEERS=1``) it then runs the same phases against vllm-router and
+sglang-router in front of the same engines (bench/peers.py) and prints every system side by side
+with its ratios to DIRECT: about two minutes. With ``--pd`` (``make bench PD=1``) it adds a
+prefill/decode pair of simulated engines and the CPU per PD request beside a hybrid one's (bench/pd.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from enginesim.testing import run_simulator  # noqa: E402
+from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, peak_rss_mb, run_wrk, streams  # noqa: E402
+from bench.pd import measure_pd, pd_engines, register  # noqa: E402
+from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
+from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.procs import PYTHON, free_port, running  # noqa: E402
 
@@ -44,167 +48,15 @@ API_TOKEN = "bench000000000000000000000000000000000000"
 PROXY_KEY = "rp-bench-proxy-key"
 MODEL = "sim-model"
 PACED = "paced-model"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def chat_body(model: str, tokens: int, *, stream: bool = False) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": f"[[len={tokens}]] hello"}], "max_tokens": tokens}
-    if stream:
-        body["stream"] = True
-    return body
-
-
-# -- process figures ---------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# -- one client latency ------------------------------------------------------------------------
-
-
-def one_client_latency(base: str, path: str, headers: dict, body: dict, count: int) -> list[float]:
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port))
-    payload = json.dumps(body).encode()
-    all_headers = {"Content-Type": "application/json", **headers}
-    samples = []
-    for i in range(count + 50):
-        started = time.perf_counter()
-        conn.request("POST", path, body=payload, headers=all_headers)
-        response = conn.getresponse()
-        response.read()
-        if response.status != 200:
-            raise RuntimeError(f"{base}{path} answered {response.status}")
-        if i >= 50:  # warm-up excluded
-            samples.append(time.perf_counter() - started)
-    conn.close()
-    return samples
-
-
-# -- wrk ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class WrkResult:
-    rps: float
-    requests: int
-    errors: int
-    cpu_us: float | None = None
-
-
-def _wrk_figure(pattern: str, out: str) -> str:
-    """The figure ``pattern`` captures in wrk's report (which always prints it when wrk ran)."""
-    match = re.search(pattern, out)
-    if match is None:
-        raise RuntimeError(f"no {pattern!r} in wrk's output:\n{out}")
-    return match.group(1)
-
-
-def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int, pid: int | None) -> WrkResult:
-    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
-    lines += [
-        f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
-        for k, v in {"Content-Type": "application/json", **headers}.items()
-    ]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write("\n".join(lines) + "\n")
-    try:
-        before = cpu_seconds(pid) if pid else 0.0
-        result = subprocess.run(
-            ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", script.name, url],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        after = cpu_seconds(pid) if pid else 0.0
-    finally:
-        os.unlink(script.name)
-    out = result.stdout
-    rps = float(_wrk_figure(r"Requests/sec:\s+([\d.]+)", out))
-    requests = int(_wrk_figure(r"(\d+) requests in", out))
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(g) for g in m.groups())
-    cpu_us = (after - before) / requests * 1e6 if pid and requests else None
-    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us)
-
-
-# -- streams -----------------------------------------------------------------------------------
-
-
-@dataclass
-class StreamResult:
-    ttfe: list[float] = field(default_factory=list)
-    events: int = 0
-    elapsed: float = 0.0
-    errors: int = 0
-
-    @property
-    def chunks_per_s(self) -> float:
-        return self.events / self.elapsed if self.elapsed else 0.0
-
-
-async def _streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
-    result = StreamResult()
-    payload = json.dumps(body).encode()
-    all_headers = {"Content-Type": "application/json", **headers}
-    remaining = count
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                started = time.perf_counter()
-                first = None
-                events = 0
-                async with session.post(url, data=payload, headers=all_headers) as response:
-                    if response.status != 200:
-                        result.errors += 1
-                        await response.read()
-                        continue
-                    async for chunk in response.content.iter_any():
-                        if first is None:
-                            first = time.perf_counter() - started
-                        events += chunk.count(b"data: ")
-                if first is not None:
-                    result.ttfe.append(first)
-                result.events += events
-
-        started = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        result.elapsed = time.perf_counter() - started
-    return result
-
-
-def streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
-    asyncio.run(_streams(url, headers, {**body}, concurrency, 4))  # warm-up
-    return asyncio.run(_streams(url, headers, body, concurrency, count))
 
 
 # -- the run -----------------------------------------------------------------------------------
 
 
-def setup_registry(base: str, fast: list[str], paced: str) -> None:
+def setup_registry(base: str, fast: list[str], paced: str, pd: tuple[Simulator, Simulator] | None) -> None:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
+        if pd is not None:
+            register(api, *pd)
         for url in fast:
             api.post("/api/nodes/", json={"url": url, "models": [MODEL], "engine_type": "openai"}).raise_for_status()
         api.post("/api/nodes/", json={"url": paced, "models": [PACED], "engine_type": "openai"}).raise_for_status()
@@ -223,7 +75,13 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--latency-requests", type=int, default=2000)
     parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
+    parser.add_argument("--peers", action="store_true", help="also vllm-router and sglang-router (make peers-env)")
+    parser.add_argument("--pd", action="store_true", help="also prefill/decode requests (bench/pd.py)")
     args = parser.parse_args()
+    missing = [peer.name for peer in PEERS if args.peers and not peer.installed()]
+    if missing:
+        print(f"not installed: {', '.join(missing)}; run make peers-env", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -263,6 +121,8 @@ def main() -> int:
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     rows: list[tuple[str, str, str, str, str, str]] = []
     fast = ["--fast", "--record-requests=0"]
+    # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
+    figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
@@ -270,6 +130,7 @@ def main() -> int:
         paced = stack.enter_context(
             run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
         )
+        pd = stack.enter_context(pd_engines()) if args.pd else None
         web = stack.enter_context(running(servers[args.server], port=web_port, env=env, timeout=60))
         proxy = f"http://127.0.0.1:{web_port}"
         floor_port = free_port()
@@ -278,7 +139,7 @@ def main() -> int:
         floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
         floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))
         floor = f"http://127.0.0.1:{floor_port}"
-        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url)
+        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url, pd)
         path = "/v1/chat/completions"
         small = chat_body(MODEL, 16)
         print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine;")
@@ -295,6 +156,9 @@ def main() -> int:
         def ms(seconds: float) -> str:
             return f"{seconds * 1e3:,.2f} ms"
 
+        def signed(unit: Callable[[float], str], seconds: float) -> str:  # "+5 us", "-1.03 ms" (not "+-1.03 ms")
+            return ("+" if seconds >= 0 else "-") + unit(abs(seconds))
+
         # One client, non-streaming latency (and the web process's CPU per request meanwhile).
         direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
         cpu_before = cpu_seconds(floor_proc.pid)
@@ -305,7 +169,9 @@ def main() -> int:
         one_client_cpu = (cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
         for q, target in ((0.5, "<= +300 us"), (0.99, "")):
             d, f, p = pct(direct_lat, q), pct(floor_lat, q), pct(proxy_lat, q)
-            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), f"+{us(p - d)}", target, us(f))
+            row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), signed(us, p - d), target, us(f))
+        for system, samples in (("direct", direct_lat), ("floor", floor_lat), ("RouterPanel", proxy_lat)):
+            figures[system]["latency_p50"] = pct(samples, 0.5)
         row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us", base=us(floor_cpu))
 
         # Throughput with wrk; CPU per request of the web process over the run.
@@ -314,6 +180,9 @@ def main() -> int:
             base = run_wrk(floor + path, {}, small, connections, args.duration, floor_proc.pid)
             through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid)
             ratio = f"{through.rps / direct.rps:.3f}x"
+            if connections == 32:
+                for system, result in (("direct", direct), ("floor", base), ("RouterPanel", through)):
+                    figures[system].update(rps_c32=result.rps, cpu_us_c32=result.cpu_us)
             target = ">= 0.07x" if connections == 32 else ""
             row(
                 f"req/s, c={connections}",
@@ -331,6 +200,14 @@ def main() -> int:
                 target="<= 200 us",
                 base=us((base.cpu_us or 0) / 1e6),
             )
+        if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
+            split = measure_pd(proxy, auth, web.pid, pd[0], args.duration)
+            hybrid_cpu = figures["RouterPanel"]["cpu_us_c32"] or float("nan")
+            row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
+            row("PD: errors, c=32", through=str(split.errors), target="0")
+            pd_cpu = split.cpu_us or float("nan")
+            ratio = f"{pd_cpu / hybrid_cpu:.2f}x hybrid"
+            row("PD: CPU per request, c=32", through=us(pd_cpu / 1e6), ratio=ratio, target="<= 1.6x hybrid")
 
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count in (
@@ -342,11 +219,18 @@ def main() -> int:
             fs = streams(floor + path, {}, body, concurrency, count)
             ps = streams(proxy + path, auth, body, concurrency, count)
             fmt = us if label == "0 ms" else ms
+            for system, stream in (("direct", ds), ("floor", fs), ("RouterPanel", ps)):
+                if label == "0 ms":
+                    figures[system]["chunks_per_s"] = stream.chunks_per_s
+                else:
+                    figures[system].update(
+                        first_event_p50=pct(stream.ttfe, 0.5), first_event_p99=pct(stream.ttfe, 0.99)
+                    )
             for q in (0.5, 0.99):
                 dq, fq, pq = pct(ds.ttfe, q), pct(fs.ttfe, q), pct(ps.ttfe, q)
                 target = "<= +1 ms" if label == "5 ms" and q == 0.5 else ""
                 metric = f"stream {label}: first event p{round(q * 100)}"
-                row(metric, fmt(dq), fmt(pq), f"+{fmt(pq - dq)}", target, fmt(fq))
+                row(metric, fmt(dq), fmt(pq), signed(fmt, pq - dq), target, fmt(fq))
             ratio = f"{ps.chunks_per_s / ds.chunks_per_s:.2f}x"
             row(
                 f"stream {label}: chunks/s ({concurrency} streams)",
@@ -363,6 +247,22 @@ def main() -> int:
             target="<= 100 MB",
             base=f"{peak_rss_mb(floor_proc.pid):,.1f} MB",
         )
+        figures["floor"]["rss_mb"] = peak_rss_mb(floor_proc.pid)
+        figures["RouterPanel"]["rss_mb"] = peak_rss_mb(web.pid)
+        systems = [Figures(system=name, **values) for name, values in figures.items()]
+        if args.peers:  # one router at a time, in front of the same engines, after RouterPanel's phases
+            for peer in PEERS:
+                print(f"measuring {peer.name}...", flush=True)
+                measured = measure_peer(
+                    peer,
+                    fast=[sim_a.url, sim_b.url],
+                    paced=paced.url,
+                    model=MODEL,
+                    paced_model=PACED,
+                    duration=args.duration,
+                    latency_requests=args.latency_requests,
+                )
+                systems.insert(-1, measured)
 
     header = ("metric", "DIRECT", "floor", "proxy", "proxy vs DIRECT", "target")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
@@ -375,7 +275,11 @@ def main() -> int:
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
     saved = results / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
-    saved.write_text(json.dumps({"server": args.server, "header": header, "rows": rows}, indent=1))
+    if args.peers:
+        print(f"\nside by side (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}):\n")
+        print(comparison(systems[1:], systems[0]))
+    report = {"server": args.server, "header": header, "rows": rows, "systems": as_json(systems)}
+    saved.write_text(json.dumps(report, indent=1))
     print(f"\nsaved to {saved.relative_to(REPO)}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

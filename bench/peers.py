@@ -1,0 +1,154 @@
+"""The peer routers ``make bench PEERS=1`` measures beside RouterPanel: vllm-router and sglang-router.
+
+Both are Rust routers shipped on PyPI with a Python launcher. ``make peers-env`` installs each into a
+virtualenv of its own (``.venv-peers/<name>``, from ``bench/requirements-<name>.txt``) so neither
+reaches RouterPanel's ``.venv``. Each runs in front of the same two fast simulated engines as
+RouterPanel, round robin, with its defaults otherwise (health checks, retries and circuit breaker
+on); a second instance of it fronts the paced engine for the first-event phase, since neither routes
+by model name. The flags are the ones both launchers' ``--help`` list.
+
+``Figures`` holds one system's row of the comparison table; ``comparison`` prints the table with the
+ratios to DIRECT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.measure import chat_body, one_client_latency, pct, peak_rss_mb, run_wrk, streams
+from tests.procs import free_port, running
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS_VENVS = REPO / ".venv-peers"
+PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    command: tuple[str, ...]  # the launcher and its subcommand, from the peer's venv
+    log_level: str  # the launchers spell "warning" differently
+
+    def argv(self, *, port: int, workers: list[str]) -> list[str]:
+        launcher = PEERS_VENVS / self.name / "bin" / self.command[0]
+        return [
+            str(launcher),
+            *self.command[1:],
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--worker-urls",
+            *workers,
+            "--policy=round_robin",
+            f"--log-level={self.log_level}",
+            "--prometheus-host=127.0.0.1",
+            f"--prometheus-port={free_port()}",  # both default to a fixed port; two instances run at once
+        ]
+
+    def installed(self) -> bool:
+        return (PEERS_VENVS / self.name / "bin" / self.command[0]).exists()
+
+
+PEERS = (
+    Peer("vllm-router", ("vllm-router",), "warning"),
+    Peer("sglang-router", ("sglang-router", "launch"), "warn"),
+)
+
+
+@dataclass
+class Figures:
+    """One system's row: seconds for times, None where a figure does not apply (DIRECT has no process)."""
+
+    system: str
+    latency_p50: float  # one client, non-streaming
+    rps_c32: float
+    chunks_per_s: float  # 64-chunk unpaced streams, 8 at a time
+    first_event_p50: float  # 64-chunk streams at 5 ms pacing
+    first_event_p99: float
+    cpu_us_c32: float | None = None
+    rss_mb: float | None = None
+
+
+def wait_ready(base: str, model: str, timeout: float = 30.0, headers: dict | None = None) -> None:
+    """Until ``base`` answers a chat completion: a router may listen before its workers are registered."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(base + PATH, json=chat_body(model, 4), headers=headers, timeout=5).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base} never answered a chat completion for {model}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _router(peer: Peer, workers: list[str], model: str) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    with running(peer.argv(port=port, workers=workers), port=port, timeout=60) as proc:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, model)
+        yield base, proc.pid
+
+
+def measure_peer(
+    peer: Peer, *, fast: list[str], paced: str, model: str, paced_model: str, duration: int, latency_requests: int
+) -> Figures:
+    """The phases run.py runs against RouterPanel, against ``peer``, with the same loads."""
+    small = chat_body(model, 16)
+    with _router(peer, fast, model) as (base, pid):
+        latency = one_client_latency(base, PATH, {}, small, latency_requests)
+        wrk = run_wrk(base + PATH, {}, small, 32, duration, pid)
+        unpaced = streams(base + PATH, {}, chat_body(model, 64, stream=True), 8, 400)
+        rss = peak_rss_mb(pid)
+    with _router(peer, [paced], paced_model) as (paced_base, _):
+        paced_streams = streams(paced_base + PATH, {}, chat_body(paced_model, 64, stream=True), 4, 24)
+    return Figures(
+        system=peer.name,
+        latency_p50=pct(latency, 0.5),
+        rps_c32=wrk.rps,
+        chunks_per_s=unpaced.chunks_per_s,
+        first_event_p50=pct(paced_streams.ttfe, 0.5),
+        first_event_p99=pct(paced_streams.ttfe, 0.99),
+        cpu_us_c32=wrk.cpu_us,
+        rss_mb=rss,
+    )
+
+
+def comparison(rows: list[Figures], direct: Figures) -> str:
+    """The systems side by side (markdown), each against DIRECT: added latency and throughput ratios."""
+    header = (
+        "system",
+        "CPU us/req (c32)",
+        "added p50 us (c1)",
+        "req/s c32 (x direct)",
+        "stream chunks/s (x direct)",
+        f"first event, 5 ms pacing, p50 / p99 ms (direct {direct.first_event_p50 * 1e3:.2f} / "
+        f"{direct.first_event_p99 * 1e3:.2f})",
+        "RSS MB",
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.append(
+        f"| direct | | | {direct.rps_c32:,.0f} req/s | {direct.chunks_per_s:,.0f} chunks/s | "
+        f"{direct.first_event_p50 * 1e3:.2f} / {direct.first_event_p99 * 1e3:.2f} | |"
+    )
+    for row in rows:
+        cells = (
+            row.system,
+            f"{row.cpu_us_c32:.0f}" if row.cpu_us_c32 is not None else "",
+            f"{(row.latency_p50 - direct.latency_p50) * 1e6:+.0f}",
+            f"{row.rps_c32 / direct.rps_c32:.3f}",
+            f"{row.chunks_per_s / direct.chunks_per_s:.2f}",
+            f"{row.first_event_p50 * 1e3:.2f} / {row.first_event_p99 * 1e3:.2f}",
+            f"{row.rss_mb:.0f}" if row.rss_mb is not None else "",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def as_json(rows: list[Figures]) -> list[dict]:
+    return [asdict(row) for row in rows]
