@@ -16,6 +16,19 @@ from .choices import BreakerState, Endpoint, EngineType, NodeHealth, NodeRole, N
 PD_ROLES = (NodeRole.PREFILL.value, NodeRole.DECODE.value)
 HYBRID_ROLES = (NodeRole.HYBRID.value,)
 
+# Each endpoint's path, on RouterPanel and on the engines (``/tokenize`` and ``/detokenize`` sit at
+# the root, where vLLM and SGLang serve them).
+ENDPOINT_PATHS: Mapping[str, str] = {
+    Endpoint.CHAT.value: "/v1/chat/completions",
+    Endpoint.COMPLETIONS.value: "/v1/completions",
+    Endpoint.RESPONSES.value: "/v1/responses",
+    Endpoint.EMBEDDINGS.value: "/v1/embeddings",
+    Endpoint.RERANK.value: "/v1/rerank",
+    Endpoint.SCORE.value: "/v1/score",
+    Endpoint.TOKENIZE.value: "/tokenize",
+    Endpoint.DETOKENIZE.value: "/detokenize",
+}
+
 _GENERATE = (Endpoint.CHAT.value, Endpoint.COMPLETIONS.value)
 _TOKENS = (Endpoint.TOKENIZE.value, Endpoint.DETOKENIZE.value)
 # What a node serves when its ``endpoints`` are left empty: what the engine serves for a generation

@@ -43,7 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Paths this app answers; everything else goes to Django.
 PREFIXES = ("/v1/",)
-EXACT_PATHS = frozenset({"/v1", "/health", "/health/ready", "/metrics", "/tokenize", "/detokenize"})
+EXACT_PATHS = frozenset(
+    {"/v1", "/health", "/health/ready", "/metrics", *(p for p in PATHS if not p.startswith(PREFIXES))}
+)
 
 
 def handles(path: str) -> bool:

@@ -13,22 +13,16 @@ from __future__ import annotations
 import json
 
 from nodes.choices import Endpoint
+from nodes.rules import ENDPOINT_PATHS
 
 from .errors import ProxyError
 from .snapshot import KeyView, Route, Snapshot
 
-# Client path -> (endpoint a node must serve, a field the request must carry or "").
-# ``/tokenize`` and ``/detokenize`` sit at the root, where vLLM and SGLang serve them.
-PATHS: dict[str, tuple[str, str]] = {
-    "/v1/chat/completions": (Endpoint.CHAT.value, "messages"),
-    "/v1/completions": (Endpoint.COMPLETIONS.value, "prompt"),
-    "/v1/responses": (Endpoint.RESPONSES.value, ""),
-    "/v1/embeddings": (Endpoint.EMBEDDINGS.value, ""),
-    "/v1/rerank": (Endpoint.RERANK.value, ""),
-    "/v1/score": (Endpoint.SCORE.value, ""),
-    "/tokenize": (Endpoint.TOKENIZE.value, ""),
-    "/detokenize": (Endpoint.DETOKENIZE.value, ""),
-}
+# A field the request must carry (the others are the engine's to check).
+_REQUIRED = {Endpoint.CHAT.value: "messages", Endpoint.COMPLETIONS.value: "prompt"}
+
+# Client path (``nodes.rules.ENDPOINT_PATHS``) -> (endpoint a node must serve, required field or "").
+PATHS: dict[str, tuple[str, str]] = {path: (e, _REQUIRED.get(e, "")) for e, path in ENDPOINT_PATHS.items()}
 
 # Chat and completions keep their PD split and their nodes regardless of ``Node.endpoints``.
 SPLIT_ENDPOINTS = frozenset({Endpoint.CHAT.value, Endpoint.COMPLETIONS.value})

@@ -175,6 +175,8 @@ class NodeSerializer(RegistrySerializer):
             )
             validated_data["engine_type"] = choice.engine_type
             validated_data["metadata"] = with_detection(validated_data.get("metadata") or {}, choice)
+            if choice.endpoints and "endpoints" not in validated_data:
+                validated_data["endpoints"] = choice.endpoints
         return _call(services.node_create, actor=_actor(self), models=models, model_path=model_path, **validated_data)
 
     def update(self, node: Node, validated_data: dict[str, Any]) -> Node:

@@ -1,6 +1,6 @@
 """``/v1/embeddings`` through RouterPanel to a real vLLM pooling server (the tiny embedding model
-of tests/realengines/make_model.py), with the official openai client; the node lists what it
-serves (``endpoints``), so a Responses request for that model is RouterPanel's 404. Runs after
+of tests/realengines/make_model.py), with the official openai client; RouterPanel detects what the
+node serves (``endpoints``), so a Responses request for that model is its own 404. Runs after
 test_vllm_embeddings.py, on the same server."""
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ def test_embeddings_through_routerpanel_match_the_engines_own(
     routerpanel: Stack, vllm_server: Callable[..., VllmServer]
 ) -> None:
     server = vllm_server("embed")
-    endpoints = ["embeddings", "tokenize", "detokenize"]
-    routerpanel.add_node(server.url, [server.model], role="hybrid", engine_type="vllm", endpoints=endpoints)
+    # No engine type given: RouterPanel detects vLLM and, from the routes the server registered,
+    # that it serves embeddings and no generation endpoint (nodes/engine_detect.py).
+    node = routerpanel.add_node(server.url, [server.model], role="hybrid")
+    assert node["engine_type"] == "vllm"
+    assert "embeddings" in node["endpoints"] and "tokenize" in node["endpoints"]
+    assert not {"chat", "completions", "responses"} & set(node["endpoints"])
     routed = openai.OpenAI(base_url=routerpanel.v1, api_key=routerpanel.key, timeout=120, max_retries=0)
     direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
     texts = ["hello world", "def f(x): pass"]

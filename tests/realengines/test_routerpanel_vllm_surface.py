@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from nodes import engine_detect
 from tests.e2e.conftest import Stack
 from tests.realengines.harness import VllmServer
 
@@ -61,6 +62,8 @@ def test_tokenize_and_detokenize_through_routerpanel_answer_as_vllm_does(node: t
 
 def test_the_model_object_comes_from_routerpanel(node: tuple[Stack, VllmServer]) -> None:
     stack, server = node
+    # What the server's routes show is vLLM's default for a generation model (nodes/engine_detect.py).
+    assert engine_detect.detect(server.url, timeout=10).endpoints is None
     client = openai.OpenAI(base_url=stack.v1, api_key=stack.key, timeout=30, max_retries=0)
     model = client.models.retrieve(server.model)
     assert (model.id, model.object, model.owned_by) == (server.model, "model", "routerpanel")
