@@ -19,10 +19,10 @@ import uuid
 from typing import Any
 
 from enginesim.config import SimConfig
-from enginesim.flavours.vllm_checks import read_body, schema_error, vllm_error
+from enginesim.flavours.vllm_checks import lax_int, read_body, schema_error, summary, vllm_error
 from enginesim.http import Request, Response
 from enginesim.inference import Handler
-from enginesim.openai import dumps
+from enginesim.openai import HttpError, dumps
 from enginesim.stats import RequestStats
 from enginesim.textgen import (
     chat_prompt_text,
@@ -58,10 +58,11 @@ class VllmSurface:
 
     # -- Checks ------------------------------------------------------------------------------------
 
-    def _body(self, request: Request, *required: str) -> tuple[dict[str, Any], str]:
-        """The JSON object and its model; a 400 for the first missing field of ``required`` (each
-        may name alternatives, ``"prompt|messages"``), a 404 for a model the server does not serve."""
-        body = read_body(request)
+    def _body(self, request: Request, *required: str, body: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+        """The JSON object (``body`` when already read) and its model; a 400 for the first missing
+        field of ``required`` (each may name alternatives, ``"prompt|messages"``), a 404 for a
+        model the server does not serve."""
+        body = read_body(request) if body is None else body
         for names in required:
             if not any(name in body for name in names.split("|")):
                 first = names.split("|")[0]
@@ -79,16 +80,27 @@ class VllmSurface:
     # -- Tokenizer ---------------------------------------------------------------------------------
 
     async def tokenize(self, request: Request, response: Response) -> None:
-        """``{"prompt"}`` or ``{"messages"}`` -> ``{"count", "max_model_len", "tokens", "token_strs"}``."""
-        body, _ = self._body(request, "prompt|messages")
-        if "prompt" in body:
-            if not isinstance(body["prompt"], str):
-                raise schema_error("string_type", "body.prompt", "Input should be a valid string", body["prompt"])
-            text = body["prompt"]
-        else:
+        """``{"prompt"}`` or ``{"messages"}`` -> ``{"count", "max_model_len", "tokens", "token_strs"}``.
+
+        The request model is a union of the two forms: a body that fits neither fails both, so vLLM
+        reports an error per form, the prompt's first."""
+        body = read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            body, _ = self._body(request)
+            text = prompt
+        elif "messages" in body:
             if not isinstance(body["messages"], list):
                 raise schema_error("list_type", "body.messages", "Input should be a valid list", body["messages"])
+            body, _ = self._body(request)
             text = chat_prompt_text(body["messages"])
+        else:
+            first = (
+                ("missing", "body.prompt", "Field required", body)
+                if "prompt" not in body
+                else ("string_type", "body.prompt", "Input should be a valid string", prompt)
+            )
+            raise _schema_errors([first, ("missing", "body.messages", "Field required", body)])
         tokens = prompt_token_ids(text)
         strs = [piece(t).strip() for t in tokens] if body.get("return_token_strs") else None
         answer = {"count": len(tokens), "max_model_len": self.config.max_model_len, "tokens": tokens}
@@ -100,19 +112,21 @@ class VllmSurface:
         tokens = body["tokens"]
         if not isinstance(tokens, list):
             raise schema_error("list_type", "body.tokens", "Input should be a valid list", tokens)
-        for i, token in enumerate(tokens):
-            if isinstance(token, bool) or not isinstance(token, int):
-                raise schema_error("int_type", f"body.tokens.{i}", "Input should be a valid integer", token)
+        checked = [lax_int(f"tokens.{i}", token) for i, token in enumerate(tokens)]  # "2" is 2, as in pydantic
+        for i, token in enumerate(checked):
             if token < 0:
-                ctx = {"ge": 0}
-                raise schema_error("greater_than_equal", f"body.tokens.{i}", "Input should be >= 0", token, ctx)
-        self._ok(response, {"prompt": "".join(piece(t) for t in tokens).lstrip()})
+                message = "Input should be greater than or equal to 0"
+                raise schema_error("greater_than_equal", f"body.tokens.{i}", message, tokens[i], {"ge": 0})
+        self._ok(response, {"prompt": "".join(piece(t) for t in checked).lstrip()})
 
     # -- Generation: the Responses API -------------------------------------------------------------
 
     async def responses(self, request: Request, response: Response) -> None:
         """``{"input", "max_output_tokens"?, "stream"?}`` -> a ``response`` object, or its SSE events."""
-        body, model = self._body(request, "input")
+        body = read_body(request)
+        if not body.get("tools") and body.get("tool_choice", "auto") in ("auto", "none"):
+            body["tool_choice"] = "none"  # vLLM's check_tool_usage runs first (a schema error counts it)
+        body, model = self._body(request, "input", body=body)
         text = _input_text(body["input"])
         limit = body.get("max_output_tokens")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
@@ -158,7 +172,9 @@ class VllmSurface:
     async def score(self, request: Request, response: Response) -> None:
         """``{"text_1", "text_2"}`` (or ``queries``/``documents``) -> ``{"object": "list", "data": [score…]}``."""
         body = read_body(request)
-        pair = next((p for p in (("queries", "documents"), ("text_1", "text_2")) if p[0] in body), ("text_1", "text_2"))
+        # The request model's forms in vLLM's order; with none of them the first one's fields are named.
+        forms = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+        pair = next((p for p in forms if p[0] in body and p[1] in body), forms[0])
         body, model = self._body(request, *pair)
         first, second = _texts(body[pair[0]], f"body.{pair[0]}"), _texts(body[pair[1]], f"body.{pair[1]}")
         if len(first) == 1:
@@ -192,6 +208,13 @@ class VllmSurface:
         results = scored[:top_n] if top_n else scored
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         self._ok(response, {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": usage, "results": results})
+
+
+def _schema_errors(errors: list[tuple[str, str, str, Any]]) -> HttpError:
+    """Several schema errors in one 400, as vLLM's validation handler renders them."""
+    rendered = [{"type": kind, "loc": loc, "msg": msg, "input": summary(value)} for kind, loc, msg, value in errors]
+    message = f"{len(errors)} validation errors:\n" + "\n".join(f"  {error}" for error in rendered)
+    return vllm_error(400, message, "Bad Request", errors[0][1])
 
 
 def _input_text(value: Any) -> str:

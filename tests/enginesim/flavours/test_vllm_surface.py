@@ -47,8 +47,6 @@ def test_tokenize_and_detokenize_answer_with_vllms_fields(generate: Simulator) -
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
-        ("/tokenize", {"model": "sim-model"}, "body.prompt"),
-        ("/tokenize", {"prompt": 5}, "body.prompt"),
         ("/detokenize", {"model": "sim-model"}, "body.tokens"),
         ("/detokenize", {"tokens": [1, -1]}, "body.tokens.1"),
         ("/detokenize", {"tokens": ["a"]}, "body.tokens.0"),
@@ -63,6 +61,18 @@ def test_what_the_request_models_refuse_is_vllms_schema_400(
     error = answer.json()["error"]
     assert (error["type"], error["param"], error["code"]) == ("Bad Request", param, 400)
     assert error["message"].startswith("1 validation error:")
+
+
+@pytest.mark.parametrize("body", [{"model": "sim-model"}, {"prompt": 5}])
+def test_a_tokenize_body_of_neither_form_fails_both_as_vllms_union_does(generate: Simulator, body: dict) -> None:
+    error = post(generate, "/tokenize", body).json()["error"]
+    assert (error["type"], error["param"]) == ("Bad Request", "body.prompt")
+    assert error["message"].startswith("2 validation errors:\n  {")
+    assert "'loc': 'body.messages'" in error["message"].splitlines()[2]
+
+
+def test_detokenize_reads_numeric_strings_as_pydantic_does(generate: Simulator) -> None:
+    assert post(generate, "/detokenize", {"tokens": ["1", 2]}).json() == {"prompt": "bravo charlie"}
 
 
 def test_an_unknown_model_is_vllms_404(generate: Simulator) -> None:
