@@ -153,3 +153,13 @@ async def test_a_node_that_cannot_be_reached_is_retried_on_another_one(
             proxy_app, "POST", "/v1/embeddings", json_body={"model": "embed-m", "input": "x"}, headers=AUTH
         )
         assert answer.status == 200 and answer.headers["x-routerpanel-node"] == sims[1].url
+
+
+async def test_the_explanation_sees_only_the_nodes_that_serve_the_endpoint(fleet: ProxyApp) -> None:
+    explain = {**AUTH, "x-routerpanel-explain": "1"}
+    body = {"model": "vectors", "input": "x"}
+    answer = await call(fleet, "POST", "/v1/embeddings", json_body=body, headers=explain)
+    assert answer.status == 200
+    assert "candidates=1;" in answer.headers["x-routerpanel-explain"]
+    refused = await call(fleet, "POST", "/v1/embeddings", json_body={"model": "chat-m", "input": "x"}, headers=explain)
+    assert refused.status == 404 and "pick=none" in refused.headers["x-routerpanel-explain"]
