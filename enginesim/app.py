@@ -40,10 +40,11 @@ class SimulatorApp:
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/health"): self.health,
             ("GET", "/v1/models"): self.models,
-            ("POST", "/v1/chat/completions"): self.chat_completions,
-            ("POST", "/v1/completions"): self.completions,
             **self.flavour.routes(),
         }
+        if self.flavour.generates:
+            self.routes[("POST", "/v1/chat/completions")] = self.chat_completions
+            self.routes[("POST", "/v1/completions")] = self.completions
         self.admin_routes: dict[tuple[str, str], Handler] = {
             ("GET", "/sim/stats"): self.sim_stats,
             ("GET", "/sim/requests"): self.sim_requests,
@@ -95,7 +96,8 @@ class SimulatorApp:
             if handler is None:
                 known = any(path == request.path for _, path in self.routes)
                 status = 405 if known else 404
-                raise HttpError(status, f"no route {request.method} {request.path}", code=status)
+                payload = self.flavour.not_found if status == 404 else None
+                raise HttpError(status, f"no route {request.method} {request.path}", code=status, payload=payload)
             await handler(request, response)
             self.stats.completed += 1
         except HttpError as err:

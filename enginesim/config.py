@@ -49,6 +49,7 @@ class SimConfig:
     dp_size: int = 1
     max_model_len: int = 4096
     kv_connector: str = "NixlConnector"
+    runner: str = "generate"
     pd_timeout_s: float = 10.0
     kv_block_size: int = 16
     eos_at_prefill_prob: float = 0.0
@@ -97,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=KV_CONNECTORS,
         default="NixlConnector",
         help="vLLM prefill/decode roles: NIXL-style kv_transfer_params, or none (ExampleConnector)",
+    )
+    parser.add_argument(
+        "--runner",
+        choices=("generate", "pooling"),
+        default="generate",
+        help="vLLM: a generation model (chat, completions, responses) or a pooling one (embeddings, score, rerank)",
     )
     parser.add_argument("--pd-timeout-s", type=float, default=10.0, help="how long one PD leg waits for the other")
     parser.add_argument("--kv-block-size", type=int, default=16, help="prompt tokens per KV block")

@@ -115,7 +115,7 @@ class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     fieldsets = (
         (None, {"fields": ("url", "name", "engine_type", "role", "state", "weight", "max_concurrency")}),
         ("Health", {"fields": ("health", "consecutive_failures", "last_checked_at", "health_history")}),
-        ("Engine options", {"fields": ("bootstrap_port", "dp_size", "kv_connector_address", "metadata")}),
+        ("Engine options", {"fields": ("endpoints", "bootstrap_port", "dp_size", "kv_connector_address", "metadata")}),
         (
             "Registry",
             {

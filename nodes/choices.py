@@ -36,6 +36,20 @@ class EngineType(BadgeChoices):
         }
 
 
+class Endpoint(models.TextChoices):
+    """What a node serves of the OpenAI-compatible surface (``Node.endpoints``; defaults per engine
+    type in ``nodes.rules.DEFAULT_ENDPOINTS``; the paths in ``proxy.surface``)."""
+
+    CHAT = "chat", "Chat completions"
+    COMPLETIONS = "completions", "Completions"
+    RESPONSES = "responses", "Responses"
+    EMBEDDINGS = "embeddings", "Embeddings"
+    RERANK = "rerank", "Rerank"
+    SCORE = "score", "Score"
+    TOKENIZE = "tokenize", "Tokenize"
+    DETOKENIZE = "detokenize", "Detokenize"
+
+
 class NodeRole(BadgeChoices):
     HYBRID = "hybrid", "Hybrid"
     PREFILL = "prefill", "Prefill"
@@ -247,3 +261,9 @@ class ExclusionReason(BadgeChoices):
             cls.NOT_ALLOWED: "#8250df",
             cls.OTHER: "#6e7781",
         }
+
+
+ENDPOINTS_HELP = (
+    f"What the node serves, of: {', '.join(Endpoint.values)}. Empty: its engine type's default "
+    "(a generation model's endpoints; list embeddings, score, rerank for a pooling model)."
+)

@@ -9,7 +9,12 @@
    NanoDeploy's ``/pd/free`` (POST only, so a GET answers 405); vLLM's ``GET /version``.
    vLLM's own ``/server_info`` exists only in its development mode and has no ``model_path``.
 3. An engine that answers but matches none of them is a plain OpenAI-compatible server.
-4. One that does not answer gets the configured default, marked ``pending``: the health checker
+4. For a vLLM server, which endpoints it serves (``Node.endpoints``): vLLM registers only the routes
+   its model's tasks need (a pooling model has no ``/v1/completions``, a generation model no
+   ``/v1/embeddings``), and FastAPI answers a ``GET`` on a POST-only route with 405, on a missing
+   one with 404. So a ``GET`` per path tells, with no inference run. Only a list that differs from
+   vLLM's default (a generation model's) is kept; an inconclusive answer keeps the default.
+5. One that does not answer gets the configured default, marked ``pending``: the health checker
    detects it once the node answers its ``/health`` (LMDeploy registers itself before it listens,
    so a registration can never reach it at once).
 
@@ -27,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import engine_client
 from .choices import EngineType
+from .rules import DEFAULT_ENDPOINTS, ENDPOINT_PATHS
 
 if TYPE_CHECKING:
     import httpx
@@ -53,6 +59,7 @@ class Detection:
     engine_type: str | None
     evidence: str
     models: list[str] | None = None  # what /v1/models listed, when it answered with a model list
+    endpoints: list[str] | None = None  # what it serves, when that differs from its type's default
 
 
 def _json(response: httpx.Response) -> Any:
@@ -132,8 +139,27 @@ def detect(base_url: str, *, timeout: float) -> Detection:
         for owner in listing.owned_by if listing is not None else []:
             engine_type = OWNED_BY.get(owner.strip().lower())
             if engine_type is not None:
-                return Detection(engine_type.value, f"GET /v1/models: owned_by {owner!r}", models)
+                endpoints = _vllm_endpoints(client, base_url) if engine_type == EngineType.VLLM else None
+                return Detection(engine_type.value, f"GET /v1/models: owned_by {owner!r}", models, endpoints)
         return _by_endpoints(client, base_url, models)
+
+
+def _vllm_endpoints(client: httpx.Client, base_url: str) -> list[str] | None:
+    """What a vLLM server serves, from a ``GET`` per path (step 4); None for its default."""
+    import httpx
+
+    def status(path: str) -> int:
+        try:
+            return client.get(base_url + path).status_code
+        except httpx.HTTPError:
+            return 0
+
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="engine-endpoints") as pool:
+        statuses = dict(zip(ENDPOINT_PATHS, pool.map(status, ENDPOINT_PATHS.values()), strict=True))
+    if any(code not in (404, 405) for code in statuses.values()):
+        return None  # not the answers of a FastAPI app: keep the default
+    served = sorted(endpoint for endpoint, code in statuses.items() if code == 405)
+    return None if not served or set(served) == DEFAULT_ENDPOINTS[EngineType.VLLM] else served
 
 
 def detect_by_endpoints(base_url: str, *, timeout: float) -> Detection:
@@ -161,6 +187,7 @@ class EngineTypeChoice:
     detection: dict[str, str]  # stored as the node's metadata["engine_detection"]
     models: list[str] | None = None
     unreachable: bool = False
+    endpoints: list[str] | None = None  # to store as Node.endpoints (None: keep them)
 
     @property
     def pending(self) -> bool:
@@ -172,7 +199,8 @@ def choose_engine_type(url: str, *, fallback: str, timeout: float) -> EngineType
     answer."""
     found = detect(url, timeout=timeout)
     if found.engine_type is not None:
-        return EngineTypeChoice(found.engine_type, {"status": DETECTED, "evidence": found.evidence}, found.models)
+        detection = {"status": DETECTED, "evidence": found.evidence}
+        return EngineTypeChoice(found.engine_type, detection, found.models, endpoints=found.endpoints)
     evidence = f"{found.evidence}; {fallback} until the node answers"
     return EngineTypeChoice(fallback, {"status": PENDING, "evidence": evidence}, unreachable=True)
 

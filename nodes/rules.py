@@ -11,10 +11,45 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .choices import BreakerState, NodeHealth, NodeRole, NodeState, ServingMode
+from .choices import BreakerState, Endpoint, EngineType, NodeHealth, NodeRole, NodeState, ServingMode
 
 PD_ROLES = (NodeRole.PREFILL.value, NodeRole.DECODE.value)
 HYBRID_ROLES = (NodeRole.HYBRID.value,)
+
+# Each endpoint's path, on RouterPanel and on the engines (``/tokenize`` and ``/detokenize`` sit at
+# the root, where vLLM and SGLang serve them).
+ENDPOINT_PATHS: Mapping[str, str] = {
+    Endpoint.CHAT.value: "/v1/chat/completions",
+    Endpoint.COMPLETIONS.value: "/v1/completions",
+    Endpoint.RESPONSES.value: "/v1/responses",
+    Endpoint.EMBEDDINGS.value: "/v1/embeddings",
+    Endpoint.RERANK.value: "/v1/rerank",
+    Endpoint.SCORE.value: "/v1/score",
+    Endpoint.TOKENIZE.value: "/tokenize",
+    Endpoint.DETOKENIZE.value: "/detokenize",
+}
+
+_GENERATE = (Endpoint.CHAT.value, Endpoint.COMPLETIONS.value)
+_TOKENS = (Endpoint.TOKENIZE.value, Endpoint.DETOKENIZE.value)
+# What a node serves when its ``endpoints`` are left empty: what the engine serves for a generation
+# model. vLLM serves the Responses API and ``/tokenize``/``/detokenize``; SGLang the two tokenizer
+# endpoints (at the root too); LMDeploy and NanoDeploy chat and completions only; an OpenAI-compatible
+# service the Responses API and embeddings as OpenAI does. A pooling model (embeddings, score, rerank)
+# is the operator's to say (docs/architecture.md).
+DEFAULT_ENDPOINTS: Mapping[str, frozenset[str]] = {
+    EngineType.VLLM.value: frozenset((*_GENERATE, Endpoint.RESPONSES.value, *_TOKENS)),
+    EngineType.SGLANG.value: frozenset((*_GENERATE, *_TOKENS)),
+    EngineType.LMDEPLOY.value: frozenset(_GENERATE),
+    EngineType.NANODEPLOY.value: frozenset(_GENERATE),
+    EngineType.OPENAI.value: frozenset((*_GENERATE, Endpoint.RESPONSES.value, Endpoint.EMBEDDINGS.value)),
+}
+
+
+def node_endpoints(engine_type: str, endpoints: list[str] | tuple[str, ...] | None) -> frozenset[str]:
+    """What a node serves: its own list, or its engine type's default when the list is empty."""
+    if endpoints:
+        return frozenset(endpoints)
+    return DEFAULT_ENDPOINTS.get(engine_type, frozenset(_GENERATE))
 
 
 def concurrency_limit(value: int | None) -> int | None:

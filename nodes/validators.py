@@ -18,6 +18,8 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
+from .choices import Endpoint
+
 MAX_NAME_LENGTH = 255
 # Deeper than any configuration an operator writes; deep enough documents break serialisers and
 # renderers that recurse (json, the admin's widgets), and the database's JSON functions.
@@ -165,3 +167,12 @@ def validate_storable(value: Any) -> None:
     reason = unstorable(value)
     if reason is not None:
         raise ValidationError(f"This cannot be stored: {reason}.", code="unstorable")
+
+
+def validate_endpoints(value: object) -> None:
+    """``Node.endpoints``: a list of ``Endpoint`` values (empty: the engine type's default)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError("Endpoints must be a list of names.")
+    unknown = sorted(set(value) - set(Endpoint.values))
+    if unknown:
+        raise ValidationError(f"Unknown endpoint(s) {', '.join(unknown)}; choose from {', '.join(Endpoint.values)}.")

@@ -33,6 +33,7 @@ from .request import Outcome, ProxyRequest
 from .router import Router
 from .shared import SharedCounters
 from .snapshot import KeyView, Route, Snapshot
+from .surface import MODEL_PREFIX, PATHS, model_object, route_for
 from .transport import ClientGone, DisconnectWatcher, Receive, RequestHeaders, Scope, Send, read_body, send_bytes
 from .transport import send_error as _send_error
 from .upstream import close_session
@@ -42,9 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Paths this app answers; everything else goes to Django.
 PREFIXES = ("/v1/",)
-EXACT_PATHS = frozenset({"/v1", "/health", "/health/ready", "/metrics"})
-
-_COMPLETION_PATHS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
+EXACT_PATHS = frozenset(
+    {"/v1", "/health", "/health/ready", "/metrics", *(p for p in PATHS if not p.startswith(PREFIXES))}
+)
 
 
 def handles(path: str) -> bool:
@@ -107,13 +108,13 @@ class ProxyApp:
             await self.startup()
         path = scope["path"]
         method = scope["method"]
-        field = _COMPLETION_PATHS.get(path)
+        endpoint = PATHS.get(path)
         try:
-            if field is not None:
+            if endpoint is not None:
                 if method != "POST":
                     raise ProxyError(405, f"Use POST for {path}.", "method_not_allowed")
-                await self.completion(scope, receive, send, path, field)
-            elif path == "/v1/models":
+                await self.completion(scope, receive, send, path, *endpoint)
+            elif path == "/v1/models" or path.startswith(MODEL_PREFIX):
                 await self.models(scope, send)
             elif path == "/health":
                 body = json.dumps(
@@ -179,13 +180,22 @@ class ProxyApp:
         return key
 
     async def models(self, scope: Scope, send: Send) -> None:
+        """``GET /v1/models`` and ``GET /v1/models/{id}``, both from the routing snapshot."""
+        path = scope["path"]
         if scope["method"] != "GET":
-            raise ProxyError(405, "Use GET for /v1/models.", "method_not_allowed")
+            raise ProxyError(405, f"Use GET for {path}.", "method_not_allowed")
         snap = snapshots.current()
         key = self.authenticate(snap, RequestHeaders.parse(scope["headers"]))
-        await send_bytes(send, 200, snap.models_body(key))
+        if path == "/v1/models":
+            await send_bytes(send, 200, snap.models_body(key))
+        else:
+            await send_bytes(send, 200, model_object(snap, key, path[len(MODEL_PREFIX) :]))
 
-    async def completion(self, scope: Scope, receive: Receive, send: Send, path: str, field: str) -> None:
+    async def completion(
+        self, scope: Scope, receive: Receive, send: Send, path: str, endpoint: str, field: str
+    ) -> None:
+        """Every request routed by the body's model (``proxy.surface.PATHS``): chat and completions,
+        which may take the PD way, and the rest of the surface, hybrid only."""
         started = time.perf_counter()
         snap = snapshots.current()
         headers = RequestHeaders.parse(scope["headers"])
@@ -210,7 +220,7 @@ class ProxyApp:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             raise bad_request("The request needs a model.", "missing_model")
-        if field not in payload:
+        if field and field not in payload:
             raise bad_request(f"The request needs {field!r}.", f"missing_{field}")
         stream = payload.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
@@ -218,7 +228,7 @@ class ProxyApp:
             raise bad_request("'stream' must be true or false.", "invalid_stream")
         explanation = self.explainer.begin(request_id, key, model, path, stream is True, started, headers.explain)
         try:
-            route, limited = self.admit(snap, key, model, explanation)
+            route, limited = self.admit(snap, key, model, explanation, endpoint=endpoint, path=path)
         except ProxyError as exc:
             if explanation is not None:
                 self.explainer.refused(explanation, exc)
@@ -273,10 +283,18 @@ class ProxyApp:
                 self.explainer.finish(explanation, outcome)
 
     def admit(
-        self, snap: Snapshot, key: KeyView | None, model: str, explanation: Explanation | None
+        self,
+        snap: Snapshot,
+        key: KeyView | None,
+        model: str,
+        explanation: Explanation | None,
+        *,
+        endpoint: str,
+        path: str,
     ) -> tuple[Route, KeyView | None]:
-        """The route for ``model``, and the key whose limits the request holds (released when it
-        ends); 404, 403 or 429 when the model is unknown or the key may not use it now."""
+        """The route for ``model`` (narrowed to the nodes serving ``endpoint``: ``proxy.surface``),
+        and the key whose limits the request holds (released when it ends); 404, 403 or 429 when
+        the model is unknown, none of its nodes serves the endpoint or the key may not use it now."""
         route = snap.routes.get(model)
         if route is None:
             raise ProxyError(404, f"The model {model!r} does not exist.", "model_not_found")
@@ -284,6 +302,9 @@ class ProxyApp:
             explanation.route = route
         if key is not None and not key.allows(route):
             raise ProxyError(403, f"This API key may not use the model {model!r}.", "model_not_allowed")
+        route = route_for(route, endpoint, path)
+        if explanation is not None:
+            explanation.route = route
         if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
             exceeded = self.limiter.try_acquire(key)
             if exceeded is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nodes import rules
@@ -36,6 +36,12 @@ class NodeView:
     dp_size: int = 1
     kv_connector_address: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    endpoints: frozenset[str] = frozenset()  # what it serves; empty: its engine type's default
+
+    @property
+    def serves(self) -> frozenset[str]:
+        """The endpoints it serves (``nodes.rules.node_endpoints``)."""
+        return rules.node_endpoints(self.engine_type, tuple(self.endpoints))
 
     @property
     def routable(self) -> bool:
@@ -76,6 +82,9 @@ class Route:
     decode: tuple[Target, ...]  # routable decode nodes
     served_names: frozenset[str]
     mode: str  # how the route is served now, pd or hybrid (``nodes.rules.serving_mode``)
+    # The route narrowed to the hybrid nodes that serve an endpoint beyond chat and completions
+    # (``proxy.surface``), for each endpoint one of its hybrid nodes serves, routable or not.
+    surface: Mapping[str, Route] = field(default_factory=dict)
 
     @property
     def servable(self) -> bool:
@@ -171,7 +180,7 @@ def build_routes(
             routable={NodeRole.HYBRID: len(hybrid), NodeRole.PREFILL: len(prefill), NodeRole.DECODE: len(decode)},
             has_split_nodes=any(t.node.role != NodeRole.HYBRID for t in ordered),
         )
-        routes[name] = Route(
+        route = Route(
             name=name,
             policy=policy,
             targets=ordered,
@@ -181,13 +190,34 @@ def build_routes(
             served_names=served_names,
             mode=mode,
         )
+        routes[name] = replace(route, surface=_surface(route))
     return routes
+
+
+def _surface(route: Route) -> dict[str, Route]:
+    """``Route.surface``: per endpoint, the route with only the hybrid nodes that serve it (those
+    endpoints have no PD split: docs/architecture.md)."""
+    serving: dict[str, list[Target]] = defaultdict(list)
+    for target in route.targets:
+        if target.node.role == NodeRole.HYBRID:
+            for endpoint in target.node.serves:
+                serving[endpoint].append(target)
+    surface: dict[str, Route] = {}
+    for endpoint, targets in serving.items():
+        hybrid = tuple(t for t in targets if t.node.routable)
+        surface[endpoint] = replace(
+            route, targets=tuple(targets), hybrid=hybrid, prefill=(), decode=(), mode=ServingMode.HYBRID.value
+        )
+    return surface
 
 
 def build_snapshot() -> Snapshot:
     """Read the registry and return a fresh snapshot. Blocking: call it from a worker thread."""
     version = ConfigVersion.objects.filter(pk=1).values_list("version", flat=True).first() or 0
-    nodes = {row["id"]: NodeView(**row) for row in Node.objects.values(*_NODE_FIELDS)}
+    nodes = {
+        row["id"]: NodeView(**{**row, "endpoints": frozenset(row["endpoints"] or ())})
+        for row in Node.objects.values(*_NODE_FIELDS)
+    }
     aliases = list(ModelAlias.objects.values_list("node_id", "name", "served_name"))
     policies: dict[str, PolicyView] = {}
     default_policy = PolicyView()

@@ -21,6 +21,13 @@ class Flavour:
 
     # What the engine's ``GET /v1/models`` says in ``owned_by`` (routers detect the engine by it).
     owned_by = "openai"
+    # What the engine answers for a path it does not serve (None: an OpenAI-shaped error).
+    not_found: dict[str, Any] | None = None
+
+    @property
+    def generates(self) -> bool:
+        """Serves chat and completions (a pooling model does not)."""
+        return True
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         self.config = config

@@ -35,6 +35,7 @@ from enginesim.flavours.vllm_checks import (
     read_body,
     vllm_error,
 )
+from enginesim.flavours.vllm_surface import NOT_FOUND, VllmSurface
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
@@ -49,11 +50,13 @@ _REQUIRED = ("remote_engine_id", "remote_request_id", "remote_block_ids", "remot
 
 class VllmFlavour(Flavour):
     owned_by = "vllm"
+    not_found = NOT_FOUND
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
         self.engine_id = str(uuid.uuid4())
         self.connector = config.kv_connector if config.role != "hybrid" else None
+        self.surface = VllmSurface(config, counters)
         self.reset()
 
     def reset(self) -> None:
@@ -62,8 +65,12 @@ class VllmFlavour(Flavour):
         self.plain_decodes = 0
         self.transfer_failures = 0
 
+    @property
+    def generates(self) -> bool:
+        return self.config.runner != "pooling"
+
     def routes(self) -> dict[tuple[str, str], Handler]:
-        return {("GET", "/version"): self.version}
+        return {("GET", "/version"): self.version, **self.surface.routes()}
 
     def admin_routes(self) -> dict[tuple[str, str], Handler]:
         return {("POST", "/sim/vllm/kv_read"): self.kv_read}

@@ -39,7 +39,7 @@ def refused(message: str, parameter: str | None = None, value: Any = None) -> Ht
     return vllm_error(400, text, "BadRequestError", parameter)
 
 
-def _summary(value: Any) -> Any:
+def summary(value: Any) -> Any:
     """The ``input`` of a schema error, bounded as vLLM bounds it."""
     if isinstance(value, str):
         return value if len(value) <= 200 else value[:200] + "...[truncated]"
@@ -50,13 +50,13 @@ def _summary(value: Any) -> Any:
 
 def schema_error(kind: str, loc: str, msg: str, value: Any, ctx: dict[str, Any] | None = None) -> HttpError:
     """A body that fails vLLM's request schema: a 400 ``Bad Request``."""
-    error: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": _summary(value)}
+    error: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg, "input": summary(value)}
     if ctx:
         error["ctx"] = ctx
     return vllm_error(400, f"1 validation error:\n  {error}", "Bad Request", loc)
 
 
-def _lax_int(name: str, value: Any) -> int:
+def lax_int(name: str, value: Any) -> int:
     """Pydantic's lax ``int``: ints, bools, whole floats and numeric strings."""
     loc = f"body.{name}"
     if isinstance(value, bool | int):
@@ -123,7 +123,7 @@ def check_schema(body: dict[str, Any], kind: str) -> dict[str, Any]:
     for name in _INT_FIELDS:
         value = body.get(name)
         if value is not None or (name == "min_tokens" and name in body):
-            checked[name] = _lax_int(name, value)
+            checked[name] = lax_int(name, value)
     if body.get("stream") is not None:
         checked["stream"] = _lax_bool("stream", body["stream"])
     params = body.get("kv_transfer_params")

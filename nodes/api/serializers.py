@@ -11,7 +11,7 @@ from django.db.models import FloatField as ModelFloatField
 from rest_framework import serializers
 
 from nodes import services
-from nodes.choices import ChangeVia, NodeRole
+from nodes.choices import ENDPOINTS_HELP, ChangeVia, Endpoint, NodeRole
 from nodes.engine_detect import choose_engine_type, with_detection
 from nodes.masking import mask_credentials
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
@@ -112,6 +112,9 @@ class NodeSerializer(RegistrySerializer):
     served_models = serializers.SerializerMethodField()
     aliases = NodeAliasSerializer(many=True, read_only=True)
     metadata = StrictJSONObjectField(required=False)
+    endpoints = serializers.ListField(
+        child=serializers.ChoiceField(choices=Endpoint.choices), required=False, help_text=ENDPOINTS_HELP
+    )
 
     class Meta:
         model = Node
@@ -129,6 +132,7 @@ class NodeSerializer(RegistrySerializer):
             "dp_size",
             "kv_connector_address",
             "metadata",
+            "endpoints",
             "models",
             "model_path",
             "served_models",
@@ -171,6 +175,8 @@ class NodeSerializer(RegistrySerializer):
             )
             validated_data["engine_type"] = choice.engine_type
             validated_data["metadata"] = with_detection(validated_data.get("metadata") or {}, choice)
+            if choice.endpoints and "endpoints" not in validated_data:
+                validated_data["endpoints"] = choice.endpoints
         return _call(services.node_create, actor=_actor(self), models=models, model_path=model_path, **validated_data)
 
     def update(self, node: Node, validated_data: dict[str, Any]) -> Node:

@@ -196,6 +196,8 @@ class AddView(CompatView):
         if registration.speed is not None:
             metadata["speed"] = registration.speed
         metadata = with_detection(metadata, choice)
+        if choice is not None and choice.endpoints and not (existing and existing.endpoints):
+            fields["endpoints"] = choice.endpoints
         if metadata != (existing.metadata if existing else {}):
             fields["metadata"] = metadata
         try:

@@ -16,6 +16,7 @@ from django.db import models
 from django.db.models import Q
 
 from ..choices import (
+    ENDPOINTS_HELP,
     AliasOrigin,
     ApprovalMode,
     ControlPlaneKind,
@@ -29,7 +30,7 @@ from ..choices import (
     SyncState,
 )
 from ..networks import clean_networks, normalize_node_url, validate_node_url
-from ..validators import refused_character, validate_model_name, validate_single_line
+from ..validators import refused_character, validate_endpoints, validate_model_name, validate_single_line
 from .api_keys import API_KEY_PREFIX, ApiKey, generate_api_key, hash_api_key
 from .audit import ChangeRecord, ConfigVersion
 from .base import RegistryModel
@@ -217,6 +218,7 @@ class Node(RegistryModel):
         max_length=255, blank=True, validators=[validate_single_line], help_text="vLLM KV connector host:port."
     )
     metadata = models.JSONField(default=dict, blank=True)
+    endpoints = models.JSONField(default=list, blank=True, validators=[validate_endpoints], help_text=ENDPOINTS_HELP)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -71,11 +71,13 @@ def _complete_detection(node: Node, report: health.HealthReport) -> None:
     )
     if choice.pending:
         return  # answered /health but not /v1/models yet: try again at the next run
+    found = {"endpoints": choice.endpoints} if choice.endpoints and not node.endpoints else {}
     node_update(
         node=node,
         actor=HEALTH_ACTOR,
         engine_type=choice.engine_type,
         metadata=engine_detect.with_detection(node.metadata, choice),
+        **found,
         note=f"engine type detected: {choice.detection['evidence']}"[:200],
     )
     report.transitions.append(f"{node.url}: engine type {choice.engine_type} ({choice.detection['evidence']})")

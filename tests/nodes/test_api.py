@@ -87,6 +87,8 @@ def test_creating_a_node_normalises_its_url_and_creates_aliases(operator_api: AP
         ({"url": "http://10.0.0.9:8000", "engine_type": "tgi"}, "engine_type"),
         ({"url": "http://10.0.0.9:8000", "metadata": [1, 2]}, "metadata"),
         ({"url": "http://10.0.0.9:8000", "models": "m"}, "models"),
+        ({"url": "http://10.0.0.9:8000", "endpoints": ["chat", "images"]}, "endpoints"),
+        ({"url": "http://10.0.0.9:8000", "endpoints": "chat"}, "endpoints"),
         ({}, "url"),
     ],
 )
@@ -263,3 +265,14 @@ def test_a_url_spelled_another_way_names_the_node_that_has_it(admin_api: APIClie
         f"A node with URL http://127.0.0.1:8000 already exists: node {node.pk} "
         "(http://localhost:8000 is written http://127.0.0.1:8000)."
     ]
+
+
+def test_a_node_says_which_endpoints_it_serves(operator_api: APIClient) -> None:
+    body = {"url": "http://10.0.0.9:8000", "engine_type": "vllm", "endpoints": ["embeddings", "rerank"]}
+    response = operator_api.post("/api/nodes/", body, format="json")
+    assert response.status_code == 201, response.content
+    assert response.json()["endpoints"] == ["embeddings", "rerank"]
+    node = Node.objects.get()
+    assert node.endpoints == ["embeddings", "rerank"]
+    patched = operator_api.patch(f"/api/nodes/{node.pk}/", {"endpoints": []}, format="json")
+    assert patched.status_code == 200 and patched.json()["endpoints"] == []  # empty: the engine type's default

@@ -182,3 +182,32 @@ def test_an_operators_engine_type_wins_over_a_later_detection(operator_api, redi
     node.refresh_from_db()
     assert node.engine_type == "sglang"
     assert "engine_detection" not in node.metadata
+
+
+POOLING = ["detokenize", "embeddings", "rerank", "score", "tokenize"]
+
+
+@pytest.mark.django_db
+def test_a_vllm_pooling_server_is_detected_with_the_endpoints_it_serves(operator_api: APIClient) -> None:
+    with (
+        run_simulator(engine="vllm") as generation,
+        run_simulator(engine="vllm", extra_args=["--runner", "pooling"]) as pooling,
+        run_simulator(engine="vllm", extra_args=["--runner", "pooling"]) as other,
+    ):
+        assert engine_detect.detect(generation.url, timeout=2.0).endpoints is None  # vLLM's default
+        assert engine_detect.detect(pooling.url, timeout=2.0).endpoints == POOLING
+        added = post(operator_api, "/nodes/add", {"url": pooling.url, "status": {"role": 1}})
+        created = operator_api.post("/api/nodes/", {"url": other.url, "models": ["m"]}, format="json")
+        given = operator_api.post(
+            "/api/nodes/", {"url": pooling.url + "/q", "models": ["m"], "endpoints": ["embeddings"]}, format="json"
+        )
+    assert added.status_code == 200 and Node.objects.get(url=pooling.url).endpoints == POOLING
+    assert created.status_code == 201 and created.json()["endpoints"] == POOLING
+    assert given.status_code == 201 and given.json()["endpoints"] == ["embeddings"]  # the operator's list wins
+
+
+def test_answers_that_are_not_fastapis_keep_the_default(stand_in) -> None:
+    url, routes = stand_in
+    routes.update({"/v1/models": (200, {"object": "list", "data": [{"id": "m", "owned_by": "vllm"}]})})
+    routes.update({path: (401, {}) for path in ("/v1/chat/completions", "/v1/embeddings")})
+    assert engine_detect.detect(url, timeout=2.0).endpoints is None

@@ -128,3 +128,20 @@ def test_a_keys_max_concurrent_of_0_means_no_limit_as_on_nodes() -> None:
     api_key_create(actor=ACTOR, name="two", max_concurrent=2)
     keys = {key.name: key for key in build_snapshot().keys.values()}
     assert (keys["zero"].max_concurrent, keys["two"].max_concurrent) == (None, 2)
+
+
+@pytest.mark.django_db
+def test_each_route_is_narrowed_per_endpoint_to_the_hybrid_nodes_that_serve_it():
+    node_create(actor=ACTOR, url="http://gen:1", models=["m"], engine_type="vllm")
+    node_create(actor=ACTOR, url="http://pool:1", models=["m"], engine_type="vllm", endpoints=["embeddings"])
+    node_create(actor=ACTOR, url="http://down:1", models=["m"], engine_type="vllm", state=NodeState.DISABLED)
+    node_create(actor=ACTOR, url="http://pre:1", models=["m"], engine_type="vllm", role="prefill")
+
+    surface = build_snapshot().routes["m"].surface
+
+    # vLLM's default (a generation model) for the nodes that list nothing; prefill nodes take none.
+    assert set(surface) == {"chat", "completions", "responses", "tokenize", "detokenize", "embeddings"}
+    assert [t.node.url for t in surface["responses"].targets] == ["http://down:1", "http://gen:1"]
+    assert [t.node.url for t in surface["responses"].hybrid] == ["http://gen:1"]
+    assert [t.node.url for t in surface["embeddings"].hybrid] == ["http://pool:1"]
+    assert surface["embeddings"].mode == "hybrid" and not surface["embeddings"].prefill

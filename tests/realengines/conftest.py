@@ -41,8 +41,10 @@ MODULE_ORDER = (
     "test_vllm_direct",
     "test_vllm_and_simulator_agree",
     "test_vllm_request_models",
+    "test_routerpanel_vllm_surface",
     "test_routerpanel_vllm",  # ends by killing a server of the pair
     "test_vllm_embeddings",
+    "test_routerpanel_vllm_embeddings",
 )
 API_TOKEN = "real1111111111111111111111111111111111111"
 PROXY_KEY = "rp-real-engine-key"

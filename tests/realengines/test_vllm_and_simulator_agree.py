@@ -49,6 +49,15 @@ REFUSED: list[tuple[str, str, Any, dict[str, str]]] = [
     ("no-prompt", "/v1/completions", {"model": MODEL, "max_tokens": 2}, {}),
     ("unknown-model", "/v1/completions", {**COMPLETION, "model": "nope"}, {}),
     ("dp-rank-out-of-range", "/v1/completions", COMPLETION, {"X-data-parallel-rank": "5"}),
+    # The rest of the surface (enginesim/flavours/vllm_surface.py).
+    ("tokenize-neither-form", "/tokenize", {"model": MODEL}, {}),
+    ("tokenize-prompt-number", "/tokenize", {"model": MODEL, "prompt": 5}, {}),
+    ("tokenize-unknown-model", "/tokenize", {"model": "nope", "prompt": PROMPT}, {}),
+    ("detokenize-no-tokens", "/detokenize", {"model": MODEL}, {}),
+    ("detokenize-negative", "/detokenize", {"model": MODEL, "tokens": [1, -1]}, {}),
+    ("detokenize-string", "/detokenize", {"model": MODEL, "tokens": ["a"]}, {}),
+    ("responses-no-input", "/v1/responses", {"model": MODEL}, {}),
+    ("embeddings-on-a-generation-model", "/v1/embeddings", {"model": MODEL, "input": "x"}, {}),
 ]
 ACCEPTED: list[tuple[str, str, Any, dict[str, str]]] = [
     ("unknown-fields", "/v1/completions", {**COMPLETION, "bogus": 1, "min_completion_tokens": 3}, {}),
