@@ -408,3 +408,28 @@ def test_a_sync_bumps_the_configuration_version_once_and_audits_every_change(con
     assert sorted(r.changes.get("role", [None, None])[1] or r.changes["state"][1] for r in updates) == sorted(
         ["prefill"] * 15 + ["gone"] * 5
     )
+
+
+def test_a_registry_node_listed_by_another_control_plane_is_taken_over(control_plane, registry, system) -> None:
+    other = services.control_plane_create(actor=system, name="other", address="127.0.0.1:4480", scope="s2")
+    other_registry = FakeRegistry()
+    other_registry.entities = [entity(9001)]
+    services.registry_sync(control_plane_id=other.pk, client=other_registry)
+    registry.entities = [entity(9001, role="decode")]
+    assert sync(control_plane, registry).updated == 1
+    node = Node.objects.get()
+    assert (node.control_plane, node.role, node.scope) == (control_plane, "decode", "s1")
+
+
+def test_a_served_name_an_operators_alias_of_the_node_holds_makes_the_entity_invalid(
+    control_plane, registry, system
+) -> None:
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    node = Node.objects.get()
+    services.alias_create(actor=system, node=node, name="llama", served_name="qwen")
+    registry.entities = [{**entity(9001, served="llama", role="decode"), "entity_id": entity(9001)["entity_id"]}]
+    result = sync(control_plane, registry)
+    assert (result.invalid, result.gone) == (1, 0)
+    node.refresh_from_db()
+    assert (node.role, node.state, node.served_models) == ("hybrid", NodeState.ACTIVE, ["qwen"])
