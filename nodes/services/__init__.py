@@ -12,7 +12,7 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 - ``api_keys``       the proxy's API keys
 - ``control_planes`` control planes and their registration tokens
 - ``registration``   engines registering themselves through a control plane's registration URL
-- ``registry_sync``  the registry sync
+- ``registry_sync``  the registry sync (lock, listing, state); ``registry_diff`` its diff and bulk writes
 - ``health_checks``  active health checks
 """
 

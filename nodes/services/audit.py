@@ -112,10 +112,13 @@ def _masked(value: Any) -> Any:
     return value
 
 
-def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[str, Any], note: str = "") -> None:
-    """Store one audit record. Values are masked (``nodes.masking``): a Redis URL's password shows
-    as ``***``; that it changed still shows, since the difference was taken before masking."""
-    ChangeRecord.objects.create(
+def change_record(
+    actor: Actor, action: str, obj: models.Model, changes: dict[str, Any], note: str = ""
+) -> ChangeRecord:
+    """One audit record, not yet stored (``record_change`` stores one; the registry sync stores its
+    records in bulk). Values are masked (``nodes.masking``): a Redis URL's password shows as
+    ``***``; that it changed still shows, since the difference was taken before masking."""
+    return ChangeRecord(
         actor=actor.user,
         actor_label=actor.label[:200],
         via=actor.via,
@@ -126,6 +129,11 @@ def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[st
         changes=_masked(changes),
         note=mask_credentials(note)[:500],
     )
+
+
+def record_change(actor: Actor, action: str, obj: models.Model, changes: dict[str, Any], note: str = "") -> None:
+    """Store one audit record (``change_record``)."""
+    change_record(actor, action, obj, changes, note).save()
 
 
 def audited_save(

@@ -12,25 +12,19 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis as redis_lib
 from django.conf import settings
-from django.core.exceptions import ValidationError
-from django.db import transaction
 from django.utils import timezone
 from redis.lock import Lock
 
-from .. import admission
-from ..choices import AliasOrigin, ChangeVia, NodeSource, NodeState, SyncState
+from ..choices import SyncState
 from ..live import keys as live_keys
 from ..live.connection import client as redis_client
 from ..masking import mask_credentials
-from ..models import ControlPlane, Node, default_registry_kinds
-from ..networks import validate_node_url
+from ..models import ControlPlane, default_registry_kinds
 from ..registry import NanoCtrlClient, RegistryEntity, RegistryError
-from .audit import Actor
-from .nodes import node_create, node_set_models, node_update
+from .registry_diff import registry_diff_apply, registry_gone_apply
 
 logger = logging.getLogger(__name__)
 
@@ -70,104 +64,24 @@ class SyncResult:
         return ", ".join(f"{k} {v}" for k, v in self.counts().items()) + f" in {self.duration_ms} ms"
 
 
-def _sync_actor(control_plane: ControlPlane) -> Actor:
-    return Actor(label=f"registry-sync:{control_plane.name}"[:200], via=ChangeVia.SYNC)
-
-
 def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity, now: datetime.datetime) -> str:
-    """Create or update the node for one registry entity. Returns what happened: ``created``,
-    ``updated``, ``revived``, ``unchanged``, ``conflict`` (the URL belongs to a manual node),
-    ``invalid`` or ``refused`` (outside the control plane's allowed networks: not stored).
+    """Create or update the node for one registry entity (an ADD event). Returns what happened:
+    ``created``, ``updated``, ``revived``, ``unchanged``, ``conflict`` (the URL belongs to a manual
+    node), ``invalid`` or ``refused`` (outside the control plane's allowed networks: not stored).
 
     A new node starts ``pending`` when the control plane's approval mode is manual
     (``nodes.admission.initial_state``); a known node keeps its state, except that a ``gone`` one
-    (it was approved before) comes back ``active``."""
-    try:
-        url = validate_node_url(entity.url)
-    except ValidationError:
-        return "invalid"
-    try:
-        admission.check_allowed(control_plane, url=url)
-    except admission.AdmissionRefused as exc:
-        logger.warning("registry entity %s of %s refused: %s", entity.entity_id, control_plane, exc)
-        return "refused"
-    try:
-        return _apply_entity(control_plane, entity, url=url, now=now)
-    except ValidationError as exc:
-        # What the registry lists passes the same validation as every other interface (model
-        # names, values that cannot be stored): an entity that fails it is skipped, not half-stored.
-        logger.warning("registry entity %s of %s is invalid: %s", entity.entity_id, control_plane, exc)
-        return "invalid"
-
-
-def _apply_entity(control_plane: ControlPlane, entity: RegistryEntity, *, url: str, now: datetime.datetime) -> str:
-    actor = _sync_actor(control_plane)
-    imported = {
-        "url": url,
-        "role": entity.role,
-        "engine_type": control_plane.engine_type,
-        "kind": entity.kind,
-        "scope": control_plane.scope,
-    }
-    served = entity.served_model_name
-    with transaction.atomic():
-        node = Node.objects.select_for_update().filter(control_plane=control_plane, entity_id=entity.entity_id).first()
-        if node is None:
-            node = Node.objects.select_for_update().filter(url=url).first()
-            if node is not None and node.source != NodeSource.REGISTRY:
-                return "conflict"  # never touch an operator's manual or static node
-        if node is None:
-            node = node_create(
-                actor=actor,
-                models=[served] if served else [],
-                model_path=entity.model_path,
-                source=NodeSource.REGISTRY,
-                state=admission.initial_state(control_plane),
-                control_plane=control_plane,
-                entity_id=entity.entity_id,
-                last_seen_at=now,
-                metadata={"registry": entity.metadata},
-                **imported,
-            )
-            return "created"
-
-        owned = {k: v for k, v in imported.items() if k not in (node.operator_fields or [])}
-        changes: dict[str, Any] = {k: v for k, v in owned.items() if getattr(node, k) != v}
-        if node.control_plane_id != control_plane.pk or node.entity_id != entity.entity_id:
-            changes.update(control_plane=control_plane, entity_id=entity.entity_id)
-        if node.metadata.get("registry") != entity.metadata and "metadata" not in (node.operator_fields or []):
-            changes["metadata"] = {**node.metadata, "registry": entity.metadata}
-        revived = node.state == NodeState.GONE
-        if revived:
-            changes["state"] = NodeState.ACTIVE
-        if changes:
-            node_update(node=node, actor=actor, **changes)
-        before = set(node.aliases.exclude(origin=AliasOrigin.OPERATOR).values_list("name", "served_name"))
-        if "aliases" not in (node.operator_fields or []):
-            node_set_models(node=node, actor=actor, models=[served] if served else [], model_path=entity.model_path)
-        after = set(node.aliases.exclude(origin=AliasOrigin.OPERATOR).values_list("name", "served_name"))
-        Node.objects.filter(pk=node.pk).update(last_seen_at=now)  # not a routing change: no audit, no bump
-    if revived:
-        return "revived"
-    return "updated" if changes or before != after else "unchanged"
+    (it was approved before) comes back ``active``. The rules are the sync's
+    (``nodes.services.registry_diff``), applied to this one entity's rows."""
+    outcomes, _ = registry_diff_apply(control_plane=control_plane, entities=[entity], now=now, listing=False)
+    return outcomes[entity.entity_id]
 
 
 def registry_mark_gone(*, control_plane: ControlPlane, entity_ids: Iterable[str]) -> int:
-    """Mark the control plane's active or draining nodes for ``entity_ids`` as ``gone`` (kept, not
-    deleted; an operator's disabled node stays disabled, a pending one stays pending: it was never
-    approved, and coming back ``gone`` → ``active`` would skip the approval). Returns how many changed."""
-    actor = _sync_actor(control_plane)
-    count = 0
-    nodes = Node.objects.filter(
-        control_plane=control_plane,
-        source=NodeSource.REGISTRY,
-        entity_id__in=list(entity_ids),
-        state__in=[NodeState.ACTIVE, NodeState.DRAINING],
-    )
-    for node in nodes:
-        node_update(node=node, actor=actor, state=NodeState.GONE, note="missing from the registry")
-        count += 1
-    return count
+    """Mark the control plane's active or draining nodes for ``entity_ids`` as ``gone`` (a REMOVE
+    event; kept, not deleted; an operator's disabled node stays disabled, a pending one stays
+    pending). Returns how many changed."""
+    return registry_gone_apply(control_plane=control_plane, entity_ids=entity_ids)
 
 
 def _sync_lock(control_plane: ControlPlane) -> Lock:
@@ -217,30 +131,23 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         except RegistryError as exc:
             result.reason = str(exc)
         else:
-            now = timezone.now()
             result.listed = len(entities)
-            kept: list[str] = []
-            for entity in entities.values():
-                outcome = registry_apply_entity(control_plane=control_plane, entity=entity, now=now)
+            outcomes, result.gone = registry_diff_apply(
+                control_plane=control_plane, entities=list(entities.values()), now=timezone.now(), listing=True
+            )
+            for entity_id, outcome in outcomes.items():
+                entity = entities[entity_id]
                 if outcome == "conflict":
                     result.conflicts += 1
                     result.problems.append(f"{entity.entity_id}: {entity.url} is a manual node; left alone")
                 elif outcome == "invalid":
                     result.invalid += 1
                 elif outcome == "refused":
-                    # Not stored; a node it had before (the allow-list was narrowed) goes below.
+                    # Not stored; a node it had before (the allow-list was narrowed) went gone.
                     result.refused += 1
                     result.problems.append(f"{entity.entity_id}: {entity.url} is outside the allowed networks")
                 else:
                     setattr(result, outcome, getattr(result, outcome) + 1)
-                if outcome != "refused":
-                    kept.append(entity.entity_id)
-            missing = (
-                Node.objects.filter(control_plane=control_plane, source=NodeSource.REGISTRY)
-                .exclude(entity_id__in=kept)
-                .values_list("entity_id", flat=True)
-            )
-            result.gone = registry_mark_gone(control_plane=control_plane, entity_ids=list(missing))
             result.ok = True
     except Exception as exc:  # an unexpected bug must still leave the state machine truthful
         result.ok, result.reason = False, f"{exc.__class__.__name__}: {exc}"

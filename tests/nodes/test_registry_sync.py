@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.db import connection as db
+from django.test.utils import CaptureQueriesContext
 from django_celery_beat.models import PeriodicTask
 
 from nodes import services
@@ -351,3 +353,83 @@ def test_an_entity_that_fails_the_shared_validation_is_skipped_as_invalid(contro
     result = sync(control_plane, registry)
     assert result.ok and (result.created, result.invalid) == (1, 3)
     assert list(Node.objects.values_list("url", flat=True)) == ["http://127.0.0.1:9001"]
+
+
+# -- fleet scale: one diff, bulk writes --------------------------------------------------------
+
+
+def fleet(size: int, *, role: str = "hybrid") -> list[dict]:
+    return [{**entity(10000 + i, role=role), "entity_id": f"nanodeploy-{i}"} for i in range(size)]
+
+
+def queries_of_sync(control_plane: ControlPlane, registry: FakeRegistry) -> int:
+    with CaptureQueriesContext(db) as queries:
+        assert sync(control_plane, registry).ok
+    return len(queries)
+
+
+def test_a_syncs_queries_do_not_grow_with_the_number_of_entities(control_plane, registry, system) -> None:
+    other = services.control_plane_create(actor=system, name="other", address="127.0.0.1:4480", scope="s2")
+    other_registry = FakeRegistry()
+    small = fleet(10)
+    large = [{**e, "endpoint": {**e["endpoint"], "port": e["endpoint"]["port"] + 1000}} for e in fleet(500)]
+    registry.entities = small
+    created_small = queries_of_sync(control_plane, registry)
+    unchanged_small = queries_of_sync(control_plane, registry)
+    registry.entities = [{**e, "metadata": {**e["metadata"], "role": "decode"}} for e in small]
+    changed_small = queries_of_sync(control_plane, registry)
+    other_registry.entities, registry = large, other_registry
+    created_large = queries_of_sync(other, registry)
+    unchanged_large = queries_of_sync(other, registry)
+    registry.entities = [{**e, "metadata": {**e["metadata"], "role": "decode"}} for e in large]
+    changed_large = queries_of_sync(other, registry)
+    assert unchanged_large == unchanged_small
+    # Bulk writes come in the database's batches (SQLite takes 999 parameters a query): far from a
+    # query per entity, and none per entity on a database without that limit.
+    assert created_large - created_small < 500 / 10
+    assert changed_large - changed_small < 500 / 10
+    assert Node.objects.filter(control_plane=other, role="decode").count() == 500
+    assert Node.objects.filter(control_plane=control_plane, role="decode").count() == 10
+
+
+def test_a_sync_bumps_the_configuration_version_once_and_audits_every_change(control_plane, registry) -> None:
+    version = services.config_version_current()
+    registry.entities = fleet(20)
+    assert sync(control_plane, registry).created == 20
+    assert services.config_version_current() == version + 1
+    # Each node and each of its three aliases has its creation record, as when created one by one.
+    assert ChangeRecord.objects.filter(via=ChangeVia.SYNC, action="create", object_type="node").count() == 20
+    assert ChangeRecord.objects.filter(via=ChangeVia.SYNC, action="create", object_type="modelalias").count() == 60
+    registry.entities = fleet(20, role="prefill")[:15]
+    result = sync(control_plane, registry)
+    assert (result.updated, result.gone) == (15, 5)
+    assert services.config_version_current() == version + 2
+    updates = ChangeRecord.objects.filter(via=ChangeVia.SYNC, action="update", object_type="node")
+    assert sorted(r.changes.get("role", [None, None])[1] or r.changes["state"][1] for r in updates) == sorted(
+        ["prefill"] * 15 + ["gone"] * 5
+    )
+
+
+def test_a_registry_node_listed_by_another_control_plane_is_taken_over(control_plane, registry, system) -> None:
+    other = services.control_plane_create(actor=system, name="other", address="127.0.0.1:4480", scope="s2")
+    other_registry = FakeRegistry()
+    other_registry.entities = [entity(9001)]
+    services.registry_sync(control_plane_id=other.pk, client=other_registry)
+    registry.entities = [entity(9001, role="decode")]
+    assert sync(control_plane, registry).updated == 1
+    node = Node.objects.get()
+    assert (node.control_plane, node.role, node.scope) == (control_plane, "decode", "s1")
+
+
+def test_a_served_name_an_operators_alias_of_the_node_holds_makes_the_entity_invalid(
+    control_plane, registry, system
+) -> None:
+    registry.entities = [entity(9001)]
+    sync(control_plane, registry)
+    node = Node.objects.get()
+    services.alias_create(actor=system, node=node, name="llama", served_name="qwen")
+    registry.entities = [{**entity(9001, served="llama", role="decode"), "entity_id": entity(9001)["entity_id"]}]
+    result = sync(control_plane, registry)
+    assert (result.invalid, result.gone) == (1, 0)
+    node.refresh_from_db()
+    assert (node.role, node.state, node.served_models) == ("hybrid", NodeState.ACTIVE, ["qwen"])
