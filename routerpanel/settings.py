@@ -239,11 +239,6 @@ ROUTERPANEL_PROBER_FLUSH_INTERVAL = env_float("ROUTERPANEL_PROBER_FLUSH_INTERVAL
 # Beat's static schedule (django-celery-beat copies it into the database, where the admin shows it).
 # `expires` just under the interval: a backlog never piles up runs.
 CELERY_BEAT_SCHEDULE = {
-    "health-check": {
-        "task": "nodes.check_health",
-        "schedule": ROUTERPANEL_HEALTH_INTERVAL,
-        "options": {"expires": ROUTERPANEL_HEALTH_INTERVAL * 0.9},
-    },
     "api-key-usage": {"task": "nodes.record_key_usage", "schedule": 30.0, "options": {"expires": 27.0}},
 }
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.

@@ -144,6 +144,11 @@ def queue_history(pipe: Any, node_id: int, entry: Mapping[str, Any], keep: int) 
     pipe.ltrim(key, 0, keep - 1)
 
 
+def request_probe(client: redis.Redis, node_ids: Iterable[int]) -> int:
+    """Ask the running prober to probe ``node_ids`` now; returns how many probers heard."""
+    return int(client.publish(keys.PROBER_CHANNEL, json.dumps(sorted(set(node_ids)))))
+
+
 # -- Reading -------------------------------------------------------------------------------------
 
 

@@ -98,9 +98,6 @@ def health_history_key(node_id: int) -> str:
 
 # -- Written by the registry sync (Celery) ----------------------------------------------------
 
-# Lock: one health-check run at a time across every Celery worker.
-HEALTH_LOCK = "routerpanel:health-lock"
-
 
 def sync_lock_key(control_plane_id: int) -> str:
     """Lock: one sync of a control plane at a time across every worker and host."""

@@ -29,7 +29,7 @@ class CountingConnector(aiohttp.TCPConnector):
     opened = 0
 
     async def _create_connection(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
-        CountingConnector.opened += 1
+        self.opened += 1
         return await super()._create_connection(*args, **kwargs)  # type: ignore[arg-type]
 
 

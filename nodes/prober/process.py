@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from ..live import health as live_health
 from ..live import keys
-from . import client, publish, targets
+from . import publish, targets
 from .hysteresis import HealthState
 from .runner import ProberCore
 
@@ -294,6 +294,8 @@ class Prober:
         self._db_transitions.update(pending.transitions)
         self._checked |= pending.checked
         await self._mirror(started)
+        if pending.detect:
+            await self._db(_complete_detections, pending.detect)
         self.flushes += 1
         self.last_flush_ms = (loop.time() - started) * 1000
 
@@ -325,7 +327,7 @@ class Prober:
             "inflight": len(core._inflight),
             "loop_lag": core.lag.figures(),
             "period": core.period_figures(),
-            "counts": {**core.counts, "connections_opened": client.CountingConnector.opened},
+            "counts": {**core.counts, "connections_opened": core.connections_opened()},
             "flushes": self.flushes,
             "last_flush_ms": round(self.last_flush_ms, 2),
             "cpu_s": round(time.process_time(), 3),
@@ -337,6 +339,18 @@ class Prober:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.set(keys.PROBER_STATUS, json.dumps(self.status()), ex=int(STATUS_EVERY * 5))
             await asyncio.sleep(STATUS_EVERY)
+
+
+def _complete_detections(node_ids: set[int]) -> None:
+    """Nodes whose engine type waited for them to answer, and that now did (``nodes.engine_detect``)."""
+    from ..models import Node
+    from ..services.health_checks import node_complete_detection
+
+    for node in Node.objects.filter(pk__in=node_ids):
+        try:
+            node_complete_detection(node=node)
+        except Exception:
+            logger.exception("could not detect the engine type of node %s", node.pk)
 
 
 async def _supervised(name: str, coro: Any) -> None:
@@ -360,8 +374,3 @@ def _node_ids(raw: bytes | str) -> list[int]:
     if not isinstance(value, list):
         return []
     return [int(v) for v in value if isinstance(v, int) and not isinstance(v, bool)]
-
-
-def request_probe(client: Any, node_ids: Iterable[int]) -> int:
-    """Ask the running prober to probe ``node_ids`` now (``redis.Redis``); returns how many probers heard."""
-    return int(client.publish(keys.PROBER_CHANNEL, json.dumps(sorted(set(node_ids)))))

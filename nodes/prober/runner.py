@@ -51,6 +51,7 @@ class Pending:
     history: list[tuple[int, dict]] = field(default_factory=list)
     forget: set[int] = field(default_factory=set)  # deleted nodes
     checked: set[int] = field(default_factory=set)  # nodes probed since the database last heard
+    detect: set[int] = field(default_factory=set)  # nodes whose engine type waited for a good probe
 
     def __bool__(self) -> bool:
         return bool(self.transitions or self.records or self.history or self.forget)
@@ -86,6 +87,7 @@ class ProberCore:
         self._written: dict[int, tuple[tuple[str, int, int, str], float]] = {}  # node -> (record gist, at)
         self._logged: dict[int, tuple[str, float]] = {}  # node -> (last history detail, at)
         self._last_sent: dict[int, float] = {}
+        self._asked: set[int] = set()  # "probe now": their next result is written whatever it says
         self.periods: deque[float] = deque(maxlen=20_000)  # seconds between two probes of one node
         self.flush_soon = asyncio.Event()  # a "probe now" result wants out before the next flush
 
@@ -123,6 +125,7 @@ class ProberCore:
 
     def probe_now(self, targets: dict[int, Target], now: float) -> None:
         """Probe these nodes at once (scheduled ones keep their interval from now on)."""
+        self._asked |= set(targets)
         for node_id, target in targets.items():
             if node_id in self.targets:
                 self.schedule.add_now(node_id, self.targets[node_id].probe.interval, now)
@@ -236,7 +239,10 @@ class ProberCore:
         probe = target.probe
         gist = (after.state, min(after.failures, probe.failures), min(after.successes, probe.successes), detail)
         written = self._written.get(node_id)
-        if written is None or written[0] != gist or wall - written[1] >= RECORD_REFRESH:
+        asked = node_id in self._asked
+        if asked and verdict != VOID:  # a void answer is written too, but the next probe's is awaited
+            self._asked.discard(node_id)
+        if asked or written is None or written[0] != gist or wall - written[1] >= RECORD_REFRESH:
             self._written[node_id] = (gist, wall)
             self.pending.records[node_id] = HealthRecord(
                 after.state, after.since, after.failures, after.successes, ms, detail, wall
@@ -248,9 +254,15 @@ class ProberCore:
             self.pending.history.append((node_id, {"t": wall, "ok": ok, "ms": ms, "detail": detail}))
         if verdict != VOID:
             self.pending.checked.add(node_id)
+        if verdict == OK and target.detect:
+            self.pending.detect.add(node_id)
         if after.state != before.state:
             self.pending.transitions[node_id] = after.state
             self.counts["transitions"] += 1
+
+    def connections_opened(self) -> int:
+        connector = self.session.connector if self.session is not None else None
+        return getattr(connector, "opened", 0)
 
     def period_figures(self) -> dict[str, float]:
         """The time between two probes of one node (p1, median, p99, in seconds), recently."""
@@ -273,6 +285,7 @@ class ProberCore:
         current.history = (pending.history + current.history)[-10_000:]
         current.forget |= pending.forget
         current.checked |= pending.checked
+        current.detect |= pending.detect
 
     async def close(self) -> None:
         for task in list(self._inflight.values()):

@@ -99,10 +99,12 @@ class Schedule:
             at, _, node_id, _ = heapq.heappop(self._heap)
             due.append(Slot(node_id, at))
             entry = self._entries[node_id]
-            base = entry.base + entry.interval
-            if base < now:  # more than an interval behind: drop the missed slots
-                base += ((now - base) // entry.interval + 1) * entry.interval
-            self._set(node_id, entry.interval, base)
+            interval = entry.interval
+            base = entry.base + interval
+            earliest = base - self.jitter * interval  # the next probe can come no sooner than this
+            if earliest <= now:  # behind by most of an interval: drop the missed slots, never burst them
+                base += ((now - earliest) // interval + 1) * interval
+            self._set(node_id, interval, base)
 
     def _set(self, node_id: int, interval: float, base: float, *, first_exact: bool = False) -> None:
         previous = self._entries.get(node_id)

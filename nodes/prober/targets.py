@@ -14,12 +14,14 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from .. import engine_detect
 from ..choices import NodeState
 from ..models import Node
 
-# Nodes the prober watches on its own: those that take traffic, and those draining (an operator
-# drains a node to put it back later, and wants to know whether it is healthy meanwhile).
-PROBED_STATES = (NodeState.ACTIVE.value, NodeState.DRAINING.value)
+# Nodes the prober watches on its own: those that take traffic, those draining (an operator drains a
+# node to put it back later, and wants to know whether it is healthy meanwhile), and those pending
+# approval (an operator sees a node's health, and its detected engine type, before approving it).
+PROBED_STATES = (NodeState.ACTIVE.value, NodeState.PENDING.value, NodeState.DRAINING.value)
 
 # A probe may take at most this share of its node's interval, so two probes of one node never overlap.
 TIMEOUT_SHARE = 0.9
@@ -42,7 +44,8 @@ class Target:
     node_id: int
     url: str  # the node's health URL
     probe: ProbeSettings
-    scheduled: bool  # probed on its interval (active or draining), not only on request
+    scheduled: bool  # probed on its interval (``PROBED_STATES``), not only on request
+    detect: bool = False  # its engine type waits for it to answer (``nodes.engine_detect``)
 
 
 def probe_settings(node: Mapping[str, Any], control_plane: Mapping[str, Any]) -> ProbeSettings:
@@ -77,6 +80,11 @@ def load_targets(node_ids: Iterable[int] | None = None) -> dict[int, Target]:
     if node_ids is not None:
         rows = rows.filter(pk__in=list(node_ids))
     columns = ["id", "url", "state", *_FIELDS, *(f"control_plane__{name}" for name in _FIELDS)]
+    detect = set(
+        rows.filter(**{f"metadata__{engine_detect.DETECTION_KEY}__status": engine_detect.PENDING}).values_list(
+            "pk", flat=True
+        )
+    )
     targets: dict[int, Target] = {}
     for row in rows.values(*columns):
         own = {name: row[name] for name in _FIELDS}
@@ -86,6 +94,7 @@ def load_targets(node_ids: Iterable[int] | None = None) -> dict[int, Target]:
             url=health_url(row["url"]),
             probe=probe_settings(own, plane),
             scheduled=row["state"] in PROBED_STATES,
+            detect=row["id"] in detect,
         )
     return targets
 

@@ -22,8 +22,10 @@ ACTOR = Actor.system("test")
 
 @pytest.mark.django_db
 def test_it_builds_routes_keys_and_policies_from_the_registry():
-    a = node_create(actor=ACTOR, url="http://a:1", models=["llama"], model_path="/models/meta/Llama-3")
-    node_create(actor=ACTOR, url="http://b:1", models=["llama"], state=NodeState.DRAINING)
+    a = node_create(
+        actor=ACTOR, url="http://a:1", models=["llama"], model_path="/models/meta/Llama-3", health="healthy"
+    )
+    node_create(actor=ACTOR, url="http://b:1", models=["llama"], state=NodeState.DRAINING, health="healthy")
     node_create(actor=ACTOR, url="http://c:1", models=["qwen"], role="prefill")
     alias_create(actor=ACTOR, name="best", served_name="llama")
     policy_create(actor=ACTOR, model="llama", strategy="least_requests", retry_budget=5)
@@ -95,7 +97,7 @@ async def test_the_watcher_sees_a_change_within_a_second_through_redis(watcher, 
 
 @pytest.mark.django_db(transaction=True)
 async def test_the_watcher_falls_back_to_polling_the_database_when_redis_is_down(watcher):
-    node = await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    node = await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"], health="healthy")
     await watcher.start()  # Redis points at a closed port (see tests/conftest.py)
     assert snapshots.current().routes["m"].hybrid
     await sync_to_async(node_update)(node=node, actor=ACTOR, state=NodeState.DRAINING)

@@ -1,0 +1,77 @@
+"""This web worker's copy of the live node health, and when to lay it over the routing snapshot.
+
+The prober publishes node health as live state (``nodes.live.health``): a states hash and a version
+counter it advances with every write. The worker's one background loop (``proxy.shared``) reads the
+version on every tick and the hash only when the version moved (``refresh``); the routes are then
+recomputed (``proxy.snapshot.with_health``) at most once per ``apply_interval``, so a burst of
+transitions costs one recomputation a second, and the hot path keeps reading plain tuples from the
+snapshot: no ORM, no Redis, no health lookup per request. A configuration rebuild applies the
+states the worker holds before the new snapshot is installed (``overlay``), so a rebuild never
+forgets the live health. See docs/decisions/0008-health-as-live-state.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from nodes.live import keys
+from nodes.live.health import parse_states
+
+from . import snapshot as snapshots
+from .snapshot import Snapshot
+
+logger = logging.getLogger(__name__)
+
+
+class LiveHealth:
+    def __init__(self, *, apply_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.apply_interval = apply_interval
+        self.clock = clock
+        self.version: bytes | None = None  # the version whose states are held (None: never read)
+        self.applied_version: bytes | None = None  # the version whose states the installed routes reflect
+        self.states: dict[int, str] = {}
+        self.pending = False  # holds states newer than the installed routes
+        self.applied_at = float("-inf")
+        self.applies = 0  # recomputations of the routes
+        self.last_apply_ms = 0.0
+
+    async def refresh(self, client: aioredis.Redis, version: bytes | None) -> bool:
+        """Read the states when ``version`` (just read from Redis) is not the one held."""
+        version = version or b""  # no key yet: a Redis with no prober's writes (or a fresh one)
+        if version == self.version:
+            return False
+        self.states = parse_states(await client.hgetall(keys.HEALTH_STATES))
+        self.version = version
+        self.pending = True
+        return True
+
+    def overlay(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` routing by the states held (the watcher calls it on a rebuilt snapshot)."""
+        started = time.perf_counter()
+        result = snapshots.with_health(snapshot, self.states)
+        self.last_apply_ms = (time.perf_counter() - started) * 1000
+        self.pending = False
+        self.applied_version = self.version
+        self.applied_at = self.clock()
+        self.applies += 1
+        return result
+
+    def applied(self) -> int | None:
+        """The live health version the routes reflect (``GET /health`` shows it), None before any."""
+        try:
+            return None if self.applied_version is None else int(self.applied_version or 0)
+        except ValueError:
+            return None
+
+    def apply_due(self, *, force: bool = False) -> bool:
+        """Install the current snapshot with the states held, if they are newer and the last
+        recomputation is at least ``apply_interval`` old (or ``force``)."""
+        if not self.pending or (not force and self.clock() - self.applied_at < self.apply_interval):
+            return False
+        snapshots.install(self.overlay(snapshots.current()))
+        logger.debug("live health applied in %.2f ms (%d states)", self.last_apply_ms, len(self.states))
+        return True
