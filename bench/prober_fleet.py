@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from enginesim.testing import run_fleet, run_simulator  # noqa: E402
+from nodes.live.health import read_states_sync  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.procs import PYTHON, free_port, output_of, running  # noqa: E402
 
@@ -98,7 +99,7 @@ async def burst_round(urls: list[str], concurrency: int) -> float:
 
 def wait_for_state(client: redis.Redis, node_id: int, state: str, timeout: float) -> float:
     started = time.monotonic()
-    while (client.hget("routerpanel:health-states", str(node_id)) or b"").decode() != state:
+    while (read_states_sync(client) or {}).get(node_id) != state:
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"node {node_id} not {state} within {timeout} s")
         time.sleep(0.02)
@@ -159,7 +160,7 @@ def main() -> None:
                     cpu = user + system
                     wall = time.monotonic() - wall_before
                     after = json.loads(client.get("routerpanel:prober:status"))
-                states = {k.decode(): v.decode() for k, v in client.hgetall("routerpanel:health-states").items()}
+                states = {str(k): v for k, v in (read_states_sync(client) or {}).items()}
                 voids: dict[str, int] = {}
                 for node_id in ids.values():
                     for raw in client.lrange(f"routerpanel:health:{node_id}", 0, -1):

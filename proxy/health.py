@@ -1,8 +1,9 @@
 """This web worker's copy of the live node health, and when to lay it over the routing snapshot.
 
-The prober publishes node health as live state (``nodes.live.health``): a states hash and a version
-counter it advances with every write. The worker's one background loop (``proxy.shared``) reads the
-version on every tick and the hash only when the version moved (``refresh``); the routes are then
+The prober publishes node health as live state (``nodes.live.health``): every node's state in one
+JSON value and a version counter it advances with every write. The worker's one background loop
+(``proxy.shared``) reads the version on every tick and the states only when it moved (``refresh``);
+the routes are then
 recomputed (``proxy.snapshot.with_health``) at most once per ``apply_interval``, so a burst of
 transitions costs one recomputation a second, and the hot path keeps reading plain tuples from the
 snapshot: no ORM, no Redis, no health lookup per request. A configuration rebuild applies the
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from nodes.live import keys
-from nodes.live.health import parse_states
+from nodes.live.health import decode_states
 
 from . import snapshot as snapshots
 from .snapshot import Snapshot
@@ -40,24 +41,26 @@ class LiveHealth:
         self.last_apply_ms = 0.0
 
     async def refresh(self, client: aioredis.Redis, version: bytes | None) -> bool:
-        """Read the states when ``version`` (just read from Redis) is not the one held."""
+        """Read the states when ``version`` (just read from Redis) is not the one held. They are
+        merged over the states held: a Redis that lost its data (restarted without persistence)
+        makes a node fall back to nothing older than what this worker last saw, until the prober
+        rewrites every state (within 30 s)."""
         version = version or b""  # no key yet: a Redis with no prober's writes (or a fresh one)
         if version == self.version:
             return False
-        self.states = parse_states(await client.hgetall(keys.HEALTH_STATES))
+        self.states = {**self.states, **decode_states(await client.get(keys.HEALTH_STATES))}
         self.version = version
         self.pending = True
         return True
 
     def overlay(self, snapshot: Snapshot) -> Snapshot:
-        """``snapshot`` routing by the states held (the watcher calls it on a rebuilt snapshot)."""
+        """``snapshot`` routing by the states held (the watcher calls it on every rebuilt snapshot;
+        a rebuild is not counted against ``apply_interval``: it would delay the next health change)."""
         started = time.perf_counter()
         result = snapshots.with_health(snapshot, self.states)
         self.last_apply_ms = (time.perf_counter() - started) * 1000
         self.pending = False
         self.applied_version = self.version
-        self.applied_at = self.clock()
-        self.applies += 1
         return result
 
     def applied(self) -> int | None:
@@ -70,8 +73,11 @@ class LiveHealth:
     def apply_due(self, *, force: bool = False) -> bool:
         """Install the current snapshot with the states held, if they are newer and the last
         recomputation is at least ``apply_interval`` old (or ``force``)."""
-        if not self.pending or (not force and self.clock() - self.applied_at < self.apply_interval):
+        now = self.clock()
+        if not self.pending or (not force and now - self.applied_at < self.apply_interval):
             return False
         snapshots.install(self.overlay(snapshots.current()))
+        self.applied_at = now
+        self.applies += 1
         logger.debug("live health applied in %.2f ms (%d states)", self.last_apply_ms, len(self.states))
         return True

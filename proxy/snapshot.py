@@ -8,8 +8,8 @@ single assignment, so a request sees either the old table or the new one, never 
 Node health is live state, not configuration (docs/decisions/0008-health-as-live-state.md):
 ``with_health`` lays the live states (``proxy.health``) over a snapshot, recomputing only the
 routes of the nodes whose health changed (which nodes of each role are in rotation, the panic
-threshold, the serving mode). The database's ``Node.health`` is the fallback for a node the live
-state does not mention.
+threshold, the serving mode). The database's ``Node.health`` (as read at the last rebuild) is the
+fallback for a node the live state does not mention.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 
 The prober (``nodes.prober``, ``manage.py run_prober``) is the one writer. It keeps two hashes:
 
-- ``keys.HEALTH_STATES``: node id -> ``NodeHealth`` value. Written only when a node's state changes
-  (batched, at most every flush interval) and rewritten whole now and then, each time advancing
-  ``keys.HEALTH_VERSION`` in the same transaction. A web worker reads the version on every tick of
-  its loop and the hash only when the version moved (``proxy.health``). Small values: at 5,000
-  nodes the hash is read in a few milliseconds.
+- ``keys.HEALTH_STATES``: every node's ``NodeHealth`` value, as one JSON object (node id -> state).
+  Written when a node's state changes (batched, at most every flush interval) and every
+  ``FULL_REWRITE_EVERY`` seconds, each time advancing ``keys.HEALTH_VERSION`` in the same
+  transaction. A web worker reads the version on every tick of its loop and the object only when
+  the version moved (``proxy.health``). One value, not a hash: at 5,000 nodes redis-py took 64-85 ms
+  of the worker's event loop to read and parse a hash of 5,000 fields, and takes about 2 ms to read
+  and ``json.loads`` the object (bench/snapshot_health.py).
 - ``keys.HEALTH_RECORDS``: node id -> ``HealthRecord`` (JSON), the last probe and the hysteresis
   counters, refreshed for the nodes probed since the last flush. The admin, the REST API and the
   dashboard read it; the data path never does.
@@ -83,22 +85,29 @@ def decode(raw: bytes | str) -> HealthRecord | None:
         return None
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def encode_states(states: Mapping[int, str]) -> str:
+    return json.dumps({str(node_id): state for node_id, state in states.items()}, separators=(",", ":"))
 
 
-def parse_states(raw: Mapping[Any, Any]) -> dict[int, str]:
-    """``HEALTH_STATES`` as node id -> state; fields or values that do not parse are left out."""
-    states: dict[int, str] = {}
-    for node_id, value in raw.items():
-        state = _text(value)
-        if state not in _STATES:
-            continue
-        try:
-            states[int(node_id)] = state
-        except ValueError:
-            continue
-    return states
+def decode_states(raw: bytes | str | None) -> dict[int, str]:
+    """``HEALTH_STATES`` as node id -> state; entries that do not parse are left out (and a value
+    that is not an object is no states at all)."""
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    try:
+        return {int(node_id): state for node_id, state in value.items() if state in _STATES}
+    except (ValueError, TypeError):
+        return {
+            int(node_id): state
+            for node_id, state in value.items()
+            if isinstance(node_id, str) and node_id.isdigit() and state in _STATES
+        }
 
 
 def parse_records(raw: Mapping[Any, Any]) -> dict[int, HealthRecord]:
@@ -117,19 +126,32 @@ def parse_records(raw: Mapping[Any, Any]) -> dict[int, HealthRecord]:
 # -- Writing (the prober; "probe now" when no prober runs) --------------------------------------
 
 
-def queue_states(pipe: Any, states: Mapping[int, str], *, replace: bool = False, forget: Iterable[int] = ()) -> None:
+def queue_states(pipe: Any, states: Mapping[int, str], *, forget: Iterable[int] = ()) -> None:
     """Queue on a Redis pipeline (``transaction=True``, so readers never see the version without
-    the states) the write of ``states``, the removal of ``forget`` and the version's advance.
-    ``replace`` first empties the hash: a full rewrite, after which it holds ``states`` exactly."""
-    if replace:
-        pipe.delete(keys.HEALTH_STATES)
-    if states:
-        pipe.hset(keys.HEALTH_STATES, mapping={str(node_id): state for node_id, state in states.items()})
+    the states) the write of every node's state, the removal of ``forget``'s records and the
+    version's advance."""
+    pipe.set(keys.HEALTH_STATES, encode_states(states))
     forget = [str(node_id) for node_id in forget]
     if forget:
-        pipe.hdel(keys.HEALTH_STATES, *forget)
         pipe.hdel(keys.HEALTH_RECORDS, *forget)
     pipe.incr(keys.HEALTH_VERSION)
+
+
+def merge_states_sync(client: redis.Redis, changes: Mapping[int, str]) -> None:
+    """Merge ``changes`` into the states and advance the version (``redis.Redis``), safe against a
+    concurrent writer: "probe now" when no prober runs, which may happen twice at once."""
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(keys.HEALTH_STATES)
+                states = decode_states(pipe.get(keys.HEALTH_STATES))
+                states.update(changes)
+                pipe.multi()
+                queue_states(pipe, states)
+                pipe.execute()
+                return
+            except redis.WatchError:
+                continue
 
 
 def queue_records(pipe: Any, records: Mapping[int, HealthRecord]) -> None:
@@ -155,7 +177,7 @@ def request_probe(client: redis.Redis, node_ids: Iterable[int]) -> int:
 def read_states_sync(client: redis.Redis) -> dict[int, str] | None:
     """Every live state, or None when Redis cannot be read."""
     try:
-        return parse_states(client.hgetall(keys.HEALTH_STATES))
+        return decode_states(client.get(keys.HEALTH_STATES))
     except Exception as exc:
         logger.debug("could not read node health from Redis: %s", exc)
         return None

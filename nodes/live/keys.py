@@ -74,9 +74,9 @@ def new_worker_id() -> str:
 
 # -- Written by the prober (``manage.py run_prober``; ``nodes.live.health``) -------------------
 
-# Hash: node id -> its health state (``NodeHealth`` value), written on transitions (batched) and
-# rewritten whole now and then. Every web worker reads it when ``HEALTH_VERSION`` moved and routes
-# by it; see docs/decisions/0008-health-as-live-state.md.
+# String: every node's health state, one JSON object (node id -> ``NodeHealth`` value), written on
+# transitions (batched) and now and then in any case. Every web worker reads it when ``HEALTH_VERSION``
+# moved and routes by it; see docs/decisions/0008-health-as-live-state.md.
 HEALTH_STATES = "routerpanel:health-states"
 # Counter: advanced with every write to ``HEALTH_STATES``.
 HEALTH_VERSION = "routerpanel:health-states:version"

@@ -81,7 +81,7 @@ class Prober:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routerpanel-prober-db")
         self._reload = asyncio.Event()
         self._config_version: bytes | None = None
-        self._full_rewrite_at = 0.0  # loop time of the next full rewrite of the states hash
+        self._full_rewrite_at = 0.0  # loop time the states are next written even if none changed
         self._db_transitions: dict[int, str] = {}  # waiting for the database
         self._checked: set[int] = set()
         self._checked_at = 0.0
@@ -279,11 +279,10 @@ class Prober:
         full = self.leader and started >= self._full_rewrite_at
         if pending or full:
             try:
+                known = {**self.core.extra, **self.core.targets}
+                states = {node_id: s for node_id, s in self.core.states.items() if node_id in known}
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    publish.queue_flush(pipe, pending, history=self.history)
-                    if full:
-                        known = {**self.core.extra, **self.core.targets}
-                        publish.queue_full_rewrite(pipe, {i: s for i, s in self.core.states.items() if i in known})
+                    publish.queue_flush(pipe, pending, states, history=self.history, full=full)
                     await pipe.execute()
             except BaseException:
                 self.core.restore(pending)

@@ -1,9 +1,10 @@
-"""Writing the prober's results: Redis (the live state the web workers route by) and the database.
+"""Writing the prober's results to Redis: the live state the web workers route by.
 
-One Redis transaction per flush carries the transitions (with the version's advance, so a reader
-never sees the version without the states), the nodes' records and their probe history. Every
-``FULL_REWRITE_EVERY`` seconds, and after Redis came back, the states hash is rewritten whole, so a
-Redis that lost its data (restarted without persistence) is whole again within that time.
+One Redis transaction per flush carries, when a state changed, every node's state (with the
+version's advance, so a reader never sees the version without the states), and the nodes' records
+and probe history. The states are written every ``FULL_REWRITE_EVERY`` seconds in any case, and
+after Redis came back, so a Redis that lost its data (restarted without persistence) is whole
+again within that time.
 """
 
 from __future__ import annotations
@@ -18,19 +19,15 @@ from .runner import Pending
 FULL_REWRITE_EVERY = 30.0
 
 
-def queue_flush(pipe: object, pending: Pending, *, history: int) -> None:
-    """Queue one flush's writes on a Redis pipeline opened with ``transaction=True``."""
-    if pending.transitions or pending.forget:
-        live_health.queue_states(pipe, pending.transitions, forget=pending.forget)
+def queue_flush(pipe: object, pending: Pending, states: Mapping[int, HealthState], *, history: int, full: bool) -> None:
+    """Queue one flush's writes on a Redis pipeline opened with ``transaction=True``: ``states``
+    (every node the prober knows) when a state changed or ``full`` is due."""
+    if pending.transitions or pending.forget or full:
+        live_health.queue_states(pipe, {node_id: s.state for node_id, s in states.items()}, forget=pending.forget)
     live_health.queue_records(pipe, pending.records)
     if history:
         for node_id, entry in pending.history:
             live_health.queue_history(pipe, node_id, entry, history)
-
-
-def queue_full_rewrite(pipe: object, states: Mapping[int, HealthState]) -> None:
-    """Queue the rewrite of the whole states hash (and the version's advance)."""
-    live_health.queue_states(pipe, {node_id: s.state for node_id, s in states.items()}, replace=True)
 
 
 def seed_from_records(records: Mapping[int, HealthRecord]) -> dict[int, HealthState]:

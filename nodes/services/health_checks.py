@@ -139,9 +139,9 @@ def _probe_here(client: redis_lib.Redis, wanted: dict[int, prober_targets.Target
         if state.state != before[node_id]:
             transitions[node_id] = state.state
     try:
+        if transitions:
+            live_health.merge_states_sync(client, transitions)
         with client.pipeline(transaction=True) as pipe:
-            if transitions:
-                live_health.queue_states(pipe, transitions)
             live_health.queue_records(pipe, after)
             keep = settings.ROUTERPANEL_HEALTH_HISTORY
             for node_id, record in after.items() if keep else ():

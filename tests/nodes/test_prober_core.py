@@ -112,28 +112,27 @@ async def test_a_probe_keeps_its_connection_alive_between_probes() -> None:
             assert core.connections_opened() == 1
 
 
-async def test_a_flush_publishes_transitions_with_the_version_and_records_without(redis_url) -> None:
+async def test_a_flush_publishes_every_state_with_the_version_when_one_changed_and_records_without(redis_url) -> None:
     client = redis.Redis.from_url(redis_url)
     core = ProberCore(concurrency=1, max_lag=0.2)
-    core.seed(1, HealthState("healthy"))
-    core.seed(2, HealthState("healthy"))
+    states = {1: HealthState("unhealthy", 2, 0, 5.0), 2: HealthState("healthy")}
     record = live_health.HealthRecord("unhealthy", 5.0, 2, 0, None, "no answer within 1 s", 6.0)
     core.pending.transitions[1] = "unhealthy"
     core.pending.records[1] = record
-    pending = core.take_pending()
     with client.pipeline(transaction=True) as pipe:
-        publish.queue_flush(pipe, pending, history=5)
+        publish.queue_flush(pipe, core.take_pending(), states, history=5, full=False)
         pipe.execute()
-    assert client.hgetall("routerpanel:health-states") == {b"1": b"unhealthy"}
+    assert live_health.read_states_sync(client) == {1: "unhealthy", 2: "healthy"}
     assert client.get("routerpanel:health-states:version") == b"1"
     assert live_health.read_records_sync(client) == {1: record}
     core.pending.records[2] = live_health.HealthRecord("healthy", 1.0, 0, 7, 0.4, "OK", 6.0)
     with client.pipeline(transaction=True) as pipe:
-        publish.queue_flush(pipe, core.take_pending(), history=5)
+        publish.queue_flush(pipe, core.take_pending(), states, history=5, full=False)
         pipe.execute()
     assert client.get("routerpanel:health-states:version") == b"1"  # a record alone moves no version
+    client.delete("routerpanel:health-states")  # Redis lost its data
     with client.pipeline(transaction=True) as pipe:
-        publish.queue_full_rewrite(pipe, {1: HealthState("unhealthy"), 2: HealthState("healthy")})
+        publish.queue_flush(pipe, core.take_pending(), states, history=5, full=True)
         pipe.execute()
     assert live_health.read_states_sync(client) == {1: "unhealthy", 2: "healthy"}
     assert client.get("routerpanel:health-states:version") == b"2"

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from nodes.live import keys
+from nodes.live.health import encode_states, queue_states
 from proxy import snapshot as snapshots
 from proxy.health import LiveHealth
 from proxy.shared import SharedCounters
@@ -92,20 +93,20 @@ async def test_readiness_reports_a_model_routing_in_panic(proxy_app) -> None:
 
 
 class CountingRedis:
-    """Enough of ``redis.asyncio.Redis`` for ``LiveHealth``: a states hash, and how often it was read."""
+    """Enough of ``redis.asyncio.Redis`` for ``LiveHealth``: the states, and how often they were read."""
 
-    def __init__(self, states: dict[bytes, bytes]) -> None:
+    def __init__(self, states: dict[int, str]) -> None:
         self.states = states
         self.reads = 0
 
-    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+    async def get(self, key: str) -> str:
         assert key == keys.HEALTH_STATES
         self.reads += 1
-        return dict(self.states)
+        return encode_states(self.states)
 
 
 async def test_the_worker_reads_the_states_only_when_their_version_moved() -> None:
-    client = CountingRedis({b"1": b"unhealthy"})
+    client = CountingRedis({1: "unhealthy"})
     health = LiveHealth()
     assert await health.refresh(client, b"4")  # type: ignore[arg-type]
     for _ in range(50):  # fifty ticks of the loop with nothing new: no read
@@ -127,7 +128,7 @@ async def test_under_churn_the_routes_are_recomputed_at_most_once_per_interval()
     try:
         applied = 0
         for tick in range(30):  # 3 s of a transition on every 100 ms tick
-            client.states = {b"1": b"unhealthy" if tick % 2 else b"healthy"}
+            client.states = {1: "unhealthy" if tick % 2 else "healthy"}
             await health.refresh(client, str(tick).encode())  # type: ignore[arg-type]
             applied += health.apply_due()
             clock[0] += 0.1
@@ -176,8 +177,7 @@ async def test_a_transition_published_in_redis_reaches_routing_without_a_rebuild
     try:
         client = redis.Redis.from_url(redis_url)
         with client.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.HEALTH_STATES, mapping={"1": "unhealthy"})
-            pipe.incr(keys.HEALTH_VERSION)
+            queue_states(pipe, {1: "unhealthy", 2: "healthy"})
             pipe.execute()
         deadline = time.monotonic() + 2
         while urls(snapshots.current().routes["m"].hybrid) != [b.url]:
@@ -189,3 +189,15 @@ async def test_a_transition_published_in_redis_reaches_routing_without_a_rebuild
         assert snapshots.current().version == 7
     finally:
         await shared.stop()
+
+
+async def test_a_redis_that_lost_its_data_does_not_make_a_worker_forget_the_health_it_saw() -> None:
+    client = CountingRedis({1: "unhealthy", 2: "healthy"})
+    health = LiveHealth()
+    await health.refresh(client, b"9")  # type: ignore[arg-type]
+    client.states = {}  # Redis restarted without persistence: no states, no version
+    assert await health.refresh(client, None)  # type: ignore[arg-type]
+    assert health.states == {1: "unhealthy", 2: "healthy"}
+    client.states = {1: "healthy"}  # the prober (or a registration) writes again
+    await health.refresh(client, b"1")  # type: ignore[arg-type]
+    assert health.states == {1: "healthy", 2: "healthy"}
