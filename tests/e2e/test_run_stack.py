@@ -1,5 +1,5 @@
 """`make run`'s process set, for real: the Procfile under honcho (Redis, NanoCtrl, uvicorn, Celery
-worker and beat, the registry listener, the demo fleet of simulated engines) on free ports with a
+worker and beat, the registry listener, the prober, the demo fleet of simulated engines) on free ports with a
 fresh database; then an operator's and an application's first steps over HTTP."""
 
 from __future__ import annotations
