@@ -15,33 +15,65 @@ registry), and ``manage.py run_prober``. After a warm-up it samples, over ``--se
   (what the old per-second task did every round), for comparison.
 
 ``--stop-one`` also SIGSTOPs (or, with ``--kill``, SIGKILLs) an engine run in its own process and
-reports when it was marked unhealthy and, after it resumes, healthy again.
+reports when it was marked unhealthy and, after it resumes, healthy again. ``--traffic`` also runs
+RouterPanel's web process (one uvicorn worker) and sends back-to-back requests through it to the
+model every fleet engine serves for the whole sample, counting the answers by status: none should
+be refused for want of a node, and no fleet engine should change state (false transitions).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
+import httpx
 import redis
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from enginesim.testing import run_fleet, run_simulator  # noqa: E402
+from nodes.live import health as live_health  # noqa: E402
 from nodes.live.health import read_states_sync  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
-from tests.procs import PYTHON, free_port, output_of, running  # noqa: E402
+from tests.procs import PYTHON, free_port, output_of, running, uvicorn_argv  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_KEY = "rp-bench-fleet-key"
+
+
+class Traffic(threading.Thread):
+    """One client sending requests back to back, counting the answers by status and error code."""
+
+    def __init__(self, base: str, model: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.model = base, model
+        self.stop = threading.Event()
+        self.answers: Counter[str] = Counter()
+
+    def run(self) -> None:
+        body = {"model": self.model, "prompt": "hello", "max_tokens": 4}
+        headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+        with httpx.Client(base_url=self.base, headers=headers, timeout=10) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.post("/v1/completions", json=body)
+                except httpx.HTTPError as exc:
+                    self.answers[exc.__class__.__name__] += 1
+                    continue
+                code = "" if response.status_code == 200 else response.json()["error"]["code"]
+                self.answers[f"{response.status_code} {code}".strip()] += 1
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -117,6 +149,7 @@ def main() -> None:
     parser.add_argument("--stop-one", action="store_true", help="stop one more engine, run in its own process")
     parser.add_argument("--kill", action="store_true", help="with --stop-one: SIGKILL instead of SIGSTOP")
     parser.add_argument("--profile", metavar="PATH", help="run the prober under cProfile, writing its stats to PATH")
+    parser.add_argument("--traffic", action="store_true", help="send back-to-back /v1 requests through a web process")
     options = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +164,9 @@ def main() -> None:
             "ROUTERPANEL_HEALTH_TIMEOUT": str(options.timeout),
             "ROUTERPANEL_HEALTH_FAILURES": str(options.failures),
             "ROUTERPANEL_LOG_LEVEL": "WARNING",
+            "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
+            "ROUTERPANEL_API_TOKEN": "bench-fleet-token-0000000000000000000000",
+            "ROUTERPANEL_ADMIN_PASSWORD": "bench-fleet-admin",
         }
         try:
             with run_fleet(options.nodes) as fleet, run_simulator() as lone:
@@ -139,12 +175,20 @@ def main() -> None:
                 burst = asyncio.run(burst_round(fleet.urls, 512))
                 client = redis.Redis.from_url(redis_url)
                 profile = ["-m", "cProfile", "-o", options.profile] if options.profile else []
-                with running([PYTHON, *profile, "manage.py", "run_prober"], env=env) as prober:
+                web_port = free_port()
+                web = running(uvicorn_argv(web_port), port=web_port, env=env, timeout=60) if options.traffic else None
+                traffic = Traffic(f"http://127.0.0.1:{web_port}", "fleet-model") if options.traffic else None
+                with (
+                    running([PYTHON, *profile, "manage.py", "run_prober"], env=env) as prober,
+                    web if web is not None else contextlib.nullcontext(),
+                ):
                     time.sleep(options.warmup)
                     if client.get("routerpanel:prober:status") is None:
                         raise RuntimeError(f"the prober publishes no status:\n{output_of(prober)[-3000:]}")
                     before = json.loads(client.get("routerpanel:prober:status"))
-                    cpu_before, wall_before = cpu_times(prober.pid), time.monotonic()
+                    cpu_before, wall_before, sampled_from = cpu_times(prober.pid), time.monotonic(), time.time()
+                    if traffic is not None:
+                        traffic.start()
                     figures: dict[str, float] = {}
                     if options.stop_one:
                         lone_id = ids[lone.url]
@@ -156,11 +200,21 @@ def main() -> None:
                             lone.proc.send_signal(signal.SIGCONT)
                             figures["readmitted_after_s"] = wait_for_state(client, lone_id, "healthy", 30)
                     time.sleep(max(0.0, options.seconds - (time.monotonic() - wall_before)))
+                    if traffic is not None:
+                        traffic.stop.set()
+                        traffic.join(timeout=30)
                     user, system = (b - a for a, b in zip(cpu_before, cpu_times(prober.pid), strict=True))
                     cpu = user + system
                     wall = time.monotonic() - wall_before
                     after = json.loads(client.get("routerpanel:prober:status"))
                 states = {str(k): v for k, v in (read_states_sync(client) or {}).items()}
+                records = live_health.read_records_sync(client) or {}
+                flapped = [
+                    node_id
+                    for node_id in (ids[u] for u in fleet.urls)
+                    if node_id in records
+                    and (records[node_id].state != "healthy" or records[node_id].since > sampled_from)
+                ]
                 voids: dict[str, int] = {}
                 for node_id in ids.values():
                     for raw in client.lrange(f"routerpanel:health:{node_id}", 0, -1):
@@ -188,6 +242,9 @@ def main() -> None:
     print(f"  time between two probes of a node: {after['period']}")
     print(f"  burst round (all {options.nodes} once, one session, 512 in flight): {burst * 1000:.0f} ms")
     print(f"  fleet engines not healthy at the end: {unhealthy}; void probes in the history by reason: {voids}")
+    print(f"  fleet engines that changed state while sampled (false transitions): {len(flapped)}")
+    if traffic is not None:
+        print(f"  traffic through the web process: {sum(traffic.answers.values())} requests, {dict(traffic.answers)}")
     for name, value in figures.items():
         print(f"  stopped engine: {name} {value:.2f} s")
     load = os.getloadavg()
