@@ -257,7 +257,7 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> Non
                 served += response.status_code == 200
                 if served >= 60:
                     break
-                if response.status_code == 404:  # the workers have not seen the new node yet
+                if response.status_code in (404, 503):  # the workers have not seen the new node (healthy) yet
                     time.sleep(0.05)
         assert served >= 60
         client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])
