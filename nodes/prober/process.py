@@ -175,7 +175,9 @@ class Prober:
             await asyncio.sleep(LEASE_RENEW)
             was_leader = self.leader
             await self._hold_lease()
-            if self.leader and not was_leader:
+            if was_leader and not self.leader:
+                self.core.stand_by()  # another prober probes now: what this one knows goes stale
+            elif self.leader and not was_leader:
                 await self.take_over()
 
     # -- the loop monitor -----------------------------------------------------------------------

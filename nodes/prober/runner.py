@@ -134,6 +134,18 @@ class ProberCore:
                 self._start(target, now)
         self._wake.set()
 
+    def stand_by(self) -> None:
+        """Stop probing and forget every node's state: when this prober takes over again, it starts
+        from what the other one left in Redis (``nodes.prober.process.Prober.take_over``)."""
+        for node_id in list(self.targets):
+            self.schedule.remove(node_id)
+        self.targets, self.extra = {}, {}
+        self.states.clear()
+        self._written.clear()
+        self._logged.clear()
+        self.results = []
+        self.pending = Pending()
+
     def forget(self, node_ids: set[int]) -> None:
         """Nodes deleted from the registry: drop their state and their live entries."""
         for node_id in node_ids:

@@ -209,3 +209,17 @@ def test_the_admin_shows_each_nodes_circuit_breaker(client, admin_user, system, 
     # Each state in its colour with its label, as the dashboard shows it (nodes.choices.BreakerState).
     for state, label in (("open", "Open"), ("half_open", "Half-open"), ("closed", "Closed")):
         assert html.count(f'background:{BreakerState.colour(state)}">{label}</span>') == 1, state
+
+
+async def test_a_prober_that_lost_its_lease_forgets_what_it_knew_and_starts_over_from_redis(redis_url) -> None:
+    from nodes.prober.hysteresis import HealthState
+    from nodes.prober.targets import ProbeSettings, Target
+
+    prober = Prober(redis_url, concurrency=4, max_lag=0.2, flush_interval=0.5, history=3, prober_id="first")
+    try:
+        prober.core.seed(1, HealthState("unhealthy"))
+        prober.core.set_targets({1: Target(1, "http://a:1/health", ProbeSettings(5.0, 1.0, 2, 2), True)}, 0.0)
+        prober.core.stand_by()
+        assert (prober.core.states, prober.core.targets, 1 in prober.core.schedule) == ({}, {}, False)
+    finally:
+        await prober.redis.aclose()
