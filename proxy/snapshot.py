@@ -232,13 +232,14 @@ def build_routes(
     nodes serving it, even without an explicit row. A node's own row wins over a global alias.
     """
     targets: dict[str, dict[int, Target]] = defaultdict(dict)
-    serving: dict[str, list[int]] = defaultdict(list)
+    # Served name -> the nodes serving it, in order: a dict, not a list, so that checking for a node
+    # already there stays O(1) (with a list, a model served by 5,000 nodes took 0.4 s to build).
+    serving: dict[str, dict[int, None]] = defaultdict(dict)
     for node_id, name, served in aliases:
         if node_id is None or node_id not in nodes:
             continue
         targets[name][node_id] = Target(nodes[node_id], served)
-        if node_id not in serving[served]:
-            serving[served].append(node_id)
+        serving[served].setdefault(node_id, None)
     for served, node_ids in serving.items():
         for node_id in node_ids:
             targets[served].setdefault(node_id, Target(nodes[node_id], served))
