@@ -227,38 +227,47 @@ def run_fleet(
     fast: bool = True,
     extra_args: Sequence[str] = (),
     timeout: float = 60.0,
+    attempts: int = 3,
 ) -> Iterator[Fleet]:
     """``count`` engines in one simulator process (``--fast`` by default: no artificial latency), on
     free ports; yields once every one of them listens. One process keeps a fleet of hundreds or
-    thousands cheap: an idle engine costs a listening socket and a few objects."""
+    thousands cheap: an idle engine costs a listening socket and a few objects. A port taken by
+    someone else between choosing and binding (other jobs on the machine) means new ports and
+    another try, up to ``attempts``."""
     import json
 
-    ports = free_ports(count)
-    entries = [{"port": port} for port in ports]
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
-        json.dump(entries, spec)
-    argv = simulator_argv(
-        engine=engine,
-        host=host,
-        port=ports[0],
-        served_model_name=served_model_name,
-        extra_args=[*(["--fast"] if fast else []), "--fleet", spec.name, *extra_args],
-    )
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    proc.log_file = log  # type: ignore[attr-defined]
-    try:
-        deadline = time.monotonic() + timeout
-        for port in ports:
-            wait_listening(host, port, proc, timeout=max(0.1, deadline - time.monotonic()))
-        yield Fleet(proc, host, ports)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    for attempt in range(attempts):
+        ports = free_ports(count)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+            json.dump([{"port": port} for port in ports], spec)
+        argv = simulator_argv(
+            engine=engine,
+            host=host,
+            port=ports[0],
+            served_model_name=served_model_name,
+            extra_args=[*(["--fast"] if fast else []), "--fleet", spec.name, *extra_args],
+        )
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log_file = log  # type: ignore[attr-defined]
+        try:
+            deadline = time.monotonic() + timeout
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        log.close()
-        os.unlink(spec.name)
+                for port in ports:
+                    wait_listening(host, port, proc, timeout=max(0.1, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                if "address already in use" in str(exc) and attempt + 1 < attempts:
+                    continue
+                raise
+            yield Fleet(proc, host, ports)
+            return
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            log.close()
+            os.unlink(spec.name)
