@@ -83,8 +83,10 @@ def cpu_times(pid: int) -> tuple[float, float]:
 
 
 def setup_database(env: dict[str, str], urls: list[str], model: str) -> dict[str, int]:
-    """Migrate and bulk-create one healthy node per URL, all serving ``model``; returns url -> id."""
+    """Migrate, bootstrap (the proxy key), and bulk-create one healthy node per URL, all serving
+    ``model``; returns url -> id."""
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
+    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
     script = (
         "import json, sys\n"
         "from nodes.models import ModelAlias, Node\n"
