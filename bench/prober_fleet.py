@@ -171,7 +171,7 @@ def main() -> None:
             "ROUTERPANEL_ADMIN_PASSWORD": "bench-fleet-admin",
         }
         try:
-            with run_fleet(options.nodes) as fleet, run_simulator() as lone:
+            with run_fleet(options.nodes, served_model_name="fleet-model") as fleet, run_simulator() as lone:
                 urls = fleet.urls + ([lone.url] if options.stop_one else [])
                 ids = setup_database(env, urls, "fleet-model")
                 burst = asyncio.run(burst_round(fleet.urls, 512))
