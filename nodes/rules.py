@@ -59,19 +59,26 @@ def concurrency_limit(value: int | None) -> int | None:
     return value or None
 
 
+# The (state, health) of a routable node and of a panic candidate: ``is_routable`` and
+# ``is_panic_candidate`` say why; ``rotation`` compares pairs, which at thousands of nodes is several
+# times cheaper than a function call per node.
+ROUTABLE = (NodeState.ACTIVE.value, NodeHealth.HEALTHY.value)
+PANIC_CANDIDATE = (NodeState.ACTIVE.value, NodeHealth.UNHEALTHY.value)
+
+
 def is_routable(state: str, health: str) -> bool:
     """A node takes new requests when it is active and its last health verdict was healthy. A node
     never probed (``unknown``) takes none: it joins after its first successful probe (registration
     through the REST API or ``/nodes/add`` probes at once). Capacity and breakers are checked per
     request. ``health`` is the live state (``nodes.live.health``), the database's as a fallback."""
-    return state == NodeState.ACTIVE and health == NodeHealth.HEALTHY
+    return (state, health) == ROUTABLE
 
 
 def is_panic_candidate(state: str, health: str) -> bool:
     """An active node that passed a probe once and fails now: what the panic threshold routes to
     besides the healthy ones. A node that never passed a probe stays ``unknown`` and never takes
     traffic, panic or not (it might not be an engine at all)."""
-    return state == NodeState.ACTIVE and health == NodeHealth.UNHEALTHY
+    return (state, health) == PANIC_CANDIDATE
 
 
 def in_panic(healthy: int, unhealthy: int, threshold: float) -> bool:
@@ -97,8 +104,8 @@ def rotation(nodes: Sequence[tuple[str, str]], threshold: float) -> Rotation:
     The serving mode is decided on the routable counts (``serving_mode``), and only the roles that
     mode needs route in panic: a sick prefill node must not turn an ``auto`` model away from a
     healthy hybrid node."""
-    healthy = [i for i, (state, health) in enumerate(nodes) if is_routable(state, health)]
-    sick = [i for i, (state, health) in enumerate(nodes) if is_panic_candidate(state, health)]
+    healthy = [i for i, pair in enumerate(nodes) if pair == ROUTABLE]
+    sick = [i for i, pair in enumerate(nodes) if pair == PANIC_CANDIDATE]
     if in_panic(len(healthy), len(sick), threshold):
         return Rotation(tuple(sorted(healthy + sick)), True, len(healthy))
     return Rotation(tuple(healthy), False, len(healthy))

@@ -75,6 +75,22 @@ class Target:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleMembers:
+    """All of a route's targets of one role (routable or not), with their node ids, states and
+    database health side by side: what ``rotate`` reads, without walking the targets each time."""
+
+    targets: tuple[Target, ...]
+    ids: tuple[int, ...]
+    states: tuple[str, ...]
+    seeds: tuple[str, ...]
+
+    @classmethod
+    def of(cls, targets: tuple[Target, ...]) -> RoleMembers:
+        nodes = [t.node for t in targets]
+        return cls(targets, tuple(n.id for n in nodes), tuple(n.state for n in nodes), tuple(n.health for n in nodes))
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Everything a client's model name resolves to."""
 
@@ -90,6 +106,7 @@ class Route:
     # The route narrowed to the hybrid nodes that serve an endpoint beyond chat and completions
     # (``proxy.surface``), for each endpoint one of its hybrid nodes serves, routable or not.
     surface: Mapping[str, Route] = field(default_factory=dict)
+    members: Mapping[str, RoleMembers] = field(default_factory=dict)  # role -> all its targets (``rotate``)
 
     @property
     def servable(self) -> bool:
@@ -153,29 +170,34 @@ def rotate(route: Route, health: Mapping[int, str]) -> Route:
     recomputed for ``health`` (node id -> health; a node it does not mention keeps the database's).
     The mode follows the routable nodes; the roles it needs route in panic below their threshold
     (``nodes.rules.rotation``)."""
-    by_role: dict[str, list[Target]] = {role: [] for role in _ROLES}
-    for target in route.targets:
-        by_role[target.node.role].append(target)
+    members = route.members or {
+        role: RoleMembers.of(tuple(t for t in route.targets if t.node.role == role)) for role in _ROLES
+    }
     threshold = route.policy.panic_threshold
+    get = health.get
     rotations = {
-        role: rules.rotation([(t.node.state, health.get(t.node.id, t.node.health)) for t in members], threshold)
-        for role, members in by_role.items()
+        role: rules.rotation(
+            [
+                (state, get(node_id, seed))
+                for node_id, state, seed in zip(group.ids, group.states, group.seeds, strict=True)
+            ],
+            threshold,
+        )
+        for role, group in members.items()
     }
     mode = rules.serving_mode(
         route.policy.serving_mode,
         routable={role: result.routable for role, result in rotations.items()},
-        has_split_nodes=bool(by_role[NodeRole.PREFILL] or by_role[NodeRole.DECODE]),
+        has_split_nodes=bool(members[NodeRole.PREFILL].targets or members[NodeRole.DECODE].targets),
     )
     needed = rules.needed_roles(mode)
     chosen: dict[str, tuple[Target, ...]] = {}
     for role, result in rotations.items():
-        members = by_role[role]
+        group = members[role].targets
+        indices = result.members
         if result.panic and role not in needed:  # a role the mode does not use keeps its healthy nodes only
-            chosen[role] = tuple(
-                t for t in members if rules.is_routable(t.node.state, health.get(t.node.id, t.node.health))
-            )
-        else:
-            chosen[role] = tuple(members[i] for i in result.members)
+            indices = rules.rotation([(t.node.state, get(t.node.id, t.node.health)) for t in group], 0.0).members
+        chosen[role] = tuple([group[i] for i in indices])
     rotated = replace(
         route,
         hybrid=chosen[NodeRole.HYBRID],
@@ -183,6 +205,7 @@ def rotate(route: Route, health: Mapping[int, str]) -> Route:
         decode=chosen[NodeRole.DECODE],
         mode=mode,
         panic=tuple(role for role in needed if rotations[role].panic),
+        members=members,
     )
     return replace(rotated, surface=_surface(rotated, health))
 
