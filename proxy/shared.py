@@ -237,7 +237,7 @@ class SharedCounters:
         else:
             health_version = await self.client().get(keys.HEALTH_VERSION)
         await self.health.refresh(self.client(), health_version)
-        self.health.apply_due()
+        await self.health.apply_due()
         self._ticks_to_stats -= 1
         if self._ticks_to_stats <= 0:
             await self.publish_stats()
@@ -262,7 +262,7 @@ class SharedCounters:
         """Read the live health now and apply it at once (start-up, before the first request)."""
         client = self.client()
         await self.health.refresh(client, await client.get(keys.HEALTH_VERSION))
-        self.health.apply_due(force=True)
+        await self.health.apply_due(force=True)
 
     async def sync_once(self) -> bytes | None:
         """Publish this worker's counts and read everyone else's (one round trip each way, and one

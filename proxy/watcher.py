@@ -8,8 +8,8 @@ Three signals, from fastest to most robust:
    second while Redis is unreachable, so a Redis outage only delays changes.
 
 A rebuild reads the database in a dedicated worker thread (never on the event loop), lays the live
-node health over it (``overlay``: ``proxy.health.LiveHealth.overlay``, back on the loop) and swaps
-the snapshot in one assignment. A failed rebuild keeps the previous snapshot and is retried on the
+node health over it there (``overlay``: ``proxy.health.LiveHealth.overlay``) and swaps the snapshot
+in one assignment. A failed rebuild keeps the previous snapshot and is retried on the
 next tick. Health changes never come this way: they are live state, not configuration
 (docs/decisions/0008-health-as-live-state.md).
 """
@@ -117,8 +117,14 @@ class SnapshotWatcher:
         """Rebuild the snapshot now; returns False (keeping the old one) if the database failed."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        overlay = self.overlay
+
+        def build() -> snapshots.Snapshot:
+            new = snapshots.build_snapshot()
+            return new if overlay is None else overlay(new)
+
         try:
-            new = await loop.run_in_executor(self._executor, _in_thread(snapshots.build_snapshot))
+            new = await loop.run_in_executor(self._executor, _in_thread(build))
         except Exception:
             logger.exception(
                 "could not rebuild the routing snapshot (%s); keeping version %s", reason, snapshots.current().version
@@ -126,8 +132,6 @@ class SnapshotWatcher:
             self._dirty = True
             self._retry_at = time.monotonic() + REBUILD_RETRY
             return False
-        if self.overlay is not None:
-            new = self.overlay(new)
         snapshots.install(new)
         if self.on_install is not None:
             self.on_install(new)

@@ -130,12 +130,12 @@ async def test_under_churn_the_routes_are_recomputed_at_most_once_per_interval()
         for tick in range(30):  # 3 s of a transition on every 100 ms tick
             client.states = {1: "unhealthy" if tick % 2 else "healthy"}
             await health.refresh(client, str(tick).encode())  # type: ignore[arg-type]
-            applied += health.apply_due()
+            applied += await health.apply_due()
             clock[0] += 0.1
         assert applied == 3
         assert health.pending  # the last states wait for the next interval, they are not lost
         clock[0] += 1.0
-        assert health.apply_due()
+        assert await health.apply_due()
         assert urls(snapshots.current().routes["m"].hybrid) == ["http://b:1"]  # the last states: node 1 sick
     finally:
         snapshots.install(previous)
@@ -158,7 +158,7 @@ async def test_a_configuration_rebuild_keeps_the_live_health(settings) -> None:
         a_id = next(t.node.id for t in snapshots.current().routes["m"].targets if t.node.url == "http://a:1")
         health.states = {a_id: "unhealthy"}
         health.pending = True
-        assert health.apply_due(force=True)
+        assert await health.apply_due(force=True)
         assert urls(snapshots.current().routes["m"].hybrid) == ["http://b:1"]
         await watcher.refresh("configuration changed")  # the database still says healthy
         assert urls(snapshots.current().routes["m"].hybrid) == ["http://b:1"]
