@@ -43,13 +43,17 @@ class LiveHealth:
         self.applies = 0  # recomputations of the routes
         self.last_apply_ms = 0.0
         self._executor: ThreadPoolExecutor | None = None
+        # Called with every snapshot this installs, on the loop (``Router.eject_unhealthy``: requests
+        # waiting on a node that is now unhealthy go elsewhere), as the watcher does for its rebuilds.
+        self.on_install: Callable[[Snapshot], object] | None = None
 
-    async def refresh(self, client: aioredis.Redis, version: bytes | None) -> bool:
+    async def refresh(self, client: aioredis.Redis, version: bytes | str | None) -> bool:
         """Read the states when ``version`` (just read from Redis) is not the one held. They are
         merged over the states held: a Redis that lost its data (restarted without persistence)
         makes a node fall back to nothing older than what this worker last saw, until the prober
         rewrites every state (within 30 s)."""
-        version = version or b""  # no key yet: a Redis with no prober's writes (or a fresh one)
+        # No key yet (b""): a Redis with no prober's writes (or a fresh one).
+        version = version.encode() if isinstance(version, str) else version or b""
         if version == self.version:
             return False
         self.states = {**self.states, **decode_states(await client.get(keys.HEALTH_STATES))}
@@ -95,6 +99,8 @@ class LiveHealth:
         if snapshots.current() is not base:
             return False  # a configuration rebuild was installed meanwhile (with these states, or newer)
         snapshots.install(result)
+        if self.on_install is not None:
+            self.on_install(result)
         self._applied(states, version)
         self.applied_at = now
         self.applies += 1
