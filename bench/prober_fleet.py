@@ -185,9 +185,10 @@ def main() -> None:
                     web if web is not None else contextlib.nullcontext(),
                 ):
                     time.sleep(options.warmup)
-                    if client.get("routerpanel:prober:status") is None:
+                    status = client.get("routerpanel:prober:status")
+                    if status is None:
                         raise RuntimeError(f"the prober publishes no status:\n{output_of(prober)[-3000:]}")
-                    before = json.loads(client.get("routerpanel:prober:status"))
+                    before = json.loads(status)
                     cpu_before, wall_before, sampled_from = cpu_times(prober.pid), time.monotonic(), time.time()
                     if traffic is not None:
                         traffic.start()
@@ -208,7 +209,7 @@ def main() -> None:
                     user, system = (b - a for a, b in zip(cpu_before, cpu_times(prober.pid), strict=True))
                     cpu = user + system
                     wall = time.monotonic() - wall_before
-                    after = json.loads(client.get("routerpanel:prober:status"))
+                    after = json.loads(client.get("routerpanel:prober:status") or "{}")
                 states = {str(k): v for k, v in (read_states_sync(client) or {}).items()}
                 records = live_health.read_records_sync(client) or {}
                 flapped = [

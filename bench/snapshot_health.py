@@ -88,7 +88,7 @@ def measure(nodes: int, per_model: int, repeat: int, redis_url: str) -> dict[str
         for _ in range(repeat):
             started = time.perf_counter()
             raw = await aclient.hgetall("bench:states-hash")
-            {int(k): v.decode() for k, v in raw.items()}
+            {int(k): v.decode() if isinstance(v, bytes) else v for k, v in raw.items()}
             samples.append((time.perf_counter() - started) * 1000)
         await aclient.aclose()
         return statistics.median(samples)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import datetime
 from collections import defaultdict
 from collections.abc import Mapping
-from datetime import datetime
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from django.conf import settings
 from django.urls import reverse
@@ -66,7 +65,7 @@ class ControlPlaneRow(TypedDict):
     admin_url: str
 
 
-def _iso(value: datetime | None) -> str | None:
+def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
@@ -143,13 +142,15 @@ def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) ->
             continue
         for model in node["models"]:
             by_model[model].append(node)
-    policies = {
+    policies: dict[str, Mapping[str, Any]] = {
         row["model"]: row
         for row in RoutePolicy.objects.filter(enabled=True).values(
             "model", "strategy", "serving_mode", "panic_threshold"
         )
     }
-    default = policies.get("", {"strategy": "round_robin", "serving_mode": ServingMode.AUTO, "panic_threshold": None})
+    default: Mapping[str, Any] = policies.get(
+        "", {"strategy": "round_robin", "serving_mode": ServingMode.AUTO, "panic_threshold": None}
+    )
     cards: list[ModelCard] = []
     for name in sorted(by_model):
         policy = policies.get(name, default)

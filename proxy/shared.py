@@ -264,7 +264,7 @@ class SharedCounters:
         await self.health.refresh(client, await client.get(keys.HEALTH_VERSION))
         await self.health.apply_due(force=True)
 
-    async def sync_once(self) -> bytes | None:
+    async def sync_once(self) -> bytes | str | None:
         """Publish this worker's counts and read everyone else's (one round trip each way, and one
         more for the breaker hash when its version moved); returns the live health's version."""
         client = self.client()

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from ..choices import BreakerState
 from . import keys
@@ -34,7 +35,7 @@ class BreakerRecord:
     at: float  # wall-clock time of the transition (the newest wins across workers)
 
 
-def queue_write(pipe: Any, fields: Mapping[str, str]) -> None:
+def queue_write(pipe: Any, fields: Mapping[FieldT, EncodableT]) -> None:
     """Queue on a Redis pipeline the write of encoded records (node id -> ``encode(record)``) and the
     version's advance that tells the other workers to read them."""
     pipe.hset(keys.BREAKERS, mapping=dict(fields))

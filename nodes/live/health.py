@@ -131,9 +131,9 @@ def queue_states(pipe: Any, states: Mapping[int, str], *, forget: Iterable[int] 
     the states) the write of every node's state, the removal of ``forget``'s records and the
     version's advance."""
     pipe.set(keys.HEALTH_STATES, encode_states(states))
-    forget = [str(node_id) for node_id in forget]
-    if forget:
-        pipe.hdel(keys.HEALTH_RECORDS, *forget)
+    fields = [str(node_id) for node_id in forget]
+    if fields:
+        pipe.hdel(keys.HEALTH_RECORDS, *fields)
     pipe.incr(keys.HEALTH_VERSION)
 
 

@@ -80,7 +80,7 @@ class Prober:
         self._pubsub_url = redis_url
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routerpanel-prober-db")
         self._reload = asyncio.Event()
-        self._config_version: bytes | None = None
+        self._config_version: bytes | str | None = None
         self._full_rewrite_at = 0.0  # loop time the states are next written even if none changed
         self._db_transitions: dict[int, str] = {}  # waiting for the database
         self._checked: set[int] = set()

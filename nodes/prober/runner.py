@@ -187,7 +187,12 @@ class ProberCore:
             return
         task = asyncio.get_running_loop().create_task(self._probe(target, due))
         self._inflight[target.node_id] = task
-        task.add_done_callback(lambda _, node_id=target.node_id: self._inflight.pop(node_id, None))
+        node_id = target.node_id
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._inflight.pop(node_id, None)
+
+        task.add_done_callback(forget)
 
     def _late(self, target: Target, due: float, now: float, detail: str) -> None:
         self.counts["late"] += 1
