@@ -18,7 +18,9 @@ registry), and ``manage.py run_prober``. After a warm-up it samples, over ``--se
 reports when it was marked unhealthy and, after it resumes, healthy again. ``--traffic`` also runs
 RouterPanel's web process (one uvicorn worker) and sends back-to-back requests through it to the
 model every fleet engine serves for the whole sample, counting the answers by status: none should
-be refused for want of a node, and no fleet engine should change state (false transitions).
+be refused for want of a node, and no fleet engine should change state (false transitions). It also
+registers one more engine through the REST API and times it from the POST to its first routed
+request, and reports the web process's CPU per request and its memory (RSS).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from tests.procs import PYTHON, free_port, output_of, running, uvicorn_argv  # n
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_KEY = "rp-bench-fleet-key"
+API_TOKEN = "bench-fleet-token-0000000000000000000000"
 
 
 class Traffic(threading.Thread):
@@ -80,6 +83,30 @@ def cpu_times(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def registration_to_routable(base: str, url: str) -> float:
+    """Seconds from posting a new node to the REST API until ``/v1`` routes a request to it (the API
+    probes a new node at once; the web worker applies the live health within a second)."""
+    api = {"Authorization": f"Bearer {API_TOKEN}"}
+    started = time.monotonic()
+    added = httpx.post(base + "/api/nodes/", json={"url": url, "models": ["joined-model"]}, headers=api, timeout=30)
+    assert added.status_code == 201, added.text
+    body = {"model": "joined-model", "prompt": "hello", "max_tokens": 1}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=10) as client:
+        while client.post("/v1/completions", json=body).status_code != 200:
+            if time.monotonic() - started > 30:
+                raise TimeoutError(f"{url} not routable within 30 s")
+            time.sleep(0.01)
+    return time.monotonic() - started
 
 
 def setup_database(env: dict[str, str], urls: list[str], model: str) -> dict[str, int]:
@@ -167,11 +194,15 @@ def main() -> None:
             "ROUTERPANEL_HEALTH_FAILURES": str(options.failures),
             "ROUTERPANEL_LOG_LEVEL": "WARNING",
             "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-            "ROUTERPANEL_API_TOKEN": "bench-fleet-token-0000000000000000000000",
+            "ROUTERPANEL_API_TOKEN": API_TOKEN,
             "ROUTERPANEL_ADMIN_PASSWORD": "bench-fleet-admin",
         }
         try:
-            with run_fleet(options.nodes, served_model_name="fleet-model") as fleet, run_simulator() as lone:
+            with (
+                run_fleet(options.nodes, served_model_name="fleet-model") as fleet,
+                run_simulator(served_model_name="fleet-model") as lone,
+                run_simulator(served_model_name="joined-model") as joiner,
+            ):
                 urls = fleet.urls + ([lone.url] if options.stop_one else [])
                 ids = setup_database(env, urls, "fleet-model")
                 burst = asyncio.run(burst_round(fleet.urls, 512))
@@ -182,17 +213,22 @@ def main() -> None:
                 traffic = Traffic(f"http://127.0.0.1:{web_port}", "fleet-model") if options.traffic else None
                 with (
                     running([PYTHON, *profile, "manage.py", "run_prober"], env=env) as prober,
-                    web if web is not None else contextlib.nullcontext(),
+                    web if web is not None else contextlib.nullcontext() as web_proc,
                 ):
                     time.sleep(options.warmup)
                     status = client.get("routerpanel:prober:status")
                     if status is None:
                         raise RuntimeError(f"the prober publishes no status:\n{output_of(prober)[-3000:]}")
                     before = json.loads(status)
+                    figures: dict[str, float] = {}
+                    if web_proc is not None:
+                        figures["registration_to_routable_s"] = registration_to_routable(
+                            f"http://127.0.0.1:{web_port}", joiner.url
+                        )
+                        web_cpu_before = sum(cpu_times(web_proc.pid))
                     cpu_before, wall_before, sampled_from = cpu_times(prober.pid), time.monotonic(), time.time()
                     if traffic is not None:
                         traffic.start()
-                    figures: dict[str, float] = {}
                     if options.stop_one:
                         lone_id = ids[lone.url]
                         lone.proc.send_signal(signal.SIGKILL if options.kill else signal.SIGSTOP)
@@ -206,6 +242,8 @@ def main() -> None:
                     if traffic is not None:
                         traffic.stop.set()
                         traffic.join(timeout=30)
+                    if web_proc is not None:
+                        web_cpu, web_rss = sum(cpu_times(web_proc.pid)) - web_cpu_before, rss_mib(web_proc.pid)
                     user, system = (b - a for a, b in zip(cpu_before, cpu_times(prober.pid), strict=True))
                     cpu = user + system
                     wall = time.monotonic() - wall_before
@@ -247,9 +285,14 @@ def main() -> None:
     print(f"  fleet engines not healthy at the end: {unhealthy}; void probes in the history by reason: {voids}")
     print(f"  fleet engines that changed state while sampled (false transitions): {len(flapped)}")
     if traffic is not None:
-        print(f"  traffic through the web process: {sum(traffic.answers.values())} requests, {dict(traffic.answers)}")
+        requests = sum(traffic.answers.values())
+        print(f"  traffic through the web process: {requests} requests, {dict(traffic.answers)}")
+        print(
+            f"  web process (one uvicorn worker): {web_cpu / max(requests, 1) * 1e6:.0f} µs of CPU per request "
+            f"(its background loop included), RSS {web_rss:.0f} MiB at the end"
+        )
     for name, value in figures.items():
-        print(f"  stopped engine: {name} {value:.2f} s")
+        print(f"  {name.replace('_', ' ').removesuffix(' s')}: {value:.2f} s")
     load = os.getloadavg()
     print(f"  machine load average during the run: {load[0]:.1f} / {load[1]:.1f} (1 / 5 min), {os.cpu_count()} cores")
 
