@@ -13,7 +13,7 @@ def forget_the_celery_health_check(apps, schema_editor):
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("nodes", "0008_alias_unique_messages"),
+        ("nodes", "0009_node_endpoints"),
         ("django_celery_beat", "0019_alter_periodictasks_options"),
     ]
 
