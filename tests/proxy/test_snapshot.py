@@ -134,8 +134,11 @@ def test_a_keys_max_concurrent_of_0_means_no_limit_as_on_nodes() -> None:
 
 @pytest.mark.django_db
 def test_each_route_is_narrowed_per_endpoint_to_the_hybrid_nodes_that_serve_it():
-    node_create(actor=ACTOR, url="http://gen:1", models=["m"], engine_type="vllm")
-    node_create(actor=ACTOR, url="http://pool:1", models=["m"], engine_type="vllm", endpoints=["embeddings"])
+    # Nodes that must route have passed a probe (a node never probed takes no traffic).
+    node_create(actor=ACTOR, url="http://gen:1", models=["m"], engine_type="vllm", health="healthy")
+    node_create(
+        actor=ACTOR, url="http://pool:1", models=["m"], engine_type="vllm", endpoints=["embeddings"], health="healthy"
+    )
     node_create(actor=ACTOR, url="http://down:1", models=["m"], engine_type="vllm", state=NodeState.DISABLED)
     node_create(actor=ACTOR, url="http://pre:1", models=["m"], engine_type="vllm", role="prefill")
 
@@ -147,3 +150,11 @@ def test_each_route_is_narrowed_per_endpoint_to_the_hybrid_nodes_that_serve_it()
     assert [t.node.url for t in surface["responses"].hybrid] == ["http://gen:1"]
     assert [t.node.url for t in surface["embeddings"].hybrid] == ["http://pool:1"]
     assert surface["embeddings"].mode == "hybrid" and not surface["embeddings"].prefill
+
+
+@pytest.mark.django_db
+def test_the_narrowed_routes_follow_the_live_health():
+    a = node_create(actor=ACTOR, url="http://a:1", models=["m"], engine_type="vllm", health="healthy")
+    node_create(actor=ACTOR, url="http://b:1", models=["m"], engine_type="vllm", health="healthy")
+    snapshot = snapshots.with_health(build_snapshot(), {a.pk: "unhealthy"})
+    assert [t.node.url for t in snapshot.routes["m"].surface["responses"].hybrid] == ["http://b:1"]
