@@ -22,8 +22,10 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from nodes.api.requests import RequestQuerySerializer
+from nodes.live import keys
 from nodes.live.breakers import read_breakers
 from nodes.live.explain_store import RequestFilter, read_after
+from nodes.live.health import parse_records
 from nodes.live.stats import read_fleet_stats
 from nodes.selectors import fleet_state
 
@@ -94,7 +96,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     async def payload(self) -> DashboardPayload:
         live = await read_fleet_stats(self._redis)
         breakers = await read_breakers(self._redis) if live is not None else None  # no second wait on a dead Redis
-        state = await database_sync_to_async(fleet_state)(breakers)
+        health = parse_records(await self._redis.hgetall(keys.HEALTH_RECORDS)) if live is not None else None
+        state = await database_sync_to_async(fleet_state)(breakers, health)
         return build_payload(state, live, breakers)
 
     async def _push_loop(self) -> None:

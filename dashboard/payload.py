@@ -3,8 +3,9 @@
 The same payload is rendered into the page (``dashboard.views``), served as JSON at
 ``/dashboard/data`` and pushed every second over the WebSocket (``dashboard.consumers``). It joins
 the database's view (``nodes.selectors``) with the live per-node figures and breaker states every
-web worker publishes to Redis (``nodes.live``). Redis being down leaves the live figures empty
-(``live: false``); the page says so instead of failing.
+web worker publishes to Redis, and the node health the prober publishes there (``nodes.live``).
+Redis being down leaves the live figures empty (``live: false``) and the health as the database
+last recorded it; the page says so instead of failing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime
 from typing import Any, TypedDict
 
 from nodes.choices import BadgeChoices, BreakerState, NodeHealth, NodeRole, NodeState, ServingMode, Strategy, SyncState
+from nodes.live import health as live_health
 from nodes.live import stats as live_stats
 from nodes.live.breakers import read_breakers_sync
 from nodes.live.connection import client as redis_client
@@ -61,7 +63,8 @@ def current_payload() -> DashboardPayload:
     client = redis_client()
     live = live_stats.read_fleet_stats_sync(client)
     breakers = read_breakers_sync(client) if live is not None else None  # no second wait on a dead Redis
-    return build_payload(fleet_state(breakers), live, breakers)
+    health = live_health.read_records_sync(client) if live is not None else None
+    return build_payload(fleet_state(breakers, health), live, breakers)
 
 
 def _choices(cls: type[BadgeChoices]) -> dict[str, dict[str, str]]:

@@ -188,3 +188,86 @@ def run_simulator(
                 proc.kill()
                 proc.wait(timeout=10)
         log.close()
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports nobody listens on right now (held open together while chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+class Fleet:
+    """Many simulated engines served by one process (``--fleet``): their URLs and the process."""
+
+    def __init__(self, proc: subprocess.Popen, host: str, ports: list[int]) -> None:
+        self.proc = proc
+        self.host = host
+        self.ports = ports
+        self.urls = [f"http://{host}:{port}" for port in ports]
+
+    def output(self) -> str:
+        return _read_log(self.proc)
+
+
+@contextlib.contextmanager
+def run_fleet(
+    count: int,
+    *,
+    engine: str = "openai",
+    host: str = "127.0.0.1",
+    served_model_name: str = "sim-model",
+    fast: bool = True,
+    extra_args: Sequence[str] = (),
+    timeout: float = 60.0,
+    attempts: int = 3,
+) -> Iterator[Fleet]:
+    """``count`` engines in one simulator process (``--fast`` by default: no artificial latency), on
+    free ports; yields once every one of them listens. One process keeps a fleet of hundreds or
+    thousands cheap: an idle engine costs a listening socket and a few objects. A port taken by
+    someone else between choosing and binding (other jobs on the machine) means new ports and
+    another try, up to ``attempts``."""
+    import json
+
+    for attempt in range(attempts):
+        ports = free_ports(count)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+            json.dump([{"port": port} for port in ports], spec)
+        argv = simulator_argv(
+            engine=engine,
+            host=host,
+            port=ports[0],
+            served_model_name=served_model_name,
+            extra_args=[*(["--fast"] if fast else []), "--fleet", spec.name, *extra_args],
+        )
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log_file = log  # type: ignore[attr-defined]
+        try:
+            deadline = time.monotonic() + timeout
+            try:
+                for port in ports:
+                    wait_listening(host, port, proc, timeout=max(0.1, deadline - time.monotonic()))
+            except RuntimeError as exc:
+                if "address already in use" in str(exc) and attempt + 1 < attempts:
+                    continue
+                raise
+            yield Fleet(proc, host, ports)
+            return
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            log.close()
+            os.unlink(spec.name)

@@ -14,7 +14,7 @@ from django.forms import BaseInlineFormSet, ModelForm
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
-from . import health, services
+from . import services
 from .admin_forms import RowVersionForm, StorableJSONField
 from .choices import (
     ApprovalMode,
@@ -30,6 +30,7 @@ from .choices import (
     Strategy,
     SyncState,
 )
+from .live import health as live_health
 from .live.breakers import read_breakers_sync
 from .live.connection import client as redis_client
 from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
@@ -106,6 +107,7 @@ class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     inlines = [ModelAliasInline]
     actions = ["approve_nodes", "drain_nodes", "enable_nodes", "disable_nodes", "probe_nodes"]
     readonly_fields = (
+        "live_health",
         *Node.READ_ONLY_FIELDS,
         "operator_fields",
         "health_history",
@@ -114,7 +116,18 @@ class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     )
     fieldsets = (
         (None, {"fields": ("url", "name", "engine_type", "role", "state", "weight", "max_concurrency")}),
-        ("Health", {"fields": ("health", "consecutive_failures", "last_checked_at", "health_history")}),
+        (
+            "Health",
+            {
+                "fields": (
+                    "live_health",
+                    "health_history",
+                    ("health_interval", "health_timeout", "health_failures", "health_successes"),
+                ),
+                "description": "Probed by the prober (manage.py run_prober); empty settings inherit from the "
+                "control plane, then from ROUTERPANEL_HEALTH_*.",
+            },
+        ),
         ("Engine options", {"fields": ("endpoints", "bootstrap_port", "dp_size", "kv_connector_address", "metadata")}),
         (
             "Registry",
@@ -139,12 +152,32 @@ class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
 
     @admin.display(description="health", ordering="health")
     def health_badge(self, node: Node) -> str:
-        return badge(NodeHealth, node.health)
+        # The live state when Redis has it (the list's filter and ordering use the database's mirror).
+        return badge(NodeHealth, getattr(self, "_health", {}).get(node.pk, node.health))
 
     def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        # One Redis read per page for the breaker column.
+        # One Redis read per page for each live column.
         self._breakers = read_breakers_sync(redis_client()) or {}
+        self._health = live_health.read_states_sync(redis_client()) or {}
         return super().changelist_view(request, extra_context)
+
+    @admin.display(description="health")
+    def live_health(self, node: Node) -> str:
+        record = (live_health.read_records_sync(redis_client(), [node.pk]) or {}).get(node.pk) if node.pk else None
+        if record is None:
+            return format_html("{} (as last recorded; no live state)", badge(NodeHealth, node.health))
+        since = datetime.datetime.fromtimestamp(record.since, tz=datetime.UTC) if record.since else None
+        checked = datetime.datetime.fromtimestamp(record.at, tz=datetime.UTC)
+        return format_html(
+            "{} since {}; {} failed and {} good probes in a row; last probe {} ({} ms): {}",
+            badge(NodeHealth, record.state),
+            since.strftime("%Y-%m-%d %H:%M:%S") if since else "—",
+            record.failures,
+            record.successes,
+            checked.strftime("%H:%M:%S"),
+            "—" if record.ms is None else record.ms,
+            record.detail,
+        )
 
     @admin.display(description="breaker")
     def breaker_badge(self, node: Node) -> str:
@@ -190,9 +223,9 @@ class NodeAdmin(ServiceAdminMixin[Node], admin.ModelAdmin):
     def drain_nodes(self, request: HttpRequest, queryset: QuerySet) -> None:
         self._apply(request, queryset, services.node_drain, "Drained")
 
-    @admin.display(description="recent probes")
+    @admin.display(description="recent probes (repeats folded)")
     def health_history(self, node: Node) -> str:
-        rows = health.recent_history(node.pk) if node.pk else []
+        rows = live_health.recent_history(redis_client(), node.pk) if node.pk else []
         if not rows:
             return "—"
         return format_html(

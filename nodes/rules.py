@@ -8,8 +8,8 @@ See docs/architecture.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from .choices import BreakerState, Endpoint, EngineType, NodeHealth, NodeRole, NodeState, ServingMode
 
@@ -59,10 +59,56 @@ def concurrency_limit(value: int | None) -> int | None:
     return value or None
 
 
+# The (state, health) of a routable node and of a panic candidate: ``is_routable`` and
+# ``is_panic_candidate`` say why; ``rotation`` compares pairs, which at thousands of nodes is several
+# times cheaper than a function call per node.
+ROUTABLE = (NodeState.ACTIVE.value, NodeHealth.HEALTHY.value)
+PANIC_CANDIDATE = (NodeState.ACTIVE.value, NodeHealth.UNHEALTHY.value)
+
+
 def is_routable(state: str, health: str) -> bool:
-    """A node takes new requests when it is active and not known to be unhealthy (``unknown``
-    is routable: a node just added serves at once). Capacity and breakers are checked per request."""
-    return state == NodeState.ACTIVE and health != NodeHealth.UNHEALTHY
+    """A node takes new requests when it is active and its last health verdict was healthy. A node
+    never probed (``unknown``) takes none: it joins after its first successful probe (registration
+    through the REST API or ``/nodes/add`` probes at once). Capacity and breakers are checked per
+    request. ``health`` is the live state (``nodes.live.health``), the database's as a fallback."""
+    return (state, health) == ROUTABLE
+
+
+def is_panic_candidate(state: str, health: str) -> bool:
+    """An active node that passed a probe once and fails now: what the panic threshold routes to
+    besides the healthy ones. A node that never passed a probe stays ``unknown`` and never takes
+    traffic, panic or not (it might not be an engine at all)."""
+    return (state, health) == PANIC_CANDIDATE
+
+
+def in_panic(healthy: int, unhealthy: int, threshold: float) -> bool:
+    """Envoy's panic threshold: when fewer than ``threshold`` (0..1) of a role's probed active nodes
+    pass health, the active checks are more likely wrong (or the whole role is in trouble) than
+    right, and routing to all of them beats refusing every request. 0 turns it off."""
+    return unhealthy > 0 and healthy < threshold * (healthy + unhealthy)
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """Which of a role's nodes take requests now."""
+
+    members: tuple[int, ...]  # indices into the nodes given to ``rotation``, in their order
+    panic: bool  # True: below the panic threshold, routing to every candidate
+    routable: int  # how many of them are routable (the serving mode counts these, not the panic ones)
+
+
+def rotation(nodes: Sequence[tuple[str, str]], threshold: float) -> Rotation:
+    """The nodes of one role of a model (``(state, health)`` pairs) that take requests: the
+    routable ones, or, below the panic threshold, the routable ones and the panic candidates.
+
+    The serving mode is decided on the routable counts (``serving_mode``), and only the roles that
+    mode needs route in panic: a sick prefill node must not turn an ``auto`` model away from a
+    healthy hybrid node."""
+    healthy = [i for i, pair in enumerate(nodes) if pair == ROUTABLE]
+    sick = [i for i, pair in enumerate(nodes) if pair == PANIC_CANDIDATE]
+    if in_panic(len(healthy), len(sick), threshold):
+        return Rotation(tuple(sorted(healthy + sick)), True, len(healthy))
+    return Rotation(tuple(healthy), False, len(healthy))
 
 
 def is_healthy(*, routable: bool, health: str, breaker: str | None) -> bool:
@@ -104,11 +150,18 @@ class Readiness:
     mode: str  # pd or hybrid
     healthy_nodes: dict[str, int]  # per needed role
     reasons: list[str]  # empty when ready
+    panic: dict[str, int] = field(default_factory=dict)  # role -> nodes it routes to in panic
 
 
-def readiness(mode: str, healthy: Mapping[str, int]) -> Readiness:
+def readiness(mode: str, healthy: Mapping[str, int], panic: Mapping[str, int] | None = None) -> Readiness:
     """A model served in ``mode`` with ``healthy`` nodes per role (see ``is_healthy``) is ready
-    when every role it needs has at least one."""
+    when every role it needs has at least one. ``panic`` names the roles routing to all their
+    candidates (``rotation``) and how many: shown, but it does not make a model ready."""
     counts = {role: healthy.get(role, 0) for role in needed_roles(mode)}
     reasons = [f"no healthy {role} node" for role, count in counts.items() if count == 0]
-    return Readiness(ready=not reasons, mode=mode, healthy_nodes=counts, reasons=reasons)
+    return Readiness(ready=not reasons, mode=mode, healthy_nodes=counts, reasons=reasons, panic=dict(panic or {}))
+
+
+def panic_label(role: str, count: int) -> str:
+    """How the dashboard and the logs say it: "panic: routing to all 3 hybrid nodes"."""
+    return f"panic: routing to all {count} {role} node{'' if count == 1 else 's'}"

@@ -3,19 +3,23 @@ Requests page's filter options.
 
 Plain queries returning JSON-ready TypedDicts (the dashboard's page, its ``/dashboard/data`` view
 and its WebSocket consumer all send the same shapes). Blocking: call them from a sync view or
-through ``database_sync_to_async``.
+through ``database_sync_to_async``. Node health is live state: the callers pass the prober's records
+(``nodes.live.health``), and a node without one shows the health the database last recorded.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections import defaultdict
-from datetime import datetime
-from typing import TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
+from django.conf import settings
 from django.urls import reverse
 
 from . import rules
 from .choices import NodeRole, NodeState, ServingMode, SyncState
+from .live.health import HealthRecord
 from .masking import mask_credentials
 from .models import ApiKey, ControlPlane, ModelAlias, Node, RoutePolicy
 
@@ -42,6 +46,8 @@ class ModelCard(TypedDict):
     effective_mode: str  # what the proxy does now: hybrid or pd
     ready: bool
     reasons: list[str]  # why the model is not ready (empty when it is)
+    panic: dict[str, int]  # role -> nodes it routes to below its panic threshold (``nodes.rules.in_panic``)
+    panic_notes: list[str]  # the same, as the page says it ("panic: routing to all 3 hybrid nodes")
     nodes: list[int]
 
 
@@ -59,12 +65,14 @@ class ControlPlaneRow(TypedDict):
     admin_url: str
 
 
-def _iso(value: datetime | None) -> str | None:
+def _iso(value: datetime.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def node_rows() -> list[NodeRow]:
-    """Every node, gone ones too (an operator sees what vanished), ordered by URL."""
+def node_rows(health: Mapping[int, HealthRecord] | None = None) -> list[NodeRow]:
+    """Every node, gone ones too (an operator sees what vanished), ordered by URL, with its live
+    health from ``health`` (the prober's records) when it has one."""
+    health = health or {}
     models: dict[int, set[str]] = defaultdict(set)
     for node_id, served in ModelAlias.objects.filter(node__isnull=False).values_list("node_id", "served_name"):
         models[node_id].add(served)
@@ -72,6 +80,8 @@ def node_rows() -> list[NodeRow]:
     for node in Node.objects.order_by("url").values(
         "id", "url", "name", "engine_type", "role", "state", "health", "consecutive_failures", "last_checked_at"
     ):
+        record = health.get(node["id"])
+        state = record.state if record else node["health"]
         rows.append(
             NodeRow(
                 id=node["id"],
@@ -80,11 +90,15 @@ def node_rows() -> list[NodeRow]:
                 engine_type=node["engine_type"],
                 role=node["role"],
                 state=node["state"],
-                health=node["health"],
-                routable=rules.is_routable(node["state"], node["health"]),
+                health=state,
+                routable=rules.is_routable(node["state"], state),
                 models=sorted(models[node["id"]]),
-                consecutive_failures=node["consecutive_failures"],
-                last_checked_at=_iso(node["last_checked_at"]),
+                consecutive_failures=record.failures if record else node["consecutive_failures"],
+                last_checked_at=(
+                    datetime.datetime.fromtimestamp(record.at, tz=datetime.UTC).isoformat()
+                    if record
+                    else _iso(node["last_checked_at"])
+                ),
                 admin_url=reverse("admin:nodes_node_change", args=[node["id"]]),
             )
         )
@@ -92,24 +106,32 @@ def node_rows() -> list[NodeRow]:
 
 
 def model_readiness(
-    serving_mode: str, nodes: list[NodeRow], breakers: dict[int, str] | None = None
-) -> tuple[bool, str, list[str]]:
-    """Whether a model can be served by healthy nodes now, the mode it is served in, and why not:
-    ``nodes.rules``, the proxy's ``GET /health/ready`` answer, applied to the model's nodes and
-    ``breakers`` (node id -> circuit-breaker state)."""
+    serving_mode: str,
+    nodes: list[NodeRow],
+    breakers: dict[int, str] | None = None,
+    panic_threshold: float | None = None,
+) -> tuple[bool, str, list[str], dict[str, int]]:
+    """Whether a model can be served by healthy nodes now, the mode it is served in, why not, and
+    the roles routing in panic: ``nodes.rules``, the proxy's ``GET /health/ready`` answer, applied
+    to the model's nodes and ``breakers`` (node id -> circuit-breaker state)."""
     breakers = breakers or {}
-    routable = dict.fromkeys(NodeRole.values, 0)
+    threshold = settings.ROUTERPANEL_HEALTH_PANIC_THRESHOLD if panic_threshold is None else panic_threshold
+    rotations = {
+        role: rules.rotation([(node["state"], node["health"]) for node in nodes if node["role"] == role], threshold)
+        for role in NodeRole.values
+    }
     healthy = dict.fromkeys(NodeRole.values, 0)
     for node in nodes:
-        if node["routable"]:
-            routable[node["role"]] += 1
         if rules.is_healthy(routable=node["routable"], health=node["health"], breaker=breakers.get(node["id"])):
             healthy[node["role"]] += 1
     mode = rules.serving_mode(
-        serving_mode, routable=routable, has_split_nodes=any(node["role"] != NodeRole.HYBRID for node in nodes)
+        serving_mode,
+        routable={role: rotation.routable for role, rotation in rotations.items()},
+        has_split_nodes=any(node["role"] != NodeRole.HYBRID for node in nodes),
     )
-    result = rules.readiness(mode, healthy)
-    return result.ready, result.mode, result.reasons
+    panic = {role: len(rotations[role].members) for role in rules.needed_roles(mode) if rotations[role].panic}
+    result = rules.readiness(mode, healthy, panic)
+    return result.ready, result.mode, result.reasons, result.panic
 
 
 def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) -> list[ModelCard]:
@@ -120,15 +142,21 @@ def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) ->
             continue
         for model in node["models"]:
             by_model[model].append(node)
-    policies = {
+    policies: dict[str, Mapping[str, Any]] = {
         row["model"]: row
-        for row in RoutePolicy.objects.filter(enabled=True).values("model", "strategy", "serving_mode")
+        for row in RoutePolicy.objects.filter(enabled=True).values(
+            "model", "strategy", "serving_mode", "panic_threshold"
+        )
     }
-    default = policies.get("", {"strategy": "round_robin", "serving_mode": ServingMode.AUTO})
+    default: Mapping[str, Any] = policies.get(
+        "", {"strategy": "round_robin", "serving_mode": ServingMode.AUTO, "panic_threshold": None}
+    )
     cards: list[ModelCard] = []
     for name in sorted(by_model):
         policy = policies.get(name, default)
-        ready, mode, reasons = model_readiness(policy["serving_mode"], by_model[name], breakers)
+        ready, mode, reasons, panic = model_readiness(
+            policy["serving_mode"], by_model[name], breakers, policy["panic_threshold"]
+        )
         cards.append(
             ModelCard(
                 name=name,
@@ -137,6 +165,8 @@ def model_cards(nodes: list[NodeRow], breakers: dict[int, str] | None = None) ->
                 effective_mode=mode,
                 ready=ready,
                 reasons=reasons,
+                panic=panic,
+                panic_notes=[rules.panic_label(role, count) for role, count in panic.items()],
                 nodes=[node["id"] for node in by_model[name]],
             )
         )
@@ -175,10 +205,11 @@ class FleetState(TypedDict):
     control_planes: list[ControlPlaneRow]
 
 
-def fleet_state(breakers: dict[int, str] | None = None) -> FleetState:
-    """Everything the dashboard shows from the database, in one call (a handful of queries);
-    ``breakers`` (node id -> circuit-breaker state) count in the models' readiness."""
-    nodes = node_rows()
+def fleet_state(breakers: dict[int, str] | None = None, health: Mapping[int, HealthRecord] | None = None) -> FleetState:
+    """Everything the dashboard shows from the database, in one call (a handful of queries), with
+    the live state: ``breakers`` (node id -> circuit-breaker state) count in the models' readiness,
+    ``health`` (the prober's records) gives each node its live health."""
+    nodes = node_rows(health)
     return FleetState(nodes=nodes, models=model_cards(nodes, breakers), control_planes=control_plane_rows())
 
 

@@ -22,13 +22,6 @@ def sync_control_plane(control_plane_id: int) -> dict:
     return {"ok": result.ok, "skipped": result.skipped, "reason": result.reason, **result.counts()}
 
 
-@shared_task(name="nodes.check_health", ignore_result=True)
-def check_health() -> dict:
-    """Probe every active node's /health (scheduled by beat every ROUTERPANEL_HEALTH_INTERVAL s)."""
-    report = services.health_check_nodes()
-    return {"checked": report.checked, "unhealthy": report.unhealthy, "skipped": report.skipped}
-
-
 @shared_task(name="nodes.record_key_usage", ignore_result=True)
 def record_key_usage() -> int:
     """Copy the proxy's per-key last-use times into the database (for the admin and the API)."""

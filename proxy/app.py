@@ -24,6 +24,7 @@ from . import snapshot as snapshots
 from .breaker import Breakers
 from .errors import ProxyError, bad_request
 from .explain import Explainer, Explanation
+from .health import LiveHealth
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .loops import check_hops, hop_value
@@ -71,15 +72,19 @@ class ProxyApp:
                 failures=settings.ROUTERPANEL_BREAKER_FAILURES, cooldown=settings.ROUTERPANEL_BREAKER_COOLDOWN
             ),
             share_counters=share,
+            health=LiveHealth(apply_interval=settings.ROUTERPANEL_PROXY_HEALTH_APPLY_INTERVAL),
         )
         self.router = router or Router(
             load=self.shared.load if share else None, breakers=self.shared.breakers if share else None
         )
         self.shared.inflight = self.router.load.counts  # live per-node figures for the dashboard
         self.watcher = watcher or SnapshotWatcher()
-        # This worker learns that a node turned unhealthy from the snapshots it installs: requests
-        # still waiting for that node's first byte are retried elsewhere (``Router.eject``).
+        self.watcher.overlay = self.shared.health.overlay  # every rebuilt snapshot routes by the live health
+        # This worker learns that a node turned unhealthy from the snapshots it installs, rebuilt from
+        # the configuration or recomputed from the live health: requests still waiting for that node's
+        # first byte are retried elsewhere (``Router.eject``).
         self.watcher.on_install = self.router.eject_unhealthy
+        self.shared.health.on_install = self.router.eject_unhealthy
         self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY
         self.max_body = settings.ROUTERPANEL_MAX_BODY_BYTES
@@ -118,7 +123,12 @@ class ProxyApp:
                 await self.models(scope, send)
             elif path == "/health":
                 body = json.dumps(
-                    {"status": "ok", "snapshot_version": snapshots.current().version, "pid": os.getpid()}
+                    {
+                        "status": "ok",
+                        "snapshot_version": snapshots.current().version,
+                        "health_version": self.shared.health.applied(),
+                        "pid": os.getpid(),
+                    }
                 ).encode()
                 await send_bytes(send, 200, body)
             elif path == "/health/ready":
@@ -136,6 +146,10 @@ class ProxyApp:
         """Build the first snapshot and start the watcher on this loop (uvicorn's lifespan start-up;
         under daphne, which has no lifespan, the first request)."""
         await self.watcher.ensure_started()
+        try:
+            await self.shared.read_health()  # route by the live health from the first request on
+        except Exception as exc:  # Redis away: the database's health until the loop reads it
+            logger.warning("could not read the live node health at start-up (%s); using the database's", exc)
         self.shared.start()
         # Django, DRF and friends leave ~100k long-lived objects; keep the cyclic GC from rescanning
         # them on every full collection (cheaper per request, and no periodic pauses; see

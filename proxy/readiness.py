@@ -3,7 +3,9 @@
 The rules are ``nodes.rules`` (the dashboard shows the same answer): a model served in PD mode is
 ready only with at least one healthy prefill and one healthy decode node; a hybrid model needs one
 healthy hybrid node. "Healthy" is strict: the active health check said so (``unknown`` is not
-enough) and the node's circuit breaker is not open.
+enough; the live state, ``Snapshot.health_of``) and the node's circuit breaker is not open. A role
+below its panic threshold is reported (``panic``: how many nodes it routes to) without counting
+its sick nodes as healthy.
 """
 
 from __future__ import annotations
@@ -17,23 +19,26 @@ from .breaker import Breakers
 from .snapshot import Route, Snapshot
 
 
-def _healthy(route: Route, role: str, breakers: Breakers) -> int:
-    return sum(
-        1
-        for t in route.by_role(role)
-        if rules.is_healthy(routable=t.node.routable, health=t.node.health, breaker=breakers.state(t.node.id))
-    )
+def _healthy(snapshot: Snapshot, route: Route, role: str, breakers: Breakers) -> int:
+    count = 0
+    for target in route.by_role(role):
+        node = target.node
+        health = snapshot.health_of(node)
+        routable = rules.is_routable(node.state, health)
+        count += rules.is_healthy(routable=routable, health=health, breaker=breakers.state(node.id))
+    return count
 
 
-def model_readiness(route: Route, breakers: Breakers) -> dict[str, Any]:
-    healthy = {role: _healthy(route, role, breakers) for role in rules.needed_roles(route.mode)}
-    return dataclasses.asdict(rules.readiness(route.mode, healthy))
+def model_readiness(snapshot: Snapshot, route: Route, breakers: Breakers) -> dict[str, Any]:
+    healthy = {role: _healthy(snapshot, route, role, breakers) for role in rules.needed_roles(route.mode)}
+    panic = {role: len(route.by_role(role)) for role in route.panic}
+    return dataclasses.asdict(rules.readiness(route.mode, healthy, panic))
 
 
 def readiness(snapshot: Snapshot, breakers: Breakers) -> tuple[bool, dict[str, Any]]:
     """(every model ready, the report). Aliases are left out: they share their model's answer."""
     models = {
-        name: model_readiness(route, breakers)
+        name: model_readiness(snapshot, route, breakers)
         for name, route in sorted(snapshot.routes.items())
         if name in route.served_names
     }

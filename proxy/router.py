@@ -227,11 +227,12 @@ class Router:
         return len(waiters)
 
     def eject_unhealthy(self, snapshot: Snapshot) -> int:
-        """``eject`` every node that ``snapshot`` (just installed) says is unhealthy; only the nodes
-        with waiters are looked at, so this costs nothing while nobody waits."""
+        """``eject`` every node that ``snapshot`` (just installed) says is unhealthy, by the live health
+        it routes by (``Snapshot.health_of``); only the nodes with waiters are looked at, so this costs
+        nothing while nobody waits."""
         ejected = 0
         for node_id in list(self._waiting):
             node = snapshot.nodes.get(node_id)
-            if node is not None and node.health == NodeHealth.UNHEALTHY:
+            if node is not None and snapshot.health_of(node) == NodeHealth.UNHEALTHY:
                 ejected += self.eject(node_id)
         return ejected

@@ -10,10 +10,12 @@ serving on its own counts (the local fallback) until Redis is back. See
 docs/decisions/0005-counters-shared-through-redis.md.
 
 The same loop carries the circuit breakers' transitions (``proxy.breaker``), the API keys' last use,
-every ``stats_every``-th tick (about once a second), this worker's live statistics snapshot for the
-dashboard (``proxy.stats``), and the requests' explanations in batches (``proxy.explain``). Every
-key name and codec is in ``nodes.live``; all of them
-expire on their own when a worker dies, and its entry in the registry of workers
+the live node health the prober publishes (``proxy.health``), every ``stats_every``-th tick (about
+once a second) this worker's live statistics snapshot for the dashboard (``proxy.stats``), and the
+requests' explanations in batches (``proxy.explain``). Breakers and health are versioned hashes:
+each tick reads two small counters and a hash only when its counter moved, so a fleet of thousands
+of nodes costs nothing while nothing changes. Every key name and codec is in ``nodes.live``; the
+per-worker keys expire on their own when a worker dies, and its entry in the registry of workers
 (``nodes.live.workers``) is dropped a minute later.
 """
 
@@ -33,9 +35,11 @@ from nodes.live import keys
 from nodes.live import stats as live_stats
 from nodes.live import workers as live_workers
 from nodes.live.breakers import BreakerRecord, decode
+from nodes.live.breakers import queue_write as queue_breakers
 
 from .breaker import Breakers
 from .explain import Explainer
+from .health import LiveHealth
 from .load import KeyLimiter, LocalLoadTracker
 from .snapshot import KeyView, NodeView
 from .stats import STATS, NodeStats
@@ -143,6 +147,7 @@ class SharedCounters:
         inflight: Callable[[], dict[int, int]] | None = None,
         stats_interval: float = live_stats.PUBLISH_INTERVAL,
         worker: str | None = None,
+        health: LiveHealth | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.interval = interval
@@ -152,6 +157,8 @@ class SharedCounters:
         self.load = SharedLoadTracker(self.view)
         self.limiter = SharedKeyLimiter(self.view)
         self.breakers = breakers or Breakers()
+        self.health = health or LiveHealth()
+        self._breakers_version: bytes | None = None  # the breaker hash's version last adopted
         self.key_used: dict[int, float] = {}  # key id -> last use since the previous sync
         self.stats = stats
         self.inflight: Callable[[], dict[int, int]] = inflight or self.load.counts
@@ -223,10 +230,14 @@ class SharedCounters:
                 await asyncio.sleep(max(self.interval, 0.5))
 
     async def tick(self) -> None:
-        """One turn of the loop: the counters every time, the statistics every ``stats_every``-th
-        (retried on the next tick when it fails)."""
+        """One turn of the loop: the counters and the live health every time, the statistics every
+        ``stats_every``-th (retried on the next tick when it fails)."""
         if self.share_counters:
-            await self.sync_once()
+            health_version = await self.sync_once()
+        else:
+            health_version = await self.client().get(keys.HEALTH_VERSION)
+        await self.health.refresh(self.client(), health_version)
+        await self.health.apply_due()
         self._ticks_to_stats -= 1
         if self._ticks_to_stats <= 0:
             await self.publish_stats()
@@ -247,8 +258,15 @@ class SharedCounters:
             await pipe.execute()
         self.published += 1
 
-    async def sync_once(self) -> None:
-        """Publish this worker's counts and read everyone else's (one round trip each way)."""
+    async def read_health(self) -> None:
+        """Read the live health now and apply it at once (start-up, before the first request)."""
+        client = self.client()
+        await self.health.refresh(client, await client.get(keys.HEALTH_VERSION))
+        await self.health.apply_due(force=True)
+
+    async def sync_once(self) -> bytes | str | None:
+        """Publish this worker's counts and read everyone else's (one round trip each way, and one
+        more for the breaker hash when its version moved); returns the live health's version."""
         client = self.client()
         ttl_ms = int(max(self.view.stale_after, self.interval * 5) * 1000)
         load_key, keys_key = keys.worker_load_key(self.worker), keys.worker_keys_key(self.worker)
@@ -267,17 +285,22 @@ class SharedCounters:
                 pipe.hset(keys.KEYS_LAST_USED, mapping={str(k): repr(t) for k, t in used.items()})
             transitions = self.breakers.take_pending()
             if transitions:
-                pipe.hset(keys.BREAKERS, mapping=transitions)
-            pipe.hgetall(keys.BREAKERS)
+                queue_breakers(pipe, transitions)
+            pipe.get(keys.BREAKERS_VERSION)
+            pipe.get(keys.HEALTH_VERSION)
             live_workers.queue_seen(pipe, self.worker, time.time())
             pipe.zrange(keys.WORKERS, 0, -1)
             results = await pipe.execute()
-        remote: dict[int, BreakerRecord] = {}
-        for node_id, raw in results[-4].items():  # the hash, then the two writes of queue_seen, then the list
-            record = decode(raw)
-            if record is not None:
-                remote[int(node_id)] = record
-        self.breakers.adopt(remote)
+        # The two versions, then the two writes of queue_seen, then the list of workers.
+        breakers_version, health_version = results[-5] or b"", results[-4]
+        if breakers_version != self._breakers_version:
+            remote: dict[int, BreakerRecord] = {}
+            for node_id, raw in (await client.hgetall(keys.BREAKERS)).items():
+                record = decode(raw)
+                if record is not None:
+                    remote[int(node_id)] = record
+            self.breakers.adopt(remote)
+            self._breakers_version = breakers_version
         others = [w for w in live_workers.names(results[-1]) if w != self.worker]
         other_load: dict[int, int] = {}
         other_keys: dict[str, int] = {}
@@ -296,3 +319,4 @@ class SharedCounters:
                     other_keys[name] = other_keys.get(name, 0) + int(count)
         self.view.load, self.view.keys = other_load, other_keys
         self.view.synced_at = time.monotonic()
+        return health_version

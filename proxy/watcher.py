@@ -7,9 +7,11 @@ Three signals, from fastest to most robust:
 3. A database poll of ``ConfigVersion`` every ``ROUTERPANEL_PROXY_DB_POLL_INTERVAL`` (5 s), or every
    second while Redis is unreachable, so a Redis outage only delays changes.
 
-A rebuild reads the database in a dedicated worker thread (never on the event loop) and swaps the
-snapshot in one assignment. A failed rebuild keeps the previous snapshot and is retried on the next
-tick.
+A rebuild reads the database in a dedicated worker thread (never on the event loop), lays the live
+node health over it there (``overlay``: ``proxy.health.LiveHealth.overlay``) and swaps the snapshot
+in one assignment. A failed rebuild keeps the previous snapshot and is retried on the
+next tick. Health changes never come this way: they are live state, not configuration
+(docs/decisions/0008-health-as-live-state.md).
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ def _in_thread(func: Callable[[], _T]) -> Callable[[], _T]:
 
 
 class SnapshotWatcher:
-    def __init__(self, on_install: Callable[[snapshots.Snapshot], object] | None = None) -> None:
+    def __init__(
+        self,
+        overlay: Callable[[snapshots.Snapshot], snapshots.Snapshot] | None = None,
+        on_install: Callable[[snapshots.Snapshot], object] | None = None,
+    ) -> None:
+        self.overlay = overlay  # applied to every rebuilt snapshot before it is installed
         # Called with every snapshot installed, on the loop (``Router.eject_unhealthy``: requests
         # waiting on a node that is now unhealthy go elsewhere).
         self.on_install = on_install
@@ -110,8 +117,14 @@ class SnapshotWatcher:
         """Rebuild the snapshot now; returns False (keeping the old one) if the database failed."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        overlay = self.overlay
+
+        def build() -> snapshots.Snapshot:
+            new = snapshots.build_snapshot()
+            return new if overlay is None else overlay(new)
+
         try:
-            new = await loop.run_in_executor(self._executor, _in_thread(snapshots.build_snapshot))
+            new = await loop.run_in_executor(self._executor, _in_thread(build))
         except Exception:
             logger.exception(
                 "could not rebuild the routing snapshot (%s); keeping version %s", reason, snapshots.current().version

@@ -209,21 +209,36 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
-# Active health checks (see nodes/health.py): with the defaults a dead node is marked unhealthy
-# about 2 s after it stops answering, and healthy again about 2 s after it recovers.
-ROUTERPANEL_HEALTH_INTERVAL = env_float("ROUTERPANEL_HEALTH_INTERVAL", 1.0, minimum=0.2)
-ROUTERPANEL_HEALTH_TIMEOUT = env_float("ROUTERPANEL_HEALTH_TIMEOUT", 0.5, minimum=0.05)
+# Active health checks: the prober (`manage.py run_prober`, nodes/prober/) probes each active or
+# draining node's GET /health every INTERVAL seconds (with jitter, each node at its own phase) and
+# gives up on a probe after TIMEOUT. A healthy node turns unhealthy after FAILURES failed probes in a
+# row, an unhealthy one healthy after SUCCESSES; a node never probed turns healthy at its first
+# success. With the defaults a dead node leaves its routes 4-5 s after it stops answering. A
+# control plane or a node may set its own values (empty fields use these).
+ROUTERPANEL_HEALTH_INTERVAL = env_float("ROUTERPANEL_HEALTH_INTERVAL", 2.0, minimum=0.2)
+ROUTERPANEL_HEALTH_TIMEOUT = env_float("ROUTERPANEL_HEALTH_TIMEOUT", 1.0, minimum=0.05)
 ROUTERPANEL_HEALTH_FAILURES = env_int("ROUTERPANEL_HEALTH_FAILURES", 2, minimum=1)
 ROUTERPANEL_HEALTH_SUCCESSES = env_int("ROUTERPANEL_HEALTH_SUCCESSES", 2, minimum=1)
-ROUTERPANEL_HEALTH_HISTORY = env_int("ROUTERPANEL_HEALTH_HISTORY", 100, minimum=1)
+# Probes kept per node in Redis for the admin's "recent probes".
+ROUTERPANEL_HEALTH_HISTORY = env_int("ROUTERPANEL_HEALTH_HISTORY", 20, minimum=0)
+# Envoy's panic threshold: when fewer than this fraction of a model's probed active nodes of a role
+# pass health, route to all of them rather than to the few (or none). 0 turns it off; a route policy
+# may set its own. See docs/decisions/0008-health-as-live-state.md.
+ROUTERPANEL_HEALTH_PANIC_THRESHOLD = env_float("ROUTERPANEL_HEALTH_PANIC_THRESHOLD", 0.5, minimum=0.0)
+if ROUTERPANEL_HEALTH_PANIC_THRESHOLD > 1:
+    raise ImproperlyConfigured("ROUTERPANEL_HEALTH_PANIC_THRESHOLD must be between 0 and 1.")
+# Probe a node at once when it is registered through the REST API or /nodes/add, so it takes
+# traffic as soon as it answers (a node never probed takes none).
+ROUTERPANEL_HEALTH_PROBE_ON_REGISTER = env_bool("ROUTERPANEL_HEALTH_PROBE_ON_REGISTER", True)
+# The prober: probes in flight at most; a probe sent later than MAX_LAG after its time, or whose
+# failure overlaps a stall of the prober's own event loop longer than MAX_LAG, decides nothing;
+# results are published every FLUSH_INTERVAL seconds.
+ROUTERPANEL_PROBER_CONCURRENCY = env_int("ROUTERPANEL_PROBER_CONCURRENCY", 512, minimum=1)
+ROUTERPANEL_PROBER_MAX_LAG = env_float("ROUTERPANEL_PROBER_MAX_LAG", 0.2, minimum=0.01)
+ROUTERPANEL_PROBER_FLUSH_INTERVAL = env_float("ROUTERPANEL_PROBER_FLUSH_INTERVAL", 0.5, minimum=0.05)
 # Beat's static schedule (django-celery-beat copies it into the database, where the admin shows it).
 # `expires` just under the interval: a backlog never piles up runs.
 CELERY_BEAT_SCHEDULE = {
-    "health-check": {
-        "task": "nodes.check_health",
-        "schedule": ROUTERPANEL_HEALTH_INTERVAL,
-        "options": {"expires": ROUTERPANEL_HEALTH_INTERVAL * 0.9},
-    },
     "api-key-usage": {"task": "nodes.record_key_usage", "schedule": 30.0, "options": {"expires": 27.0}},
 }
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
@@ -384,6 +399,9 @@ ROUTERPANEL_DEPLOYMENT_ID = (
         hashlib.sha256,
     ).hexdigest()[:16]
 )
+# Live node health reaches each web worker within a tick of its loop; the routes are recomputed
+# from it at most this often (a burst of transitions costs one recomputation per interval).
+ROUTERPANEL_PROXY_HEALTH_APPLY_INTERVAL = env_float("ROUTERPANEL_PROXY_HEALTH_APPLY_INTERVAL", 1.0, minimum=0.0)
 # Request explanations (docs/architecture.md, "Request explanations"): each proxied request's
 # decision record, kept in one Redis stream of at most ROUTERPANEL_EXPLAIN_MAX_RECORDS entries,
 # none older than ROUTERPANEL_EXPLAIN_RETENTION seconds; shown on /dashboard/requests/ and at

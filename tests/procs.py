@@ -152,3 +152,8 @@ def uvicorn_argv(port: int) -> list[str]:
 def celery_argv(*args: str) -> list[str]:
     """A Celery process of RouterPanel's (``celery_argv("worker", "--concurrency=1")``)."""
     return [str(BIN / "celery"), "-A", "routerpanel", *args, "-l", "WARNING"]
+
+
+def prober_argv() -> list[str]:
+    """RouterPanel's prober (`manage.py run_prober`): the active health checks, one per deployment."""
+    return [PYTHON, "manage.py", "run_prober"]

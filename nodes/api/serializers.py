@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ from rest_framework import serializers
 from nodes import services
 from nodes.choices import ENDPOINTS_HELP, ChangeVia, Endpoint, NodeRole
 from nodes.engine_detect import choose_engine_type, with_detection
+from nodes.live.health import HealthRecord
 from nodes.masking import mask_credentials
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
 from nodes.networks import validate_node_url
@@ -133,6 +135,10 @@ class NodeSerializer(RegistrySerializer):
             "kv_connector_address",
             "metadata",
             "endpoints",
+            "health_interval",
+            "health_timeout",
+            "health_failures",
+            "health_successes",
             "models",
             "model_path",
             "served_models",
@@ -147,6 +153,17 @@ class NodeSerializer(RegistrySerializer):
 
     def get_served_models(self, node: Node) -> list[str]:
         return node.served_models
+
+    def to_representation(self, node: Node) -> dict[str, Any]:
+        """The health fields from the live state when it has the node (``context["health"]``, read
+        once per response by the view), else as the database last recorded them."""
+        data = super().to_representation(node)
+        record: HealthRecord | None = (self.context.get("health") or {}).get(node.pk)
+        if record is not None:
+            data["health"] = record.state
+            data["consecutive_failures"] = record.failures
+            data["last_checked_at"] = datetime.datetime.fromtimestamp(record.at, tz=datetime.UTC).isoformat()
+        return data
 
     def validate_url(self, value: str) -> str:
         """Checked before the node's engine is asked its type, and kept as written: the model stores
@@ -214,6 +231,7 @@ class RoutePolicySerializer(ServiceModelSerializer):
             "total_timeout",
             "prefix_min_match",
             "prefix_load_factor",
+            "panic_threshold",
             "enabled",
             "created_at",
             "updated_at",
@@ -263,6 +281,10 @@ class ControlPlaneSerializer(ServiceModelSerializer):
             "registration_token_prefix",
             "registration_token",
             "registration_url",
+            "health_interval",
+            "health_timeout",
+            "health_failures",
+            "health_successes",
             "sync_state",
             "last_sync_at",
             "last_sync_duration_ms",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.db.models import Model, Q, QuerySet
@@ -16,6 +17,8 @@ from rest_framework.response import Response
 
 from nodes import services
 from nodes.choices import ChangeVia, EngineType, NodeHealth, NodeRole, NodeSource, NodeState
+from nodes.live import health as live_health
+from nodes.live.connection import client as redis_client
 from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
 
 from . import serializers as s
@@ -121,6 +124,25 @@ class NodeViewSet(ServiceModelViewSet):
     serializer_class = s.NodeSerializer
     filterset_class = NodeFilter
 
+    def get_serializer(self, *args: Any, **kwargs: Any) -> serializers.BaseSerializer:
+        """Serializers of nodes to show get their live health, read once for the whole response."""
+        instance = args[0] if args else kwargs.get("instance")
+        if instance is not None:
+            nodes = instance if isinstance(instance, list | QuerySet) else [instance]
+            ids = [node.pk for node in nodes if isinstance(node, Node) and node.pk]
+            kwargs["context"] = {
+                **self.get_serializer_context(),
+                "health": live_health.read_records_sync(redis_client(), ids) or {},
+            }
+        return super().get_serializer(*args, **kwargs)
+
+    def perform_create(self, serializer: serializers.BaseSerializer) -> None:
+        """Create, then probe the node at once: it takes traffic after its first good probe."""
+        node = serializer.save()
+        if settings.ROUTERPANEL_HEALTH_PROBE_ON_REGISTER:
+            report = services.health_check_nodes(node_ids=[node.pk])
+            serializer.context["health"] = report.records  # the answer shows what the probe found
+
     def _state_action(self, request: Request, service: services.NodeAction) -> Response:
         node = service(node=self.get_object(), actor=_actor(request))
         return Response(self.get_serializer(node).data)
@@ -140,11 +162,14 @@ class NodeViewSet(ServiceModelViewSet):
     @extend_schema(request=None, responses=s.NodeSerializer)
     @action(detail=True, methods=["post"])
     def probe(self, request: Request, pk: str | None = None) -> Response:
-        """Probe the node's /health now and apply the health hysteresis; returns the node."""
+        """Probe the node's /health now (through the prober when one runs) and apply the health
+        hysteresis; returns the node with its live health."""
         node = self.get_object()
-        services.health_check_nodes(node_ids=[node.pk])
+        report = services.health_check_nodes(node_ids=[node.pk])
         node.refresh_from_db()
-        return Response(self.get_serializer(node).data)
+        serializer = self.get_serializer(node)
+        serializer.context["health"] = report.records or serializer.context.get("health", {})
+        return Response(serializer.data)
 
     @extend_schema(request=None, responses=s.NodeSerializer)
     @action(detail=True, methods=["post"])

@@ -11,6 +11,7 @@ An unknown token is a 404 like any unknown URL, and says nothing more.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema
 from rest_framework.permissions import AllowAny
@@ -73,6 +74,9 @@ class RegisterAddView(RegistrationView):
             raise compat_error(f"Failed to add node: {exc}", 409) from None
         except DjangoValidationError as exc:
             raise compat_error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
+        if settings.ROUTERPANEL_HEALTH_PROBE_ON_REGISTER:
+            # It takes traffic after its first good probe (once approved, when pending): probe it now.
+            services.health_check_nodes(node_ids=[node.pk])
         if node.state == NodeState.PENDING:
             return Response({"message": "Added successfully; waiting for an operator's approval.", "state": node.state})
         return Response({"message": "Added successfully.", "state": node.state})

@@ -201,9 +201,12 @@ class AddView(CompatView):
         if metadata != (existing.metadata if existing else {}):
             fields["metadata"] = metadata
         try:
-            services.node_upsert(actor=self.actor(), url=url, models=models, **fields)
+            node, _ = services.node_upsert(actor=self.actor(), url=url, models=models, **fields)
         except DjangoValidationError as exc:
             raise compat_error(f"Failed to add node: {' '.join(exc.messages)}", 400) from None
+        if settings.ROUTERPANEL_HEALTH_PROBE_ON_REGISTER:
+            # It takes traffic after its first good probe: probe it now rather than at the prober's leisure.
+            services.health_check_nodes(node_ids=[node.pk])
         return Response({"message": "Added successfully."})
 
 

@@ -1,8 +1,10 @@
 """The circuit-breaker hash (``keys.BREAKERS``): its record, its codec, and reading it.
 
 Each web worker's breakers (``proxy.breaker``) queue their transitions; the worker's sync loop
-writes them as records here and adopts records newer than its own. The dashboard and the admin
-read the same hash to show a breaker per node.
+writes them as records here, advancing ``keys.BREAKERS_VERSION`` with each write, and reads the
+hash back (adopting records newer than its own) only when that version moved: the same versioned
+live state as node health (``nodes.live.health``). The dashboard and the admin read the hash to
+show a breaker per node.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from ..choices import BreakerState
 from . import keys
@@ -30,6 +33,13 @@ class BreakerRecord:
     state: str  # a BreakerState value
     until: float  # wall-clock time an open breaker's cool-down ends
     at: float  # wall-clock time of the transition (the newest wins across workers)
+
+
+def queue_write(pipe: Any, fields: Mapping[FieldT, EncodableT]) -> None:
+    """Queue on a Redis pipeline the write of encoded records (node id -> ``encode(record)``) and the
+    version's advance that tells the other workers to read them."""
+    pipe.hset(keys.BREAKERS, mapping=dict(fields))
+    pipe.incr(keys.BREAKERS_VERSION)
 
 
 def encode(record: BreakerRecord) -> str:

@@ -29,6 +29,8 @@ def config_version_key() -> str:
 # Hash: node id -> the node's circuit breaker as its last transition left it (``nodes.live.breakers``).
 # Every worker writes its transitions and adopts newer ones; the dashboard and the admin read it.
 BREAKERS = "routerpanel:breakers"
+# Counter: advanced with every write to ``BREAKERS``, so a worker reads the hash only when it moved.
+BREAKERS_VERSION = "routerpanel:breakers:version"
 
 # Hash: API key id -> Unix time of its last use; copied to ApiKey.last_used_at by a periodic task
 # (``nodes.tasks.record_key_usage``).
@@ -70,15 +72,31 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-# -- Written by the health checker and the registry sync (Celery) ------------------------------
+# -- Written by the prober (``manage.py run_prober``; ``nodes.live.health``) -------------------
 
-# Lock: one health-check run at a time across every Celery worker.
-HEALTH_LOCK = "routerpanel:health-lock"
+# String: every node's health state, one JSON object (node id -> ``NodeHealth`` value), written on
+# transitions (batched) and now and then in any case. Every web worker reads it when ``HEALTH_VERSION``
+# moved and routes by it; see docs/decisions/0008-health-as-live-state.md.
+HEALTH_STATES = "routerpanel:health-states"
+# Counter: advanced with every write to ``HEALTH_STATES``.
+HEALTH_VERSION = "routerpanel:health-states:version"
+# Hash: node id -> the node's last probe and hysteresis counters (``nodes.live.health.HealthRecord``);
+# read by the admin, the REST API and the dashboard, never by the data path.
+HEALTH_RECORDS = "routerpanel:health-records"
+# String with a TTL: the running prober's id; a second prober waits until it expires.
+PROBER_LEASE = "routerpanel:prober:lease"
+# String with a TTL: the prober's own figures (JSON: loop lag, probes sent, late and void probes).
+PROBER_STATUS = "routerpanel:prober:status"
+# Pub/sub channel: node ids to probe now (JSON list), sent by "probe now" and node registration.
+PROBER_CHANNEL = "routerpanel:prober:probe-now"
 
 
 def health_history_key(node_id: int) -> str:
     """List: the node's most recent probes, newest first (bounded; shown in the admin)."""
     return f"routerpanel:health:{node_id}"
+
+
+# -- Written by the registry sync (Celery) ----------------------------------------------------
 
 
 def sync_lock_key(control_plane_id: int) -> str:

@@ -33,7 +33,7 @@ from ..networks import clean_networks, normalize_node_url, validate_node_url
 from ..validators import refused_character, validate_endpoints, validate_model_name, validate_single_line
 from .api_keys import API_KEY_PREFIX, ApiKey, generate_api_key, hash_api_key
 from .audit import ChangeRecord, ConfigVersion
-from .base import RegistryModel
+from .base import HealthCheckSettings, RegistryModel
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -41,6 +41,7 @@ __all__ = [
     "ChangeRecord",
     "ConfigVersion",
     "ControlPlane",
+    "HealthCheckSettings",
     "ModelAlias",
     "Node",
     "RegistryModel",
@@ -58,7 +59,7 @@ def default_registry_kinds() -> list[str]:
     return ["nanodeploy", "dlengine"]
 
 
-class ControlPlane(RegistryModel):
+class ControlPlane(HealthCheckSettings):
     """Where engines join from, and who may: a NanoCtrl (dlslime-ctrl) registry whose engines are
     mirrored into the node table, or a set of engines that register themselves directly through
     the control plane's registration URL. Either way its approval mode and allow-list decide
@@ -171,7 +172,7 @@ class ControlPlane(RegistryModel):
             raise ValidationError({"allowed_networks": exc.messages}) from None
 
 
-class Node(RegistryModel):
+class Node(HealthCheckSettings):
     """An inference engine endpoint that the proxy may route to."""
 
     url = models.CharField(
@@ -186,6 +187,8 @@ class Node(RegistryModel):
     engine_type = models.CharField(max_length=20, choices=EngineType.choices, default=EngineType.NANODEPLOY)
     role = models.CharField(max_length=10, choices=NodeRole.choices, default=NodeRole.HYBRID)
     state = models.CharField(max_length=10, choices=NodeState.choices, default=NodeState.ACTIVE)
+    # The live health is in Redis (``nodes.live.health``); this column mirrors its transitions (not
+    # audited, no configuration bump) and seeds routing when Redis has no entry for the node.
     health = models.CharField(max_length=10, choices=NodeHealth.choices, default=NodeHealth.UNKNOWN)
     consecutive_failures = models.PositiveIntegerField(default=0)
     consecutive_successes = models.PositiveIntegerField(default=0)
@@ -359,6 +362,13 @@ class RoutePolicy(RegistryModel):
         default=2.0,
         validators=[MinValueValidator(1.0)],
         help_text="prefix_cache: abandon affinity when the preferred node has this many times the least load.",
+    )
+    panic_threshold = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Route to all of a role's probed nodes when fewer than this fraction pass health (0 = never); "
+        "empty = ROUTERPANEL_HEALTH_PANIC_THRESHOLD.",
     )
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -13,7 +13,7 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 - ``control_planes`` control planes and their registration tokens
 - ``registration``   engines registering themselves through a control plane's registration URL
 - ``registry_sync``  the registry sync (lock, listing, state); ``registry_diff`` its diff and bulk writes
-- ``health_checks``  active health checks
+- ``health_checks``  probing nodes on request ("probe now", registration)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .control_planes import (
     control_plane_save,
     control_plane_update,
 )
-from .health_checks import HEALTH_ACTOR, health_check_nodes
+from .health_checks import HEALTH_ACTOR, HealthReport, health_check_nodes
 from .nodes import (
     NodeAction,
     node_approve,
@@ -84,6 +84,7 @@ __all__ = [
     "OPERATOR_INTERFACES",
     "SYNC_LOCK_TIMEOUT",
     "Actor",
+    "HealthReport",
     "NodeAction",
     "RegistrationConflict",
     "StaleWrite",

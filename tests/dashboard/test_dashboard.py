@@ -14,6 +14,7 @@ from nodes import services
 from nodes.live.breakers import parse_breakers
 from nodes.live.keys import BREAKERS as BREAKERS_KEY
 from nodes.models import ControlPlane, RoutePolicy
+from nodes.rules import is_routable
 from nodes.selectors import fleet_state, model_readiness
 from proxy.shared import SharedCounters
 from proxy.stats import NodeStats
@@ -45,8 +46,7 @@ def fleet(system):
 
 
 def _row(role: str, state: str = "active", health: str = "healthy", node_id: int = 0) -> dict:
-    routable = state == "active" and health != "unhealthy"
-    return {"id": node_id, "role": role, "state": state, "health": health, "routable": routable}
+    return {"id": node_id, "role": role, "state": state, "health": health, "routable": is_routable(state, health)}
 
 
 @pytest.mark.parametrize(
@@ -67,13 +67,34 @@ def _row(role: str, state: str = "active", health: str = "healthy", node_id: int
     ],
 )
 def test_readiness_follows_the_serving_mode(mode, nodes, ready, effective, reasons) -> None:
-    assert model_readiness(mode, nodes) == (ready, effective, reasons)
+    assert model_readiness(mode, nodes)[:3] == (ready, effective, reasons)
+
+
+@pytest.mark.parametrize(
+    ("mode", "nodes", "threshold", "panic"),
+    [
+        ("auto", [_row("hybrid"), _row("hybrid", health="unhealthy")], 0.5, {}),  # half pass: no panic
+        (
+            "auto",
+            [_row("hybrid"), _row("hybrid", health="unhealthy"), _row("hybrid", health="unhealthy")],
+            0.5,
+            {"hybrid": 3},
+        ),
+        ("auto", [_row("hybrid", health="unhealthy")] * 2, 0.0, {}),  # turned off
+        ("auto", [_row("hybrid", health="unknown")] * 2, 0.5, {}),  # never probed: never routed to
+        # The mode follows the healthy nodes: a sick prefill does not turn the model away from its hybrid node.
+        ("auto", [_row("prefill", health="unhealthy"), _row("decode"), _row("hybrid")], 0.5, {}),
+        ("auto", [_row("prefill", health="unhealthy"), _row("decode")], 0.5, {"prefill": 1}),
+    ],
+)
+def test_below_the_panic_threshold_a_role_routes_to_all_its_probed_nodes(mode, nodes, threshold, panic) -> None:
+    assert model_readiness(mode, nodes, panic_threshold=threshold)[3] == panic
 
 
 def test_an_open_breaker_makes_a_healthy_node_count_as_sick() -> None:
     nodes = [_row("hybrid", node_id=1), _row("hybrid", node_id=2)]
     assert model_readiness("hybrid", nodes, {1: "open", 2: "half_open"})[0] is True
-    assert model_readiness("hybrid", nodes, {1: "open", 2: "open"}) == (False, "hybrid", ["no healthy hybrid node"])
+    assert model_readiness("hybrid", nodes, {1: "open", 2: "open"})[:3] == (False, "hybrid", ["no healthy hybrid node"])
 
 
 def test_anonymous_visitors_are_sent_to_the_admin_login(client: Client) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.procs import EDGE, PYTHON, REPO_ROOT, free_port, running
 
@@ -82,6 +83,7 @@ class Stack:
     base: str
     database: Path
     api: httpx.Client
+    redis_url: str
     key: str = PROXY_KEY
 
     @property
@@ -95,13 +97,25 @@ class Stack:
     def snapshot_version(self) -> int:
         return httpx.get(self.base + "/health", timeout=5).json()["snapshot_version"]
 
+    def health_versions(self) -> tuple[int, int]:
+        """(the live node health's version in Redis, the one the web process routes by)."""
+        published = int(redis.Redis.from_url(self.redis_url).get("routerpanel:health-states:version") or 0)
+        applied = httpx.get(self.base + "/health", timeout=5).json()["health_version"] or 0
+        return published, applied
+
     def settle(self, timeout: float = 5.0) -> float:
-        """Wait until the web process routes with the current configuration; returns the seconds waited."""
+        """Wait until the web process routes with the current configuration and the current live
+        node health (a node registered through the API is probed at once, docs/decisions/0008);
+        returns the seconds waited."""
         started = time.monotonic()
         wanted = self.config_version()
         while self.snapshot_version() != wanted:
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"snapshot stuck at {self.snapshot_version()}, configuration is {wanted}")
+            time.sleep(0.02)
+        while (versions := self.health_versions())[1] < versions[0]:
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"live health stuck at version {versions[1]}, Redis has {versions[0]}")
             time.sleep(0.02)
         return time.monotonic() - started
 
@@ -168,6 +182,11 @@ class Stack:
 def stack(routerpanel_server: str, e2e_database: dict[str, str]) -> Iterator[Stack]:
     """The running RouterPanel with an empty registry (reset before each test)."""
     with httpx.Client(base_url=routerpanel_server, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
-        stack = Stack(base=routerpanel_server, database=Path(e2e_database["ROUTERPANEL_SQLITE_PATH"]), api=api)
+        stack = Stack(
+            base=routerpanel_server,
+            database=Path(e2e_database["ROUTERPANEL_SQLITE_PATH"]),
+            api=api,
+            redis_url=e2e_database["ROUTERPANEL_REDIS_URL"],
+        )
         stack.reset()
         yield stack

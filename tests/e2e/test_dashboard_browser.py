@@ -1,6 +1,6 @@
 """The operator's path in a real browser (Playwright driving Debian's chromium, headless).
 
-RouterPanel runs for real: uvicorn, a Celery worker and beat (the active health checks), the test
+RouterPanel runs for real: uvicorn, the prober (the active health checks), the test
 Redis, and two simulated engines. The operator logs in, adds a node through the admin's form,
 drains it with the admin action, opens the dashboard, and watches it update without a reload while
 traffic flows through the proxy and while an engine is stopped. Screenshots of each step go to
@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from enginesim.testing import run_simulator
-from tests.procs import PYTHON, REPO_ROOT, free_port, running
+from tests.procs import PYTHON, REPO_ROOT, free_port, prober_argv, running
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,7 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
-    """RouterPanel on a fresh database, with a Celery worker and beat for the health checks."""
+    """RouterPanel on a fresh database, with the prober for the health checks."""
     db = tmp_path_factory.mktemp("dashboard") / "db.sqlite3"
     # A Redis database of its own: RouterPanels of other test modules may still run on the test
     # Redis, and their node ids (from other SQLite files) would mix into this one's figures.
@@ -82,20 +82,17 @@ def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> 
         "ROUTERPANEL_LOG_LEVEL": "WARNING",
         # An opened breaker stays open long enough for a slow CI machine to see it on the page.
         "ROUTERPANEL_BREAKER_COOLDOWN": "60",
+        # A stopped engine turns unhealthy within about two seconds, as the page's waits expect.
+        "ROUTERPANEL_HEALTH_INTERVAL": "1",
+        "ROUTERPANEL_HEALTH_TIMEOUT": "0.5",
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
     port = free_port()
     uvicorn = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
-    celery = str(BIN / "celery")
     with contextlib.ExitStack() as stack:
         web = stack.enter_context(running([*uvicorn, "--no-access-log"], port=port, env=env, timeout=60))
-        stack.enter_context(
-            running([celery, "-A", "routerpanel", "worker", "--concurrency=1", "-l", "WARNING"], env=env)
-        )
-        stack.enter_context(
-            running([celery, "-A", "routerpanel", "beat", "-l", "WARNING", "-s", f"{db}.beat"], env=env)
-        )
+        stack.enter_context(running(prober_argv(), env=env))
         yield {"base": f"http://127.0.0.1:{port}", "web": web, "env": env}
 
 
@@ -260,7 +257,7 @@ def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> Non
                 served += response.status_code == 200
                 if served >= 60:
                     break
-                if response.status_code == 404:  # the workers have not seen the new node yet
+                if response.status_code in (404, 503):  # the workers have not seen the new node (healthy) yet
                     time.sleep(0.05)
         assert served >= 60
         client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])

@@ -16,7 +16,6 @@ from enginesim.testing import run_simulator
 pytestmark = pytest.mark.e2e
 
 MODEL = "explain-model"
-DEAD = "http://127.0.0.1:9"  # the discard port: connection refused
 
 
 def chat(stack, request_id: str, **extra: Any) -> httpx.Response:
@@ -38,12 +37,17 @@ def explained(stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
 
 
 def test_a_request_explains_its_pick_its_retry_and_the_nodes_left_out(stack) -> None:
-    with run_simulator(served_model_name=MODEL) as sim:
+    with run_simulator(served_model_name=MODEL) as sim, run_simulator(served_model_name=MODEL) as doomed:
         good = stack.add_node(sim.url, [MODEL], engine_type="openai", settle=False)
-        dead = stack.add_node(DEAD, [MODEL], engine_type="openai", settle=False)
+        # Probed healthy when it is added (a node never probed takes no traffic), then gone: this
+        # stack runs no prober, so it stays in rotation and a request meets a refused connection.
+        dead = stack.add_node(doomed.url, [MODEL], engine_type="openai", settle=False)
         draining = stack.add_node("http://127.0.0.1:10", [MODEL], engine_type="openai", settle=False)
         assert stack.api.post(f"/api/nodes/{draining['id']}/drain/").status_code == 200
         stack.settle()
+        dead_url = doomed.url
+        doomed.proc.kill()
+        doomed.proc.wait()
         retried = None
         for _ in range(3):  # round robin: one of the first requests meets the dead node first
             request_id = f"e2e-{uuid.uuid4().hex}"
@@ -60,11 +64,11 @@ def test_a_request_explains_its_pick_its_retry_and_the_nodes_left_out(stack) -> 
         assert (record["model"], record["key"], record["status"], record["retries"]) == (MODEL, "demo", 200, 1)
         assert (record["mode"], record["strategy"]) == ("hybrid", "round_robin")
         first, second = record["choices"]
-        assert first["pick"] == {"node": dead["id"], "url": DEAD}
+        assert first["pick"] == {"node": dead["id"], "url": dead_url}
         assert {e["reason"]: e["count"] for e in first["excluded"]} == {"draining": 1}
         assert {e["reason"] for e in second["excluded"]} == {"draining", "tried"}
         assert [(a["url"], a["status"], a["error"], a["retry"]) for a in record["attempts"]] == [
-            (DEAD, 0, "engine_unreachable", None),
+            (dead_url, 0, "engine_unreachable", None),
             (sim.url, 200, None, "engine_unreachable"),
         ]
         assert record["node"] == {"node": good["id"], "url": sim.url}

@@ -1,6 +1,6 @@
 """Kill one of two hybrid engines under 32-way load: no client error, unhealthy within 3 s, back in
-rotation within 5 s of its restart. Real processes: RouterPanel (uvicorn), a Celery worker and
-beat running the active health checks, and two simulated engines."""
+rotation within 5 s of its restart. Real processes: RouterPanel (uvicorn), the prober running the
+active health checks (1 s interval, 2 failures), and two simulated engines."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.procs import celery_argv, free_port, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +25,18 @@ CONCURRENCY = 32
 @pytest.fixture(scope="module")
 def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("failover")
-    env = routerpanel_env(directory, redis_db(redis_server, 2), token=TOKEN, proxy_key=PROXY_KEY)
+    env = routerpanel_env(
+        directory,
+        redis_db(redis_server, 2),
+        token=TOKEN,
+        proxy_key=PROXY_KEY,
+        ROUTERPANEL_HEALTH_INTERVAL="1",
+        ROUTERPANEL_HEALTH_TIMEOUT="0.5",
+    )
     port = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(celery_argv("worker", "--concurrency=1"), env=env))
-        stack.enter_context(running(celery_argv("beat", "-s", str(directory / "beat")), env=env))
+        stack.enter_context(running(prober_argv(), env=env))
         yield f"http://127.0.0.1:{port}"
 
 

@@ -210,10 +210,10 @@ def test_serving_mode_picks_pd_or_hybrid_nodes(stack, engines):
 
 def one_pair(stack, engines):
     prefills, decodes = engines
-    for sim in (*prefills, *decodes):
-        sim.reset()
     stack.add_node(prefills[0].url, [MODEL], role="prefill", engine_type="nanodeploy", settle=False)
     stack.add_node(decodes[0].url, [MODEL], role="decode", engine_type="nanodeploy", settle=False)
+    for sim in (*prefills, *decodes):
+        sim.reset()  # after the registrations: their health probes are not the tests' requests
     stack.set_policy(MODEL, serving_mode="pd", retry_budget=0, first_token_timeout=1.5, total_timeout=4.0, settle=False)
     stack.settle()
     return prefills[0], decodes[0]

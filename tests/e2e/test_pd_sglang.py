@@ -39,12 +39,12 @@ def engines():
 @pytest.fixture
 def pd(stack, engines):
     prefill, decode = engines
-    prefill.reset()
-    decode.reset()
     stack.add_node(
         prefill.url, [MODEL], role="prefill", engine_type="sglang", bootstrap_port=prefill.bootstrap_port, settle=False
     )
     stack.add_node(decode.url, [MODEL], role="decode", engine_type="sglang", settle=False)
+    prefill.reset()  # after the registrations: their health probes are not the tests' requests
+    decode.reset()
     stack.set_policy(
         MODEL, serving_mode="pd", retry_budget=0, first_token_timeout=8.0, total_timeout=15.0, settle=False
     )

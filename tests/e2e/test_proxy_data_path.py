@@ -245,7 +245,8 @@ def test_each_error_status_has_the_openai_shape(fleet):
     stack, _sims, _ids = fleet
     limited_key = stack.add_key(rate_limit_rpm=1)
     other_key = stack.add_key(allowed_models=["something-else"])
-    stack.add_node("http://127.0.0.1:9", ["dead-model"], settle=False)
+    with run_simulator(served_model_name="dead-model") as dying:  # healthy when registered, dead when asked
+        stack.add_node(dying.url, ["dead-model"], settle=False)
     stack.add_node("http://127.0.0.1:10", ["drained-model"], state="draining")
     assert post(stack, chat(), key=limited_key).status_code == 200
     cases = [
@@ -281,7 +282,8 @@ def test_each_error_status_has_the_openai_shape(fleet):
 
 def test_a_dead_node_is_retried_with_no_client_visible_errors(fleet):
     stack, sims, _ids = fleet
-    stack.add_node("http://127.0.0.1:9", [MODEL])
+    with run_simulator(served_model_name=MODEL) as dying:  # healthy when registered (no prober runs here)
+        stack.add_node(dying.url, [MODEL])
     sims[1].set_faults(error_rate=1.0, error_status=503)
     statuses = [post(stack, chat()).status_code for _ in range(20)]
     assert statuses == [200] * 20
@@ -315,8 +317,10 @@ def test_a_client_disconnect_while_waiting_for_the_first_token_cancels_upstream(
 
 def test_a_client_disconnect_mid_stream_cancels_upstream(stack):
     with run_simulator(served_model_name="paced", itl_ms=20) as paced:
-        # The engine type is given: a detection's requests would count as completed below.
+        # The engine type is given: a detection's requests would count as completed below; and the
+        # registration's health probe is reset away for the same reason.
         stack.add_node(paced.url, ["paced"], engine_type="openai")
+        paced.reset()
         with (
             httpx.Client(timeout=30) as client,
             client.stream(

@@ -1,5 +1,6 @@
 """The NanoCtrl sync end to end: the real NanoCtrl binary and Redis, simulated engines registering
-themselves, RouterPanel's web process, a Celery worker and beat, and the registry listener."""
+themselves, RouterPanel's web process, a Celery worker and beat, the registry listener and the
+prober (a registered engine takes traffic after its first good probe)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tests.procs import (
     REPO_ROOT,
     celery_argv,
     free_port,
+    prober_argv,
     redis_db,
     routerpanel_env,
     running,
@@ -95,6 +97,7 @@ def system(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Itera
         stack.enter_context(running(celery_argv("worker", "--concurrency=1"), env=env))
         stack.enter_context(running(celery_argv("beat", "-s", str(directory / "beat")), env=env))
         stack.enter_context(running([PYTHON, "manage.py", "listen_registry", "--reload-interval=0.5"], env=env))
+        stack.enter_context(running(prober_argv(), env=env))
         api = stack.enter_context(
             httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": f"Bearer {TOKEN}"})
         )

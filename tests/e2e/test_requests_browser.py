@@ -64,14 +64,22 @@ def test_an_operator_finds_a_failed_request_and_reads_why(page, stack) -> None:
     from playwright.sync_api import expect
 
     model = f"explained-{uuid.uuid4().hex[:6]}"  # the store outlives the test: its records are this run's only
-    with run_simulator(served_model_name=model) as busy, run_simulator(served_model_name=OTHER) as fine:
+    with (
+        run_simulator(served_model_name=model) as busy,
+        run_simulator(served_model_name=OTHER) as fine,
+        run_simulator(served_model_name=model) as doomed,
+    ):
         stack.add_node(busy.url, [model], engine_type="openai", name="busy-engine", settle=False)
-        stack.add_node("http://127.0.0.1:9", [model], engine_type="openai", name="dead-engine", settle=False)
+        # Probed healthy when it is added (a node never probed takes no traffic), then gone: this
+        # stack runs no prober, so it stays in rotation and a request meets a refused connection.
+        stack.add_node(doomed.url, [model], engine_type="openai", name="dead-engine", settle=False)
         for name, port, action in (("drained-engine", 10, "drain"), ("disabled-engine", 11, "disable")):
             node = stack.add_node(f"http://127.0.0.1:{port}", [model], engine_type="openai", name=name, settle=False)
             assert stack.api.post(f"/api/nodes/{node['id']}/{action}/").status_code == 200
         stack.add_node(fine.url, [OTHER], engine_type="openai", name="fine-engine", settle=False)
         stack.settle()
+        doomed.proc.kill()
+        doomed.proc.wait()
         busy.set_faults(error_rate=1.0, error_status=503)  # "overloaded": the proxy tries another node
 
         for _ in range(3):

@@ -1,6 +1,6 @@
 """`make run`'s process set, for real: the Procfile under honcho (Redis, NanoCtrl, uvicorn, Celery
-worker and beat, the registry listener, the demo fleet of simulated engines) on free ports with a
-fresh database; then an operator's and an application's first steps over HTTP."""
+worker and beat, the registry listener, the prober, the demo fleet of simulated engines) on free
+ports with a fresh database; then an operator's and an application's first steps over HTTP."""
 
 from __future__ import annotations
 
@@ -101,7 +101,9 @@ def test_a_node_added_with_curl_shows_in_the_api_the_admin_and_the_audit(stack) 
 
     auth = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=stack["base"], timeout=10, headers=auth) as client:
-        nodes = client.get("/api/nodes/").json()["results"]
+        # The demo fleet joins through NanoCtrl meanwhile (source "registry"); /nodes/add probes the
+        # new node at once, which gives the fleet the time to arrive before this read.
+        nodes = [n for n in client.get("/api/nodes/").json()["results"] if n["source"] != "registry"]
         assert [(n["url"], n["role"], n["served_models"]) for n in nodes] == [
             ("http://127.0.0.1:8100", "prefill", ["m"])
         ]

@@ -1,6 +1,6 @@
 """Unmodified engines joining through a control plane's registration URL, end to end: RouterPanel's
-web process, a Celery worker and beat (the health checker, which also detects the engine type of a
-node that did not listen yet when it registered), and simulated LMDeploy engines started with
+web process, the prober (the health checks, which also detect the engine type of a node that did
+not listen yet when it registered), and simulated LMDeploy engines started with
 ``--proxy-url``, which register exactly as ``lmdeploy serve api_server --proxy-url`` does (before
 they listen, from their bind address ``0.0.0.0``, with no credentials)."""
 
@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.procs import celery_argv, free_port, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +35,13 @@ def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) ->
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
     directory = tmp_path_factory.mktemp("selfreg-e2e")
-    env = routerpanel_env(directory, redis_db(redis_server, 9), token=TOKEN, proxy_key=PROXY_KEY)
+    env = routerpanel_env(
+        directory, redis_db(redis_server, 9), token=TOKEN, proxy_key=PROXY_KEY, ROUTERPANEL_HEALTH_INTERVAL="1"
+    )
     port = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(celery_argv("worker", "--concurrency=1"), env=env))
-        stack.enter_context(running(celery_argv("beat", "-s", str(directory / "beat")), env=env))
+        stack.enter_context(running(prober_argv(), env=env))
         base = f"http://127.0.0.1:{port}"
         api = stack.enter_context(httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10))
         yield {"base": base, "api": api}
@@ -89,7 +90,7 @@ def test_unmodified_lmdeploy_engines_join_pending_take_no_traffic_and_serve_once
     ):
         hybrid_url, prefill_url = f"http://127.0.0.1:{hybrid_port}", f"http://127.0.0.1:{prefill_port}"
         wait_until(lambda: node_at(api, hybrid_url) and node_at(api, prefill_url), timeout=10, what="registered")
-        # The engines registered before they listened: their type comes from the health checker.
+        # The engines registered before they listened: their type comes from the prober's first good probe.
         took = wait_until(
             lambda: all(node_at(api, url)["engine_type"] == "lmdeploy" for url in (hybrid_url, prefill_url)),
             timeout=15,

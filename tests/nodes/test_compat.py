@@ -60,7 +60,7 @@ def test_add_without_models_asks_the_node(operator_api: APIClient, engine_stub) 
     # The engine type is given, so only the models are asked (detection: tests/nodes/test_engine_detect.py).
     status, body = post(operator_api, "/nodes/add", {"url": url, "engine_type": "vllm", "status": None})
     assert (status, body) == (200, {"message": "Added successfully."})
-    assert stub.calls == ["/v1/models"]
+    assert stub.calls == ["/v1/models", "/health"]  # then probed at once: it takes traffic after a good probe
     assert Node.objects.get(url=url).served_models == ["Qwen3-0.6B"]
 
 

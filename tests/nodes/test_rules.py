@@ -12,7 +12,7 @@ from nodes.live.breakers import BreakerRecord, decode, encode, parse_breakers
     ("state", "health", "routable"),
     [
         ("active", "healthy", True),
-        ("active", "unknown", True),  # a node just added serves at once
+        ("active", "unknown", False),  # never probed: it serves after its first good probe
         ("active", "unhealthy", False),
         ("pending", "healthy", False),  # waits for an operator's approval
         ("draining", "healthy", False),
@@ -20,7 +20,7 @@ from nodes.live.breakers import BreakerRecord, decode, encode, parse_breakers
         ("gone", "healthy", False),
     ],
 )
-def test_a_node_is_routable_when_active_and_not_known_to_be_unhealthy(state, health, routable) -> None:
+def test_a_node_is_routable_when_active_and_its_last_probe_said_healthy(state, health, routable) -> None:
     assert rules.is_routable(state, health) is routable
 
 
@@ -75,3 +75,28 @@ def test_a_breaker_record_survives_its_codec_and_shows_half_open_after_its_cool_
     assert decode(b"[1, 2]") is None
     assert parse_breakers({b"7": encode(record)}, now=1400.0) == {7: "open"}
     assert parse_breakers({b"7": encode(record)}, now=1600.0) == {7: "half_open"}
+
+
+@pytest.mark.parametrize(
+    ("nodes", "threshold", "members", "panic"),
+    [
+        ([("active", "healthy"), ("active", "unhealthy")], 0.5, (0,), False),
+        ([("active", "healthy"), ("active", "unhealthy"), ("active", "unhealthy")], 0.5, (0, 1, 2), True),
+        ([("active", "unhealthy")], 0.5, (0,), True),  # none pass: all rather than none
+        ([("active", "unhealthy")], 0.0, (), False),  # 0 turns it off
+        ([("active", "unknown"), ("active", "unhealthy")], 0.5, (1,), True),  # never probed: never in
+        ([("draining", "unhealthy"), ("disabled", "healthy")], 0.5, (), False),  # not active: never in
+    ],
+)
+def test_below_the_panic_threshold_a_role_routes_to_its_routable_and_once_healthy_nodes(
+    nodes, threshold, members, panic
+) -> None:
+    result = rules.rotation(nodes, threshold)
+    assert (result.members, result.panic) == (members, panic)
+    assert result.routable == sum(1 for state, health in nodes if rules.is_routable(state, health))
+
+
+def test_readiness_reports_panic_without_counting_sick_nodes_as_healthy() -> None:
+    result = rules.readiness("hybrid", {"hybrid": 0}, {"hybrid": 3})
+    assert (result.ready, result.panic, result.reasons) == (False, {"hybrid": 3}, ["no healthy hybrid node"])
+    assert rules.panic_label("hybrid", 3) == "panic: routing to all 3 hybrid nodes"

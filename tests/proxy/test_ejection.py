@@ -48,6 +48,22 @@ async def test_requests_waiting_on_a_node_marked_unhealthy_are_retried_elsewhere
     assert proxy_app.router.load.counts() == {}
 
 
+async def test_requests_waiting_on_a_node_the_prober_marks_unhealthy_are_retried_elsewhere(engines, proxy_app):
+    """Health is live state (docs/decisions/0008-health-as-live-state.md): the prober's verdict
+    reaches the routes without a configuration rebuild, and ejects the waiters all the same."""
+    frozen, good = await engines("frozen", mode="hang"), await engines("good")
+    snapshots.install(make_snapshot([{"url": frozen.url}, {"url": good.url}]))
+    pending = [asyncio.ensure_future(call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)) for _ in "ab"]
+    await waiting_on(proxy_app, 1)
+    health = proxy_app.shared.health
+    health.states, health.pending = {1: "unhealthy"}, True  # what ``LiveHealth.refresh`` reads from Redis
+    assert await health.apply_due(force=True)
+    responses = await asyncio.wait_for(asyncio.gather(*pending), 5)
+    assert [(r.status, r.json()["engine"]) for r in responses] == [(200, "good"), (200, "good")]
+    assert proxy_app.router.ejected == 1
+    assert [t.node.url for t in snapshots.current().routes["m"].hybrid] == [good.url]
+
+
 async def test_requests_waiting_on_a_node_whose_breaker_opens_are_retried_elsewhere(engines, proxy_app):
     frozen, good = await engines("frozen", mode="hang"), await engines("good")
     snapshots.install(make_snapshot([{"url": frozen.url}, {"url": good.url}]))

@@ -25,7 +25,9 @@ def registry_snapshot(db):
     """Two nodes on free ports, an alias and a key, read into a snapshot through the real builder."""
     ports = [free_port(), free_port()]
     for port in ports:
-        node_create(actor=ACTOR, url=f"http://127.0.0.1:{port}", models=["m"], model_path="/models/m-path")
+        node_create(
+            actor=ACTOR, url=f"http://127.0.0.1:{port}", models=["m"], model_path="/models/m-path", health="healthy"
+        )
     _, plaintext = api_key_create(actor=ACTOR, name="k")
     return build_snapshot(), ports, plaintext
 

@@ -23,7 +23,13 @@ async def test_every_model_ready_answers_200(proxy_app):
     assert response.status == 200
     report = response.json()
     assert report["ready"] is True
-    assert report["models"]["chat"] == {"ready": True, "mode": "hybrid", "healthy_nodes": {"hybrid": 1}, "reasons": []}
+    assert report["models"]["chat"] == {
+        "ready": True,
+        "mode": "hybrid",
+        "healthy_nodes": {"hybrid": 1},
+        "reasons": [],
+        "panic": {},
+    }
     assert report["models"]["pd"]["mode"] == "pd"
     assert report["models"]["pd"]["healthy_nodes"] == {"prefill": 1, "decode": 1}
 

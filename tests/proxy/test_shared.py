@@ -123,3 +123,24 @@ async def test_key_use_is_recorded_for_the_database_off_the_hot_path(workers, re
     await a.sync_once()
     assert redis.Redis.from_url(redis_url).hget("routerpanel:keys-last-used", "5") == b"1700000000.5"
     assert a.key_used == {}
+
+
+async def test_breaker_transitions_reach_the_other_worker_and_an_unchanged_hash_is_not_read_again(workers) -> None:
+    a, b = workers
+    for _ in range(a.breakers.threshold):
+        a.breakers.failure(NODE.id)
+    await a.sync_once()
+    await b.sync_once()
+    assert b.breakers.state(NODE.id) == "open"
+    client = b.client()
+    read = client.hgetall
+    reads: list[str] = []
+
+    async def counting(key: str):
+        reads.append(key)
+        return await read(key)
+
+    client.hgetall = counting  # type: ignore[method-assign]
+    for _ in range(5):
+        await b.sync_once()
+    assert "routerpanel:breakers" not in reads  # its version did not move: the hash is not read

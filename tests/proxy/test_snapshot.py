@@ -22,8 +22,10 @@ ACTOR = Actor.system("test")
 
 @pytest.mark.django_db
 def test_it_builds_routes_keys_and_policies_from_the_registry():
-    a = node_create(actor=ACTOR, url="http://a:1", models=["llama"], model_path="/models/meta/Llama-3")
-    node_create(actor=ACTOR, url="http://b:1", models=["llama"], state=NodeState.DRAINING)
+    a = node_create(
+        actor=ACTOR, url="http://a:1", models=["llama"], model_path="/models/meta/Llama-3", health="healthy"
+    )
+    node_create(actor=ACTOR, url="http://b:1", models=["llama"], state=NodeState.DRAINING, health="healthy")
     node_create(actor=ACTOR, url="http://c:1", models=["qwen"], role="prefill")
     alias_create(actor=ACTOR, name="best", served_name="llama")
     policy_create(actor=ACTOR, model="llama", strategy="least_requests", retry_budget=5)
@@ -95,7 +97,7 @@ async def test_the_watcher_sees_a_change_within_a_second_through_redis(watcher, 
 
 @pytest.mark.django_db(transaction=True)
 async def test_the_watcher_falls_back_to_polling_the_database_when_redis_is_down(watcher):
-    node = await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    node = await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"], health="healthy")
     await watcher.start()  # Redis points at a closed port (see tests/conftest.py)
     assert snapshots.current().routes["m"].hybrid
     await sync_to_async(node_update)(node=node, actor=ACTOR, state=NodeState.DRAINING)
@@ -132,8 +134,11 @@ def test_a_keys_max_concurrent_of_0_means_no_limit_as_on_nodes() -> None:
 
 @pytest.mark.django_db
 def test_each_route_is_narrowed_per_endpoint_to_the_hybrid_nodes_that_serve_it():
-    node_create(actor=ACTOR, url="http://gen:1", models=["m"], engine_type="vllm")
-    node_create(actor=ACTOR, url="http://pool:1", models=["m"], engine_type="vllm", endpoints=["embeddings"])
+    # Nodes that must route have passed a probe (a node never probed takes no traffic).
+    node_create(actor=ACTOR, url="http://gen:1", models=["m"], engine_type="vllm", health="healthy")
+    node_create(
+        actor=ACTOR, url="http://pool:1", models=["m"], engine_type="vllm", endpoints=["embeddings"], health="healthy"
+    )
     node_create(actor=ACTOR, url="http://down:1", models=["m"], engine_type="vllm", state=NodeState.DISABLED)
     node_create(actor=ACTOR, url="http://pre:1", models=["m"], engine_type="vllm", role="prefill")
 
@@ -145,3 +150,11 @@ def test_each_route_is_narrowed_per_endpoint_to_the_hybrid_nodes_that_serve_it()
     assert [t.node.url for t in surface["responses"].hybrid] == ["http://gen:1"]
     assert [t.node.url for t in surface["embeddings"].hybrid] == ["http://pool:1"]
     assert surface["embeddings"].mode == "hybrid" and not surface["embeddings"].prefill
+
+
+@pytest.mark.django_db
+def test_the_narrowed_routes_follow_the_live_health():
+    a = node_create(actor=ACTOR, url="http://a:1", models=["m"], engine_type="vllm", health="healthy")
+    node_create(actor=ACTOR, url="http://b:1", models=["m"], engine_type="vllm", health="healthy")
+    snapshot = snapshots.with_health(build_snapshot(), {a.pk: "unhealthy"})
+    assert [t.node.url for t in snapshot.routes["m"].surface["responses"].hybrid] == ["http://b:1"]

@@ -262,6 +262,7 @@
       dl.appendChild(dd);
       li.appendChild(dl);
       if (model.reasons.length) li.appendChild(el("p", { class: "rp-reasons" }, "Not ready: " + model.reasons.join("; ") + "."));
+      if (model.panic_notes.length) li.appendChild(el("p", { class: "rp-panic", "data-field": "panic" }, model.panic_notes.join("; ") + "."));
     });
     for (const [name, li] of cards) {
       if (!seen.has(name)) {
