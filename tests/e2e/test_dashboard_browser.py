@@ -144,6 +144,7 @@ def test_an_operator_adds_drains_and_watches_nodes_live(page, stack: RouterPanel
         assert added.status_code == 201, added.text
         busy_id = added.json()["id"]
         wait_until(lambda: api.get(f"/api/nodes/{busy_id}/").json()["health"] == "healthy", 30, "never healthy")
+        stack.settle()  # the web worker routes by that health too (docs/decisions/0008-health-as-live-state.md)
 
         # The dashboard: both nodes, the drained one marked, live over the WebSocket.
         page.goto("/dashboard/")
@@ -248,6 +249,7 @@ def test_a_draining_node_shows_its_in_flight_requests_finish(page, stack: Router
         added = api.post("/api/nodes/", json={"url": sim.url, "models": ["slow-model"], "name": "slow-engine"})
         assert added.status_code == 201, added.text
         node_id = added.json()["id"]
+        stack.settle()  # probed at once: routed, and by the health it was given
         log_in(page, "/dashboard/")
         slow_row = row(page, "slow-engine")
         expect(slow_row.locator('[data-field="state"]')).to_have_text("Active")
@@ -297,6 +299,7 @@ def test_an_engine_answering_5xx_opens_its_breaker_on_the_dashboard(page, stack:
         assert added.status_code == 201, added.text
         node_id = added.json()["id"]
         wait_until(lambda: api.get(f"/api/nodes/{node_id}/").json()["health"] == "healthy", 30, "never healthy")
+        stack.settle()  # the web worker routes by that health too (docs/decisions/0008-health-as-live-state.md)
         log_in(page, "/dashboard/")
         flaky = row(page, "flaky-engine")
         card = page.locator('li[data-model="flaky-model"]')
@@ -343,11 +346,9 @@ def test_the_dashboard_passes_an_accessibility_audit(page, stack: RouterPanelSta
     dashboard's own content, in the light and the dark theme, with nodes, models and live figures."""
     from playwright.sync_api import expect
 
-    api = stack.api
     engine = {"engine": "nanodeploy", "served_model_name": "a11y-model", "ttft_ms": 1.0, "itl_ms": 1.0}
     with run_simulator(**engine) as sim:
-        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["a11y-model"], "name": "a11y-engine"})
-        assert added.status_code == 201, added.text
+        stack.add_node(sim.url, ["a11y-model"], name="a11y-engine")  # settled: probed, healthy, routed
         body = {"model": "a11y-model", "prompt": "hi", "max_tokens": 2}
         with httpx.Client(base_url=stack.base, timeout=30) as proxy:
             for _ in range(20):
