@@ -10,7 +10,7 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-fast bench bench-fleet peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-core test-fast bench bench-fleet peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -103,14 +103,25 @@ run: install redis-server
 		--control-plane 127.0.0.1:$(NANOCTRL_PORT) --control-plane-redis redis://127.0.0.1:$(REDIS_PORT)/0
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
-# The whole suite on SQLite; then, when ROUTERPANEL_TEST_DATABASE_URL names a PostgreSQL server
-# (CI starts one), everything but the end-to-end suite again on PostgreSQL.
-test: install redis-server vllm-env lmdeploy-env
-	$(PY) -m pytest
+# The tests that use the database (tests/conftest.py selects them), but not the end-to-end ones,
+# again on PostgreSQL, when ROUTERPANEL_TEST_DATABASE_URL names a server (CI starts one;
+# pytest-django creates its test database there).
+define postgresql_pass
 	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
-		echo "== the suite again on PostgreSQL (end-to-end and real-engine tests ran above) =="; \
+		echo "== the tests that use the database again, on PostgreSQL =="; \
 		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest -m "not e2e" -p no:cacheprovider; \
 	fi
+endef
+
+# The whole suite on SQLite, the real-engine tier included; then the PostgreSQL pass.
+test: install redis-server vllm-env lmdeploy-env
+	$(PY) -m pytest
+	$(postgresql_pass)
+
+# `make test` without the real-engine tier (which needs `make vllm-env` and minutes of vLLM start-up).
+test-core: install redis-server
+	$(PY) -m pytest -m "not real_engine"
+	$(postgresql_pass)
 
 test-fast: install
 	$(PY) -m pytest -m "not e2e and not slow"

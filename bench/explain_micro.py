@@ -136,7 +136,8 @@ def measure_redis(payload: bytes, batches: int) -> float | None:
         return None
     import redis.asyncio as aioredis
 
-    from tests.procs import free_port, running
+    from tests.support.ports import free_port
+    from tests.support.procs import running
 
     port = free_port()
     with (

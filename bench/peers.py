@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 
 from bench.measure import chat_body, one_client_latency, pct, peak_rss_mb, run_wrk, streams
-from tests.procs import free_port, running
+from tests.support.ports import free_port
+from tests.support.procs import running
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_VENVS = REPO / ".venv-peers"

@@ -49,7 +49,8 @@ from enginesim.testing import run_fleet, run_simulator  # noqa: E402
 from nodes.live import health as live_health  # noqa: E402
 from nodes.live.health import read_states_sync  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
-from tests.procs import PYTHON, free_port, output_of, running, uvicorn_argv  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.procs import PYTHON, output_of, running, web_argv  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_KEY = "rp-bench-fleet-key"
@@ -209,7 +210,7 @@ def main() -> None:
                 client = redis.Redis.from_url(redis_url)
                 profile = ["-m", "cProfile", "-o", options.profile] if options.profile else []
                 web_port = free_port()
-                web = running(uvicorn_argv(web_port), port=web_port, env=env, timeout=60) if options.traffic else None
+                web = running(web_argv(web_port), port=web_port, env=env, timeout=60) if options.traffic else None
                 traffic = Traffic(f"http://127.0.0.1:{web_port}", "fleet-model") if options.traffic else None
                 with (
                     running([PYTHON, *profile, "manage.py", "run_prober"], env=env) as prober,

@@ -42,7 +42,9 @@ from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
-from tests.procs import PYTHON, free_port, running  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.procs import PYTHON, running, web_argv  # noqa: E402
+from tests.support.wait import wait_until  # noqa: E402
 
 API_TOKEN = "bench000000000000000000000000000000000000"
 PROXY_KEY = "rp-bench-proxy-key"
@@ -60,14 +62,12 @@ def setup_registry(base: str, fast: list[str], paced: str, pd: tuple[Simulator, 
         for url in fast:
             api.post("/api/nodes/", json={"url": url, "models": [MODEL], "engine_type": "openai"}).raise_for_status()
         api.post("/api/nodes/", json={"url": paced, "models": [PACED], "engine_type": "openai"}).raise_for_status()
-        deadline = time.monotonic() + 10
-        while True:
+
+        def listed() -> set[str]:
             models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {PROXY_KEY}"}).json()
-            if {m["id"] for m in models.get("data", [])} >= {MODEL, PACED}:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the proxy never listed the benchmark models: {models}")
-            time.sleep(0.05)
+            return {m["id"] for m in models.get("data", [])}
+
+        wait_until(lambda: listed() >= {MODEL, PACED}, 10, "the proxy never listed the benchmark models")
 
 
 def main() -> int:
@@ -103,21 +103,9 @@ def main() -> int:
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
-    servers = {
-        "uvicorn": [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "routerpanel.asgi:application",
-            "--host=127.0.0.1",
-            f"--port={web_port}",
-            "--no-access-log",
-            "--loop=uvloop",
-            "--http=routerpanel.httpedge:GuardedHttpToolsProtocol",  # the production protocol (the Procfile's)
-            "--log-level=warning",
-        ],
-        "daphne": [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port), "routerpanel.asgi:application"],
-    }
+    web_command = web_argv(web_port, server=args.server)
+    if args.server == "uvicorn":
+        web_command.append("--log-level=warning")
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     rows: list[tuple[str, str, str, str, str, str]] = []
     fast = ["--fast", "--record-requests=0"]
@@ -131,10 +119,10 @@ def main() -> int:
             run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
         )
         pd = stack.enter_context(pd_engines()) if args.pd else None
-        web = stack.enter_context(running(servers[args.server], port=web_port, env=env, timeout=60))
+        web = stack.enter_context(running(web_command, port=web_port, env=env, timeout=60))
         proxy = f"http://127.0.0.1:{web_port}"
         floor_port = free_port()
-        floor_argv = [*servers["uvicorn"][:3], "bench.floor_app:app", "--host=127.0.0.1", f"--port={floor_port}"]
+        floor_argv = [PYTHON, "-m", "uvicorn", "bench.floor_app:app", "--host=127.0.0.1", f"--port={floor_port}"]
         floor_argv += ["--no-access-log", "--loop=uvloop", "--http=httptools", "--lifespan=off"]
         floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
         floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))

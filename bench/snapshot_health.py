@@ -117,7 +117,8 @@ def main() -> None:
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         from nodes.localredis import redis_server_argv
-        from tests.procs import free_port, wait_for_port
+        from tests.support.ports import free_port
+        from tests.support.procs import wait_for_port
 
         port = free_port()
         redis_proc = subprocess.Popen(redis_server_argv(port=port, data_dir=tmp), stdout=subprocess.DEVNULL)

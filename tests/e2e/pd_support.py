@@ -4,12 +4,12 @@ engines' KV ledgers and RouterPanel's own counters."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import httpx
 
 from enginesim import chat_prompt_text, expected_completion
+from tests.support.wait import wait_until
 
 
 def chat(model: str, content: str = "Tell me about prefill", **extra: Any) -> dict[str, Any]:
@@ -67,14 +67,14 @@ def kv(sim) -> dict[str, Any]:
 
 def wait_kv_settled(prefills, *, timeout: float = 15.0) -> list[dict[str, Any]]:
     """Wait until every prefill engine holds no KV; return their ledgers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ledgers = [kv(sim) for sim in prefills]
-        if all(ledger["outstanding_count"] == 0 for ledger in ledgers):
-            return ledgers
-        if time.monotonic() > deadline:
-            raise AssertionError(f"KV still held after {timeout} s: {ledgers}")
-        time.sleep(0.05)
+
+    ledgers: list[dict[str, Any]] = []
+
+    def settled() -> list[dict[str, Any]] | None:
+        ledgers[:] = [kv(sim) for sim in prefills]
+        return ledgers if all(ledger["outstanding_count"] == 0 for ledger in ledgers) else None
+
+    return wait_until(settled, timeout, lambda: f"KV still held: {ledgers}")
 
 
 def metric_values(stack, name: str) -> dict[str, float]:
@@ -90,16 +90,14 @@ def metric_values(stack, name: str) -> dict[str, float]:
 def wait_router_idle(stack, *, timeout: float = 15.0) -> dict[str, float]:
     """Wait until RouterPanel has no request in flight on any node, no PD request and no pending
     clean-up; return the figures."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    figures: dict[str, float] = {}
+
+    def idle() -> dict[str, float] | None:
         inflight = metric_values(stack, "routerpanel_proxy_inflight")
-        figures = {
-            "node_inflight": sum(v for k, v in inflight.items() if k.startswith("{")),
-            "pd_inflight": sum(metric_values(stack, "routerpanel_proxy_pd_inflight").values()),
-            "pd_cleanups_pending": sum(metric_values(stack, "routerpanel_proxy_pd_cleanups_pending").values()),
-        }
-        if not any(figures.values()):
-            return figures
-        if time.monotonic() > deadline:
-            raise AssertionError(f"RouterPanel still busy after {timeout} s: {figures}")
-        time.sleep(0.05)
+        figures["node_inflight"] = sum(v for k, v in inflight.items() if k.startswith("{"))
+        figures["pd_inflight"] = sum(metric_values(stack, "routerpanel_proxy_pd_inflight").values())
+        figures["pd_cleanups_pending"] = sum(metric_values(stack, "routerpanel_proxy_pd_cleanups_pending").values())
+        return None if any(figures.values()) else dict(figures)
+
+    return wait_until(idle, timeout, lambda: f"RouterPanel still busy: {figures}")

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,10 +41,13 @@ def test_a_failing_node_is_cut_off_then_tried_and_restored(stack) -> None:
         assert requests_to(sick) == FAILURES  # the breaker opened: no more requests to it
         assert statuses.count(500) == FAILURES and statuses.count(200) == len(statuses) - FAILURES
         sick.set_faults()  # it recovers
-        while requests_to(sick) == FAILURES:
-            assert time.monotonic() - opened_at < COOLDOWN + 5, "no trial request after the cool-down"
+
+        def tried_again() -> bool:
             assert chat(stack).status_code == 200
-            time.sleep(0.05)
+            return requests_to(sick) > FAILURES
+
+        cooled = COOLDOWN + 5 - (time.monotonic() - opened_at)
+        wait_until(tried_again, cooled, "no trial request after the cool-down", interval=0.05)
         assert time.monotonic() - opened_at > COOLDOWN - 0.5
         before = requests_to(sick)
         for _ in range(10):

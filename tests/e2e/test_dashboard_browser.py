@@ -9,11 +9,9 @@ traffic flows through the proxy and while an engine is stopped. Screenshots of e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +21,23 @@ import pytest
 import redis
 
 from enginesim.testing import run_simulator
-from tests.procs import PYTHON, REPO_ROOT, free_port, prober_argv, running
+from tests.support.ports import closed_port
+from tests.support.procs import REPO_ROOT
+from tests.support.stack import ADMIN_PASSWORD, RouterPanelStack, StackSpec
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.e2e
+# The prober for the health checks, probing every second: a stopped engine turns unhealthy within
+# about two seconds, as the page's waits expect; an opened breaker stays open long enough for a
+# slow CI machine to see it on the page.
+STACK = StackSpec(
+    prober=True,
+    settings={
+        "ROUTERPANEL_BREAKER_COOLDOWN": "60",
+        "ROUTERPANEL_HEALTH_INTERVAL": "1",
+        "ROUTERPANEL_HEALTH_TIMEOUT": "0.5",
+    },
+)
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(STACK)]
 
 CHROMIUM = os.environ.get("ROUTERPANEL_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -38,13 +50,11 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
-BIN = Path(PYTHON).parent
-TOKEN = "e2e4444444444444444444444444444444444444"
-PROXY_KEY = "rp-e2e-dashboard-key"
-ADMIN_PASSWORD = "e2e-admin-password"
 MODEL = "dash-model"
 AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
-# Generous: CI machines have 2 cores and run chromium, uvicorn, Celery and engines at once.
+# Resolves once every CSS transition and animation running on the page has finished.
+SETTLED = "() => Promise.all(document.getAnimations().map((a) => a.finished))"
+# Generous: CI machines have 2 cores and run chromium, uvicorn, the prober and engines at once.
 TIMEOUT_MS = 30_000
 
 
@@ -64,47 +74,15 @@ def _browser_or_skip():
     return sync_playwright
 
 
-@pytest.fixture(scope="module")
-def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
-    """RouterPanel on a fresh database, with the prober for the health checks."""
-    db = tmp_path_factory.mktemp("dashboard") / "db.sqlite3"
-    # A Redis database of its own: RouterPanels of other test modules may still run on the test
-    # Redis, and their node ids (from other SQLite files) would mix into this one's figures.
-    redis_url = redis_server.rsplit("/", 1)[0] + "/7"
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {
-        **os.environ,
-        "ROUTERPANEL_SQLITE_PATH": str(db),
-        "ROUTERPANEL_REDIS_URL": redis_url,
-        "ROUTERPANEL_API_TOKEN": TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "ROUTERPANEL_LOG_LEVEL": "WARNING",
-        # An opened breaker stays open long enough for a slow CI machine to see it on the page.
-        "ROUTERPANEL_BREAKER_COOLDOWN": "60",
-        # A stopped engine turns unhealthy within about two seconds, as the page's waits expect.
-        "ROUTERPANEL_HEALTH_INTERVAL": "1",
-        "ROUTERPANEL_HEALTH_TIMEOUT": "0.5",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO_ROOT, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO_ROOT, env=env, check=True, capture_output=True)
-    port = free_port()
-    uvicorn = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
-    with contextlib.ExitStack() as stack:
-        web = stack.enter_context(running([*uvicorn, "--no-access-log"], port=port, env=env, timeout=60))
-        stack.enter_context(running(prober_argv(), env=env))
-        yield {"base": f"http://127.0.0.1:{port}", "web": web, "env": env}
-
-
 @pytest.fixture
-def page(routerpanel: dict) -> Iterator:
+def page(stack: RouterPanelStack) -> Iterator:
     """A fresh browser page (chromium, headless) on RouterPanel's origin."""
     sync_playwright = _browser_or_skip()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(base_url=routerpanel["base"], viewport={"width": 1400, "height": 1000})
+            context = browser.new_context(base_url=stack.base, viewport={"width": 1400, "height": 1000})
             context.set_default_timeout(TIMEOUT_MS)
             page = context.new_page()
             errors: list[str] = []
@@ -128,18 +106,10 @@ def row(page, url: str):
     return page.locator("#rp-nodes tbody tr", has=page.locator(f'a:text-is("{url}")'))
 
 
-def wait_until(predicate, *, timeout: float = 30.0, message: str = "condition never held") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
-
-
-def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict) -> None:
+def test_an_operator_adds_drains_and_watches_nodes_live(page, stack: RouterPanelStack) -> None:
     from playwright.sync_api import expect
 
-    base = routerpanel["base"]
-    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    base, api = stack.base, stack.api
     engine = {"engine": "nanodeploy", "served_model_name": MODEL, "ttft_ms": 1.0, "itl_ms": 1.0}
     with run_simulator(**engine) as drained_engine, run_simulator(**engine) as busy_engine:
         # Log in.
@@ -173,7 +143,8 @@ def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict)
         added = api.post("/api/nodes/", json={"url": busy_engine.url, "models": [MODEL], "name": "engine-b"})
         assert added.status_code == 201, added.text
         busy_id = added.json()["id"]
-        wait_until(lambda: api.get(f"/api/nodes/{busy_id}/").json()["health"] == "healthy", message="never healthy")
+        wait_until(lambda: api.get(f"/api/nodes/{busy_id}/").json()["health"] == "healthy", 30, "never healthy")
+        stack.settle()  # the web worker routes by that health too (docs/decisions/0008-health-as-live-state.md)
 
         # The dashboard: both nodes, the drained one marked, live over the WebSocket.
         page.goto("/dashboard/")
@@ -188,7 +159,7 @@ def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict)
 
         # Traffic through the proxy (a few seconds of it, for the chart): the busy node's numbers
         # move without a reload.
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30) as proxy:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as proxy:
             started = time.monotonic()
             while (
                 time.monotonic() - started < 4
@@ -220,61 +191,35 @@ def test_an_operator_adds_drains_and_watches_nodes_live(page, routerpanel: dict)
         shot(page, "5-engine-stopped")
 
 
-def staff_session(base: str) -> httpx.Client:
-    """An HTTP client logged in to the admin as the bootstrap superuser."""
-    client = httpx.Client(base_url=base, timeout=10)
-    client.get("/admin/login/")
-    response = client.post(
-        "/admin/login/",
-        data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": client.cookies["csrftoken"]},
-        headers={"Referer": f"{base}/admin/login/"},
-    )
-    assert response.status_code == 302, response.text
-    return client
-
-
-def test_the_live_figures_add_up_over_every_web_worker(routerpanel: dict) -> None:
+def test_the_live_figures_add_up_over_every_web_worker(stack: RouterPanelStack) -> None:
     from nodes.live import keys, stats
 
-    port = free_port()
-    workers = [str(BIN / "uvicorn"), "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={port}"]
-    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     engine = {"engine": "nanodeploy", "served_model_name": "workers-model", "ttft_ms": 1.0, "itl_ms": 1.0}
-    with (
-        running([*workers, "--workers=2", "--no-access-log"], port=port, env=routerpanel["env"], timeout=60),
-        run_simulator(**engine) as sim,
-    ):
-        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["workers-model"]})
-        assert added.status_code == 201, added.text
-        node_id = added.json()["id"]
+    with stack.web(workers=2) as workers, run_simulator(**engine) as sim:
+        node_id = stack.add_node(sim.url, ["workers-model"])["id"]  # settled: both new workers route it
         body = {"model": "workers-model", "prompt": "hi", "max_tokens": 2}
         served = 0
-        headers = {"Authorization": f"Bearer {PROXY_KEY}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as proxy:
+        headers = {"Authorization": f"Bearer {stack.key}"}
+        with httpx.Client(base_url=workers, headers=headers, timeout=30) as proxy:
             for _ in range(200):
                 # A new connection each time, so the kernel spreads them over both workers.
                 response = proxy.post("/v1/completions", json=body, headers={"Connection": "close"})
                 served += response.status_code == 200
                 if served >= 60:
                     break
-                if response.status_code in (404, 503):  # the workers have not seen the new node (healthy) yet
-                    time.sleep(0.05)
         assert served >= 60
-        client = redis.Redis.from_url(routerpanel["env"]["ROUTERPANEL_REDIS_URL"])
+        client = redis.Redis.from_url(stack.redis_url)
         live_workers = client.zrangebyscore(keys.WORKERS, time.time() - stats.SNAPSHOT_TTL, "+inf")
         assert len(live_workers) >= 3  # the module's server and these two workers
-        dashboard = staff_session(routerpanel["base"])
         figures: dict = {}
+        with stack.admin_session() as dashboard:
 
-        def all_counted() -> bool:
-            nodes = dashboard.get("/dashboard/data").json()["nodes"]
-            figures.update(next(n for n in nodes if n["id"] == node_id)["live"] or {})
-            return figures.get("requests") == served
+            def all_counted() -> bool:
+                nodes = dashboard.get("/dashboard/data").json()["nodes"]
+                figures.update(next(n for n in nodes if n["id"] == node_id)["live"] or {})
+                return figures.get("requests") == served
 
-        try:
-            wait_until(all_counted, timeout=15, message="the dashboard never counted every request")
-        finally:
-            dashboard.close()
+            wait_until(all_counted, 15, "the dashboard never counted every request")
         per_worker = [
             (snapshot["nodes"].get(str(node_id)) or {}).get("requests", 0)
             for snapshot in [json.loads(raw) for raw in client.mget(live_workers) if raw]
@@ -292,26 +237,26 @@ def log_in(page, next_path: str) -> None:
     page.wait_for_url(f"**{next_path}")
 
 
-def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: dict) -> None:
+def test_a_draining_node_shows_its_in_flight_requests_finish(page, stack: RouterPanelStack) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from playwright.sync_api import expect
 
-    base = routerpanel["base"]
-    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    base, api = stack.base, stack.api
     # Streams of 200 tokens 25 ms apart: each request is in flight for about 5 s.
     slow = {"engine": "nanodeploy", "served_model_name": "slow-model", "ttft_ms": 1.0, "itl_ms": 25.0}
     with run_simulator(**slow, extra_args=["--natural-tokens=200"]) as sim:
         added = api.post("/api/nodes/", json={"url": sim.url, "models": ["slow-model"], "name": "slow-engine"})
         assert added.status_code == 201, added.text
         node_id = added.json()["id"]
+        stack.settle()  # probed at once: routed, and by the health it was given
         log_in(page, "/dashboard/")
         slow_row = row(page, "slow-engine")
         expect(slow_row.locator('[data-field="state"]')).to_have_text("Active")
 
         def stream() -> tuple[int, bytes]:
             body = {"model": "slow-model", "prompt": "tell me a long story", "max_tokens": 500, "stream": True}
-            headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+            headers = {"Authorization": f"Bearer {stack.key}"}
             with (
                 httpx.Client(base_url=base, headers=headers, timeout=60) as client,
                 client.stream("POST", "/v1/completions", json=body) as response,
@@ -319,9 +264,7 @@ def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: 
                 return response.status_code, response.read()
 
         with ThreadPoolExecutor(max_workers=3) as pool:
-            wait_until(
-                lambda: api.get(f"/api/nodes/{node_id}/").json()["state"] == "active", message="node never active"
-            )
+            wait_until(lambda: api.get(f"/api/nodes/{node_id}/").json()["state"] == "active", 30, "node never active")
             streams = [pool.submit(stream) for _ in range(3)]
             inflight = slow_row.locator('[data-field="inflight"]')
             expect(inflight).not_to_have_text("0", timeout=TIMEOUT_MS)
@@ -338,25 +281,25 @@ def test_a_draining_node_shows_its_in_flight_requests_finish(page, routerpanel: 
         late = httpx.post(
             f"{base}/v1/completions",
             json={"model": "slow-model", "prompt": "one more", "max_tokens": 2},
-            headers={"Authorization": f"Bearer {PROXY_KEY}"},
+            headers={"Authorization": f"Bearer {stack.key}"},
             timeout=30,
         )
         assert late.status_code == 503, late.text  # a draining node takes no new request
 
 
-def test_an_engine_answering_5xx_opens_its_breaker_on_the_dashboard(page, routerpanel: dict) -> None:
+def test_an_engine_answering_5xx_opens_its_breaker_on_the_dashboard(page, stack: RouterPanelStack) -> None:
     """Passive health next to active health: the engine's /health still says OK (so it stays
     healthy) while its 500s open the proxy's circuit breaker, which the dashboard shows."""
     from playwright.sync_api import expect
 
-    base = routerpanel["base"]
-    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    base, api = stack.base, stack.api
     engine = {"engine": "nanodeploy", "served_model_name": "flaky-model", "ttft_ms": 1.0, "itl_ms": 1.0}
     with run_simulator(**engine) as sim:
         added = api.post("/api/nodes/", json={"url": sim.url, "models": ["flaky-model"], "name": "flaky-engine"})
         assert added.status_code == 201, added.text
         node_id = added.json()["id"]
-        wait_until(lambda: api.get(f"/api/nodes/{node_id}/").json()["health"] == "healthy", message="never healthy")
+        wait_until(lambda: api.get(f"/api/nodes/{node_id}/").json()["health"] == "healthy", 30, "never healthy")
+        stack.settle()  # the web worker routes by that health too (docs/decisions/0008-health-as-live-state.md)
         log_in(page, "/dashboard/")
         flaky = row(page, "flaky-engine")
         card = page.locator('li[data-model="flaky-model"]')
@@ -365,7 +308,7 @@ def test_an_engine_answering_5xx_opens_its_breaker_on_the_dashboard(page, router
 
         sim.set_faults(error_rate=1.0, error_status=500)
         body = {"model": "flaky-model", "prompt": "hi", "max_tokens": 2}
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30) as proxy:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30) as proxy:
             statuses = [proxy.post("/v1/completions", json=body).status_code for _ in range(8)]
         assert statuses[0] == 500 and statuses[-1] == 503, statuses  # the engine's 500s, then no routable node
         expect(flaky.locator('[data-field="breaker"]')).to_have_text("Open")
@@ -384,40 +327,42 @@ def test_without_its_websocket_the_page_polls_and_stays_live(page) -> None:
     updates = int(page.locator("body").get_attribute("data-updates") or 0)
     wait_until(
         lambda: int(page.locator("body").get_attribute("data-updates") or 0) >= updates + 2,
-        timeout=15,
-        message="polling brought no updates",
+        15,
+        "polling brought no updates",
+        interval=0.1,
     )
 
 
-def test_the_dashboard_is_for_staff_only(routerpanel: dict) -> None:
-    with httpx.Client(base_url=routerpanel["base"], timeout=10) as anonymous:
+def test_the_dashboard_is_for_staff_only(stack: RouterPanelStack) -> None:
+    with httpx.Client(base_url=stack.base, timeout=10) as anonymous:
         for path in ("/dashboard/", "/dashboard/data"):
             response = anonymous.get(path)
             assert response.status_code == 302
             assert response.headers["location"].startswith("/admin/login/")
 
 
-def test_the_dashboard_passes_an_accessibility_audit(page, routerpanel: dict) -> None:
+def test_the_dashboard_passes_an_accessibility_audit(page, stack: RouterPanelStack) -> None:
     """axe-core's WCAG 2 A and AA rules (labels, names, contrast, table headers, ARIA) on the
     dashboard's own content, in the light and the dark theme, with nodes, models and live figures."""
     from playwright.sync_api import expect
 
-    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     engine = {"engine": "nanodeploy", "served_model_name": "a11y-model", "ttft_ms": 1.0, "itl_ms": 1.0}
     with run_simulator(**engine) as sim:
-        added = api.post("/api/nodes/", json={"url": sim.url, "models": ["a11y-model"], "name": "a11y-engine"})
-        assert added.status_code == 201, added.text
+        stack.add_node(sim.url, ["a11y-model"], name="a11y-engine")  # settled: probed, healthy, routed
         body = {"model": "a11y-model", "prompt": "hi", "max_tokens": 2}
-        with httpx.Client(base_url=routerpanel["base"], timeout=30) as proxy:
+        with httpx.Client(base_url=stack.base, timeout=30) as proxy:
             for _ in range(20):
-                proxy.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {PROXY_KEY}"})
+                proxy.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {stack.key}"})
         log_in(page, "/dashboard/")
+        # The admin's links fade to a new theme's colours (a 0.15 s CSS transition): without
+        # transitions the audit sees the theme's own colours, not a frame halfway between two.
+        page.add_style_tag(content="*, *::before, *::after { transition: none !important; }")
         for scheme in ("light", "dark"):
             page.emulate_media(color_scheme=scheme)
             expect(row(page, "a11y-engine").locator('[data-field="rps"]')).not_to_have_text("—")
             # The admin's links fade to the new theme's colours (a 0.15 s CSS transition): audit the
             # settled page, not a frame halfway between the themes.
-            page.wait_for_timeout(500)
+            page.evaluate(SETTLED)
             # From the page's own origin (the Content-Security-Policy refuses inline scripts).
             page.route("**/__axe.min.js", lambda route: route.fulfill(path=str(AXE), content_type="text/javascript"))
             page.add_script_tag(url="/__axe.min.js")
@@ -456,17 +401,14 @@ def test_the_dashboard_can_be_used_with_the_keyboard(page) -> None:
 
 
 def test_the_admin_the_dashboard_and_the_api_docs_run_under_the_content_security_policy(
-    page, routerpanel: dict
+    page, stack: RouterPanelStack
 ) -> None:
     """Every page an operator opens, in a real browser, with the policy on (the ``page`` fixture
     fails on any violation Chromium reports): the admin's node list, change form (its scripts: the
     related-object popups, the date widgets) and add form, the dashboard live, and Swagger UI."""
     from playwright.sync_api import expect
 
-    api = httpx.Client(base_url=routerpanel["base"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-    added = api.post("/api/nodes/", json={"url": "http://127.0.0.1:9", "models": ["csp-model"], "name": "csp-node"})
-    assert added.status_code == 201, added.text
-    node = added.json()["id"]
+    node = stack.add_node(f"http://127.0.0.1:{closed_port()}", ["csp-model"], name="csp-node")["id"]
     try:
         log_in(page, "/admin/nodes/node/")
         response = page.goto(f"/admin/nodes/node/{node}/change/")
@@ -483,4 +425,4 @@ def test_the_admin_the_dashboard_and_the_api_docs_run_under_the_content_security
         expect(page.locator(".swagger-ui .info .title")).to_contain_text("RouterPanel API")
         shot(page, "9-api-docs")
     finally:
-        api.delete(f"/api/nodes/{node}/")
+        stack.api.delete(f"/api/nodes/{node}/")

@@ -4,7 +4,6 @@ record the web worker flushed to Redis, read back at ``/api/requests/``."""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -12,6 +11,8 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
+from tests.support.ports import closed_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,14 +27,13 @@ def chat(stack, request_id: str, **extra: Any) -> httpx.Response:
 
 def explained(stack, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
     """The request's record once its web worker flushed it (about once a second)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def record() -> dict[str, Any] | None:
         response = stack.api.get(f"/api/requests/{request_id}/")
-        if response.status_code == 200:
-            return response.json()
-        assert response.status_code == 404, response.text
-        assert time.monotonic() < deadline, f"{request_id} was never explained"
-        time.sleep(0.1)
+        assert response.status_code in (200, 404), response.text
+        return response.json() if response.status_code == 200 else None
+
+    return wait_until(record, timeout, f"{request_id} was never explained", interval=0.1)
 
 
 def test_a_request_explains_its_pick_its_retry_and_the_nodes_left_out(stack) -> None:
@@ -42,7 +42,7 @@ def test_a_request_explains_its_pick_its_retry_and_the_nodes_left_out(stack) -> 
         # Probed healthy when it is added (a node never probed takes no traffic), then gone: this
         # stack runs no prober, so it stays in rotation and a request meets a refused connection.
         dead = stack.add_node(doomed.url, [MODEL], engine_type="openai", settle=False)
-        draining = stack.add_node("http://127.0.0.1:10", [MODEL], engine_type="openai", settle=False)
+        draining = stack.add_node(f"http://127.0.0.1:{closed_port(1)}", [MODEL], engine_type="openai", settle=False)
         assert stack.api.post(f"/api/nodes/{draining['id']}/drain/").status_code == 200
         stack.settle()
         dead_url = doomed.url

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -23,12 +22,10 @@ import redis
 
 from enginesim.testing import run_fleet, run_simulator
 from nodes.live.health import read_states_sync
-from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.ports import free_port
+from tests.support.stack import PROXY_KEY, RouterPanelStack, StackSpec
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e5555555555555555555555555555555555555"
-PROXY_KEY = "rp-e2e-fleet-key"
 FLEET = 200
 TRAFFIC_SECONDS = 60.0
 INTERVAL, TIMEOUT, FAILURES, FLUSH = 1.0, 0.5, 2, 0.5
@@ -37,30 +34,17 @@ INTERVAL, TIMEOUT, FAILURES, FLUSH = 1.0, 0.5, 2, 0.5
 WINDOW = FAILURES * INTERVAL + TIMEOUT + FLUSH
 SLACK = 1.5  # two shared cores, other jobs: scheduling noise
 
-
-@pytest.fixture(scope="module")
-def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
-    directory = tmp_path_factory.mktemp("fleet")
-    redis_url = redis_db(redis_server, 6)
-    redis.Redis.from_url(redis_url).flushdb()
-    env = routerpanel_env(
-        directory,
-        redis_url,
-        token=TOKEN,
-        proxy_key=PROXY_KEY,
-        ROUTERPANEL_HEALTH_INTERVAL=str(INTERVAL),
-        ROUTERPANEL_HEALTH_TIMEOUT=str(TIMEOUT),
-        ROUTERPANEL_HEALTH_FAILURES=str(FAILURES),
-        ROUTERPANEL_PROBER_FLUSH_INTERVAL=str(FLUSH),
-    )
-    port = free_port()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(prober_argv(), env=env))
-        api = stack.enter_context(
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-        )
-        yield {"base": f"http://127.0.0.1:{port}", "api": api, "redis": redis.Redis.from_url(redis_url)}
+# The web process and the prober, with the probing figures above.
+STACK = StackSpec(
+    prober=True,
+    settings={
+        "ROUTERPANEL_HEALTH_INTERVAL": str(INTERVAL),
+        "ROUTERPANEL_HEALTH_TIMEOUT": str(TIMEOUT),
+        "ROUTERPANEL_HEALTH_FAILURES": str(FAILURES),
+        "ROUTERPANEL_PROBER_FLUSH_INTERVAL": str(FLUSH),
+    },
+)
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(STACK)]
 
 
 def register(api: httpx.Client, url: str, models: list[str]) -> int:
@@ -76,9 +60,7 @@ def state(client: redis.Redis, node_id: int) -> str:
 
 def wait_for_state(client: redis.Redis, node_id: int, wanted: str, timeout: float) -> float:
     started = time.monotonic()
-    while state(client, node_id) != wanted:
-        assert time.monotonic() - started < timeout, f"node {node_id} not {wanted} within {timeout} s"
-        time.sleep(0.02)
+    wait_until(lambda: state(client, node_id) == wanted, timeout, f"node {node_id} not {wanted} within {timeout} s")
     return time.monotonic() - started
 
 
@@ -105,8 +87,10 @@ class Traffic(threading.Thread):
                 self.answers[f"{response.status_code} {code}".strip()] += 1
 
 
-def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_is_still_seen(routerpanel) -> None:
-    api, client = routerpanel["api"], routerpanel["redis"]
+def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_is_still_seen(
+    stack: RouterPanelStack,
+) -> None:
+    api, client = stack.api, redis.Redis.from_url(stack.redis_url)
     victim_port = free_port()
     lone = {"served_model_name": "victim-model", "port": victim_port}
     with run_fleet(FLEET, served_model_name="fleet-model") as fleet:
@@ -124,7 +108,7 @@ def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_i
                 patch = api.patch(f"/api/nodes/{node_id}/", json={"models": ["fleet-model", "victim-model"]})
                 assert patch.status_code == 200, patch.text
             traffic_started = time.time()
-            traffic = Traffic(routerpanel["base"], "fleet-model")
+            traffic = Traffic(stack.base, "fleet-model")
             traffic.start()
             time.sleep(10.0)  # a quiet stretch first: 200 engines probed every second
 
@@ -132,7 +116,7 @@ def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_i
             stopped = time.monotonic()
             victim.proc.send_signal(signal.SIGSTOP)  # frozen: connections accepted, never answered
             figures["sigstop_ejected_s"] = wait_for_state(client, victim_id, "unhealthy", WINDOW + SLACK)
-            assert not victim_routed(routerpanel["base"])
+            assert not victim_routed(stack.base)
             victim.proc.send_signal(signal.SIGCONT)
             figures["sigcont_readmitted_s"] = wait_for_state(client, victim_id, "healthy", WINDOW + SLACK)
 
@@ -173,11 +157,13 @@ def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_i
 
 def victim_routed(base: str) -> bool:
     """Whether victim-model's route still names the victim: readiness counts its healthy nodes."""
-    report = httpx.get(base + "/health/ready", timeout=10).json()
-    deadline = time.monotonic() + 2.0  # the worker applies the live state within a second
-    while report["models"]["victim-model"]["healthy_nodes"]["hybrid"] != 2:
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.05)
+
+    def left_out() -> bool:
         report = httpx.get(base + "/health/ready", timeout=10).json()
+        return report["models"]["victim-model"]["healthy_nodes"]["hybrid"] == 2
+
+    try:
+        wait_until(left_out, 2.0, "")  # the worker applies the live state within a second
+    except AssertionError:
+        return True
     return False

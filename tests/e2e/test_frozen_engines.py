@@ -7,7 +7,6 @@ simulated engines."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
@@ -18,12 +17,12 @@ import pytest
 
 from enginesim.testing import run_simulator
 from tests.matrix import Matrix
-from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.stack import PROXY_KEY, RouterPanelStack, StackSpec
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.e2e
+# The web process, and the prober running the health checks.
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(StackSpec(prober=True))]
 
-TOKEN = "e2e7777777777777777777777777777777777777"
-PROXY_KEY = "rp-e2e-frozen-key"
 MODEL = "frozen-model"
 CLIENT_TIMEOUT = 30.0  # what a patient client waits; on main the requests on the frozen node hit it
 BOUND = 8.0  # health checks notice in about 2 s; a retry on the other node takes well under a second
@@ -35,17 +34,6 @@ MATRIX = Matrix("frozen engines (tests/e2e/test_frozen_engines.py)")
 def _print_matrix() -> Iterator[None]:
     yield
     MATRIX.print()
-
-
-@pytest.fixture(scope="module")
-def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("frozen")
-    env = routerpanel_env(directory, redis_db(redis_server, 13), token=TOKEN, proxy_key=PROXY_KEY)
-    port = free_port()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(prober_argv(), env=env))
-        yield f"http://127.0.0.1:{port}"
 
 
 def health(api: httpx.Client, url: str) -> str:
@@ -69,25 +57,29 @@ async def one_request(base: str, stream: bool) -> tuple[int, float, str]:
     return response.status_code, time.monotonic() - started, response.headers.get("x-routerpanel-node", "")
 
 
-def test_requests_waiting_on_a_frozen_engine_move_to_the_other_node(routerpanel: str) -> None:
-    api = httpx.Client(base_url=routerpanel, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+def test_requests_waiting_on_a_frozen_engine_move_to_the_other_node(stack: RouterPanelStack) -> None:
+    api, routerpanel = stack.api, stack.base
     engine = {"served_model_name": MODEL, "ttft_ms": 5.0, "itl_ms": 5.0}
     with run_simulator(**engine) as survivor, run_simulator(**engine) as frozen:
         for sim in (survivor, frozen):
             added = api.post("/api/nodes/", json={"url": sim.url, "models": [MODEL], "engine_type": "openai"})
             assert added.status_code == 201, added.text
-        deadline = time.monotonic() + 15
-        while any(health(api, s.url) != "healthy" for s in (survivor, frozen)):
-            assert time.monotonic() < deadline, "the nodes never became healthy"
-            time.sleep(0.1)
+        wait_until(
+            lambda: all(health(api, s.url) == "healthy" for s in (survivor, frozen)),
+            15,
+            "the nodes never became healthy",
+        )
         # Both nodes have served: the web worker applies the live health within a second of the API
         # showing it (docs/decisions/0008-health-as-live-state.md).
         served: set[str] = set()
-        while served != {survivor.url, frozen.url}:
-            assert time.monotonic() < deadline, f"only {served} served"
+
+        def both_served() -> bool:
             status, _, node = asyncio.run(one_request(routerpanel, False))
             assert status == 200, node
             served.add(node)
+            return served == {survivor.url, frozen.url}
+
+        wait_until(both_served, 15, lambda: f"only {served} served", interval=0)
 
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         try:

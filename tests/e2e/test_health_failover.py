@@ -7,44 +7,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.ports import free_port
+from tests.support.stack import RouterPanelStack, StackSpec
+from tests.support.wait import wait_until, wait_until_async
 
-pytestmark = pytest.mark.e2e
+# The prober probes every second with a 0.5 s timeout: a killed engine is unhealthy within 3 s.
+HEALTH = {"ROUTERPANEL_HEALTH_INTERVAL": "1", "ROUTERPANEL_HEALTH_TIMEOUT": "0.5"}
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(StackSpec(prober=True, settings=HEALTH))]
 
-TOKEN = "e2e3333333333333333333333333333333333333"
-PROXY_KEY = "rp-e2e-failover-key"
 CONCURRENCY = 32
 
 
-@pytest.fixture(scope="module")
-def routerpanel(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("failover")
-    env = routerpanel_env(
-        directory,
-        redis_db(redis_server, 2),
-        token=TOKEN,
-        proxy_key=PROXY_KEY,
-        ROUTERPANEL_HEALTH_INTERVAL="1",
-        ROUTERPANEL_HEALTH_TIMEOUT="0.5",
-    )
-    port = free_port()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(prober_argv(), env=env))
-        yield f"http://127.0.0.1:{port}"
-
-
-async def load(base: str, stop: asyncio.Event, results: dict[str, int], errors: list[str]) -> None:
+async def load(stack: RouterPanelStack, stop: asyncio.Event, results: dict[str, int], errors: list[str]) -> None:
     """One client of the load script: non-streaming completions back to back."""
-    headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+    headers = {"Authorization": f"Bearer {stack.key}"}
     body = {"model": "failover-model", "prompt": "keep going", "max_tokens": 4}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=stack.base, headers=headers, timeout=30) as client:
         while not stop.is_set():
             try:
                 response = await client.post("/v1/completions", json=body)
@@ -57,52 +40,65 @@ async def load(base: str, stop: asyncio.Event, results: dict[str, int], errors: 
                 errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
 
 
-def node(api: httpx.Client, url: str) -> dict:
-    return next(n for n in api.get("/api/nodes/", params={"url": url}).json()["results"] if n["url"] == url)
+def health(stack: RouterPanelStack, url: str) -> str:
+    found = stack.api.get("/api/nodes/", params={"url": url}).json()["results"]
+    return next(n for n in found if n["url"] == url)["health"]
 
 
-def test_killing_an_engine_under_load_costs_no_request_and_it_comes_back(routerpanel: str) -> None:
-    api = httpx.Client(base_url=routerpanel, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+def served(sim) -> int:
+    return sim.stats()["requests"]["by_endpoint"].get("/v1/completions", 0)
+
+
+def test_killing_an_engine_under_load_costs_no_request_and_it_comes_back(stack: RouterPanelStack) -> None:
     victim_port = free_port()
     engine = {"engine": "nanodeploy", "served_model_name": "failover-model", "ttft_ms": 1.0, "itl_ms": 0.5}
     with run_simulator(**engine) as survivor:
         victim_cm = run_simulator(port=victim_port, **engine)
         victim = victim_cm.__enter__()
         for sim in (survivor, victim):
-            assert api.post("/api/nodes/", json={"url": sim.url, "models": ["failover-model"]}).status_code == 201
-        deadline = time.monotonic() + 10
-        while any(node(api, s.url)["health"] != "healthy" for s in (survivor, victim)):
-            assert time.monotonic() < deadline, "nodes never became healthy"
-            time.sleep(0.1)
+            stack.add_node(sim.url, ["failover-model"], settle=False)
+        wait_until(
+            lambda: all(health(stack, s.url) == "healthy" for s in (survivor, victim)), 10, "nodes never became healthy"
+        )
 
         figures: dict[str, float] = {}
 
         async def scenario() -> tuple[dict[str, int], list[str]]:
             stop = asyncio.Event()
             results, errors = {"ok": 0}, []
-            clients = [asyncio.create_task(load(routerpanel, stop, results, errors)) for _ in range(CONCURRENCY)]
-            await asyncio.sleep(2.0)
-            victim.proc.kill()  # SIGKILL: no goodbye, in-flight connections reset
-            victim.proc.wait()
-            killed = time.monotonic()
-            while node(api, victim.url)["health"] != "unhealthy":
-                assert time.monotonic() - killed < 10, "the dead node was never marked unhealthy"
-                await asyncio.sleep(0.05)
-            figures["unhealthy_after_s"] = time.monotonic() - killed
-            await asyncio.sleep(1.0)
-            restarted = run_simulator(port=victim_port, **engine)
-            revived = restarted.__enter__()
+            clients = [asyncio.create_task(load(stack, stop, results, errors)) for _ in range(CONCURRENCY)]
+            restarted = None
             try:
+                # Under load: every client has had answers, from both engines.
+                await wait_until_async(lambda: results["ok"] >= 2 * CONCURRENCY, 30, "the load never got going")
+                await wait_until_async(
+                    lambda: asyncio.to_thread(lambda: served(victim) > 0 and served(survivor) > 0),
+                    10,
+                    "the load did not reach both engines",
+                )
+                victim.proc.kill()  # SIGKILL: no goodbye, in-flight connections reset
+                victim.proc.wait()
+                killed = time.monotonic()
+                await wait_until_async(
+                    lambda: asyncio.to_thread(lambda: health(stack, victim.url) == "unhealthy"),
+                    10,
+                    "the dead node was never marked unhealthy",
+                )
+                figures["unhealthy_after_s"] = time.monotonic() - killed
+                await asyncio.sleep(1.0)  # the load goes on a while against the unhealthy node: still no error
+                restarted = run_simulator(port=victim_port, **engine)
+                revived = restarted.__enter__()
                 started = time.monotonic()
-                while revived.stats()["requests"]["by_endpoint"].get("/v1/completions", 0) == 0:
-                    assert time.monotonic() - started < 15, "the restarted node never got traffic again"
-                    await asyncio.sleep(0.05)
+                await wait_until_async(
+                    lambda: asyncio.to_thread(served, revived), 15, "the restarted node never got traffic again"
+                )
                 figures["back_in_rotation_after_s"] = time.monotonic() - started
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(1.0)  # and a while with the node back: still no error
             finally:
                 stop.set()
                 await asyncio.gather(*clients)
-                restarted.__exit__(None, None, None)
+                if restarted is not None:
+                    restarted.__exit__(None, None, None)
             return results, errors
 
         try:

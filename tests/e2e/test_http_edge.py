@@ -20,14 +20,18 @@ import pytest
 from enginesim.testing import run_simulator
 from tests.e2e.hostile import HOLD, Lost, Truncated, hold, huge_header, post, probe, read_answer
 from tests.matrix import Matrix
-from tests.procs import free_port, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.stack import PROXY_KEY, StackPool, StackSpec
 
-pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e5555555555555555555555555555555555555"
-PROXY_KEY = "rp-e2e-edge-key"
 MODEL = "edge-model"
 HEAD_TIMEOUT, BODY_TIMEOUT, BODY_DEADLINE = 2.0, 2.0, 4.0
+EDGE_STACK = StackSpec(
+    settings={
+        "ROUTERPANEL_HTTP_HEAD_TIMEOUT": str(HEAD_TIMEOUT),
+        "ROUTERPANEL_HTTP_BODY_TIMEOUT": str(BODY_TIMEOUT),
+        "ROUTERPANEL_HTTP_BODY_DEADLINE": str(BODY_DEADLINE),
+    }
+)
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(EDGE_STACK)]
 MAX_HEAD = 64 * 1024
 CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
 
@@ -41,33 +45,14 @@ def _print_matrix() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[int]:
+def web(stacks: StackPool) -> Iterator[int]:
     """RouterPanel's web process with short edge timeouts, routing ``MODEL`` to a simulated engine;
     yields its port."""
-    directory = tmp_path_factory.mktemp("edge")
-    env = routerpanel_env(
-        directory,
-        redis_db(redis_server, 11),
-        token=TOKEN,
-        proxy_key=PROXY_KEY,
-        ROUTERPANEL_HTTP_HEAD_TIMEOUT=str(HEAD_TIMEOUT),
-        ROUTERPANEL_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
-        ROUTERPANEL_HTTP_BODY_DEADLINE=str(BODY_DEADLINE),
-    )
-    port = free_port()
-    with (
-        run_simulator(served_model_name=MODEL, extra_args=["--fast", "--record-requests=0"]) as engine,
-        running(uvicorn_argv(port), port=port, env=env, timeout=60),
-    ):
-        base = f"http://127.0.0.1:{port}"
-        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-        added = api.post("/api/nodes/", json={"url": engine.url, "models": [MODEL], "engine_type": "openai"})
-        assert added.status_code == 201, added.text
-        deadline = time.monotonic() + 10
-        while MODEL not in httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {PROXY_KEY}"}).text:
-            assert time.monotonic() < deadline, "the proxy never routed the test model"
-            time.sleep(0.05)
-        yield port
+    stack = stacks.get(EDGE_STACK)
+    stack.reset()
+    with run_simulator(served_model_name=MODEL, extra_args=["--fast", "--record-requests=0"]) as engine:
+        stack.add_node(engine.url, [MODEL], engine_type="openai")
+        yield int(stack.base.rsplit(":", 1)[1])
 
 
 def exchange(port: int, *pieces: bytes, gap: float = 0.0) -> list[int]:
@@ -107,8 +92,7 @@ def test_a_96_mib_header_gets_431_at_once_and_v1_latency_stays_low(web: int) -> 
         thread = threading.Thread(target=attacker)
         measured = asyncio.ensure_future(probe(web, post("/v1/chat/completions", CHAT, key=PROXY_KEY), stop))
         thread.start()
-        while thread.is_alive():
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(thread.join)
         await asyncio.sleep(1.0)  # and a second after it
         stop.set()
         return await measured, attack

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.e2e.conftest import API_TOKEN, Stack
 from tests.matrix import Matrix
-from tests.procs import free_port
+from tests.support.ports import closed_port
+from tests.support.stack import TOKEN, RouterPanelStack
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +40,7 @@ def in_parallel(base: str, calls: list[Callable[[httpx.Client], httpx.Response]]
     barrier = threading.Barrier(len(calls))
 
     def run(call: Callable[[httpx.Client], httpx.Response]) -> httpx.Response:
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30) as client:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
             client.get("/api/nodes/", params={"limit": 1})  # connected and authenticated before the race
             barrier.wait()
             return call(client)
@@ -53,7 +53,7 @@ def statuses(responses: list[httpx.Response]) -> dict[int, int]:
     return dict(sorted(collections.Counter(r.status_code for r in responses).items()))
 
 
-def updates_of(stack: Stack, node_id: int) -> list[dict[str, Any]]:
+def updates_of(stack: RouterPanelStack, node_id: int) -> list[dict[str, Any]]:
     """The node's update records, oldest first."""
     rows = stack.api.get(
         "/api/changes/", params={"object_type": "node", "object_id": node_id, "action": "update", "limit": 1000}
@@ -61,11 +61,11 @@ def updates_of(stack: Stack, node_id: int) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def add_unreachable_node(stack: Stack, **fields: Any) -> dict[str, Any]:
-    return stack.add_node(f"http://127.0.0.1:{free_port()}", ["integrity-model"], engine_type="openai", **fields)
+def add_unreachable_node(stack: RouterPanelStack, **fields: Any) -> dict[str, Any]:
+    return stack.add_node(f"http://127.0.0.1:{closed_port()}", ["integrity-model"], engine_type="openai", **fields)
 
 
-def test_ten_parallel_patches_of_different_fields_all_survive_and_the_audit_matches(stack: Stack) -> None:
+def test_ten_parallel_patches_of_different_fields_all_survive_and_the_audit_matches(stack: RouterPanelStack) -> None:
     node = add_unreachable_node(stack, settle=False)
     changes: dict[str, Any] = {
         "name": "renamed",
@@ -99,7 +99,7 @@ def test_ten_parallel_patches_of_different_fields_all_survive_and_the_audit_matc
     assert audited == {field: [node[field], row[field]] for field in changes}
 
 
-def test_ten_parallel_weight_changes_leave_an_unbroken_audit_chain(stack: Stack) -> None:
+def test_ten_parallel_weight_changes_leave_an_unbroken_audit_chain(stack: RouterPanelStack) -> None:
     node = add_unreachable_node(stack, settle=False)
     url = f"/api/nodes/{node['id']}/"
     weights = list(range(11, 11 + PARALLEL))
@@ -117,7 +117,7 @@ def test_ten_parallel_weight_changes_leave_an_unbroken_audit_chain(stack: Stack)
     assert len(chain) == PARALLEL and unbroken and chain[-1][1] == final, chain
 
 
-def test_ten_parallel_creates_of_one_alias_name_are_one_row_and_nine_400s(stack: Stack) -> None:
+def test_ten_parallel_creates_of_one_alias_name_are_one_row_and_nine_400s(stack: RouterPanelStack) -> None:
     body = {"name": f"clash-{time.monotonic_ns()}", "served_name": "integrity-model"}
     answers = in_parallel(stack.base, [lambda c: c.post("/api/aliases/", json=body)] * PARALLEL)
     rows = stack.api.get("/api/aliases/", params={"name": body["name"]}).json()["count"]
@@ -143,7 +143,9 @@ def test_ten_parallel_creates_of_one_alias_name_are_one_row_and_nine_400s(stack:
         ("api-keys", {"name": "etag-key"}, {"rate_limit_rpm": 60}),
     ],
 )
-def test_a_stale_full_update_is_a_412(stack: Stack, collection: str, create: dict | None, change: dict) -> None:
+def test_a_stale_full_update_is_a_412(
+    stack: RouterPanelStack, collection: str, create: dict | None, change: dict
+) -> None:
     if create is None:
         created = add_unreachable_node(stack, settle=False)
     else:
@@ -222,7 +224,7 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("tried", "path", "body"), BAD_INPUT, ids=[row[0] for row in BAD_INPUT])
-def test_bad_input_is_a_4xx_and_stores_nothing(stack: Stack, tried: str, path: str, body: str) -> None:
+def test_bad_input_is_a_4xx_and_stores_nothing(stack: RouterPanelStack, tried: str, path: str, body: str) -> None:
     response = stack.api.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
     stored = stack.api.get("/api/nodes/").json()["count"]
     MATRIX.add(
@@ -236,14 +238,14 @@ def test_bad_input_is_a_4xx_and_stores_nothing(stack: Stack, tried: str, path: s
     assert stored == 0
 
 
-def test_a_huge_limit_is_the_largest_page_not_a_500(stack: Stack) -> None:
+def test_a_huge_limit_is_the_largest_page_not_a_500(stack: RouterPanelStack) -> None:
     response = stack.api.get("/api/nodes/", params={"limit": "99999999999999999999"})
     MATRIX.add("GET /api/nodes/?limit=99999999999999999999", 1, f"{response.status_code} (page capped at 1000)")
     assert response.status_code == 200 and response.json()["count"] == 0
 
 
-def test_five_spellings_of_one_loopback_backend_are_one_node(stack: Stack) -> None:
-    port = free_port()
+def test_five_spellings_of_one_loopback_backend_are_one_node(stack: RouterPanelStack) -> None:
+    port = closed_port()
     spellings = ["127.0.0.1", "localhost", "127.1", "2130706433", "[::ffff:127.0.0.1]"]
     added = [
         stack.api.post(
@@ -267,7 +269,7 @@ def test_five_spellings_of_one_loopback_backend_are_one_node(stack: Stack) -> No
     assert urls == [f"http://127.0.0.1:{port}"]
 
 
-def test_a_key_with_max_concurrent_0_is_unlimited_like_a_node(stack: Stack) -> None:
+def test_a_key_with_max_concurrent_0_is_unlimited_like_a_node(stack: RouterPanelStack) -> None:
     with run_simulator(served_model_name="limit-model", extra_args=["--fast"]) as engine:
         stack.add_node(engine.url, ["limit-model"], engine_type="openai", max_concurrency=0)
         key = stack.add_key(max_concurrent=0)
@@ -293,7 +295,7 @@ def _form_value(html: str, name: str) -> str:
     return match.group(1)
 
 
-def test_the_admin_refuses_to_overwrite_a_row_changed_since_its_form_was_opened(stack: Stack) -> None:
+def test_the_admin_refuses_to_overwrite_a_row_changed_since_its_form_was_opened(stack: RouterPanelStack) -> None:
     created = stack.api.post("/api/api-keys/", json={"name": f"admin-race-{time.monotonic_ns()}"}).json()
     page = f"/admin/nodes/apikey/{created['id']}/change/"
     with httpx.Client(base_url=stack.base, timeout=10) as browser:

@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 from tests.matrix import Matrix
-from tests.procs import free_port, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.stack import ADMIN_PASSWORD as PASSWORD
+from tests.support.stack import TOKEN, StackPool, StackSpec
 
-pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e9999999999999999999999999999999999999"
-PASSWORD = "e2e-admin-password"
 COOLOFF = 4.0
 TRIES = 30
+# A stack of its own: the lockout covers every client on 127.0.0.1 until the cool-off has passed.
+THROTTLED_STACK = StackSpec(settings={"ROUTERPANEL_LOGIN_COOLOFF": str(COOLOFF)})
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(THROTTLED_STACK)]
 
 MATRIX = Matrix("login and token guessing (tests/e2e/test_login_throttling.py)")
 
@@ -30,17 +30,8 @@ def _print_matrix() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[str]:
-    env = routerpanel_env(
-        tmp_path_factory.mktemp("throttle"),
-        redis_db(redis_server, 14),
-        token=TOKEN,
-        proxy_key="rp-e2e-throttle-key",
-        ROUTERPANEL_LOGIN_COOLOFF=str(COOLOFF),
-    )
-    port = free_port()
-    with running(uvicorn_argv(port), port=port, env=env, timeout=60):
-        yield f"http://127.0.0.1:{port}"
+def base(stacks: StackPool) -> str:
+    return stacks.get(THROTTLED_STACK).base
 
 
 def log_in(client: httpx.Client, base: str, password: str) -> int:
@@ -64,7 +55,7 @@ def test_thirty_wrong_passwords_lock_the_admin_login_until_the_cool_off(base: st
         f"wrong: {sorted(set(wrong))}; the right one: {right}",
         ok=right == 429,
     )
-    time.sleep(max(0.0, last_try + COOLOFF + 0.5 - time.monotonic()))
+    time.sleep(max(0.0, last_try + COOLOFF + 0.5 - time.monotonic()))  # the cool-off is what is tested
     with httpx.Client(base_url=base, timeout=10) as client:
         after = log_in(client, base, PASSWORD)
     MATRIX.add("the right password after the cool-off", 1, f"{after}", ok=after == 302)
@@ -88,7 +79,7 @@ def test_thirty_wrong_rest_tokens_lock_the_api_until_the_cool_off(base: str) -> 
         f"wrong: {sorted(set(wrong))}; the right one: {right.status_code}",
         ok=right.status_code == 429,
     )
-    time.sleep(max(0.0, last_try + COOLOFF + 0.5 - time.monotonic()))
+    time.sleep(max(0.0, last_try + COOLOFF + 0.5 - time.monotonic()))  # the cool-off is what is tested
     after = httpx.get(base + "/api/nodes/", headers={"Authorization": f"Bearer {TOKEN}"})
     MATRIX.add("the right token after the cool-off", 1, f"{after.status_code}", ok=after.status_code == 200)
     assert after.status_code == 200

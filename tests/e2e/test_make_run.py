@@ -20,7 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.procs import REPO_ROOT, free_port, free_port_block, wait_for_port
+from tests.support.ports import free_port, free_port_block
+from tests.support.procs import REPO_ROOT, wait_for_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -60,10 +62,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(f"{exc}\n{log.read_text(errors='replace')[-4000:]}") from None
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while httpx.get(base + "/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(lambda: httpx.get(base + "/health", timeout=5).status_code == 200, 60, "/health never said 200")
         yield {"base": base, "database": str(tmp / "db.sqlite3"), "secret": str(tmp / "var" / "secret_key")}
     finally:
         # make, honcho and every process honcho started share make's process group.
@@ -74,16 +73,19 @@ def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
+        try:
+            wait_until(lambda: not group_alive(proc.pid), 20, "make's process group outlived SIGTERM", interval=0.1)
+        except AssertionError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def login(client: httpx.Client, base: str) -> None:

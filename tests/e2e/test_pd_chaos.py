@@ -12,14 +12,11 @@ import collections
 import json
 import random
 import time
-from collections.abc import Iterator
 
 import aiohttp
-import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.e2e.conftest import SERVERS
 from tests.e2e.pd_support import (
     chat,
     completion,
@@ -29,26 +26,17 @@ from tests.e2e.pd_support import (
     wait_kv_settled,
     wait_router_idle,
 )
-from tests.procs import free_port, running
+from tests.support.stack import StackSpec
 
-pytestmark = pytest.mark.e2e
+# RouterPanel under uvicorn (the soak need not run twice). The chaos injects failures on purpose:
+# circuit breakers that took nodes out of rotation would turn the soak into a 503 test.
+STACK = StackSpec(settings={"ROUTERPANEL_BREAKER_FAILURES": "1000000"})
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(STACK)]
 
 MODEL = "chaos-model"
 REQUESTS = 1000
 CONCURRENCY = 32
 SEED = 6
-
-
-@pytest.fixture(scope="module")
-def routerpanel_server(e2e_database: dict[str, str]) -> Iterator[str]:
-    """One RouterPanel under uvicorn (the soak need not run twice). The chaos injects failures on
-    purpose: circuit breakers that took nodes out of rotation would turn the soak into a 503 test."""
-    port = free_port()
-    env = {**e2e_database, "ROUTERPANEL_BREAKER_FAILURES": "1000000"}
-    with running(SERVERS["uvicorn"](port), port=port, env=env, timeout=60):
-        base = f"http://127.0.0.1:{port}"
-        httpx.get(base + "/health", timeout=10).raise_for_status()
-        yield base
 
 
 class Tally:

@@ -1,12 +1,11 @@
-"""NanoDeploy/DLEngine PD through real processes: RouterPanel (uvicorn, then daphne) in front of
-simulated prefill and decode engines. Every test ends by checking that each KV block a prefill
-allocated was freed exactly once and that RouterPanel holds no counter."""
+"""NanoDeploy/DLEngine PD through real processes: RouterPanel (uvicorn; the tests marked ``servers``
+under daphne too) in front of simulated prefill and decode engines. Every test ends by checking
+that each KV block a prefill allocated was freed exactly once and that RouterPanel holds no counter."""
 
 from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import openai
@@ -25,6 +24,7 @@ from tests.e2e.pd_support import (
     wait_kv_settled,
     wait_router_idle,
 )
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +93,7 @@ def test_a_pd_request_answers_like_a_hybrid_engine_and_frees_the_kv(pd, make):
     assert frees == [{"seq_ids": [decoded["kv_transfer_params"]["seq_id"]]}]
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 @pytest.mark.parametrize("make", [chat, completion], ids=["chat", "completions"])
 def test_a_streamed_pd_request_relays_the_decode_stream(pd, make):
     stack, prefills, _ = pd
@@ -305,6 +306,7 @@ def test_a_client_that_leaves_during_the_prefill_still_gets_its_kv_freed(pair):
     assert decode.stats()["requests"]["total"] == 0  # nobody to decode for
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_a_client_that_leaves_mid_stream_cancels_the_decode_and_frees_the_kv(stack, engines):
     with run_simulator(engine="nanodeploy", role="decode", served_model_name=MODEL, itl_ms=50) as slow:
         prefill, _ = one_pair(stack, engines)
@@ -333,10 +335,7 @@ def test_a_client_that_leaves_mid_stream_cancels_the_decode_and_frees_the_kv(sta
 def test_leg_metrics_are_exported(pd):
     stack, _, _ = pd
     assert post(stack, chat(MODEL, max_tokens=4)).status_code == 200
-    deadline = time.monotonic() + 5
-    while not metric_values(stack, "routerpanel_proxy_pd_frees_total"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: metric_values(stack, "routerpanel_proxy_pd_frees_total"), 5, "no PD free was counted")
     durations = metric_values(stack, "routerpanel_proxy_pd_leg_duration_seconds_count")
     assert any('leg="prefill"' in k for k in durations) and any('leg="decode"' in k for k in durations)
     frees = metric_values(stack, "routerpanel_proxy_pd_frees_total")

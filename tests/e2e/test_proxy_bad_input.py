@@ -132,6 +132,7 @@ def test_bad_input_gets_a_clear_openai_shaped_4xx(route, name, path, raw, header
         assert engine.requests() == sent_before  # refused before reaching the engine
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_oversized_headers_are_refused_without_reaching_the_engine(route) -> None:
     registry, engine = route
     before = database_state(registry.database)

@@ -1,5 +1,5 @@
-"""The data path through real processes: RouterPanel (uvicorn, then daphne) in front of simulated
-engines, driven by the official ``openai`` client, httpx and curl."""
+"""The data path through real processes: RouterPanel (uvicorn; the tests marked ``servers`` under
+daphne too) in front of simulated engines, driven by the official ``openai`` client, httpx and curl."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import openai
 import pytest
 
 from enginesim.testing import run_simulator
+from tests.support.ports import closed_port
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +56,7 @@ def served_counts(sims):
     return [sim.stats()["requests"]["by_endpoint"].get("/v1/chat/completions", 0) for sim in sims]
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_the_official_openai_client_works_sync_async_and_streaming(fleet):
     stack, _sims, _ = fleet
     client = openai.OpenAI(base_url=stack.v1, api_key=stack.key, max_retries=0)
@@ -105,6 +108,7 @@ def test_the_official_openai_client_works_sync_async_and_streaming(fleet):
         openai.OpenAI(base_url=stack.v1, api_key="rp-wrong", max_retries=0).models.list()
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_curl_streams_sse_with_the_right_headers(fleet):
     stack, _, _ = fleet
     out = subprocess.run(
@@ -241,13 +245,14 @@ def test_alias_is_rewritten_and_unknown_fields_pass_through(fleet):
     ]
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_each_error_status_has_the_openai_shape(fleet):
     stack, _sims, _ids = fleet
     limited_key = stack.add_key(rate_limit_rpm=1)
     other_key = stack.add_key(allowed_models=["something-else"])
     with run_simulator(served_model_name="dead-model") as dying:  # healthy when registered, dead when asked
         stack.add_node(dying.url, ["dead-model"], settle=False)
-    stack.add_node("http://127.0.0.1:10", ["drained-model"], state="draining")
+    stack.add_node(f"http://127.0.0.1:{closed_port(1)}", ["drained-model"], state="draining")
     assert post(stack, chat(), key=limited_key).status_code == 200
     cases = [
         (httpx.post(stack.v1 + "/chat/completions", json=chat(), timeout=10), 401),
@@ -303,18 +308,21 @@ def test_a_mid_stream_failure_ends_with_an_error_event_then_done(fleet):
     assert error["code"] == "engine_stream_error"
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_a_client_disconnect_while_waiting_for_the_first_token_cancels_upstream(fleet):
     stack, sims, _ids = fleet
     for sim in sims:
         sim.set_faults(slow_first_token_ms=5000, count=1)
     with pytest.raises(httpx.ReadTimeout):  # the client gives up (and closes) before the first token
         post(stack, chat(stream=True), timeout=httpx.Timeout(10, read=0.5))
-    deadline = time.monotonic() + 3
-    while sum(sim.stats()["requests"]["cancelled"] for sim in sims) < 1:
-        assert time.monotonic() < deadline, [sim.stats()["requests"] for sim in sims]
-        time.sleep(0.05)
+    wait_until(
+        lambda: sum(sim.stats()["requests"]["cancelled"] for sim in sims) >= 1,
+        3,
+        "no engine saw its request cancelled",
+    )
 
 
+@pytest.mark.servers("uvicorn", "daphne")
 def test_a_client_disconnect_mid_stream_cancels_upstream(stack):
     with run_simulator(served_model_name="paced", itl_ms=20) as paced:
         # The engine type is given: a detection's requests would count as completed below; and the

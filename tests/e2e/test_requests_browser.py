@@ -15,6 +15,7 @@ import pytest
 
 from enginesim.testing import run_simulator
 from tests.e2e import test_dashboard_browser as browser
+from tests.support.ports import closed_port
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +74,10 @@ def test_an_operator_finds_a_failed_request_and_reads_why(page, stack) -> None:
         # Probed healthy when it is added (a node never probed takes no traffic), then gone: this
         # stack runs no prober, so it stays in rotation and a request meets a refused connection.
         stack.add_node(doomed.url, [model], engine_type="openai", name="dead-engine", settle=False)
-        for name, port, action in (("drained-engine", 10, "drain"), ("disabled-engine", 11, "disable")):
+        for name, port, action in (
+            ("drained-engine", closed_port(1), "drain"),
+            ("disabled-engine", closed_port(2), "disable"),
+        ):
             node = stack.add_node(f"http://127.0.0.1:{port}", [model], engine_type="openai", name=name, settle=False)
             assert stack.api.post(f"/api/nodes/{node['id']}/{action}/").status_code == 200
         stack.add_node(fine.url, [OTHER], engine_type="openai", name="fine-engine", settle=False)
@@ -164,7 +168,7 @@ def test_the_requests_page_passes_an_accessibility_audit(page, stack) -> None:
         expect(page.locator("#rp-detail")).to_be_visible()
         for scheme in ("light", "dark"):
             page.emulate_media(color_scheme=scheme)
-            page.wait_for_timeout(500)  # the admin's 0.15 s colour transition
+            page.evaluate(browser.SETTLED)  # the admin's 0.15 s colour transition has finished
             # From the page's own origin (the Content-Security-Policy refuses inline scripts).
             page.route(
                 "**/__axe.min.js", lambda route: route.fulfill(path=str(browser.AXE), content_type="text/javascript")

@@ -4,16 +4,17 @@ ports with a fresh database; then an operator's and an application's first steps
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.procs import PYTHON, REPO_ROOT, free_port, free_port_block, running
+from tests.support.ports import free_port, free_port_block
+from tests.support.procs import PYTHON, REPO_ROOT, running
+from tests.support.stack import inherited_environment
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +26,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("stack")
     web_port, redis_port, nanoctrl_port, engine_base = free_port(), free_port(), free_port(), free_port_block(4)
     env = {
-        **os.environ,
+        **inherited_environment(),
         "ROUTERPANEL_SQLITE_PATH": str(tmp / "db.sqlite3"),
         "ROUTERPANEL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "ROUTERPANEL_ADMIN_PASSWORD": "e2e-admin-password",
@@ -101,9 +102,8 @@ def test_a_node_added_with_curl_shows_in_the_api_the_admin_and_the_audit(stack) 
 
     auth = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=stack["base"], timeout=10, headers=auth) as client:
-        # The demo fleet joins through NanoCtrl meanwhile (source "registry"); /nodes/add probes the
-        # new node at once, which gives the fleet the time to arrive before this read.
-        nodes = [n for n in client.get("/api/nodes/").json()["results"] if n["source"] != "registry"]
+        # The demo fleet joins through NanoCtrl meanwhile (source "registry"): only the manual nodes.
+        nodes = client.get("/api/nodes/?source=manual").json()["results"]
         assert [(n["url"], n["role"], n["served_models"]) for n in nodes] == [
             ("http://127.0.0.1:8100", "prefill", ["m"])
         ]
@@ -129,7 +129,6 @@ def test_the_version_bump_reaches_the_stack_redis(stack) -> None:
 
     client = redis.Redis.from_url(stack["env"]["ROUTERPANEL_REDIS_URL"])
     token = stack["env"]["ROUTERPANEL_API_TOKEN"]
-    deadline = time.monotonic() + 10
     before = int(client.get("routerpanel:config:version") or 0)
     httpx.post(
         f"{stack['base']}/api/route-policies/",
@@ -137,26 +136,19 @@ def test_the_version_bump_reaches_the_stack_redis(stack) -> None:
         headers={"Authorization": f"Bearer {token}"},
         timeout=10,
     ).raise_for_status()
-    while time.monotonic() < deadline and int(client.get("routerpanel:config:version") or 0) <= before:
-        time.sleep(0.05)
-    assert int(client.get("routerpanel:config:version") or 0) > before
+    wait_until(lambda: int(client.get("routerpanel:config:version") or 0) > before, 10, "the version never moved")
 
 
 def test_the_celery_worker_answers(stack) -> None:
     celery = str(Path(PYTHON).parent / "celery")
-    deadline = time.monotonic() + 30
-    while True:
-        result = subprocess.run(
-            [celery, "-A", "routerpanel", "inspect", "ping", "--timeout", "5"],
-            cwd=REPO_ROOT,
-            env=stack["env"],
-            capture_output=True,
-            text=True,
-        )
-        if "pong" in result.stdout or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert "pong" in result.stdout, result.stdout + result.stderr
+    results: list[subprocess.CompletedProcess] = []
+
+    def pong() -> bool:
+        ping = [celery, "-A", "routerpanel", "inspect", "ping", "--timeout", "5"]
+        results.append(subprocess.run(ping, cwd=REPO_ROOT, env=stack["env"], capture_output=True, text=True))
+        return "pong" in results[-1].stdout
+
+    wait_until(pong, 30, lambda: f"no pong: {results[-1].stdout}{results[-1].stderr}", interval=0.5)
 
 
 def test_the_demo_fleet_registers_and_serves_through_the_proxy(stack) -> None:
@@ -164,13 +156,12 @@ def test_the_demo_fleet_registers_and_serves_through_the_proxy(stack) -> None:
 
     token = stack["env"]["ROUTERPANEL_API_TOKEN"]
     auth = {"Authorization": f"Bearer {token}"}
-    deadline = time.monotonic() + 30
-    nodes: list[dict] = []
-    while time.monotonic() < deadline:
-        nodes = httpx.get(f"{stack['base']}/api/nodes/?source=registry", headers=auth, timeout=10).json()["results"]
-        if len(nodes) == 4:
-            break
-        time.sleep(0.5)
+
+    def registered() -> list[dict]:
+        found = httpx.get(f"{stack['base']}/api/nodes/?source=registry", headers=auth, timeout=10).json()["results"]
+        return found if len(found) == 4 else []
+
+    nodes = wait_until(registered, 30, "the demo fleet never registered its four engines", interval=0.1)
     assert sorted((n["role"], n["served_models"][0]) for n in nodes) == [
         ("decode", "demo-pd"),
         ("hybrid", "demo-chat"),
@@ -178,9 +169,7 @@ def test_the_demo_fleet_registers_and_serves_through_the_proxy(stack) -> None:
         ("prefill", "demo-pd"),
     ]
     client = openai.OpenAI(base_url=f"{stack['base']}/v1", api_key=stack["env"]["ROUTERPANEL_DEMO_API_KEY"])
-    deadline = time.monotonic() + 10
-    while "demo-chat" not in {m.id for m in client.models.list().data} and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "demo-chat" in {m.id for m in client.models.list().data}, 10, "demo-chat never routable")
     answer = client.chat.completions.create(model="demo-chat", messages=[{"role": "user", "content": "hello"}])
     assert answer.choices[0].message.content
     # demo-pd has a prefill and a decode engine: served through prefill/decode disaggregation.

@@ -5,128 +5,91 @@ keep answering from their snapshots, and sharing resumes by itself when Redis re
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from enginesim.testing import run_simulator
-from nodes.localredis import redis_server_argv
-from tests.procs import free_port, routerpanel_env, running, stop_process, uvicorn_argv, wait_for_port
+from nodes.live import keys
+from tests.support.stack import RouterPanelStack, StackSpec
+from tests.support.wait import wait_until, wait_until_async
 
-pytestmark = pytest.mark.e2e
-
-TOKEN = "e2e4444444444444444444444444444444444444"
-PROXY_KEY = "rp-e2e-scale-key"
-
-
-class PrivateRedis:
-    """A redis-server of this module's own, which a test may stop and start on the same port."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            redis_server_argv(port=self.port, data_dir=self.data_dir), stdout=subprocess.DEVNULL
-        )
-        wait_for_port(self.port, proc=self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
+# Two web processes, A and B, on a Redis of their own (a test stops it).
+STACK = StackSpec(web_processes=2, own_redis=True)
+pytestmark = [pytest.mark.e2e, pytest.mark.stack(STACK)]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    tmp = tmp_path_factory.mktemp("scale-out")
-    private_redis = PrivateRedis(tmp)
-    private_redis.start()
-    env = routerpanel_env(tmp, private_redis.url, token=TOKEN, proxy_key=PROXY_KEY)
-    ports = [free_port(), free_port()]
-    with contextlib.ExitStack() as stack:
-        stack.callback(private_redis.stop)
-        for port in ports:
-            stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        a, b = (f"http://127.0.0.1:{port}" for port in ports)
-        api = stack.enter_context(httpx.Client(base_url=a, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10))
-        yield {"a": a, "b": b, "api": api, "redis": private_redis}
-
-
-@pytest.fixture
-def clean(cluster: dict) -> dict:
-    api: httpx.Client = cluster["api"]
-    for node in api.get("/api/nodes/", params={"limit": 1000}).json()["results"]:
-        api.delete(f"/api/nodes/{node['id']}/")
-    return cluster
-
-
-def add_node(api: httpx.Client, url: str, model: str) -> None:
-    response = api.post("/api/nodes/", json={"url": url, "models": [model], "engine_type": "openai"})
-    assert response.status_code == 201, response.text
-
-
-def completion(base: str, model: str, **extra) -> httpx.Response:
+def completion(stack: RouterPanelStack, base: str, model: str, **extra) -> httpx.Response:
     body = {"model": model, "prompt": "hello", "max_tokens": 4, **extra}
-    return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {PROXY_KEY}"}, timeout=30)
+    return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
 
 
 def served(sim) -> int:
     return sim.stats()["requests"]["by_endpoint"].get("/v1/completions", 0)
 
 
-def test_a_node_added_through_worker_a_gets_traffic_from_worker_b_within_a_second(clean) -> None:
+def wait_for_shared_sync(stack: RouterPanelStack) -> None:
+    """Wait until every web worker has read the others' counters as they stand now.
+
+    Each worker's sync (proxy/shared.py) publishes its own counts and stamps its turn (its score in
+    the ``WORKERS`` sorted set, nodes/live/workers.py) in one round trip, then reads the others';
+    its next stamp means that sync is over. So: once every worker has stamped a turn (all have
+    published what they counted before this call), wait for one more turn of each (a whole sync
+    that began after every publish has finished).
+    """
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        workers = [w.decode() for w in client.zrangebyscore(keys.WORKERS, time.time() - 5, "+inf")]
+        assert len(workers) == len(stack.bases), workers
+        for _ in range(2):
+            last = {w: client.zscore(keys.WORKERS, w) or 0.0 for w in workers}
+
+            def turned(last: dict[str, float] = last) -> bool:
+                return all((client.zscore(keys.WORKERS, w) or 0.0) > last[w] for w in workers)
+
+            wait_until(turned, 5, "a web worker stopped syncing its counters", interval=0.01)
+    finally:
+        client.close()
+
+
+def test_a_node_added_through_worker_a_gets_traffic_from_worker_b_within_a_second(stack) -> None:
+    b = stack.bases[1]
     with run_simulator(served_model_name="scale-a") as sim:
-        add_node(clean["api"], sim.url, "scale-a")
+        stack.add_node(sim.url, ["scale-a"], engine_type="openai", settle=False)  # stack.api talks to A
         added = time.monotonic()
-        while completion(clean["b"], "scale-a").status_code != 200:
-            assert time.monotonic() - added < 5, "worker B never routed to the new node"
-            time.sleep(0.02)
+        wait_until(lambda: completion(stack, b, "scale-a").status_code == 200, 5, "worker B never routed to it")
         took = time.monotonic() - added
         assert served(sim) >= 1
     print(f"\nnode added on worker A served by worker B after {took * 1000:.0f} ms")
     assert took < 1.0
 
 
-def test_a_keys_rate_limit_counts_requests_through_every_worker(clean) -> None:
-    api: httpx.Client = clean["api"]
+def test_a_keys_rate_limit_counts_requests_through_every_worker(stack) -> None:
+    a, b = stack.bases
     with run_simulator(served_model_name="scale-d") as sim:
-        add_node(api, sim.url, "scale-d")
-        created = api.post("/api/api-keys/", json={"name": "limited", "rate_limit_rpm": 4})
-        assert created.status_code == 201, created.text
-        key = created.json()["key"]
-        if 60 - time.time() % 60 < 15:  # the one-minute window must not roll over mid-test
-            time.sleep(60 - time.time() % 60 + 0.5)
-        time.sleep(1.0)  # both workers' snapshots know the key and the node
+        stack.add_node(sim.url, ["scale-d"], engine_type="openai")
+        key = stack.add_key(rate_limit_rpm=4)  # settled: both workers' snapshots know the key and the node
+        if 60 - time.time() % 60 < 15:  # the one-minute window must not roll over mid-test:
+            time.sleep(60 - time.time() % 60 + 0.5)  # wait for the next one (the clock is the condition)
 
         def send(base: str) -> httpx.Response:
             body = {"model": "scale-d", "prompt": "hi", "max_tokens": 2}
             return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
 
-        assert [send(clean["a"]).status_code for _ in range(2)] == [200, 200]
-        time.sleep(0.5)  # B learns A's count at the next shared-counter sync (every 0.1 s)
-        answers = [send(clean["b"]) for _ in range(3)]
-    assert [a.status_code for a in answers] == [200, 200, 429]
+        assert [send(a).status_code for _ in range(2)] == [200, 200]
+        wait_for_shared_sync(stack)  # B has read A's count
+        answers = [send(b) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[2].json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(answers[2].headers["retry-after"]) <= 60
 
 
-async def _streams(base: str, model: str, count: int, opened: asyncio.Event) -> None:
+async def _streams(stack: RouterPanelStack, base: str, model: str, count: int, opened: asyncio.Event) -> None:
     """Run ``count`` slow streams (about 8 s each) through ``base``; ``opened`` is set once all started.
     Each is read to its end: a client that stopped reading would count as gone and be cancelled."""
-    headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+    headers = {"Authorization": f"Bearer {stack.key}"}
     body = {"model": model, "prompt": "[[len=400]] a long story", "stream": True}
 
     async def one(client: httpx.AsyncClient, started: list[int]) -> None:
@@ -139,30 +102,27 @@ async def _streams(base: str, model: str, count: int, opened: asyncio.Event) -> 
     started: list[int] = []
     async with httpx.AsyncClient(timeout=60) as client:
         tasks = [asyncio.create_task(one(client, started)) for _ in range(count)]
-        while len(started) < count:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: len(started) >= count, 30, "the streams never all started")
         opened.set()
         await asyncio.gather(*tasks)
 
 
-def test_worker_b_balances_around_the_streams_worker_a_holds(clean) -> None:
-    api: httpx.Client = clean["api"]
+def test_worker_b_balances_around_the_streams_worker_a_holds(stack) -> None:
+    a, b = stack.bases
     model = "scale-b"
     engine = {"served_model_name": model, "itl_ms": 20.0}
     with run_simulator(**engine) as busy, run_simulator(**engine) as idle:
-        add_node(api, busy.url, model)
-        policy = api.post("/api/route-policies/", json={"model": model, "strategy": "least_requests"})
-        assert policy.status_code == 201, policy.text
-        time.sleep(1.0)
+        stack.add_node(busy.url, [model], engine_type="openai", settle=False)
+        stack.set_policy(model, strategy="least_requests")
 
         async def scenario() -> None:
             opened = asyncio.Event()
-            holder = asyncio.create_task(_streams(clean["a"], model, 4, opened))
+            holder = asyncio.create_task(_streams(stack, a, model, 4, opened))
             await opened.wait()  # four streams on the busy node, all through worker A
-            await asyncio.to_thread(add_node, api, idle.url, model)
-            await asyncio.sleep(1.0)  # B's snapshot and shared view catch up
-            answers = await asyncio.gather(*(asyncio.to_thread(completion, clean["b"], model) for _ in range(4)))
-            assert [a.status_code for a in answers] == [200] * 4
+            await asyncio.to_thread(stack.add_node, idle.url, [model], engine_type="openai")  # B's snapshot has it
+            await asyncio.to_thread(wait_for_shared_sync, stack)  # B's shared view has A's four streams
+            answers = await asyncio.gather(*(asyncio.to_thread(completion, stack, b, model) for _ in range(4)))
+            assert [answer.status_code for answer in answers] == [200] * 4
             assert busy.stats()["requests"]["in_flight"] == 4  # A's streams were running all along
             await holder
 
@@ -174,19 +134,18 @@ def test_worker_b_balances_around_the_streams_worker_a_holds(clean) -> None:
         assert served(busy) == busy_before + 4  # only A's four streams
 
 
-def test_redis_down_for_30_s_under_load_then_sharing_resumes(clean) -> None:
-    api: httpx.Client = clean["api"]
-    private_redis: PrivateRedis = clean["redis"]
+def test_redis_down_for_30_s_under_load_then_sharing_resumes(stack) -> None:
+    private_redis = stack.redis_server
+    assert private_redis is not None
     model = "scale-c"
     with run_simulator(served_model_name=model) as first, run_simulator(served_model_name=model) as second:
-        add_node(api, first.url, model)
-        time.sleep(1.0)
+        stack.add_node(first.url, [model], engine_type="openai")
 
         async def load(stop: asyncio.Event, errors: list[str], ok: list[int]) -> None:
-            async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {PROXY_KEY}"}) as client:
+            async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {stack.key}"}) as client:
                 turn = 0
                 while not stop.is_set():
-                    base = (clean["a"], clean["b"])[turn % 2]
+                    base = stack.bases[turn % 2]
                     turn += 1
                     body = {"model": model, "prompt": "hi", "max_tokens": 2}
                     try:
@@ -202,25 +161,28 @@ def test_redis_down_for_30_s_under_load_then_sharing_resumes(clean) -> None:
         async def scenario() -> dict[str, float]:
             stop, errors, ok = asyncio.Event(), [], []
             clients = [asyncio.create_task(load(stop, errors, ok)) for _ in range(8)]
-            await asyncio.sleep(1.0)
+            await wait_until_async(lambda: len(ok) >= 16, 30, "the load never got going")
             private_redis.stop()
             down_since = time.monotonic()
-            await asyncio.sleep(30.0)
+            await asyncio.sleep(30.0)  # the outage under load
             served_while_down = len(ok)
             private_redis.start()
             back = time.monotonic()
             # Shared counters resume: both workers register again in the fresh Redis.
-            client = redis.Redis.from_url(private_redis.url)
-            while client.zcard("routerpanel:workers") < 2:
-                assert time.monotonic() - back < 10, "workers did not come back to Redis"
-                await asyncio.sleep(0.05)
+            client = redis.Redis.from_url(private_redis.url())
+            await wait_until_async(
+                lambda: client.zcard(keys.WORKERS) >= 2, 10, "workers did not come back to Redis", interval=0.05
+            )
             rejoined = time.monotonic() - back
             # Config updates resume: a node added now is used by both workers within a second or so.
-            await asyncio.to_thread(add_node, api, second.url, model)
+            await asyncio.to_thread(stack.add_node, second.url, [model], engine_type="openai", settle=False)
             added = time.monotonic()
-            while served(second) < 2:
-                assert time.monotonic() - added < 5, "the node added after the outage got no traffic"
-                await asyncio.sleep(0.05)
+            await wait_until_async(
+                lambda: asyncio.to_thread(lambda: served(second) >= 2),
+                5,
+                "the node added after the outage got no traffic",
+                interval=0.05,
+            )
             propagated = time.monotonic() - added
             stop.set()
             await asyncio.gather(*clients)

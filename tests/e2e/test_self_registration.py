@@ -6,51 +6,30 @@ they listen, from their bind address ``0.0.0.0``, with no credentials)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.procs import free_port, prober_argv, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.ports import free_port
+from tests.support.stack import RouterPanelStack, StackSpec
+from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.e2e
+# The web process, and the prober (probing every second) for the health checks.
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.stack(StackSpec(prober=True, settings={"ROUTERPANEL_HEALTH_INTERVAL": "1"})),
+]
 
-TOKEN = "e2e9999999999999999999999999999999999999"
-PROXY_KEY = "rp-e2e-selfreg-key"
 MODEL = "selfreg-model"
 
 
-def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[dict]:
-    directory = tmp_path_factory.mktemp("selfreg-e2e")
-    env = routerpanel_env(
-        directory, redis_db(redis_server, 9), token=TOKEN, proxy_key=PROXY_KEY, ROUTERPANEL_HEALTH_INTERVAL="1"
-    )
-    port = free_port()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(running(uvicorn_argv(port), port=port, env=env, timeout=60))
-        stack.enter_context(running(prober_argv(), env=env))
-        base = f"http://127.0.0.1:{port}"
-        api = stack.enter_context(httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10))
-        yield {"base": base, "api": api}
-
-
 @pytest.fixture
-def plane(system: dict, request: pytest.FixtureRequest) -> Iterator[dict]:
+def plane(stack: RouterPanelStack, request: pytest.FixtureRequest) -> Iterator[dict]:
     """A direct-registration control plane of the test's own; removed with its nodes afterwards."""
-    api: httpx.Client = system["api"]
+    api = stack.api
     created = api.post("/api/control-planes/", json={"name": request.node.name[:90], "kind": "direct"})
     assert created.status_code == 201, created.text
     yield created.json()
@@ -63,9 +42,9 @@ def node_at(api: httpx.Client, url: str) -> dict | None:
     return next((n for n in api.get("/api/nodes/", params={"url": url}).json()["results"] if n["url"] == url), None)
 
 
-def chat(base: str) -> httpx.Response:
+def chat(stack: RouterPanelStack) -> httpx.Response:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    return httpx.post(base + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {PROXY_KEY}"})
+    return httpx.post(stack.v1 + "/chat/completions", json=body, headers={"Authorization": f"Bearer {stack.key}"})
 
 
 def lmdeploy(proxy_url: str, role: str, port: int):
@@ -80,8 +59,8 @@ def lmdeploy(proxy_url: str, role: str, port: int):
     )
 
 
-def test_unmodified_lmdeploy_engines_join_pending_take_no_traffic_and_serve_once_approved(system, plane) -> None:
-    api: httpx.Client = system["api"]
+def test_unmodified_lmdeploy_engines_join_pending_take_no_traffic_and_serve_once_approved(stack, plane) -> None:
+    api = stack.api
     assert api.patch(f"/api/control-planes/{plane['id']}/", json={"approval_mode": "manual"}).status_code == 200
     hybrid_port, prefill_port = free_port(), free_port()
     with (
@@ -89,39 +68,41 @@ def test_unmodified_lmdeploy_engines_join_pending_take_no_traffic_and_serve_once
         lmdeploy(plane["registration_url"], "prefill", prefill_port),
     ):
         hybrid_url, prefill_url = f"http://127.0.0.1:{hybrid_port}", f"http://127.0.0.1:{prefill_port}"
-        wait_until(lambda: node_at(api, hybrid_url) and node_at(api, prefill_url), timeout=10, what="registered")
+        wait_until(lambda: node_at(api, hybrid_url) and node_at(api, prefill_url), 10, "never registered")
         # The engines registered before they listened: their type comes from the prober's first good probe.
-        took = wait_until(
+        registered = time.monotonic()
+        wait_until(
             lambda: all(node_at(api, url)["engine_type"] == "lmdeploy" for url in (hybrid_url, prefill_url)),
-            timeout=15,
-            what="engine type detected",
+            15,
+            "the engine type was never detected",
         )
-        print(f"\nengine type detected {took:.2f} s after the registrations")
+        print(f"\nengine type detected {time.monotonic() - registered:.2f} s after the registrations")
         hybrid_node, prefill_node = node_at(api, hybrid_url), node_at(api, prefill_url)
         assert (hybrid_node["state"], hybrid_node["role"], hybrid_node["source"]) == ("pending", "hybrid", "engine")
         assert (prefill_node["state"], prefill_node["role"]) == ("pending", "prefill")
         assert hybrid_node["control_plane"] == plane["id"]
 
         for _ in range(3):
-            refused = chat(system["base"])
+            refused = chat(stack)
             assert refused.status_code == 503, refused.text
         assert hybrid.stats()["requests"]["by_endpoint"].get("/v1/chat/completions", 0) == 0
 
         approved = api.post(f"/api/nodes/{hybrid_node['id']}/approve/")
         assert approved.status_code == 200 and approved.json()["state"] == "active"
-        took = wait_until(lambda: chat(system["base"]).status_code == 200, timeout=5, what="served after approval")
-        print(f"approved node served {took:.2f} s after the approval")
+        approved_at = time.monotonic()
+        wait_until(lambda: chat(stack).status_code == 200, 5, "not served after the approval")
+        print(f"approved node served {time.monotonic() - approved_at:.2f} s after the approval")
         assert hybrid.stats()["requests"]["by_endpoint"]["/v1/chat/completions"] >= 1
         assert node_at(api, prefill_url)["state"] == "pending"  # approval is per node
 
 
-def test_registrations_outside_the_allowed_networks_or_with_a_wrong_token_store_nothing(system, plane) -> None:
-    api: httpx.Client = system["api"]
+def test_registrations_outside_the_allowed_networks_or_with_a_wrong_token_store_nothing(stack, plane) -> None:
+    api = stack.api
     allowed = {"allowed_networks": ["10.0.0.0/8"]}
     assert api.patch(f"/api/control-planes/{plane['id']}/", json=allowed).status_code == 200
     port = free_port()
     with lmdeploy(plane["registration_url"], "decode", port) as engine:
-        wait_until(lambda: httpx.get(engine.url + "/health").status_code == 200, timeout=10, what="engine up")
+        wait_until(lambda: httpx.get(engine.url + "/health").status_code == 200, 10, "the engine never came up")
         engine.proc.terminate()
         engine.proc.wait(10)
         output = engine.output()
@@ -131,6 +112,6 @@ def test_registrations_outside_the_allowed_networks_or_with_a_wrong_token_store_
 
     body = {"url": f"http://0.0.0.0:{port}", "status": {"models": [MODEL], "role": 3}}
     headers = {"accept": "application/json", "Content-Type": "application/json"}
-    wrong = httpx.post(f"{system['base']}/register/rpr-not-a-token/nodes/add", json=body, headers=headers)
+    wrong = httpx.post(f"{stack.base}/register/rpr-not-a-token/nodes/add", json=body, headers=headers)
     assert (wrong.status_code, wrong.json()) == (404, {"error": "Not found."})
     assert api.get("/api/nodes/", params={"control_plane": plane["id"]}).json()["count"] == 0

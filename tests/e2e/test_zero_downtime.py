@@ -27,12 +27,11 @@ import pytest
 from enginesim.testing import run_simulator
 from tests.e2e.hostile import Load, post
 from tests.matrix import Matrix
-from tests.procs import free_port, redis_db, routerpanel_env, running, uvicorn_argv
+from tests.support.stack import PROXY_KEY, RouterPanelStack
+from tests.support.wait import wait_until_async
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "e2e6666666666666666666666666666666666666"
-PROXY_KEY = "rp-e2e-restart-key"
 MODEL = "restart-model"
 GRACE = 20  # seconds: longer than any stream of the load (3 s)
 STREAM = json.dumps(
@@ -50,14 +49,11 @@ def _print_matrix() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def environment(tmp_path_factory: pytest.TempPathFactory, redis_server: str) -> Iterator[tuple[dict[str, str], str]]:
-    """A database routing ``MODEL`` to a simulated engine that streams 30 tokens 100 ms apart (a
-    3 s stream) and answers a one-token request at once; yields the environment and engine URL."""
-    env = routerpanel_env(
-        tmp_path_factory.mktemp("restart"), redis_db(redis_server, 12), token=TOKEN, proxy_key=PROXY_KEY
-    )
-    with run_simulator(served_model_name=MODEL, itl_ms=100, extra_args=["--record-requests=0"]) as engine:
-        yield env, engine.url
+def engine() -> Iterator[str]:
+    """A simulated engine that streams 30 tokens 100 ms apart (a 3 s stream) and answers a one-token
+    request at once; yields its URL."""
+    with run_simulator(served_model_name=MODEL, itl_ms=100, extra_args=["--record-requests=0"]) as sim:
+        yield sim.url
 
 
 def workers_of(supervisor: int) -> set[int]:
@@ -67,44 +63,30 @@ def workers_of(supervisor: int) -> set[int]:
     return {p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()}
 
 
-def wait_for(condition: object, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
-
-
 @pytest.fixture
-def web(environment: tuple[dict[str, str], str]) -> Iterator[tuple[int, subprocess.Popen]]:
-    """``uvicorn --workers 2`` with the edge and a grace period; yields its port and supervisor."""
-    env, engine = environment
-    port = free_port()
-    argv = [
-        *uvicorn_argv(port),
-        "--workers=2",
+def web(stack: RouterPanelStack, engine: str) -> Iterator[tuple[int, subprocess.Popen]]:
+    """``uvicorn --workers 2`` with the edge and a grace period, on the stack's database, routing
+    ``MODEL`` to ``engine``; yields its port and supervisor."""
+    stack.add_node(engine, [MODEL], engine_type="openai")
+    extra_args = [
         f"--timeout-graceful-shutdown={GRACE}",
         # A worker boots Django; on a loaded 2-core machine that can take longer than uvicorn's 5 s.
         "--timeout-worker-healthcheck=60",
     ]
-    with running(argv, port=port, env=env, timeout=60) as supervisor:
-        base = f"http://127.0.0.1:{port}"
-        api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
-        if not api.get("/api/nodes/").json()["results"]:
-            added = api.post("/api/nodes/", json={"url": engine, "models": [MODEL], "engine_type": "openai"})
-            assert added.status_code == 201, added.text
-        auth = {"Authorization": f"Bearer {PROXY_KEY}"}
+    with stack.web_process(workers=2, extra_args=extra_args) as (base, supervisor):
+        stack.settle(timeout=60)  # both workers route with the configuration that has the node
+        yield int(base.rsplit(":", 1)[1]), supervisor
 
-        def both_workers_route() -> bool:
-            pids = set()
-            for _ in range(20):
-                with httpx.Client(timeout=5) as client:  # a new connection: the kernel picks a worker
-                    if MODEL not in client.get(base + "/v1/models", headers=auth).text:
-                        return False
-                    pids.add(client.get(base + "/health").json()["pid"])
-            return len(pids) == 2
 
-        wait_for(both_workers_route, 60, "both workers never routed the test model")
-        yield port, supervisor
+def serving(port: int, workers: set[int]) -> bool:
+    """Whether each of ``workers`` answers (asked over new connections, so the kernel picks one)."""
+    seen: set[int] = set()
+    for _ in range(20):
+        with httpx.Client(timeout=5) as client:
+            seen.add(client.get(f"http://127.0.0.1:{port}/health").json()["pid"])
+        if seen >= workers:
+            return True
+    return False
 
 
 PHASES = ("rolling", "one worker", "rolling", "one worker")
@@ -127,7 +109,7 @@ def restart_phases(port: int, supervisor: subprocess.Popen) -> list[tuple[str, C
         stop = asyncio.Event()
         running_load = asyncio.ensure_future(load.run(stop, streams=8, keepalive=24, fresh=2))
         try:
-            await asyncio.sleep(2.0)
+            await wait_until_async(lambda: load.streams_open >= 8, 30, "the load never had its 8 streams open")
             for how in PHASES:
                 before_counts = Counter(load.outcomes)
                 workers = workers_of(supervisor.pid)
@@ -140,13 +122,22 @@ def restart_phases(port: int, supervisor: subprocess.Popen) -> list[tuple[str, C
                 else:
                     replaced = {min(workers)}
                     os.kill(min(workers), signal.SIGTERM)
-                while replaced & workers_of(supervisor.pid) or len(workers_of(supervisor.pid)) < 2:
-                    assert time.monotonic() - signalled < 90, (
-                        f"the restart never finished: {workers_of(supervisor.pid)}"
-                    )
-                    await asyncio.sleep(0.05)
+                await wait_until_async(
+                    lambda gone=replaced: (
+                        not gone & workers_of(supervisor.pid) and len(workers_of(supervisor.pid)) == 2
+                    ),
+                    90,
+                    lambda: f"the restart never finished: {workers_of(supervisor.pid)}",
+                    interval=0.05,
+                )
                 took = time.monotonic() - signalled
-                await asyncio.sleep(2.0)  # the new worker starts and serves
+                # The new workers serve, then the phase goes on for a second of load through them.
+                await wait_until_async(
+                    lambda: asyncio.to_thread(serving, port, workers_of(supervisor.pid)),
+                    60,
+                    "a new worker never served",
+                )
+                await asyncio.sleep(1.0)
                 phases.append((how, Counter(load.outcomes) - before_counts, in_flight, took))
         finally:
             stop.set()

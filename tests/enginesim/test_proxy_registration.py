@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator, simulator_argv
-from tests.procs import REPO_ROOT, free_port
+from tests.support.ports import free_port
+from tests.support.procs import REPO_ROOT
 
 
 @dataclass

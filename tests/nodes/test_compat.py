@@ -9,7 +9,7 @@ from rest_framework.test import APIClient
 
 from nodes import services
 from nodes.models import ChangeRecord, Node
-from tests.procs import free_port
+from tests.support.ports import closed_port
 
 pytestmark = pytest.mark.django_db
 
@@ -65,7 +65,7 @@ def test_add_without_models_asks_the_node(operator_api: APIClient, engine_stub) 
 
 
 def test_add_without_models_fails_cleanly_when_the_node_is_unreachable(operator_api: APIClient) -> None:
-    status, body = post(operator_api, "/nodes/add", {"url": f"http://127.0.0.1:{free_port()}"})
+    status, body = post(operator_api, "/nodes/add", {"url": f"http://127.0.0.1:{closed_port()}"})
     assert status == 400
     assert "v1/models" in body["error"]
     assert not Node.objects.exists()
@@ -189,7 +189,7 @@ def test_terminate_all_terminates_every_node(operator_api: APIClient, engine_stu
 
 def test_terminate_all_reports_the_nodes_that_failed(operator_api: APIClient, engine_stub, system) -> None:
     url, _ = engine_stub
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = f"http://127.0.0.1:{closed_port()}"
     services.node_create(actor=system, url=url, models=["m"])
     services.node_create(actor=system, url=dead, models=["m"])
     status, body = post(operator_api, "/nodes/terminate_all", {})

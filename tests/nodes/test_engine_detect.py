@@ -17,7 +17,7 @@ from rest_framework.test import APIClient
 from enginesim.testing import run_simulator
 from nodes import engine_detect, services
 from nodes.models import ChangeRecord, Node
-from tests.procs import free_port
+from tests.support.ports import free_port
 
 
 @pytest.mark.parametrize(

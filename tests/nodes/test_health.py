@@ -17,7 +17,8 @@ from nodes.live.connection import client as redis_client
 from nodes.models import ChangeRecord, Node
 from nodes.prober import targets
 from nodes.prober.process import Prober
-from tests.procs import REPO_ROOT, free_port
+from tests.support.ports import closed_port
+from tests.support.procs import REPO_ROOT
 
 pytestmark = pytest.mark.django_db
 
@@ -69,7 +70,7 @@ def test_a_failing_node_turns_unhealthy_only_after_n_failures_and_back_after_m_s
 
 
 def test_an_unreachable_node_is_marked_unhealthy(system, redis_url) -> None:
-    node = services.node_create(actor=system, url=f"http://127.0.0.1:{free_port()}", models=["m"], health="healthy")
+    node = services.node_create(actor=system, url=f"http://127.0.0.1:{closed_port()}", models=["m"], health="healthy")
     check(node)
     report = check(node)
     node.refresh_from_db()
@@ -78,7 +79,7 @@ def test_an_unreachable_node_is_marked_unhealthy(system, redis_url) -> None:
 
 
 def test_a_node_that_never_answered_stays_unknown_and_never_becomes_a_panic_candidate(system, redis_url) -> None:
-    node = services.node_create(actor=system, url=f"http://127.0.0.1:{free_port()}", models=["m"])
+    node = services.node_create(actor=system, url=f"http://127.0.0.1:{closed_port()}", models=["m"])
     for _ in range(3):
         check(node)
     node.refresh_from_db()

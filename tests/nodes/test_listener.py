@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 
@@ -12,10 +11,11 @@ import redis
 
 from nodes import services
 from nodes.listener import RegistryListener
-from nodes.localredis import redis_server_argv
 from nodes.models import Node
 from nodes.registry import event_channel
-from tests.procs import free_port, stop_process, wait_for_port
+from tests.support.ports import closed_port
+from tests.support.procs import RedisServer
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, serialized_rollback=True)
 
@@ -32,34 +32,32 @@ def add_event(port: int, scope: str) -> str:
     return json.dumps({**event, "payload": payload})
 
 
-def start_redis(port: int, tmp_path) -> subprocess.Popen:
-    proc = subprocess.Popen(redis_server_argv(port=port, data_dir=tmp_path), stdout=subprocess.DEVNULL)
-    wait_for_port(port, proc=proc)
-    return proc
-
-
 def publish_until(url: str, channel: str, message: str, predicate, timeout: float = 10.0) -> float:
     """Publish ``message`` (again every 0.3 s, as the listener may still be reconnecting) until
-    ``predicate()`` holds; returns the seconds it took."""
+    ``predicate()`` holds; returns the seconds it took. Not more often: the listener's thread
+    writes to the same in-memory SQLite database, which reports "table is locked" to a reader that
+    comes at the wrong moment."""
     client = redis.Redis.from_url(url)
     started = time.monotonic()
+
+    def applied() -> bool:
+        if predicate():
+            return True
+        client.publish(channel, message)
+        return False
+
     try:
-        while not predicate():
-            if time.monotonic() - started > timeout:
-                raise AssertionError("the listener did not apply the event")
-            client.publish(channel, message)
-            time.sleep(0.3)
+        wait_until(applied, timeout, "the listener did not apply the event", interval=0.3)
     finally:
         client.close()
     return time.monotonic() - started
 
 
 def test_the_listener_applies_events_and_reconnects_after_redis_restarts(tmp_path, settings, redis_url) -> None:
-    events_port = free_port()
-    events_url = f"redis://127.0.0.1:{events_port}/0"
-    events_redis = start_redis(events_port, tmp_path)
+    events_redis = RedisServer(tmp_path).start()
+    events_url = events_redis.url()
     cp = services.control_plane_create(
-        actor=services.Actor.system(), name="cp", address="127.0.0.1:1", scope="s9", redis_url=events_url
+        actor=services.Actor.system(), name="cp", address=f"127.0.0.1:{closed_port()}", scope="s9", redis_url=events_url
     )
     channel = event_channel("s9")
     assert channel == "s9:nano_events:service_update"
@@ -73,9 +71,12 @@ def test_the_listener_applies_events_and_reconnects_after_redis_restarts(tmp_pat
         )
         assert Node.objects.get(control_plane=cp).role == "decode"
 
-        stop_process(events_redis)
-        time.sleep(1.0)  # the listener notices and keeps retrying
-        events_redis = start_redis(events_port, tmp_path)
+        events_redis.stop()
+        # The listener notices (a failed read sets when to retry) and keeps retrying (it fails again).
+        sub = listener.subscriptions[events_url]
+        first_failure = wait_until(lambda: sub.retry_at, 5, "the listener never noticed Redis go away")
+        wait_until(lambda: sub.retry_at != first_failure, 5, "the listener did not retry")
+        events_redis.start()
         took = publish_until(
             events_url, channel, add_event(9002, "s9"), lambda: Node.objects.filter(control_plane=cp).count() == 2
         )
@@ -83,5 +84,5 @@ def test_the_listener_applies_events_and_reconnects_after_redis_restarts(tmp_pat
     finally:
         stop.set()
         thread.join(timeout=10)
-        stop_process(events_redis)
+        events_redis.stop()
     assert not thread.is_alive()

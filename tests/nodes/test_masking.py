@@ -12,7 +12,7 @@ from nodes import services
 from nodes.masking import mask_credentials
 from nodes.models import ChangeRecord, ControlPlane, Node
 from nodes.registry import NanoCtrlClient, RegistryError
-from tests.procs import free_port
+from tests.support.ports import free_port
 
 SECRET = "s3cret-Pa55"
 REDIS_URL = f"redis://default:{SECRET}@10.0.0.9:6379/0"

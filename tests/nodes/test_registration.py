@@ -15,7 +15,7 @@ from enginesim.testing import run_simulator
 from nodes import admission, services
 from nodes.choices import NodeState
 from nodes.models import ChangeRecord, ControlPlane, Node
-from tests.procs import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.django_db
 

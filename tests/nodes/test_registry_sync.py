@@ -16,6 +16,7 @@ from nodes.live import connection
 from nodes.models import ChangeRecord, ControlPlane, Node
 from nodes.registry import RegistryEntity, RegistryError, parse_entity, parse_event
 from nodes.services.registry_sync import _sync_lock
+from tests.support.ports import closed_port
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +48,8 @@ class FakeRegistry:
 
 @pytest.fixture
 def control_plane(system, redis_url) -> ControlPlane:
-    return services.control_plane_create(actor=system, name="local", address="127.0.0.1:4479", scope="s1")
+    """A control plane whose NanoCtrl address refuses connections (the tests hand the sync a fake)."""
+    return services.control_plane_create(actor=system, name="local", address=f"127.0.0.1:{closed_port()}", scope="s1")
 
 
 @pytest.fixture
@@ -185,7 +187,7 @@ def test_a_held_lock_makes_a_second_sync_skip(control_plane, registry) -> None:
 
 
 def test_without_redis_the_sync_skips_and_says_why(control_plane, registry, settings) -> None:
-    settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.ROUTERPANEL_REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
     connection._client = None
     result = sync(control_plane, registry)
     assert result.skipped and "Redis is unavailable" in result.reason
@@ -258,7 +260,8 @@ def test_the_admin_sync_now_action_reports_the_result(client, admin_user, contro
     response = client.post(
         "/admin/nodes/controlplane/", {"action": "sync_now", "_selected_action": [control_plane.pk]}, follow=True
     )
-    assert "local: failed: nanoctrl at http://127.0.0.1:4479 is unreachable" in response.content.decode().lower()
+    expected = f"local: failed: nanoctrl at http://{control_plane.address} is unreachable"
+    assert expected in response.content.decode().lower()
 
 
 # -- who may join: approval mode and allowed networks ------------------------------------------

@@ -7,6 +7,7 @@ from django.core.exceptions import ValidationError
 from nodes import services
 from nodes.choices import AliasOrigin, ChangeVia, NodeSource, NodeState
 from nodes.models import ChangeRecord, ModelAlias, Node, RoutePolicy
+from tests.support.ports import closed_port
 
 pytestmark = pytest.mark.django_db
 
@@ -58,7 +59,7 @@ def test_the_version_is_published_on_redis_after_commit(
 
 
 def test_a_redis_outage_does_not_fail_a_write(system, settings) -> None:
-    settings.ROUTERPANEL_REDIS_URL = "redis://127.0.0.1:1/0"
+    settings.ROUTERPANEL_REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
     node = services.node_create(actor=system, url="http://127.0.0.1:8100")
     assert Node.objects.filter(pk=node.pk).exists()
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.procs import PYTHON, REPO_ROOT
+from tests.support.procs import PYTHON, REPO_ROOT
 
 
 def run_check(**env: str) -> subprocess.CompletedProcess:

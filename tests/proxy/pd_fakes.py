@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy import pd as pd_module
+from tests.support.wait import wait_until_async
 
 CHAT = "/v1/chat/completions"
 
@@ -142,6 +143,8 @@ def pd_nodes(prefill_urls: list[str], decode_urls: list[str]) -> list[dict]:
 
 async def settled(proxy_app) -> None:
     """Wait (bounded) until every PD clean-up ran and no counter is held."""
-    async with asyncio.timeout(10):
-        while pd_module.pending_cleanups() or pd_module.inflight() or proxy_app.router.load.counts():
-            await asyncio.sleep(0.01)
+    await wait_until_async(
+        lambda: not (pd_module.pending_cleanups() or pd_module.inflight() or proxy_app.router.load.counts()),
+        10,
+        "a PD clean-up or a counter is still pending",
+    )

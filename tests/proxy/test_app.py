@@ -6,10 +6,13 @@ import asyncio
 
 from proxy import snapshot as snapshots
 from proxy.snapshot import PolicyView
+from tests.support.ports import closed_port
+from tests.support.wait import wait_until_async
 
 from .conftest import AUTH, call, make_snapshot
 
 CHAT = "/v1/chat/completions"
+DEAD = f"http://127.0.0.1:{closed_port()}"  # refuses connections
 
 
 def chat(model: str = "m", **extra):
@@ -78,7 +81,7 @@ async def test_an_engine_error_keeps_its_status_and_body(engines, proxy_app):
 async def test_it_retries_a_dead_node_and_a_503_on_other_nodes(engines, proxy_app):
     busy = await engines("busy", mode="status:503")
     good = await engines("good")
-    dead_url = "http://127.0.0.1:9"  # discard port: connection refused
+    dead_url = DEAD
     snapshots.install(make_snapshot([{"url": dead_url}, {"url": busy.url}, {"url": good.url}]))
     for _ in range(6):
         response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
@@ -89,14 +92,14 @@ async def test_it_retries_a_dead_node_and_a_503_on_other_nodes(engines, proxy_ap
 
 async def test_when_every_node_fails_the_last_engine_answer_is_returned(engines, proxy_app):
     busy = await engines("busy", mode="status:503")
-    snapshots.install(make_snapshot([{"url": "http://127.0.0.1:9"}, {"url": busy.url}]))
+    snapshots.install(make_snapshot([{"url": DEAD}, {"url": busy.url}]))
     response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
     assert response.status == 503
     assert response.json()["error"]["message"] == "busy says 503"
 
 
 async def test_a_dead_node_alone_is_a_502(proxy_app):
-    snapshots.install(make_snapshot([{"url": "http://127.0.0.1:9"}]))
+    snapshots.install(make_snapshot([{"url": DEAD}]))
     response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
     assert response.status == 502
     assert response.json()["error"]["code"] == "engine_unreachable"
@@ -136,10 +139,7 @@ async def test_a_client_disconnect_mid_stream_cancels_upstream_and_releases_coun
     response = await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH, disconnect_after=0.3)
     assert response.status == 200
     assert proxy_app.router.load.counts() == {}
-    for _ in range(100):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: engine.cancelled, 1, "the engine's request was never cancelled")
     assert engine.cancelled == 1
 
 
@@ -149,10 +149,7 @@ async def test_a_client_disconnect_while_waiting_for_the_engine_cancels_upstream
     response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH, disconnect_after=0.2)
     assert response.status == 0  # nothing was sent
     assert proxy_app.router.load.counts() == {}
-    for _ in range(100):
-        if engine.cancelled:
-            break
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: engine.cancelled, 1, "the engine's request was never cancelled")
     assert engine.cancelled == 1
 
 
@@ -179,7 +176,7 @@ async def test_max_concurrency_is_honoured_and_a_full_fleet_is_a_503(engines, pr
     engine = await engines("a", mode="hang")
     snapshots.install(make_snapshot([{"url": engine.url, "max_concurrency": 1}]))
     first = asyncio.ensure_future(call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH, disconnect_after=0.5))
-    await asyncio.sleep(0.1)
+    await wait_until_async(lambda: engine.received, 5, "the first request never reached the engine")
     second = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
     assert second.status == 503
     assert second.json()["error"]["code"] == "no_capacity"
@@ -193,7 +190,7 @@ async def test_errors_have_the_openai_shape_and_status(engines, proxy_app):
         make_snapshot(
             [
                 {"url": engine.url, "models": ["m", "other"]},
-                {"url": "http://127.0.0.1:9", "models": ["idle"], "state": "draining"},
+                {"url": DEAD, "models": ["idle"], "state": "draining"},
             ],
             keys={"rp-test-key": {}, "rp-limited": {"allowed_models": ["other"]}, "rp-slow": {"rate_limit_rpm": 1}},
         )

@@ -9,6 +9,7 @@ import time
 
 from proxy import snapshot as snapshots
 from proxy.snapshot import PolicyView
+from tests.support.wait import wait_until_async
 
 from .conftest import AUTH, call, make_snapshot
 
@@ -20,11 +21,9 @@ def chat(**extra: object) -> dict[str, object]:
 
 
 async def waiting_on(proxy_app, node_id: int, count: int = 1) -> None:
-    for _ in range(200):
-        if len(proxy_app.router._waiting.get(node_id, ())) >= count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"nothing waited on node {node_id}")
+    await wait_until_async(
+        lambda: len(proxy_app.router._waiting.get(node_id, ())) >= count, 2, f"nothing waited on node {node_id}"
+    )
 
 
 async def test_requests_waiting_on_a_node_marked_unhealthy_are_retried_elsewhere(engines, proxy_app):
@@ -134,7 +133,10 @@ async def test_a_stream_that_started_is_never_ejected(engines, proxy_app):
     pending = asyncio.ensure_future(
         call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH, disconnect_after=0.5)
     )
-    await asyncio.sleep(0.2)  # the first chunk has reached the client
+    # The engine has the request and the proxy its first byte (nothing waits on the node any more).
+    await wait_until_async(
+        lambda: len(streaming.received) == 1 and not proxy_app.router._waiting.get(1), 5, "the stream never started"
+    )
     assert proxy_app.router.eject(1) == 0
     response = await pending
     assert response.status == 200

@@ -13,7 +13,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from nodes.services import Actor, api_key_create, node_create
 from proxy import snapshot as snapshots
 from proxy.snapshot import build_snapshot
-from tests.procs import free_port
+from tests.support.ports import free_port
 
 from .conftest import call
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from proxy import snapshot as snapshots
 from proxy.snapshot import PolicyView
+from tests.support.ports import closed_port
 
 from .conftest import AUTH, call, make_snapshot
 from .pd_fakes import CHAT, fake_pd, pd_nodes, settled
 
 __all__ = ["fake_pd"]
 
-DEAD = "http://127.0.0.1:9"
+DEAD = f"http://127.0.0.1:{closed_port()}"  # refuses connections
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
 

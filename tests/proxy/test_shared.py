@@ -3,7 +3,6 @@ share per-key limits; without Redis each keeps serving on its own counts."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -13,6 +12,8 @@ from nodes.live import keys
 from nodes.live import workers as live_workers
 from proxy.shared import SharedCounters
 from proxy.snapshot import KeyView, NodeView
+from tests.support.ports import closed_port
+from tests.support.wait import wait_until_async
 
 NODE = NodeView(id=7, url="http://a:1", engine_type="openai", role="hybrid", state="active", health="healthy")
 LIMITED = NodeView(
@@ -76,22 +77,22 @@ async def test_without_redis_each_worker_falls_back_to_its_own_counts(workers) -
     await b.sync_once()
     assert b.load.inflight(NODE.id) == 1
     b.view.stale_after = 0.1
-    await asyncio.sleep(0.2)  # no sync since: the others' view is stale and dropped
+    await wait_until_async(lambda: not b.view.fresh(), 1, "the view never went stale")  # no sync since: dropped
     assert b.load.inflight(NODE.id) == 0
     assert b.load.try_acquire(NODE)
     assert b.load.inflight(NODE.id) == 1
 
 
 async def test_the_background_task_survives_an_unreachable_redis_and_recovers(redis_url) -> None:
-    down = SharedCounters("redis://127.0.0.1:1/0", interval=0.05)
+    down = SharedCounters(f"redis://127.0.0.1:{closed_port()}/0", interval=0.05)
     down.start()
-    await asyncio.sleep(0.3)
+    await wait_until_async(lambda: not down._healthy, 5, "it never tried Redis")
     assert down._task is not None and not down._task.done()  # still trying, not crashed
     assert not down.view.fresh()
     await down.stop()
     up = SharedCounters(redis_url, interval=0.05)
     up.start()
-    await asyncio.sleep(0.3)
+    await wait_until_async(up.view.fresh, 5, "it never synced")
     assert up.view.fresh()
     await up.stop()
     assert redis.Redis.from_url(redis_url).zscore("routerpanel:workers", up.worker) is None

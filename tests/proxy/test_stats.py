@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -16,8 +15,12 @@ from nodes.live.stats import merge_snapshots
 from proxy import stats
 from proxy.shared import SharedCounters
 from proxy.stats import NodeStats, is_failure
+from tests.support.ports import closed_port
+from tests.support.wait import wait_until_async
 
 from .pd_fakes import fake_pd
+
+REDIS_DOWN = f"redis://127.0.0.1:{closed_port()}/0"  # refuses connections
 
 __all__ = ["fake_pd"]
 
@@ -172,10 +175,7 @@ async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url
     )
     publisher.start()
     try:
-        deadline = time.monotonic() + 10
-        while publisher.published < 2:
-            assert time.monotonic() < deadline, "the publisher never wrote to Redis"
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: publisher.published >= 2, 10, "the publisher never wrote to Redis")
         client = aioredis.Redis.from_url(redis_url)
         try:
             fleet = await live_stats.read_fleet_stats(client)
@@ -195,7 +195,7 @@ async def test_the_publisher_shares_this_workers_numbers_through_redis(redis_url
 
 async def test_the_publisher_keeps_going_while_redis_is_down() -> None:
     publisher = SharedCounters(
-        "redis://127.0.0.1:1/0",
+        REDIS_DOWN,
         share_counters=False,
         stats=NodeStats(),
         interval=0.01,
@@ -203,14 +203,14 @@ async def test_the_publisher_keeps_going_while_redis_is_down() -> None:
         worker="down",
     )
     publisher.start()
-    await asyncio.sleep(0.2)
+    await wait_until_async(lambda: not publisher._healthy, 5, "the publisher never tried Redis")
     assert publisher._task is not None and not publisher._task.done()
     assert publisher.published == 0
     await publisher.stop()
 
 
 async def test_reading_while_redis_is_down_gives_none() -> None:
-    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    client = aioredis.Redis.from_url(REDIS_DOWN, socket_connect_timeout=0.2)
     try:
         assert await live_stats.read_fleet_stats(client) is None
     finally:
@@ -220,7 +220,7 @@ async def test_reading_while_redis_is_down_gives_none() -> None:
 def test_the_payload_is_json_a_dashboard_can_read() -> None:
     node_stats = NodeStats()
     node_stats.record(1, status=200, elapsed=0.1)
-    payload = json.loads(SharedCounters("redis://127.0.0.1:1/0", stats=node_stats, worker="w1").stats_payload())
+    payload = json.loads(SharedCounters(REDIS_DOWN, stats=node_stats, worker="w1").stats_payload())
     assert payload["worker"] == "w1"
     assert payload["nodes"]["1"]["requests"] == 1
 
@@ -230,7 +230,7 @@ async def test_the_proxy_counts_each_attempt_against_the_node_that_served_it(eng
 
     from .conftest import AUTH, call, make_snapshot
 
-    dead_url = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    dead_url = f"http://127.0.0.1:{closed_port()}"  # refuses connections
     good = await engines("good")
     snapshots.install(make_snapshot([{"url": dead_url}, {"url": good.url}]))  # node ids 1 and 2
     stats.STATS.clear()

@@ -8,8 +8,8 @@
 - ``vllm_pair``: the session's pair, prefill and decode, both ``kv_both`` with the ExampleConnector
   on one shared directory. Such a server also answers plain requests, so the pair doubles as two
   hybrid servers; tests that want servers without a connector ask ``vllm_server`` for them.
-- ``routerpanel``: RouterPanel's web process (uvicorn) on a database and a Redis database of its own,
-  as a ``Stack`` (tests/e2e/conftest.py) with a clean registry for each test.
+- ``routerpanel``: RouterPanel's web process (uvicorn), the default stack of the session's process-stack
+  factory (``stack``, tests/support/stack.py), with a clean registry for each test.
 
 The servers are shared by the whole session and at most two run at once, so the modules run in the
 order of ``MODULE_ORDER``: the tests on the pair first, the one that kills a server of it last among
@@ -21,11 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.e2e.conftest import Stack
-from tests.procs import free_port, redis_db, routerpanel_env, running, uvicorn_argv
 from tests.realengines.harness import (
     ROLES,
     VLLM_PYTHON,
@@ -35,6 +32,7 @@ from tests.realengines.harness import (
     build_models,
     real_engines_required,
 )
+from tests.support.stack import RouterPanelStack
 
 HERE = Path(__file__).resolve().parent
 MODULE_ORDER = (
@@ -46,9 +44,6 @@ MODULE_ORDER = (
     "test_vllm_embeddings",
     "test_routerpanel_vllm_embeddings",
 )
-API_TOKEN = "real1111111111111111111111111111111111111"
-PROXY_KEY = "rp-real-engine-key"
-REDIS_DB = 4  # each suite that runs RouterPanel has its own (tests/procs.py, redis_db)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -117,25 +112,13 @@ def vllm_pair(vllm_fleet: VllmFleet, vllm_kv_dir: Path) -> tuple[VllmServer, Vll
     return prefill, decode
 
 
-@pytest.fixture(scope="session")
-def routerpanel_process(tmp_path_factory: pytest.TempPathFactory, routerpanel_redis: str) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("routerpanel-real")
-    env = routerpanel_env(directory, routerpanel_redis, token=API_TOKEN, proxy_key=PROXY_KEY)
-    port = free_port()
-    with running(uvicorn_argv(port), port=port, env=env, timeout=60):
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
-            yield Stack(base=base, database=Path(env["ROUTERPANEL_SQLITE_PATH"]), api=api, key=PROXY_KEY)
+@pytest.fixture
+def routerpanel(stack: RouterPanelStack) -> RouterPanelStack:
+    """RouterPanel with an empty registry and the default route policy."""
+    return stack
 
 
 @pytest.fixture
-def routerpanel(routerpanel_process: Stack) -> Stack:
-    """RouterPanel with an empty registry and the default route policy."""
-    routerpanel_process.reset()
-    return routerpanel_process
-
-
-@pytest.fixture(scope="session")
-def routerpanel_redis(redis_server: str) -> str:
+def routerpanel_redis(stack: RouterPanelStack) -> str:
     """The Redis database of the tier's RouterPanel (its breakers, counters and configuration version)."""
-    return redis_db(redis_server, REDIS_DB)
+    return stack.redis_url

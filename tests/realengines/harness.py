@@ -15,13 +15,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.procs import REPO_ROOT, free_port
+from tests.support.ports import free_port
+from tests.support.procs import REPO_ROOT
+from tests.support.wait import wait_until
 
 VLLM_PYTHON = Path(os.environ.get("ROUTERPANEL_VLLM_PYTHON", REPO_ROOT / ".venv-vllm" / "bin" / "python"))
 MAKE_MODEL = Path(__file__).resolve().parent / "make_model.py"
@@ -84,18 +86,6 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
                 labels[key.strip()] = val.strip().strip('"')
         samples.append((name, labels, float(value)))
     return samples
-
-
-def wait_until(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "") -> object:
-    """Poll ``predicate`` until it returns something truthy; return that, or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what or 'condition'} did not hold within {timeout} s")
-        time.sleep(interval)
 
 
 def _die_with_parent() -> None:
@@ -243,21 +233,25 @@ def start_server(spec: ServerSpec, *, python: Path, model_path: Path, log_dir: P
 def wait_ready(server: VllmServer, *, timeout: float = START_TIMEOUT) -> VllmServer:
     """Block until GET /health answers 200 (vLLM listens only once its engine is up); fail with the
     log's tail if the server exits or takes longer than ``timeout``."""
-    deadline = server.started_at + timeout
-    while True:
+
+    def healthy() -> bool:
         if not server.alive():
             raise RuntimeError(
                 f"vLLM ({server.spec.role}) exited with {server.proc.returncode} before it was ready:\n"
                 f"{server.log()[-6000:]}"
             )
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
-                server.ready_after = time.monotonic() - server.started_at
-                return server
-        if time.monotonic() >= deadline:
-            stop_server(server)
-            raise TimeoutError(f"vLLM ({server.spec.role}) not ready within {timeout} s:\n{server.log()[-6000:]}")
-        time.sleep(0.5)
+            return httpx.get(f"{server.url}/health", timeout=2).status_code == 200
+        return False
+
+    remaining = server.started_at + timeout - time.monotonic()
+    try:
+        wait_until(healthy, remaining, f"vLLM ({server.spec.role}) not ready within {timeout} s", interval=0.5)
+    except AssertionError as exc:
+        stop_server(server)
+        raise TimeoutError(f"{exc}:\n{server.log()[-6000:]}") from None
+    server.ready_after = time.monotonic() - server.started_at
+    return server
 
 
 def _group_alive(pgid: int) -> bool:

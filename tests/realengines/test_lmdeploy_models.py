@@ -30,8 +30,8 @@ from proxy.pd.core import Leg, LegAnswer, PdRequest
 from proxy.pd.engines import LmdeployPd
 from proxy.snapshot import NodeView, PolicyView, Target
 from proxy.upstream import close_session
-from tests.procs import REPO_ROOT
 from tests.realengines.harness import real_engines_required
+from tests.support.procs import REPO_ROOT
 
 pytestmark = pytest.mark.real_engine
 

@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from nodes.live.breakers import read_breakers_sync
-from tests.e2e.conftest import Stack
 from tests.realengines.harness import MAX_MODEL_LEN, VllmFleet, VllmServer, kv_files, long_prompt, wait_until
+from tests.support.stack import RouterPanelStack
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
 
@@ -35,7 +35,7 @@ EXTERNAL_HITS = "vllm:external_prefix_cache_hits_total"
 BLOCK = 128  # the KV block size on CPU: the ExampleConnector stores and loads whole blocks
 
 
-def client(stack: Stack) -> openai.OpenAI:
+def client(stack: RouterPanelStack) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack.v1, api_key=stack.key, timeout=120, max_retries=0)
 
 
@@ -44,7 +44,9 @@ def by_url(pair: tuple[VllmServer, VllmServer], url: str) -> VllmServer:
 
 
 @pytest.fixture
-def hybrid(routerpanel: Stack, vllm_pair: tuple[VllmServer, VllmServer]) -> tuple[Stack, list[dict]]:
+def hybrid(
+    routerpanel: RouterPanelStack, vllm_pair: tuple[VllmServer, VllmServer]
+) -> tuple[RouterPanelStack, list[dict]]:
     """Both servers as hybrid nodes of their model, round robin."""
     nodes = [routerpanel.add_node(s.url, [s.model], role="hybrid", engine_type="vllm", settle=False) for s in vllm_pair]
     routerpanel.settle()
@@ -148,7 +150,7 @@ def test_a_client_disconnect_mid_stream_makes_vllm_abort_the_request(hybrid, vll
 
 
 @pytest.fixture
-def pd(routerpanel: Stack, vllm_pair: tuple[VllmServer, VllmServer]) -> Stack:
+def pd(routerpanel: RouterPanelStack, vllm_pair: tuple[VllmServer, VllmServer]) -> RouterPanelStack:
     prefill, decode = vllm_pair
     routerpanel.add_node(prefill.url, [prefill.model], role="prefill", engine_type="vllm", settle=False)
     routerpanel.add_node(decode.url, [decode.model], role="decode", engine_type="vllm", settle=False)
@@ -214,7 +216,11 @@ def test_pd_through_the_example_connector_pair(pd, vllm_pair, vllm_kv_dir: Path,
 
 
 async def _load(
-    stack: Stack, model: str, stream: bool, stop: asyncio.Event, records: list[tuple[float, float, str | None, str]]
+    stack: RouterPanelStack,
+    model: str,
+    stream: bool,
+    stop: asyncio.Event,
+    records: list[tuple[float, float, str | None, str]],
 ) -> None:
     """One client: short chats back to back, each recorded as (start, end, error, node)."""
     api = openai.AsyncOpenAI(base_url=stack.v1, api_key=stack.key, timeout=60, max_retries=0)

@@ -10,14 +10,14 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from tests.e2e.conftest import Stack
 from tests.realengines.harness import VllmServer
+from tests.support.stack import RouterPanelStack
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
 
 
 def test_embeddings_through_routerpanel_match_the_engines_own(
-    routerpanel: Stack, vllm_server: Callable[..., VllmServer]
+    routerpanel: RouterPanelStack, vllm_server: Callable[..., VllmServer]
 ) -> None:
     server = vllm_server("embed")
     # No engine type given: RouterPanel detects vLLM and, from the routes the server registered,

@@ -12,20 +12,22 @@ import openai
 import pytest
 
 from nodes import engine_detect
-from tests.e2e.conftest import Stack
 from tests.realengines.harness import VllmServer
+from tests.support.stack import RouterPanelStack
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
 
 
 @pytest.fixture
-def node(routerpanel: Stack, vllm_pair: tuple[VllmServer, VllmServer]) -> tuple[Stack, VllmServer]:
+def node(
+    routerpanel: RouterPanelStack, vllm_pair: tuple[VllmServer, VllmServer]
+) -> tuple[RouterPanelStack, VllmServer]:
     server = vllm_pair[0]
     routerpanel.add_node(server.url, [server.model], role="hybrid", engine_type="vllm")
     return routerpanel, server
 
 
-def test_responses_through_routerpanel_plain_and_streamed(node: tuple[Stack, VllmServer]) -> None:
+def test_responses_through_routerpanel_plain_and_streamed(node: tuple[RouterPanelStack, VllmServer]) -> None:
     stack, server = node
     client = openai.OpenAI(base_url=stack.v1, api_key=stack.key, timeout=120, max_retries=0)
     raw = client.responses.with_raw_response.create(model=server.model, input="Say hi", max_output_tokens=5)
@@ -42,7 +44,9 @@ def test_responses_through_routerpanel_plain_and_streamed(node: tuple[Stack, Vll
     assert "response.output_text.delta" in events
 
 
-def test_tokenize_and_detokenize_through_routerpanel_answer_as_vllm_does(node: tuple[Stack, VllmServer]) -> None:
+def test_tokenize_and_detokenize_through_routerpanel_answer_as_vllm_does(
+    node: tuple[RouterPanelStack, VllmServer],
+) -> None:
     stack, server = node
     headers = {"Authorization": f"Bearer {stack.key}"}
     body = {"model": server.model, "prompt": "def hello(world): return world"}
@@ -60,7 +64,7 @@ def test_tokenize_and_detokenize_through_routerpanel_answer_as_vllm_does(node: t
     assert refused.json() == httpx.post(f"{server.url}/detokenize", json=bad, timeout=60).json()
 
 
-def test_the_model_object_comes_from_routerpanel(node: tuple[Stack, VllmServer]) -> None:
+def test_the_model_object_comes_from_routerpanel(node: tuple[RouterPanelStack, VllmServer]) -> None:
     stack, server = node
     # What the server's routes show is vLLM's default for a generation model (nodes/engine_detect.py).
     assert engine_detect.detect(server.url, timeout=10).endpoints is None

@@ -21,8 +21,8 @@ from tests.realengines.harness import (
     kv_files,
     long_prompt,
     prefill_copy,
-    wait_until,
 )
+from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
 
@@ -120,13 +120,14 @@ def test_a_client_disconnect_mid_stream_aborts_the_request(vllm_pair: tuple[Vllm
                 break
         assert seen_running, "the stream ended before vllm:num_requests_running showed it"
     # Closing the response dropped the connection: vLLM notices and aborts the request.
-    wait_until(lambda: server.metric(RUNNING) == 0, timeout=30, what="vllm:num_requests_running back to 0")
+    wait_until(lambda: server.metric(RUNNING) == 0, 30, "vllm:num_requests_running never went back to 0", interval=0.1)
     assert server.metric(GENERATED) - generated_before < 1500
     # With --enable-log-requests vLLM also says so: "Request cmpl-<X-Request-Id>-0 aborted."
     wait_until(
         lambda: any("aborted" in line and request_id in line for line in server.log().splitlines()),
-        timeout=10,
-        what="the abort in vLLM's log",
+        10,
+        "no abort in vLLM's log",
+        interval=0.1,
     )
 
 

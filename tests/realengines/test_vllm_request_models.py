@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.e2e.conftest import Stack
+from tests.support.stack import RouterPanelStack
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
 
@@ -44,7 +44,7 @@ COMPLETIONS: list[dict[str, Any]] = [
 ]
 
 
-def send(stack: Stack, model: str) -> None:
+def send(stack: RouterPanelStack, model: str) -> None:
     auth = {"Authorization": f"Bearer {stack.key}"}
     for path, bodies in (("/chat/completions", CHATS), ("/completions", COMPLETIONS)):
         for body in bodies:
@@ -60,7 +60,9 @@ def vllm_accepts(python: Path, items: list[dict[str, Any]]) -> list[str | None]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_bodies_routerpanel_sends_pass_vllms_request_models(vllm_python: Path, routerpanel: Stack) -> None:
+def test_the_bodies_routerpanel_sends_pass_vllms_request_models(
+    vllm_python: Path, routerpanel: RouterPanelStack
+) -> None:
     common = {"engine": "vllm", "extra_args": ["--max-model-len=2048"]}
     with (
         run_simulator(served_model_name=HYBRID, **common) as hybrid,

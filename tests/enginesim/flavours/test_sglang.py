@@ -11,6 +11,7 @@ import pytest
 
 from enginesim import expected_completion
 from enginesim.testing import Simulator, free_port, run_simulator
+from tests.support.wait import wait_until_async
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,9 @@ async def test_the_decode_may_arrive_before_the_prefill(pair):
     prefill, decode, port = pair
     body = pd_body(port, room())
     decode_leg = asyncio.ensure_future(post(decode, body))
-    await asyncio.sleep(0.3)
+    await wait_until_async(
+        lambda: asyncio.to_thread(lambda: decode.stats()["requests"]["in_flight"] == 1), 5, "the decode never arrived"
+    )
     p, d = await asyncio.gather(post(prefill, body), decode_leg)
     assert (p.status_code, d.status_code) == (200, 200)
 
