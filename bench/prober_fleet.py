@@ -34,9 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -51,33 +49,11 @@ from nodes.live.health import read_states_sync  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.procs import PYTHON, output_of, running, web_argv  # noqa: E402
+from tests.support.traffic import Traffic  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_KEY = "rp-bench-fleet-key"
 API_TOKEN = "bench-fleet-token-0000000000000000000000"
-
-
-class Traffic(threading.Thread):
-    """One client sending requests back to back, counting the answers by status and error code."""
-
-    def __init__(self, base: str, model: str) -> None:
-        super().__init__(daemon=True)
-        self.base, self.model = base, model
-        self.stop = threading.Event()
-        self.answers: Counter[str] = Counter()
-
-    def run(self) -> None:
-        body = {"model": self.model, "prompt": "hello", "max_tokens": 4}
-        headers = {"Authorization": f"Bearer {PROXY_KEY}"}
-        with httpx.Client(base_url=self.base, headers=headers, timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    response = client.post("/v1/completions", json=body)
-                except httpx.HTTPError as exc:
-                    self.answers[exc.__class__.__name__] += 1
-                    continue
-                code = "" if response.status_code == 200 else response.json()["error"]["code"]
-                self.answers[f"{response.status_code} {code}".strip()] += 1
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -211,7 +187,7 @@ def main() -> None:
                 profile = ["-m", "cProfile", "-o", options.profile] if options.profile else []
                 web_port = free_port()
                 web = running(web_argv(web_port), port=web_port, env=env, timeout=60) if options.traffic else None
-                traffic = Traffic(f"http://127.0.0.1:{web_port}", "fleet-model") if options.traffic else None
+                traffic = Traffic(f"http://127.0.0.1:{web_port}", "fleet-model", PROXY_KEY) if options.traffic else None
                 with (
                     running([PYTHON, *profile, "manage.py", "run_prober"], env=env) as prober,
                     web if web is not None else contextlib.nullcontext() as web_proc,

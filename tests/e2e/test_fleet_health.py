@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -24,6 +22,7 @@ from enginesim.testing import run_fleet, run_simulator
 from nodes.live.health import read_states_sync
 from tests.support.ports import free_port
 from tests.support.stack import PROXY_KEY, RouterPanelStack, StackSpec
+from tests.support.traffic import Traffic
 from tests.support.wait import wait_until
 
 FLEET = 200
@@ -64,29 +63,6 @@ def wait_for_state(client: redis.Redis, node_id: int, wanted: str, timeout: floa
     return time.monotonic() - started
 
 
-class Traffic(threading.Thread):
-    """One client sending requests back to back, counting the answers by status and error code."""
-
-    def __init__(self, base: str, model: str) -> None:
-        super().__init__(daemon=True)
-        self.base, self.model = base, model
-        self.stop = threading.Event()
-        self.answers: Counter[str] = Counter()
-
-    def run(self) -> None:
-        body = {"model": self.model, "prompt": "hello", "max_tokens": 4}
-        headers = {"Authorization": f"Bearer {PROXY_KEY}"}
-        with httpx.Client(base_url=self.base, headers=headers, timeout=10) as client:
-            while not self.stop.is_set():
-                try:
-                    response = client.post("/v1/completions", json=body)
-                except httpx.HTTPError as exc:
-                    self.answers[exc.__class__.__name__] += 1
-                    continue
-                code = "" if response.status_code == 200 else response.json()["error"]["code"]
-                self.answers[f"{response.status_code} {code}".strip()] += 1
-
-
 def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_is_still_seen(
     stack: RouterPanelStack,
 ) -> None:
@@ -108,7 +84,7 @@ def test_a_fleet_of_200_is_probed_without_false_ejections_and_a_stopped_engine_i
                 patch = api.patch(f"/api/nodes/{node_id}/", json={"models": ["fleet-model", "victim-model"]})
                 assert patch.status_code == 200, patch.text
             traffic_started = time.time()
-            traffic = Traffic(stack.base, "fleet-model")
+            traffic = Traffic(stack.base, "fleet-model", PROXY_KEY)
             traffic.start()
             time.sleep(10.0)  # a quiet stretch first: 200 engines probed every second
 
