@@ -6,7 +6,9 @@ loop uses its own ``redis.asyncio`` client (``proxy.shared``).
 
 from __future__ import annotations
 
+import json
 import threading
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -25,3 +27,14 @@ def client() -> redis.Redis:
             _client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
             _client_url = url
         return _client
+
+
+def json_object(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A JSON object another process stored, or None when it is missing or not an object."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

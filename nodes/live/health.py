@@ -30,6 +30,7 @@ import redis
 
 from ..choices import NodeHealth
 from . import keys
+from .connection import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +214,4 @@ def read_prober_status_sync(client: redis.Redis) -> dict[str, Any] | None:
         raw = client.get(keys.PROBER_STATUS)
     except Exception:
         return None
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    return json_object(raw)

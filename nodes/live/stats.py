@@ -19,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from . import keys, workers
+from .connection import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,7 @@ def queue_publish(pipe: aioredis.client.Pipeline, worker: str, payload: bytes, n
 
 
 def decode_snapshot(raw: bytes | str | None) -> WorkerSnapshot | None:
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return None
-    return cast(WorkerSnapshot, value) if isinstance(value, dict) else None  # as encode_snapshot wrote it
+    return cast(WorkerSnapshot | None, json_object(raw))  # as encode_snapshot wrote it
 
 
 def _p50(samples: Iterable[float]) -> float | None:
