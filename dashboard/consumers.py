@@ -41,6 +41,22 @@ TAIL_MAX = 50
 TAIL_CURSOR = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 
 
+async def admit_staff(consumer: AsyncJsonWebsocketConsumer) -> bool:
+    """Whether the connecting user is an active staff member; anyone else is closed with ``FORBIDDEN``."""
+    user = consumer.scope.get("user")
+    # The scope's lazy user is typed as an AbstractBaseUser, which has no is_staff; at run time it is
+    # a User or an AnonymousUser (whose is_staff is False).
+    if user is None or not user.is_active or not getattr(user, "is_staff", False):
+        await consumer.close(code=FORBIDDEN)
+        return False
+    return True
+
+
+def live_redis() -> aioredis.Redis:
+    """A connection's own client for the live state, with short timeouts: Redis may be away."""
+    return aioredis.Redis.from_url(settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5)
+
+
 async def notify_dashboards() -> None:
     """Ask every open dashboard to send a fresh payload now (best effort: Redis may be down)."""
     from channels.layers import get_channel_layer
@@ -59,15 +75,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     groups = [GROUP]
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        # The scope's lazy user is typed as an AbstractBaseUser, which has no is_staff; at run time it is
-        # a User or an AnonymousUser (whose is_staff is False).
-        if user is None or not user.is_active or not getattr(user, "is_staff", False):
-            await self.close(code=FORBIDDEN)
+        if not await admit_staff(self):
             return
-        self._redis = aioredis.Redis.from_url(
-            settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
-        )
+        self._redis = live_redis()
         self._wake = asyncio.Event()
         await self.accept()
         self._task = asyncio.create_task(self._push_loop(), name="routerpanel-dashboard-push")
@@ -123,13 +133,9 @@ class RequestsConsumer(AsyncJsonWebsocketConsumer):
     interval = 1.0
 
     async def connect(self) -> None:
-        user = self.scope.get("user")
-        if user is None or not user.is_active or not getattr(user, "is_staff", False):
-            await self.close(code=FORBIDDEN)
+        if not await admit_staff(self):
             return
-        self._redis = aioredis.Redis.from_url(
-            settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
-        )
+        self._redis = live_redis()
         self._task: asyncio.Task | None = None
         await self.accept()
 
