@@ -67,7 +67,7 @@ def test_round_robin_spreads_requests_over_both_servers(hybrid, vllm_pair) -> No
     assert nodes == {vllm_pair[0].url: 3, vllm_pair[1].url: 3}
     # And each engine counted its three (its counters follow a little behind).
     for server in vllm_pair:
-        wait_until(lambda s=server: s.metric(SUCCEEDED) - before[s.url] == 3, timeout=10, what=f"3 on {server.url}")
+        wait_until(lambda s=server: s.metric(SUCCEEDED) - before[s.url] == 3, timeout=10, message=f"3 on {server.url}")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -140,12 +140,12 @@ def test_a_client_disconnect_mid_stream_makes_vllm_abort_the_request(hybrid, vll
             break
     assert seen_running, "the stream ended before vllm:num_requests_running showed it"
     stream.close()  # the client leaves: RouterPanel drops its upstream connection, vLLM aborts
-    wait_until(lambda: server.metric(RUNNING) == 0, timeout=30, what="vllm:num_requests_running back to 0")
+    wait_until(lambda: server.metric(RUNNING) == 0, timeout=30, message="vllm:num_requests_running back to 0")
     assert server.metric(GENERATED) - generated_before < 1500
     wait_until(
         lambda: any("aborted" in line and request_id in line for line in server.log().splitlines()),
         timeout=10,
-        what="the abort, under the client's X-Request-Id, in vLLM's log",
+        message="the abort, under the client's X-Request-Id, in vLLM's log",
     )
 
 
@@ -210,7 +210,7 @@ def test_pd_through_the_example_connector_pair(pd, vllm_pair, vllm_kv_dir: Path,
     # The decode server loaded every whole block of the prompt from those files instead of computing it.
     loaded = (usage.prompt_tokens - 1) // BLOCK * BLOCK
     assert loaded > 0
-    wait_until(lambda: external_kv_tokens(decode) - external_before == loaded, timeout=10, what="external KV tokens")
+    wait_until(lambda: external_kv_tokens(decode) - external_before == loaded, timeout=10, message="external KV tokens")
     assert decode.metric(EXTERNAL_HITS) - hits_before == loaded
     assert f"Inject KV cache of {loaded} tokens to the paged memory" in decode.log()
 
