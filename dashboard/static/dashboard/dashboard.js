@@ -26,38 +26,8 @@
   const previous = new Map(); // node id -> "state/health/breaker" last seen
   let updates = 0;
 
-  function el(tag, attrs, text) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  // Labels and badge colours come from the server (nodes/choices.py), their one definition.
-  function describe(kind, value) {
-    return (choices[kind] && choices[kind][value]) || { label: value, colour: "#6e7781" };
-  }
-
-  // White or near-black text, whichever contrasts more with the badge colour (WCAG relative luminance):
-  // a light badge colour such as the draining amber would fail AA with white text.
-  function luminance(hex) {
-    const match = /^#?([0-9a-f]{6})$/i.exec(hex || "");
-    if (!match) return 0;
-    const channels = [0, 2, 4].map((i) => parseInt(match[1].slice(i, i + 2), 16) / 255);
-    const [r, g, b] = channels.map((c) => (c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4)));
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
-  }
-
-  const DARK_TEXT = "#1f2328";
-  const DARK_TEXT_LUMINANCE = luminance(DARK_TEXT);
-
-  function paint(badge, colour) {
-    const l = luminance(colour);
-    const onWhite = 1.05 / (l + 0.05);
-    const onDark = (l + 0.05) / (DARK_TEXT_LUMINANCE + 0.05);
-    badge.style.backgroundColor = colour;
-    badge.style.color = onWhite >= onDark ? "#ffffff" : DARK_TEXT;
-  }
+  const { el, paint } = window.RouterPanelUI;
+  const describe = window.RouterPanelUI.describer(choices);
 
   function setText(node, text) {
     if (node.textContent !== text) node.textContent = text;

@@ -26,32 +26,13 @@
   const records = new Map(); // request entry -> record
   let selectedEntry = null;
 
-  function el(tag, attrs, text) {
-    const node = document.createElement(tag);
-    for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-    if (text !== undefined && text !== null) node.textContent = text;
-    return node;
-  }
-
-  function describe(kind, value) {
-    return (choices[kind] && choices[kind][value]) || { label: value, colour: "#6e7781" };
-  }
-
-  // White or near-black text, whichever contrasts more with the badge colour (as on the dashboard).
-  function luminance(hex) {
-    const match = /^#?([0-9a-f]{6})$/i.exec(hex || "");
-    if (!match) return 0;
-    const channels = [0, 2, 4].map((i) => parseInt(match[1].slice(i, i + 2), 16) / 255);
-    const [r, g, b] = channels.map((c) => (c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4)));
-    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
-  }
+  const { el, paint } = window.RouterPanelUI;
+  const describe = window.RouterPanelUI.describer(choices);
 
   function badge(kind, value, text) {
     const info = describe(kind, value);
     const span = el("span", { class: "rp-badge", "data-value": value }, text || info.label);
-    const l = luminance(info.colour);
-    span.style.backgroundColor = info.colour;
-    span.style.color = 1.05 / (l + 0.05) >= (l + 0.05) / (luminance("#1f2328") + 0.05) ? "#ffffff" : "#1f2328";
+    paint(span, info.colour);
     return span;
   }
 
