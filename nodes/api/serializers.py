@@ -323,6 +323,8 @@ class ApiKeySerializer(ServiceModelSerializer):
             "allowed_models",
             "rate_limit_rpm",
             "max_concurrent",
+            "tokens_per_minute",
+            "tokens_per_day",
             "is_active",
             "created_by",
             "created_at",

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from ..validators import clean_model_names, validate_single_line
+from ..validators import clean_model_names, validate_single_line, validate_token_budget
 from .base import RegistryModel
 
 API_KEY_PREFIX = "rp-"
@@ -35,6 +35,20 @@ class ApiKey(RegistryModel):
     rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
     max_concurrent = models.PositiveIntegerField(
         null=True, blank=True, help_text="Concurrent requests; empty or 0 = no limit (as on nodes)."
+    )
+    # Token budgets (prompt + completion tokens, as the engines count them), enforced by the proxy
+    # across every web worker: see docs/usage.md for the windows and how far a key may overshoot.
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[validate_token_budget],
+        help_text="Token budget per minute (prompt + completion); empty = no budget.",
+    )
+    tokens_per_day = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[validate_token_budget],
+        help_text="Token budget per UTC day (prompt + completion); empty = no budget.",
     )
     is_active = models.BooleanField(default=True)
     created_by = models.ForeignKey(
