@@ -56,7 +56,7 @@ class TakenUsage:
     __slots__ = ("held", "mark", "tail", "usage")
 
     def __init__(self) -> None:
-        self.tail = b""  # the last bytes sent, to find FINISH split over two chunks
+        self.tail = b""  # the last bytes sent when they end inside an event, to find FINISH split over two
         self.held: list[bytes] | None = None
         self.mark = 0  # where FINISH ends in the held bytes (at least 0)
         self.usage = b""
@@ -67,14 +67,18 @@ class TakenUsage:
             held.append(chunk)
             return b""
         at = chunk.find(FINISH)
-        if at < 0:
-            window = self.tail + chunk[:_SPLIT]
-            if FINISH not in window:
-                self.tail = chunk[-_SPLIT:] if len(chunk) >= _SPLIT else window[-_SPLIT:]
-                return chunk
+        if at >= 0:
+            at += len(FINISH)
+        elif self.tail and FINISH in self.tail + chunk[:_SPLIT]:
             at = 0  # FINISH ends in this chunk, with no event boundary before it
         else:
-            at += len(FINISH)
+            # An engine writes whole events, so a read mostly ends at an event's end, where FINISH
+            # cannot straddle it; otherwise keep the read's last bytes to look across.
+            if chunk.endswith(b"\n\n"):
+                self.tail = b""
+            else:
+                self.tail = chunk[-_SPLIT:] if len(chunk) >= _SPLIT else (self.tail + chunk)[-_SPLIT:]
+            return chunk
         self.held = [chunk]
         self.mark = at
         return b""
