@@ -15,6 +15,7 @@ from django.utils.html import format_html, format_html_join
 
 from . import (
     admin_keys,  # noqa: F401  (registers the API keys' admin)
+    admin_usage,  # noqa: F401  (registers the usage rows' admin)
     services,
 )
 from .admin_base import ServiceAdminMixin, badge

@@ -96,6 +96,7 @@ class ProxyApp:
         )
         self.shared.explainer = self.explainer  # flushed to Redis by the worker's loop
         self.budgets = self.shared.budgets  # the keys' token use, shared by the same loop
+        self.accounting = self.shared.accounting  # usage per key, model and node, flushed by it too
         metrics.register_inflight(self._inflight_by_node)
 
     def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
@@ -289,8 +290,7 @@ class ProxyApp:
             watcher.close()
             if limited is not None:
                 self.limiter.release(limited)
-            if key is not None and outcome.usage:
-                self.budgets.record(key.id, outcome.usage)
+            self.accounting.record(key, route.name, outcome)
             if outcome.error and outcome.error != "client_disconnected" and outcome.status == 200:
                 metrics.count_error(outcome.error)
             metrics.observe_request(route.name, outcome.node, outcome.status, time.perf_counter() - started)

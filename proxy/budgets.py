@@ -6,7 +6,7 @@ enforced from the request after the one that crosses it, and across workers a ke
 what the others counted within one turn of their loops (docs/usage.md).
 
 The hot path only reads and adds to dicts: ``exceeded`` when a budgeted key's request arrives,
-``record`` when any key's request ends with usage. The worker's loop (``proxy.shared``) adds the
+``add`` (from ``proxy.accounting``) when a key's request ends with usage. The worker's loop (``proxy.shared``) adds the
 counts to Redis and reads the totals back in the round trip it makes anyway
 (``nodes.live.budgets``).
 """
@@ -43,15 +43,18 @@ class TokenBudgets:
 
     # -- The hot path ---------------------------------------------------------------------------
 
+    def add(self, key_id: int, tokens: int, now: float) -> None:
+        """Count ``tokens`` (prompt + completion) that a request of ``key_id`` used."""
+        field = (key_id, live.minute_of(now))
+        self.minute[field] = self.minute.get(field, 0) + tokens
+        field = (key_id, live.day_of(now))
+        self.day[field] = self.day.get(field, 0) + tokens
+
     def record(self, key_id: int, usage: bytes, now: float | None = None) -> int:
         """Count the tokens of an answer's ``usage`` bytes for ``key_id``; returns them."""
         tokens = live.tokens_in(usage)
         if tokens:
-            now = time.time() if now is None else now
-            field = (key_id, live.minute_of(now))
-            self.minute[field] = self.minute.get(field, 0) + tokens
-            field = (key_id, live.day_of(now))
-            self.day[field] = self.day.get(field, 0) + tokens
+            self.add(key_id, tokens, time.time() if now is None else now)
         return tokens
 
     def used(self, key_id: int, now: float) -> tuple[int, int]:

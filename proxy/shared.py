@@ -38,6 +38,7 @@ from nodes.live.breakers import BreakerRecord, decode
 from nodes.live.breakers import queue_write as queue_breakers
 
 from . import snapshot as snapshots
+from .accounting import Accounting
 from .breaker import Breakers
 from .budgets import TokenBudgets
 from .explain import Explainer
@@ -168,6 +169,7 @@ class SharedCounters:
         self.published = 0  # statistics snapshots written
         self.explainer: Explainer | None = None  # the requests' explanations to flush, when kept
         self.budgets = TokenBudgets()  # the keys' token use, added to Redis and read back each sync
+        self.accounting = Accounting(self.budgets)  # usage per key, model and node, flushed about once a second
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
@@ -189,6 +191,9 @@ class SharedCounters:
                 await self._task
             self._task = None
         if self._client is not None:
+            if self.accounting.buckets:  # the last requests' usage
+                with contextlib.suppress(RedisError, OSError):
+                    await self.accounting.flush(self._client)
             while self.explainer is not None and self.explainer.buffer:  # the last requests' explanations
                 try:
                     await self.explainer.flush(self._client)
@@ -248,6 +253,8 @@ class SharedCounters:
             self._ticks_to_stats = self.stats_every
         if self.explainer is not None and self.explainer.due():
             await self.explainer.flush(self.client())
+        if self.accounting.due():
+            await self.accounting.flush(self.client())
 
     def stats_payload(self) -> bytes:
         snapshot = live_stats.WorkerSnapshot(

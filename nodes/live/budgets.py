@@ -42,17 +42,24 @@ def seconds_left(now: float, window: int) -> int:
     return max(1, window - int(now % window))
 
 
-def tokens_in(usage: bytes) -> int:
-    """Tokens an answer used, from the bytes that hold its ``usage`` object (a JSON body, or a
-    stream's usage chunk): prompt + completion, else the total; 0 when it holds no counts. The one
-    reading of usage is ``nodes.live.explain``'s (the last ``"usage"`` key on, at most 256 bytes)."""
+def token_counts(usage: bytes) -> tuple[int, int]:
+    """Prompt and completion tokens of an answer, from the bytes that hold its ``usage`` object (a
+    JSON body, or a stream's usage chunk); a total alone counts as prompt tokens (pooling answers
+    give no completion). (0, 0) when it holds no counts. The one reading of usage is
+    ``nodes.live.explain``'s (the last ``"usage"`` key on, at most 256 bytes)."""
     found = parse_usage(usage_slice(usage))
     if found is None:
-        return 0
+        return 0, 0
     prompt, completion = found["prompt_tokens"], found["completion_tokens"]
     if prompt is None and completion is None:
-        return found["total_tokens"] or 0
-    return (prompt or 0) + (completion or 0)
+        return found["total_tokens"] or 0, 0
+    return prompt or 0, completion or 0
+
+
+def tokens_in(usage: bytes) -> int:
+    """Tokens an answer used: prompt + completion (``token_counts``)."""
+    prompt, completion = token_counts(usage)
+    return prompt + completion
 
 
 def queue_add(pipe: Any, minute: Mapping[tuple[int, int], int], day: Mapping[tuple[int, int], int]) -> None:
