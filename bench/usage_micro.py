@@ -3,22 +3,27 @@
 ``bench/explain_micro.py`` measures explanations.
 
 - ``check``: a budgeted key's request is admitted (``TokenBudgets.exceeded``);
-- ``record``: a request that ended counts its tokens from the answer's usage (``TokenBudgets.record``);
+- ``record``: a request that ended is counted: its tokens from the answer's usage, for the key's
+  budgets and in its (key, model, node) minute bucket with its request, error and time to first
+  token (``Accounting.record``);
 - ``ask``: a stream's body asks the engine for usage (``proxy.usage.with_usage``);
 - ``relay``: the relay's hook over a vLLM stream of ``--chunks`` reads, its usage chunk taken out
   (``TakenUsage.feed`` on each read, ``finish`` once), against passing the reads through;
-- ``flush``: the loop's share per request: queueing one worker's counts of ``--keys`` keys for
-  Redis (``queue_flush`` into a pipeline that only records the commands), per request at 1,000
-  requests per flush.
+- ``flush``: the loop's share per request: queueing one worker's budget counts and minute buckets
+  of ``--keys`` keys for Redis (into a pipeline that only records the commands), per request at
+  1,000 requests per flush.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +36,10 @@ import django  # noqa: E402
 
 django.setup()
 
+from nodes.live import usage as live_usage  # noqa: E402
+from proxy.accounting import Accounting  # noqa: E402
 from proxy.budgets import TokenBudgets  # noqa: E402
+from proxy.request import Outcome  # noqa: E402
 from proxy.snapshot import KeyView  # noqa: E402
 from proxy.usage import TakenUsage, with_usage  # noqa: E402
 
@@ -74,6 +82,43 @@ def per_call(fn: Callable[[], object], number: int, repeat: int) -> float:
     return statistics.median(runs)
 
 
+def measure_redis(filled: Accounting, budgeted: list[int], flushes: int) -> float | None:
+    """CPU seconds of this process per flush of ``filled``'s buckets and budget counts to a private
+    redis-server (the pipelines the worker's loop sends), or None without redis-server."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    import redis.asyncio as aioredis
+
+    from tests.support.ports import free_port
+    from tests.support.procs import running
+
+    buckets = dict(filled.buckets)
+    minute, day = dict(filled.budgets.minute), dict(filled.budgets.day)
+    port = free_port()
+    with (
+        tempfile.TemporaryDirectory() as data,
+        running([binary, "--port", str(port), "--save", "", "--dir", data], port=port),
+    ):
+
+        async def run() -> float:
+            client = aioredis.Redis(port=port)
+            spent = 0.0
+            for _ in range(flushes + 1):
+                filled.buckets = dict(buckets)
+                filled.budgets.minute, filled.budgets.day = dict(minute), dict(day)
+                started = time.process_time()
+                await filled.flush(client)
+                async with client.pipeline(transaction=False) as pipe:
+                    windows = filled.budgets.queue_flush(pipe, budgeted, time.time())
+                    filled.budgets.flushed(windows, budgeted, await pipe.execute())
+                spent = 0.0 if spent == 0.0 and _ == 0 else spent + time.process_time() - started
+            await client.aclose()
+            return spent / flushes
+
+        return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--number", type=int, default=20_000)
@@ -98,24 +143,38 @@ def main() -> None:
                 pass
         hook.finish()
 
+    accounting = Accounting(budgets)
+    outcome = Outcome(status=200, node="http://10.0.0.1:8000", usage=ANSWER, ttft=0.05)
+    filled = Accounting(TokenBudgets())
+    for i in range(args.keys):
+        filled.record(KeyView(id=i + 1, name="k", allowed_models=frozenset()), "m", outcome)
+    buckets = dict(filled.buckets)
+    minute, day = dict(filled.budgets.minute), dict(filled.budgets.day)
+
     def flush() -> None:
-        for i in range(1000):
-            budgets.minute[(i % args.keys, 1)] = budgets.minute.get((i % args.keys, 1), 0) + 1
-            budgets.day[(i % args.keys, 1)] = budgets.day.get((i % args.keys, 1), 0) + 1
-        budgets.queue_flush(RecordingPipe(), [key.id], time.time())
-        budgets.flushed((0, 0), [key.id], [[b"1"], [b"1"]])
+        pipe = RecordingPipe()
+        filled.budgets.minute, filled.budgets.day = dict(minute), dict(day)
+        filled.budgets.queue_flush(pipe, [key.id], time.time())
+        filled.budgets.flushed((0, 0), [key.id], [[b"1"], [b"1"]])
+        live_usage.queue_add(pipe, buckets)
 
     relay = per_call(taken, number // 10, repeat) - per_call(passthrough, number // 10, repeat)
     figures = {
         "check": per_call(lambda: budgets.exceeded(key), number, repeat),
-        "record": per_call(lambda: budgets.record(key.id, ANSWER), number, repeat),
+        "record": per_call(lambda: accounting.record(key, "m", outcome), number, repeat),
         "ask": per_call(lambda: with_usage(BODY), number, repeat),
         f"relay ({args.chunks} reads)": relay,
-        "flush": (per_call(flush, max(1, number // 1000), repeat) - per_call(lambda: None, 1, 1)) / 1000,
+        "flush": per_call(flush, max(1, number // 1000), repeat) / 1000,
     }
     print(f"load average {os.getloadavg()[0]:.1f}; CPU time per request, medians of {repeat} runs")
     for name, seconds in figures.items():
         print(f"  {name:<20} {seconds * 1e6:7.2f} µs")
+    per_flush = measure_redis(filled, [key.id], flushes=20)
+    if per_flush is not None:
+        print(
+            f"  flush to Redis       {per_flush * 1e6 / 1000:7.2f} µs  ({per_flush * 1e3:.1f} ms of CPU per flush of "
+            f"{args.keys} keys' buckets, at 1,000 requests a flush)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import redis
 
 from . import keys
 from .explain import parse_usage, usage_slice
+from .usage import add_args
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +64,17 @@ def tokens_in(usage: bytes) -> int:
 
 
 def queue_add(pipe: Any, minute: Mapping[tuple[int, int], int], day: Mapping[tuple[int, int], int]) -> None:
-    """Queue adding this worker's tokens, ``(key id, window) -> tokens``, to the windows' hashes."""
-    for (key_id, window), tokens in minute.items():
-        name = keys.tokens_minute_key(window)
-        pipe.hincrby(name, str(key_id), tokens)
-        pipe.expire(name, MINUTE_TTL)
-    for (key_id, window), tokens in day.items():
-        name = keys.tokens_day_key(window)
-        pipe.hincrby(name, str(key_id), tokens)
-        pipe.expire(name, DAY_TTL)
+    """Queue adding this worker's tokens, ``(key id, window) -> tokens``, to the windows' hashes (one
+    ``EVAL``: ``nodes.live.usage.ADD_SCRIPT``)."""
+    flat: list[str | int] = []
+    ttls: dict[str, int] = {}
+    for windows, key_of, ttl in ((minute, keys.tokens_minute_key, MINUTE_TTL), (day, keys.tokens_day_key, DAY_TTL)):
+        for (key_id, window), tokens in windows.items():
+            name = key_of(window)
+            flat += (name, str(key_id), tokens)
+            ttls[name] = ttl
+    if flat:
+        pipe.eval(*add_args(flat, ttls))
 
 
 def queue_read(pipe: Any, minute: int, day: int, key_ids: Sequence[int]) -> None:
