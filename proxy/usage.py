@@ -90,7 +90,10 @@ class TakenUsage:
         data = b"".join(self.held)
         self.held = None
         end = data.find(b"\n\n", self.mark)
-        if end < 0:  # the stream broke off inside the last chunk: nothing to take
+        if end < 0 or b'"usage"' in data[self.mark : end]:
+            # The stream broke off inside the last chunk, or the engine puts usage in every chunk
+            # whatever the request says (vLLM's --enable-force-include-usage): a client that did
+            # not ask gets the usage chunk too, so nothing is taken.
             return data
         events = data[end + 2 :].split(b"\n\n")
         for i, event in enumerate(events):

@@ -91,3 +91,13 @@ def test_the_request_asks_for_usage_with_every_other_byte_kept() -> None:
     asked = with_usage(body)
     assert asked == body[:-2] + b',"stream_options":{"include_usage":true}}\n'
     assert json.loads(asked)["stream_options"] == {"include_usage": True}
+
+
+def test_an_engine_that_sends_usage_whatever_it_is_asked_keeps_its_usage_chunk() -> None:
+    forced = vllm_stream(include_usage=True).replace(
+        b'"finish_reason":"length"}]', b'"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":3}'
+    )
+    assert forced != vllm_stream(include_usage=True)
+    out, taken = relay(forced, [40])
+    assert out == forced
+    assert taken.usage == b""
