@@ -20,22 +20,16 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "routerpanel.settings")
 
-import django  # noqa: E402
-
-django.setup()
-
+# The answer and the timing explanations are measured with (importing it sets Django up).
+from bench.explain_micro import ANSWER, per_call, private_redis  # noqa: E402
 from nodes.live import usage as live_usage  # noqa: E402
 from proxy.accounting import Accounting  # noqa: E402
 from proxy.budgets import TokenBudgets  # noqa: E402
@@ -43,11 +37,6 @@ from proxy.request import Outcome  # noqa: E402
 from proxy.snapshot import KeyView  # noqa: E402
 from proxy.usage import TakenUsage, with_usage  # noqa: E402
 
-ANSWER = (
-    b'{"id":"cmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":'
-    b'{"role":"assistant","content":"' + b"x" * 200 + b'"},"finish_reason":"length"}],'
-    b'"usage":{"prompt_tokens":12,"completion_tokens":16,"total_tokens":28}}'
-)
 BODY = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * 400 + b'"}],"stream":true,"max_tokens":64}'
 
 
@@ -72,34 +61,16 @@ class RecordingPipe:
         return lambda *args: self.commands.append((name, args))
 
 
-def per_call(fn: Callable[[], object], number: int, repeat: int) -> float:
-    runs = []
-    for _ in range(repeat):
-        started = time.process_time()
-        for _ in range(number):
-            fn()
-        runs.append((time.process_time() - started) / number)
-    return statistics.median(runs)
-
-
 def measure_redis(filled: Accounting, budgeted: list[int], flushes: int) -> float | None:
     """CPU seconds of this process per flush of ``filled``'s buckets and budget counts to a private
     redis-server (the pipelines the worker's loop sends), or None without redis-server."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
     import redis.asyncio as aioredis
-
-    from tests.support.ports import free_port
-    from tests.support.procs import running
 
     buckets = dict(filled.buckets)
     minute, day = dict(filled.budgets.minute), dict(filled.budgets.day)
-    port = free_port()
-    with (
-        tempfile.TemporaryDirectory() as data,
-        running([binary, "--port", str(port), "--save", "", "--dir", data], port=port),
-    ):
+    with private_redis() as port:
+        if port is None:
+            return None
 
         async def run() -> float:
             client = aioredis.Redis(port=port)

@@ -40,15 +40,7 @@ class ApiKeyAdmin(ServiceAdminMixin[ApiKey], admin.ModelAdmin):
     )
     list_filter = ("is_active",)
     search_fields = ("name", "prefix")
-    fields = (
-        "name",
-        "allowed_models",
-        "rate_limit_rpm",
-        "max_concurrent",
-        "tokens_per_minute",
-        "tokens_per_day",
-        "is_active",
-    )
+    fields = ("name", "allowed_models", *ApiKey.LIMIT_FIELDS, "is_active")
     readonly_fields = ("token_use", "prefix", "created_by", "created_at", "last_used_at")
 
     @admin.display(description="Token use")

@@ -28,6 +28,9 @@ def generate_api_key() -> str:
 class ApiKey(RegistryModel):
     """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
 
+    # What the proxy limits a key by (every interface edits them alike: the REST API, the admin).
+    LIMIT_FIELDS = ("rate_limit_rpm", "max_concurrent", "tokens_per_minute", "tokens_per_day")
+
     name = models.CharField(max_length=100, validators=[validate_single_line])
     prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
