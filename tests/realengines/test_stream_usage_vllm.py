@@ -7,6 +7,7 @@ makes two runs of one request the same bytes, but for ``created`` when a second 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -19,6 +20,10 @@ from tests.realengines.harness import VllmServer, wait_until
 from tests.support.stack import RouterPanelStack
 
 pytestmark = [pytest.mark.real_engine, pytest.mark.e2e]
+
+
+def _same_clock(stream: bytes) -> bytes:
+    return re.sub(rb'"created":\d+', b'"created":0', stream)
 
 
 def _created(stream: bytes) -> set[int]:
@@ -44,7 +49,7 @@ def test_a_vllm_stream_through_routerpanel_is_byte_for_byte_the_stream_without_u
     key_id = next(row["id"] for row in rows if row["name"] == name)
     body = {"model": server.model, **prompt, "stream": True, "max_tokens": 12, "temperature": 0}
     auth = {"Authorization": f"Bearer {token}"}
-    for attempt in range(3):  # again only when a second turned between the two (``created`` differs)
+    for attempt in range(5):  # again when a second turned between the two (``created`` differs)
         request_id = {"X-Request-Id": f"usage-{name}-{attempt}"}  # vLLM names the chunks after it
         direct = httpx.post(server.url + path, json=body, headers=request_id, timeout=120)
         through = httpx.post(routerpanel.base + path, json=body, headers={**request_id, **auth}, timeout=120)
@@ -52,7 +57,11 @@ def test_a_vllm_stream_through_routerpanel_is_byte_for_byte_the_stream_without_u
             break
     assert direct.status_code == through.status_code == 200
     assert b'"usage"' not in direct.content and b'"system_fingerprint"' in direct.content
-    assert through.content == direct.content
+    # On a loaded machine each request may take over a second, so ``created`` (vLLM's clock when the
+    # request arrived) can differ on every try: every other byte must still be the same.
+    assert _same_clock(through.content) == _same_clock(direct.content)
+    if _created(direct.content) == _created(through.content):
+        assert through.content == direct.content
 
     client = redis.Redis.from_url(routerpanel.redis_url)
     day = keys.tokens_day_key(live_budgets.day_of(time.time()))
