@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,13 +130,13 @@ def measure(size: int, strategy: str, number: int, repeat: int) -> tuple[dict[st
     return {"choose": baseline, "hot": with_explain - baseline, "wire": wire, "bytes": len(encoded)}, encoded
 
 
-def measure_redis(payload: bytes, batches: int) -> float | None:
-    """CPU seconds per record of appending batches of 1,000 with one EVAL, or None without redis-server."""
+@contextlib.contextmanager
+def private_redis() -> Iterator[int | None]:
+    """The port of a redis-server of our own for the ``with`` block, or None when none is installed."""
     binary = shutil.which("redis-server")
     if binary is None:
-        return None
-    import redis.asyncio as aioredis
-
+        yield None
+        return
     from tests.support.ports import free_port
     from tests.support.procs import running
 
@@ -144,6 +145,16 @@ def measure_redis(payload: bytes, batches: int) -> float | None:
         tempfile.TemporaryDirectory() as data,
         running([binary, "--port", str(port), "--save", "", "--dir", data], port=port),
     ):
+        yield port
+
+
+def measure_redis(payload: bytes, batches: int) -> float | None:
+    """CPU seconds per record of appending batches of 1,000 with one EVAL, or None without redis-server."""
+    import redis.asyncio as aioredis
+
+    with private_redis() as port:
+        if port is None:
+            return None
 
         async def run() -> float:
             client = aioredis.Redis(port=port)

@@ -9,5 +9,6 @@ from . import views
 urlpatterns = [
     path("dashboard/", views.dashboard, name="dashboard"),
     path("dashboard/data", views.dashboard_data, name="dashboard-data"),
+    path("dashboard/usage", views.dashboard_usage, name="dashboard-usage"),
     path("dashboard/requests/", views.requests, name="dashboard-requests"),
 ]

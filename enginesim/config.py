@@ -54,6 +54,7 @@ class SimConfig:
     kv_block_size: int = 16
     eos_at_prefill_prob: float = 0.0
     natural_tokens: int | None = None
+    created: int = 0  # every answer's ``created`` (0: the clock), for byte-for-byte comparisons
     record_requests: int = 200
     ctrl_address: str | None = None
     ctrl_scope: str | None = None
@@ -110,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-at-prefill-prob", type=float, default=0.0, help="chance a PD prefill ends at once")
     parser.add_argument(
         "--natural-tokens", type=int, default=None, help="every answer's length before max_tokens (default 8..24)"
+    )
+    parser.add_argument(
+        "--created",
+        type=int,
+        default=0,
+        help="every answer's created time (Unix seconds; 0: the clock): answers comparable byte for byte",
     )
     parser.add_argument("--record-requests", type=int, default=200, help="how many requests /sim/requests keeps")
     parser.add_argument("--ctrl-address", default=None, help="NanoCtrl HOST:PORT to register with")

@@ -5,22 +5,24 @@ Django's own admin history is kept as well."""
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import Field, JSONField, Model, QuerySet
-from django.forms import BaseInlineFormSet, ModelForm
+from django.db.models import QuerySet
+from django.forms import BaseInlineFormSet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html, format_html_join
 
-from . import services
-from .admin_forms import RowVersionForm, StorableJSONField
+from . import (
+    admin_keys,  # noqa: F401  (registers the API keys' admin)
+    admin_usage,  # noqa: F401  (registers the usage rows' admin)
+    services,
+)
+from .admin_base import ServiceAdminMixin, badge
+from .admin_base import actor_of as _actor
 from .choices import (
     ApprovalMode,
-    BadgeChoices,
     BreakerState,
-    ChangeVia,
     ControlPlaneKind,
     NodeHealth,
     NodeRole,
@@ -33,50 +35,7 @@ from .choices import (
 from .live import health as live_health
 from .live.breakers import read_breakers_sync
 from .live.connection import client as redis_client
-from .models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
-
-
-def _actor(request: HttpRequest) -> services.Actor:
-    return services.Actor.for_user(request.user, ChangeVia.ADMIN)
-
-
-def badge(choices: type[BadgeChoices], value: str, text: str | None = None) -> str:
-    """``value`` in its colour, labelled with its choice label (or ``text``)."""
-    label = text if text is not None else dict(choices.choices).get(value, value)
-    return format_html('<span class="rp-badge" style="background:{}">{}</span>', choices.colour(value), label)
-
-
-_M = TypeVar("_M", bound=Model)
-
-
-class ServiceAdminMixin(Generic[_M]):
-    """Routes the admin's saves and deletes through the model's services.
-
-    ``entity`` names them: with ``entity = "node"`` a save calls
-    ``services.node_save(node=obj, actor=...)`` and a delete ``services.node_delete(node=obj, actor=...)``.
-    """
-
-    entity: str
-    formfield_overrides: Mapping[type[Field], Mapping[str, Any]] = {JSONField: {"form_class": StorableJSONField}}
-    form: type[ModelForm[Any]] = RowVersionForm
-
-    def get_fieldsets(self, request: HttpRequest, obj: _M | None = None) -> Any:
-        """The change form's fieldsets, with the hidden row version (``RowVersionForm``) in the first."""
-        fieldsets = super().get_fieldsets(request, obj)  # type: ignore[misc]
-        if obj is None or any("row_version" in options.get("fields", ()) for _, options in fieldsets):
-            return fieldsets
-        (name, options), *rest = fieldsets
-        return [(name, {**options, "fields": [*options.get("fields", ()), "row_version"]}), *rest]
-
-    def save_model(self, request: HttpRequest, obj: _M, form: Any, change: bool) -> None:
-        services.entity_service(self.entity, "save")(**{self.entity: obj}, actor=_actor(request))
-
-    def delete_model(self, request: HttpRequest, obj: _M) -> None:
-        services.entity_service(self.entity, "delete")(**{self.entity: obj}, actor=_actor(request))
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[_M]) -> None:
-        for obj in queryset:
-            self.delete_model(request, obj)
+from .models import ChangeRecord, ControlPlane, ModelAlias, Node, RoutePolicy
 
 
 class ModelAliasInline(admin.TabularInline):
@@ -360,37 +319,6 @@ class ControlPlaneAdmin(ServiceAdminMixin[ControlPlane], admin.ModelAdmin):
         for control_plane in queryset:
             services.control_plane_revoke_token(control_plane=control_plane, actor=_actor(request))
         self.message_user(request, f"Revoked the registration token of {queryset.count()} control plane(s).")
-
-
-@admin.register(ApiKey)
-class ApiKeyAdmin(ServiceAdminMixin[ApiKey], admin.ModelAdmin):
-    entity = "api_key"
-    list_display = ("name", "prefix", "is_active", "allowed_models", "rate_limit_rpm", "created_at", "last_used_at")
-    list_filter = ("is_active",)
-    search_fields = ("name", "prefix")
-    fields = ("name", "allowed_models", "rate_limit_rpm", "max_concurrent", "is_active")
-    readonly_fields = ("prefix", "created_by", "created_at", "last_used_at")
-
-    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
-        return self.fields if obj is None else (*self.fields, *self.readonly_fields)
-
-    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
-            return
-        # A new key is made by the service (its plaintext, its hash, the duplicate check); the admin
-        # then logs and redirects to the object it passed in, so that becomes the stored row.
-        created, plaintext = services.api_key_create(actor=_actor(request), **form.cleaned_data)
-        obj.pk = created.pk
-        obj.refresh_from_db()
-        messages.warning(
-            request,
-            format_html(
-                "Copy the key for “{}” now — it is not stored and will not be shown again: <code>{}</code>",
-                obj.name,
-                plaintext,
-            ),
-        )
 
 
 @admin.register(ChangeRecord)

@@ -12,16 +12,17 @@ from __future__ import annotations
 import datetime
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from django.conf import settings
+from django.db.models import Q, Sum
 from django.urls import reverse
 
 from . import rules
 from .choices import NodeRole, NodeState, ServingMode, SyncState
 from .live.health import HealthRecord
 from .masking import mask_credentials
-from .models import ApiKey, ControlPlane, ModelAlias, Node, RoutePolicy
+from .models import ApiKey, ControlPlane, ModelAlias, Node, RoutePolicy, UsageHour
 
 
 class NodeRow(TypedDict):
@@ -235,3 +236,87 @@ def request_filter_options() -> RequestFilterOptions:
     models = sorted(set(ModelAlias.objects.values_list("name", flat=True)))
     keys = sorted(set(ApiKey.objects.values_list("name", flat=True)))
     return RequestFilterOptions(nodes=nodes, models=models, keys=keys)
+
+
+# -- Usage (docs/usage.md) ------------------------------------------------------------------------
+
+USAGE_GROUPS = ("hour", "key", "model", "node")
+_USAGE_COLUMNS = {"hour": "hour", "key": "key_id", "model": "model", "node": "node"}
+_USAGE_SUMS = ("prompt_tokens", "completion_tokens", "requests", "errors", "ttft_ms_sum", "ttft_count")
+
+
+class UsageRow(TypedDict, total=False):
+    hour: str
+    key_id: int
+    key_name: str
+    model: str
+    node: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    requests: int
+    errors: int
+    mean_ttft_ms: float | None
+
+
+def usage_rows(
+    *,
+    since: datetime.datetime | None = None,
+    until: datetime.datetime | None = None,
+    key: str | None = None,
+    model: str | None = None,
+    node: str | None = None,
+    group_by: tuple[str, ...] = USAGE_GROUPS,
+) -> list[UsageRow]:
+    """The hourly usage rows in ``[since, until)`` (hours that began in it), filtered by key (its id
+    or name), model and node, summed over what ``group_by`` leaves out; oldest hour first."""
+    rows = UsageHour.objects.all()
+    if since is not None:
+        rows = rows.filter(hour__gte=since)
+    if until is not None:
+        rows = rows.filter(hour__lt=until)
+    if key:
+        rows = rows.filter(Q(key_id=int(key)) if key.isdigit() else Q(key_name=key))
+    if model:
+        rows = rows.filter(model=model)
+    if node:
+        rows = rows.filter(node=node)
+    columns = [_USAGE_COLUMNS[g] for g in USAGE_GROUPS if g in group_by]
+    if "key_id" in columns:
+        columns.append("key_name")
+    summed = rows.values(*columns).annotate(**{f"sum_{n}": Sum(n) for n in _USAGE_SUMS}).order_by(*columns)
+    result: list[UsageRow] = []
+    for values in summed:
+        row: dict[str, Any] = {c: values[c] for c in columns}
+        if "hour" in row:
+            row["hour"] = row["hour"].isoformat()
+        sums = {n: values[f"sum_{n}"] or 0 for n in _USAGE_SUMS}
+        row.update({n: sums[n] for n in ("prompt_tokens", "completion_tokens", "requests", "errors")})
+        row["total_tokens"] = sums["prompt_tokens"] + sums["completion_tokens"]
+        row["mean_ttft_ms"] = round(sums["ttft_ms_sum"] / sums["ttft_count"], 1) if sums["ttft_count"] else None
+        result.append(cast(UsageRow, row))
+    return result
+
+
+class UsageSeries(TypedDict):
+    model: str
+    tokens: list[int]  # one per minute, oldest first
+
+
+class UsageChart(TypedDict):
+    start_minute: int  # Unix minute of the first point
+    series: list[UsageSeries]
+
+
+def usage_chart(minutes: Mapping[int, Mapping[tuple[int, str, str], Any]], now: float, span: int = 60) -> UsageChart:
+    """Tokens per minute per model over the last ``span`` minutes (the current one last), from the
+    web workers' live minutes (``nodes.live.usage.read_minutes``)."""
+    last = int(now // 60)
+    first = last - span + 1
+    per_model: dict[str, list[int]] = defaultdict(lambda: [0] * span)
+    for minute, groups in minutes.items():
+        if first <= minute <= last:
+            for (_key, model, _node), counts in groups.items():
+                per_model[model][minute - first] += counts.tokens
+    series = [UsageSeries(model=m, tokens=t) for m, t in sorted(per_model.items())]
+    return UsageChart(start_minute=first, series=series)

@@ -26,3 +26,9 @@ def sync_control_plane(control_plane_id: int) -> dict:
 def record_key_usage() -> int:
     """Copy the proxy's per-key last-use times into the database (for the admin and the API)."""
     return services.api_key_record_usage()
+
+
+@shared_task(name="nodes.rollup_usage", ignore_result=True)
+def rollup_usage() -> int | None:
+    """Roll the web workers' per-minute usage up into hourly rows (the current hour and the one before)."""
+    return services.usage_rollup()

@@ -176,3 +176,10 @@ def validate_endpoints(value: object) -> None:
     unknown = sorted(set(value) - set(Endpoint.values))
     if unknown:
         raise ValidationError(f"Unknown endpoint(s) {', '.join(unknown)}; choose from {', '.join(Endpoint.values)}.")
+
+
+def validate_token_budget(value: int | None) -> None:
+    """An API key's token budget (per minute, per day): empty for none, else at least one token. A
+    budget of 0 would refuse every request; an operator who wants that deactivates the key."""
+    if value is not None and value < 1:
+        raise ValidationError("A token budget is at least 1; leave it empty for no budget.", code="min_value")

@@ -95,6 +95,8 @@ class ProxyApp:
             max_records=settings.ROUTERPANEL_EXPLAIN_MAX_RECORDS,
         )
         self.shared.explainer = self.explainer  # flushed to Redis by the worker's loop
+        self.budgets = self.shared.budgets  # the keys' token use, shared by the same loop
+        self.accounting = self.shared.accounting  # usage per key, model and node, flushed by it too
         metrics.register_inflight(self._inflight_by_node)
 
     def _inflight_by_node(self) -> Iterator[tuple[str, int]]:
@@ -288,6 +290,7 @@ class ProxyApp:
             watcher.close()
             if limited is not None:
                 self.limiter.release(limited)
+            self.accounting.record(key, route.name, outcome)
             if outcome.error and outcome.error != "client_disconnected" and outcome.status == 200:
                 metrics.count_error(outcome.error)
             metrics.observe_request(route.name, outcome.node, outcome.status, time.perf_counter() - started)
@@ -319,6 +322,16 @@ class ProxyApp:
         route = route_for(route, endpoint, path)
         if explanation is not None:
             explanation.route = route
+        if key is not None and (key.tokens_per_minute is not None or key.tokens_per_day is not None):
+            over = self.budgets.exceeded(key)
+            if over is not None:
+                budget, retry_after = over
+                raise ProxyError(
+                    429,
+                    f"This API key used up its token budget ({budget}); retry in {retry_after} s.",
+                    "token_budget_exceeded",
+                    headers=[(b"retry-after", str(retry_after).encode())],
+                )
         if key is not None and (key.rate_limit_rpm is not None or key.max_concurrent is not None):
             exceeded = self.limiter.try_acquire(key)
             if exceeded is not None:

@@ -20,6 +20,7 @@ from .relay import relay_stream
 from .request import Outcome, ProxyRequest
 from .router import Router
 from .transport import DisconnectWatcher, Send, send_bytes
+from .usage import TakenUsage, takes_usage, with_usage
 
 
 class HybridRequest(AttemptLoop[None]):
@@ -55,14 +56,20 @@ class HybridRequest(AttemptLoop[None]):
     def build(self, attempt: Attempt) -> tuple[str, bytes, dict[str, str]]:
         request = self.request
         headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id, HOP_HEADER: request.hop}
-        return attempt.url + request.path, request.body_for(attempt.target.served_name), headers
+        body = request.body_for(attempt.target.served_name)
+        if takes_usage(request, attempt.target.node.engine_type):  # for the token counts (proxy.usage)
+            body = with_usage(body)
+        return attempt.url + request.path, body, headers
 
     async def deliver(self, attempt: Attempt) -> None:
         outcome = self.outcome
         outcome.node = attempt.url
         headers = self.request.response_headers(attempt.url)
         if attempt.streaming:
-            attempt.verdict = await relay_stream(self.send, attempt, headers, self.watcher, outcome, HYBRID)
+            taken = TakenUsage() if takes_usage(self.request, attempt.target.node.engine_type) else None
+            attempt.verdict = await relay_stream(
+                self.send, attempt, headers, self.watcher, outcome, HYBRID, taken=taken
+            )
             return
         outcome.status = attempt.status
         outcome.usage = attempt.body

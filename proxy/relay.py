@@ -14,9 +14,10 @@ import aiohttp
 
 from . import sse
 from .attempts import SSE, Attempt, Names
-from .errors import engine_failed, engine_timeout
+from .errors import ProxyError, engine_failed, engine_timeout
 from .request import Outcome
 from .transport import DisconnectWatcher, Send
+from .usage import TakenUsage
 
 
 async def relay_stream(
@@ -27,11 +28,14 @@ async def relay_stream(
     outcome: Outcome,
     names: Names,
     transform: Callable[[bytes], bytes] | None = None,
+    taken: TakenUsage | None = None,
 ) -> bool:
     """Send the stream of ``attempt`` (its first chunk already read) with ``headers`` added.
 
-    Returns True when the engine ended the stream, False when it broke off (a failure of the node).
-    Sets the outcome's status, time to first token and mean gap between chunks."""
+    ``taken``: the engine was asked for a usage chunk the client did not ask for, which is taken
+    out on the way (``proxy.usage``). Returns True when the engine ended the stream, False when it
+    broke off (a failure of the node). Sets the outcome's status, time to first token, mean gap
+    between chunks and usage."""
     response = attempt.response
     assert response is not None
     content_type = response.headers.get("Content-Type", SSE).encode("latin-1")
@@ -42,17 +46,22 @@ async def relay_stream(
     chunks = 0
     last = previous = attempt.first
     complete = True
+    error: ProxyError | None = None
     try:
         if last:
             outcome.ttft = attempt.ttft = first_at - attempt.started
             if transform is not None:
                 last = transform(last)
-            await send({"type": "http.response.body", "body": last, "more_body": True})
+            out = last if taken is None else taken.feed(last)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
             chunks = 1
             async for chunk in response.content.iter_any():
                 previous = last
                 last = chunk if transform is None else transform(chunk)
-                await send({"type": "http.response.body", "body": last, "more_body": True})
+                out = last if taken is None else taken.feed(last)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
                 chunks += 1
             last_at = time.perf_counter()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -63,12 +72,21 @@ async def relay_stream(
         else:
             error = engine_failed(f"{names.node} {attempt.url} failed mid-stream: {exc}", names.stream_error)
         outcome.error = error.code
+    if taken is not None:
+        held = taken.finish()
+        if held:
+            await send({"type": "http.response.body", "body": held, "more_body": True})
+            last = held
+    if error is not None:
         await send({"type": "http.response.body", "body": sse.error_event(error, after=last), "more_body": True})
     if chunks > 1:
         outcome.mean_gap = (last_at - first_at) / (chunks - 1)
     # The usage chunk (when the client asked for one) comes last, perhaps read together with
     # ``[DONE]``, perhaps just before it.
-    outcome.usage = last if b'"usage"' in last else previous
+    if taken is not None and taken.usage:
+        outcome.usage = taken.usage
+    else:
+        outcome.usage = last if b'"usage"' in last else previous
     watcher.finish()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return complete

@@ -37,7 +37,10 @@ from nodes.live import workers as live_workers
 from nodes.live.breakers import BreakerRecord, decode
 from nodes.live.breakers import queue_write as queue_breakers
 
+from . import snapshot as snapshots
+from .accounting import Accounting
 from .breaker import Breakers
+from .budgets import TokenBudgets
 from .explain import Explainer
 from .health import LiveHealth
 from .load import KeyLimiter, LocalLoadTracker
@@ -165,6 +168,8 @@ class SharedCounters:
         self.stats_every = max(1, round(stats_interval / interval))  # ticks between statistics publishes
         self.published = 0  # statistics snapshots written
         self.explainer: Explainer | None = None  # the requests' explanations to flush, when kept
+        self.budgets = TokenBudgets()  # the keys' token use, added to Redis and read back each sync
+        self.accounting = Accounting(self.budgets)  # usage per key, model and node, flushed about once a second
         self._client_factory = client_factory or (
             lambda: aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
         )
@@ -186,6 +191,9 @@ class SharedCounters:
                 await self._task
             self._task = None
         if self._client is not None:
+            if self.accounting.buckets:  # the last requests' usage
+                with contextlib.suppress(RedisError, OSError):
+                    await self.accounting.flush(self._client)
             while self.explainer is not None and self.explainer.buffer:  # the last requests' explanations
                 try:
                     await self.explainer.flush(self._client)
@@ -235,6 +243,7 @@ class SharedCounters:
         if self.share_counters:
             health_version = await self.sync_once()
         else:
+            self.budgets.forget_before(time.time())  # counted by this worker alone
             health_version = await self.client().get(keys.HEALTH_VERSION)
         await self.health.refresh(self.client(), health_version)
         await self.health.apply_due()
@@ -244,6 +253,8 @@ class SharedCounters:
             self._ticks_to_stats = self.stats_every
         if self.explainer is not None and self.explainer.due():
             await self.explainer.flush(self.client())
+        if self.accounting.due():
+            await self.accounting.flush(self.client())
 
     def stats_payload(self) -> bytes:
         snapshot = live_stats.WorkerSnapshot(
@@ -286,11 +297,19 @@ class SharedCounters:
             transitions = self.breakers.take_pending()
             if transitions:
                 queue_breakers(pipe, transitions)
+            budgeted = self.budgets.budgeted(snapshots.current())
+            windows = self.budgets.queue_flush(pipe, budgeted, time.time())
+            budgets_end = len(pipe)
             pipe.get(keys.BREAKERS_VERSION)
             pipe.get(keys.HEALTH_VERSION)
             live_workers.queue_seen(pipe, self.worker, time.time())
             pipe.zrange(keys.WORKERS, 0, -1)
-            results = await pipe.execute()
+            try:
+                results = await pipe.execute()
+            except BaseException:
+                self.budgets.failed()
+                raise
+        self.budgets.flushed(windows, budgeted, results[:budgets_end])
         # The two versions, then the two writes of queue_seen, then the list of workers.
         breakers_version, health_version = results[-5] or b"", results[-4]
         if breakers_version != self._breakers_version:

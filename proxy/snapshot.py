@@ -127,6 +127,8 @@ class KeyView:
     allowed_models: frozenset[str]  # empty = every model
     rate_limit_rpm: int | None = None
     max_concurrent: int | None = None
+    tokens_per_minute: int | None = None  # token budgets (``proxy.budgets``); None = none
+    tokens_per_day: int | None = None
 
     def allows(self, route: Route) -> bool:
         if not self.allowed_models:
@@ -327,9 +329,18 @@ def build_snapshot() -> Snapshot:
             allowed_models=frozenset(row["allowed_models"] or ()),
             rate_limit_rpm=row["rate_limit_rpm"],
             max_concurrent=rules.concurrency_limit(row["max_concurrent"]),
+            tokens_per_minute=row["tokens_per_minute"],
+            tokens_per_day=row["tokens_per_day"],
         )
         for row in ApiKey.objects.filter(is_active=True).values(
-            "id", "name", "key_hash", "allowed_models", "rate_limit_rpm", "max_concurrent"
+            "id",
+            "name",
+            "key_hash",
+            "allowed_models",
+            "rate_limit_rpm",
+            "max_concurrent",
+            "tokens_per_minute",
+            "tokens_per_day",
         )
     }
     routes = build_routes(nodes, aliases, policies, default_policy)

@@ -240,6 +240,8 @@ ROUTERPANEL_PROBER_FLUSH_INTERVAL = env_float("ROUTERPANEL_PROBER_FLUSH_INTERVAL
 # `expires` just under the interval: a backlog never piles up runs.
 CELERY_BEAT_SCHEDULE = {
     "api-key-usage": {"task": "nodes.record_key_usage", "schedule": 30.0, "options": {"expires": 27.0}},
+    # Idempotent: each run rewrites the current and the previous hour's rows (docs/usage.md).
+    "usage-rollup": {"task": "nodes.rollup_usage", "schedule": 300.0, "options": {"expires": 270.0}},
 }
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
 CELERY_TASK_ALWAYS_EAGER = env_bool("ROUTERPANEL_CELERY_EAGER", False)

@@ -77,7 +77,14 @@ class Flavour:
                 ids, finish = ids[:limit], "length"
             prompt_tokens += count_prompt_tokens(prompt)
             choices.extend(ChoicePlan(j * req.n + k, ids, finish) for k in range(req.n))
-        return Plan(kind=req.kind, model=req.model, choices=choices, prompt_tokens=prompt_tokens, cacheable=cacheable)
+        return Plan(
+            kind=req.kind,
+            model=req.model,
+            choices=choices,
+            prompt_tokens=prompt_tokens,
+            cacheable=cacheable,
+            created=self.config.created,
+        )
 
 
 def blocks_for(prompt_tokens: int, block_size: int) -> int:

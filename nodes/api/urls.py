@@ -4,6 +4,7 @@ from rest_framework.routers import DefaultRouter
 
 from . import views
 from .requests import RequestViewSet
+from .usage import UsageViewSet
 
 router = DefaultRouter()
 router.register("nodes", views.NodeViewSet)
@@ -13,5 +14,6 @@ router.register("control-planes", views.ControlPlaneViewSet)
 router.register("api-keys", views.ApiKeyViewSet)
 router.register("changes", views.ChangeRecordViewSet)
 router.register("requests", RequestViewSet, basename="request")
+router.register("usage", UsageViewSet, basename="usage")
 
 urlpatterns = router.urls

@@ -12,4 +12,5 @@ request or a write. See docs/architecture.md and docs/decisions/0005-counters-sh
 - ``breakers``: the circuit-breaker hash's record and codec, and reading the states per node.
 - ``stats``: the per-worker statistics snapshots (their shape, writing, reading and merging).
 - ``explain``: the request explanations' record and codec; ``explain_store`` reads them back.
+- ``budgets``: the API keys' token counters per minute and per day (their windows and a key's use).
 """

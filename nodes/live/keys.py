@@ -67,6 +67,27 @@ EXPLAIN = "routerpanel:explain"
 EXPLAIN_IDS = "routerpanel:explain:ids"
 
 
+def tokens_minute_key(minute: int) -> str:
+    """Hash: API key id -> tokens (prompt + completion) its requests used in that minute (Unix time
+    // 60). Every web worker adds its own in batches and reads the totals for the keys with a budget
+    (``nodes.live.budgets``); the admin shows them. Expires two minutes after the minute."""
+    return f"routerpanel:tokens:minute:{minute}"
+
+
+def tokens_day_key(day: int) -> str:
+    """Hash: API key id -> tokens its requests used in that UTC day (Unix time // 86400); as
+    ``tokens_minute_key``, expiring two days after the day began."""
+    return f"routerpanel:tokens:day:{day}"
+
+
+def usage_minute_key(minute: int) -> str:
+    """Hash: ``{key id}\t{model}\t{node}\t{counter}`` -> that minute's count (``nodes.live.usage``):
+    tokens, requests, errors and time to first token per API key, model and node. Every web worker
+    adds its own in batches; a Celery task rolls the minutes up into ``UsageHour`` rows and the
+    dashboard charts the last hour. Expires ``nodes.live.usage.MINUTE_TTL`` after the minute."""
+    return f"routerpanel:usage:{minute}"
+
+
 def new_worker_id() -> str:
     """A web worker's identity: host and pid, plus random bytes so a reused pid is a new worker."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"

@@ -34,6 +34,7 @@ from ..validators import refused_character, validate_endpoints, validate_model_n
 from .api_keys import API_KEY_PREFIX, ApiKey, generate_api_key, hash_api_key
 from .audit import ChangeRecord, ConfigVersion
 from .base import HealthCheckSettings, RegistryModel
+from .usage import UsageHour
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -46,6 +47,7 @@ __all__ = [
     "Node",
     "RegistryModel",
     "RoutePolicy",
+    "UsageHour",
     "aliases_for_model",
     "default_registry_kinds",
     "generate_api_key",

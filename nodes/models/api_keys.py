@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 
-from ..validators import clean_model_names, validate_single_line
+from ..validators import clean_model_names, validate_single_line, validate_token_budget
 from .base import RegistryModel
 
 API_KEY_PREFIX = "rp-"
@@ -28,6 +28,9 @@ def generate_api_key() -> str:
 class ApiKey(RegistryModel):
     """A proxy key for ``/v1``. Only its hash is stored; the plaintext is shown once at creation."""
 
+    # What the proxy limits a key by (every interface edits them alike: the REST API, the admin).
+    LIMIT_FIELDS = ("rate_limit_rpm", "max_concurrent", "tokens_per_minute", "tokens_per_day")
+
     name = models.CharField(max_length=100, validators=[validate_single_line])
     prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
@@ -35,6 +38,20 @@ class ApiKey(RegistryModel):
     rate_limit_rpm = models.PositiveIntegerField(null=True, blank=True, help_text="Requests per minute; empty = none.")
     max_concurrent = models.PositiveIntegerField(
         null=True, blank=True, help_text="Concurrent requests; empty or 0 = no limit (as on nodes)."
+    )
+    # Token budgets (prompt + completion tokens, as the engines count them), enforced by the proxy
+    # across every web worker: see docs/usage.md for the windows and how far a key may overshoot.
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[validate_token_budget],
+        help_text="Token budget per minute (prompt + completion); empty = no budget.",
+    )
+    tokens_per_day = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[validate_token_budget],
+        help_text="Token budget per UTC day (prompt + completion); empty = no budget.",
     )
     is_active = models.BooleanField(default=True)
     created_by = models.ForeignKey(

@@ -14,6 +14,7 @@ named after the entity (``node_save(node=..., actor=...)``). Callers import the 
 - ``registration``   engines registering themselves through a control plane's registration URL
 - ``registry_sync``  the registry sync (lock, listing, state); ``registry_diff`` its diff and bulk writes
 - ``health_checks``  probing nodes on request ("probe now", registration)
+- ``usage``          rolling the web workers' per-minute usage up into hourly rows
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .routing import (
     policy_save,
     policy_update,
 )
+from .usage import usage_rollup
 
 
 def entity_service(entity: str, action: str) -> Callable[..., Any]:
@@ -131,4 +133,5 @@ __all__ = [
     "registry_mark_gone",
     "registry_sync",
     "row_version",
+    "usage_rollup",
 ]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+import redis
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from dashboard.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
 from dashboard.payload import build_payload
 from nodes import services
+from nodes.live import usage as live_usage
 from nodes.live.breakers import parse_breakers
 from nodes.live.keys import BREAKERS as BREAKERS_KEY
 from nodes.models import ControlPlane, RoutePolicy
@@ -98,7 +101,7 @@ def test_an_open_breaker_makes_a_healthy_node_count_as_sick() -> None:
 
 
 def test_anonymous_visitors_are_sent_to_the_admin_login(client: Client) -> None:
-    for path in ("/dashboard/", "/dashboard/data"):
+    for path in ("/dashboard/", "/dashboard/data", "/dashboard/usage"):
         response = client.get(path)
         assert response.status_code == 302
         assert response["Location"].startswith("/admin/login/")
@@ -108,6 +111,7 @@ def test_a_user_who_is_not_staff_may_not_see_it(client: Client, outsider_user) -
     client.force_login(outsider_user)
     assert client.get("/dashboard/").status_code == 302
     assert client.get("/dashboard/data").status_code == 302
+    assert client.get("/dashboard/usage").status_code == 302
 
 
 def test_the_page_carries_the_fleet_and_the_chart_library_from_the_project(
@@ -281,3 +285,23 @@ def test_the_page_gets_the_breaker_labels_and_colours_from_their_one_definition(
     assert breaker == {
         state: {"label": str(label), "colour": BreakerState.colour(state)} for state, label in BreakerState.choices
     }
+
+
+def test_the_usage_chart_has_the_last_hours_tokens_per_model(client: Client, operator_user, redis_url) -> None:
+    now = time.time()
+    minute = int(now // 60)
+    client_redis = redis.Redis.from_url(redis_url)
+    with client_redis.pipeline(transaction=False) as pipe:
+        live_usage.queue_add(pipe, {(minute, 1, "m", "http://a:1"): [3, 4, 1, 0, 0, 0]})
+        live_usage.queue_add(pipe, {(minute - 2, 2, "m", "http://b:1"): [10, 0, 1, 0, 0, 0]})
+        live_usage.queue_add(pipe, {(minute - 90, 2, "old", "http://b:1"): [10, 0, 1, 0, 0, 0]})
+        pipe.execute()
+    client.force_login(operator_user)
+    page = client.get("/dashboard/").content.decode()
+    assert 'id="rp-usage-chart"' in page and "/static/dashboard/usage.js" in page
+    assert client.get("/static/dashboard/usage.js").status_code == 200
+    chart = client.get("/dashboard/usage").json()
+    assert chart["unavailable"] is False
+    assert [s["model"] for s in chart["series"]] == ["m"]  # "old" is more than an hour ago
+    tokens = chart["series"][0]["tokens"]
+    assert len(tokens) == 60 and tokens[-1] == 7 and tokens[-3] == 10

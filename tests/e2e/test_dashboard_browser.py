@@ -237,6 +237,28 @@ def log_in(page, next_path: str) -> None:
     page.wait_for_url(f"**{next_path}")
 
 
+def test_the_dashboard_charts_the_last_hours_tokens_per_model(page, stack: RouterPanelStack) -> None:
+    from playwright.sync_api import expect
+
+    with run_simulator(engine="vllm", served_model_name="chart-model") as sim:
+        stack.add_node(sim.url, ["chart-model"], engine_type="vllm")
+        headers = {"Authorization": f"Bearer {stack.key}"}
+        body = {"model": "chart-model", "prompt": "count me", "max_tokens": 5}
+        usage = [httpx.post(f"{stack.v1}/completions", json=body, headers=headers).json()["usage"] for _ in range(3)]
+        tokens = sum(u["total_tokens"] for u in usage)
+        with stack.admin_session() as admin:  # the web worker flushes its minutes about once a second
+
+            def counted() -> bool:
+                series = admin.get("/dashboard/usage").json()["series"]
+                return any(s["model"] == "chart-model" and sum(s["tokens"]) >= tokens for s in series)
+
+            wait_until(counted, 10, "the minutes never reached Redis")
+        log_in(page, "/dashboard/")
+        expect(page.locator("#rp-usage-chart canvas")).to_be_visible()
+        expect(page.locator("#rp-usage-totals")).to_contain_text(f"chart-model: {tokens:,} tokens")
+        shot(page, "usage")
+
+
 def test_a_draining_node_shows_its_in_flight_requests_finish(page, stack: RouterPanelStack) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

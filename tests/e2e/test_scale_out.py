@@ -86,6 +86,38 @@ def test_a_keys_rate_limit_counts_requests_through_every_worker(stack) -> None:
     assert 1 <= int(answers[2].headers["retry-after"]) <= 60
 
 
+def test_a_keys_token_budget_runs_out_across_workers_while_another_key_keeps_working(stack) -> None:
+    a, b = stack.bases
+    with run_simulator(served_model_name="scale-t") as sim:
+        stack.add_node(sim.url, ["scale-t"], engine_type="openai")
+
+        def send(base: str, key: str) -> httpx.Response:
+            body = {"model": "scale-t", "prompt": "count my tokens", "max_tokens": 4}
+            return httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+        # What one request costs, as the engine counts it (prompt + completion tokens).
+        probe = send(a, stack.key).json()["usage"]
+        cost = probe["prompt_tokens"] + probe["completion_tokens"]
+        assert cost > 0
+        budgeted = stack.add_key(tokens_per_minute=cost + 1)  # one request fits, the second crosses it
+        other = stack.add_key(tokens_per_minute=100 * cost)
+        if 60 - time.time() % 60 < 15:  # the one-minute window must not roll over mid-test:
+            time.sleep(60 - time.time() % 60 + 0.5)  # wait for the next one (the clock is the condition)
+
+        assert send(a, budgeted).status_code == 200  # cost of cost + 1
+        wait_for_shared_sync(stack)
+        assert send(b, budgeted).status_code == 200  # B counts A's tokens: still under, so served; now over
+        wait_for_shared_sync(stack)
+        refused = [send(base, budgeted) for base in (a, b)]  # A counts B's tokens too
+        kept = [send(base, other) for base in (a, b)]
+    for answer in refused:
+        assert answer.status_code == 429, answer.text
+        assert answer.json()["error"]["code"] == "token_budget_exceeded"
+        assert answer.json()["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(answer.headers["retry-after"]) <= 60
+    assert [answer.status_code for answer in kept] == [200, 200]
+
+
 async def _streams(stack: RouterPanelStack, base: str, model: str, count: int, opened: asyncio.Event) -> None:
     """Run ``count`` slow streams (about 8 s each) through ``base``; ``opened`` is set once all started.
     Each is read to its end: a client that stopped reading would count as gone and be cancelled."""

@@ -227,8 +227,7 @@ def make_snapshot(
             id=i,
             name=f"key{i}",
             allowed_models=frozenset(opts.get("allowed_models", ())),
-            rate_limit_rpm=opts.get("rate_limit_rpm"),
-            max_concurrent=opts.get("max_concurrent"),
+            **{k: v for k, v in opts.items() if k != "allowed_models"},
         )
         for i, (plain, opts) in enumerate(key_specs.items(), start=1)
     }

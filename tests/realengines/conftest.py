@@ -40,6 +40,7 @@ MODULE_ORDER = (
     "test_vllm_and_simulator_agree",
     "test_vllm_request_models",
     "test_routerpanel_vllm_surface",
+    "test_stream_usage_vllm",
     "test_routerpanel_vllm",  # ends by killing a server of the pair
     "test_vllm_embeddings",
     "test_routerpanel_vllm_embeddings",
