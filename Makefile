@@ -145,11 +145,13 @@ bench: install redis-server $(if $(PEERS),peers-env)
 	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd)
 
 # Fleet scale (docs/decisions/0008-health-as-live-state.md): the prober, the web process under traffic
-# and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000.
+# and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000; the
+# router's cost per choice for every strategy at 2 to 1,000 nodes (docs/decisions/0009-*.md).
 BENCH_FLEET_SIZES ?= 100 1000
 bench-fleet: install redis-server
 	for n in $(BENCH_FLEET_SIZES); do $(PY) bench/prober_fleet.py --nodes $$n --interval 5 --seconds 60 --traffic --stop-one || exit 1; done
 	$(PY) bench/snapshot_health.py --nodes 100 1000 5000
+	$(PY) bench/route_micro.py
 
 lint: install
 	$(VENV)/bin/ruff check .
