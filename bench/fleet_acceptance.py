@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.prober_fleet import cpu_times, rss_mib  # noqa: E402
-from enginesim.testing import run_fleet, run_simulator  # noqa: E402
+from enginesim.testing import Simulator, run_fleet, run_simulator  # noqa: E402
 from nodes.live import health as live_health  # noqa: E402
 from nodes.live.health import read_states_sync  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -105,24 +105,27 @@ def main() -> None:
         pool = StackPool(Path(tmp), server)
         running.callback(pool.close)
         stack = pool.get(spec)
-        assert stack.nanoctrl is not None
+        nanoctrl = stack.nanoctrl
+        assert nanoctrl is not None
         scope = "fleet"
         body = {
             "name": scope,
-            "address": stack.nanoctrl.address,
+            "address": nanoctrl.address,
             "scope": scope,
             "sync_interval": options.sync_interval,
-            "redis_url": stack.nanoctrl.redis_url + "/0",
+            "redis_url": nanoctrl.redis_url + "/0",
         }
         created = stack.api.post("/api/control-planes/", json=body)
         assert created.status_code == 201, created.text
-        events = redis.Redis.from_url(stack.nanoctrl.redis_url)
+        events = redis.Redis.from_url(nanoctrl.redis_url)
         channel = f"{scope}:nano_events:service_update"
         wait_until(lambda: events.pubsub_numsub(channel)[0][1] >= 1, 30, "the listener never subscribed")
-        ctrl = [f"--ctrl-address={stack.nanoctrl.address}", f"--ctrl-scope={scope}", "--heartbeat-interval=5"]
+        ctrl = [f"--ctrl-address={nanoctrl.address}", f"--ctrl-scope={scope}", "--heartbeat-interval=5"]
         client = redis.Redis.from_url(stack.env["ROUTERPANEL_REDIS_URL"])
         lone_port = free_port()
-        lone_args = {"engine": "nanodeploy", "served_model_name": MODEL, "port": lone_port, "extra_args": ctrl}
+
+        def run_lone() -> contextlib.AbstractContextManager[Simulator]:
+            return run_simulator(engine="nanodeploy", served_model_name=MODEL, port=lone_port, extra_args=ctrl)
 
         def node_count() -> int:
             return int(stack.api.get("/api/nodes/", params={"limit": 1}).json()["count"])
@@ -138,7 +141,7 @@ def main() -> None:
         fleet = running.enter_context(
             run_fleet(options.nodes - 1, engine="nanodeploy", served_model_name=MODEL, extra_args=ctrl)
         )
-        lone_cm = run_simulator(**lone_args)
+        lone_cm = run_lone()
         lone = lone_cm.__enter__()
         running.callback(lambda: lone_cm.__exit__(None, None, None))
         figures["engines listening after"] = time.monotonic() - started
@@ -146,7 +149,7 @@ def main() -> None:
         wait_until(
             lambda: node_count() >= options.nodes,
             budget,
-            lambda: f"the registry holds {node_count()} nodes, NanoCtrl {len(stack.nanoctrl.entities(scope))} engines",
+            lambda: f"the registry holds {node_count()} nodes, NanoCtrl {len(nanoctrl.entities(scope))} engines",
             interval=0.1,
         )
         figures["all in the registry after"] = time.monotonic() - started
@@ -171,7 +174,7 @@ def main() -> None:
             lone.proc.wait()
             state = lambda wanted: lambda: (read_states_sync(client) or {}).get(lone_id) == wanted  # noqa: E731
             figures["killed engine unhealthy after"] = timed(state("unhealthy"), 60, "never ejected")
-            restarted = running.enter_context(run_simulator(**lone_args))
+            restarted = running.enter_context(run_lone())
             assert restarted.url == lone.url
             figures["restarted engine healthy after"] = timed(state("healthy"), 60, "never readmitted")
             time.sleep(max(0.0, options.seconds - (time.monotonic() - wall)))
@@ -188,6 +191,14 @@ def main() -> None:
             i for i in fleet_ids if i in records and (records[i].state != "healthy" or records[i].since > sampled_from)
         ]
         registry = node_count()
+        moved = {i: (r.state, round(r.since - sampled_from, 1)) for i, r in records.items() if r.since > sampled_from}
+        failed: dict[str, int] = {}  # failed probes in the nodes' recent history, by what they said
+        for node_id in ids.values():
+            for raw in client.lrange(f"routerpanel:health:{node_id}", 0, -1):
+                entry = json.loads(raw)
+                if entry["t"] > sampled_from and entry["ok"] is False:
+                    reason = entry["detail"].split(":")[0]
+                    failed[reason] = failed.get(reason, 0) + 1
 
     requests = sum(traffic.answers.values())
     counts = {k: status["counts"].get(k, 0) - status_before.get("counts", {}).get(k, 0) for k in status["counts"]}
@@ -198,6 +209,8 @@ def main() -> None:
     print(f"  requests: {requests}, {dict(traffic.answers)}")
     print(f"  false transitions (fleet engines that changed state while sampled): {len(flapped)}")
     print(f"  nodes in the registry at the end: {registry}")
+    print(f"  nodes whose state changed while sampled (the killed one's included): {moved}")
+    print(f"  failed probes kept in the nodes' histories, by reason: {failed}")
     print(
         f"  prober: {prober_cpu / wall * 100:.1f}% of one core; probes {counts.get('sent', 0)} "
         f"({counts.get('sent', 0) / wall:.0f}/s), fail {counts.get('fail', 0)}, void {counts.get('void', 0)}, "
