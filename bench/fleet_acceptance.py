@@ -157,8 +157,14 @@ def main() -> None:
         figures["all healthy (routable) after"] = time.monotonic() - started
         wait_until(listed, 30, "the model never listed", interval=0.1)
         figures["listed by /v1/models after"] = time.monotonic() - started
-        nodes = stack.api.get("/api/nodes/", params={"limit": options.nodes + 10}).json()["results"]
-        ids = {n["url"]: n["id"] for n in nodes}
+        ids: dict[str, int] = {}
+        page: str | None = "/api/nodes/?limit=500"
+        while page:
+            answer = stack.api.get(page).json()
+            ids.update({n["url"]: n["id"] for n in answer["results"]})
+            page = answer["next"]
+        missing = [u for u in [*fleet.urls, lone.url] if u not in ids]
+        assert not missing, f"{len(missing)} engines have no node, e.g. {missing[:3]}; {len(ids)} nodes"
         lone_id = ids[lone.url]
         fleet_ids = [ids[u] for u in fleet.urls]
 
@@ -192,13 +198,13 @@ def main() -> None:
         ]
         registry = node_count()
         moved = {i: (r.state, round(r.since - sampled_from, 1)) for i, r in records.items() if r.since > sampled_from}
-        failed: dict[str, int] = {}  # failed probes in the nodes' recent history, by what they said
+        failed_probes: dict[str, int] = {}  # failed probes in the nodes' recent history, by what they said
         for node_id in ids.values():
             for raw in client.lrange(f"routerpanel:health:{node_id}", 0, -1):
                 entry = json.loads(raw)
                 if entry["t"] > sampled_from and entry["ok"] is False:
                     reason = entry["detail"].split(":")[0]
-                    failed[reason] = failed.get(reason, 0) + 1
+                    failed_probes[reason] = failed_probes.get(reason, 0) + 1
 
     requests = sum(traffic.answers.values())
     counts = {k: status["counts"].get(k, 0) - status_before.get("counts", {}).get(k, 0) for k in status["counts"]}
@@ -210,7 +216,7 @@ def main() -> None:
     print(f"  false transitions (fleet engines that changed state while sampled): {len(flapped)}")
     print(f"  nodes in the registry at the end: {registry}")
     print(f"  nodes whose state changed while sampled (the killed one's included): {moved}")
-    print(f"  failed probes kept in the nodes' histories, by reason: {failed}")
+    print(f"  failed probes kept in the nodes' histories, by reason: {failed_probes}")
     print(
         f"  prober: {prober_cpu / wall * 100:.1f}% of one core; probes {counts.get('sent', 0)} "
         f"({counts.get('sent', 0) / wall:.0f}/s), fail {counts.get('fail', 0)}, void {counts.get('void', 0)}, "
