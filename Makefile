@@ -10,7 +10,7 @@ ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 
-.PHONY: install redis-server run test test-core test-fast bench bench-fleet peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-core test-fast bench bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -145,11 +145,20 @@ bench: install redis-server $(if $(PEERS),peers-env)
 	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd)
 
 # Fleet scale (docs/decisions/0008-health-as-live-state.md): the prober, the web process under traffic
-# and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000.
+# and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000; the
+# router's cost per choice for every strategy at 2 to 1,000 nodes (docs/decisions/0009-*.md).
 BENCH_FLEET_SIZES ?= 100 1000
 bench-fleet: install redis-server
 	for n in $(BENCH_FLEET_SIZES); do $(PY) bench/prober_fleet.py --nodes $$n --interval 5 --seconds 60 --traffic --stop-one || exit 1; done
 	$(PY) bench/snapshot_health.py --nodes 100 1000 5000
+	$(PY) bench/route_micro.py
+
+# The acceptance run (docs/decisions/0008-health-as-live-state.md): N engines registering through
+# NanoCtrl next to the whole stack, DURATION seconds of traffic, one engine killed and restarted.
+N ?= 1000
+DURATION ?= 600
+bench-fleet-acceptance: install redis-server
+	$(PY) bench/fleet_acceptance.py --nodes $(N) --seconds $(DURATION)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,5 +1,6 @@
-"""The dashboard's WebSockets: the dashboard payload pushed to a staff member's page every second,
-and the Requests page's live tail (``RequestsConsumer``, at the end).
+"""The dashboard's WebSockets: the dashboard payload pushed to a staff member's page once, then what
+changed every second (``dashboard.payload.payload_update``), and the Requests page's live tail
+(``RequestsConsumer``, at the end).
 
 Each connection runs its own loop (one database read through ``database_sync_to_async`` and one
 Redis read per tick); a dashboard is watched by a handful of operators, so no fan-out of payloads
@@ -29,7 +30,7 @@ from nodes.live.health import parse_records
 from nodes.live.stats import read_fleet_stats
 from nodes.selectors import fleet_state
 
-from .payload import REFRESH_SECONDS, DashboardPayload, build_payload
+from .payload import REFRESH_SECONDS, DashboardPayload, build_payload, payload_update
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,12 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         return build_payload(state, live, breakers)
 
     async def _push_loop(self) -> None:
+        shown: DashboardPayload | None = None  # what the page shows: the next message is the difference
         while True:
             try:
-                await self.send_json(await self.payload())
+                payload = await self.payload()
+                await self.send_json(payload_update(shown, payload))
+                shown = payload
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed tick (database locked, say) must not end the live view

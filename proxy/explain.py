@@ -3,13 +3,13 @@ request, kept cheaply while it runs and flushed to Redis by the worker's backgro
 
 The hot path only appends what is already at hand (docs/architecture.md, "Request explanations"):
 
-- ``Router.choose`` hands over its filtered list; the reasons for the nodes it left out are worked
-  out only when it left some out, in one pass with no allocation per node, naming a few per reason
-  and counting the rest (a route may have a thousand nodes). The nodes out of rotation (draining,
-  disabled, unhealthy...) are the snapshot's, so they are worked out off the hot path, once per
-  route and role (``_route_exclusions``).
-- Only the pick and the next ``LISTED_CANDIDATES - 1`` candidates get their figures read (in flight,
-  weight, latency, prefix match), into one flat tuple per choice.
+- ``Router.choose`` hands over the nodes its filter leaves out by reason, naming a few per reason
+  and counting the rest, found among the few nodes that can be left out (already tried, at a
+  concurrency limit, behind a breaker: ``Router.left_out``) rather than by walking the route, which
+  may have a thousand nodes. The nodes out of rotation (draining, disabled, unhealthy...) are the
+  snapshot's, so they are worked out off the hot path, once per route and role (``_route_exclusions``).
+- Only the pick and the next ``LISTED_CANDIDATES - 1`` available nodes after it in route order get
+  their figures read (in flight, weight, latency, prefix match), into one flat tuple per choice.
 - The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
 - Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
   garbage collector stops tracking them at its first pass: a record waiting in the buffer costs its
@@ -34,7 +34,6 @@ from prometheus_client import Counter
 from nodes.choices import ExclusionReason, NodeRole, NodeState, ServingMode
 from nodes.live import explain as live
 from nodes.live.explain import (
-    LISTED_CANDIDATES,
     NAMED_PER_REASON,
     WireAttempt,
     WireCandidate,
@@ -123,35 +122,28 @@ class Explanation:
         self,
         router: Router,
         role: str,
-        targets: Sequence[Target],
-        available: Sequence[Target],
-        exclude: Collection[int],
-        chosen: Target | None,
+        in_rotation: int,
+        excluded: dict[str, list[Any]] | None,
+        listed: Sequence[Target],
         prefix: tuple[int, int] | None = None,
     ) -> None:
-        """``Router.choose``'s decision: ``available`` is what its filter kept of ``targets``."""
-        excluded = None if len(available) == len(targets) else _exclusions(router, targets, available, exclude)
-        if chosen is None:
-            self.choices = (*self.choices, (str(role), len(targets), len(available), None, excluded))
+        """``Router.choose``'s decision: of ``in_rotation`` nodes of ``role``, those its filter left
+        out (``Router.left_out``: reason -> [count, the first few nodes], None: none), and the pick
+        followed by a few more candidates (``listed``; empty: no pick)."""
+        available = in_rotation - sum(entry[0] for entry in excluded.values()) if excluded else in_rotation
+        if not listed:
+            self.choices = (*self.choices, (str(role), in_rotation, available, None, excluded))
             return
         load = router.load
-        node = chosen.node
-        node_id = node.id
-        match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+        chosen = listed[0]
         # The node's role is the same text as ``role`` but a plain string (``role`` may be a NodeRole,
         # which the garbage collector tracks).
-        choice: _Choice = (node.role, len(targets), len(available), chosen.served_name, excluded)
-        choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
-        listed = 1
-        for target in available:  # the next candidates in the strategy's order, after the pick
-            if listed == LISTED_CANDIDATES:
-                break
-            if target is not chosen:
-                node = target.node
-                node_id = node.id
-                match = prefix[1] if prefix is not None and prefix[0] == node_id else None
-                choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
-                listed += 1
+        choice: _Choice = (chosen.node.role, in_rotation, available, chosen.served_name, excluded)
+        for target in listed:
+            node = target.node
+            node_id = node.id
+            match = prefix[1] if prefix is not None and prefix[0] == node_id else None
+            choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
         self.choices = (*self.choices, choice)
 
     def attempted(self, attempt: Attempt, duration: float) -> None:
@@ -261,29 +253,6 @@ class Explanation:
             self.usage,
             self.answered_by,
         )
-
-
-def _exclusions(
-    router: Router, targets: Sequence[Target], available: Sequence[Target], exclude: Collection[int]
-) -> dict[str, list[Any]]:
-    """Why each of ``targets`` missing from ``available`` was left out: reason -> [count, the first
-    few nodes]. ``available`` keeps ``targets``' order, so one walk of both finds them."""
-    reasons: dict[str, list[Any]] = {}
-    kept = iter(available)
-    next_kept = next(kept, None)
-    for target in targets:
-        if target is next_kept:
-            next_kept = next(kept, None)
-            continue
-        reason = router.exclusion_reason(target.node, exclude)
-        entry = reasons.get(reason)
-        if entry is None:
-            reasons[reason] = [1, [target.node]]
-        else:
-            entry[0] += 1
-            if len(entry[1]) < NAMED_PER_REASON:
-                entry[1].append(target.node)
-    return reasons
 
 
 def _refs(nodes: Sequence[NodeView] | Sequence[Target]) -> list[tuple[int, str]]:

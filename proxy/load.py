@@ -10,6 +10,7 @@ own counts in the background.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Protocol
 
 from .snapshot import KeyView, NodeView
@@ -31,6 +32,8 @@ class LoadTracker(Protocol):
 
     def counts(self) -> dict[int, int]: ...
 
+    def limited(self) -> Collection[int]: ...
+
 
 class LocalLoadTracker:
     """Counters in this process's memory. Single event loop, so no locking is needed."""
@@ -38,6 +41,7 @@ class LocalLoadTracker:
     def __init__(self) -> None:
         self._inflight: dict[int, int] = {}
         self._latency: dict[int, float] = {}
+        self._limited: set[int] = set()  # nodes with a concurrency limit and requests in flight here
 
     def inflight(self, node_id: int) -> int:
         return self._inflight.get(node_id, 0)
@@ -54,6 +58,8 @@ class LocalLoadTracker:
         if node.max_concurrency and count >= node.max_concurrency:
             return False
         self._inflight[node.id] = count + 1
+        if node.max_concurrency:
+            self._limited.add(node.id)
         return True
 
     def release(self, node_id: int, elapsed: float | None = None) -> None:
@@ -62,12 +68,18 @@ class LocalLoadTracker:
             self._inflight[node_id] = count
         else:
             self._inflight.pop(node_id, None)
+            self._limited.discard(node_id)
         if elapsed is not None:
             previous = self._latency.get(node_id)
             self._latency[node_id] = elapsed if previous is None else previous + LATENCY_ALPHA * (elapsed - previous)
 
     def counts(self) -> dict[int, int]:
         return dict(self._inflight)
+
+    def limited(self) -> Collection[int]:
+        """The only nodes that can be at their concurrency limit: those with one and requests in
+        flight (what a request's explanation looks at instead of the whole route, ``proxy.explain``)."""
+        return self._limited
 
 
 class KeyLimiter:

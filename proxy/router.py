@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from django.conf import settings
 
 from nodes.choices import ExclusionReason, NodeHealth, Strategy
+from nodes.live.explain import LISTED_CANDIDATES, NAMED_PER_REASON
 
 from . import strategies
 from .breaker import HALF_OPEN, OPEN, Breakers
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _RING_CACHE_MAX = 256
+_TABLE_CACHE_MAX = 1024
+_NO_RING = strategies.HashRing(())
 
 
 class Waiter(Protocol):
@@ -90,7 +93,8 @@ class Router:
         )
         self.rng = rng or random.Random()
         self._ticks: dict[tuple[str, str], int] = {}
-        self._rings: dict[tuple[int, ...], strategies.HashRing] = {}
+        self._tables: dict[int, strategies.Table] = {}  # id of a targets tuple -> its table
+        self._rings: dict[int, tuple[tuple[Target, ...], strategies.HashRing]] = {}  # id of a tuple -> it, its ring
         self._waiting: dict[int, set[Waiter]] = {}  # node id -> attempts waiting for its first byte
         self.breakers.on_open = self.eject
         self.ejected = 0  # attempts released by eject, for tests and logs
@@ -101,14 +105,26 @@ class Router:
         self._ticks[key] = tick + 1
         return tick
 
-    def _ring(self, targets: tuple[Target, ...]) -> strategies.HashRing:
-        key = tuple(t.node.id * 100_000 + t.node.weight for t in targets)
-        ring = self._rings.get(key)
-        if ring is None:
+    def _table(self, targets: tuple[Target, ...]) -> strategies.Table:
+        """``targets``' table, built on first use and kept while the snapshot holds the tuple."""
+        table = self._tables.get(id(targets))
+        if table is None or table.targets is not targets:
+            if len(self._tables) >= _TABLE_CACHE_MAX:
+                self._tables.clear()
+            table = self._tables[id(targets)] = strategies.Table(targets)
+        return table
+
+    def _ring(self, route: Route, role: str, targets: tuple[Target, ...]) -> strategies.HashRing:
+        """The ring over every node of ``role`` serving ``route``, in rotation or not: a health
+        change keeps it (a node out of rotation is passed over), a configuration rebuild renews it."""
+        members = route.members.get(role)
+        nodes = members.targets if members is not None else targets
+        cached = self._rings.get(id(nodes))
+        if cached is None or cached[0] is not nodes:
             if len(self._rings) >= _RING_CACHE_MAX:
                 self._rings.clear()
-            ring = self._rings[key] = strategies.HashRing(targets)
-        return ring
+            cached = self._rings[id(nodes)] = (nodes, strategies.HashRing(nodes))
+        return cached[1]
 
     def choose(
         self,
@@ -121,38 +137,37 @@ class Router:
         explain: Explanation | None = None,
     ) -> Target | None:
         """Pick a target of ``role`` for ``route`` and acquire a slot on its node; None when no
-        node is available (none routable, all at their limit, or all already tried). ``explain``
-        records the decision (``proxy.explain``)."""
+        node is available (none routable, all at their limit, or all already tried). The strategy
+        asks the filter about the few candidates it looks at (``proxy.strategies``), so the cost
+        does not grow with the route. ``explain`` records the decision (``proxy.explain``)."""
         targets = route.by_role(role)
-        load = self.load
-        breakers = self.breakers
-        # Keep in step with ``exclusion_reason``, which says why a target was left out here.
-        available = [
-            t for t in targets if t.node.id not in exclude and load.has_capacity(t.node) and breakers.allows(t.node.id)
-        ]
-        if not available:
-            if explain is not None:
-                explain.chose(self, role, targets, available, exclude, None)
-            return None
+        has_capacity = self.load.has_capacity
+        allows = self.breakers.allows
+
+        def ok(target: Target) -> bool:
+            # Keep in step with ``exclusion_reason``, which says why a target was left out here.
+            node = target.node
+            return node.id not in exclude and has_capacity(node) and allows(node.id)
+
+        table = self._table(targets)
         policy = route.policy
         strategy = policy.strategy
         tick = self._tick(route.name, role)
+        load, rng = self.load, self.rng
         prefix: tuple[int, int] | None = None
-        if len(available) == 1 and strategy != Strategy.PREFIX_CACHE:
-            chosen = available[0]
-        elif strategy == Strategy.ROUND_ROBIN:
-            chosen = strategies.round_robin(available, tick)
-        elif strategy == Strategy.LEAST_REQUESTS:
-            chosen = strategies.least_requests(available, load, tick)
+        chosen: Target | None
+        if strategy == Strategy.LEAST_REQUESTS:
+            chosen = strategies.least_requests(targets, load, tick, rng, ok)
         elif strategy == Strategy.WEIGHTED_RANDOM:
-            chosen = strategies.weighted_random(available, self.rng)
+            chosen = strategies.weighted_random(targets, rng, ok, table)
         elif strategy == Strategy.POWER_OF_TWO:
-            chosen = strategies.power_of_two(available, load, self.rng)
+            chosen = strategies.power_of_two(targets, load, rng, ok)
         elif strategy == Strategy.MIN_OBSERVED_LATENCY:
-            chosen = strategies.min_observed_latency(available, load, tick)
+            chosen = strategies.min_observed_latency(targets, load, tick, rng, ok)
         elif strategy == Strategy.CONSISTENT_HASH:
             key = session_key(headers or {}, payload or {})
-            chosen = strategies.consistent_hash(available, self._ring(targets), key, load, tick)
+            ring = self._ring(route, role, targets) if key else _NO_RING
+            chosen = strategies.consistent_hash(targets, ring, key, load, tick, rng, ok, table)
         elif strategy == Strategy.PREFIX_CACHE:
             hashes = self.prefix_index.prefix_hashes(
                 f"{route.name}/{role}", prompt_text(payload or {}), policy.prefix_min_match
@@ -160,16 +175,65 @@ class Router:
             if explain is not None:  # before the strategy remembers this prompt for its pick
                 prefix = self.prefix_index.longest_match(hashes, policy.prefix_min_match)
             chosen = strategies.prefix_cache(
-                available, load, self.prefix_index, hashes, policy.prefix_load_factor, tick
+                targets, load, self.prefix_index, hashes, policy.prefix_load_factor, tick, rng, ok, table
             )
-        else:  # an unknown strategy name in the database: behave like the default
-            chosen = strategies.round_robin(available, tick)
+        else:  # round robin, the default (also for an unknown name in the database)
+            chosen = strategies.round_robin(targets, tick, ok)
+            if chosen is not None:  # the counter goes on after the pick: skipped turns are nobody's
+                self._ticks[(route.name, role)] = table.position[chosen.node.id] + 1
         if explain is not None:
-            explain.chose(self, role, targets, available, exclude, chosen, prefix)
+            listed = self._listed(table, chosen, ok) if chosen is not None else ()
+            explain.chose(self, role, len(targets), self.left_out(table, exclude, ok), listed, prefix)
+        if chosen is None:
+            return None
         if not load.try_acquire(chosen.node):  # cannot happen on one event loop; kept for shared trackers
             return None
-        breakers.acquired(chosen.node.id)
+        self.breakers.acquired(chosen.node.id)
         return chosen
+
+    # -- Explanations (``proxy.explain``): as cheap at a thousand nodes as at two -------------------
+
+    def left_out(
+        self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok
+    ) -> dict[str, list[Any]] | None:
+        """The targets of ``table`` that ``choose``'s filter ``ok`` leaves out, by reason: reason ->
+        [count, the first few nodes in route order]; None when it leaves none out. Found without
+        walking the route: only a node already tried, with requests in flight against a concurrency
+        limit (``LoadTracker.limited``) or with a breaker (``Breakers.nodes``) can be left out, and
+        those are few however large the fleet."""
+        position, targets = table.position, table.targets
+        suspects = {*exclude, *self.load.limited(), *self.breakers.nodes}
+        hits = sorted(at for node_id in suspects if (at := position.get(node_id)) is not None and not ok(targets[at]))
+        if not hits:
+            return None
+        reasons: dict[str, list[Any]] = {}
+        for at in hits:
+            node = targets[at].node
+            reason = self.exclusion_reason(node, exclude)
+            entry = reasons.get(reason)
+            if entry is None:
+                reasons[reason] = [1, [node]]
+            else:
+                entry[0] += 1
+                if len(entry[1]) < NAMED_PER_REASON:
+                    entry[1].append(node)
+        return reasons
+
+    @staticmethod
+    def _listed(table: strategies.Table, chosen: Target, ok: strategies.Ok) -> tuple[Target, ...]:
+        """The pick and the next ``LISTED_CANDIDATES - 1`` ok targets after it in route order, looking
+        at no more than a few times that many."""
+        targets = table.targets
+        n = len(targets)
+        start = table.position[chosen.node.id]
+        listed = [chosen]
+        for step in range(1, min(n, 4 * LISTED_CANDIDATES)):
+            target = targets[(start + step) % n]
+            if ok(target):
+                listed.append(target)
+                if len(listed) == LISTED_CANDIDATES:
+                    break
+        return tuple(listed)
 
     def exclusion_reason(self, node: NodeView, exclude: Collection[int]) -> str:
         """Why ``choose``'s filter leaves ``node`` out (an ``ExclusionReason`` value). Only for a node

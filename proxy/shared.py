@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -81,7 +81,14 @@ class SharedLoadTracker(LocalLoadTracker):
         if node.max_concurrency and self.inflight(node.id) >= node.max_concurrency:
             return False
         self._inflight[node.id] = self._inflight.get(node.id, 0) + 1
+        if node.max_concurrency:
+            self._limited.add(node.id)
         return True
+
+    def limited(self) -> Collection[int]:
+        """Also the nodes with requests in flight in other workers (their limits are not known here)."""
+        others = self.view.load if self.view.fresh() else None
+        return self._limited.union(others) if others else self._limited
 
     def cluster_counts(self) -> dict[int, int]:
         """In-flight per node across every worker (this one exactly, the others as last synced)."""

@@ -1,9 +1,29 @@
-"""Routing strategies as small functions: given the available targets (routable, under their
-concurrency limit, not yet tried) and the load view, pick one.
+"""Routing strategies as small functions: given a route's targets of one role in rotation, the load
+view and a filter, pick one.
+
+Every strategy looks at a fixed handful of candidates, so a choice costs the same whether the route
+has two nodes or a thousand (docs/decisions/0009-routing-cost-independent-of-fleet-size.md): no
+strategy builds the list of available nodes. ``targets`` is a tuple of the snapshot's; ``ok`` is
+``Router.choose``'s filter (not tried yet, under its concurrency limit, its breaker allows it),
+asked only of the candidates a strategy looks at; a ``Table`` holds what is worth computing once per
+tuple (positions, an alias table), which the router caches while the snapshot holds the tuple. A
+strategy returns None only when no target is ok, which it learns by walking the route: the one path
+that grows with the route, taken when (nearly) every node of it is excluded.
+
+- ``round_robin``: the next ok target from the route's counter (``tick``).
+- ``weighted_random``: a draw proportional to weight from an alias table (O(1)).
+- ``least_requests`` and ``min_observed_latency``: two choices, the round-robin next one and one at
+  random, the better of the two (fewest in flight per weight; lowest (in flight + 1) x mean
+  latency); ties go to the round-robin one, so an idle route rotates and a node with no latency
+  sample yet is tried when its turn comes. With two nodes this is the exact least.
+- ``power_of_two``: two distinct candidates at random, the less loaded.
+- ``consistent_hash``: a ring over the role's nodes (in rotation or not, so that a health change
+  does not rebuild it), walked clockwise from the key to the first ok node in rotation.
+- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless the
+  load guard trips; otherwise ``least_requests``.
 
 Stateful helpers are explicit arguments: the round-robin tick (a counter per model and role, kept
-by ``proxy.router``), a cached ``HashRing`` and a bounded ``PrefixIndex``. ``available`` is never
-empty when a strategy is called.
+by ``proxy.router``), a cached ``HashRing`` and a bounded ``PrefixIndex``.
 """
 
 from __future__ import annotations
@@ -11,8 +31,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+from array import array
 from collections import OrderedDict
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .load import LoadTracker
 from .snapshot import Target
@@ -20,57 +41,166 @@ from .snapshot import Target
 # Each node gets this many points on the consistent-hash ring per unit of weight (capped).
 RING_POINTS_PER_WEIGHT = 64
 RING_MAX_POINTS_PER_NODE = 64 * 16
+# Random draws that may miss (a node not ok) before a strategy walks the route instead.
+SAMPLE_TRIES = 4
+
+Ok = Callable[[Target], bool]
+_rng = random.Random()
+
+
+def every(target: Target) -> bool:
+    """The filter that keeps every target (a strategy called on its own)."""
+    return True
+
+
+class Table:
+    """What choosing from one tuple of targets needs beyond the tuple, built once per tuple in O(n):
+    each node's position, and for weighted draws an alias table (Vose's method: a draw proportional
+    to weight in O(1), one uniform slot and one coin)."""
+
+    __slots__ = ("_alias", "position", "targets")
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = targets
+        self.position = {t.node.id: i for i, t in enumerate(targets)}
+        self._alias: tuple[list[float], list[int]] | None = None
+
+    def alias(self) -> tuple[list[float], list[int]] | None:
+        """(probability of keeping each slot, the slot given otherwise); None when no weight is positive."""
+        if self._alias is None:
+            weights = [max(t.node.weight, 0) for t in self.targets]
+            total = sum(weights)
+            if total <= 0:
+                return None
+            n = len(weights)
+            keep = [w * n / total for w in weights]
+            other = list(range(n))
+            small = [i for i, p in enumerate(keep) if p < 1.0]
+            large = [i for i, p in enumerate(keep) if p >= 1.0]
+            while small and large:
+                low, high = small.pop(), large.pop()
+                other[low] = high
+                keep[high] -= 1.0 - keep[low]
+                (small if keep[high] < 1.0 else large).append(high)
+            for i in small + large:  # rounding leftovers keep their own slot
+                keep[i] = 1.0
+            self._alias = (keep, other)
+        return self._alias
 
 
 def _load(target: Target, load: LoadTracker) -> float:
     return load.inflight(target.node.id) / (target.node.weight or 1)
 
 
-def round_robin(available: Sequence[Target], tick: int) -> Target:
-    return available[tick % len(available)]
+def _walk(targets: Sequence[Target], start: int, ok: Ok, skip: int = -1) -> int:
+    """The position of the first ok target from ``start`` on (wrapping, ``skip`` left out), -1 if none."""
+    n = len(targets)
+    for i in range(n):
+        at = (start + i) % n
+        if at != skip and ok(targets[at]):
+            return at
+    return -1
 
 
-def weighted_random(available: Sequence[Target], rng: random.Random) -> Target:
+def _any(targets: Sequence[Target], rng: random.Random, ok: Ok) -> int:
+    """The position of an ok target drawn at random, -1 if none."""
+    n = len(targets)
+    if not n:
+        return -1
+    for _ in range(SAMPLE_TRIES):
+        at = int(rng.random() * n)
+        if ok(targets[at]):
+            return at
+    return _walk(targets, int(rng.random() * n), ok)
+
+
+def _other(targets: Sequence[Target], first: int, rng: random.Random, ok: Ok) -> int:
+    """The position of an ok target other than ``first``, drawn at random; -1 if none."""
+    n = len(targets)
+    if n < 2:
+        return -1
+    for _ in range(SAMPLE_TRIES):
+        at = (first + 1 + int(rng.random() * (n - 1))) % n
+        if ok(targets[at]):
+            return at
+    return _walk(targets, int(rng.random() * n), ok, skip=first)
+
+
+def _pair(targets: Sequence[Target], tick: int, rng: random.Random, ok: Ok) -> tuple[Target | None, Target | None]:
+    """The round-robin next ok target and another ok one at random (None where there is none)."""
+    if not targets:
+        return None, None
+    first = _walk(targets, tick % len(targets), ok)
+    if first < 0:
+        return None, None
+    second = _other(targets, first, rng, ok)
+    return targets[first], (targets[second] if second >= 0 else None)
+
+
+def round_robin(targets: Sequence[Target], tick: int, ok: Ok = every) -> Target | None:
+    if not targets:
+        return None
+    at = _walk(targets, tick % len(targets), ok)
+    return targets[at] if at >= 0 else None
+
+
+def weighted_random(
+    targets: Sequence[Target], rng: random.Random, ok: Ok = every, table: Table | None = None
+) -> Target | None:
+    alias = (table or Table(targets)).alias()
+    if alias is None:  # no positive weight: every node alike
+        at = _any(targets, rng, ok)
+        return targets[at] if at >= 0 else None
+    keep, other = alias
+    n = len(targets)
+    for _ in range(SAMPLE_TRIES):
+        slot = rng.random() * n
+        at = int(slot)
+        target = targets[at if slot - at < keep[at] else other[at]]
+        if ok(target):
+            return target
+    available = [t for t in targets if ok(t)]  # most of the weight is excluded: draw among the rest
+    if not available:
+        return None
     weights = [t.node.weight for t in available]
-    if not any(weights):
-        return rng.choice(available)
-    return rng.choices(available, weights=weights)[0]
+    return rng.choices(available, weights=weights)[0] if any(weights) else rng.choice(available)
 
 
-def least_requests(available: Sequence[Target], load: LoadTracker, tick: int = 0) -> Target:
-    """Fewest in-flight requests per unit of weight; ties go round-robin (scan starts at ``tick``)."""
-    n = len(available)
-    best = available[tick % n]
-    best_load = _load(best, load)
-    for i in range(1, n):
-        candidate = available[(tick + i) % n]
-        candidate_load = _load(candidate, load)
-        if candidate_load < best_load:
-            best, best_load = candidate, candidate_load
-    return best
+def least_requests(
+    targets: Sequence[Target], load: LoadTracker, tick: int = 0, rng: random.Random | None = None, ok: Ok = every
+) -> Target | None:
+    """Of two candidates (see the module doc), the fewest in flight per unit of weight."""
+    first, second = _pair(targets, tick, rng or _rng, ok)
+    if first is None or second is None:
+        return first
+    return second if _load(second, load) < _load(first, load) else first
 
 
-def power_of_two(available: Sequence[Target], load: LoadTracker, rng: random.Random) -> Target:
-    if len(available) == 1:
-        return available[0]
-    a, b = rng.sample(available, 2)
+def power_of_two(targets: Sequence[Target], load: LoadTracker, rng: random.Random, ok: Ok = every) -> Target | None:
+    first = _any(targets, rng, ok)
+    if first < 0:
+        return None
+    second = _other(targets, first, rng, ok)
+    if second < 0:
+        return targets[first]
+    a, b = targets[first], targets[second]
     return b if _load(b, load) < _load(a, load) else a
 
 
-def min_observed_latency(available: Sequence[Target], load: LoadTracker, tick: int = 0) -> Target:
-    """Lowest (in-flight + 1) * recent mean latency. A node with no sample yet scores 0, so new
-    nodes are tried first and get a measurement."""
-    n = len(available)
-    best = None
-    best_score = 0.0
-    for i in range(n):
-        candidate = available[(tick + i) % n]
-        node_id = candidate.node.id
-        score = (load.inflight(node_id) + 1) * load.latency(node_id) / (candidate.node.weight or 1)
-        if best is None or score < best_score:
-            best, best_score = candidate, score
-    assert best is not None
-    return best
+def _latency_score(target: Target, load: LoadTracker) -> float:
+    node_id = target.node.id
+    return (load.inflight(node_id) + 1) * load.latency(node_id) / (target.node.weight or 1)
+
+
+def min_observed_latency(
+    targets: Sequence[Target], load: LoadTracker, tick: int = 0, rng: random.Random | None = None, ok: Ok = every
+) -> Target | None:
+    """Of two candidates (see the module doc), the lowest (in-flight + 1) * recent mean latency. A
+    node with no sample yet scores 0, so it is tried when it is a candidate and gets a measurement."""
+    first, second = _pair(targets, tick, rng or _rng, ok)
+    if first is None or second is None:
+        return first
+    return second if _latency_score(second, load) < _latency_score(first, load) else first
 
 
 def _hash64(text: str) -> int:
@@ -90,19 +220,41 @@ class HashRing:
             count = min(RING_POINTS_PER_WEIGHT * max(target.node.weight, 1), RING_MAX_POINTS_PER_NODE)
             points.extend((_hash64(f"{target.node.url}#{i}"), target.node.id) for i in range(count))
         points.sort()
-        self._hashes = [p[0] for p in points]
-        self._node_ids = [p[1] for p in points]
+        # Flat arrays, not lists of int objects: a lookup at a thousand nodes touches a few cache
+        # lines of them instead of objects scattered over megabytes.
+        self._hashes = array("Q", [p[0] for p in points])
+        self._node_ids = array("q", [p[1] for p in points])
         self._distinct = len(set(self._node_ids))
+        # Where each of 2**bits equal slices of the hash space starts in ``_hashes``: a lookup
+        # searches one slice (a point or two) instead of the whole ring.
+        bits = max(len(points).bit_length() - 1, 0)
+        self._shift = 64 - bits
+        starts = [0] * ((1 << bits) + 1)
+        at = 0
+        for point, point_hash in enumerate(self._hashes):
+            bucket = point_hash >> self._shift
+            while at < bucket:
+                at += 1
+                starts[at] = point
+        for bucket in range(at + 1, len(starts)):
+            starts[bucket] = len(points)
+        self._starts = array("q", starts)
 
-    def lookup(self, key: str, available_ids: Container[int]) -> int | None:
+    def lookup(self, key: str, usable: Callable[[int], bool]) -> int | None:
+        """The first node clockwise from ``key`` for which ``usable(node id)`` holds, None if none."""
         if not self._hashes:
             return None
-        start = bisect.bisect(self._hashes, _hash64(key))
+        key_hash = _hash64(key)
+        bucket = key_hash >> self._shift
+        start = bisect.bisect(self._hashes, key_hash, self._starts[bucket], self._starts[bucket + 1])
         n = len(self._hashes)
-        seen: set[int] = set()
-        for i in range(n):
+        node_id = self._node_ids[start % n]
+        if usable(node_id):
+            return node_id
+        seen = {node_id}
+        for i in range(1, n):
             node_id = self._node_ids[(start + i) % n]
-            if node_id in available_ids:
+            if usable(node_id):
                 return node_id
             seen.add(node_id)
             if len(seen) >= self._distinct:
@@ -111,15 +263,28 @@ class HashRing:
 
 
 def consistent_hash(
-    available: Sequence[Target], ring: HashRing, session_key: str | None, load: LoadTracker, tick: int = 0
-) -> Target:
-    """The ring's node for ``session_key``; without a key, least requests."""
+    targets: Sequence[Target],
+    ring: HashRing,
+    session_key: str | None,
+    load: LoadTracker,
+    tick: int = 0,
+    rng: random.Random | None = None,
+    ok: Ok = every,
+    table: Table | None = None,
+) -> Target | None:
+    """The ring's node for ``session_key`` among ``targets``; without a key, least requests. The ring
+    may hold nodes that are not in ``targets`` (out of rotation): they are passed over."""
     if session_key:
-        by_id = {t.node.id: t for t in available}
-        node_id = ring.lookup(session_key, by_id.keys())
+        position = (table or Table(targets)).position
+
+        def usable(node_id: int) -> bool:
+            at = position.get(node_id)
+            return at is not None and ok(targets[at])
+
+        node_id = ring.lookup(session_key, usable)
         if node_id is not None:
-            return by_id[node_id]
-    return least_requests(available, load, tick)
+            return targets[position[node_id]]
+    return least_requests(targets, load, tick, rng, ok)
 
 
 class PrefixIndex:
@@ -175,21 +340,31 @@ class PrefixIndex:
 
 
 def prefix_cache(
-    available: Sequence[Target],
+    targets: Sequence[Target],
     load: LoadTracker,
     index: PrefixIndex,
     hashes: Sequence[int],
     load_factor: float,
     tick: int = 0,
-) -> Target:
+    rng: random.Random | None = None,
+    ok: Ok = every,
+    table: Table | None = None,
+) -> Target | None:
     """The node holding the longest shared prefix, unless it is ``load_factor`` times busier than
-    the least-loaded node (load guard); otherwise least requests. Remembers the choice."""
-    fallback = least_requests(available, load, tick)
+    least requests' pick (load guard); otherwise that pick. Remembers the choice."""
+    fallback = least_requests(targets, load, tick, rng, ok)
+    if fallback is None:
+        return None
     chosen = fallback
     preferred_id = index.longest(hashes) if hashes else None
     if preferred_id is not None:
-        preferred = next((t for t in available if t.node.id == preferred_id), None)
-        if preferred is not None and _load(preferred, load) <= load_factor * max(_load(fallback, load), 1.0):
+        at = (table or Table(targets)).position.get(preferred_id)
+        preferred = targets[at] if at is not None else None
+        if (
+            preferred is not None
+            and ok(preferred)
+            and _load(preferred, load) <= load_factor * max(_load(fallback, load), 1.0)
+        ):
             chosen = preferred
     if hashes:
         index.remember(hashes, chosen.node.id)

@@ -11,7 +11,7 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from dashboard.consumers import FORBIDDEN, DashboardConsumer, notify_dashboards
-from dashboard.payload import build_payload
+from dashboard.payload import build_payload, payload_update
 from nodes import services
 from nodes.live import usage as live_usage
 from nodes.live.breakers import parse_breakers
@@ -210,26 +210,55 @@ def test_the_json_includes_what_the_workers_published(client: Client, operator_u
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_the_websocket_pushes_the_payload_every_second_to_staff(operator_user, system, channel_layer) -> None:
+async def test_the_websocket_pushes_the_payload_then_what_changed_every_second_to_staff(
+    operator_user, system, channel_layer
+) -> None:
     from asgiref.sync import sync_to_async
 
     await sync_to_async(services.node_create)(actor=system, url="http://h:2", models=["m"])
+    other = await sync_to_async(services.node_create)(actor=system, url="http://h:3", models=["m"])
     communicator = WebsocketCommunicator(DashboardConsumer.as_asgi(), "/ws/dashboard/")
     communicator.scope["user"] = operator_user
     connected, _ = await communicator.connect(timeout=10)
     assert connected
     try:
         first = await communicator.receive_json_from(timeout=10)
-        assert [n["url"] for n in first["nodes"]] == ["http://h:2"]
+        assert first["type"] == "full"
+        assert [n["url"] for n in first["nodes"]] == ["http://h:2", "http://h:3"]
         assert first["models"][0]["name"] == "m"
         second = await communicator.receive_json_from(timeout=10)  # the next tick, unasked
         assert second["generated_at"] > first["generated_at"]
+        assert (second["type"], second["nodes"]) == ("update", [])  # nothing changed: nothing resent
+        assert "models" not in second and "order" not in second
+        await sync_to_async(services.node_drain)(node=other, actor=system)
         await communicator.send_json_to({"type": "refresh"})
-        assert (await communicator.receive_json_from(timeout=10))["nodes"]
+        drained = await communicator.receive_json_from(timeout=10)
+        assert [(n["url"], n["state"]) for n in drained["nodes"]] == [("http://h:3", "draining")]
         await notify_dashboards()
-        assert (await communicator.receive_json_from(timeout=10))["nodes"]
+        assert (await communicator.receive_json_from(timeout=10))["type"] == "update"
     finally:
         await communicator.disconnect()
+
+
+def test_an_update_carries_a_nodes_history_as_its_new_seconds() -> None:
+    node = {"id": 1, "url": "http://h:1", "state": "active", "health": "healthy", "breaker": "closed"}
+    figures = {"inflight": 0, "requests": 5, "errors": 0, "rps": 1.0, "error_rate": 0.0}
+    before = {"generated_at": "a", "live": True, "models": [], "control_planes": []}
+    after = dict(before, generated_at="b")
+    before["nodes"] = [{**node, "live": {**figures, "history": [0, 1, 2, 3]}}]
+    after["nodes"] = [{**node, "live": {**figures, "requests": 7, "history": [2, 3, 4, 5]}}]
+    update = payload_update(before, after)  # type: ignore[arg-type]
+    [changed] = update["nodes"]
+    assert changed["live"]["history_shift"] == 2 and changed["live"]["history_new"] == [4, 5]
+    assert "history" not in changed["live"] and changed["live"]["requests"] == 7
+    reshaped = dict(after, nodes=[{**node, "live": {**figures, "history": [9, 9, 9, 9, 9]}}])
+    assert payload_update(before, reshaped)["nodes"][0]["live"]["history"] == [9, 9, 9, 9, 9]  # type: ignore[arg-type]
+    assert payload_update(None, after)["type"] == "full"  # type: ignore[arg-type]
+    card = {"name": "m", "ready": True, "nodes": [1]}
+    with_cards = dict(after, models=[card, {"name": "n", "ready": True, "nodes": [2]}])
+    one_changed = dict(with_cards, models=[card, {"name": "n", "ready": False, "nodes": [2]}])
+    update = payload_update(with_cards, one_changed)  # type: ignore[arg-type]
+    assert update["models"] == [{"name": "n", "ready": False, "nodes": [2]}] and "model_order" not in update
 
 
 async def test_the_websocket_turns_away_users_who_are_not_staff(outsider_user, channel_layer) -> None:

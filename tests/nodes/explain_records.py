@@ -48,7 +48,7 @@ def explanation(request_id: str, *, model: str = "m", node: int = 1, status: int
     )
     item.route = route(model)
     target = item.route.targets[node - 1]
-    item.chose(_Router(), "hybrid", item.route.hybrid, item.route.hybrid, (), target)  # type: ignore[arg-type]
+    item.chose(_Router(), "hybrid", len(item.route.hybrid), None, (target,))  # type: ignore[arg-type]
     item.status = status
     return item
 

@@ -9,7 +9,7 @@ from django.contrib.admin.models import LogEntry
 from django.test import Client
 
 from nodes import services
-from nodes.models import ApiKey, ChangeRecord, ModelAlias, Node, hash_api_key
+from nodes.models import ApiKey, ChangeRecord, ControlPlane, ModelAlias, Node, hash_api_key
 
 pytestmark = pytest.mark.django_db
 
@@ -187,3 +187,48 @@ def test_the_admin_requires_a_login(client: Client) -> None:
 def test_the_admin_header_links_to_the_dashboard(admin_client_logged_in: Client) -> None:
     html = admin_client_logged_in.get("/admin/").content.decode()
     assert '<a href="/dashboard/">Dashboard</a>' in html
+
+
+def bulk_fleet(count: int) -> int:
+    """``count`` registry-looking nodes with two aliases each, created in bulk (not through engines)."""
+    plane = ControlPlane.objects.create(name="big", address="127.0.0.1:4479", scope="big")
+    nodes = Node.objects.bulk_create(
+        [
+            Node(url=f"http://10.0.{i // 250}.{i % 250}:8000", control_plane=plane, health="healthy")
+            for i in range(count)
+        ]
+    )
+    ModelAlias.objects.bulk_create(
+        [
+            ModelAlias(node=node, name=name, served_name=f"model-{node.pk % 7}")
+            for node in nodes
+            for name in (f"model-{node.pk % 7}", f"alias-{node.pk % 7}")
+        ]
+    )
+    return plane.pk
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?p=5", "?state__exact=active", "?control_plane__id__exact={plane}", "?q=model-3", "?o=3"]
+)
+def test_the_node_list_at_a_thousand_nodes_pages_and_makes_as_many_queries_as_at_ten(
+    admin_client_logged_in: Client, query: str
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def page_queries(plane: int) -> tuple[int, str]:
+        with CaptureQueriesContext(connection) as queries:
+            response = admin_client_logged_in.get("/admin/nodes/node/" + query.format(plane=plane))
+        assert response.status_code == 200
+        return len(queries), response.content.decode()
+
+    small, _ = page_queries(bulk_fleet(10))
+    Node.objects.all().delete()
+    ControlPlane.objects.all().delete()
+    large, html = page_queries(bulk_fleet(1000))
+    assert large == small <= 12  # no query per row: the aliases come in one prefetch
+    rows = len(listed_urls(html))
+    assert 0 < rows <= 100  # a page, not the fleet
+    if not query:
+        assert "1000 nodes" in html and "model-" in html

@@ -342,7 +342,7 @@ def test_the_summary_of_a_pd_pair_names_both_legs() -> None:
         load = Load()
 
     for role, targets in (("prefill", route.prefill), ("decode", route.decode)):
-        explanation.chose(FakeRouter(), role, targets, targets, (), targets[0])  # type: ignore[arg-type]
+        explanation.chose(FakeRouter(), role, len(targets), None, (targets[0],))  # type: ignore[arg-type]
     assert explanation.summary() == (
         b"strategy=round_robin; pick=prefill http://p:1, decode http://d:1; candidates=2; excluded=none; retries=0"
     )

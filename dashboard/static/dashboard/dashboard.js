@@ -1,6 +1,7 @@
 /*
  * RouterPanel's fleet dashboard: renders the payload of /dashboard/data and keeps it live from the
- * WebSocket /ws/dashboard/ (one payload a second), falling back to polling while the socket is down.
+ * WebSocket /ws/dashboard/ (the payload once, then what changed every second), falling back to
+ * polling while the socket is down.
  *
  * Rows and cards are keyed by id and updated in place (text only, never innerHTML with data), so
  * keyboard focus and screen-reader position survive the updates; changes of health, state and
@@ -119,39 +120,43 @@
     while (announcer.childNodes.length > 5) announcer.removeChild(announcer.firstChild);
   }
 
-  function renderNodes(nodes) {
-    const seen = new Set();
-    nodes.forEach((node, index) => {
-      seen.add(node.id);
-      let tr = rows.get(node.id);
-      if (!tr) {
-        tr = newNodeRow(node);
-        rows.set(node.id, tr);
-      }
-      if (nodesBody.children[index] !== tr) nodesBody.insertBefore(tr, nodesBody.children[index] || null);
-      const live = node.live;
-      setText(cell(tr, "name"), node.name || node.url);
-      setText(cell(tr, "sub"), [node.name ? node.url : "", choices_label("engine", node.engine_type), node.models.join(", ")].filter(Boolean).join(" · "));
-      setBadge(cell(tr, "role"), "role", node.role);
-      setBadge(cell(tr, "state"), "state", node.state);
-      setBadge(cell(tr, "health"), "health", node.health);
-      setBadge(cell(tr, "breaker"), "breaker", node.breaker);
-      setText(cell(tr, "inflight"), live ? fmt.int(live.inflight) : "0");
-      setText(cell(tr, "rps"), live ? fmt.rate(live.rps) : dash);
-      setText(cell(tr, "error_rate"), live ? fmt.percent(live.error_rate) : dash);
-      setText(cell(tr, "p50_latency"), live ? fmt.ms(live.p50_latency) : dash);
-      setText(cell(tr, "p50_ttft"), live ? fmt.ms(live.p50_ttft) : dash);
-      tr.dataset.requests = live ? String(live.requests) : "0";
-      tr.dataset.health = node.health;
-      tr.dataset.state = node.state;
-      drawChart(node, tr);
+  function renderNode(node) {
+    let tr = rows.get(node.id);
+    if (!tr) {
+      tr = newNodeRow(node);
+      rows.set(node.id, tr);
+    }
+    const live = node.live;
+    setText(cell(tr, "name"), node.name || node.url);
+    setText(cell(tr, "sub"), [node.name ? node.url : "", choices_label("engine", node.engine_type), node.models.join(", ")].filter(Boolean).join(" · "));
+    setBadge(cell(tr, "role"), "role", node.role);
+    setBadge(cell(tr, "state"), "state", node.state);
+    setBadge(cell(tr, "health"), "health", node.health);
+    setBadge(cell(tr, "breaker"), "breaker", node.breaker);
+    setText(cell(tr, "inflight"), live ? fmt.int(live.inflight) : "0");
+    setText(cell(tr, "rps"), live ? fmt.rate(live.rps) : dash);
+    setText(cell(tr, "error_rate"), live ? fmt.percent(live.error_rate) : dash);
+    setText(cell(tr, "p50_latency"), live ? fmt.ms(live.p50_latency) : dash);
+    setText(cell(tr, "p50_ttft"), live ? fmt.ms(live.p50_ttft) : dash);
+    tr.dataset.requests = live ? String(live.requests) : "0";
+    tr.dataset.health = node.health;
+    tr.dataset.state = node.state;
+    drawChart(node, tr);
 
-      const status = node.state + "/" + node.health + "/" + (node.breaker || "");
-      const before = previous.get(node.id);
-      if (before !== undefined && before !== status) {
-        announce((node.name || node.url) + ": " + describe("state", node.state).label + ", " + describe("health", node.health).label + (node.breaker ? ", breaker " + describe("breaker", node.breaker).label : ""));
-      }
-      previous.set(node.id, status);
+    const status = node.state + "/" + node.health + "/" + (node.breaker || "");
+    const before = previous.get(node.id);
+    if (before !== undefined && before !== status) {
+      announce((node.name || node.url) + ": " + describe("state", node.state).label + ", " + describe("health", node.health).label + (node.breaker ? ", breaker " + describe("breaker", node.breaker).label : ""));
+    }
+    previous.set(node.id, status);
+  }
+
+  // Puts the rows in ``order`` (node ids) and drops the rows of nodes no longer listed.
+  function placeNodes(order) {
+    const seen = new Set(order);
+    order.forEach((id, index) => {
+      const tr = rows.get(id);
+      if (tr && nodesBody.children[index] !== tr) nodesBody.insertBefore(tr, nodesBody.children[index] || null);
     });
     for (const [id, tr] of rows) {
       if (seen.has(id)) continue;
@@ -161,8 +166,9 @@
       tr.remove();
       rows.delete(id);
       previous.delete(id);
+      shown.delete(id);
     }
-    document.getElementById("rp-nodes-empty").hidden = nodes.length > 0;
+    document.getElementById("rp-nodes-empty").hidden = order.length > 0;
   }
 
   function choices_label(kind, value) {
@@ -277,15 +283,61 @@
     document.getElementById("rp-cp-empty").hidden = planes.length > 0;
   }
 
-  function render(payload) {
-    const nodesById = new Map(payload.nodes.map((n) => [n.id, n]));
-    renderNodes(payload.nodes);
-    renderModels(payload.models, nodesById);
-    renderControlPlanes(payload.control_planes);
+  // What the page shows, kept to apply the WebSocket's updates to (``dashboard/payload.py``: the
+  // whole payload first, then every second the nodes that changed, their history as its new seconds).
+  const shown = new Map(); // node id -> node
+  let models = [];
+
+  function finish(payload) {
     liveNote.hidden = payload.live;
+    if (updates === 0) performance.mark("rp-drawn"); // the first table drawn (tests time it)
     updates += 1;
     document.body.dataset.updates = String(updates);
     setText(updated, "Updated " + new Date(payload.generated_at).toLocaleTimeString());
+  }
+
+  function render(payload) {
+    shown.clear();
+    for (const node of payload.nodes) {
+      shown.set(node.id, node);
+      renderNode(node);
+    }
+    placeNodes(payload.nodes.map((n) => n.id));
+    models = payload.models;
+    renderModels(models, shown);
+    renderControlPlanes(payload.control_planes);
+    finish(payload);
+  }
+
+  function withHistory(node) {
+    const live = node.live;
+    if (!live || live.history_shift === undefined) return node;
+    const before = shown.get(node.id);
+    const old = (before && before.live && before.live.history) || [];
+    const { history_shift: shift, history_new: added, ...figures } = live;
+    return { ...node, live: { ...figures, history: old.slice(shift).concat(added) } };
+  }
+
+  function apply(update) {
+    for (const change of update.nodes) {
+      const node = withHistory(change);
+      shown.set(node.id, node);
+      renderNode(node);
+    }
+    if (update.order) placeNodes(update.order);
+    if (update.models || update.model_order) {
+      const cardsByName = new Map(models.map((m) => [m.name, m]));
+      for (const card of update.models || []) cardsByName.set(card.name, card);
+      models = (update.model_order || models.map((m) => m.name)).map((name) => cardsByName.get(name)).filter(Boolean);
+    }
+    if (update.models || update.model_order || update.nodes.length) renderModels(models, shown);
+    if (update.control_planes) renderControlPlanes(update.control_planes);
+    finish(update);
+  }
+
+  function receive(message) {
+    if (message.type === "update") apply(message);
+    else render(message);
   }
 
   function setConnection(state, text) {
@@ -331,7 +383,7 @@
     });
     socket.addEventListener("message", (event) => {
       try {
-        render(JSON.parse(event.data));
+        receive(JSON.parse(event.data));
       } catch (error) {
         console.error("dashboard update failed", error);
       }
