@@ -49,44 +49,45 @@ async def engine() -> AsyncIterator[tuple[TestServer, list[int]]]:
     await server.close()
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    pool = Pool(asyncio.get_running_loop(), 10)
+    yield pool
+    pool.close()
+
+
+async def chat(pool: Pool, server: TestServer, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await pool.post(url(server), body, JSON, connect=2, total=10)
+    return response.status, await response.read()
+
+
 def url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}/v1/chat/completions"
 
 
-async def test_requests_reuse_one_kept_alive_connection(engine):
+async def test_requests_reuse_one_kept_alive_connection(engine, pool):
     server, ports = engine
-    pool = Pool(asyncio.get_running_loop(), 10)
     for i in range(5):
-        response = await pool.post(url(server), b'{"n": %d}' % i, JSON, connect=2, total=10)
-        assert response.status == 200
-        assert response.content_type == "application/json"
-        assert await response.read() == b'{"echo": {"n": %d}}' % i
+        assert await chat(pool, server, b'{"n": %d}' % i) == (200, b'{"echo": {"n": %d}}' % i)
     assert len(set(ports)) == 1
-    pool.close()
 
 
-async def test_a_request_after_the_engine_closed_the_idle_connection_succeeds(engine):
+async def test_a_request_after_the_engine_closed_the_idle_connection_succeeds(engine, pool):
     server, ports = engine
-    pool = Pool(asyncio.get_running_loop(), 10)
-    first = await pool.post(url(server), b"{}", JSON, connect=2, total=10)
-    await first.read()
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
     server.connections[0].close()  # the engine closes the idle connection (its keep-alive timeout)
     await wait_until_async(lambda: not pool.open, 2, "the pool never saw the engine close the connection")
-    second = await pool.post(url(server), b"{}", JSON, connect=2, total=10)
-    assert second.status == 200 and await second.read() == b'{"echo": {}}'
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
     assert len(set(ports)) == 2
-    pool.close()
 
 
-async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine):
+async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     server, _ = engine
-    pool = Pool(asyncio.get_running_loop(), 10)
     response = await pool.post(url(server), b'{"stream": true}', JSON, connect=2, total=10)
     assert response.content_type == "text/event-stream"
     assert response.header(b"content-type") == b"text/event-stream"
     chunks = [chunk async for chunk in response.content.iter_any()]
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
-    pool.close()
 
 
 async def test_a_node_that_cannot_be_reached_raises_a_connect_error():
