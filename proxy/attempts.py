@@ -43,9 +43,10 @@ from django.conf import settings
 
 from . import metrics, stats
 from .errors import ProxyError, engine_failed, engine_timeout
+from .httpclient import Response
 from .router import Router
 from .snapshot import Route, Target
-from .upstream import CONNECT_ERRORS, session, timeout_for
+from .upstream import CONNECT_ERRORS, engines
 
 if TYPE_CHECKING:
     from .explain import Explanation
@@ -105,7 +106,7 @@ class Attempt:
     def __init__(self, target: Target) -> None:
         self.target = target
         self.started = time.perf_counter()
-        self.response: aiohttp.ClientResponse | None = None
+        self.response: Response | None = None
         self.status = 0  # the engine's HTTP status; 0 while none arrived
         self.streaming = False  # an SSE answer to a streaming request: ``first`` is its first chunk
         self.first = b""
@@ -132,7 +133,7 @@ class Attempt:
     def content_type(self) -> bytes:
         """The engine's ``Content-Type``, as sent."""
         assert self.response is not None
-        return self.response.headers.get("Content-Type", "application/json").encode("latin-1")
+        return self.response.header(b"content-type", b"application/json")
 
 
 class AttemptLoop(Generic[R]):
@@ -148,7 +149,6 @@ class AttemptLoop(Generic[R]):
         "route",
         "router",
         "stream",
-        "timeout",
     )
 
     names: Names = HYBRID
@@ -170,7 +170,6 @@ class AttemptLoop(Generic[R]):
         self.first_byte_timeout = first_byte_timeout  # bounds sending and waiting for the first byte
         self.retry_other_node = retry_other_node  # False: one attempt only
         self.retry_statuses = retry_statuses  # False: only a node that could not be reached is retried
-        self.timeout = timeout_for(route.policy)  # connect (short) and total (long), per attempt
         # A stream's response headers come before the prefill: a node that sends none is silent.
         self.headers_timeout: float | None = settings.ROUTERPANEL_PROXY_STREAM_HEADERS_TIMEOUT if stream else None
         self.explain = explain  # records each attempt (``proxy.explain``)
@@ -244,12 +243,15 @@ class AttemptLoop(Generic[R]):
             headers_bound = None
         node_id = attempt.target.node.id
         router = self.router
+        policy = self.route.policy
         try:
             async with asyncio.timeout_at(deadline) as waiting:
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
                 try:
-                    response = await session().post(url, data=body, headers=headers, timeout=self.timeout)
+                    response = await engines().post(
+                        url, body, headers, connect=policy.connect_timeout, total=policy.total_timeout
+                    )
                 except CONNECT_ERRORS as exc:
                     attempt.verdict = False
                     message = f"{names.node} {attempt.url} could not be reached: {exc}"

@@ -2,17 +2,24 @@
 
 Label sets are bounded: ``model`` is a route name from the snapshot (or ``"-"`` before one is
 known), ``node`` a node URL from the snapshot (or ``"-"``), ``status`` an HTTP status, ``kind``
-one of the error codes the proxy emits. Labelled children are cached so the hot path does one
-dict lookup per metric. Metrics are per process (one scrape target per web worker).
+one of the error codes the proxy emits. Metrics are per process (one scrape target per web worker).
+
+The metrics every request or stream updates (``LocalCounter``, ``LocalHistogram``) are plain
+dictionaries on the event loop, turned into samples when ``/metrics`` is scraped: one dict update
+and one ``bisect`` per observation, where prometheus_client's labelled children take a lock and a
+few calls each. The rare ones (retries, errors) are prometheus_client metrics, their labelled
+children cached so that an update is one dict lookup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -20,26 +27,85 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-REQUESTS = Counter(
+
+class LocalCounter(Collector):
+    """A labelled counter kept in a dict (see the module doc). Label values may be any objects
+    whose ``str`` is the label (an int status, say): converted at scrape time, not per request."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label_names = list(labels)
+        self.values: dict[tuple[object, ...], float] = {}
+        REGISTRY.register(self)
+
+    def inc(self, *labels: object) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+        for labels, value in list(self.values.items()):
+            family.add_metric([str(label) for label in labels], value)
+        yield family
+
+
+class LocalHistogram(Collector):
+    """A labelled histogram kept in a dict: per label set, the count per bucket then the sum."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label_names = list(labels)
+        self.bounds = tuple(float(b) for b in buckets)  # +Inf is the last bucket, implicitly
+        self.values: dict[tuple[str, ...], list[float]] = {}
+        REGISTRY.register(self)
+
+    def observe(self, value: float, *labels: str) -> None:
+        counts = self.values.get(labels)
+        if counts is None:
+            counts = self.values[labels] = [0.0] * (len(self.bounds) + 2)
+        counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound is >= value
+        counts[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        bounds = [*(_le(b) for b in self.bounds), "+Inf"]
+        for labels, counts in list(self.values.items()):
+            cumulative = 0.0
+            buckets = []
+            for bound, count in zip(bounds, counts, strict=False):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(labels), buckets, counts[-1])
+        yield family
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes it (``1.0``, ``0.005``, ``+Inf``)."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
+REQUESTS = LocalCounter(
     "routerpanel_proxy_requests", "Proxied requests by model, node and response status.", ["model", "node", "status"]
 )
-DURATION = Histogram(
+DURATION = LocalHistogram(
     "routerpanel_proxy_request_duration_seconds",
     "Time from request to the end of the response.",
     ["model"],
-    buckets=LATENCY_BUCKETS,
+    LATENCY_BUCKETS,
 )
-TTFT = Histogram(
+TTFT = LocalHistogram(
     "routerpanel_proxy_time_to_first_token_seconds",
     "Time from request to the first streamed chunk.",
     ["model"],
-    buckets=LATENCY_BUCKETS,
+    LATENCY_BUCKETS,
 )
-ITL = Histogram(
+ITL = LocalHistogram(
     "routerpanel_proxy_inter_token_latency_seconds",
     "Mean gap between streamed chunks, one sample per stream.",
     ["model"],
-    buckets=_ITL_BUCKETS,
+    _ITL_BUCKETS,
 )
 RETRIES = Counter("routerpanel_proxy_retries", "Attempts retried on another node.", ["model", "reason"])
 ERRORS = Counter("routerpanel_proxy_errors", "Errors the proxy answered or ended a stream with.", ["kind"])
@@ -61,15 +127,15 @@ def labelled(metric: _M, *labels: str) -> _M:
 
 
 def observe_request(model: str, node: str, status: int, duration: float) -> None:
-    labelled(REQUESTS, model, node, str(status)).inc()
-    labelled(DURATION, model).observe(duration)
+    REQUESTS.inc(model, node, status)
+    DURATION.observe(duration, model)
 
 
 def observe_stream(model: str, ttft: float | None, mean_gap: float | None) -> None:
     if ttft is not None:
-        labelled(TTFT, model).observe(ttft)
+        TTFT.observe(ttft, model)
     if mean_gap is not None:
-        labelled(ITL, model).observe(mean_gap)
+        ITL.observe(mean_gap, model)
 
 
 def count_retry(model: str, reason: str) -> None:

@@ -38,7 +38,7 @@ async def relay_stream(
     between chunks and usage."""
     response = attempt.response
     assert response is not None
-    content_type = response.headers.get("Content-Type", SSE).encode("latin-1")
+    content_type = response.header(b"content-type", SSE.encode())
     headers = [(b"content-type", content_type), *sse.STREAM_HEADERS, *headers]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     outcome.status = 200

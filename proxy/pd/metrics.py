@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.metrics import LATENCY_BUCKETS, labelled
+from proxy.metrics import LATENCY_BUCKETS, LocalHistogram, labelled
 
-LEG_DURATION = Histogram(
+LEG_DURATION = LocalHistogram(
     "routerpanel_proxy_pd_leg_duration_seconds",
     "Duration of each PD leg: the prefill call, and the decode call up to the end of its answer.",
     ["model", "leg"],
-    buckets=LATENCY_BUCKETS,
+    LATENCY_BUCKETS,
 )
 LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
 FREES = Counter(
@@ -43,7 +43,7 @@ SHIELDED_PREFILLS = Counter(
 
 
 def observe_leg(model: str, leg: str, seconds: float) -> None:
-    labelled(LEG_DURATION, model, leg).observe(seconds)
+    LEG_DURATION.observe(seconds, model, leg)
 
 
 def count_leg_error(leg: str, kind: str) -> None:

@@ -1,0 +1,129 @@
+"""The attempt loop's HTTP client (proxy.httpclient): kept-alive connections, engines that close
+them, streamed answers and the errors the attempt loop's rules are written against."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.httpclient import Pool
+from proxy.upstream import CONNECT_ERRORS
+from tests.support.ports import free_port
+from tests.support.wait import wait_until_async
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[tuple[TestServer, list[int]]]:
+    """An engine that answers JSON and streams, and records each request's client port (and its
+    connection, on the server: ``server.connections``)."""
+    ports: list[int] = []
+    connections: list[asyncio.BaseTransport] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        connections.append(request.transport)
+        body = await request.json()
+        if not body.get("stream"):
+            return web.json_response({"echo": body})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(3):
+            await response.write(b"data: %d\n\n" % i)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app)
+    server.connections = connections  # type: ignore[attr-defined]
+    await server.start_server()
+    yield server, ports
+    await server.close()
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[Pool]:
+    pool = Pool(asyncio.get_running_loop(), 10)
+    yield pool
+    pool.close()
+
+
+async def chat(pool: Pool, server: TestServer, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await pool.post(url(server), body, JSON, connect=2, total=10)
+    return response.status, await response.read()
+
+
+def url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}/v1/chat/completions"
+
+
+async def test_requests_reuse_one_kept_alive_connection(engine, pool):
+    server, ports = engine
+    for i in range(5):
+        assert await chat(pool, server, b'{"n": %d}' % i) == (200, b'{"echo": {"n": %d}}' % i)
+    assert len(set(ports)) == 1
+
+
+async def test_a_request_after_the_engine_closed_the_idle_connection_succeeds(engine, pool):
+    server, ports = engine
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
+    server.connections[0].close()  # the engine closes the idle connection (its keep-alive timeout)
+    await wait_until_async(lambda: not pool.open, 2, "the pool never saw the engine close the connection")
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
+    assert len(set(ports)) == 2
+
+
+async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
+    server, _ = engine
+    response = await pool.post(url(server), b'{"stream": true}', JSON, connect=2, total=10)
+    assert response.content_type == "text/event-stream"
+    assert response.header(b"content-type") == b"text/event-stream"
+    chunks = [chunk async for chunk in response.content.iter_any()]
+    assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_a_node_that_cannot_be_reached_raises_a_connect_error():
+    pool = Pool(asyncio.get_running_loop(), 10)
+    with pytest.raises(CONNECT_ERRORS):
+        await pool.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", JSON, connect=2, total=10)
+    pool.close()
+
+
+async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_sent(engine):
+    server, ports = engine
+    pool = Pool(asyncio.get_running_loop(), 10)
+    with pytest.raises(ValueError):
+        await pool.post(url(server), b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"}, connect=2, total=10)
+    assert ports == []
+    pool.close()
+
+
+async def test_the_total_timeout_ends_a_request_the_engine_never_answers():
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", hang)
+    server = TestServer(app)
+    await server.start_server()
+    pool = Pool(asyncio.get_running_loop(), 10)
+    try:
+        with pytest.raises(TimeoutError):
+            await pool.post(url(server), b"{}", JSON, connect=2, total=0.2)
+        assert not pool.open  # the connection was closed, never to be reused
+    finally:
+        pool.close()
+        await server.close()
+
+
+def test_the_client_errors_are_aiohttps():
+    assert issubclass(aiohttp.ClientOSError, CONNECT_ERRORS)
