@@ -103,24 +103,36 @@ run: install redis-server
 		--control-plane 127.0.0.1:$(NANOCTRL_PORT) --control-plane-redis redis://127.0.0.1:$(REDIS_PORT)/0
 	WEB_HOST=$(HOST) WEB_PORT=$(PORT) $(VENV)/bin/honcho start -f Procfile
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist): most end-to-end tests wait on sockets and
+# subprocesses, not on a core, so more workers than cores pay. Tests that must share a worker (one
+# stack spec, one module's processes) carry an xdist_group (tests/conftest.py), which --dist
+# loadgroup honours. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 4
+PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+PG_PARALLEL ?= -n 2
+
 # The tests that use the database (tests/conftest.py selects them), but not the end-to-end ones,
 # again on PostgreSQL, when ROUTERPANEL_TEST_DATABASE_URL names a server (CI starts one;
-# pytest-django creates its test database there).
+# pytest-django creates a test database there per worker).
 define postgresql_pass
 	@if [ -n "$$ROUTERPANEL_TEST_DATABASE_URL" ]; then \
 		echo "== the tests that use the database again, on PostgreSQL =="; \
-		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest -m "not e2e" -p no:cacheprovider; \
+		DATABASE_URL="$$ROUTERPANEL_TEST_DATABASE_URL" $(PY) -m pytest $(PG_PARALLEL) -m "not e2e" -p no:cacheprovider; \
 	fi
 endef
 
-# The whole suite on SQLite, the real-engine tier included; then the PostgreSQL pass.
+# The whole suite on SQLite, then in one process the tests marked `alone` (latency bounds that need
+# the machine to itself) and the real-engine tier (its vLLM servers take both cores and start once,
+# in the order its conftest sets), then the PostgreSQL pass.
 test: install redis-server vllm-env lmdeploy-env
-	$(PY) -m pytest
+	$(PY) -m pytest $(PARALLEL) -m "not real_engine and not alone"
+	$(PY) -m pytest -m "alone or real_engine"
 	$(postgresql_pass)
 
 # `make test` without the real-engine tier (which needs `make vllm-env` and minutes of vLLM start-up).
 test-core: install redis-server
-	$(PY) -m pytest -m "not real_engine"
+	$(PY) -m pytest $(PARALLEL) -m "not real_engine and not alone"
+	$(PY) -m pytest -m "alone and not real_engine"
 	$(postgresql_pass)
 
 test-fast: install

@@ -182,16 +182,23 @@ class SharedCounters:
         )
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False  # see stop()
         self._healthy = True
         self._ticks_to_stats = 1  # the first tick publishes
 
     def start(self) -> None:
         """Start the loop on the running event loop, unless it already runs."""
         if self._task is None or self._task.done():
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="routerpanel-worker-sync")
 
     async def stop(self) -> None:
-        """Stop the loop and say goodbye: this worker's counts and statistics leave Redis at once."""
+        """Stop the loop and say goodbye: this worker's counts and statistics leave Redis at once.
+
+        The loop also ends on the flag, not only on the cancellation: on Python 3.11 a cancellation
+        that lands as one of redis-py's ``asyncio.wait_for`` writes completes is swallowed (the
+        write's result is returned instead), and the loop would tick on with ``stop`` awaiting it."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -225,7 +232,7 @@ class SharedCounters:
         return self._client
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
                 if not self._healthy:

@@ -12,6 +12,7 @@ keeps daphne covered without running every test twice.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -92,14 +93,36 @@ def uses_the_database(item: pytest.Item) -> bool:
     )
 
 
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group of tests pytest-xdist (`make test` runs the suite with ``-n``) must run on one
+    worker, in their order: the real-engine tier (its vLLM servers start once, in the order its
+    conftest sets); the tests of one stack spec but the plain one (the worker starts that stack
+    once); each other end-to-end module (its module fixtures start their processes once). Each
+    worker that runs a module on the plain stack starts a plain stack of its own: seconds, where
+    one group for all those modules would run them one after the other. None: any worker."""
+    if item.get_closest_marker("real_engine") is not None:
+        return "real-engines"
+    spec = spec_of(item)
+    if spec is not None and spec != StackSpec():
+        return f"stack-{zlib.crc32(repr(spec).encode()):08x}"  # the same name in every worker
+    if spec is not None or item.get_closest_marker("e2e") is not None:
+        return item.path.relative_to(item.config.rootpath).as_posix()
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Transactional tests flush every table afterwards, which would drop the rows the data
     migrations seed (the global route policy, the configuration version) for every later test:
-    have them restore the database instead (serialized rollback).
+    have them restore the database instead (serialized rollback). Each test gets its
+    ``xdist_group``.
 
     On PostgreSQL (the second pass of `make test`, after the whole suite ran on SQLite) only the
     tests that use the database run: the others cannot tell the two apart."""
     for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
         marker = item.get_closest_marker("django_db")
         if marker is not None and marker.kwargs.get("transaction") and not marker.kwargs.get("serialized_rollback"):
             item.add_marker(pytest.mark.django_db(**{**marker.kwargs, "serialized_rollback": True}), append=False)

@@ -11,7 +11,9 @@ import pytest
 from enginesim.testing import run_simulator
 from tests.support.wait import wait_until
 
-pytestmark = pytest.mark.e2e
+# alone: under the parallel run's load a sixth request sometimes reached the failing node before the
+# breaker had opened (twice in three parallel runs at load 9-12, never in one process).
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 MODEL = "breaker-model"
 FAILURES, COOLDOWN = 5, 5.0  # the settings' defaults, which the e2e server runs with

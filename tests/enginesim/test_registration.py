@@ -85,11 +85,12 @@ def test_ctrl_c_unregisters_too(nanoctrl, scope):
 
 
 def test_an_engine_registers_again_when_nanoctrl_forgot_it(nanoctrl, scope):
-    with run_simulator(engine="nanodeploy", extra_args=ctrl_args(nanoctrl.address, scope, interval=0.5)) as sim:
+    with run_simulator(engine="nanodeploy", extra_args=ctrl_args(nanoctrl.address, scope, interval=2.0)) as sim:
         entity_id = f"nanodeploy-sim-model-127.0.0.1:{sim.port}"
         wait_until(lambda: entity_id in nanoctrl.entities(scope), 15, "never listed")
         # Unregister right after a heartbeat: the next one, which finds the entity gone and
-        # registers it again, is a whole interval away, after the listing below.
+        # registers it again, is a whole interval away, after the listing below (2 s: on a loaded
+        # machine the unregister and the listing took longer than half a second).
         entity_key = f"{scope}:service:{entity_id}"  # NanoCtrl renews its TTL on every heartbeat
         with redis.Redis.from_url(nanoctrl.redis_url) as registry:
             before = registry.pttl(entity_key)
