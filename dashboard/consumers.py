@@ -22,7 +22,6 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
-from nodes.api.requests import RequestQuerySerializer
 from nodes.live import keys
 from nodes.live.breakers import read_breakers
 from nodes.live.explain_store import RequestFilter, read_after
@@ -161,6 +160,10 @@ class RequestsConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if not isinstance(content, dict) or content.get("type") != "follow":
             return
+        # Imported here, not at the top: the REST API's serializers pull in DRF's fields and their
+        # optional imports (tens of MB), which a web worker serving only /v1 never needs.
+        from nodes.api.requests import RequestQuerySerializer
+
         raw = content.get("filters")
         query = RequestQuerySerializer(data={k: v for k, v in (raw if isinstance(raw, dict) else {}).items()})
         after = content.get("after")

@@ -17,7 +17,6 @@ from django.http import QueryDict
 from django.urls import reverse
 from redis.exceptions import RedisError
 
-from nodes.api.requests import RequestQuerySerializer
 from nodes.choices import BadgeChoices, ExclusionReason, NodeRole, ServingMode, Strategy
 from nodes.live import explain_store
 from nodes.live.connection import client as redis_client
@@ -69,6 +68,8 @@ def _query(params: QueryDict) -> dict[str, str]:
 
 def requests_page(params: QueryDict) -> RequestsPage:
     """The page's data for its query string (blocking: Redis, with short timeouts)."""
+    from nodes.api.requests import RequestQuerySerializer  # not at the top: see dashboard.consumers.RequestsConsumer
+
     query = RequestQuerySerializer(data={**_query(params), "limit": PAGE_SIZE})
     filters = {name: str(params.get(name, "")) for name in (*FILTERS, "window")}
     page = RequestsPage(

@@ -283,3 +283,18 @@ def test_the_size_check_finds_a_long_module_but_not_a_migration(tmp_path: Path) 
         {"nodes/long.py": "x = 1\n" * 421, "nodes/migrations/0001_initial.py": "x = 1\n" * 900, "nodes/ok.py": "\n"},
     )
     assert long_modules(root, ("nodes",)) == ["nodes/long.py: 421 lines"]
+
+
+def test_a_web_worker_does_not_load_the_rest_apis_serializers_at_start() -> None:
+    """A web worker that serves only ``/v1`` never needs DRF's fields and drf-spectacular's helpers
+    (with their optional imports: psycopg, requests, pygments, django.test), about 20 MB of its
+    memory; the dashboard imports them when a page or the live tail first asks for them."""
+    import subprocess
+    import sys
+
+    heavy = ("rest_framework.fields", "drf_spectacular.utils", "django.test")
+    script = f"import sys, routerpanel.asgi; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent
+    ).stdout.split()
+    assert loaded == []
