@@ -26,10 +26,54 @@ from enginesim.shapes import RecordedRequest, SimStats
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def port_range() -> tuple[int, int]:
+    """Where this process takes ports for the servers it starts: below the kernel's ephemeral range
+    (``net.ipv4.ip_local_port_range``), where no outgoing connection and no bind to port 0 can take a
+    port between its choice and the moment a slow-starting server binds it, in a slice of its own per
+    pytest-xdist worker (``PYTEST_XDIST_WORKER``), so parallel test processes never pick the same."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = 10000, max(min(ephemeral_low, 32768), 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    slices = 4
+    width = (high - low) // slices
+    start = low + (int(worker) % slices if worker.isdigit() else 0) * width
+    return start, start + width
+
+
+_next_port: list[int] = []  # where the next port is looked for: ports are handed out in turn, not reused soon
+
+
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive ports on 127.0.0.1 that nobody listens on now, from
+    ``port_range()``, taken in turn (a port handed out is not handed out again before the whole
+    range has been)."""
+    low, high = port_range()
+    if not _next_port:
+        _next_port.append(low + os.getpid() % (high - low - count))
+    for _ in range(high - low):
+        base = _next_port[0] if _next_port[0] + count <= high else low
+        _next_port[0] = base + count
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no block of {count} free ports in {low}-{high}")
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port on 127.0.0.1 nobody listens on now (see ``free_port_block``)."""
+    return free_port_block(1)
 
 
 class SimulatorOptions(TypedDict, total=False):
@@ -191,17 +235,8 @@ def run_simulator(
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports nobody listens on right now (held open together while chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """``count`` distinct TCP ports nobody listens on right now (``free_port`` hands out each once)."""
+    return [free_port() for _ in range(count)]
 
 
 class Fleet:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.ports import free_port, free_port_block
+from tests.support.ports import free_port_block
 from tests.support.procs import REPO_ROOT, wait_for_port
 from tests.support.wait import wait_until
 
@@ -37,7 +37,8 @@ LEAKS = ("Traceback", "DATABASES", "SECRET_KEY", "sqlite3", "redis://", "URLconf
 def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`make run` (its `install` step taken as done) on free ports; yields the base URL and paths."""
     tmp = tmp_path_factory.mktemp("make-run")
-    port, redis_port, nanoctrl_port, engines = free_port(), free_port(), free_port(), free_port_block(4)
+    base = free_port_block(7)  # the web server, Redis, NanoCtrl and the four demo engines
+    port, redis_port, nanoctrl_port, engines = base, base + 1, base + 2, base + 3
     env = {name: value for name, value in os.environ.items() if not name.startswith("ROUTERPANEL_")}
     env.pop("DATABASE_URL", None)
     env.update(

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.ports import free_port, free_port_block
+from tests.support.ports import free_port_block
 from tests.support.procs import PYTHON, REPO_ROOT, running
 from tests.support.stack import inherited_environment
 from tests.support.wait import wait_until
@@ -24,7 +24,8 @@ HONCHO = str(Path(PYTHON).parent / "honcho")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("stack")
-    web_port, redis_port, nanoctrl_port, engine_base = free_port(), free_port(), free_port(), free_port_block(4)
+    base = free_port_block(7)  # the web server, Redis, NanoCtrl and the four demo engines
+    web_port, redis_port, nanoctrl_port, engine_base = base, base + 1, base + 2, base + 3
     env = {
         **inherited_environment(),
         "ROUTERPANEL_SQLITE_PATH": str(tmp / "db.sqlite3"),

@@ -4,35 +4,14 @@ developer's NanoCtrl on 4479, Redis on 6379 or web server on 8000 must not chang
 
 from __future__ import annotations
 
-import random
 import socket
 
-from enginesim.testing import free_port
+from enginesim.testing import free_port, free_port_block
 
 __all__ = ["closed_port", "free_port", "free_port_block"]
 
 # Sockets bound for the whole test session and never listened on: see closed_port().
 _held: list[socket.socket] = []
-
-
-def free_port_block(count: int) -> int:
-    """The first of ``count`` consecutive ports that nobody listens on right now (the demo fleet of
-    `make run` numbers its engines from one base port)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no block of {count} free ports found")
 
 
 def closed_port(which: int = 0) -> int:
