@@ -118,7 +118,11 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
 
     started = time.monotonic()
     try:
-        ControlPlane.objects.filter(pk=control_plane.pk).update(sync_state=SyncState.SYNCING)
+        # A control plane whose last sync failed keeps showing "failed" (and its error) while the
+        # next attempt runs: during an outage an operator must not see it flicker to "syncing".
+        ControlPlane.objects.filter(pk=control_plane.pk).exclude(sync_state=SyncState.FAILED).update(
+            sync_state=SyncState.SYNCING
+        )
         client = client or NanoCtrlClient(control_plane.address, timeout=settings.ROUTERPANEL_REGISTRY_TIMEOUT)
         entities: dict[str, RegistryEntity] = {}
         try:

@@ -135,6 +135,31 @@ def test_an_unreachable_registry_changes_no_node(control_plane, registry) -> Non
     assert (control_plane.sync_state, control_plane.last_sync_error) == ("ok", "")
 
 
+class ObservingRegistry(FakeRegistry):
+    """Records the control plane's state as the admin would show it while the listing runs."""
+
+    def __init__(self, control_plane_pk: int) -> None:
+        super().__init__()
+        self.pk, self.seen = control_plane_pk, []
+
+    def list_entities(self, *, kind: str, scope: str):
+        self.seen.append(ControlPlane.objects.get(pk=self.pk).sync_state)
+        return super().list_entities(kind=kind, scope=scope)
+
+
+def test_during_an_outage_a_failed_control_plane_shows_failed_while_the_next_attempt_runs(control_plane) -> None:
+    registry = ObservingRegistry(control_plane.pk)
+    shown = []
+    for error in (None, "NanoCtrl at http://127.0.0.1:4479 is unreachable: ConnectError", "unreachable", None):
+        registry.error, registry.seen = error, []
+        sync(control_plane, registry)
+        shown.append(registry.seen[0])
+    # Retries after a failure keep showing "failed" (with its error) until one succeeds.
+    assert shown == ["syncing", "syncing", "failed", "failed"]
+    control_plane.refresh_from_db()
+    assert control_plane.sync_state == "ok"
+
+
 def test_manual_nodes_are_never_touched(control_plane, registry, system) -> None:
     manual = services.node_create(actor=system, url="http://127.0.0.1:9001", models=["mine"], role="decode")
     registry.entities = [entity(9001, role="prefill")]
