@@ -9,6 +9,11 @@ NANOCTRL_PORT ?= 4479
 ENGINE_BASE_PORT ?= 8101
 export ROUTERPANEL_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
+# Bytecode caches (__pycache__/, ignored by git) are written even where the environment asks Python
+# not to: the suite starts hundreds of Python processes (web workers, Celery, engines, manage.py), and
+# each would compile RouterPanel from source again, and each pytest process re-rewrite the asserts of
+# its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install redis-server run test test-core test-fast bench bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
