@@ -78,7 +78,7 @@ class ProberCore:
         self.states: dict[int, HealthState] = {}
         self.results: list[ProbeResult] = []  # waiting to be judged
         self.pending = Pending()
-        self.counts: Counter[str] = Counter()  # sent, ok, fail, void, late, transitions
+        self.counts: Counter[str] = Counter()  # sent, ok, fail, void, late, transitions (and <from>_to_<to>)
         self.session: aiohttp.ClientSession | None = None
         self._semaphore = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
@@ -276,6 +276,7 @@ class ProberCore:
         if after.state != before.state:
             self.pending.transitions[node_id] = after.state
             self.counts["transitions"] += 1
+            self.counts[f"{before.state}_to_{after.state}"] += 1  # which way: unknown_to_healthy is a first pass
 
     def connections_opened(self) -> int:
         connector = self.session.connector if self.session is not None else None

@@ -101,6 +101,7 @@ async def test_a_frozen_engine_is_still_ejected_within_its_window(engine_stub, s
     assert took < 2 * 1.0 + 0.3 + 0.5
     assert core.states[1].state == "healthy"
     assert core.take_pending().transitions == {2: "unhealthy"}
+    assert core.counts["healthy_to_unhealthy"] == 1 and core.counts["transitions"] == 1  # what the status reports
 
 
 async def test_a_probe_keeps_its_connection_alive_between_probes() -> None:
