@@ -18,7 +18,8 @@ that grows with the route, taken when (nearly) every node of it is excluded.
   sample yet is tried when its turn comes. With two nodes this is the exact least.
 - ``power_of_two``: two distinct candidates at random, the less loaded.
 - ``consistent_hash``: a ring over the role's nodes (in rotation or not, so that a health change
-  does not rebuild it), walked clockwise from the key to the first ok node in rotation.
+  does not rebuild it), read through a lookup table of fixed size (``proxy.hashring``) and walked
+  clockwise from the key to the first ok node in rotation.
 - ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless the
   load guard trips; otherwise ``least_requests``.
 
@@ -28,19 +29,14 @@ by ``proxy.router``), a cached ``HashRing`` and a bounded ``PrefixIndex``.
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import random
-from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
+from .hashring import HashRing
 from .load import LoadTracker
 from .snapshot import Target
 
-# Each node gets this many points on the consistent-hash ring per unit of weight (capped).
-RING_POINTS_PER_WEIGHT = 64
-RING_MAX_POINTS_PER_NODE = 64 * 16
 # Random draws that may miss (a node not ok) before a strategy walks the route instead.
 SAMPLE_TRIES = 4
 
@@ -201,65 +197,6 @@ def min_observed_latency(
     if first is None or second is None:
         return first
     return second if _latency_score(second, load) < _latency_score(first, load) else first
-
-
-def _hash64(text: str) -> int:
-    # surrogatepass: a session key from the client's JSON ("user") may hold a lone surrogate, which
-    # strict UTF-8 cannot encode; any fixed bytes do for a hash.
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-
-
-class HashRing:
-    """A consistent-hash ring over nodes (virtual points proportional to weight). Built once per
-    set of targets and cached; a lookup walks clockwise to the first available node, so a node
-    that is busy or gone moves only its own keys."""
-
-    def __init__(self, targets: Iterable[Target]) -> None:
-        points: list[tuple[int, int]] = []
-        for target in targets:
-            count = min(RING_POINTS_PER_WEIGHT * max(target.node.weight, 1), RING_MAX_POINTS_PER_NODE)
-            points.extend((_hash64(f"{target.node.url}#{i}"), target.node.id) for i in range(count))
-        points.sort()
-        # Flat arrays, not lists of int objects: a lookup at a thousand nodes touches a few cache
-        # lines of them instead of objects scattered over megabytes.
-        self._hashes = array("Q", [p[0] for p in points])
-        self._node_ids = array("q", [p[1] for p in points])
-        self._distinct = len(set(self._node_ids))
-        # Where each of 2**bits equal slices of the hash space starts in ``_hashes``: a lookup
-        # searches one slice (a point or two) instead of the whole ring.
-        bits = max(len(points).bit_length() - 1, 0)
-        self._shift = 64 - bits
-        starts = [0] * ((1 << bits) + 1)
-        at = 0
-        for point, point_hash in enumerate(self._hashes):
-            bucket = point_hash >> self._shift
-            while at < bucket:
-                at += 1
-                starts[at] = point
-        for bucket in range(at + 1, len(starts)):
-            starts[bucket] = len(points)
-        self._starts = array("q", starts)
-
-    def lookup(self, key: str, usable: Callable[[int], bool]) -> int | None:
-        """The first node clockwise from ``key`` for which ``usable(node id)`` holds, None if none."""
-        if not self._hashes:
-            return None
-        key_hash = _hash64(key)
-        bucket = key_hash >> self._shift
-        start = bisect.bisect(self._hashes, key_hash, self._starts[bucket], self._starts[bucket + 1])
-        n = len(self._hashes)
-        node_id = self._node_ids[start % n]
-        if usable(node_id):
-            return node_id
-        seen = {node_id}
-        for i in range(1, n):
-            node_id = self._node_ids[(start + i) % n]
-            if usable(node_id):
-                return node_id
-            seen.add(node_id)
-            if len(seen) >= self._distinct:
-                break
-        return None
 
 
 def consistent_hash(

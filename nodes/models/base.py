@@ -3,6 +3,9 @@ settings of control planes and nodes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
@@ -21,8 +24,12 @@ class RegistryModel(models.Model):
 
     def clean(self) -> None:
         super().clean()
+        self.check_storable(self._meta.concrete_fields)
+
+    def check_storable(self, fields: Iterable[models.Field[Any, Any]]) -> None:
+        """``ValidationError`` naming each of ``fields`` whose value cannot be stored."""
         errors: dict[str, str] = {}
-        for field in self._meta.concrete_fields:
+        for field in fields:
             reason = unstorable(getattr(self, field.attname))
             if reason is not None:
                 errors[field.name] = f"This cannot be stored: {reason}."

@@ -90,6 +90,44 @@ def test_consistent_hash_is_stable_and_moves_only_a_removed_nodes_keys():
     assert moved and all(before[key] == 3 for key in moved)
 
 
+def test_consistent_hash_moves_about_one_nth_of_the_keys_when_the_fleet_gains_or_loses_a_node():
+    # The ring is rebuilt when a node joins or leaves the route: only the keys of the node that
+    # joined (about its share) or left move; every other session keeps its node.
+    ts = targets(*(1 + i % 3 for i in range(40)))
+    keys = [f"session-{i}" for i in range(20_000)]
+
+    def owners(ring: strategies.HashRing) -> dict[str, int | None]:
+        return {key: ring.lookup(key, lambda node_id: True) for key in keys}
+
+    before = owners(strategies.HashRing(ts))
+    joined = targets(*(1 + i % 3 for i in range(41)))[-1]  # node 41
+    with_41 = owners(strategies.HashRing([*ts, joined]))
+    moved = [key for key in keys if with_41[key] != before[key]]
+    assert all(with_41[key] == 41 for key in moved)
+    share = joined.node.weight / sum(t.node.weight for t in [*ts, joined])
+    assert 0.6 * share < len(moved) / len(keys) < 1.5 * share
+    without_7 = owners(strategies.HashRing([t for t in ts if t.node.id != 7]))
+    moved = [key for key in keys if without_7[key] != before[key]]
+    assert moved and all(before[key] == 7 for key in moved)
+    assert strategies.HashRing(ts).lookup("session-1", lambda node_id: False) is None
+
+
+def test_a_consistent_hash_lookup_reads_a_table_as_large_at_two_nodes_as_at_a_thousand():
+    # What keeps a consistent-hash choice as cheap at 1,000 nodes as at two (bench/route_micro.py):
+    # a key reads one slot of a table whose size does not grow with the ring's 128,000 points.
+    two = strategies.HashRing(targets(1, 2))
+    thousand = strategies.HashRing(targets(*(1 + i % 3 for i in range(1000))))
+    assert two.table_size == thousand.table_size
+    # The table spreads keys over the thousand nodes in proportion to weight, as the ring does.
+    counts = collections.Counter(thousand.lookup(f"user{i}", lambda node_id: True) for i in range(60_000))
+    per_weight = collections.defaultdict(list)
+    for node_id in range(1, 1001):
+        weight = 1 + (node_id - 1) % 3
+        per_weight[weight].append(counts[node_id] / weight)
+    means = [sum(v) / len(v) for v in per_weight.values()]
+    assert max(means) < 1.1 * min(means)
+
+
 def test_prefix_cache_needs_a_minimum_match_and_keeps_affinity_until_the_load_guard_trips():
     ts = targets(1, 1)
     load = LocalLoadTracker()
