@@ -44,7 +44,7 @@ from enginesim.flavours.lmdeploy_models import (
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
-from enginesim.openai import HttpError, Plan
+from enginesim.openai import HttpError, Plan, StreamStyle
 from enginesim.peer import post_json
 from enginesim.schema import Invalid, Model, validate
 from enginesim.stats import RequestStats
@@ -65,6 +65,7 @@ def internal_error(message: str) -> HttpError:
 
 class LmdeployFlavour(Flavour):
     owned_by = "lmdeploy"
+    stream_style = StreamStyle(spaced=True, null_usage="asked")
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)
