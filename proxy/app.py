@@ -219,7 +219,7 @@ class ProxyApp:
             check_hops(self.deployment, headers.hops)
         request_id = headers.request_id or _new_request_id()
         key: KeyView | None = None
-        model = ""
+        model: object = None
         try:
             key = self.authenticate(snap, headers)
             if key is not None and self.shared.share_counters:

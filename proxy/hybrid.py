@@ -20,7 +20,7 @@ from .relay import relay_stream
 from .request import Outcome, ProxyRequest
 from .router import Router
 from .transport import DisconnectWatcher, Send, send_bytes
-from .usage import TakenUsage, takes_usage, with_usage
+from .usage import taken_usage, takes_usage, with_usage
 
 
 class HybridRequest(AttemptLoop[None]):
@@ -67,7 +67,7 @@ class HybridRequest(AttemptLoop[None]):
         headers = self.request.response_headers(attempt.url)
         if attempt.streaming:
             shape = takes_usage(self.request, attempt.target.node.engine_type)
-            taken = None if shape is None else TakenUsage(shape)
+            taken = None if shape is None else taken_usage(shape)
             attempt.verdict = await relay_stream(
                 self.send, attempt, headers, self.watcher, outcome, HYBRID, taken=taken
             )

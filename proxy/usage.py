@@ -99,8 +99,6 @@ class TakenUsage:
         if held is not None:
             held.append(chunk)
             return b""
-        if self.null_usage:
-            return self._feed_events(chunk)
         at = chunk.find(self.finish_mark)
         if at >= 0:
             at += len(self.finish_mark)
@@ -118,23 +116,6 @@ class TakenUsage:
         self.held = [chunk]
         self.mark = at
         return b""
-
-    def _feed_events(self, chunk: bytes) -> bytes:
-        """Whole events only (a read that ends inside one keeps its start for the next), each
-        without the null usage the engine added."""
-        if self.partial:
-            chunk = self.partial + chunk
-            self.partial = b""
-        at = chunk.find(self.finish_mark)
-        if at >= 0:
-            self.held = [chunk]
-            self.mark = at + len(self.finish_mark)
-            return b""
-        end = chunk.rfind(b"\n\n")
-        end = 0 if end < 0 else end + 2
-        if end < len(chunk):
-            chunk, self.partial = chunk[:end], chunk[end:]
-        return chunk.replace(self.null_usage, b"}\n\n")
 
     def finish(self) -> bytes:
         """The held end of the stream without the usage event, the engine's other changes undone."""
@@ -165,6 +146,38 @@ class TakenUsage:
             if fingerprint is not None and head.endswith(b"}") and _FINGERPRINT not in head[self.mark :]:
                 head = head[:-1] + b"," + _FINGERPRINT + fingerprint + b"}"
         return head + b"\n\n" + b"\n\n".join(events)
+
+
+class TakenEvents(TakenUsage):
+    """``TakenUsage`` for an engine that also changes every other chunk (``Shape.null_usage``):
+    it passes whole events only (a read that ends inside one keeps its start for the next), each
+    without the null usage the engine added."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        held = self.held
+        if held is not None:
+            held.append(chunk)
+            return b""
+        if self.partial:
+            chunk = self.partial + chunk
+            self.partial = b""
+        at = chunk.find(self.finish_mark)
+        if at >= 0:
+            self.held = [chunk]
+            self.mark = at + len(self.finish_mark)
+            return b""
+        if not chunk.endswith(b"\n\n"):
+            end = chunk.rfind(b"\n\n")
+            end = 0 if end < 0 else end + 2
+            chunk, self.partial = chunk[:end], chunk[end:]
+        return chunk.replace(self.null_usage, b"}\n\n")
+
+
+def taken_usage(shape: Shape) -> TakenUsage:
+    """The relay hook for a stream of this shape."""
+    return TakenEvents(shape) if shape.null_usage else TakenUsage(shape)
 
 
 def _field(event: bytes, name: bytes) -> bytes | None:

@@ -23,7 +23,7 @@ from ..loops import HOP_HEADER
 from ..relay import relay_stream
 from ..request import ProxyRequest
 from ..transport import send_bytes
-from ..usage import TakenUsage, takes_usage
+from ..usage import taken_usage, takes_usage
 from . import metrics as pd_metrics
 from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
@@ -135,7 +135,7 @@ class DecodeLeg(PdLeg[None]):
         if attempt.streaming:
             pd.outcome.node = attempt.url
             shape = takes_usage(pd.request, cast(LegAttempt, attempt).leg.target.node.engine_type)
-            taken = None if shape is None else TakenUsage(shape)
+            taken = None if shape is None else taken_usage(shape)
             merge = self._merge_usage if pd.prompt_tokens is not None and taken is None else None
             headers = pd.response_headers()
             complete = await relay_stream(pd.send, attempt, headers, pd.watcher, pd.outcome, DECODE, merge, taken=taken)

@@ -9,14 +9,14 @@ import re
 
 import pytest
 
-from proxy.usage import SHAPES, TakenUsage, with_usage
+from proxy.usage import SHAPES, TakenUsage, taken_usage, with_usage
 from tests.proxy.engine_streams import ENGINES
 
 vllm_stream = ENGINES["vllm"]
 
 
 def relay(stream: bytes, cuts: list[int], engine: str = "vllm") -> tuple[bytes, TakenUsage]:
-    taken = TakenUsage(SHAPES[engine])
+    taken = taken_usage(SHAPES[engine])
     out = b""
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         out += taken.feed(stream[start:end])
