@@ -36,7 +36,7 @@ from proxy.accounting import Accounting  # noqa: E402
 from proxy.budgets import TokenBudgets  # noqa: E402
 from proxy.request import Outcome  # noqa: E402
 from proxy.snapshot import KeyView  # noqa: E402
-from proxy.usage import SHAPES, TakenUsage, taken_usage, with_usage  # noqa: E402
+from proxy.usage import SHAPES, taken_usage, with_usage  # noqa: E402
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * 400 + b'"}],"stream":true,"max_tokens":64}'
 
@@ -113,26 +113,23 @@ def main() -> None:
     budgets = TokenBudgets()
     key = KeyView(id=1, name="bench", allowed_models=frozenset(), tokens_per_minute=10**12, tokens_per_day=10**12)
     reads = stream(args.chunks)
-    lmdeploy_reads = stream(args.chunks, "lmdeploy")
 
     def passthrough() -> None:
         for read in reads:
             if read:
                 pass
 
-    def taken() -> None:
-        hook = TakenUsage(SHAPES["vllm"])
-        for read in reads:
-            if hook.feed(read):
-                pass
-        hook.finish()
+    def relaying(engine: str) -> Callable[[], None]:
+        shape, engine_reads = SHAPES[engine], stream(args.chunks, engine)
 
-    def taken_lmdeploy() -> None:
-        hook = taken_usage(SHAPES["lmdeploy"])
-        for read in lmdeploy_reads:
-            if hook.feed(read):
-                pass
-        hook.finish()
+        def taken() -> None:
+            hook = taken_usage(shape)
+            for read in engine_reads:
+                if hook.feed(read):
+                    pass
+            hook.finish()
+
+        return taken
 
     accounting = Accounting(budgets)
     outcome = Outcome(status=200, node="http://10.0.0.1:8000", usage=ANSWER, ttft=0.05)
@@ -149,8 +146,10 @@ def main() -> None:
         filled.budgets.flushed((0, 0), [key.id], [[b"1"], [b"1"]])
         live_usage.queue_add(pipe, buckets)
 
-    relay = per_call(taken, number // 10, repeat) - per_call(passthrough, number // 10, repeat)
-    relay_lmdeploy = per_call(taken_lmdeploy, number // 10, repeat) - per_call(passthrough, number // 10, repeat)
+    relay, relay_lmdeploy = (
+        per_call(relaying(engine), number // 10, repeat) - per_call(passthrough, number // 10, repeat)
+        for engine in ("vllm", "lmdeploy")
+    )
     figures = {
         "check": per_call(lambda: budgets.exceeded(key), number, repeat),
         "record": per_call(lambda: accounting.record(key, "m", outcome), number, repeat),
