@@ -26,15 +26,23 @@ class StreamStyle:
       asked for (LMDeploy); ``"completions"``: every completion chunk carries ``"usage":null``
       whatever was asked (SGLang's pydantic chunks);
     - ``fingerprint``: vLLM's ``system_fingerprint``, on the chunk that ends the answer, or on the
-      usage chunk instead when one follows.
+      usage chunk instead when one follows;
+    - ``omit_none``: a choice's fields that are null are left out (LMDeploy's ``exclude_none``).
     """
 
     spaced: bool = False
     null_usage: str = ""
     fingerprint: str | None = None
+    omit_none: bool = False
 
     def dumps(self, obj: Any) -> bytes:
         return json.dumps(obj).encode() if self.spaced else dumps(obj)
+
+    def usage_event(self, chunk: dict[str, Any], kind: str) -> bytes:
+        """The usage chunk (``choices: []``) of a ``kind`` ("chat" or "completion") stream."""
+        if self.fingerprint:
+            chunk["system_fingerprint"] = self.fingerprint
+        return b"data: " + self.dumps(chunk) + b"\n\n"
 
 
 PLAIN = StreamStyle()
@@ -157,6 +165,8 @@ class Plan:
 
     def _chunk(self, choices: list[dict[str, Any]], style: StreamStyle, usage: bool, end: bool = False) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        if style.omit_none:
+            choices = [{k: v for k, v in choice.items() if v is not None} for choice in choices]
         chunk: dict[str, Any] = {
             "id": self.response_id,
             "object": obj,
@@ -215,8 +225,6 @@ class Plan:
                 "choices": [],
                 "usage": self.usage(),
             }
-            if style.fingerprint:
-                usage_chunk["system_fingerprint"] = style.fingerprint
-            events.append(b"data: " + style.dumps(usage_chunk) + b"\n\n")
+            events.append(style.usage_event(usage_chunk, self.kind))
         events.append(b"data: [DONE]\n\n")
         return events
