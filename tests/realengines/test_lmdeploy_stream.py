@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from enginesim.testing import run_simulator
-from tests.realengines.test_lmdeploy_models import lmdeploy_python  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.real_engine
 
@@ -27,7 +26,7 @@ WRITER = Path(__file__).resolve().parent / "lmdeploy_stream.py"
         ("completion", "/v1/completions", {"prompt": "tell me something"}),
     ],
 )
-def test_the_simulators_stream_is_lmdeploys_with_and_without_usage(lmdeploy_python, kind, path, prompt):  # noqa: F811
+def test_the_simulators_stream_is_lmdeploys_with_and_without_usage(lmdeploy_python, kind, path, prompt):
     with run_simulator(engine="lmdeploy", served_model_name="m") as sim:
         streams = {
             asked: httpx.post(
