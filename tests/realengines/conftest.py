@@ -66,14 +66,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[place] = item
 
 
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    if VLLM_PYTHON.exists():
-        return VLLM_PYTHON
-    message = f"no vLLM virtualenv at {VLLM_PYTHON}: run `make vllm-env`"
+def _interpreter(python: Path, target: str, engine: str) -> Path:
+    """``python`` when it exists; otherwise the test skips, or fails when real engines are required."""
+    if python.exists():
+        return python
+    message = f"no {engine} virtualenv at {python}: run `make {target}`"
     if real_engines_required():
         pytest.fail(f"{message} (ROUTERPANEL_REQUIRE_REAL_ENGINES is set)", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    return _interpreter(VLLM_PYTHON, "vllm-env", "vLLM")
 
 
 @pytest.fixture(scope="session")
@@ -134,9 +139,4 @@ def routerpanel_redis(stack: RouterPanelStack) -> str:
 @pytest.fixture(scope="module")
 def lmdeploy_python() -> Path:
     """The Python of .venv-lmdeploy (``make lmdeploy-env``), which has LMDeploy's models."""
-    if LMDEPLOY_PYTHON.exists():
-        return LMDEPLOY_PYTHON
-    message = f"no LMDeploy virtualenv at {LMDEPLOY_PYTHON}: run `make lmdeploy-env`"
-    if real_engines_required():
-        pytest.fail(f"{message} (ROUTERPANEL_REQUIRE_REAL_ENGINES is set)", pytrace=False)
-    pytest.skip(message)
+    return _interpreter(LMDEPLOY_PYTHON, "lmdeploy-env", "LMDeploy")
