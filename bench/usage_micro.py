@@ -8,7 +8,8 @@
   token (``Accounting.record``);
 - ``ask``: a stream's body asks the engine for usage (``proxy.usage.with_usage``);
 - ``relay``: the relay's hook over a vLLM stream of ``--chunks`` reads, its usage chunk taken out
-  (``TakenUsage.feed`` on each read, ``finish`` once), against passing the reads through;
+  (``TakenUsage.feed`` on each read, ``finish`` once), against passing the reads through; and over
+  an LMDeploy stream, whose every chunk also loses the ``"usage": null`` it gained;
 - ``flush``: the loop's share per request: queueing one worker's budget counts and minute buckets
   of ``--keys`` keys for Redis (into a pipeline that only records the commands), per request at
   1,000 requests per flush.
@@ -35,21 +36,32 @@ from proxy.accounting import Accounting  # noqa: E402
 from proxy.budgets import TokenBudgets  # noqa: E402
 from proxy.request import Outcome  # noqa: E402
 from proxy.snapshot import KeyView  # noqa: E402
-from proxy.usage import TakenUsage, with_usage  # noqa: E402
+from proxy.usage import SHAPES, taken_usage, with_usage  # noqa: E402
 
 BODY = b'{"model":"m","messages":[{"role":"user","content":"' + b"y" * 400 + b'"}],"stream":true,"max_tokens":64}'
 
 
-def stream(chunks: int) -> list[bytes]:
+def stream(chunks: int, engine: str = "vllm") -> list[bytes]:
+    """vLLM's stream asked for usage (compact JSON), or LMDeploy's (``json.dumps``, each chunk with
+    ``"usage": null`` last, no ``finish_reason`` until the end)."""
+    lmdeploy = engine == "lmdeploy"
+    separators = (", ", ": ") if lmdeploy else (",", ":")
     head = {"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m"}
     reads = []
     for i in range(chunks):
         finish = "length" if i == chunks - 1 else None
-        choice = {"index": 0, "delta": {"content": " word"}, "logprobs": None, "finish_reason": finish}
-        reads.append(b"data: " + json.dumps({**head, "choices": [choice]}, separators=(",", ":")).encode() + b"\n\n")
+        choice: dict[str, object] = {"index": 0, "delta": {"content": " word"}}
+        if lmdeploy:
+            choice |= {"finish_reason": finish} if finish else {}
+            chunk = {**head, "choices": [choice], "usage": None}
+        else:
+            chunk = {**head, "choices": [{**choice, "logprobs": None, "finish_reason": finish}]}
+        reads.append(b"data: " + json.dumps(chunk, separators=separators).encode() + b"\n\n")
     usage = {"prompt_tokens": 9, "total_tokens": 9 + chunks, "completion_tokens": chunks}
-    tail = {**head, "choices": [], "usage": usage, "system_fingerprint": "vllm-0.32.0-abc"}
-    reads.append(b"data: " + json.dumps(tail, separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n")
+    tail: dict[str, object] = {**head, "choices": [], "usage": usage}
+    if not lmdeploy:
+        tail["system_fingerprint"] = "vllm-0.32.0-abc"
+    reads.append(b"data: " + json.dumps(tail, separators=separators).encode() + b"\n\ndata: [DONE]\n\n")
     return reads
 
 
@@ -107,12 +119,17 @@ def main() -> None:
             if read:
                 pass
 
-    def taken() -> None:
-        hook = TakenUsage()
-        for read in reads:
-            if hook.feed(read):
-                pass
-        hook.finish()
+    def relaying(engine: str) -> Callable[[], None]:
+        shape, engine_reads = SHAPES[engine], stream(args.chunks, engine)
+
+        def taken() -> None:
+            hook = taken_usage(shape)
+            for read in engine_reads:
+                if hook.feed(read):
+                    pass
+            hook.finish()
+
+        return taken
 
     accounting = Accounting(budgets)
     outcome = Outcome(status=200, node="http://10.0.0.1:8000", usage=ANSWER, ttft=0.05)
@@ -129,12 +146,16 @@ def main() -> None:
         filled.budgets.flushed((0, 0), [key.id], [[b"1"], [b"1"]])
         live_usage.queue_add(pipe, buckets)
 
-    relay = per_call(taken, number // 10, repeat) - per_call(passthrough, number // 10, repeat)
+    relay, relay_lmdeploy = (
+        per_call(relaying(engine), number // 10, repeat) - per_call(passthrough, number // 10, repeat)
+        for engine in ("vllm", "lmdeploy")
+    )
     figures = {
         "check": per_call(lambda: budgets.exceeded(key), number, repeat),
         "record": per_call(lambda: accounting.record(key, "m", outcome), number, repeat),
         "ask": per_call(lambda: with_usage(BODY), number, repeat),
         f"relay ({args.chunks} reads)": relay,
+        "relay, LMDeploy": relay_lmdeploy,
         "flush": per_call(flush, max(1, number // 1000), repeat) / 1000,
     }
     print(f"load average {os.getloadavg()[0]:.1f}; CPU time per request, medians of {repeat} runs")

@@ -189,8 +189,9 @@ class SimulatorApp:
         slow_ms: float,
         close_after: int | None,
     ) -> None:
-        steps = plan.stream_steps()
-        tail = plan.stream_tail(req.include_usage)
+        style = self.flavour.stream_style
+        steps = plan.stream_steps(style, req.include_usage)
+        tail = plan.stream_tail(req.include_usage, style)
         self.stats.by_status["200"] += 1
         if not delay and not slow_ms and close_after is None:
             whole = b"".join(b"".join(events) for events in steps) + b"".join(tail)

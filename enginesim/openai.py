@@ -15,6 +15,39 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+@dataclass(frozen=True)
+class StreamStyle:
+    """How an engine writes a stream, as far as asking for usage changes it (the engines' serving
+    code, described in the repository's docs/usage.md). Every engine adds a last chunk with
+    ``choices: []`` and ``usage`` when asked; besides that:
+
+    - ``spaced``: chunks are Python's ``json.dumps`` (``", "`` and ``": "``; LMDeploy, DLEngine);
+    - ``null_usage``: ``"asked"``: every other chunk ends with ``"usage": null`` when usage was
+      asked for (LMDeploy); ``"completions"``: every completion chunk carries ``"usage":null``
+      whatever was asked (SGLang's pydantic chunks);
+    - ``fingerprint``: vLLM's ``system_fingerprint``, on the chunk that ends the answer, or on the
+      usage chunk instead when one follows;
+    - ``omit_none``: a choice's fields that are null are left out (LMDeploy's ``exclude_none``).
+    """
+
+    spaced: bool = False
+    null_usage: str = ""
+    fingerprint: str | None = None
+    omit_none: bool = False
+
+    def dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj).encode() if self.spaced else dumps(obj)
+
+    def usage_event(self, chunk: dict[str, Any], kind: str) -> bytes:
+        """The usage chunk (``choices: []``) of a ``kind`` ("chat" or "completion") stream."""
+        if self.fingerprint:
+            chunk["system_fingerprint"] = self.fingerprint
+        return b"data: " + self.dumps(chunk) + b"\n\n"
+
+
+PLAIN = StreamStyle()
+
+
 class HttpError(Exception):
     """An error answer in OpenAI shape: ``{"error": {"message", "type", "code"}}``, or ``payload`` as
     it is when a flavour answers in its engine's own shape (a dict as JSON, a str as plain text)."""
@@ -130,24 +163,31 @@ class Plan:
         body.update(self.extra)
         return body
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
+    def _chunk(self, choices: list[dict[str, Any]], style: StreamStyle, usage: bool, end: bool = False) -> bytes:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        chunk = {
+        if style.omit_none:
+            choices = [{k: v for k, v in choice.items() if v is not None} for choice in choices]
+        chunk: dict[str, Any] = {
             "id": self.response_id,
             "object": obj,
             "created": self.created,
             "model": self.model,
             "choices": choices,
         }
-        return b"data: " + dumps(chunk) + b"\n\n"
+        if (style.null_usage == "completions" and self.kind != "chat") or (style.null_usage == "asked" and usage):
+            chunk["usage"] = None
+        if end and style.fingerprint and not usage:
+            chunk["system_fingerprint"] = style.fingerprint
+        return b"data: " + style.dumps(chunk) + b"\n\n"
 
-    def stream_steps(self) -> list[list[bytes]]:
+    def stream_steps(self, style: StreamStyle = PLAIN, include_usage: bool = False) -> list[list[bytes]]:
         """SSE events grouped by generation step (the latency model sleeps between steps).
 
         Chat: the first step also carries ``delta {"role": "assistant"}``; each choice's last token
         carries its ``finish_reason``. The usage chunk and ``[DONE]`` come from ``stream_tail``.
         """
         steps: list[list[bytes]] = []
+        usage = include_usage
         for step in range(self.steps):
             events: list[bytes] = []
             for c in self.choices:
@@ -158,10 +198,10 @@ class Plan:
                 if self.kind == "chat":
                     delta: dict[str, Any] = {"role": "assistant", "content": text} if step == 0 else {"content": text}
                     choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
-                    events.append(self._chunk([choice]))
+                    events.append(self._chunk([choice], style, usage))
                     if last:
                         end = {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
-                        events.append(self._chunk([end]))
+                        events.append(self._chunk([end], style, usage, end=True))
                 else:
                     choice = {
                         "index": c.index,
@@ -169,15 +209,15 @@ class Plan:
                         "logprobs": None,
                         "finish_reason": c.finish_reason if last else None,
                     }
-                    events.append(self._chunk([choice]))
+                    events.append(self._chunk([choice], style, usage, end=last))
             steps.append(events)
         return steps
 
-    def stream_tail(self, include_usage: bool) -> list[bytes]:
+    def stream_tail(self, include_usage: bool, style: StreamStyle = PLAIN) -> list[bytes]:
         events = []
         if include_usage:
             obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-            usage_chunk = {
+            usage_chunk: dict[str, Any] = {
                 "id": self.response_id,
                 "object": obj,
                 "created": self.created,
@@ -185,6 +225,6 @@ class Plan:
                 "choices": [],
                 "usage": self.usage(),
             }
-            events.append(b"data: " + dumps(usage_chunk) + b"\n\n")
+            events.append(style.usage_event(usage_chunk, self.kind))
         events.append(b"data: [DONE]\n\n")
         return events

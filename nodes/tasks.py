@@ -32,3 +32,9 @@ def record_key_usage() -> int:
 def rollup_usage() -> int | None:
     """Roll the web workers' per-minute usage up into hourly rows (the current hour and the one before)."""
     return services.usage_rollup()
+
+
+@shared_task(name="nodes.prune_usage", ignore_result=True)
+def prune_usage() -> int:
+    """Delete hourly usage rows older than ``ROUTERPANEL_USAGE_RETENTION_DAYS``."""
+    return services.usage_prune()

@@ -33,7 +33,7 @@ class Accounting:
         self._flushed_at = 0.0
 
     def record(self, key: KeyView | None, model: str, outcome: Outcome, now: float | None = None) -> None:
-        """Count a request that ended (one that was routed: refusals before that are not usage)."""
+        """Count a request that was routed and ended (those refused before: ``refused``)."""
         now = time.time() if now is None else now
         prompt, completion = live_budgets.token_counts(outcome.usage) if outcome.usage else (0, 0)
         key_id = 0 if key is None else key.id
@@ -51,6 +51,17 @@ class Accounting:
         if outcome.ttft is not None:
             values[4] += round(outcome.ttft * 1000)
             values[5] += 1
+
+    def refused(self, key: KeyView | None, model: str, now: float | None = None) -> None:
+        """Count a request refused before it reached an engine (a bad key, the key's limits or
+        budgets, an unknown model, a malformed body) as a request and an error of its key (id 0
+        when no key was recognised), ``model`` (``-`` when none is configured by that name) and no
+        node (``-``)."""
+        now = time.time() if now is None else now
+        bucket = (int(now // 60), 0 if key is None else key.id, model, "-")
+        values = self.buckets.setdefault(bucket, [0, 0, 0, 0, 0, 0])
+        values[2] += 1
+        values[3] += 1
 
     def due(self, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

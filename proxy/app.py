@@ -218,36 +218,45 @@ class ProxyApp:
         if headers.hops is not None:  # sent by a RouterPanel: maybe by this one (before the key: we send none)
             check_hops(self.deployment, headers.hops)
         request_id = headers.request_id or _new_request_id()
-        key = self.authenticate(snap, headers)
-        if key is not None and self.shared.share_counters:
-            self.shared.key_used[key.id] = time.time()  # copied to ApiKey.last_used_at off the hot path
+        key: KeyView | None = None
+        model: object = None
         try:
-            body = await read_body(receive, self.max_body, headers.content_length)
-        except ClientGone:
-            return
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_request("The request body is not valid JSON.", "invalid_json") from None
-        except RecursionError:  # a body nested deeper than the parser's stack, e.g. [[[[...]]]]
-            raise bad_request("The request body is nested too deeply.", "invalid_json") from None
-        if not isinstance(payload, dict):
-            raise bad_request("The request body must be a JSON object.", "invalid_json")
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise bad_request("The request needs a model.", "missing_model")
-        if field and field not in payload:
-            raise bad_request(f"The request needs {field!r}.", f"missing_{field}")
-        stream = payload.get("stream", False)
-        if not isinstance(stream, bool) and stream is not None:
-            # Engines read a string like "no" as true; answer as OpenAI does instead of guessing.
-            raise bad_request("'stream' must be true or false.", "invalid_stream")
-        explanation = self.explainer.begin(request_id, key, model, path, stream is True, started, headers.explain)
-        try:
-            route, limited = self.admit(snap, key, model, explanation, endpoint=endpoint, path=path)
-        except ProxyError as exc:
-            if explanation is not None:
-                self.explainer.refused(explanation, exc)
+            key = self.authenticate(snap, headers)
+            if key is not None and self.shared.share_counters:
+                self.shared.key_used[key.id] = time.time()  # copied to ApiKey.last_used_at off the hot path
+            try:
+                body = await read_body(receive, self.max_body, headers.content_length)
+            except ClientGone:
+                return
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise bad_request("The request body is not valid JSON.", "invalid_json") from None
+            except RecursionError:  # a body nested deeper than the parser's stack, e.g. [[[[...]]]]
+                raise bad_request("The request body is nested too deeply.", "invalid_json") from None
+            if not isinstance(payload, dict):
+                raise bad_request("The request body must be a JSON object.", "invalid_json")
+            model = payload.get("model")
+            if not isinstance(model, str) or not model:
+                raise bad_request("The request needs a model.", "missing_model")
+            if field and field not in payload:
+                raise bad_request(f"The request needs {field!r}.", f"missing_{field}")
+            stream = payload.get("stream", False)
+            if not isinstance(stream, bool) and stream is not None:
+                # Engines read a string like "no" as true; answer as OpenAI does instead of guessing.
+                raise bad_request("'stream' must be true or false.", "invalid_stream")
+            explanation = self.explainer.begin(request_id, key, model, path, stream is True, started, headers.explain)
+            try:
+                route, limited = self.admit(snap, key, model, explanation, endpoint=endpoint, path=path)
+            except ProxyError as exc:
+                if explanation is not None:
+                    self.explainer.refused(explanation, exc)
+                raise
+        except ProxyError:
+            # Refused before reaching an engine: an error of the key (docs/usage.md), under the route's
+            # name when it has one, so that what clients send cannot add names to the counts.
+            known = snap.routes.get(model) if isinstance(model, str) else None
+            self.accounting.refused(key, "-" if known is None else known.name)
             raise
         request = ProxyRequest(
             path=path,

@@ -20,7 +20,7 @@ from .relay import relay_stream
 from .request import Outcome, ProxyRequest
 from .router import Router
 from .transport import DisconnectWatcher, Send, send_bytes
-from .usage import TakenUsage, takes_usage, with_usage
+from .usage import taken_usage, takes_usage, with_usage
 
 
 class HybridRequest(AttemptLoop[None]):
@@ -57,7 +57,7 @@ class HybridRequest(AttemptLoop[None]):
         request = self.request
         headers = {"Content-Type": "application/json", "X-Request-Id": request.request_id, HOP_HEADER: request.hop}
         body = request.body_for(attempt.target.served_name)
-        if takes_usage(request, attempt.target.node.engine_type):  # for the token counts (proxy.usage)
+        if takes_usage(request, attempt.target.node.engine_type) is not None:  # for the token counts (proxy.usage)
             body = with_usage(body)
         return attempt.url + request.path, body, headers
 
@@ -66,7 +66,8 @@ class HybridRequest(AttemptLoop[None]):
         outcome.node = attempt.url
         headers = self.request.response_headers(attempt.url)
         if attempt.streaming:
-            taken = TakenUsage() if takes_usage(self.request, attempt.target.node.engine_type) else None
+            shape = takes_usage(self.request, attempt.target.node.engine_type)
+            taken = None if shape is None else taken_usage(shape)
             attempt.verdict = await relay_stream(
                 self.send, attempt, headers, self.watcher, outcome, HYBRID, taken=taken
             )

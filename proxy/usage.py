@@ -2,44 +2,68 @@
 
 Token budgets and usage accounting need every answer's token counts (docs/usage.md). A JSON answer
 carries them; a stream only when the client sent ``stream_options.include_usage``. For the others
-the hybrid path asks the engine for them (``with_usage``) and ``TakenUsage`` takes the usage chunk
-out of what the client receives, so the client gets exactly the bytes it would have got.
+the hybrid path and the PD decode ask the engine for them (``with_usage``) and ``TakenUsage`` takes
+the usage chunk out of what the client receives, so the client gets exactly the bytes it would have
+got.
 
-Only where that is known to be exact: a vLLM node (``engine_type`` vllm), chat or completions, one
-choice (``n`` absent or 1) and no ``stream_options`` of the client's own (``continuous_usage_stats``
-would put usage in every chunk). What vLLM changes when asked for usage, with continuous usage off
-(its ``serving.py`` for chat and completions, checked byte for byte in
-``tests/realengines/test_stream_usage_vllm.py``):
+Only where that is known to be exact: chat or completions, one choice (``n`` absent or 1), no
+``stream_options`` of the client's own (``continuous_usage_stats`` would put usage in every chunk),
+and an engine whose stream, asked for usage, changes only in ways ``Shape`` undoes (read in each
+engine's own serving code; docs/usage.md lists them):
 
-- one more event before ``data: [DONE]``: ``choices: []`` with ``usage`` (and ``system_fingerprint``);
-- the chunk that carries ``finish_reason`` loses its ``system_fingerprint``, which vLLM puts there only
-  when no usage chunk follows. It is put back, from the usage chunk, as the chunk's last field.
+- every one sends one more event before ``data: [DONE]``: ``choices: []`` with ``usage``;
+- vLLM also moves ``system_fingerprint`` from the chunk that carries ``finish_reason`` to that
+  event; it is put back, from the usage chunk, as the chunk's last field;
+- LMDeploy also adds ``"usage": null`` as the last field of every other chunk; it is taken out.
 
-No other chunk changes (vLLM leaves ``usage`` out of the JSON when unset). The relay pays one
-``bytes.find`` per chunk until the one that carries a ``finish_reason``; from there to the end of
-the stream (that chunk, the usage chunk and ``[DONE]``, sent back to back by the engine) the bytes
-are held and rewritten once.
+The relay pays one ``bytes.find`` per chunk until the one that carries a ``finish_reason`` (LMDeploy:
+and one ``bytes.replace``); from there to the end of the stream (that chunk, the usage chunk and
+``[DONE]``, sent back to back by the engine) the bytes are held and rewritten once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from nodes.choices import EngineType
 
 from .request import ProxyRequest
 
 STREAM_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-FINISH = b'"finish_reason":"'  # a chunk that ends a choice (running chunks have ``null``)
-_SPLIT = len(FINISH) - 1  # bytes of one chunk kept to find FINISH across two
 _FINGERPRINT = b'"system_fingerprint":'
 ASK = b',"stream_options":{"include_usage":true}}'
+_USAGE_EVENT_MARKS = ((b'"choices":[]', b'"usage":{'), (b'"choices": []', b'"usage": {'))
 
 
-def takes_usage(request: ProxyRequest, engine_type: str) -> bool:
-    """Whether to ask this node for a usage chunk the client did not ask for (see module doc)."""
-    if not request.stream or engine_type != EngineType.VLLM or request.path not in STREAM_PATHS:
-        return False
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """How an engine's stream differs when it was asked for usage (besides the usage event)."""
+
+    finish: bytes  # how a chunk that ends a choice starts its finish reason (running chunks have null)
+    fingerprint: bool = False  # vLLM: system_fingerprint moves from that chunk to the usage event
+    null_usage: bytes = b""  # LMDeploy: every other event ends with this instead of ``}``
+
+
+_COMPACT = b'"finish_reason":"'  # pydantic's and msgspec's JSON (vLLM, SGLang)
+_SPACED = b'"finish_reason": "'  # Python's json.dumps (LMDeploy, DLEngine)
+SHAPES: dict[str, Shape] = {
+    EngineType.VLLM: Shape(_COMPACT, fingerprint=True),
+    EngineType.SGLANG: Shape(_COMPACT),
+    EngineType.LMDEPLOY: Shape(_SPACED, null_usage=b', "usage": null}\n\n'),
+    EngineType.NANODEPLOY: Shape(_SPACED),
+}
+
+
+def takes_usage(request: ProxyRequest, engine_type: str) -> Shape | None:
+    """How to take a usage chunk the client did not ask for from this node's stream, or None when
+    it is not asked for (see module doc)."""
+    if not request.stream or request.path not in STREAM_PATHS:
+        return None
+    shape = SHAPES.get(engine_type)
+    if shape is None:
+        return None
     payload = request.payload
-    return "stream_options" not in payload and payload.get("n", 1) in (1, None)
+    return shape if "stream_options" not in payload and payload.get("n", 1) in (1, None) else None
 
 
 def with_usage(body: bytes) -> bytes:
@@ -49,16 +73,25 @@ def with_usage(body: bytes) -> bytes:
     return body[:end] + ASK + body[end + 1 :]
 
 
+def _has_usage(data: bytes) -> bool:
+    return b'"usage":{' in data or b'"usage": {' in data
+
+
 class TakenUsage:
     """One stream's relay hook: ``feed`` each chunk and send what it returns; ``finish`` at the end
     gives the held bytes to send. ``usage`` is then the usage event taken out (b"" when none)."""
 
-    __slots__ = ("held", "mark", "tail", "usage")
+    __slots__ = ("finish_mark", "held", "mark", "null_usage", "partial", "shape", "split", "tail", "usage")
 
-    def __init__(self) -> None:
-        self.tail = b""  # the last bytes sent when they end inside an event, to find FINISH split over two
+    def __init__(self, shape: Shape) -> None:
+        self.shape = shape
+        self.finish_mark = shape.finish
+        self.split = len(shape.finish) - 1  # bytes of one chunk kept to find the mark across two
+        self.null_usage = shape.null_usage
+        self.tail = b""  # the last bytes sent when they end inside an event, to find the mark split over two
+        self.partial = b""  # LMDeploy: the start of an event not yet whole, held until it is
         self.held: list[bytes] | None = None
-        self.mark = 0  # where FINISH ends in the held bytes (at least 0)
+        self.mark = 0  # where the finish mark ends in the held bytes (at least 0)
         self.usage = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -66,48 +99,85 @@ class TakenUsage:
         if held is not None:
             held.append(chunk)
             return b""
-        at = chunk.find(FINISH)
+        at = chunk.find(self.finish_mark)
         if at >= 0:
-            at += len(FINISH)
-        elif self.tail and FINISH in self.tail + chunk[:_SPLIT]:
-            at = 0  # FINISH ends in this chunk, with no event boundary before it
+            at += len(self.finish_mark)
+        elif self.tail and self.finish_mark in self.tail + chunk[: self.split]:
+            at = 0  # the mark ends in this chunk, with no event boundary before it
         else:
-            # An engine writes whole events, so a read mostly ends at an event's end, where FINISH
+            # An engine writes whole events, so a read mostly ends at an event's end, where the mark
             # cannot straddle it; otherwise keep the read's last bytes to look across.
             if chunk.endswith(b"\n\n"):
                 self.tail = b""
             else:
-                self.tail = chunk[-_SPLIT:] if len(chunk) >= _SPLIT else (self.tail + chunk)[-_SPLIT:]
+                split = self.split
+                self.tail = chunk[-split:] if len(chunk) >= split else (self.tail + chunk)[-split:]
             return chunk
         self.held = [chunk]
         self.mark = at
         return b""
 
     def finish(self) -> bytes:
-        """The held end of the stream without the usage event, the fingerprint put back."""
+        """The held end of the stream without the usage event, the engine's other changes undone."""
         if self.held is None:
-            return b""
+            return self.partial
         data = b"".join(self.held)
         self.held = None
+        if self.null_usage:  # whole events were held from the one with the finish mark on
+            data = data.replace(self.null_usage, b"}\n\n")
+            self.mark = data.find(self.finish_mark) + len(self.finish_mark)
         end = data.find(b"\n\n", self.mark)
-        if end < 0 or b'"usage"' in data[self.mark : end]:
+        if end < 0 or _has_usage(data[self.mark : end]):
             # The stream broke off inside the last chunk, or the engine puts usage in every chunk
             # whatever the request says (vLLM's --enable-force-include-usage): a client that did
             # not ask gets the usage chunk too, so nothing is taken.
             return data
         events = data[end + 2 :].split(b"\n\n")
         for i, event in enumerate(events):
-            if event.startswith(b"data: {") and b'"choices":[]' in event and b'"usage":{' in event:
+            if event.startswith(b"data: {") and any(c in event and u in event for c, u in _USAGE_EVENT_MARKS):
                 self.usage = event
                 del events[i]
                 break
         else:
             return data
         head = data[:end]
-        fingerprint = _field(self.usage, _FINGERPRINT)
-        if fingerprint is not None and head.endswith(b"}") and _FINGERPRINT not in head[self.mark :]:
-            head = head[:-1] + b"," + _FINGERPRINT + fingerprint + b"}"
+        if self.shape.fingerprint:
+            fingerprint = _field(self.usage, _FINGERPRINT)
+            if fingerprint is not None and head.endswith(b"}") and _FINGERPRINT not in head[self.mark :]:
+                head = head[:-1] + b"," + _FINGERPRINT + fingerprint + b"}"
         return head + b"\n\n" + b"\n\n".join(events)
+
+
+class TakenEvents(TakenUsage):
+    """``TakenUsage`` for an engine that also changes every other chunk (``Shape.null_usage``):
+    it passes whole events only (a read that ends inside one keeps its start for the next), each
+    without the null usage the engine added."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        held = self.held
+        if held is not None:
+            held.append(chunk)
+            return b""
+        if self.partial:
+            chunk = self.partial + chunk
+            self.partial = b""
+        at = chunk.find(self.finish_mark)
+        if at >= 0:
+            self.held = [chunk]
+            self.mark = at + len(self.finish_mark)
+            return b""
+        if not chunk.endswith(b"\n\n"):
+            end = chunk.rfind(b"\n\n")
+            end = 0 if end < 0 else end + 2
+            chunk, self.partial = chunk[:end], chunk[end:]
+        return chunk.replace(self.null_usage, b"}\n\n")
+
+
+def taken_usage(shape: Shape) -> TakenUsage:
+    """The relay hook for a stream of this shape."""
+    return TakenEvents(shape) if shape.null_usage else TakenUsage(shape)
 
 
 def _field(event: bytes, name: bytes) -> bytes | None:

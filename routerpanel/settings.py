@@ -242,6 +242,7 @@ CELERY_BEAT_SCHEDULE = {
     "api-key-usage": {"task": "nodes.record_key_usage", "schedule": 30.0, "options": {"expires": 27.0}},
     # Idempotent: each run rewrites the current and the previous hour's rows (docs/usage.md).
     "usage-rollup": {"task": "nodes.rollup_usage", "schedule": 300.0, "options": {"expires": 270.0}},
+    "usage-prune": {"task": "nodes.prune_usage", "schedule": 3600.0, "options": {"expires": 3500.0}},
 }
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
 CELERY_TASK_ALWAYS_EAGER = env_bool("ROUTERPANEL_CELERY_EAGER", False)
@@ -412,3 +413,5 @@ ROUTERPANEL_PROXY_HEALTH_APPLY_INTERVAL = env_float("ROUTERPANEL_PROXY_HEALTH_AP
 ROUTERPANEL_EXPLAIN = env_bool("ROUTERPANEL_EXPLAIN", True)
 ROUTERPANEL_EXPLAIN_RETENTION = env_float("ROUTERPANEL_EXPLAIN_RETENTION", 3600.0, minimum=1.0)
 ROUTERPANEL_EXPLAIN_MAX_RECORDS = env_int("ROUTERPANEL_EXPLAIN_MAX_RECORDS", 50_000, minimum=100)
+# Hourly usage rows (UsageHour) are deleted this many days after their hour (beat, hourly; docs/usage.md).
+ROUTERPANEL_USAGE_RETENTION_DAYS = env_int("ROUTERPANEL_USAGE_RETENTION_DAYS", 400, minimum=1)

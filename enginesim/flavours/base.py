@@ -8,7 +8,7 @@ from enginesim.config import SimConfig
 from enginesim.http import Request
 from enginesim.inference import Handler, InferenceRequest, parse_inference
 from enginesim.kv import KvLedger
-from enginesim.openai import ChoicePlan, Plan
+from enginesim.openai import PLAIN, ChoicePlan, Plan
 from enginesim.stats import RequestStats
 from enginesim.textgen import count_prompt_tokens, plan_tokens
 
@@ -23,6 +23,8 @@ class Flavour:
     owned_by = "openai"
     # What the engine answers for a path it does not serve (None: an OpenAI-shaped error).
     not_found: dict[str, Any] | None = None
+    # How its streams are written, where asking for usage changes them.
+    stream_style = PLAIN
 
     @property
     def generates(self) -> bool:

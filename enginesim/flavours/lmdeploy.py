@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import string
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,7 +45,7 @@ from enginesim.flavours.lmdeploy_models import (
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
-from enginesim.openai import HttpError, Plan
+from enginesim.openai import HttpError, Plan, StreamStyle, dumps
 from enginesim.peer import post_json
 from enginesim.schema import Invalid, Model, validate
 from enginesim.stats import RequestStats
@@ -63,8 +64,24 @@ def internal_error(message: str) -> HttpError:
     return HttpError(500, message, payload="Internal Server Error")
 
 
+@dataclass(frozen=True)
+class LmdeployStyle(StreamStyle):
+    """LMDeploy 0.18's streams (``chat_completions/serving.py``, ``endpoints/completions.py``): the
+    usage chunk's ``UsageInfo`` in its field order; chat's built with the prefix-cache details and
+    dumped by pydantic (compact), completions' dumped by ``json.dumps`` like the other chunks."""
+
+    def usage_event(self, chunk: dict[str, Any], kind: str) -> bytes:
+        counts = chunk["usage"]
+        usage = {name: counts[name] for name in ("prompt_tokens", "total_tokens", "completion_tokens")}
+        if kind == "chat":
+            usage["prompt_tokens_details"] = {"cached_tokens": 0}
+            return b"data: " + dumps({**chunk, "usage": usage}) + b"\n\n"
+        return b"data: " + json.dumps({**chunk, "usage": usage}).encode() + b"\n\n"
+
+
 class LmdeployFlavour(Flavour):
     owned_by = "lmdeploy"
+    stream_style = LmdeployStyle(spaced=True, null_usage="asked", omit_none=True)
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)

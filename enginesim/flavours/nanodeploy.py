@@ -32,7 +32,7 @@ from enginesim.flavours.base import Flavour, blocks_for
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest
 from enginesim.kv import KvLedger
-from enginesim.openai import ChoicePlan, HttpError, Plan
+from enginesim.openai import ChoicePlan, HttpError, Plan, StreamStyle
 from enginesim.stats import RequestStats
 from enginesim.textgen import (
     count_prompt_tokens,
@@ -71,6 +71,7 @@ def decode_migration(migration: Any) -> dict[str, Any]:
 
 class NanoDeployFlavour(Flavour):
     owned_by = "dlengine"  # ``dlengine serve`` lists its model as owned by "dlengine"
+    stream_style = StreamStyle(spaced=True)
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)

@@ -27,7 +27,7 @@ from enginesim.flavours.base import Flavour
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
-from enginesim.openai import HttpError, Plan
+from enginesim.openai import HttpError, Plan, StreamStyle
 from enginesim.peer import post_json
 from enginesim.schema import Field, Invalid, ListOf, Model, Optional, Union, validate
 from enginesim.stats import RequestStats
@@ -54,6 +54,7 @@ VERSION = "0.5.23"  # the SGLang release the simulator follows
 
 class SglangFlavour(Flavour):
     owned_by = "sglang"
+    stream_style = StreamStyle(null_usage="completions")
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:
         super().__init__(config, kv, counters)

@@ -39,7 +39,7 @@ from enginesim.flavours.vllm_surface import NOT_FOUND, VllmSurface
 from enginesim.http import Request, Response
 from enginesim.inference import Handler, InferenceRequest, parse_json
 from enginesim.kv import KvLedger
-from enginesim.openai import HttpError, Plan
+from enginesim.openai import HttpError, Plan, StreamStyle
 from enginesim.peer import post_json
 from enginesim.stats import RequestStats
 
@@ -50,6 +50,7 @@ _REQUIRED = ("remote_engine_id", "remote_request_id", "remote_block_ids", "remot
 
 class VllmFlavour(Flavour):
     owned_by = "vllm"
+    stream_style = StreamStyle(fingerprint=f"vllm-{VERSION}-5f4e3d2c")
     not_found = NOT_FOUND
 
     def __init__(self, config: SimConfig, kv: KvLedger, counters: RequestStats) -> None:

@@ -66,7 +66,7 @@ from .routing import (
     policy_save,
     policy_update,
 )
-from .usage import usage_rollup
+from .usage import usage_prune, usage_rollup
 
 
 def entity_service(entity: str, action: str) -> Callable[..., Any]:
@@ -133,5 +133,6 @@ __all__ = [
     "registry_mark_gone",
     "registry_sync",
     "row_version",
+    "usage_prune",
     "usage_rollup",
 ]

@@ -7,6 +7,7 @@ import datetime
 import time
 from dataclasses import asdict
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -57,3 +58,13 @@ def usage_rollup(*, now: float | None = None, hours: int = 2) -> int | None:
             batch_size=500,
         )
     return len(rows)
+
+
+def usage_prune(*, now: float | None = None, days: int | None = None) -> int:
+    """Delete the ``UsageHour`` rows of hours that began more than ``days`` (by default
+    ``ROUTERPANEL_USAGE_RETENTION_DAYS``) before ``now``; returns how many. Beat runs it hourly."""
+    now = time.time() if now is None else now
+    days = settings.ROUTERPANEL_USAGE_RETENTION_DAYS if days is None else days
+    cutoff = datetime.datetime.fromtimestamp(now - days * 86_400, tz=datetime.UTC)
+    deleted, _ = UsageHour.objects.filter(hour__lt=cutoff).delete()
+    return deleted

@@ -23,6 +23,7 @@ from ..loops import HOP_HEADER
 from ..relay import relay_stream
 from ..request import ProxyRequest
 from ..transport import send_bytes
+from ..usage import taken_usage, takes_usage
 from . import metrics as pd_metrics
 from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
@@ -88,6 +89,8 @@ class PdLeg(AttemptLoop[Result]):
         leg = cast(LegAttempt, attempt).leg
         path, body, headers = self.build_leg(leg)
         headers[HOP_HEADER] = self.pd.request.hop
+        if self.role == NodeRole.DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
+            body["stream_options"] = {"include_usage": True}  # for the token counts (proxy.usage)
         return leg.url + path, dumps(body), headers
 
     def missing(self) -> ProxyError:
@@ -131,9 +134,13 @@ class DecodeLeg(PdLeg[None]):
         pd.decode_status = attempt.status
         if attempt.streaming:
             pd.outcome.node = attempt.url
-            merge = self._merge_usage if pd.prompt_tokens is not None else None
+            shape = takes_usage(pd.request, cast(LegAttempt, attempt).leg.target.node.engine_type)
+            taken = None if shape is None else taken_usage(shape)
+            merge = self._merge_usage if pd.prompt_tokens is not None and taken is None else None
             headers = pd.response_headers()
-            complete = await relay_stream(pd.send, attempt, headers, pd.watcher, pd.outcome, DECODE, merge)
+            complete = await relay_stream(pd.send, attempt, headers, pd.watcher, pd.outcome, DECODE, merge, taken=taken)
+            if taken is not None and taken.usage:  # the client did not see it: merged for the counts only
+                pd.outcome.usage = merge_usage_events(taken.usage, pd.prompt_tokens)
             if not complete:
                 pd_metrics.count_leg_error("decode", pd.outcome.error or DECODE.stream_error)
             attempt.verdict = complete  # a stream the engine broke counts against it

@@ -71,6 +71,19 @@ def test_running_the_rollup_again_rewrites_the_same_rows(used, redis_url: str, k
 
 
 @pytest.mark.django_db
+def test_rows_older_than_the_retention_are_pruned_and_the_others_kept(key: ApiKey, settings) -> None:
+    settings.ROUTERPANEL_USAGE_RETENTION_DAYS = 30
+    hour = datetime.datetime.fromtimestamp(int(NOW // HOUR) * HOUR, tz=datetime.UTC)
+    # NOW is 25 minutes into its hour: the hour that began 30 days before this one is past the window.
+    ages = {"kept": datetime.timedelta(days=29, hours=23), "pruned": datetime.timedelta(days=30)}
+    for model, age in ages.items():
+        UsageHour.objects.create(hour=hour - age, key_id=key.pk, key_name="team-a", model=model, node="-", requests=1)
+    assert services.usage_prune(now=NOW) == 1
+    assert list(UsageHour.objects.values_list("model", flat=True)) == ["kept"]
+    assert services.usage_prune(now=NOW) == 0
+
+
+@pytest.mark.django_db
 def test_the_api_sums_and_filters_the_hourly_rows(used, operator_api: APIClient) -> None:
     services.usage_rollup(now=NOW)
     by_model = operator_api.get("/api/usage/", {"group_by": "model"}).json()["results"]

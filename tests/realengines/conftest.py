@@ -10,6 +10,9 @@
   hybrid servers; tests that want servers without a connector ask ``vllm_server`` for them.
 - ``routerpanel``: RouterPanel's web process (uvicorn), the default stack of the session's process-stack
   factory (``stack``, tests/support/stack.py), with a clean registry for each test.
+- ``lmdeploy_python``: the LMDeploy virtualenv's interpreter (``make lmdeploy-env``), which runs
+  LMDeploy's own models (``lmdeploy_models.py``, ``lmdeploy_stream.py``); skips or fails like
+  ``vllm_python``.
 
 The servers are shared by the whole session and at most two run at once, so the modules run in the
 order of ``MODULE_ORDER``: the tests on the pair first, the one that kills a server of it last among
@@ -18,6 +21,7 @@ them, the embedding server's after.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,9 +36,11 @@ from tests.realengines.harness import (
     build_models,
     real_engines_required,
 )
+from tests.support.procs import REPO_ROOT
 from tests.support.stack import RouterPanelStack
 
 HERE = Path(__file__).resolve().parent
+LMDEPLOY_PYTHON = Path(os.environ.get("ROUTERPANEL_LMDEPLOY_PYTHON", REPO_ROOT / ".venv-lmdeploy" / "bin" / "python"))
 MODULE_ORDER = (
     "test_vllm_direct",
     "test_vllm_and_simulator_agree",
@@ -60,14 +66,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[place] = item
 
 
-@pytest.fixture(scope="session")
-def vllm_python() -> Path:
-    if VLLM_PYTHON.exists():
-        return VLLM_PYTHON
-    message = f"no vLLM virtualenv at {VLLM_PYTHON}: run `make vllm-env`"
+def _interpreter(python: Path, target: str, engine: str) -> Path:
+    """``python`` when it exists; otherwise the test skips, or fails when real engines are required."""
+    if python.exists():
+        return python
+    message = f"no {engine} virtualenv at {python}: run `make {target}`"
     if real_engines_required():
         pytest.fail(f"{message} (ROUTERPANEL_REQUIRE_REAL_ENGINES is set)", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    return _interpreter(VLLM_PYTHON, "vllm-env", "vLLM")
 
 
 @pytest.fixture(scope="session")
@@ -123,3 +134,9 @@ def routerpanel(stack: RouterPanelStack) -> RouterPanelStack:
 def routerpanel_redis(stack: RouterPanelStack) -> str:
     """The Redis database of the tier's RouterPanel (its breakers, counters and configuration version)."""
     return stack.redis_url
+
+
+@pytest.fixture(scope="module")
+def lmdeploy_python() -> Path:
+    """The Python of .venv-lmdeploy (``make lmdeploy-env``), which has LMDeploy's models."""
+    return _interpreter(LMDEPLOY_PYTHON, "lmdeploy-env", "LMDeploy")

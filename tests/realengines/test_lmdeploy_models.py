@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,23 +29,10 @@ from proxy.pd.core import Leg, LegAnswer, PdRequest
 from proxy.pd.engines import LmdeployPd
 from proxy.snapshot import NodeView, PolicyView, Target
 from proxy.upstream import close_session
-from tests.realengines.harness import real_engines_required
-from tests.support.procs import REPO_ROOT
 
 pytestmark = pytest.mark.real_engine
 
-LMDEPLOY_PYTHON = Path(os.environ.get("ROUTERPANEL_LMDEPLOY_PYTHON", REPO_ROOT / ".venv-lmdeploy" / "bin" / "python"))
 VALIDATOR = Path(__file__).resolve().parent / "lmdeploy_models.py"
-
-
-@pytest.fixture(scope="module")
-def lmdeploy_python() -> Path:
-    if LMDEPLOY_PYTHON.exists():
-        return LMDEPLOY_PYTHON
-    message = f"no LMDeploy virtualenv at {LMDEPLOY_PYTHON}: run `make lmdeploy-env`"
-    if real_engines_required():
-        pytest.fail(f"{message} (ROUTERPANEL_REQUIRE_REAL_ENGINES is set)", pytrace=False)
-    pytest.skip(message)
 
 
 def lmdeploy_validate(python: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
