@@ -84,6 +84,7 @@ class ProxyApp:
         # the configuration or recomputed from the live health: requests still waiting for that node's
         # first byte are retried elsewhere (``Router.eject``).
         self.watcher.on_install = self.router.eject_unhealthy
+        self.watcher.prepare = self.router.prepare
         self.shared.health.on_install = self.router.eject_unhealthy
         self.limiter = limiter or (self.shared.limiter if share else KeyLimiter())
         self.require_key = settings.ROUTERPANEL_PROXY_REQUIRE_KEY

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
@@ -113,6 +113,27 @@ class Router:
                 self._tables.clear()
             table = self._tables[id(targets)] = strategies.Table(targets)
         return table
+
+    def prepare(self, snapshot: Snapshot) -> Callable[[], None]:
+        """Build the hash rings ``snapshot``'s consistent-hash routes will read, in the snapshot
+        watcher's thread, and return what adopts them on the loop before the snapshot is installed.
+        Built on first use instead, a ring over 1,000 nodes (128,000 hashes) held the loop, and every
+        request on it, for 0.1-0.35 s after each configuration change."""
+        rings: dict[int, tuple[tuple[Target, ...], strategies.HashRing]] = {}
+        for route in snapshot.routes.values():
+            if route.policy.strategy != Strategy.CONSISTENT_HASH:
+                continue
+            for members in route.members.values():
+                nodes = members.targets
+                cached = self._rings.get(id(nodes))  # a read; only the loop writes the cache
+                if cached is None or cached[0] is not nodes:
+                    cached = (nodes, strategies.HashRing(nodes))
+                rings[id(nodes)] = cached
+
+        def adopt() -> None:
+            self._rings = rings  # the replaced snapshot's rings go with it
+
+        return adopt
 
     def _ring(self, route: Route, role: str, targets: tuple[Target, ...]) -> strategies.HashRing:
         """The ring over every node of ``role`` serving ``route``, in rotation or not: a health

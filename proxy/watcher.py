@@ -64,6 +64,9 @@ class SnapshotWatcher:
         # Called with every snapshot installed, on the loop (``Router.eject_unhealthy``: requests
         # waiting on a node that is now unhealthy go elsewhere).
         self.on_install = on_install
+        # Called in the builder thread with every rebuilt snapshot; what it returns runs on the loop
+        # just before the snapshot is installed (``Router.prepare``: the hash rings, built off the loop).
+        self.prepare: Callable[[snapshots.Snapshot], Callable[[], None]] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.rebuilds = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="routerpanel-snapshot")
@@ -119,12 +122,15 @@ class SnapshotWatcher:
         started = time.perf_counter()
         overlay = self.overlay
 
-        def build() -> snapshots.Snapshot:
+        prepare = self.prepare
+
+        def build() -> tuple[snapshots.Snapshot, Callable[[], None] | None]:
             new = snapshots.build_snapshot()
-            return new if overlay is None else overlay(new)
+            new = new if overlay is None else overlay(new)
+            return new, prepare(new) if prepare is not None else None
 
         try:
-            new = await loop.run_in_executor(self._executor, _in_thread(build))
+            new, ready = await loop.run_in_executor(self._executor, _in_thread(build))
         except Exception:
             logger.exception(
                 "could not rebuild the routing snapshot (%s); keeping version %s", reason, snapshots.current().version
@@ -132,6 +138,8 @@ class SnapshotWatcher:
             self._dirty = True
             self._retry_at = time.monotonic() + REBUILD_RETRY
             return False
+        if ready is not None:
+            ready()
         snapshots.install(new)
         if self.on_install is not None:
             self.on_install(new)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from nodes.choices import NodeState
 from nodes.models import RoutePolicy
 from nodes.services import Actor, alias_create, api_key_create, node_create, node_update, policy_create, policy_update
 from proxy import snapshot as snapshots
+from proxy.router import Router
 from proxy.snapshot import build_routes, build_snapshot
 from proxy.watcher import SnapshotWatcher
 from tests.support.wait import wait_until_async
@@ -98,6 +100,25 @@ async def test_the_watcher_falls_back_to_polling_the_database_when_redis_is_down
     assert snapshots.current().routes["m"].hybrid
     await sync_to_async(node_update)(node=node, actor=ACTOR, state=NodeState.DRAINING)
     await wait_until_async(lambda: not snapshots.current().routes["m"].hybrid, 2.0, "the database poll never saw it")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_rebuilt_snapshots_rings_are_built_off_the_loop_and_adopted_before_it_is_installed(watcher):
+    await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    policy = await sync_to_async(RoutePolicy.objects.get)(model="")
+    await sync_to_async(policy_update)(policy=policy, actor=ACTOR, strategy="consistent_hash")
+    router, seen = Router(), []
+    prepare = router.prepare
+
+    def watched(snapshot):
+        seen.append(("built in", threading.current_thread() is threading.main_thread()))
+        adopt = prepare(snapshot)
+        return lambda: (seen.append(("adopted before install", snapshots.current() is not snapshot)), adopt())
+
+    watcher.prepare = watched
+    await watcher.start()
+    assert seen == [("built in", False), ("adopted before install", True)]
+    assert router._rings  # the route's ring, ready before the first request
 
 
 @pytest.mark.django_db(transaction=True)

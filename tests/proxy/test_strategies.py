@@ -128,6 +128,24 @@ def test_a_consistent_hash_lookup_reads_a_table_as_large_at_two_nodes_as_at_a_th
     assert max(means) < 1.1 * min(means)
 
 
+def test_the_rings_of_a_new_snapshot_are_built_before_it_routes_a_request(monkeypatch):
+    # Built on first use, a ring over 1,000 nodes held the event loop (every request on it) for a
+    # tenth of a second or more after each configuration change; the watcher's thread builds it.
+    snap = make_snapshot(
+        [{"url": f"http://n{i:03d}"} for i in range(50)], default_policy=PolicyView(strategy="consistent_hash")
+    )
+    router = Router()
+    adopt = router.prepare(snap)  # in the snapshot watcher's thread
+    adopt()  # on the loop, before the snapshot is installed
+
+    def built_on_the_loop(*args, **kwargs):
+        raise AssertionError("a hash ring was built on the request path")
+
+    monkeypatch.setattr(strategies, "HashRing", built_on_the_loop)
+    chosen = {router.choose(snap.routes["m"], "hybrid", payload={"user": f"u{i}"}).node.id for i in range(20)}
+    assert len(chosen) > 1
+
+
 def test_prefix_cache_needs_a_minimum_match_and_keeps_affinity_until_the_load_guard_trips():
     ts = targets(1, 1)
     load = LocalLoadTracker()
