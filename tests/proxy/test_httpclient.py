@@ -57,7 +57,7 @@ async def pool() -> AsyncIterator[Pool]:
 
 
 async def chat(pool: Pool, server: TestServer, body: bytes = b"{}") -> tuple[int, bytes]:
-    response = await pool.post(url(server), body, JSON, connect=2, total=10)
+    response = await pool.request("POST", url(server), body, JSON, connect=2, total=10)
     return response.status, await response.read()
 
 
@@ -83,7 +83,7 @@ async def test_a_request_after_the_engine_closed_the_idle_connection_succeeds(en
 
 async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     server, _ = engine
-    response = await pool.post(url(server), b'{"stream": true}', JSON, connect=2, total=10)
+    response = await pool.request("POST", url(server), b'{"stream": true}', JSON, connect=2, total=10)
     assert response.content_type == "text/event-stream"
     assert response.header(b"content-type") == b"text/event-stream"
     chunks = [chunk async for chunk in response.content.iter_any()]
@@ -93,7 +93,9 @@ async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
 async def test_a_node_that_cannot_be_reached_raises_a_connect_error():
     pool = Pool(asyncio.get_running_loop(), 10)
     with pytest.raises(CONNECT_ERRORS):
-        await pool.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", JSON, connect=2, total=10)
+        await pool.request(
+            "POST", f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", JSON, connect=2, total=10
+        )
     pool.close()
 
 
@@ -101,7 +103,7 @@ async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_se
     server, ports = engine
     pool = Pool(asyncio.get_running_loop(), 10)
     with pytest.raises(ValueError):
-        await pool.post(url(server), b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"}, connect=2, total=10)
+        await pool.request("POST", url(server), b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"}, connect=2, total=10)
     assert ports == []
     pool.close()
 
@@ -118,7 +120,7 @@ async def test_the_total_timeout_ends_a_request_the_engine_never_answers():
     pool = Pool(asyncio.get_running_loop(), 10)
     try:
         with pytest.raises(TimeoutError):
-            await pool.post(url(server), b"{}", JSON, connect=2, total=0.2)
+            await pool.request("POST", url(server), b"{}", JSON, connect=2, total=0.2)
         assert not pool.open  # the connection was closed, never to be reused
     finally:
         pool.close()
