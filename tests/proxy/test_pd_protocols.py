@@ -402,6 +402,27 @@ def test_usage_takes_prompt_tokens_from_the_prefill():
     assert merge_usage(b"not json", 4) == b"not json"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The engine's bytes are kept but for the usage object; a "usage" inside a string is not it.
+        {"id": "x", "choices": [{"message": {"content": '"usage": {"prompt_tokens": 1}}'}}], "usage": {}},
+        {"usage": {"prompt_tokens": 3, "completion_tokens": 5}, "id": '"usage":{}'},  # usage not last
+        {"a": "\u00e9", "nested": {"usage": {"prompt_tokens": 2}}, "usage": {"completion_tokens": 5}},
+    ],
+)
+def test_usage_merge_rewrites_only_the_answers_own_usage(answer):
+    for body in (json.dumps(answer).encode(), json.dumps(answer, ensure_ascii=False, indent=1).encode()):
+        merged = merge_usage(body, 11)
+        expected = json.loads(body)
+        expected["usage"]["prompt_tokens"] = 11
+        if "completion_tokens" in expected["usage"]:
+            expected["usage"]["total_tokens"] = 11 + expected["usage"]["completion_tokens"]
+        assert json.loads(merged) == expected
+        if list(answer)[-1] == "usage":
+            assert merged.startswith(body[: body.rindex(b'"usage":')])
+
+
 def test_usage_in_a_stream_is_merged_and_other_events_pass_untouched():
     chunk = (
         b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
