@@ -390,7 +390,7 @@ def test_sglang_retries_a_pair_on_the_gateways_statuses_and_on_no_answer(code, s
 def test_the_frees_metric_reports_only_what_engines_can_say():
     # DLEngine echoes the ids it was given and LMDeploy answers SUCCESS whatever it held, so a
     # "not held" result cannot be observed.
-    help_text = pd_metrics.FREES._documentation
+    help_text = pd_metrics.FREES.documentation
     assert "not_held" not in help_text and "echo" in help_text
 
 
