@@ -1,4 +1,4 @@
-"""The attempt loop's HTTP client (proxy.httpclient): kept-alive connections, engines that close
+"""The data path's HTTP client (proxy.httpclient): kept-alive connections, engines that close
 them, streamed answers and the errors the attempt loop's rules are written against."""
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ async def engine() -> AsyncIterator[tuple[TestServer, list[int]]]:
         await response.write_eof()
         return response
 
+    async def info(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        return web.json_response(
+            {"content_length": request.headers.get("Content-Length"), "body": await request.text()}
+        )
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/distserve/engine_info", info)
     server = TestServer(app)
     server.connections = connections  # type: ignore[attr-defined]
     await server.start_server()
@@ -63,6 +71,16 @@ async def chat(pool: Pool, server: TestServer, body: bytes = b"{}") -> tuple[int
 
 def url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}/v1/chat/completions"
+
+
+async def test_a_get_without_a_body_sends_none_and_keeps_its_connection(engine, pool):
+    # LMDeploy's link starts with GET /distserve/engine_info (proxy.pd.lmdeploy).
+    server, ports = engine
+    info = f"http://127.0.0.1:{server.port}/distserve/engine_info"
+    response = await pool.request("GET", info, None, {}, connect=2, total=10)
+    assert (response.status, await response.read()) == (200, b'{"content_length": null, "body": ""}')
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
+    assert len(set(ports)) == 1
 
 
 async def test_requests_reuse_one_kept_alive_connection(engine, pool):
