@@ -15,5 +15,6 @@ A lean ASGI app (no Django request handling) serves ``/v1/*``, ``/health`` and `
 - ``hybrid``     one node answers: the attempt loop with plain OpenAI requests
 - ``relay``      passes an engine's SSE stream back as it arrives
 - ``pd``         prefill/decode pairs: per-engine protocols, both legs, KV released on every path
-- ``upstream``   the aiohttp session per event loop; ``errors``, ``sse``, ``metrics``: helpers
+- ``upstream``   the pool of engine connections per event loop (``httpclient``)
+- ``errors``, ``sse``, ``metrics``: helpers
 """

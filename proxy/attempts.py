@@ -249,8 +249,8 @@ class AttemptLoop(Generic[R]):
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
                 try:
-                    response = await engines().post(
-                        url, body, headers, connect=policy.connect_timeout, total=policy.total_timeout
+                    response = await engines().request(
+                        "POST", url, body, headers, connect=policy.connect_timeout, total=policy.total_timeout
                     )
                 except CONNECT_ERRORS as exc:
                     attempt.verdict = False

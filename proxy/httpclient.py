@@ -1,12 +1,12 @@
-"""The attempt loop's HTTP/1.1 client: one request at a time per kept-alive connection, parsed by
-httptools (the parser uvicorn uses for the client side of this process).
+"""The data path's HTTP/1.1 client (the attempt loop's, and the PD side calls': KV frees, LMDeploy's
+link): one request at a time per kept-alive connection, parsed by httptools (uvicorn's parser).
 
 aiohttp's ``ClientSession`` costs about 100 µs of CPU per request on this path (a request object,
 URL parsing, multidicts, a cookie jar, a payload writer, a timer per request...), more than the rest
 of the proxy together; this client writes the request in one ``write`` and hands the answer over as
 bytes. It speaks only what engines answer the data path with: a status, headers, and a body that is
 either complete (``read``) or relayed as it arrives (``content.readany``, ``content.iter_any``). The
-other calls to engines (PD clean-ups and side calls, probes) keep aiohttp.
+health prober keeps aiohttp.
 
 Errors are aiohttp's, so callers keep one vocabulary (``proxy.upstream.CONNECT_ERRORS``): a node
 that cannot be reached raises ``ClientOSError`` (``ConnectionTimeoutError`` past the connect
@@ -192,12 +192,6 @@ class Connection(asyncio.Protocol):
         elif self.head_waiter is not None or (response is not None and not response.complete):
             self.fail(None)
 
-    def pause_writing(self) -> None:  # requests are small; nothing to hold back
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks -----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -370,21 +364,26 @@ class Pool:
                 return True
         return False
 
-    async def post(
-        self, url: str, body: bytes, headers: dict[str, str], *, connect: float | None, total: float | None
+    async def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        *,
+        connect: float | None,
+        total: float | None,
     ) -> Response:
-        """POST ``body`` to ``url`` and return the answer once its head arrived."""
+        """``method`` ``url`` with ``body`` (None: none, no ``Content-Length``); the answer once its head came."""
         key, authority, target = _split(url)
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("A header name or value holds a line break.")
-        data = b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
-            target,
-            authority,
-            len(body),
-            lines.encode("latin-1"),
-            body,
-        )
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode("ascii"), target, authority)
+        if body is None:
+            data = b"%s%s\r\n" % (head, lines.encode("latin-1"))
+        else:
+            data = b"%sContent-Length: %d\r\n%s\r\n%s" % (head, len(body), lines.encode("latin-1"), body)
         conn = await self._connection(key, connect)
         try:
             return await conn.send(data, total)

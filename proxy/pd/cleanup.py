@@ -49,7 +49,7 @@ async def free_kv(pd: PdRequest, leg: Leg, path: str, body: dict[str, Any]) -> N
     for attempt in range(FREE_ATTEMPTS):
         try:
             answer = await pd.post_json(leg, path, body, {"Content-Type": "application/json"}, timeout)
-        except aiohttp.ClientConnectorError as exc:
+        except aiohttp.ClientOSError as exc:  # no connection was made: the engine cannot have seen it
             if attempt + 1 < FREE_ATTEMPTS:
                 await asyncio.sleep(0.2 * (attempt + 1))
                 continue

@@ -7,7 +7,6 @@ sequences them; ``proxy.pd.cleanup`` keeps the clean-up that must outlive a clie
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ..request import json_bytes as dumps
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
 from ..transport import DisconnectWatcher, Send
-from ..upstream import session, timeout_for
+from ..upstream import engines
 
 _inflight = 0
 _rank_ticks: dict[int, int] = {}
@@ -107,6 +106,8 @@ class LegAnswer:
             return data["message"]
         return self.body[:300].decode(errors="replace")
 
+
+_JSON = {"Content-Type": "application/json"}
 
 # A leg request: (path, JSON body, headers) for the node a leg was given.
 LegRequest = tuple[str, dict[str, Any], dict[str, str]]
@@ -227,13 +228,25 @@ class PdRequest:
         headers: dict[str, str] | None = None,
     ) -> LegAnswer:
         """``method`` ``path`` on the leg's node with a JSON ``body`` (None: no body), outside the
-        attempt loop; the whole answer within ``timeout`` seconds."""
+        attempt loop, through the data path's client (``proxy.httpclient``): a connection within the
+        policy's connect timeout, then the whole answer within ``timeout`` seconds (and the policy's
+        total timeout). Errors are the client's: aiohttp's types
+        (``ClientOSError`` when the node could not be reached) or ``TimeoutError``."""
         data = None if body is None else dumps(body)
         if headers is None:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-        async with asyncio.timeout(timeout):
-            async with session().request(
-                method, leg.url + path, data=data, headers=headers, timeout=timeout_for(self.policy)
-            ) as response:
-                raw = await response.read()
-                return LegAnswer.parse(leg, response.status, raw, response.content_type)
+            headers = _JSON if body is not None else {}
+        policy = self.policy
+        # The connection's own timer bounds the answer: cheaper than an asyncio timeout around it.
+        response = await engines().request(
+            method,
+            leg.url + path,
+            data,
+            headers,
+            connect=policy.connect_timeout,
+            total=min(timeout, policy.total_timeout),
+        )
+        try:
+            raw = await response.read()
+        finally:
+            response.close()  # a body cut short (a timeout) closes its connection
+        return LegAnswer.parse(leg, response.status, raw, response.content_type)

@@ -15,7 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.metrics import LATENCY_BUCKETS, LocalHistogram, labelled
+from proxy.metrics import LATENCY_BUCKETS, LocalCounter, LocalHistogram, labelled
 
 LEG_DURATION = LocalHistogram(
     "routerpanel_proxy_pd_leg_duration_seconds",
@@ -24,7 +24,8 @@ LEG_DURATION = LocalHistogram(
     LATENCY_BUCKETS,
 )
 LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
-FREES = Counter(
+# One free per NanoDeploy PD request: a plain dict, like the per-request metrics (``proxy.metrics``).
+FREES = LocalCounter(
     "routerpanel_proxy_pd_frees",
     "KV releases RouterPanel sent to prefill nodes (NanoDeploy /pd/free, LMDeploy /distserve/free_cache) by "
     "result: ok (accepted; the engines do not say whether they held the id: DLEngine queues the release and "
@@ -51,7 +52,7 @@ def count_leg_error(leg: str, kind: str) -> None:
 
 
 def count_free(result: str) -> None:
-    labelled(FREES, result).inc()
+    FREES.inc(result)
 
 
 def count_unreleasable() -> None:

@@ -27,10 +27,17 @@ def _merge(usage: Any, prompt_tokens: int) -> bool:
     return True
 
 
+_USAGE_KEY = b'"usage":'
+_DECODER = json.JSONDecoder()
+
+
 def merge_usage(body: bytes, prompt_tokens: int | None) -> bytes:
     """The decode's JSON answer with the prefill's prompt tokens in its usage."""
-    if prompt_tokens is None or b'"usage"' not in body:
+    if prompt_tokens is None or _USAGE_KEY not in body:
         return body
+    spliced = _splice_usage(body, prompt_tokens)
+    if spliced is not None:
+        return spliced
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -38,6 +45,27 @@ def merge_usage(body: bytes, prompt_tokens: int | None) -> bytes:
     if not isinstance(data, dict) or not _merge(data.get("usage"), prompt_tokens):
         return body
     return dumps(data)
+
+
+def _splice_usage(body: bytes, prompt_tokens: int) -> bytes | None:
+    """The answer with only its ``usage`` object re-encoded, every other byte the engine's, when
+    ``usage`` is the last member of the answer's object (as every engine sends it); None otherwise.
+
+    The last ``"usage":`` in the body is a key (a quote inside a string is escaped, so none ends in
+    ``usage":``), and a value that only ``}`` follows belongs to the outermost object."""
+    at = body.rfind(_USAGE_KEY)
+    if at < 1 or body[at - 1] not in b"{, \t\r\n":
+        return None
+    start = at + len(_USAGE_KEY)
+    try:
+        tail = body[start:].decode()
+        offset = len(tail) - len(tail.lstrip())
+        usage, end = _DECODER.raw_decode(tail, offset)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if tail[end:].strip() != "}" or not _merge(usage, prompt_tokens):
+        return None
+    return body[:start] + dumps(usage) + tail[end:].encode()
 
 
 def merge_usage_events(chunk: bytes, prompt_tokens: int | None) -> bytes:

@@ -1,4 +1,4 @@
-"""The attempt loop's HTTP client (proxy.httpclient): kept-alive connections, engines that close
+"""The data path's HTTP client (proxy.httpclient): kept-alive connections, engines that close
 them, streamed answers and the errors the attempt loop's rules are written against."""
 
 from __future__ import annotations
@@ -40,8 +40,16 @@ async def engine() -> AsyncIterator[tuple[TestServer, list[int]]]:
         await response.write_eof()
         return response
 
+    async def info(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        return web.json_response(
+            {"content_length": request.headers.get("Content-Length"), "body": await request.text()}
+        )
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/distserve/engine_info", info)
     server = TestServer(app)
     server.connections = connections  # type: ignore[attr-defined]
     await server.start_server()
@@ -57,12 +65,22 @@ async def pool() -> AsyncIterator[Pool]:
 
 
 async def chat(pool: Pool, server: TestServer, body: bytes = b"{}") -> tuple[int, bytes]:
-    response = await pool.post(url(server), body, JSON, connect=2, total=10)
+    response = await pool.request("POST", url(server), body, JSON, connect=2, total=10)
     return response.status, await response.read()
 
 
 def url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}/v1/chat/completions"
+
+
+async def test_a_get_without_a_body_sends_none_and_keeps_its_connection(engine, pool):
+    # LMDeploy's link starts with GET /distserve/engine_info (proxy.pd.lmdeploy).
+    server, ports = engine
+    info = f"http://127.0.0.1:{server.port}/distserve/engine_info"
+    response = await pool.request("GET", info, None, {}, connect=2, total=10)
+    assert (response.status, await response.read()) == (200, b'{"content_length": null, "body": ""}')
+    assert await chat(pool, server) == (200, b'{"echo": {}}')
+    assert len(set(ports)) == 1
 
 
 async def test_requests_reuse_one_kept_alive_connection(engine, pool):
@@ -83,7 +101,7 @@ async def test_a_request_after_the_engine_closed_the_idle_connection_succeeds(en
 
 async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     server, _ = engine
-    response = await pool.post(url(server), b'{"stream": true}', JSON, connect=2, total=10)
+    response = await pool.request("POST", url(server), b'{"stream": true}', JSON, connect=2, total=10)
     assert response.content_type == "text/event-stream"
     assert response.header(b"content-type") == b"text/event-stream"
     chunks = [chunk async for chunk in response.content.iter_any()]
@@ -93,7 +111,9 @@ async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
 async def test_a_node_that_cannot_be_reached_raises_a_connect_error():
     pool = Pool(asyncio.get_running_loop(), 10)
     with pytest.raises(CONNECT_ERRORS):
-        await pool.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", JSON, connect=2, total=10)
+        await pool.request(
+            "POST", f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", JSON, connect=2, total=10
+        )
     pool.close()
 
 
@@ -101,7 +121,7 @@ async def test_a_header_value_with_a_line_break_is_refused_before_anything_is_se
     server, ports = engine
     pool = Pool(asyncio.get_running_loop(), 10)
     with pytest.raises(ValueError):
-        await pool.post(url(server), b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"}, connect=2, total=10)
+        await pool.request("POST", url(server), b"{}", {"X-Request-Id": "a\r\nX-Evil: 1"}, connect=2, total=10)
     assert ports == []
     pool.close()
 
@@ -118,7 +138,7 @@ async def test_the_total_timeout_ends_a_request_the_engine_never_answers():
     pool = Pool(asyncio.get_running_loop(), 10)
     try:
         with pytest.raises(TimeoutError):
-            await pool.post(url(server), b"{}", JSON, connect=2, total=0.2)
+            await pool.request("POST", url(server), b"{}", JSON, connect=2, total=0.2)
         assert not pool.open  # the connection was closed, never to be reused
     finally:
         pool.close()

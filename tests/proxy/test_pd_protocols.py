@@ -390,7 +390,7 @@ def test_sglang_retries_a_pair_on_the_gateways_statuses_and_on_no_answer(code, s
 def test_the_frees_metric_reports_only_what_engines_can_say():
     # DLEngine echoes the ids it was given and LMDeploy answers SUCCESS whatever it held, so a
     # "not held" result cannot be observed.
-    help_text = pd_metrics.FREES._documentation
+    help_text = pd_metrics.FREES.documentation
     assert "not_held" not in help_text and "echo" in help_text
 
 
@@ -400,6 +400,27 @@ def test_usage_takes_prompt_tokens_from_the_prefill():
     assert merged["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
     assert merge_usage(body, None) is body
     assert merge_usage(b"not json", 4) == b"not json"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # The engine's bytes are kept but for the usage object; a "usage" inside a string is not it.
+        {"id": "x", "choices": [{"message": {"content": '"usage": {"prompt_tokens": 1}}'}}], "usage": {}},
+        {"usage": {"prompt_tokens": 3, "completion_tokens": 5}, "id": '"usage":{}'},  # usage not last
+        {"a": "\u00e9", "nested": {"usage": {"prompt_tokens": 2}}, "usage": {"completion_tokens": 5}},
+    ],
+)
+def test_usage_merge_rewrites_only_the_answers_own_usage(answer):
+    for body in (json.dumps(answer).encode(), json.dumps(answer, ensure_ascii=False, indent=1).encode()):
+        merged = merge_usage(body, 11)
+        expected = json.loads(body)
+        expected["usage"]["prompt_tokens"] = 11
+        if "completion_tokens" in expected["usage"]:
+            expected["usage"]["total_tokens"] = 11 + expected["usage"]["completion_tokens"]
+        assert json.loads(merged) == expected
+        if list(answer)[-1] == "usage":
+            assert merged.startswith(body[: body.rindex(b'"usage":')])
 
 
 def test_usage_in_a_stream_is_merged_and_other_events_pass_untouched():
