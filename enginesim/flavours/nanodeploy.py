@@ -115,7 +115,15 @@ class NanoDeployFlavour(Flavour):
             # The first token ends the sequence: the prefill answers in full and keeps no KV.
             self.eos_at_prefill += 1
             choice = ChoicePlan(0, ids[:1], "stop" if forced_eos else finish)
-            return Plan(req.kind, req.model, [choice], prompt_tokens, force_non_stream=True, cacheable=False)
+            return Plan(
+                req.kind,
+                req.model,
+                [choice],
+                prompt_tokens,
+                created=self.config.created,
+                force_non_stream=True,
+                cacheable=False,
+            )
         seq_id = self.next_seq_id
         self.next_seq_id += 1
         token_ids = prompt_token_ids(prompt)
@@ -143,6 +151,7 @@ class NanoDeployFlavour(Flavour):
             [empty],
             prompt_tokens,
             extra={"kv_transfer_params": params},
+            created=self.config.created,
             force_non_stream=True,
             cacheable=False,
             kv_key=seq_id,
@@ -175,7 +184,14 @@ class NanoDeployFlavour(Flavour):
             ids, finish = ids[:budget], "length"
         self.migrations_in += 1
         prompt_tokens = len(payload.get("prompt_token_ids") or []) or 1
-        return Plan(req.kind, req.model, [ChoicePlan(0, ids, finish)], prompt_tokens, cacheable=False)
+        return Plan(
+            req.kind,
+            req.model,
+            [ChoicePlan(0, ids, finish)],
+            prompt_tokens,
+            created=self.config.created,
+            cacheable=False,
+        )
 
     async def pd_free(self, request: Request, response: Response) -> None:
         try:
