@@ -81,11 +81,6 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self.content = Content(self)
 
-    @property
-    def headers(self) -> dict[str, str]:
-        """The headers by title-cased name (``Content-Type``), as engines' answers are read here."""
-        return {name.decode("latin-1").title(): value.decode("latin-1") for name, value in self.raw_headers}
-
     def header(self, name: bytes, default: bytes = b"") -> bytes:
         """The value of the header ``name`` (lower case) as sent, or ``default``."""
         for key, value in self.raw_headers:
@@ -332,7 +327,12 @@ class Pool:
         while self.limit and len(self.open) >= self.limit and not self._close_an_idle_one():
             waiter = self.loop.create_future()
             self.slot_waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._free_slot()  # it was handed a slot it will not use: the next waiter's
+                raise
             conn = self._idle(key)
             if conn is not None:
                 return conn

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.httpclient import Pool
+from proxy.httpclient import Pool, _split
 from proxy.upstream import CONNECT_ERRORS
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
@@ -106,6 +106,27 @@ async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     assert response.header(b"content-type") == b"text/event-stream"
     chunks = [chunk async for chunk in response.content.iter_any()]
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+
+
+async def test_a_request_cancelled_while_handed_a_free_slot_passes_it_on(engine):
+    # A full pool (limit 1): two requests wait; the slot freed goes to the first, which its client
+    # cancels before it resumes. The second must get the slot, not wait for another to free up.
+    server, _ = engine
+    pool = Pool(asyncio.get_running_loop(), 1)
+    key = _split(url(server))[0]
+    try:
+        held = await pool._connection(key, 2)
+        first = asyncio.create_task(pool._connection(key, 2))
+        second = asyncio.create_task(pool._connection(key, 2))
+        await wait_until_async(lambda: len(pool.slot_waiters) == 2, 2, "the two requests never waited for a slot")
+        held.abort()  # the slot is free: handed to the first waiter
+        first.cancel()
+        conn = await asyncio.wait_for(second, 2)
+        assert conn in pool.open
+        with pytest.raises(asyncio.CancelledError):
+            await first
+    finally:
+        pool.close()
 
 
 async def test_a_node_that_cannot_be_reached_raises_a_connect_error():
