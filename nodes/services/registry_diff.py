@@ -77,7 +77,13 @@ class _Validated:
         node.check_storable(model_field for model_field, _ in fresh)
         if not isinstance(node.metadata, dict):
             raise ValidationError({"metadata": "Metadata must be a JSON object."})
-        self._fields.update(key for _, key in fresh if key is not None)
+        # A value is remembered only if cleaning left it as it was: one that ``clean_fields``
+        # converts (a number sent as a string, say) must be converted on every entity that has it.
+        for model_field, key in fresh:
+            if key is not None:
+                cleaned = getattr(node, model_field.attname)
+                if type(cleaned) is key[2] and cleaned == key[3]:
+                    self._fields.add(key)
 
     def alias(self, *, name: str, served_name: str, origin: str) -> None:
         """What ``ModelAlias.full_clean`` checks of an alias's own values (its node's other aliases

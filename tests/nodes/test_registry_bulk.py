@@ -145,3 +145,15 @@ def test_a_value_that_fails_validation_is_refused_after_valid_ones(control_plane
     result = sync(control_plane, registry)
     assert (result.created, result.invalid) == (2, 2)
     assert sorted(Node.objects.values_list("url", flat=True)) == ["http://127.0.0.1:7100", "http://127.0.0.1:7102"]
+
+
+def test_a_shared_value_that_cleaning_converts_is_converted_on_every_node(control_plane) -> None:
+    # Remembering a value as validated must not skip its conversion: a weight that arrives as "2"
+    # is stored as the number 2 on every node that has it, not only on the first.
+    from nodes.services.registry_diff import _Validated
+
+    validated = _Validated()
+    nodes = [Node(url=f"http://127.0.0.1:{7200 + i}", control_plane=control_plane, weight="2") for i in range(3)]
+    for node in nodes:
+        validated.node(node)
+    assert [node.weight for node in nodes] == [2, 2, 2]
