@@ -97,6 +97,7 @@ def cpu(insert: Callable[[list[ChangeRecord]], object], batch: list[ChangeRecord
     return time.process_time() - started
 
 
+@pytest.mark.alone  # a ratio of CPU times: measured after the parallel run, on a machine to itself
 @pytest.mark.skipif(connection.vendor != "sqlite", reason="on PostgreSQL bulk_insert is bulk_create (UNNEST)")
 def test_bulk_insert_costs_a_fraction_of_bulk_create(control_plane) -> None:
     # The audit records of a sync of 5,000 new nodes are 20,000 rows: Django's compiler prepared each
