@@ -79,11 +79,11 @@ class _Validated:
             raise ValidationError({"metadata": "Metadata must be a JSON object."})
         # A value is remembered only if cleaning left it as it was: one that ``clean_fields``
         # converts (a number sent as a string, say) must be converted on every entity that has it.
-        for model_field, key in fresh:
-            if key is not None:
+        for model_field, seen in fresh:
+            if seen is not None:
                 cleaned = getattr(node, model_field.attname)
-                if type(cleaned) is key[2] and cleaned == key[3]:
-                    self._fields.add(key)
+                if type(cleaned) is seen[2] and cleaned == seen[3]:
+                    self._fields.add(seen)
 
     def alias(self, *, name: str, served_name: str, origin: str) -> None:
         """What ``ModelAlias.full_clean`` checks of an alias's own values (its node's other aliases
