@@ -124,11 +124,7 @@ class Router:
             if route.policy.strategy != Strategy.CONSISTENT_HASH:
                 continue
             for members in route.members.values():
-                nodes = members.targets
-                cached = self._rings.get(id(nodes))  # a read; only the loop writes the cache
-                if cached is None or cached[0] is not nodes:
-                    cached = (nodes, strategies.HashRing(nodes))
-                rings[id(nodes)] = cached
+                rings[id(members.targets)] = self._cached_ring(members.targets)  # reads; only the loop writes
 
         def adopt() -> None:
             self._rings = rings  # the replaced snapshot's rings go with it
@@ -140,12 +136,19 @@ class Router:
         change keeps it (a node out of rotation is passed over), a configuration rebuild renews it."""
         members = route.members.get(role)
         nodes = members.targets if members is not None else targets
-        cached = self._rings.get(id(nodes))
-        if cached is None or cached[0] is not nodes:
+        cached = self._cached_ring(nodes)
+        if self._rings.get(id(nodes)) is not cached:
             if len(self._rings) >= _RING_CACHE_MAX:
                 self._rings.clear()
-            cached = self._rings[id(nodes)] = (nodes, strategies.HashRing(nodes))
+            self._rings[id(nodes)] = cached
         return cached[1]
+
+    def _cached_ring(self, nodes: tuple[Target, ...]) -> tuple[tuple[Target, ...], strategies.HashRing]:
+        """``nodes``' ring from the cache, or a new one (not stored: the caller decides)."""
+        cached = self._rings.get(id(nodes))
+        if cached is None or cached[0] is not nodes:
+            cached = (nodes, strategies.HashRing(nodes))
+        return cached
 
     def choose(
         self,
