@@ -77,13 +77,10 @@ class _Validated:
         node.check_storable(model_field for model_field, _ in fresh)
         if not isinstance(node.metadata, dict):
             raise ValidationError({"metadata": "Metadata must be a JSON object."})
-        # A value is remembered only if cleaning left it as it was: one that ``clean_fields``
-        # converts (a number sent as a string, say) must be converted on every entity that has it.
-        for model_field, seen in fresh:
-            if seen is not None:
-                cleaned = getattr(node, model_field.attname)
-                if type(cleaned) is seen[2] and cleaned == seen[3]:
-                    self._fields.add(seen)
+        for model_field, seen in fresh:  # remembered only if cleaning (which converts) left it as it was
+            cleaned = None if seen is None else getattr(node, model_field.attname)
+            if seen is not None and type(cleaned) is seen[2] and cleaned == seen[3]:
+                self._fields.add(seen)
 
     def alias(self, *, name: str, served_name: str, origin: str) -> None:
         """What ``ModelAlias.full_clean`` checks of an alias's own values (its node's other aliases
