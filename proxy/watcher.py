@@ -78,6 +78,10 @@ class SnapshotWatcher:
         self._last_redis_version: int | None = None
         self._dirty = False
         self._retry_at = 0.0
+        # The loops also end on this flag, not only on their cancellation: on Python 3.11 redis-py
+        # can swallow a cancellation (see ``proxy.shared.SharedCounters.stop``), and ``stop`` would
+        # then wait forever, holding the worker's exit.
+        self._stopping = False
 
     async def ensure_started(self) -> None:
         """Start on the running loop if not already (daphne has no lifespan; uvicorn calls this at start-up)."""
@@ -93,6 +97,7 @@ class SnapshotWatcher:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._stopping = False
         self._wake = asyncio.Event()
         self._redis = aioredis.Redis.from_url(
             settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
@@ -104,6 +109,7 @@ class SnapshotWatcher:
         ]
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -171,7 +177,7 @@ class SnapshotWatcher:
         db_interval = settings.ROUTERPANEL_PROXY_DB_POLL_INTERVAL
         next_db_poll = time.monotonic() + db_interval
         redis_ok = True
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._wake.wait()
@@ -206,13 +212,13 @@ class SnapshotWatcher:
 
     async def _subscribe_loop(self) -> None:
         """Wake the poll loop whenever a version is published; reconnect with a short backoff."""
-        while True:
+        while not self._stopping:
             pubsub = None
             client = aioredis.Redis.from_url(settings.ROUTERPANEL_REDIS_URL, socket_connect_timeout=0.5)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(config_channel())
-                while True:
+                while not self._stopping:
                     message = await pubsub.get_message(timeout=5.0)
                     if message is not None:
                         self._wake.set()

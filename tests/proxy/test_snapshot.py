@@ -122,6 +122,27 @@ async def test_a_rebuilt_snapshots_rings_are_built_off_the_loop_and_adopted_befo
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_the_watcher_stops_even_when_a_redis_call_swallows_its_cancellation(watcher, monkeypatch):
+    # redis-py on Python 3.11 can return a result instead of raising the cancellation that landed in
+    # it; the watcher's loops must still end, or a web worker never exits on a restart.
+    await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
+    await watcher.start()
+    inside = asyncio.Event()
+
+    async def swallowing():
+        inside.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return None  # as redis-py's wait_for may do
+        return None
+
+    monkeypatch.setattr(watcher, "_redis_version", swallowing)
+    await asyncio.wait_for(inside.wait(), 5)
+    await asyncio.wait_for(watcher.stop(), 5)
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_a_failed_rebuild_keeps_the_previous_snapshot_and_is_retried(watcher, monkeypatch):
     await sync_to_async(node_create)(actor=ACTOR, url="http://a:1", models=["m"])
     await watcher.start()
