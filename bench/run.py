@@ -37,6 +37,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.floors import Layer, floors, measure_layers  # noqa: E402
 from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, peak_rss_mb, run_wrk, streams  # noqa: E402
 from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
@@ -77,6 +78,7 @@ def main() -> int:
     parser.add_argument("--server", choices=["uvicorn", "daphne"], default="uvicorn")
     parser.add_argument("--peers", action="store_true", help="also vllm-router and sglang-router (make peers-env)")
     parser.add_argument("--pd", action="store_true", help="also prefill/decode requests (bench/pd.py)")
+    parser.add_argument("--floors", action="store_true", help="also the cost of each layer (bench/floors.py)")
     args = parser.parse_args()
     missing = [peer.name for peer in PEERS if args.peers and not peer.installed()]
     if missing:
@@ -238,6 +240,17 @@ def main() -> int:
         figures["floor"]["rss_mb"] = peak_rss_mb(floor_proc.pid)
         figures["RouterPanel"]["rss_mb"] = peak_rss_mb(web.pid)
         systems = [Figures(system=name, **values) for name, values in figures.items()]
+        layers_table = ""
+        if args.floors:
+            print("measuring the layers...", flush=True)
+            with floors(env, floor_env["FLOOR_UPSTREAMS"]) as layers:
+                layers += [
+                    Layer("ASGI + aiohttp (floor)", floor, floor_proc.pid, {}),
+                    Layer("RouterPanel", proxy, web.pid, auth),
+                ]
+                layers_table = measure_layers(
+                    layers, sim_a.url, paced.url, MODEL, PACED, args.duration, args.latency_requests
+                )
         if args.peers:  # one router at a time, in front of the same engines, after RouterPanel's phases
             for peer in PEERS:
                 print(f"measuring {peer.name}...", flush=True)
@@ -263,6 +276,9 @@ def main() -> int:
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
     saved = results / time.strftime("bench-%Y%m%dT%H%M%SZ.json", time.gmtime())
+    if layers_table:
+        print("\nwhere the time goes, layer by layer (bench/floors.py):\n")
+        print(layers_table)
     if args.peers:
         print(f"\nside by side (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}):\n")
         print(comparison(systems[1:], systems[0]))
