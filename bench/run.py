@@ -172,6 +172,13 @@ def main() -> int:
         def signed(unit: Callable[[float], str], seconds: float) -> str:  # "+5 us", "-1.03 ms" (not "+-1.03 ms")
             return ("+" if seconds >= 0 else "-") + unit(abs(seconds))
 
+        # What the web processes spend with no request at all (each worker's background loops: the
+        # snapshot watcher, the shared counters, statistics): a fixed cost per worker.
+        idle_before, idle_seconds = tree_cpu_seconds(web.pid), 3.0
+        time.sleep(idle_seconds)
+        idle_ms = (tree_cpu_seconds(web.pid) - idle_before) / idle_seconds * 1e3
+        row("CPU at idle, web processes", through=f"{idle_ms:.1f} ms/s")
+
         # One client, non-streaming latency (and the web process's CPU per request meanwhile).
         direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
         cpu_before = cpu_seconds(floor_proc.pid)
