@@ -28,7 +28,7 @@ FREE_TIMEOUT = 10.0
 FREE_ATTEMPTS = 3
 # How long the ids for one prefill node are gathered before their /pd/free goes out, and at most how
 # many one call names (a longer list starts the next call).
-FREE_WINDOW = 0.002
+FREE_WINDOW = 0.005
 FREE_BATCH_MAX = 256
 
 _background: set[asyncio.Task] = set()

@@ -13,6 +13,7 @@ from proxy import snapshot as snapshots
 from proxy.pd import cleanup
 from proxy.pd import metrics as pd_metrics
 from proxy.snapshot import PolicyView
+from tests.support.wait import wait_until_async
 
 from .conftest import AUTH, call, make_snapshot
 from .pd_fakes import CHAT, fake_pd, pd_nodes, settled
@@ -63,6 +64,18 @@ async def test_each_prefill_node_gets_its_own_call_and_every_release_is_counted(
     assert sorted(len(ids) for ids in engines.free_calls) == [3, 3]  # round robin: three requests per node
     assert engines.held == set() and engines.double_frees == 0
     assert pd_metrics.FREES.values.get(("ok",), 0) - before == 6
+
+
+async def test_a_full_call_goes_out_at_once_and_later_releases_start_the_next(fake_pd, proxy_app, monkeypatch):
+    monkeypatch.setattr(cleanup, "FREE_WINDOW", 60.0)  # only a full call goes out before the end
+    monkeypatch.setattr(cleanup, "FREE_BATCH_MAX", 2)
+    engines, prefills, decodes = await fake_pd()
+    snapshots.install(make_snapshot(pd_nodes(prefills, decodes), default_policy=POLICY))
+    await asyncio.gather(*(call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH) for _ in range(5)))
+    await wait_until_async(lambda: len(engines.free_calls) == 2, 5, "the full calls were not sent")
+    assert [len(ids) for ids in engines.free_calls] == [2, 2] and len(engines.held) == 1
+    await cleanup.finish()
+    assert [len(ids) for ids in engines.free_calls] == [2, 2, 1] and engines.held == set()
 
 
 async def test_a_request_does_not_wait_for_its_free(fake_pd, proxy_app, monkeypatch):
