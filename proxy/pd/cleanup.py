@@ -30,6 +30,8 @@ FREE_ATTEMPTS = 3
 # many one call names (a longer list starts the next call).
 FREE_WINDOW = 0.005
 FREE_BATCH_MAX = 256
+# How long a worker that shuts down waits for its clean-ups at most.
+FINISH_TIMEOUT = 60.0
 
 _background: set[asyncio.Task] = set()
 
@@ -47,10 +49,11 @@ def pending_cleanups() -> int:
     return len(_background)
 
 
-async def finish(timeout: float = FREE_TIMEOUT) -> int:
+async def finish(timeout: float = FINISH_TIMEOUT) -> int:
     """Let every tracked clean-up end (shutdown): the frees still gathering go out now, prefills
     whose clients left are awaited and their KV freed. Returns how many were still running after
-    ``timeout`` seconds (each bounded by its own timeout, so none should be)."""
+    ``timeout`` seconds (each is bounded by its own timeout: a free by ``FREE_TIMEOUT``, a prefill
+    by its policy's first-token timeout)."""
     for batch in list(_batches.values()):
         batch.due.set()
     deadline = asyncio.get_running_loop().time() + timeout
