@@ -159,7 +159,7 @@ $(PEERS_VENVS)/%/.installed: bench/requirements-%.txt
 peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
 
 bench: install redis-server $(if $(PEERS),peers-env)
-	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors)
+	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors) $(if $(WORKERS),--workers $(WORKERS))
 
 # Fleet scale (docs/decisions/0008-health-as-live-state.md): the prober, the web process under traffic
 # and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000; the

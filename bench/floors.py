@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, run_wrk, streams
+from bench.measure import chat_body, one_client_latency, pct, run_wrk, streams, tree_cpu_seconds
 from tests.support.ports import free_port
 from tests.support.procs import PYTHON, running
 
@@ -68,9 +68,9 @@ def measure_layers(
     ]
     for layer in layers:
         p50 = pct(one_client_latency(layer.url, PATH, layer.headers, small, latency_requests), 0.5)
-        before = cpu_seconds(layer.pid)
+        before = tree_cpu_seconds(layer.pid)  # a process and its workers (make bench WORKERS=N)
         wrk = run_wrk(layer.url + PATH, layer.headers, small, 32, duration, None)
-        cpu = (cpu_seconds(layer.pid) - before) / max(wrk.requests, 1)
+        cpu = (tree_cpu_seconds(layer.pid) - before) / max(wrk.requests, 1)
         s = streams(layer.url + PATH, layer.headers, paced_body, 4, 24)
         first = f"{(pct(s.ttfe, 0.5) - d50) * 1e3:+.2f} / {(pct(s.ttfe, 0.99) - d99) * 1e3:+.2f} ms"
         lines.append(

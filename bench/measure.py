@@ -4,10 +4,12 @@ process figures (CPU seconds and peak RSS from ``/proc``) that turn them into pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
 import re
+import resource
 import subprocess
 import tempfile
 import time
@@ -39,6 +41,56 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (from every thread's ``children`` list in ``/proc``)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (uvicorn's master and its worker processes, say)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError):
+            todo += children(current)
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants (a worker that exits takes its share along)."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
+    return total
+
+
+def worker_rss_mb(pid: int) -> tuple[float, float]:
+    """Peak RSS of the largest process in ``pid``'s tree, and the sum of every member's peak (MB).
+
+    Under ``uvicorn --workers N`` the largest is a web worker (the master only supervises); the sum
+    is an upper bound of the tree's memory, since pages shared after the fork count in each."""
+    peaks = [peak_rss_mb(member) for member in process_tree(pid)]
+    return max(peaks), sum(peaks)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that were waited for (a finished wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def pct(values: list[float], q: float) -> float:
@@ -77,6 +129,9 @@ class WrkResult:
     requests: int
     errors: int
     cpu_us: float | None = None
+    # Cores used over the run by each process tree ``run_wrk`` was asked to watch, by wrk, and by the
+    # rest of the machine (``other``: whatever else runs on it).
+    cores: dict[str, float] = field(default_factory=dict)
 
 
 def _wrk_figure(pattern: str, out: str) -> str:
@@ -87,7 +142,25 @@ def _wrk_figure(pattern: str, out: str) -> str:
     return match.group(1)
 
 
-def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int, pid: int | None) -> WrkResult:
+def run_wrk(
+    url: str,
+    headers: dict,
+    body: dict,
+    connections: int,
+    duration: int,
+    pid: int | None,
+    *,
+    tree: bool = False,
+    watch: dict[str, list[int]] | None = None,
+) -> WrkResult:
+    """wrk's figures for ``url``, and the CPU per request of ``pid`` (with its descendants if
+    ``tree``); ``watch`` names process trees (engines, Redis...) whose cores used are reported too."""
+    cpu = tree_cpu_seconds if tree else cpu_seconds
+    watch = watch or {}
+
+    def watched() -> dict[str, float]:
+        return {name: sum(tree_cpu_seconds(p) for p in pids) for name, pids in watch.items()}
+
     lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(json.dumps(body))}"]
     lines += [
         f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
@@ -96,14 +169,20 @@ def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write("\n".join(lines) + "\n")
     try:
-        before = cpu_seconds(pid) if pid else 0.0
+        before = cpu(pid) if pid else 0.0
+        others, wrk_before, busy = watched(), children_cpu_seconds(), machine_busy_seconds()
+        started = time.perf_counter()
         result = subprocess.run(
             ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", script.name, url],
             check=True,
             capture_output=True,
             text=True,
         )
-        after = cpu_seconds(pid) if pid else 0.0
+        after = cpu(pid) if pid else 0.0
+        elapsed = time.perf_counter() - started
+        cores = {name: (spent - others[name]) / elapsed for name, spent in watched().items()}
+        cores["wrk"] = (children_cpu_seconds() - wrk_before) / elapsed
+        cores["other"] = (machine_busy_seconds() - busy) / elapsed - sum(cores.values())
     finally:
         os.unlink(script.name)
     out = result.stdout
@@ -115,7 +194,7 @@ def run_wrk(url: str, headers: dict, body: dict, connections: int, duration: int
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(g) for g in m.groups())
     cpu_us = (after - before) / requests * 1e6 if pid and requests else None
-    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us)
+    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us, cores=cores)
 
 
 # -- streams -----------------------------------------------------------------------------------

@@ -3,13 +3,15 @@
 A ``demo-pd``-style pair (one NanoDeploy prefill engine and one decode engine, simulated, in fast
 mode) serves ``pd-model``; RouterPanel splits each request into its two legs (docs/pd.md). wrk at
 concurrency 32 measures requests/s and the web process's CPU per request, to set beside a hybrid
-request's at the same concurrency (the target is at most 1.6 times).
+request's at the same concurrency (the target is at most 1.6 times), and how many KV releases one
+``/pd/free`` call carried on average (RouterPanel gathers a prefill node's releases, docs/pd.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 
@@ -46,11 +48,23 @@ def register(api: httpx.Client, prefill: Simulator, decode: Simulator) -> None:
         api.post("/api/nodes/", json=node).raise_for_status()
 
 
-def measure_pd(proxy: str, auth: dict, pid: int, prefill: Simulator, duration: int) -> WrkResult:
-    """wrk at c32 on ``PD_MODEL`` through the proxy; fails unless the requests really went through PD."""
-    wait_ready(proxy, PD_MODEL, headers=auth)
-    before = prefill.stats()["kv"]["allocated"]
-    result = run_wrk(proxy + PATH, auth, chat_body(PD_MODEL, 16), 32, duration, pid)
-    if prefill.stats()["kv"]["allocated"] - before < result.requests // 2:
-        raise RuntimeError(f"the prefill engine saw few of {result.requests} PD requests: {prefill.stats()}")
-    return result
+@dataclass
+class PdFigures:
+    wrk: WrkResult
+    frees_per_call: float  # KV ids a /pd/free call named, on average
+
+
+def measure_pd(proxy: str, auth: dict, pid: int, prefill: Simulator, duration: int, workers: int = 1) -> PdFigures:
+    """wrk at c32 on ``PD_MODEL`` through the proxy (``pid`` and its worker processes); fails unless
+    the requests really went through PD."""
+    for _ in range(4 * workers):  # new connections land on any worker: each must have the model
+        wait_ready(proxy, PD_MODEL, headers=auth)
+    before = prefill.stats()
+    result = run_wrk(proxy + PATH, auth, chat_body(PD_MODEL, 16), 32, duration, pid, tree=True)
+    after = prefill.wait_for(lambda s: s["kv"]["outstanding_count"] == 0)  # the last frees went out
+    allocated = after["kv"]["allocated"] - before["kv"]["allocated"]
+    if allocated < result.requests // 2:
+        raise RuntimeError(f"the prefill engine saw few of {result.requests} PD requests: {after}")
+    calls = after["requests"]["by_endpoint"].get("/pd/free", 0) - before["requests"]["by_endpoint"].get("/pd/free", 0)
+    freed = after["kv"]["freed"] - before["kv"]["freed"]
+    return PdFigures(result, freed / calls if calls else float("nan"))

@@ -16,6 +16,11 @@ With ``--peers`` (``make bench PEERS=1``) it then runs the same phases against v
 sglang-router in front of the same engines (bench/peers.py) and prints every system side by side
 with its ratios to DIRECT: about two minutes. With ``--pd`` (``make bench PD=1``) it adds a
 prefill/decode pair of simulated engines and the CPU per PD request beside a hybrid one's (bench/pd.py).
+
+With ``--workers N`` (``make bench WORKERS=N``) RouterPanel runs under ``uvicorn --workers N``: the
+CPU per request sums the master and every worker process, the peak RSS is given for the largest
+worker and for all of them together, and the wrk rows also say how many cores the web processes,
+wrk, the engines and Redis used (on a small machine they share the cores, which bounds the scaling).
 """
 
 from __future__ import annotations
@@ -38,7 +43,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.floors import Layer, floors, measure_layers  # noqa: E402
-from bench.measure import chat_body, cpu_seconds, one_client_latency, pct, peak_rss_mb, run_wrk, streams  # noqa: E402
+from bench.measure import (  # noqa: E402
+    chat_body,
+    cpu_seconds,
+    one_client_latency,
+    pct,
+    peak_rss_mb,
+    run_wrk,
+    streams,
+    tree_cpu_seconds,
+    worker_rss_mb,
+)
 from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
@@ -56,7 +71,9 @@ PACED = "paced-model"
 # -- the run -----------------------------------------------------------------------------------
 
 
-def setup_registry(base: str, fast: list[str], paced: str, pd: tuple[Simulator, Simulator] | None) -> None:
+def setup_registry(
+    base: str, fast: list[str], paced: str, pd: tuple[Simulator, Simulator] | None, workers: int
+) -> None:
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
         if pd is not None:
             register(api, *pd)
@@ -68,7 +85,11 @@ def setup_registry(base: str, fast: list[str], paced: str, pd: tuple[Simulator, 
             models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {PROXY_KEY}"}).json()
             return {m["id"] for m in models.get("data", [])}
 
-        wait_until(lambda: listed() >= {MODEL, PACED}, 10, "the proxy never listed the benchmark models")
+        # Each worker has its own snapshot: new connections land on any of them, so several in a row must list.
+        def all_listed() -> bool:
+            return all(listed() >= {MODEL, PACED} for _ in range(4 * workers))
+
+        wait_until(all_listed, 10 + 5 * workers, "the proxy never listed the benchmark models")
 
 
 def main() -> int:
@@ -79,6 +100,7 @@ def main() -> int:
     parser.add_argument("--peers", action="store_true", help="also vllm-router and sglang-router (make peers-env)")
     parser.add_argument("--pd", action="store_true", help="also prefill/decode requests (bench/pd.py)")
     parser.add_argument("--floors", action="store_true", help="also the cost of each layer (bench/floors.py)")
+    parser.add_argument("--workers", type=int, default=1, help="RouterPanel's uvicorn worker processes")
     args = parser.parse_args()
     missing = [peer.name for peer in PEERS if args.peers and not peer.installed()]
     if missing:
@@ -105,7 +127,7 @@ def main() -> int:
     }
     subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
     subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
-    web_command = web_argv(web_port, server=args.server)
+    web_command = web_argv(web_port, server=args.server, workers=args.workers)
     if args.server == "uvicorn":
         web_command.append("--log-level=warning")
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
@@ -114,7 +136,7 @@ def main() -> int:
     # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
     figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
+        redis = stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
         sim_b = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
         paced = stack.enter_context(
@@ -129,10 +151,11 @@ def main() -> int:
         floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
         floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))
         floor = f"http://127.0.0.1:{floor_port}"
-        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url, pd)
+        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url, pd, args.workers)
         path = "/v1/chat/completions"
         small = chat_body(MODEL, 16)
-        print(f"RouterPanel ({args.server}, 1 worker) in front of 2 fast simulated engines; DIRECT = one engine;")
+        workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
+        print(f"RouterPanel ({args.server}, {workers}) in front of 2 fast simulated engines; DIRECT = one engine;")
         print("floor = a bare ASGI + aiohttp passthrough (bench/floor_app.py) to one engine, for reference.")
 
         def row(
@@ -149,14 +172,21 @@ def main() -> int:
         def signed(unit: Callable[[float], str], seconds: float) -> str:  # "+5 us", "-1.03 ms" (not "+-1.03 ms")
             return ("+" if seconds >= 0 else "-") + unit(abs(seconds))
 
+        # What the web processes spend with no request at all (each worker's background loops: the
+        # snapshot watcher, the shared counters, statistics): a fixed cost per worker.
+        idle_before, idle_seconds = tree_cpu_seconds(web.pid), 3.0
+        time.sleep(idle_seconds)
+        idle_ms = (tree_cpu_seconds(web.pid) - idle_before) / idle_seconds * 1e3
+        row("CPU at idle, web processes", through=f"{idle_ms:.1f} ms/s")
+
         # One client, non-streaming latency (and the web process's CPU per request meanwhile).
         direct_lat = one_client_latency(sim_a.url, path, {}, small, args.latency_requests)
         cpu_before = cpu_seconds(floor_proc.pid)
         floor_lat = one_client_latency(floor, path, {}, small, args.latency_requests)
         floor_cpu = (cpu_seconds(floor_proc.pid) - cpu_before) / (args.latency_requests + 50)
-        cpu_before = cpu_seconds(web.pid)
+        cpu_before = tree_cpu_seconds(web.pid)
         proxy_lat = one_client_latency(proxy, path, auth, small, args.latency_requests)
-        one_client_cpu = (cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
+        one_client_cpu = (tree_cpu_seconds(web.pid) - cpu_before) / (args.latency_requests + 50)
         for q, target in ((0.5, "<= +300 us"), (0.99, "")):
             d, f, p = pct(direct_lat, q), pct(floor_lat, q), pct(proxy_lat, q)
             row(f"latency p{round(q * 100)}, 1 client", us(d), us(p), signed(us, p - d), target, us(f))
@@ -164,11 +194,12 @@ def main() -> int:
             figures[system]["latency_p50"] = pct(samples, 0.5)
         row("CPU per request, 1 client", through=us(one_client_cpu), target="<= 200 us", base=us(floor_cpu))
 
-        # Throughput with wrk; CPU per request of the web process over the run.
+        # Throughput with wrk; CPU per request of the web processes over the run, and who used the cores.
+        watch = {"web": [web.pid], "engines": [sim_a.proc.pid, sim_b.proc.pid], "redis": [redis.pid]}
         for connections in (32, 128):
             direct = run_wrk(sim_a.url + path, {}, small, connections, args.duration, None)
             base = run_wrk(floor + path, {}, small, connections, args.duration, floor_proc.pid)
-            through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid)
+            through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid, tree=True, watch=watch)
             ratio = f"{through.rps / direct.rps:.3f}x"
             if connections == 32:
                 for system, result in (("direct", direct), ("floor", base), ("RouterPanel", through)):
@@ -190,14 +221,17 @@ def main() -> int:
                 target="<= 200 us",
                 base=us((base.cpu_us or 0) / 1e6),
             )
+            row(f"cores used, c={connections}", through=" ".join(f"{k} {v:.2f}" for k, v in through.cores.items()))
         if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
-            split = measure_pd(proxy, auth, web.pid, pd[0], args.duration)
+            pd_figures = measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers)
+            split = pd_figures.wrk
             hybrid_cpu = figures["RouterPanel"]["cpu_us_c32"] or float("nan")
             row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
             row("PD: errors, c=32", through=str(split.errors), target="0")
             pd_cpu = split.cpu_us or float("nan")
             ratio = f"{pd_cpu / hybrid_cpu:.2f}x hybrid"
             row("PD: CPU per request, c=32", through=us(pd_cpu / 1e6), ratio=ratio, target="<= 1.6x hybrid")
+            row("PD: KV releases per /pd/free call", through=f"{pd_figures.frees_per_call:.1f}")
 
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count in (
@@ -231,14 +265,17 @@ def main() -> int:
                 f"{fs.chunks_per_s:,.0f}",
             )
             row(f"stream {label}: errors", str(ds.errors), str(ps.errors), base=str(fs.errors))
+        largest, total = worker_rss_mb(web.pid)
         row(
-            "peak RSS, web process",
-            through=f"{peak_rss_mb(web.pid):,.1f} MB",
+            "peak RSS, web process" if args.workers == 1 else "peak RSS, largest web worker",
+            through=f"{largest:,.1f} MB",
             target="<= 100 MB",
             base=f"{peak_rss_mb(floor_proc.pid):,.1f} MB",
         )
+        if args.workers > 1:
+            row(f"peak RSS, master + {args.workers} workers", through=f"{total:,.1f} MB")
         figures["floor"]["rss_mb"] = peak_rss_mb(floor_proc.pid)
-        figures["RouterPanel"]["rss_mb"] = peak_rss_mb(web.pid)
+        figures["RouterPanel"]["rss_mb"] = largest
         systems = [Figures(system=name, **values) for name, values in figures.items()]
         layers_table = ""
         if args.floors:
@@ -282,7 +319,14 @@ def main() -> int:
     if args.peers:
         print(f"\nside by side (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}):\n")
         print(comparison(systems[1:], systems[0]))
-    report = {"server": args.server, "header": header, "rows": rows, "systems": as_json(systems)}
+    report = {
+        "server": args.server,
+        "workers": args.workers,
+        "load": os.getloadavg(),
+        "header": header,
+        "rows": rows,
+        "systems": as_json(systems),
+    }
     saved.write_text(json.dumps(report, indent=1))
     print(f"\nsaved to {saved.relative_to(REPO)}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ from .health import LiveHealth
 from .hybrid import proxy_hybrid
 from .load import KeyLimiter
 from .loops import check_hops, hop_value
-from .pd import proxy_pd, wants_pd
+from .pd import finish_cleanups, proxy_pd, wants_pd
 from .readiness import readiness
 from .request import Outcome, ProxyRequest
 from .router import Router
@@ -160,7 +160,8 @@ class ProxyApp:
         gc.freeze()
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
-        """Uvicorn's start-up and shutdown: build the snapshot before serving, close the pool after."""
+        """Uvicorn's start-up and shutdown: build the snapshot before serving; at the end finish the PD
+        clean-ups (``proxy.pd.cleanup``), then close the pool."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -171,6 +172,8 @@ class ProxyApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                # The KV releases still gathering or in flight go out before the engine pool closes.
+                await finish_cleanups()
                 await self.watcher.stop()
                 await self.shared.stop()
                 await close_session()

@@ -43,6 +43,10 @@ class LocalCounter(Collector):
         values = self.values
         values[labels] = values.get(labels, 0) + 1
 
+    def add(self, amount: float, *labels: object) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
         for labels, value in list(self.values.items()):

@@ -26,12 +26,13 @@ from ..router import Router
 from ..transport import DisconnectWatcher, Send
 from . import core
 from . import metrics as pd_metrics
+from .cleanup import finish as finish_cleanups
 from .cleanup import pending_cleanups
 from .core import PdRequest, inflight, wants_pd
 from .engines import SGLANG, TWO_STAGE
 from .flows import dual_dispatch, two_stage
 
-__all__ = ["inflight", "pending_cleanups", "proxy_pd", "wants_pd"]
+__all__ = ["finish_cleanups", "inflight", "pending_cleanups", "proxy_pd", "wants_pd"]
 
 pd_metrics.register_gauges(inflight, pending_cleanups)
 

@@ -20,7 +20,7 @@ from nodes.choices import EngineType
 from ..errors import ProxyError, engine_failed, engine_timeout
 from . import lmdeploy as wire
 from . import metrics as pd_metrics
-from .cleanup import free_kv
+from .cleanup import free_batched, free_kv, spawn
 from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port
 
 _STREAM_FIELDS = ("stream_options",)
@@ -58,8 +58,13 @@ class TwoStagePd:
         """The id of the KV a prefill answer holds on its node (None: nothing held)."""
         return None
 
+    def release(self, pd: PdRequest, leg: Leg, key: Any) -> None:
+        """Start releasing ``key`` on the prefill node, after the decode ended one way or another:
+        a tracked clean-up (``proxy.pd.cleanup``) the request does not wait for."""
+        spawn(self.free(pd, leg, key), "routerpanel-pd-free")
+
     async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        """Release ``key`` on the prefill node, after the decode ended one way or another."""
+        """Release ``key`` on the prefill node."""
         raise NotImplementedError
 
     def forget_pair(self, pd: PdRequest) -> None:
@@ -102,9 +107,10 @@ class NanoDeployPd(TwoStagePd):
         params = (answer.data or {}).get("kv_transfer_params")
         return _int(params.get("seq_id")) if isinstance(params, dict) else None
 
-    async def free(self, pd: PdRequest, leg: Leg, key: Any) -> None:
-        # DLEngine queues the release and answers the ids it was given: a 200 is all it reports.
-        await free_kv(pd, leg, "/pd/free", {"seq_ids": [key]})
+    def release(self, pd: PdRequest, leg: Leg, key: Any) -> None:
+        # DLEngine's /pd/free takes a list of seq_ids, queues their release and answers the ids it was
+        # given (a 200 is all it reports): the releases for one prefill node share a call.
+        free_batched(pd, leg, "/pd/free", key)
 
 
 class VllmPd(TwoStagePd):

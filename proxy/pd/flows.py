@@ -24,8 +24,9 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
     """Prefill → decode → release, with the release on every path after the prefill was sent.
 
     The prefill call runs as its own task awaited through ``shield``: a client that leaves while it
-    is in flight cancels only our wait, and the clean-up task below lets the call finish (bounded by
-    the prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
+    is in flight cancels only our wait, and a clean-up task lets the call finish (bounded by the
+    prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
+    The release itself is a tracked clean-up the request does not wait for (``proxy.pd.cleanup``).
     """
     protocol.validate(pd)
     pd.choose_pair()
@@ -47,8 +48,10 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
     finally:
         pd.release_unused()
         if protocol.frees_kv:
-            # Runs to the end even if this task is cancelled again while waiting for it.
-            await asyncio.shield(spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free"))
+            if prefill.done():
+                _release(pd, protocol, prefill)
+            else:  # the client left during the prefill: release what it holds once it answers
+                spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free")
 
 
 async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) -> None:
@@ -74,16 +77,22 @@ async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) 
 
 
 async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:
-    """Wait for the prefill call (never cancelled) and release the KV its answer holds, once."""
-    try:
-        answer = await prefill
-    except Exception:  # the prefill failed: its error went to the client, and there is no KV id to free
+    """Wait for the prefill call (never cancelled), then release the KV its answer holds."""
+    await asyncio.wait({prefill})
+    _release(pd, protocol, prefill)
+
+
+def _release(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:
+    """Release, once, the KV a finished prefill call holds (none when it failed: its error went to
+    the client, and there is no KV id to free)."""
+    if prefill.exception() is not None:
         return
+    answer: LegAnswer = prefill.result()
     key = protocol.kv_key(answer)
     if key is not None:
         if pd.left_during_prefill:
             pd_metrics.count_shielded_prefill()
-        await protocol.free(pd, answer.leg, key)
+        protocol.release(pd, answer.leg, key)
 
 
 async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:

@@ -24,12 +24,13 @@ LEG_DURATION = LocalHistogram(
     LATENCY_BUCKETS,
 )
 LEG_ERRORS = Counter("routerpanel_proxy_pd_leg_errors", "PD legs that failed, by leg and kind.", ["leg", "kind"])
-# One free per NanoDeploy PD request: a plain dict, like the per-request metrics (``proxy.metrics``).
+# One release per NanoDeploy PD request (several go in one /pd/free call): a plain dict, like the
+# per-request metrics (``proxy.metrics``).
 FREES = LocalCounter(
     "routerpanel_proxy_pd_frees",
-    "KV releases RouterPanel sent to prefill nodes (NanoDeploy /pd/free, LMDeploy /distserve/free_cache) by "
-    "result: ok (accepted; the engines do not say whether they held the id: DLEngine queues the release and "
-    "echoes the ids), failed (no answer, or an error status).",
+    "KV releases RouterPanel sent to prefill nodes (NanoDeploy /pd/free, one per seq_id, LMDeploy "
+    "/distserve/free_cache) by result: ok (accepted; the engines do not say whether they held the id: DLEngine "
+    "queues the release and echoes the ids), failed (no answer, or an error status).",
     ["result"],
 )
 UNRELEASABLE = Counter(
@@ -51,8 +52,8 @@ def count_leg_error(leg: str, kind: str) -> None:
     labelled(LEG_ERRORS, leg, kind).inc()
 
 
-def count_free(result: str) -> None:
-    FREES.inc(result)
+def count_free(result: str, releases: int = 1) -> None:
+    FREES.add(releases, result)
 
 
 def count_unreleasable() -> None:

@@ -87,9 +87,12 @@ def test_a_pd_request_answers_like_a_hybrid_engine_and_frees_the_kv(pd, make):
     sent = [r for r in prefill_sim.requests() if r["path"].startswith("/v1/")][-1]["body"]
     assert sent["stream"] is False and sent["max_tokens"] == 12
     assert sent["kv_transfer_params"] == {"do_remote_decode": True}
-    frees = [r["body"] for r in prefill_sim.requests() if r["path"] == "/pd/free"]
     decoded = decode_sim.requests()[-1]["body"]
     assert set(decoded["kv_transfer_params"]) == {"migration", "seq_id", "first_token"}
+    # The release goes out just after the answer (gathered with any others for that node: docs/pd.md).
+    frees = wait_until(
+        lambda: [r["body"] for r in prefill_sim.requests() if r["path"] == "/pd/free"], 5, "no /pd/free was sent"
+    )
     assert frees == [{"seq_ids": [decoded["kv_transfer_params"]["seq_id"]]}]
 
 

@@ -112,6 +112,9 @@ class StaticWatcher:
     async def ensure_started(self) -> None:  # pragma: no cover - loop always matches
         return None
 
+    async def stop(self) -> None:
+        return None
+
 
 @pytest.fixture
 async def proxy_app() -> AsyncIterator[ProxyApp]:

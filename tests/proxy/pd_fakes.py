@@ -32,6 +32,7 @@ class FakePdEngines:
     allocated: int = 0
     freed: int = 0
     double_frees: int = 0
+    free_calls: list[list[int]] = field(default_factory=list)  # the seq_ids of each /pd/free call
     prefill_cancelled: int = 0
     decodes: int = 0
     calls: dict[str, int] = field(default_factory=dict)  # inference calls per server URL
@@ -73,6 +74,7 @@ class FakePdEngines:
     async def free(self, request: web.Request) -> web.Response:
         """Like DLEngine: the release is queued and the answer echoes the ids it was given."""
         seq_ids = (await request.json())["seq_ids"]
+        self.free_calls.append(seq_ids)
         for seq_id in seq_ids:
             if seq_id in self.held:
                 self.held.discard(seq_id)
