@@ -85,7 +85,7 @@ async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.T
 def _release(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:
     """Release, once, the KV a finished prefill call holds (none when it failed: its error went to
     the client, and there is no KV id to free)."""
-    if prefill.exception() is not None:
+    if prefill.cancelled() or prefill.exception() is not None:  # cancelled: only at shutdown
         return
     answer: LegAnswer = prefill.result()
     key = protocol.kv_key(answer)
