@@ -143,7 +143,9 @@ def main() -> int:
             run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
         )
         pd = stack.enter_context(pd_engines()) if args.pd else None
-        web = stack.enter_context(running(web_command, port=web_port, env=env, timeout=60))
+        # glibc's malloc arenas limited as the Procfile and docs/deployment.md start web workers.
+        web_env = {**env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+        web = stack.enter_context(running(web_command, port=web_port, env=web_env, timeout=60))
         proxy = f"http://127.0.0.1:{web_port}"
         floor_port = free_port()
         floor_argv = [PYTHON, "-m", "uvicorn", "bench.floor_app:app", "--host=127.0.0.1", f"--port={floor_port}"]

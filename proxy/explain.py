@@ -305,7 +305,7 @@ class Explainer:
         max_records: int = 50_000,
         buffer_size: int = 10_000,
         flush_interval: float = 1.0,
-        batch: int = 2_000,
+        batch: int = 500,
     ) -> None:
         self.enabled = enabled
         self.retention = retention
@@ -354,7 +354,11 @@ class Explainer:
         self.buffer.append(explanation)
 
     def due(self, now: float | None = None) -> bool:
-        """Whether the loop should flush now: a full batch waits, or the interval passed."""
+        """Whether the loop should flush now: a full batch waits, or the interval passed.
+
+        Batches are small (``batch``, 500) and the loop flushes every full one at each of its ticks:
+        what a flush holds at once (the records, their wire form, the packed argument) is the web
+        worker's peak memory, and 2,000 records at a time added about 2 MB to it under load."""
         if not self.buffer:
             return False
         now = time.monotonic() if now is None else now

@@ -265,7 +265,7 @@ class SharedCounters:
         if self._ticks_to_stats <= 0:
             await self.publish_stats()
             self._ticks_to_stats = self.stats_every
-        if self.explainer is not None and self.explainer.due():
+        while self.explainer is not None and self.explainer.due():  # every full batch (Explainer.due)
             await self.explainer.flush(self.client())
         if self.accounting.due():
             await self.accounting.flush(self.client())

@@ -11,17 +11,21 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from routerpanel.lean import web_worker_imports
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "routerpanel.settings")
 
-# Django must be set up before anything imports models.
-django_asgi_app = get_asgi_application()
+# Django must be set up before anything imports models; without the optional packages a web worker
+# never uses (routerpanel/lean.py).
+with web_worker_imports():
+    django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter
+from channels.security.websocket import AllowedHostsOriginValidator
 
-from proxy.app import get_app  # noqa: E402
-from proxy.mount import ProxyMount, enable_tcp_nodelay_under_twisted  # noqa: E402
-from routerpanel.routing import websocket_urlpatterns  # noqa: E402
+from proxy.app import get_app
+from proxy.mount import ProxyMount, enable_tcp_nodelay_under_twisted
+from routerpanel.routing import websocket_urlpatterns
 
 # Under daphne, client sockets get TCP_NODELAY as uvloop gives them under uvicorn (SSE latency).
 enable_tcp_nodelay_under_twisted()

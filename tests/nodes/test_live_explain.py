@@ -18,6 +18,7 @@ from nodes.live import explain_store as store
 from nodes.live import keys
 from proxy.explain import Explainer
 from proxy.request import Outcome
+from proxy.shared import SharedCounters
 
 from .explain_records import explanation, flush_all
 
@@ -38,6 +39,20 @@ async def test_a_flush_appends_one_entry_per_request_in_one_call(redis_url, sync
     older = store.read_page(sync_client, store.RequestFilter(), before=page.cursor, limit=25)
     assert [r["id"] for r in older.records] == [f"r{i}" for i in range(19, -1, -1)]
     assert older.cursor is None
+
+
+async def test_one_turn_of_the_workers_loop_stores_every_full_batch(redis_url, sync_client):
+    """Small batches keep a worker's memory low; the loop must still keep up with any request rate."""
+    counters = SharedCounters(redis_url, worker="w1")
+    counters.explainer = Explainer(batch=10)
+    for i in range(35):
+        counters.explainer.finish(explanation(f"r{i}"), Outcome(status=200))
+    try:
+        await counters.tick()
+        # Every full batch in one turn; the last 5 wait for the flush interval.
+        assert sync_client.xlen(keys.EXPLAIN) == 30 and len(counters.explainer.buffer) == 5
+    finally:
+        await counters.stop()
 
 
 def test_a_batch_is_stored_byte_for_byte_under_its_request_ids(sync_client):
