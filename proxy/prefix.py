@@ -76,18 +76,22 @@ class Spread:
         self._total = 0.0  # the requests of every node, as of the last record
         self._nodes: dict[int, tuple[float, float, int]] = {}  # node id -> (requests, placements, as of tick)
 
-    def _now(self, node_id: int) -> tuple[float, float]:
-        requests, placed, at = self._nodes.get(node_id, (0.0, 0.0, self._ticks))
+    def given(self, node_id: int) -> tuple[float, float]:
+        """(requests, placements) of ``node_id`` lately."""
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            return 0.0, 0.0
+        requests, placed, at = entry
         if at == self._ticks:
             return requests, placed
         fade = self._fade ** (self._ticks - at)
         return requests * fade, placed * fade
 
     def requests(self, node_id: int) -> float:
-        return self._now(node_id)[0]
+        return self.given(node_id)[0]
 
     def placements(self, node_id: int) -> float:
-        return self._now(node_id)[1]
+        return self.given(node_id)[1]
 
     @property
     def total(self) -> float:
@@ -96,7 +100,7 @@ class Spread:
 
     def record(self, node_id: int, *, placed: bool) -> None:
         """One more request sent to ``node_id``; ``placed`` when the node did not hold its prefix."""
-        requests, placements = self._now(node_id)
+        requests, placements = self.given(node_id)
         self._ticks += 1
         fade = self._fade
         self._nodes[node_id] = (requests * fade + 1.0, placements * fade + placed, self._ticks)

@@ -22,8 +22,8 @@ that grows with the route, taken when (nearly) every node of it is excluded.
   clockwise from the key to the first ok node in rotation.
 - ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless it
   had more than its share of the route's recent requests or the in-flight guard trips; otherwise,
-  and for a prompt no node holds, the node given the least recent work of ``PLACE_CHOICES``
-  candidates (docs/cache-routing.md).
+  and for a prompt no node holds, the node given the least recent work of every node of a small
+  route, or of two candidates as ``least_requests`` draws them (docs/cache-routing.md).
 
 Stateful helpers are explicit arguments: the round-robin tick (a counter per model and role, kept
 by ``proxy.router``), a cached ``HashRing``, a bounded ``PrefixIndex`` and a ``Spread`` per model
@@ -42,7 +42,7 @@ from .snapshot import Target
 
 # Random draws that may miss (a node not ok) before a strategy walks the route instead.
 SAMPLE_TRIES = 4
-# prefix_cache: the nodes compared when a prompt is placed away from its owner (all of a route this small).
+# prefix_cache: a prompt placed away from its owner compares every node of a route this small (else two).
 PLACE_CHOICES = 4
 # prefix_cache: a prefix's owner is passed over when it had more than this many times its share of the
 # route's recent requests, plus PREFIX_SLACK requests (docs/cache-routing.md).
@@ -243,30 +243,22 @@ def consistent_hash(
 def _least_given(
     targets: Sequence[Target], spread: Spread, load: LoadTracker, tick: int, rng: random.Random, ok: Ok
 ) -> Target | None:
-    """Of a few ok candidates, the one ``spread`` gave the least recent work per unit of weight (then
-    the fewest in flight, then the earliest in rotation): every node of a route of up to
-    ``PLACE_CHOICES`` nodes, else the round-robin next one and ``PLACE_CHOICES - 1`` drawn at random."""
+    """Of a few ok candidates, the one ``spread`` gave the fewest recent placements per unit of
+    weight (then requests, then in flight, then the earliest in rotation): every node of a route of
+    up to ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
+    random)."""
     n = len(targets)
-    if not n:
-        return None
     if n <= PLACE_CHOICES:
         candidates = [t for t in (targets[(tick + i) % n] for i in range(n)) if ok(t)]
     else:
-        first = _walk(targets, tick % n, ok)
-        if first < 0:
-            return None
-        candidates = [targets[first]]
-        for _ in range(PLACE_CHOICES - 1):
-            other = _other(targets, first, rng, ok)
-            if other >= 0:
-                candidates.append(targets[other])
+        candidates = [t for t in _pair(targets, tick, rng, ok) if t is not None]
     best: Target | None = None
     best_score = (0.0, 0.0, 0.0)
     for target in candidates:
-        weight = target.node.weight or 1
-        node_id = target.node.id
-        given = spread.placements(node_id) / weight, spread.requests(node_id) / weight
-        score = (*given, load.inflight(node_id) / weight)
+        node = target.node
+        weight = node.weight or 1
+        requests, placements = spread.given(node.id)
+        score = (placements / weight, requests / weight, load.inflight(node.id) / weight)
         if best is None or score < best_score:
             best, best_score = target, score
     return best
