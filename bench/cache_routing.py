@@ -223,6 +223,7 @@ def main() -> int:
     parser.add_argument("--user-words", type=int)
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--skip", nargs="+", default=[], metavar="WORKLOAD:STRATEGY", help="runs to leave out")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not VLLM_PYTHON.exists():
@@ -255,6 +256,8 @@ def main() -> int:
                 stack.settle()
                 results = report[name] = []
                 for strategy in w.strategies:
+                    if f"{name}:{strategy}" in args.skip:
+                        continue
                     run += 1
                     result = measure(stack.base, stack.set_policy, servers, strategy, run, w)
                     results.append(result)
