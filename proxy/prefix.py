@@ -42,6 +42,14 @@ class PrefixIndex:
                 return node_id
         return None
 
+    def owner(self, hashes: Sequence[int]) -> tuple[int, int] | None:
+        """``longest``'s node and how many of ``hashes`` (blocks of the prompt) it is known to hold."""
+        for i in range(len(hashes) - 1, -1, -1):
+            node_id = self._entries.get(hashes[i])
+            if node_id is not None:
+                return node_id, i + 1
+        return None
+
     def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
         """``longest``'s node and how many prompt characters it is known to hold (for the request's
         explanation, ``proxy.explain``)."""

@@ -48,6 +48,10 @@ PLACE_CHOICES = 4
 # route's recent requests, plus PREFIX_SLACK requests (docs/cache-routing.md).
 PREFIX_BALANCE = 1.15
 PREFIX_SLACK = 2.0
+# prefix_cache: a node owns a prompt when it holds at least this share of the prompt's blocks; a
+# shorter match (a few characters every prompt starts with, less than an engine caches) is no reason
+# to pile new conversations onto one node.
+PREFIX_MIN_SHARE = 0.5
 
 Ok = Callable[[Target], bool]
 _rng = random.Random()
@@ -277,11 +281,12 @@ def prefix_cache(
     spread: Spread | None = None,
     balance: float | None = None,
 ) -> Target | None:
-    """The node holding the longest remembered prefix of the prompt (its owner), unless a guard
-    trips; otherwise, and for a prompt with no owner, the node given the least recent work
-    (``_least_given``): new conversations are spread by the conversations each node was given,
-    not by the requests in flight at the instant they arrive, which at low concurrency is a coin
-    toss that leaves one server with most conversations and another with none.
+    """The node holding the longest remembered prefix of the prompt (its owner, when that prefix is
+    at least ``PREFIX_MIN_SHARE`` of the prompt's blocks), unless a guard trips; otherwise, and
+    for a prompt with no owner, the node given the least recent work (``_least_given``): new
+    conversations are spread by the conversations each node was given, not by the requests in
+    flight at the instant they arrive, which at low concurrency is a coin toss that leaves one
+    server with most conversations and another with none.
 
     Guards: the owner is passed over when ``spread`` gave it more than ``balance`` (default
     ``PREFIX_BALANCE``) times its weighted share of the route's recent requests, plus
@@ -294,9 +299,9 @@ def prefix_cache(
     spread = spread if spread is not None else Spread()
     table = table or Table(targets)
     owner: Target | None = None
-    preferred_id = index.longest(hashes) if hashes else None
-    if preferred_id is not None:
-        at = table.position.get(preferred_id)
+    found = index.owner(hashes) if hashes else None
+    if found is not None and found[1] >= PREFIX_MIN_SHARE * len(hashes):
+        at = table.position.get(found[0])
         if at is not None and ok(targets[at]):
             owner = targets[at]
     chosen = owner
