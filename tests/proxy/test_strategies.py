@@ -205,6 +205,16 @@ def test_prefix_cache_passes_over_an_owner_given_far_more_than_its_share():
     assert sorted(per_node.values()) == [3, 5]
 
 
+def test_a_few_shared_characters_do_not_make_an_owner():
+    # Every system prompt starts with the same 40 characters, more than the policy's minimum match:
+    # each new conversation used to follow whichever node served them last, all six on one node here.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    preamble = "system: the following is a conversation. "
+    turns = [[preamble + f"you are assistant {i}. " * 20 + "user: hello"] for i in range(6)]
+    nodes = conversations_on(Router(), snap.routes["m"], turns)
+    assert collections.Counter(picks[0] for picks in nodes) == {"http://a": 3, "http://b": 3}
+
+
 def test_the_spread_fades_with_the_route_requests_and_keeps_their_total():
     spread = Spread(window=4)
     for node_id in (1, 1, 2):
