@@ -15,7 +15,7 @@ export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 # its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install redis-server run test test-core test-fast bench bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-core test-fast bench bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -160,6 +160,13 @@ peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
 
 bench: install redis-server $(if $(PEERS),peers-env)
 	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors) $(if $(WORKERS),--workers $(WORKERS))
+
+# Cache-aware routing on three real vLLM servers (docs/cache-routing.md): each strategy's fleet
+# prefix-cache hit rate and requests per server over a conversation workload. WORKLOAD names presets
+# of bench/cache_routing.py (issue, large, pressure; several run in turn): minutes each on two cores.
+WORKLOAD ?= issue
+bench-cache: install redis-server vllm-env
+	$(PY) bench/cache_routing.py --workload $(WORKLOAD)
 
 # Fleet scale (docs/decisions/0008-health-as-live-state.md): the prober, the web process under traffic
 # and a stopped engine at N = 100 and 1,000 simulated engines; the snapshot's costs up to 5,000; the

@@ -26,6 +26,7 @@ from nodes.live.explain import LISTED_CANDIDATES, NAMED_PER_REASON
 from . import strategies
 from .breaker import HALF_OPEN, OPEN, Breakers
 from .load import LoadTracker, LocalLoadTracker
+from .prefix import Spread
 from .snapshot import NodeView, Route, Snapshot, Target
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Router:
         )
         self.rng = rng or random.Random()
         self._ticks: dict[tuple[str, str], int] = {}
+        self._spreads: dict[tuple[str, str], Spread] = {}  # (model, role) -> recent requests per node (prefix_cache)
         self._tables: dict[int, strategies.Table] = {}  # id of a targets tuple -> its table
         self._rings: dict[int, tuple[tuple[Target, ...], strategies.HashRing]] = {}  # id of a tuple -> it, its ring
         self._waiting: dict[int, set[Waiter]] = {}  # node id -> attempts waiting for its first byte
@@ -198,8 +200,11 @@ class Router:
             )
             if explain is not None:  # before the strategy remembers this prompt for its pick
                 prefix = self.prefix_index.longest_match(hashes, policy.prefix_min_match)
+            spread = self._spreads.get((route.name, role))
+            if spread is None:
+                spread = self._spreads[(route.name, role)] = Spread()
             chosen = strategies.prefix_cache(
-                targets, load, self.prefix_index, hashes, policy.prefix_load_factor, tick, rng, ok, table
+                targets, load, self.prefix_index, hashes, policy.prefix_load_factor, tick, rng, ok, table, spread
             )
         else:  # round robin, the default (also for an unknown name in the database)
             chosen = strategies.round_robin(targets, tick, ok)

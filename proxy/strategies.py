@@ -20,25 +20,38 @@ that grows with the route, taken when (nearly) every node of it is excluded.
 - ``consistent_hash``: a ring over the role's nodes (in rotation or not, so that a health change
   does not rebuild it), read through a lookup table of fixed size (``proxy.hashring``) and walked
   clockwise from the key to the first ok node in rotation.
-- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless the
-  load guard trips; otherwise ``least_requests``.
+- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless it
+  had more than its share of the route's recent requests or the in-flight guard trips; otherwise,
+  and for a prompt no node holds, the node given the least recent work of every node of a small
+  route, or of two candidates as ``least_requests`` draws them (docs/cache-routing.md).
 
 Stateful helpers are explicit arguments: the round-robin tick (a counter per model and role, kept
-by ``proxy.router``), a cached ``HashRing`` and a bounded ``PrefixIndex``.
+by ``proxy.router``), a cached ``HashRing``, a bounded ``PrefixIndex`` and a ``Spread`` per model
+and role (``proxy.prefix``).
 """
 
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from .hashring import HashRing
 from .load import LoadTracker
+from .prefix import PrefixIndex, Spread
 from .snapshot import Target
 
 # Random draws that may miss (a node not ok) before a strategy walks the route instead.
 SAMPLE_TRIES = 4
+# prefix_cache: a prompt placed away from its owner compares every node of a route this small (else two).
+PLACE_CHOICES = 4
+# prefix_cache: a prefix's owner is passed over when it had more than this many times its share of the
+# route's recent requests, plus PREFIX_SLACK requests (docs/cache-routing.md).
+PREFIX_BALANCE = 1.15
+PREFIX_SLACK = 2.0
+# prefix_cache: a node owns a prompt when it holds at least this share of the prompt's blocks; a
+# shorter match (a few characters every prompt starts with, less than an engine caches) is no reason
+# to pile new conversations onto one node.
+PREFIX_MIN_SHARE = 0.5
 
 Ok = Callable[[Target], bool]
 _rng = random.Random()
@@ -54,12 +67,19 @@ class Table:
     each node's position, and for weighted draws an alias table (Vose's method: a draw proportional
     to weight in O(1), one uniform slot and one coin)."""
 
-    __slots__ = ("_alias", "position", "targets")
+    __slots__ = ("_alias", "_weight_total", "position", "targets")
 
     def __init__(self, targets: Sequence[Target]) -> None:
         self.targets = targets
         self.position = {t.node.id: i for i, t in enumerate(targets)}
         self._alias: tuple[list[float], list[int]] | None = None
+        self._weight_total: float | None = None
+
+    def weight_total(self) -> float:
+        """The sum of the targets' weights (a weight of 0 counts as 1, as the load strategies read it)."""
+        if self._weight_total is None:
+            self._weight_total = float(sum(t.node.weight or 1 for t in self.targets))
+        return self._weight_total
 
     def alias(self) -> tuple[list[float], list[int]] | None:
         """(probability of keeping each slot, the slot given otherwise); None when no weight is positive."""
@@ -224,56 +244,28 @@ def consistent_hash(
     return least_requests(targets, load, tick, rng, ok)
 
 
-class PrefixIndex:
-    """Remembers which node recently served which prompt prefixes, in bounded memory.
-
-    A prompt is cut into blocks: the first ``min_match`` characters, then ``block`` characters at
-    a time, up to ``max_chars``. Each block boundary gets a chained hash (so it stands for the
-    whole prefix up to there) mapped to a node id; entries are evicted least-recently-used beyond
-    ``max_entries``. The longest remembered prefix wins.
-    """
-
-    def __init__(self, *, max_entries: int = 50_000, block: int = 128, max_chars: int = 16_384) -> None:
-        self.max_entries = max_entries
-        self.block = block
-        self.max_chars = max_chars
-        self._entries: OrderedDict[int, int] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def prefix_hashes(self, scope: str, prompt: str, min_match: int) -> list[int]:
-        text = prompt[: self.max_chars]
-        if len(text) < min_match:
-            return []
-        hashes = [hash((scope, text[:min_match]))]
-        for start in range(min_match, len(text) - self.block + 1, self.block):
-            hashes.append(hash((hashes[-1], text[start : start + self.block])))
-        return hashes
-
-    def longest(self, hashes: Sequence[int]) -> int | None:
-        for h in reversed(hashes):
-            node_id = self._entries.get(h)
-            if node_id is not None:
-                return node_id
-        return None
-
-    def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
-        """``longest``'s node and how many prompt characters it is known to hold (for the request's
-        explanation, ``proxy.explain``)."""
-        for i in range(len(hashes) - 1, -1, -1):
-            node_id = self._entries.get(hashes[i])
-            if node_id is not None:
-                return node_id, min_match + i * self.block
-        return None
-
-    def remember(self, hashes: Sequence[int], node_id: int) -> None:
-        entries = self._entries
-        for h in hashes:
-            entries[h] = node_id
-            entries.move_to_end(h)
-        while len(entries) > self.max_entries:
-            entries.popitem(last=False)
+def _least_given(
+    targets: Sequence[Target], spread: Spread, load: LoadTracker, tick: int, rng: random.Random, ok: Ok
+) -> Target | None:
+    """Of a few ok candidates, the one ``spread`` gave the fewest recent placements per unit of
+    weight (then requests, then in flight, then the earliest in rotation): every node of a route of
+    up to ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
+    random)."""
+    n = len(targets)
+    if n <= PLACE_CHOICES:
+        candidates = [t for t in (targets[(tick + i) % n] for i in range(n)) if ok(t)]
+    else:
+        candidates = [t for t in _pair(targets, tick, rng, ok) if t is not None]
+    best: Target | None = None
+    best_score = (0.0, 0.0, 0.0)
+    for target in candidates:
+        node = target.node
+        weight = node.weight or 1
+        requests, placements = spread.given(node.id)
+        score = (placements / weight, requests / weight, load.inflight(node.id) / weight)
+        if best is None or score < best_score:
+            best, best_score = target, score
+    return best
 
 
 def prefix_cache(
@@ -286,23 +278,47 @@ def prefix_cache(
     rng: random.Random | None = None,
     ok: Ok = every,
     table: Table | None = None,
+    spread: Spread | None = None,
+    balance: float | None = None,
 ) -> Target | None:
-    """The node holding the longest shared prefix, unless it is ``load_factor`` times busier than
-    least requests' pick (load guard); otherwise that pick. Remembers the choice."""
-    fallback = least_requests(targets, load, tick, rng, ok)
-    if fallback is None:
-        return None
-    chosen = fallback
-    preferred_id = index.longest(hashes) if hashes else None
-    if preferred_id is not None:
-        at = (table or Table(targets)).position.get(preferred_id)
-        preferred = targets[at] if at is not None else None
-        if (
-            preferred is not None
-            and ok(preferred)
-            and _load(preferred, load) <= load_factor * max(_load(fallback, load), 1.0)
-        ):
-            chosen = preferred
+    """The node holding the longest remembered prefix of the prompt (its owner, when that prefix is
+    at least ``PREFIX_MIN_SHARE`` of the prompt's blocks), unless a guard trips; otherwise, and
+    for a prompt with no owner, the node given the least recent work (``_least_given``): new
+    conversations are spread by the conversations each node was given, not by the requests in
+    flight at the instant they arrive, which at low concurrency is a coin toss that leaves one
+    server with most conversations and another with none.
+
+    Guards: the owner is passed over when ``spread`` gave it more than ``balance`` (default
+    ``PREFIX_BALANCE``) times its weighted share of the route's recent requests, plus
+    ``PREFIX_SLACK``; or when it has more than ``load_factor`` times the in-flight requests of
+    least requests' pick (at least one). The prompt's blocks are then remembered for the node that
+    computes them, which holds the whole prompt from then on (keeping the old owner instead kept
+    every conversation on a shared system prompt on one server: docs/cache-routing.md)."""
+    rng = rng or _rng
+    balance = PREFIX_BALANCE if balance is None else balance
+    spread = spread if spread is not None else Spread()
+    table = table or Table(targets)
+    owner: Target | None = None
+    found = index.owner(hashes) if hashes else None
+    if found is not None and found[1] >= PREFIX_MIN_SHARE * len(hashes):
+        at = table.position.get(found[0])
+        if at is not None and ok(targets[at]):
+            owner = targets[at]
+    chosen = owner
+    if owner is not None:
+        weight = owner.node.weight or 1
+        share = spread.total * weight / table.weight_total() if table.weight_total() else 0.0
+        if spread.requests(owner.node.id) > balance * share + PREFIX_SLACK:
+            chosen = None
+        else:
+            fallback = least_requests(targets, load, tick, rng, ok)
+            if fallback is not None and _load(owner, load) > load_factor * max(_load(fallback, load), 1.0):
+                chosen = None
+    if chosen is None:
+        chosen = _least_given(targets, spread, load, tick, rng, ok)
+        if chosen is None:
+            return None
+    spread.record(chosen.node.id, placed=chosen is not owner)
     if hashes:
         index.remember(hashes, chosen.node.id)
     return chosen

@@ -5,8 +5,11 @@ from __future__ import annotations
 import collections
 import random
 
+import pytest
+
 from proxy import strategies
 from proxy.load import LocalLoadTracker
+from proxy.prefix import Spread
 from proxy.router import Router, prompt_text, session_key
 from proxy.snapshot import NodeView, PolicyView, Target
 
@@ -161,6 +164,67 @@ def test_prefix_cache_needs_a_minimum_match_and_keeps_affinity_until_the_load_gu
     assert strategies.prefix_cache(ts, load, index, hashes, 2.0) is other
     longer = index.prefix_hashes("m", prompt + "and more text here", 32)
     assert longer[: len(hashes)] == hashes
+
+
+def conversations_on(router: Router, route, conversations: list[list[str]]) -> list[list[str]]:
+    """Play each conversation's turns (prompts) one after another through ``router``, nothing else in
+    flight; the node of every turn, per conversation."""
+    nodes = []
+    for turns in conversations:
+        picks = []
+        for prompt in turns:
+            target = router.choose(route, "hybrid", payload={"prompt": prompt})
+            assert target is not None
+            picks.append(target.node.url)
+            router.release(target, 0.01, ok=True)
+        nodes.append(picks)
+    return nodes
+
+
+def test_prefix_cache_spreads_new_conversations_by_the_work_already_placed():
+    # Two turns each, one conversation after another: nothing is ever in flight, so least requests
+    # (what a prompt with no remembered prefix used to get) always fell back to the round-robin
+    # turn, which two requests per conversation keep on the same node: all six on one server.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    system = [f"system: you are assistant {i}, " * 6 for i in range(6)]
+    turns = [[s + "user: hello", s + "user: hello assistant: hi user: more please " * 3] for s in system]
+    nodes = conversations_on(Router(), snap.routes["m"], turns)
+    assert all(first == second for first, second in nodes)  # each kept its cache for its second turn
+    assert collections.Counter(first for first, _ in nodes) == {"http://a": 3, "http://b": 3}
+
+
+def test_prefix_cache_passes_over_an_owner_given_far_more_than_its_share():
+    # Eight conversations on one system prompt: the prompt's owner used to take every one of them
+    # (nothing in flight, so the load guard never tripped). The owner is passed over once it had more
+    # than PREFIX_BALANCE times its share of the recent requests (plus PREFIX_SLACK), and the
+    # prompt's blocks then belong to the node that computed them.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    shared = "system: one long shared instruction for every conversation. " * 4
+    nodes = conversations_on(Router(), snap.routes["m"], [[shared + f"user: question {i}"] for i in range(8)])
+    per_node = collections.Counter(picks[0] for picks in nodes)
+    assert sorted(per_node.values()) == [3, 5]
+
+
+def test_a_few_shared_characters_do_not_make_an_owner():
+    # Every system prompt starts with the same 40 characters, more than the policy's minimum match:
+    # each new conversation used to follow whichever node served them last, all six on one node here.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    preamble = "system: the following is a conversation. "
+    turns = [[preamble + f"you are assistant {i}. " * 20 + "user: hello"] for i in range(6)]
+    nodes = conversations_on(Router(), snap.routes["m"], turns)
+    assert collections.Counter(picks[0] for picks in nodes) == {"http://a": 3, "http://b": 3}
+
+
+def test_the_spread_fades_with_the_route_requests_and_keeps_their_total():
+    spread = Spread(window=4)
+    for node_id in (1, 1, 2):
+        spread.record(node_id, placed=node_id == 2)
+    fade = 1 - 1 / 4
+    assert spread.requests(1) == pytest.approx(fade**2 + fade)
+    assert spread.requests(2) == pytest.approx(1.0)
+    assert spread.placements(1) == 0 and spread.placements(2) == 1
+    assert spread.total == pytest.approx(spread.requests(1) + spread.requests(2))
+    assert spread.requests(3) == 0.0
 
 
 def test_the_prefix_index_is_bounded():
