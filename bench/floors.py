@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from bench.measure import chat_body, one_client_latency, pct, run_wrk, streams, tree_cpu_seconds
+from bench.measure import PACED_STREAMS, chat_body, one_client_latency, pct, run_wrk, streams, tree_cpu_seconds
 from tests.support.ports import free_port
 from tests.support.procs import PYTHON, running
 
@@ -60,7 +60,7 @@ def measure_layers(
     small = chat_body(model, 16)
     paced_body = chat_body(paced_model, 64, stream=True)
     direct_p50 = pct(one_client_latency(direct, PATH, {}, small, latency_requests), 0.5)
-    direct_stream = streams(paced + PATH, {}, paced_body, 4, 24)
+    direct_stream = streams(paced + PATH, {}, paced_body, 4, PACED_STREAMS)
     d50, d99 = pct(direct_stream.ttfe, 0.5), pct(direct_stream.ttfe, 0.99)
     lines = [
         f"{'layer':<24}{'added p50, 1 client':>22}{'CPU/req c=32':>15}{'req/s c=32':>12}"
@@ -71,7 +71,7 @@ def measure_layers(
         before = tree_cpu_seconds(layer.pid)  # a process and its workers (make bench WORKERS=N)
         wrk = run_wrk(layer.url + PATH, layer.headers, small, 32, duration, None)
         cpu = (tree_cpu_seconds(layer.pid) - before) / max(wrk.requests, 1)
-        s = streams(layer.url + PATH, layer.headers, paced_body, 4, 24)
+        s = streams(layer.url + PATH, layer.headers, paced_body, 4, PACED_STREAMS)
         first = f"{(pct(s.ttfe, 0.5) - d50) * 1e3:+.2f} / {(pct(s.ttfe, 0.99) - d99) * 1e3:+.2f} ms"
         lines.append(
             f"{layer.name:<24}{(p50 - direct_p50) * 1e6:>+19,.0f} us{cpu * 1e6:>12,.0f} us{wrk.rps:>12,.0f}{first:>34}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.measure import chat_body, one_client_latency, pct, peak_rss_mb, run_wrk, streams
+from bench.measure import PACED_STREAMS, chat_body, one_client_latency, pct, peak_rss_mb, run_wrk, streams
 from tests.support.ports import free_port
 from tests.support.procs import running
 
@@ -107,7 +107,7 @@ def measure_peer(
         unpaced = streams(base + PATH, {}, chat_body(model, 64, stream=True), 8, 400)
         rss = peak_rss_mb(pid)
     with _router(peer, [paced], paced_model) as (paced_base, _):
-        paced_streams = streams(paced_base + PATH, {}, chat_body(paced_model, 64, stream=True), 4, 24)
+        paced_streams = streams(paced_base + PATH, {}, chat_body(paced_model, 64, stream=True), 4, PACED_STREAMS)
     return Figures(
         system=peer.name,
         latency_p50=pct(latency, 0.5),

@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.floors import Layer, floors, measure_layers  # noqa: E402
 from bench.measure import (  # noqa: E402
+    PACED_STREAMS,
     chat_body,
     cpu_seconds,
     one_client_latency,
@@ -238,7 +239,7 @@ def main() -> int:
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count in (
             ("0 ms", MODEL, sim_a.url, 8, 400),
-            ("5 ms", PACED, paced.url, 4, 24),
+            ("5 ms", PACED, paced.url, 4, PACED_STREAMS),
         ):
             body = chat_body(model, 64, stream=True)
             ds = streams(engine + path, {}, body, concurrency, count)
