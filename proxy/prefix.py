@@ -35,15 +35,9 @@ class PrefixIndex:
             hashes.append(hash((hashes[-1], text[start : start + self.block])))
         return hashes
 
-    def longest(self, hashes: Sequence[int]) -> int | None:
-        for h in reversed(hashes):
-            node_id = self._entries.get(h)
-            if node_id is not None:
-                return node_id
-        return None
-
     def owner(self, hashes: Sequence[int]) -> tuple[int, int] | None:
-        """``longest``'s node and how many of ``hashes`` (blocks of the prompt) it is known to hold."""
+        """The node holding the longest remembered prefix, and how many of ``hashes`` (blocks of the
+        prompt) it is known to hold."""
         for i in range(len(hashes) - 1, -1, -1):
             node_id = self._entries.get(hashes[i])
             if node_id is not None:
@@ -51,13 +45,10 @@ class PrefixIndex:
         return None
 
     def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
-        """``longest``'s node and how many prompt characters it is known to hold (for the request's
+        """``owner``'s node and how many prompt characters it is known to hold (for the request's
         explanation, ``proxy.explain``)."""
-        for i in range(len(hashes) - 1, -1, -1):
-            node_id = self._entries.get(hashes[i])
-            if node_id is not None:
-                return node_id, min_match + i * self.block
-        return None
+        found = self.owner(hashes)
+        return None if found is None else (found[0], min_match + (found[1] - 1) * self.block)
 
     def remember(self, hashes: Sequence[int], node_id: int) -> None:
         entries = self._entries

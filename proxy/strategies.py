@@ -306,8 +306,8 @@ def prefix_cache(
             owner = targets[at]
     chosen = owner
     if owner is not None:
-        weight = owner.node.weight or 1
-        share = spread.total * weight / table.weight_total() if table.weight_total() else 0.0
+        weight, total_weight = owner.node.weight or 1, table.weight_total()
+        share = spread.total * weight / total_weight if total_weight else 0.0
         if spread.requests(owner.node.id) > balance * share + PREFIX_SLACK:
             chosen = None
         else:
