@@ -35,13 +35,17 @@ class PrefixIndex:
             hashes.append(hash((hashes[-1], text[start : start + self.block])))
         return hashes
 
-    def owner(self, hashes: Sequence[int]) -> tuple[int, int] | None:
-        """The node holding the longest remembered prefix, and how many of ``hashes`` (blocks of the
-        prompt) it is known to hold."""
+    def owner(self, hashes: Sequence[int]) -> tuple[int, int, bool] | None:
+        """The node holding the longest remembered prefix, how many of ``hashes`` (blocks of the
+        prompt) it is known to hold, and whether that prefix is **shared**: a remembered prompt went
+        on past it other than this one (a new conversation on another's system prompt), or it is the
+        whole prompt (nothing tells it from another prompt that differs only in its last, partial
+        block: many short questions on one system prompt). A prefix that is not shared ended a
+        remembered prompt that this one goes on from: a conversation's next turn."""
         for i in range(len(hashes) - 1, -1, -1):
-            node_id = self._entries.get(hashes[i])
-            if node_id is not None:
-                return node_id, i + 1
+            entry = self._entries.get(hashes[i])
+            if entry is not None:
+                return entry >> 1, i + 1, bool(entry & 1) or i + 1 == len(hashes)
         return None
 
     def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
@@ -51,10 +55,19 @@ class PrefixIndex:
         return None if found is None else (found[0], min_match + (found[1] - 1) * self.block)
 
     def remember(self, hashes: Sequence[int], node_id: int) -> None:
+        """``node_id`` computed the prompt of ``hashes``: it holds every block. Each entry keeps the
+        node and, in its lowest bit, whether a remembered prompt went on past the block (every
+        block but the prompt's last; the last keeps what it had)."""
+        if not hashes:
+            return
         entries = self._entries
-        for h in hashes:
-            entries[h] = node_id
+        inner = node_id << 1 | 1
+        for h in hashes[:-1]:
+            entries[h] = inner
             entries.move_to_end(h)
+        last = hashes[-1]
+        entries[last] = node_id << 1 | (entries.get(last, 0) & 1)
+        entries.move_to_end(last)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 

@@ -44,8 +44,12 @@ from .snapshot import Target
 SAMPLE_TRIES = 4
 # prefix_cache: a prompt placed away from its owner compares every node of a route this small (else two).
 PLACE_CHOICES = 4
-# prefix_cache: a prefix's owner is passed over when it had more than this many times its share of the
-# route's recent requests, plus PREFIX_SLACK requests (docs/cache-routing.md).
+# prefix_cache: a new conversation on a prefix another conversation holds (its system prompt) is sent
+# elsewhere when the prefix's owner had more than this many times its share of the route's recent
+# requests, plus PREFIX_SLACK requests. A prompt that continues one its owner served (a conversation's
+# next turn) stays with it whatever its share, unless the owner has PREFIX_SLACK more requests in
+# flight than the in-flight guard allows: moving it costs the whole conversation's cache, moving a
+# new one only its shared start (docs/cache-routing.md).
 PREFIX_BALANCE = 1.15
 PREFIX_SLACK = 2.0
 # prefix_cache: a node owns a prompt when it holds at least this share of the prompt's blocks; a
@@ -268,6 +272,12 @@ def _least_given(
     return best
 
 
+def _share(target: Target, spread: Spread, table: Table) -> float:
+    """``target``'s weighted share of the route's recent requests."""
+    total_weight = table.weight_total()
+    return spread.total * (target.node.weight or 1) / total_weight if total_weight else 0.0
+
+
 def prefix_cache(
     targets: Sequence[Target],
     load: LoadTracker,
@@ -288,37 +298,43 @@ def prefix_cache(
     flight at the instant they arrive, which at low concurrency is a coin toss that leaves one
     server with most conversations and another with none.
 
-    Guards: the owner is passed over when ``spread`` gave it more than ``balance`` (default
-    ``PREFIX_BALANCE``) times its weighted share of the route's recent requests, plus
-    ``PREFIX_SLACK``; or when it has more than ``load_factor`` times the in-flight requests of
-    least requests' pick (at least one). The prompt's blocks are then remembered for the node that
-    computes them, which holds the whole prompt from then on (keeping the old owner instead kept
+    Guards: a **shared** match (``PrefixIndex.owner``: the prompt starts a new conversation on a
+    prefix another one holds, a system prompt) is passed over when ``spread`` gave its owner more
+    than ``balance`` (default ``PREFIX_BALANCE``) times its weighted share of the route's recent
+    requests, plus ``PREFIX_SLACK``; moving it costs only that prefix. A prompt that continues one
+    its owner served stays whatever the owner's share (moving it would cost the whole
+    conversation's cache, which the balance guard did at every turn it tripped); new conversations,
+    spread by placements, keep the balance. Either is passed over when its owner has more than
+    ``load_factor`` times the in-flight requests of least requests' pick (at least one), plus
+    ``PREFIX_SLACK`` for a continued prompt. The prompt's blocks are then remembered for the node
+    that computes them, which holds the whole prompt from then on (keeping the old owner instead kept
     every conversation on a shared system prompt on one server: docs/cache-routing.md)."""
     rng = rng or _rng
     balance = PREFIX_BALANCE if balance is None else balance
     spread = spread if spread is not None else Spread()
     table = table or Table(targets)
     owner: Target | None = None
+    shared = False
     found = index.owner(hashes) if hashes else None
     if found is not None and found[1] >= PREFIX_MIN_SHARE * len(hashes):
         at = table.position.get(found[0])
         if at is not None and ok(targets[at]):
-            owner = targets[at]
+            owner, shared = targets[at], found[2]
     chosen = owner
     if owner is not None:
-        weight, total_weight = owner.node.weight or 1, table.weight_total()
-        share = spread.total * weight / total_weight if total_weight else 0.0
-        if spread.requests(owner.node.id) > balance * share + PREFIX_SLACK:
+        if shared and spread.requests(owner.node.id) > balance * _share(owner, spread, table) + PREFIX_SLACK:
             chosen = None
         else:
             fallback = least_requests(targets, load, tick, rng, ok)
-            if fallback is not None and _load(owner, load) > load_factor * max(_load(fallback, load), 1.0):
-                chosen = None
+            if fallback is not None:
+                limit = load_factor * max(_load(fallback, load), 1.0) + (0.0 if shared else PREFIX_SLACK)
+                if _load(owner, load) > limit:
+                    chosen = None
     if chosen is None:
         chosen = _least_given(targets, spread, load, tick, rng, ok)
         if chosen is None:
             return None
-    spread.record(chosen.node.id, placed=chosen is not owner)
+    spread.record(chosen.node.id, placed=chosen is not owner or shared)
     if hashes:
         index.remember(hashes, chosen.node.id)
     return chosen
