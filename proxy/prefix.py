@@ -61,13 +61,14 @@ class PrefixIndex:
         if not hashes:
             return
         entries = self._entries
+        last = hashes[-1]
+        went_on = entries.get(last, 0) & 1
         inner = node_id << 1 | 1
-        for h in hashes[:-1]:
+        for h in hashes:
             entries[h] = inner
             entries.move_to_end(h)
-        last = hashes[-1]
-        entries[last] = node_id << 1 | (entries.get(last, 0) & 1)
-        entries.move_to_end(last)
+        if not went_on:
+            entries[last] = inner ^ 1
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 

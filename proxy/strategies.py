@@ -20,10 +20,11 @@ that grows with the route, taken when (nearly) every node of it is excluded.
 - ``consistent_hash``: a ring over the role's nodes (in rotation or not, so that a health change
   does not rebuild it), read through a lookup table of fixed size (``proxy.hashring``) and walked
   clockwise from the key to the first ok node in rotation.
-- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless it
-  had more than its share of the route's recent requests or the in-flight guard trips; otherwise,
-  and for a prompt no node holds, the node given the least recent work of every node of a small
-  route, or of two candidates as ``least_requests`` draws them (docs/cache-routing.md).
+- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless the
+  prompt starts a new conversation on a shared prefix and the node had more than its share of the
+  route's recent requests, or the in-flight guard trips; otherwise, and for a prompt no node holds,
+  the node given the least recent work of every node of a small route, or of two candidates as
+  ``least_requests`` draws them (docs/cache-routing.md).
 
 Stateful helpers are explicit arguments: the round-robin tick (a counter per model and role, kept
 by ``proxy.router``), a cached ``HashRing``, a bounded ``PrefixIndex`` and a ``Spread`` per model
@@ -272,12 +273,6 @@ def _least_given(
     return best
 
 
-def _share(target: Target, spread: Spread, table: Table) -> float:
-    """``target``'s weighted share of the route's recent requests."""
-    total_weight = table.weight_total()
-    return spread.total * (target.node.weight or 1) / total_weight if total_weight else 0.0
-
-
 def prefix_cache(
     targets: Sequence[Target],
     load: LoadTracker,
@@ -322,7 +317,12 @@ def prefix_cache(
             owner, shared = targets[at], found[2]
     chosen = owner
     if owner is not None:
-        if shared and spread.requests(owner.node.id) > balance * _share(owner, spread, table) + PREFIX_SLACK:
+        over = False
+        if shared:  # the owner's weighted share of the route's recent requests
+            total_weight = table.weight_total()
+            share = spread.total * (owner.node.weight or 1) / total_weight if total_weight else 0.0
+            over = spread.requests(owner.node.id) > balance * share + PREFIX_SLACK
+        if over:
             chosen = None
         else:
             fallback = least_requests(targets, load, tick, rng, ok)
