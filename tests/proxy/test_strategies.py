@@ -222,6 +222,23 @@ def test_prefix_cache_keeps_a_conversation_with_its_owner_and_balances_new_ones(
     assert {picks[0] for picks in nodes[1:]} == {"http://a", "http://b"} - set(nodes[0])
 
 
+def test_a_continued_prompt_leaves_a_node_whose_queue_keeps_growing():
+    # A conversation's next turn is worth PREFIX_SLACK more requests in flight on its owner than a
+    # new one; past that the in-flight guard still moves it, so a node that stalls is left.
+    ts = targets(1, 1)
+    load = LocalLoadTracker()
+    index = strategies.PrefixIndex(block=8)
+    first_turn = "system: you are helpful " * 10 + "user: hello"
+    first = strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", first_turn, 32), 2.0)
+    other = ts[1] if first is ts[0] else ts[0]
+    second_turn = first_turn + " assistant: hi user: tell me more"
+    third_turn = second_turn + " assistant: about what? user: the weather"
+    busy(load, first, 4)  # 4 <= 2 x max(0, 1) + 2: the conversation stays
+    assert strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", second_turn, 32), 2.0) is first
+    busy(load, first, 1)  # 5 > 4
+    assert strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", third_turn, 32), 2.0) is other
+
+
 def test_the_prefix_index_tells_a_continued_prompt_from_a_shared_start():
     index = strategies.PrefixIndex(block=16)
     system = "system: you are a helpful assistant. " * 4
