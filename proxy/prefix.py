@@ -74,19 +74,20 @@ class PrefixIndex:
 
 
 class Spread:
-    """What a route's role gave each node lately: the requests, and the placements (requests sent to
-    a node that did not already hold their prefix: new conversations, mostly). Both fade by a factor
+    """What a route's role gave each node lately: the requests, and the placements (requests that
+    did not continue a prompt their node served: new conversations). Both fade by a factor
     ``1 - 1/window`` with every request of the route, so they cover about the last ``window``
     requests. Reads and updates are O(1) (a node's figures are brought up to date when read);
     memory grows with the nodes routed to, never with traffic."""
 
-    __slots__ = ("_fade", "_nodes", "_ticks", "_total", "window")
+    __slots__ = ("_fade", "_nodes", "_placed", "_ticks", "_total", "window")
 
     def __init__(self, window: float = 512.0) -> None:
         self.window = window
         self._fade = 1.0 - 1.0 / window
         self._ticks = 0  # requests recorded
         self._total = 0.0  # the requests of every node, as of the last record
+        self._placed = 0.0  # the placements of every node, as of the last record
         self._nodes: dict[int, tuple[float, float, int]] = {}  # node id -> (requests, placements, as of tick)
 
     def given(self, node_id: int) -> tuple[float, float]:
@@ -111,10 +112,17 @@ class Spread:
         """The recent requests of every node together."""
         return self._total
 
+    @property
+    def placed(self) -> float:
+        """The recent placements of every node together."""
+        return self._placed
+
     def record(self, node_id: int, *, placed: bool) -> None:
-        """One more request sent to ``node_id``; ``placed`` when the node did not hold its prefix."""
+        """One more request sent to ``node_id``; ``placed`` when it did not continue a prompt the node
+        served."""
         requests, placements = self.given(node_id)
         self._ticks += 1
         fade = self._fade
         self._nodes[node_id] = (requests * fade + 1.0, placements * fade + placed, self._ticks)
         self._total = self._total * fade + 1.0
+        self._placed = self._placed * fade + placed

@@ -252,10 +252,13 @@ def consistent_hash(
 def _least_given(
     targets: Sequence[Target], spread: Spread, load: LoadTracker, tick: int, rng: random.Random, ok: Ok
 ) -> Target | None:
-    """Of a few ok candidates, the one ``spread`` gave the fewest recent placements per unit of
-    weight (then requests, then in flight, then the earliest in rotation): every node of a route of
-    up to ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
-    random)."""
+    """Of a few ok candidates, the one ``spread`` gave the least recent work per unit of weight
+    (then requests, then in flight, then the earliest in rotation): every node of a route of up to
+    ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
+    random). The work is the node's placements (new conversations: one counts at once, before its
+    later turns come) plus its recent requests counted in conversations (over the route's requests
+    per placement): a node that got the long conversations gets fewer new ones, since a
+    conversation stays where it started (docs/cache-routing.md)."""
     n = len(targets)
     if n <= PLACE_CHOICES:
         candidates = [t for t in (targets[(tick + i) % n] for i in range(n)) if ok(t)]
@@ -263,11 +266,13 @@ def _least_given(
         candidates = [t for t in _pair(targets, tick, rng, ok) if t is not None]
     best: Target | None = None
     best_score = (0.0, 0.0, 0.0)
+    per_placement = max(spread.total / spread.placed, 1.0) if spread.placed else 1.0
     for target in candidates:
         node = target.node
         weight = node.weight or 1
         requests, placements = spread.given(node.id)
-        score = (placements / weight, requests / weight, load.inflight(node.id) / weight)
+        work = placements + requests / per_placement
+        score = (work / weight, requests / weight, load.inflight(node.id) / weight)
         if best is None or score < best_score:
             best, best_score = target, score
     return best

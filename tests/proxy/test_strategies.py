@@ -239,6 +239,18 @@ def test_a_continued_prompt_leaves_a_node_whose_queue_keeps_growing():
     assert strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", third_turn, 32), 2.0) is other
 
 
+def test_prefix_cache_sends_a_new_conversation_away_from_the_node_with_the_long_one():
+    # One node holds a conversation of ten turns, the other two conversations of one turn. By
+    # placements alone (one against two) the next conversation went to the first node, which
+    # already served most of the requests and keeps its long conversation.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    system = [f"system: you are assistant {i}, " * 8 for i in range(4)]
+    long = [system[0] + "".join(f"user: question {t} " * 10 for t in range(n)) for n in range(10)]
+    nodes = conversations_on(Router(), snap.routes["m"], [long, [system[1]], [system[2]], [system[3]]])
+    assert len(set(nodes[0])) == 1 and {nodes[1][0], nodes[2][0]} == {"http://a", "http://b"} - set(nodes[0])
+    assert nodes[3][0] != nodes[0][0]
+
+
 def test_the_prefix_index_tells_a_continued_prompt_from_a_shared_start():
     index = strategies.PrefixIndex(block=16)
     system = "system: you are a helpful assistant. " * 4
