@@ -35,13 +35,17 @@ class PrefixIndex:
             hashes.append(hash((hashes[-1], text[start : start + self.block])))
         return hashes
 
-    def owner(self, hashes: Sequence[int]) -> tuple[int, int] | None:
-        """The node holding the longest remembered prefix, and how many of ``hashes`` (blocks of the
-        prompt) it is known to hold."""
+    def owner(self, hashes: Sequence[int]) -> tuple[int, int, bool] | None:
+        """The node holding the longest remembered prefix, how many of ``hashes`` (blocks of the
+        prompt) it is known to hold, and whether that prefix is **shared**: a remembered prompt went
+        on past it other than this one (a new conversation on another's system prompt), or it is the
+        whole prompt (nothing tells it from another prompt that differs only in its last, partial
+        block: many short questions on one system prompt). A prefix that is not shared ended a
+        remembered prompt that this one goes on from: a conversation's next turn."""
         for i in range(len(hashes) - 1, -1, -1):
-            node_id = self._entries.get(hashes[i])
-            if node_id is not None:
-                return node_id, i + 1
+            entry = self._entries.get(hashes[i])
+            if entry is not None:
+                return entry >> 1, i + 1, bool(entry & 1) or i + 1 == len(hashes)
         return None
 
     def longest_match(self, hashes: Sequence[int], min_match: int) -> tuple[int, int] | None:
@@ -51,28 +55,39 @@ class PrefixIndex:
         return None if found is None else (found[0], min_match + (found[1] - 1) * self.block)
 
     def remember(self, hashes: Sequence[int], node_id: int) -> None:
+        """``node_id`` computed the prompt of ``hashes``: it holds every block. Each entry keeps the
+        node and, in its lowest bit, whether a remembered prompt went on past the block (every
+        block but the prompt's last; the last keeps what it had)."""
+        if not hashes:
+            return
         entries = self._entries
+        last = hashes[-1]
+        went_on = entries.get(last, 0) & 1
+        inner = node_id << 1 | 1
         for h in hashes:
-            entries[h] = node_id
+            entries[h] = inner
             entries.move_to_end(h)
+        if not went_on:
+            entries[last] = inner ^ 1
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 
 
 class Spread:
-    """What a route's role gave each node lately: the requests, and the placements (requests sent to
-    a node that did not already hold their prefix: new conversations, mostly). Both fade by a factor
+    """What a route's role gave each node lately: the requests, and the placements (requests that
+    did not continue a prompt their node served: new conversations). Both fade by a factor
     ``1 - 1/window`` with every request of the route, so they cover about the last ``window``
     requests. Reads and updates are O(1) (a node's figures are brought up to date when read);
     memory grows with the nodes routed to, never with traffic."""
 
-    __slots__ = ("_fade", "_nodes", "_ticks", "_total", "window")
+    __slots__ = ("_fade", "_nodes", "_placed", "_ticks", "_total", "window")
 
     def __init__(self, window: float = 512.0) -> None:
         self.window = window
         self._fade = 1.0 - 1.0 / window
         self._ticks = 0  # requests recorded
         self._total = 0.0  # the requests of every node, as of the last record
+        self._placed = 0.0  # the placements of every node, as of the last record
         self._nodes: dict[int, tuple[float, float, int]] = {}  # node id -> (requests, placements, as of tick)
 
     def given(self, node_id: int) -> tuple[float, float]:
@@ -97,10 +112,17 @@ class Spread:
         """The recent requests of every node together."""
         return self._total
 
+    @property
+    def placed(self) -> float:
+        """The recent placements of every node together."""
+        return self._placed
+
     def record(self, node_id: int, *, placed: bool) -> None:
-        """One more request sent to ``node_id``; ``placed`` when the node did not hold its prefix."""
+        """One more request sent to ``node_id``; ``placed`` when it did not continue a prompt the node
+        served."""
         requests, placements = self.given(node_id)
         self._ticks += 1
         fade = self._fade
         self._nodes[node_id] = (requests * fade + 1.0, placements * fade + placed, self._ticks)
         self._total = self._total * fade + 1.0
+        self._placed = self._placed * fade + placed

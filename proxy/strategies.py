@@ -20,10 +20,11 @@ that grows with the route, taken when (nearly) every node of it is excluded.
 - ``consistent_hash``: a ring over the role's nodes (in rotation or not, so that a health change
   does not rebuild it), read through a lookup table of fixed size (``proxy.hashring``) and walked
   clockwise from the key to the first ok node in rotation.
-- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless it
-  had more than its share of the route's recent requests or the in-flight guard trips; otherwise,
-  and for a prompt no node holds, the node given the least recent work of every node of a small
-  route, or of two candidates as ``least_requests`` draws them (docs/cache-routing.md).
+- ``prefix_cache``: the node holding the longest remembered prefix (one lookup by id), unless the
+  prompt starts a new conversation on a shared prefix and the node had more than its share of the
+  route's recent requests, or the in-flight guard trips; otherwise, and for a prompt no node holds,
+  the node given the least recent work of every node of a small route, or of two candidates as
+  ``least_requests`` draws them (docs/cache-routing.md).
 
 Stateful helpers are explicit arguments: the round-robin tick (a counter per model and role, kept
 by ``proxy.router``), a cached ``HashRing``, a bounded ``PrefixIndex`` and a ``Spread`` per model
@@ -44,8 +45,12 @@ from .snapshot import Target
 SAMPLE_TRIES = 4
 # prefix_cache: a prompt placed away from its owner compares every node of a route this small (else two).
 PLACE_CHOICES = 4
-# prefix_cache: a prefix's owner is passed over when it had more than this many times its share of the
-# route's recent requests, plus PREFIX_SLACK requests (docs/cache-routing.md).
+# prefix_cache: a new conversation on a prefix another conversation holds (its system prompt) is sent
+# elsewhere when the prefix's owner had more than this many times its share of the route's recent
+# requests, plus PREFIX_SLACK requests. A prompt that continues one its owner served (a conversation's
+# next turn) stays with it whatever its share, unless the owner has PREFIX_SLACK more requests in
+# flight than the in-flight guard allows: moving it costs the whole conversation's cache, moving a
+# new one only its shared start (docs/cache-routing.md).
 PREFIX_BALANCE = 1.15
 PREFIX_SLACK = 2.0
 # prefix_cache: a node owns a prompt when it holds at least this share of the prompt's blocks; a
@@ -247,10 +252,13 @@ def consistent_hash(
 def _least_given(
     targets: Sequence[Target], spread: Spread, load: LoadTracker, tick: int, rng: random.Random, ok: Ok
 ) -> Target | None:
-    """Of a few ok candidates, the one ``spread`` gave the fewest recent placements per unit of
-    weight (then requests, then in flight, then the earliest in rotation): every node of a route of
-    up to ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
-    random)."""
+    """Of a few ok candidates, the one ``spread`` gave the least recent work per unit of weight
+    (then requests, then in flight, then the earliest in rotation): every node of a route of up to
+    ``PLACE_CHOICES`` nodes, else ``least_requests``' two (the round-robin next one and one at
+    random). The work is the node's placements (new conversations: one counts at once, before its
+    later turns come) plus its recent requests counted in conversations (over the route's requests
+    per placement): a node that got the long conversations gets fewer new ones, since a
+    conversation stays where it started (docs/cache-routing.md)."""
     n = len(targets)
     if n <= PLACE_CHOICES:
         candidates = [t for t in (targets[(tick + i) % n] for i in range(n)) if ok(t)]
@@ -258,11 +266,13 @@ def _least_given(
         candidates = [t for t in _pair(targets, tick, rng, ok) if t is not None]
     best: Target | None = None
     best_score = (0.0, 0.0, 0.0)
+    per_placement = max(spread.total / spread.placed, 1.0) if spread.placed else 1.0
     for target in candidates:
         node = target.node
         weight = node.weight or 1
         requests, placements = spread.given(node.id)
-        score = (placements / weight, requests / weight, load.inflight(node.id) / weight)
+        work = placements + requests / per_placement
+        score = (work / weight, requests / weight, load.inflight(node.id) / weight)
         if best is None or score < best_score:
             best, best_score = target, score
     return best
@@ -288,37 +298,48 @@ def prefix_cache(
     flight at the instant they arrive, which at low concurrency is a coin toss that leaves one
     server with most conversations and another with none.
 
-    Guards: the owner is passed over when ``spread`` gave it more than ``balance`` (default
-    ``PREFIX_BALANCE``) times its weighted share of the route's recent requests, plus
-    ``PREFIX_SLACK``; or when it has more than ``load_factor`` times the in-flight requests of
-    least requests' pick (at least one). The prompt's blocks are then remembered for the node that
-    computes them, which holds the whole prompt from then on (keeping the old owner instead kept
+    Guards: a **shared** match (``PrefixIndex.owner``: the prompt starts a new conversation on a
+    prefix another one holds, a system prompt) is passed over when ``spread`` gave its owner more
+    than ``balance`` (default ``PREFIX_BALANCE``) times its weighted share of the route's recent
+    requests, plus ``PREFIX_SLACK``; moving it costs only that prefix. A prompt that continues one
+    its owner served stays whatever the owner's share (moving it would cost the whole
+    conversation's cache, which the balance guard did at every turn it tripped); new conversations,
+    spread by placements, keep the balance. Either is passed over when its owner has more than
+    ``load_factor`` times the in-flight requests of least requests' pick (at least one), plus
+    ``PREFIX_SLACK`` for a continued prompt. The prompt's blocks are then remembered for the node
+    that computes them, which holds the whole prompt from then on (keeping the old owner instead kept
     every conversation on a shared system prompt on one server: docs/cache-routing.md)."""
     rng = rng or _rng
     balance = PREFIX_BALANCE if balance is None else balance
     spread = spread if spread is not None else Spread()
     table = table or Table(targets)
     owner: Target | None = None
+    shared = False
     found = index.owner(hashes) if hashes else None
     if found is not None and found[1] >= PREFIX_MIN_SHARE * len(hashes):
         at = table.position.get(found[0])
         if at is not None and ok(targets[at]):
-            owner = targets[at]
+            owner, shared = targets[at], found[2]
     chosen = owner
     if owner is not None:
-        weight, total_weight = owner.node.weight or 1, table.weight_total()
-        share = spread.total * weight / total_weight if total_weight else 0.0
-        if spread.requests(owner.node.id) > balance * share + PREFIX_SLACK:
+        over = False
+        if shared:  # the owner's weighted share of the route's recent requests
+            total_weight = table.weight_total()
+            share = spread.total * (owner.node.weight or 1) / total_weight if total_weight else 0.0
+            over = spread.requests(owner.node.id) > balance * share + PREFIX_SLACK
+        if over:
             chosen = None
         else:
             fallback = least_requests(targets, load, tick, rng, ok)
-            if fallback is not None and _load(owner, load) > load_factor * max(_load(fallback, load), 1.0):
-                chosen = None
+            if fallback is not None:
+                limit = load_factor * max(_load(fallback, load), 1.0) + (0.0 if shared else PREFIX_SLACK)
+                if _load(owner, load) > limit:
+                    chosen = None
     if chosen is None:
         chosen = _least_given(targets, spread, load, tick, rng, ok)
         if chosen is None:
             return None
-    spread.record(chosen.node.id, placed=chosen is not owner)
+    spread.record(chosen.node.id, placed=chosen is not owner or shared)
     if hashes:
         index.remember(hashes, chosen.node.id)
     return chosen

@@ -205,6 +205,65 @@ def test_prefix_cache_passes_over_an_owner_given_far_more_than_its_share():
     assert sorted(per_node.values()) == [3, 5]
 
 
+def test_prefix_cache_keeps_a_conversation_with_its_owner_and_balances_new_ones():
+    # One long conversation, then new ones on its system prompt. The balance guard used to move the
+    # long one off its node once that node had more than its share of the requests (its sixth turn
+    # here), which cost it its whole cache; now only new conversations are balanced: they go to the
+    # other node, and the shared start is all they give up.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    system = "system: one long shared instruction for every conversation. " * 6
+    long = [
+        system + "".join(f"user: question {t} " * 10 + f"assistant: answer {t} " * 5 for t in range(n))
+        for n in range(10)
+    ]
+    new = [[system + f"user: a question of conversation {i}, " * 8] for i in range(4)]
+    nodes = conversations_on(Router(), snap.routes["m"], [long, *new])
+    assert len(set(nodes[0])) == 1  # every turn of the long conversation on its first node
+    assert {picks[0] for picks in nodes[1:]} == {"http://a", "http://b"} - set(nodes[0])
+
+
+def test_a_continued_prompt_leaves_a_node_whose_queue_keeps_growing():
+    # A conversation's next turn is worth PREFIX_SLACK more requests in flight on its owner than a
+    # new one; past that the in-flight guard still moves it, so a node that stalls is left.
+    ts = targets(1, 1)
+    load = LocalLoadTracker()
+    index = strategies.PrefixIndex(block=8)
+    first_turn = "system: you are helpful " * 10 + "user: hello"
+    first = strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", first_turn, 32), 2.0)
+    other = ts[1] if first is ts[0] else ts[0]
+    second_turn = first_turn + " assistant: hi user: tell me more"
+    third_turn = second_turn + " assistant: about what? user: the weather"
+    busy(load, first, 4)  # 4 <= 2 x max(0, 1) + 2: the conversation stays
+    assert strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", second_turn, 32), 2.0) is first
+    busy(load, first, 1)  # 5 > 4
+    assert strategies.prefix_cache(ts, load, index, index.prefix_hashes("m", third_turn, 32), 2.0) is other
+
+
+def test_prefix_cache_sends_a_new_conversation_away_from_the_node_with_the_long_one():
+    # One node holds a conversation of ten turns, the other two conversations of one turn. By
+    # placements alone (one against two) the next conversation went to the first node, which
+    # already served most of the requests and keeps its long conversation.
+    snap = make_snapshot([{"url": "http://a"}, {"url": "http://b"}], default_policy=PolicyView(strategy="prefix_cache"))
+    system = [f"system: you are assistant {i}, " * 8 for i in range(4)]
+    long = [system[0] + "".join(f"user: question {t} " * 10 for t in range(n)) for n in range(10)]
+    nodes = conversations_on(Router(), snap.routes["m"], [long, [system[1]], [system[2]], [system[3]]])
+    assert len(set(nodes[0])) == 1 and {nodes[1][0], nodes[2][0]} == {"http://a", "http://b"} - set(nodes[0])
+    assert nodes[3][0] != nodes[0][0]
+
+
+def test_the_prefix_index_tells_a_continued_prompt_from_a_shared_start():
+    index = strategies.PrefixIndex(block=16)
+    system = "system: you are a helpful assistant. " * 4
+    first = system + "user: what is the capital of france?"
+    index.remember(index.prefix_hashes("m", first, 32), 7)
+    continued = index.prefix_hashes("m", first + " assistant: paris. user: and of italy?", 32)
+    assert index.owner(continued) == (7, len(index.prefix_hashes("m", first, 32)), False)
+    other = index.prefix_hashes("m", system + "user: how far away is the moon from the earth?", 32)
+    found = index.owner(other)
+    assert found is not None and found[0] == 7 and found[2]  # only the system prompt's blocks match
+    assert index.owner(index.prefix_hashes("m", first, 32)) == (7, len(index.prefix_hashes("m", first, 32)), True)
+
+
 def test_a_few_shared_characters_do_not_make_an_owner():
     # Every system prompt starts with the same 40 characters, more than the policy's minimum match:
     # each new conversation used to follow whichever node served them last, all six on one node here.
