@@ -109,8 +109,9 @@ class LegAnswer:
 
 _JSON = {"Content-Type": "application/json"}
 
-# A leg request: (path, JSON body, headers) for the node a leg was given.
-LegRequest = tuple[str, dict[str, Any], dict[str, str]]
+# A leg request: (path, JSON body, headers) for the node a leg was given; the body as a dict, or
+# already encoded (``PdRequest.body_for``).
+LegRequest = tuple[str, dict[str, Any] | bytes, dict[str, str]]
 
 
 class PdRequest:
@@ -206,6 +207,28 @@ class PdRequest:
         payload["model"] = leg.target.served_name
         payload.update(changes)
         return payload
+
+    def body_for(self, leg: Leg, *, drop: tuple[str, ...] = (), **changes: Any) -> bytes:
+        """``payload_for`` as the bytes to send. When the client's JSON holds none of ``drop`` and
+        none of ``changes`` (or already the same value), its own bytes (``model`` rewritten,
+        ``ProxyRequest.body_for``) with the changes appended before the closing brace: only what is
+        added is encoded. Otherwise the whole changed JSON is encoded."""
+        payload = self.request.payload
+        added: dict[str, Any] = {}
+        for key, value in changes.items():
+            if key in payload:
+                current = payload[key]
+                if current is value or (type(current) is type(value) and current == value):
+                    continue
+                return dumps(self.payload_for(leg, drop=drop, **changes))
+            added[key] = value
+        if any(key in payload for key in drop):
+            return dumps(self.payload_for(leg, drop=drop, **changes))
+        body = self.request.body_for(leg.target.served_name)
+        if not added:
+            return body
+        end = body.rstrip().rfind(b"}")  # the client's JSON is an object, with ``model`` at least
+        return body[:end] + b"," + dumps(added)[1:-1] + body[end:]
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         assert self.prefill is not None and self.decode is not None

@@ -82,7 +82,7 @@ class NanoDeployPd(TwoStagePd):
     engine_type = EngineType.NANODEPLOY
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
-        body = pd.payload_for(leg, drop=_STREAM_FIELDS, stream=False, kv_transfer_params={"do_remote_decode": True})
+        body = pd.body_for(leg, drop=_STREAM_FIELDS, stream=False, kv_transfer_params={"do_remote_decode": True})
         return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:
@@ -99,7 +99,7 @@ class NanoDeployPd(TwoStagePd):
         )
 
     def decode_request(self, pd: PdRequest, leg: Leg, handoff: dict[str, Any]) -> LegRequest:
-        return pd.request.path, pd.payload_for(leg, kv_transfer_params=handoff), leg.headers(pd.request.request_id)
+        return pd.request.path, pd.body_for(leg, kv_transfer_params=handoff), leg.headers(pd.request.request_id)
 
     def kv_key(self, answer: LegAnswer) -> Any | None:
         if answer.status != 200:
@@ -162,7 +162,7 @@ class VllmPd(TwoStagePd):
 
     def decode_request(self, pd: PdRequest, leg: Leg, handoff: dict[str, Any]) -> LegRequest:
         changes: dict[str, Any] = {"kv_transfer_params": handoff} if handoff else {}
-        return pd.request.path, pd.payload_for(leg, **changes), leg.headers(pd.request.request_id)
+        return pd.request.path, pd.body_for(leg, **changes), leg.headers(pd.request.request_id)
 
 
 class LmdeployPd(TwoStagePd):

@@ -23,7 +23,7 @@ from ..loops import HOP_HEADER
 from ..relay import relay_stream
 from ..request import ProxyRequest
 from ..transport import send_bytes
-from ..usage import taken_usage, takes_usage
+from ..usage import taken_usage, takes_usage, with_usage
 from . import metrics as pd_metrics
 from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
@@ -90,8 +90,11 @@ class PdLeg(AttemptLoop[Result]):
         path, body, headers = self.build_leg(leg)
         headers[HOP_HEADER] = self.pd.request.hop
         if self.role == NodeRole.DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
-            body["stream_options"] = {"include_usage": True}  # for the token counts (proxy.usage)
-        return leg.url + path, dumps(body), headers
+            # For the token counts (proxy.usage); ``takes_usage`` says the client sent no stream_options.
+            if isinstance(body, bytes):
+                return leg.url + path, with_usage(body), headers
+            body["stream_options"] = {"include_usage": True}
+        return leg.url + path, body if isinstance(body, bytes) else dumps(body), headers
 
     def missing(self) -> ProxyError:
         return self.pd.missing(self.role)

@@ -12,11 +12,13 @@ import pytest
 from proxy.errors import ProxyError
 from proxy.pd import lmdeploy as lmdeploy_wire
 from proxy.pd import metrics as pd_metrics
-from proxy.pd.core import Leg, LegAnswer, wants_pd
+from proxy.pd.core import Leg, LegAnswer, PdRequest, wants_pd
 from proxy.pd.engines import LmdeployPd, NanoDeployPd, SglangPd, VllmPd
 from proxy.pd.legs import completion_chunk, decode_failed
 from proxy.pd.usage import merge_usage, merge_usage_events
+from proxy.request import ProxyRequest
 from proxy.snapshot import NodeView, PolicyView, Target
+from proxy.transport import RequestHeaders
 
 from .conftest import make_snapshot
 
@@ -54,8 +56,18 @@ def fake_pd(payload: dict, *, path: str = "/v1/chat/completions", request_id: st
         out.update(changes)
         return out
 
-    request = SimpleNamespace(path=path, payload=payload, request_id=request_id, model=payload.get("model"))
-    return SimpleNamespace(request=request, payload_for=payload_for, decode=None, upstream_request_id=request_id)
+    def body_for(leg, *, drop=(), **changes):  # the real encoding, over the client's bytes
+        return PdRequest.body_for(pd, leg, drop=drop, **changes)
+
+    body = json.dumps(payload).encode()
+    request = ProxyRequest(path, payload.get("model"), None, payload, body, False, request_id, RequestHeaders())  # type: ignore[arg-type]
+    pd = SimpleNamespace(request=request, payload_for=payload_for, body_for=body_for, decode=None)
+    return pd
+
+
+def sent(body: bytes | dict) -> dict:
+    """A leg's body as the engine reads it."""
+    return json.loads(body) if isinstance(body, bytes) else body
 
 
 def leg(url: str, role: str, engine: str, **node) -> Leg:
@@ -71,7 +83,7 @@ def test_nanodeploy_prefill_keeps_the_budget_and_the_decode_gets_the_migration()
     path, body, headers = protocol.prefill_request(pd, leg("http://p:1", "prefill", "nanodeploy"))
     assert path == "/v1/chat/completions"
     assert headers == {"Content-Type": "application/json", "X-Request-Id": "rid"}
-    assert body == {
+    assert sent(body) == {
         "model": "served",
         "messages": [],
         "max_tokens": 50,
@@ -86,7 +98,7 @@ def test_nanodeploy_prefill_keeps_the_budget_and_the_decode_gets_the_migration()
     assert handoff == {"migration": "abc", "seq_id": 7, "first_token": 3}
     assert protocol.kv_key(answer) == 7
     _, decoded, _ = protocol.decode_request(pd, leg("http://d:1", "decode", "nanodeploy"), handoff)
-    assert decoded["stream"] is True and decoded["kv_transfer_params"] == handoff
+    assert sent(decoded)["stream"] is True and sent(decoded)["kv_transfer_params"] == handoff
 
 
 def test_nanodeploy_eos_at_prefill_has_no_handoff_and_nothing_to_free():
@@ -141,6 +153,7 @@ def test_vllm_prefill_is_clamped_without_min_tokens_under_the_requests_own_id():
     assert headers == {"Content-Type": "application/json", "X-Request-Id": "rid-1"}
     _, decoded, decode_headers = VllmPd().decode_request(pd, pd.decode, {"remote_request_id": "r"})
     assert decode_headers["X-Request-Id"] == "rid-1"
+    decoded = sent(decoded)
     assert decoded["min_tokens"] == 4 and decoded["max_completion_tokens"] == 9 and decoded["stream"] is True
     ranked = Leg("decode", pd.decode.target, rank=1)
     assert ranked.label == "http://10.0.0.2:8200@1"
@@ -177,7 +190,7 @@ def test_vllm_nixl_params_go_to_the_decode_unchanged():
     handoff = VllmPd().handoff(pd, vllm_prefill_answer({"choices": [{}], "kv_transfer_params": params}))
     assert handoff == params
     _, body, _ = VllmPd().decode_request(pd, leg("http://d:1", "decode", "vllm"), handoff)
-    assert body == {"model": "served", "messages": [], "max_tokens": 30, "kv_transfer_params": params}
+    assert sent(body) == {"model": "served", "messages": [], "max_tokens": 30, "kv_transfer_params": params}
 
 
 @pytest.mark.parametrize(
@@ -189,7 +202,7 @@ def test_a_vllm_prefill_without_kv_transfer_params_is_followed_by_a_plain_decode
     handoff = VllmPd().handoff(pd, vllm_prefill_answer(data))
     assert handoff == {}
     _, body, _ = VllmPd().decode_request(pd, leg("http://d:1", "decode", "vllm"), handoff)
-    assert body == {"model": "served", "messages": [], "max_tokens": 30, "stream": True}
+    assert sent(body) == {"model": "served", "messages": [], "max_tokens": 30, "stream": True}
 
 
 @pytest.mark.parametrize("data", [None, {"kv_transfer_params": "x"}], ids=["not-json", "not-an-object"])
@@ -463,3 +476,50 @@ def test_a_decode_error_is_a_502_quoting_the_engine():
     error = decode_failed(leg("http://d:1", "decode", "nanodeploy"), 400, b'{"error": {"message": "bad migration"}}')
     assert error.status == 502 and error.code == "decode_failed"
     assert "bad migration" in error.message and "400" in error.message
+
+
+def pairs(body: bytes) -> list[tuple[str, object]]:
+    """The top-level members of a JSON body in order, duplicates kept (the hook sees it last)."""
+    objects: list[list[tuple[str, object]]] = []
+    json.loads(body, object_pairs_hook=lambda items: objects.append(items) or dict(items))
+    return objects[-1]
+
+
+def test_the_nanodeploy_legs_send_the_clients_bytes_with_the_handoff_appended():
+    """The engines read the client's JSON as it was sent (spacing, escapes, key order), followed by
+    the fields the leg adds: nothing of the client's is decoded and encoded again."""
+    content = b'"caf\\u00e9 \\ud83d\\ude00"'
+    client = b'{"model": "served",  "messages": [{"role": "user", "content": %s}], "max_tokens": 8}\n' % content
+    payload = json.loads(client)
+    pd = fake_pd(payload)
+    pd.request.body = client
+    protocol = NanoDeployPd()
+    _, prefill, _ = protocol.prefill_request(pd, leg("http://p:1", "prefill", "nanodeploy"))
+    assert prefill == client.rstrip()[:-1] + b',"stream":false,"kv_transfer_params":{"do_remote_decode":true}}\n'
+    handoff = {"migration": "bWln", "seq_id": 7, "first_token": 3}
+    _, decode, _ = protocol.decode_request(pd, leg("http://d:1", "decode", "nanodeploy"), handoff)
+    assert decode == client.rstrip()[:-1] + b',"kv_transfer_params":{"migration":"bWln","seq_id":7,"first_token":3}}\n'
+    assert sent(decode) == {**payload, "kv_transfer_params": handoff}
+
+
+@pytest.mark.parametrize(
+    ("client", "prefill_stream"),
+    [
+        ({"model": "m", "messages": [], "stream": False}, False),  # the same value: the client's bytes
+        ({"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}, False),
+        ({"model": "m", "messages": [], "kv_transfer_params": {"x": 1}}, False),
+        ({"model": "alias", "messages": []}, False),  # another served name: model rewritten
+    ],
+    ids=["stream-false", "stream-true", "own-kv-params", "alias"],
+)
+def test_a_leg_body_names_each_field_once_whatever_the_client_sent(client, prefill_stream):
+    pd = fake_pd(client)
+    _, body, _ = NanoDeployPd().prefill_request(pd, leg("http://p:1", "prefill", "nanodeploy"))
+    members = pairs(body)
+    assert len(members) == len({k for k, _ in members}), f"a field named twice: {body!r}"
+    assert dict(members)["stream"] is prefill_stream and "stream_options" not in dict(members)
+    assert dict(members)["kv_transfer_params"] == {"do_remote_decode": True}
+    assert dict(members)["model"] == "served"
+    _, decode, _ = NanoDeployPd().decode_request(pd, leg("http://d:1", "decode", "nanodeploy"), {"seq_id": 7})
+    members = pairs(decode)
+    assert len(members) == len({k for k, _ in members}) and dict(members)["kv_transfer_params"] == {"seq_id": 7}
