@@ -323,7 +323,7 @@ async def test_waiting_records_are_bytes_and_keep_no_request_objects_alive(engin
     for _ in range(3):
         assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
     assert len(proxy_app.explainer.buffer) == 3 and all(isinstance(r, bytes) for r in proxy_app.explainer.buffer)
-    assert not [o for o in gc.get_objects() if isinstance(o, Explanation)]
+    assert not [o for o in gc.get_objects() if type(o) is Explanation]
     assert last_record(proxy_app)["id"] == proxy_app.explainer.ids[-1]
 
 
