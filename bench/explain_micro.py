@@ -2,10 +2,11 @@
 
 For a route of 2 nodes (the benchmark's fleet) and one of 1,000 (a few of them draining, busy or
 behind an open breaker), it times the router's choice and release alone, then the same with an
-explanation: the hot path (starting the record, the choice, one attempt, finishing it with a usage
-slice of the answer) and the background loop's share (building the wire record and packing it), and,
-with a private redis-server when one is installed, appending batches of 1,000 with one EVAL. Prints
-the CPU time per request of each part: medians of ``--repeat`` runs.
+explanation: the request's share (starting the record, the choice, one attempt, finishing it with a
+usage slice of the answer and packing it), of which building the wire record and packing it alone
+("wire+pack"), and, with a private redis-server when one is installed, the background loop's
+appending batches of 1,000 with one EVAL. Prints the CPU time per request of each part: medians of
+``--repeat`` runs.
 
 The buffer is emptied every ``Explainer.batch`` records, as the worker's loop does at the latest: the
 garbage collector's work for the records waiting in it is part of what they cost, and it grows with
@@ -37,7 +38,7 @@ django.setup()
 from nodes.live import explain as live  # noqa: E402
 from proxy.attempts import Attempt  # noqa: E402
 from proxy.breaker import Breakers  # noqa: E402
-from proxy.explain import Explainer  # noqa: E402
+from proxy.explain import Explainer, Explanation  # noqa: E402
 from proxy.load import LocalLoadTracker  # noqa: E402
 from proxy.request import Outcome  # noqa: E402
 from proxy.router import Router  # noqa: E402
@@ -104,6 +105,8 @@ def measure(size: int, strategy: str, number: int, repeat: int) -> tuple[dict[st
         router.release(target, 0.001, ok=True)
         Outcome(status=200, usage=ANSWER)
 
+    last: list[Explanation] = []
+
     def explained() -> None:
         started = time.perf_counter()
         explanation = explainer.begin(
@@ -118,13 +121,16 @@ def measure(size: int, strategy: str, number: int, repeat: int) -> tuple[dict[st
         explanation.attempted(attempt, 0.001)
         router.release(target, 0.001, ok=True)
         explainer.finish(explanation, Outcome(status=200, usage=ANSWER))
+        last[:] = [explanation]
         if DRAIN and len(explainer.buffer) > explainer.batch:
-            explainer.buffer.clear()  # the loop's flush takes them (its cost: the "wire+pack" column)
+            explainer.buffer.clear()  # the loop's flush takes them
+            explainer.ids.clear()
 
     baseline = per_call(plain, number, repeat)
     with_explain = per_call(explained, number, repeat)
-    sample = explainer.buffer[-1]
+    sample = last[0]
     explainer.buffer.clear()
+    explainer.ids.clear()
     wire = per_call(lambda: live.encode(sample.wire()), number, repeat)
     encoded = live.encode(sample.wire())
     return {"choose": baseline, "hot": with_explain - baseline, "wire": wire, "bytes": len(encoded)}, encoded
@@ -183,7 +189,7 @@ def main() -> int:
     kind = "fastest" if BEST else "median"
     drained = "the buffer emptied in batches" if DRAIN else "every record kept"
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {kind} of {args.repeat} runs; {drained}")
-    print(f"{'route':<28}{'choose+release':>16}{'explain, hot path':>20}{'wire+pack':>12}{'record':>9}")
+    print(f"{'route':<28}{'choose+release':>16}{'explain, request':>20}{'wire+pack':>12}{'record':>9}")
     payload = b""
     for size, strategy in ((2, "round_robin"), (2, "least_requests"), (1000, "least_requests")):
         number = args.number if size == 2 else max(200, args.number // 50)

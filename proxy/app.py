@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -53,8 +54,27 @@ def handles(path: str) -> bool:
     return path in EXACT_PATHS or path.startswith(PREFIXES)
 
 
-def _new_request_id() -> str:
-    return os.urandom(16).hex()
+class RequestIds:
+    """Request ids for requests that bring none: 32 hex digits, a random half drawn once per
+    process and a counter, so that every worker's ids differ from every other's and from a
+    restarted worker's. A fresh ``os.urandom(16)`` per request cost a system call (~2 µs under
+    load); this costs a formatting (~0.5 µs)."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        # A server that forks its workers after importing the app (not uvicorn's or daphne's way)
+        # must not hand the same ids to two of them.
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_new_request_id = RequestIds()
 
 
 class ProxyApp:

@@ -12,13 +12,17 @@ The hot path only appends what is already at hand (docs/architecture.md, "Reques
   their figures read (in flight, weight, latency, prefix match), into one flat tuple per choice.
 - The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
 - Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
-  garbage collector stops tracking them at its first pass: a record waiting in the buffer costs its
-  collections one object, where one of objects cost them more than the rest of the hot path.
+  garbage collector stops tracking them at its first pass and the wire record packs them as they are.
 
-``Explainer.finish`` appends the finished record to an in-memory buffer (bounded: when Redis has
-been away long enough to fill it, records are dropped and counted, and the request never notices).
-``Explainer.flush``, called by ``proxy.shared.SharedCounters``'s loop, builds the wire records
-(``nodes.live.explain``'s layout) and appends them to the stream in one call.
+``Explainer.finish``, once the answer went out, packs the finished record in its wire layout
+(``nodes.live.explain``) and appends the bytes to an in-memory buffer (bounded: when Redis has been
+away long enough to fill it, records are dropped and counted, and the request never notices).
+Packing then rather than at the flush is what keeps the records cheap: a record waiting as objects
+(the ``Explanation`` and its tuples, about six per request) was most of what the garbage
+collector's young passes found alive under load, and made them run several times as often; bytes
+and strings are nothing it tracks, and the record's objects are freed with the request.
+``Explainer.flush``, called by ``proxy.shared.SharedCounters``'s loop, appends a batch to the
+stream in one call.
 """
 
 from __future__ import annotations
@@ -55,15 +59,17 @@ logger = logging.getLogger(__name__)
 HEADER = b"x-routerpanel-explain"
 
 DROPPED = Counter(
-    "routerpanel_explain_dropped", "Request explanations dropped: the buffer was full or Redis failed.", ["why"]
+    "routerpanel_explain_dropped",
+    "Request explanations dropped: the buffer was full, Redis failed, or the record could not be packed.",
+    ["why"],
 )
 STORED = Counter("routerpanel_explain_stored", "Request explanations appended to Redis.")
 
-# A choice while the request runs, flat and of plain values only, so that the garbage collector stops
-# tracking it at its first pass and a buffered record costs it one object (the ``Explanation``):
-# role, nodes of the role in rotation, of them available, the model name the pick serves (None: no
-# pick), the per-request exclusions (reason -> [count, the first few nodes], None: none), then
-# ``CANDIDATE_WIDTH`` values per listed candidate, the pick first (a ``WireCandidate``).
+# A choice while the request runs, flat and of plain values only (the garbage collector stops
+# tracking it at its first pass): role, nodes of the role in rotation, of them available, the model
+# name the pick serves (None: no pick), the per-request exclusions (reason -> [count, the first few
+# nodes], None: none), then ``CANDIDATE_WIDTH`` values per listed candidate, the pick first (a
+# ``WireCandidate``).
 _Choice = tuple[Any, ...]
 CHOICE_HEAD = 5
 CANDIDATE_WIDTH = 6
@@ -313,7 +319,8 @@ class Explainer:
         self.buffer_size = buffer_size
         self.flush_interval = flush_interval
         self.batch = batch
-        self.buffer: list[Explanation] = []
+        self.buffer: list[bytes] = []  # packed records waiting for the flush (``finish``)
+        self.ids: list[str] = []  # their request ids, in the same order
         self.dropped = 0  # records lost: the buffer was full (Redis away) or a flush failed
         self.stored = 0
         self._flushed_at = 0.0
@@ -351,7 +358,15 @@ class Explainer:
             self.dropped += 1
             DROPPED.labels("buffer_full").inc()
             return
-        self.buffer.append(explanation)
+        try:
+            record = live.encode(explanation.wire())
+        except Exception:  # a record this code cannot pack costs the record, never the request
+            logger.debug("could not pack the explanation of %s", explanation.request_id, exc_info=True)
+            self.dropped += 1
+            DROPPED.labels("unpackable").inc()
+            return
+        self.ids.append(explanation.request_id)
+        self.buffer.append(record)
 
     def due(self, now: float | None = None) -> bool:
         """Whether the loop should flush now: a full batch waits, or the interval passed.
@@ -368,8 +383,9 @@ class Explainer:
         """Append up to one batch to the stream; returns how many. A failure drops (and counts) the
         batch and raises, so the loop backs off as for any Redis error."""
         batch, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
+        ids, self.ids = self.ids[: self.batch], self.ids[self.batch :]
         self._flushed_at = time.monotonic()
-        records = [(explanation.request_id, live.encode(explanation.wire())) for explanation in batch]
+        records = list(zip(ids, batch, strict=True))
         oldest_ms = int((time.time() - self.retention) * 1000)
         try:
             await client.eval(*live.append_args(records, max_records=self.max_records, oldest_ms=oldest_ms))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
+from proxy import app as app_module
 from proxy import snapshot as snapshots
 from proxy.snapshot import PolicyView
 from tests.support.ports import closed_port
@@ -37,6 +39,29 @@ async def test_it_proxies_a_chat_completion_and_rewrites_only_the_model(engines,
     assert response.headers["x-routerpanel-node"] == engine.url
     assert len(response.headers["x-request-id"]) == 32
     assert "authorization" not in {k.lower() for k in engine.headers[-1]}
+
+
+async def test_generated_request_ids_differ_per_request_and_per_process(engines, proxy_app):
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url, "models": ["m"]}]))
+    ids = []
+    for _ in range(3):
+        ids.append((await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).headers["x-request-id"])
+    assert len(set(ids)) == 3
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # Another process (another worker, or this one after a fork) draws its own half.
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.write(write, app_module._new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    # The child's next id would be the parent's next one if it kept the parent's state.
+    parent_next = (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).headers["x-request-id"]
+    assert len(child) == 32 and child not in {*ids, parent_next}
 
 
 async def test_it_forwards_the_clients_bytes_unchanged_when_no_rewrite_is_needed(engines, proxy_app):

@@ -3,6 +3,7 @@ their reasons, the PD legs, usage, the one-line summary header, and the bounds o
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -27,7 +28,7 @@ def chat(model: str = "m", **extra: Any) -> dict[str, Any]:
 
 def last_record(app: Any) -> live.Record:
     """The newest buffered explanation, through the wire codec as a reader would see it."""
-    record = live.decode(live.encode(app.explainer.buffer[-1].wire()), "1-0")
+    record = live.decode(app.explainer.buffer[-1], "1-0")
     assert record is not None
     return record
 
@@ -310,6 +311,36 @@ async def test_with_explanations_off_nothing_is_kept_but_the_summary_still_answe
     asked = await call(proxy_app, "POST", CHAT, json_body=chat(), headers={**AUTH, "x-routerpanel-explain": "1"})
     assert asked.headers["x-routerpanel-explain"].startswith("strategy=round_robin; pick=")
     assert proxy_app.explainer.buffer == []
+
+
+async def test_waiting_records_are_bytes_and_keep_no_request_objects_alive(engines, proxy_app):
+    # The buffer holds packed records: nothing of a finished request (its explanation, the route
+    # and key it points at) waits for the flush where the garbage collector has to walk it.
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    proxy_app.explainer.buffer.clear()
+    proxy_app.explainer.ids.clear()
+    for _ in range(3):
+        assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
+    assert len(proxy_app.explainer.buffer) == 3 and all(isinstance(r, bytes) for r in proxy_app.explainer.buffer)
+    assert not [o for o in gc.get_objects() if type(o) is Explanation]
+    assert last_record(proxy_app)["id"] == proxy_app.explainer.ids[-1]
+
+
+async def test_a_record_that_cannot_be_packed_is_dropped_and_counted_and_the_request_answers(
+    engines, proxy_app, monkeypatch
+):
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    proxy_app.explainer.buffer.clear()
+    dropped = proxy_app.explainer.dropped
+
+    def broken(self: Explanation) -> None:
+        raise ValueError("unpackable")
+
+    monkeypatch.setattr(Explanation, "wire", broken)
+    assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
+    assert proxy_app.explainer.buffer == [] and proxy_app.explainer.dropped == dropped + 1
 
 
 async def test_a_full_buffer_drops_and_counts_instead_of_growing(engines, proxy_app):
