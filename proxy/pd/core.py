@@ -114,6 +114,11 @@ _JSON = {"Content-Type": "application/json"}
 LegRequest = tuple[str, dict[str, Any] | bytes, dict[str, str]]
 
 
+def _same(current: Any, value: Any) -> bool:
+    """Whether the client already sent ``value`` (``true`` is not ``1`` here, as to an engine)."""
+    return current is value or (type(current) is type(value) and current == value)
+
+
 class PdRequest:
     def __init__(
         self, request: ProxyRequest, send: Send, router: Router, watcher: DisconnectWatcher, outcome: Outcome
@@ -214,16 +219,11 @@ class PdRequest:
         ``ProxyRequest.body_for``) with the changes appended before the closing brace: only what is
         added is encoded. Otherwise the whole changed JSON is encoded."""
         payload = self.request.payload
-        added: dict[str, Any] = {}
-        for key, value in changes.items():
-            if key in payload:
-                current = payload[key]
-                if current is value or (type(current) is type(value) and current == value):
-                    continue
-                return dumps(self.payload_for(leg, drop=drop, **changes))
-            added[key] = value
-        if any(key in payload for key in drop):
+        if any(key in payload for key in drop) or any(
+            key in payload and not _same(payload[key], value) for key, value in changes.items()
+        ):
             return dumps(self.payload_for(leg, drop=drop, **changes))
+        added = {key: value for key, value in changes.items() if key not in payload}
         body = self.request.body_for(leg.target.served_name)
         if not added:
             return body
