@@ -19,6 +19,21 @@ from .request import Outcome
 from .transport import DisconnectWatcher, Send
 from .usage import TakenUsage
 
+# How far from the end of a read the usage chunk's ``"usage"`` key can be: the rest of that chunk
+# (its usage object ends it) and ``[DONE]``, a few hundred bytes.
+USAGE_WITHIN = 4096
+
+
+def _usage_at_end(chunk: bytes) -> bytes:
+    """``chunk`` from its last ``"usage"`` key on, when that key is near its end (b"" otherwise).
+
+    The search is bounded: a stream read in a few large pieces (a fast engine sends all of it at
+    once) would otherwise be searched whole for a key that is not there when nobody asked for
+    usage, three times per stream (here, for the token counts and for the explanation), about
+    14 µs for a 64-token stream."""
+    at = chunk.rfind(b'"usage"', max(0, len(chunk) - USAGE_WITHIN))
+    return chunk[at:] if at >= 0 else b""
+
 
 async def relay_stream(
     send: Send,
@@ -86,7 +101,7 @@ async def relay_stream(
     if taken is not None and taken.usage:
         outcome.usage = taken.usage
     else:
-        outcome.usage = last if b'"usage"' in last else previous
+        outcome.usage = _usage_at_end(last) or _usage_at_end(previous)
     watcher.finish()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return complete

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from nodes.live import explain as live
+from proxy import relay as proxy_relay
 from proxy import snapshot as snapshots
 from proxy.breaker import HALF_OPEN, NodeBreaker
 from proxy.explain import Explainer, Explanation
@@ -224,6 +225,40 @@ async def test_a_stream_keeps_its_usage_chunk_for_the_explanation(engines, proxy
         engine._stream = original
     assert response.status == 200
     assert last_record(proxy_app)["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": None}
+
+
+async def test_a_stream_read_in_one_piece_keeps_its_usage_and_one_without_usage_records_none(engines, proxy_app):
+    """A fast engine writes its whole stream at once: the usage chunk is found at the end of one
+    long read (only the end is searched), and a long stream without one records no usage."""
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    original = engine._stream
+    running = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":" word%d"},"finish_reason":null}]}\n\n' % i
+        for i in range(200)
+    )
+    assert len(running) > 4 * proxy_relay.USAGE_WITHIN
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":200,"total_tokens":203}}\n\n'
+    records = []
+    for tail in (usage, b""):
+
+        async def at_once(request, body, tail=tail):
+            from aiohttp import web
+
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(running + tail + b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+
+        engine._stream = at_once
+        try:
+            response = await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)
+        finally:
+            engine._stream = original
+        assert response.status == 200
+        records.append(last_record(proxy_app)["usage"])
+    assert records == [{"prompt_tokens": 3, "completion_tokens": 200, "total_tokens": 203}, None]
 
 
 async def test_a_route_of_a_thousand_nodes_lists_a_few_candidates_and_counts_the_rest(engines, proxy_app):
