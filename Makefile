@@ -158,8 +158,14 @@ $(PEERS_VENVS)/%/.installed: bench/requirements-%.txt
 
 peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
 
+# RUNS=N: N runs in a row, then the medians and the targets judged on them (bench/medians.py).
+RUNS ?= 1
 bench: install redis-server $(if $(PEERS),peers-env)
-	$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors) $(if $(WORKERS),--workers $(WORKERS))
+	for run in $$(seq $(RUNS)); do \
+		$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors) \
+			$(if $(WORKERS),--workers $(WORKERS)) || exit 1; \
+	done
+	$(if $(filter-out 1,$(RUNS)),$(PY) bench/medians.py $(RUNS))
 
 # Cache-aware routing on three real vLLM servers (docs/cache-routing.md): each strategy's fleet
 # prefix-cache hit rate and requests per server over a conversation workload. WORKLOAD names presets

@@ -136,6 +136,7 @@ def main() -> int:
     fast = ["--fast", "--record-requests=0"]
     # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
     figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
+    pd_report: dict[str, float] | None = None
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
@@ -232,6 +233,7 @@ def main() -> int:
             row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
             row("PD: errors, c=32", through=str(split.errors), target="0")
             pd_cpu = split.cpu_us or float("nan")
+            pd_report = {"cpu_us": pd_cpu, "hybrid_cpu_us": hybrid_cpu}
             ratio = f"{pd_cpu / hybrid_cpu:.2f}x hybrid"
             row("PD: CPU per request, c=32", through=us(pd_cpu / 1e6), ratio=ratio, target="<= 1.6x hybrid")
             row("PD: KV releases per /pd/free call", through=f"{pd_figures.frees_per_call:.1f}")
@@ -329,6 +331,8 @@ def main() -> int:
         "header": header,
         "rows": rows,
         "systems": as_json(systems),
+        "peers": args.peers,
+        "pd": pd_report,
     }
     saved.write_text(json.dumps(report, indent=1))
     print(f"\nsaved to {saved.relative_to(REPO)}")
