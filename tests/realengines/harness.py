@@ -190,6 +190,12 @@ def server_argv(spec: ServerSpec, *, python: Path, model_path: Path, port: int) 
         str(MAX_MODEL_LEN if spec.kind == "chat" else 512),
         "--enable-log-requests",  # "Received request ..." / "Request ... aborted." lines for the tests
     ]
+    if spec.kind == "embed":
+        # In bfloat16, vLLM's CPU attention takes its AMX kernel wherever the CPU reports AMX. On a
+        # CI machine that reports it, the embedding model's worker died on its first request with an
+        # illegal instruction (SIGILL in ``cpu_attention_with_kv_cache``) while the chat model served.
+        # The AMX kernel is for bfloat16 only: in float32 every machine runs the AVX-512 one.
+        argv += ["--dtype", "float32"]
     if spec.kv_dir is not None:
         argv += ["--kv-transfer-config", kv_transfer_config(spec.kv_dir)]
     return argv + list(spec.extra_args)
