@@ -7,6 +7,8 @@ import gc
 import json
 from typing import Any
 
+from aiohttp import web
+
 from nodes.live import explain as live
 from proxy import relay as proxy_relay
 from proxy import snapshot as snapshots
@@ -202,29 +204,39 @@ async def test_usage_is_read_from_a_json_answer_and_from_a_streams_usage_chunk(p
     assert live.decode(live.encode(nothing.wire()))["usage"] is None  # type: ignore[index]
 
 
-async def test_a_stream_keeps_its_usage_chunk_for_the_explanation(engines, proxy_app):
-    engine = await engines("a", chunks=2)
-    snapshots.install(make_snapshot([{"url": engine.url}]))
+async def usage_of_stream(proxy_app, engine, *writes: bytes):
+    """The usage recorded for a streamed request whose engine answers with ``writes``, one
+    ``write`` each, then the end of the body."""
     original = engine._stream
 
-    async def with_usage(request, body):  # the usage chunk, then [DONE] in a write of its own
-        from aiohttp import web
-
+    async def scripted(request, body):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n')
-        await response.write(b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n')
-        await response.write(b"data: [DONE]\n\n")
+        for piece in writes:
+            await response.write(piece)
         await response.write_eof()
         return response
 
-    engine._stream = with_usage
+    engine._stream = scripted
     try:
         response = await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)
     finally:
         engine._stream = original
     assert response.status == 200
-    assert last_record(proxy_app)["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": None}
+    return last_record(proxy_app)["usage"]
+
+
+async def test_a_stream_keeps_its_usage_chunk_for_the_explanation(engines, proxy_app):
+    engine = await engines("a", chunks=2)
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    usage = await usage_of_stream(  # the usage chunk, then [DONE] in a write of its own
+        proxy_app,
+        engine,
+        b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n',
+        b"data: [DONE]\n\n",
+    )
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": None}
 
 
 async def test_a_stream_read_in_one_piece_keeps_its_usage_and_one_without_usage_records_none(engines, proxy_app):
@@ -232,33 +244,18 @@ async def test_a_stream_read_in_one_piece_keeps_its_usage_and_one_without_usage_
     long read (only the end is searched), and a long stream without one records no usage."""
     engine = await engines("a")
     snapshots.install(make_snapshot([{"url": engine.url}]))
-    original = engine._stream
     running = b"".join(
         b'data: {"choices":[{"index":0,"delta":{"content":" word%d"},"finish_reason":null}]}\n\n' % i
         for i in range(200)
     )
     assert len(running) > 4 * proxy_relay.USAGE_WITHIN
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":200,"total_tokens":203}}\n\n'
-    records = []
-    for tail in (usage, b""):
-
-        async def at_once(request, body, tail=tail):
-            from aiohttp import web
-
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await response.prepare(request)
-            await response.write(running + tail + b"data: [DONE]\n\n")
-            await response.write_eof()
-            return response
-
-        engine._stream = at_once
-        try:
-            response = await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)
-        finally:
-            engine._stream = original
-        assert response.status == 200
-        records.append(last_record(proxy_app)["usage"])
-    assert records == [{"prompt_tokens": 3, "completion_tokens": 200, "total_tokens": 203}, None]
+    assert await usage_of_stream(proxy_app, engine, running + usage + b"data: [DONE]\n\n") == {
+        "prompt_tokens": 3,
+        "completion_tokens": 200,
+        "total_tokens": 203,
+    }
+    assert await usage_of_stream(proxy_app, engine, running + b"data: [DONE]\n\n") is None
 
 
 async def test_a_route_of_a_thousand_nodes_lists_a_few_candidates_and_counts_the_rest(engines, proxy_app):
