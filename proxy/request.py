@@ -45,6 +45,14 @@ def json_bytes(obj: Any) -> bytes:
         return _encode_ascii(obj).encode()
 
 
+def with_members(body: bytes, members: bytes) -> bytes:
+    """``body`` (a JSON object with at least one member, the client's or built from it) with
+    ``members`` (encoded ``"key":value`` pairs, comma-separated) added before its closing brace,
+    every other byte kept."""
+    end = body.rstrip().rfind(b"}")
+    return body[:end] + b"," + members + body[end:]
+
+
 @dataclass(slots=True)
 class ProxyRequest:
     path: str

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from nodes.choices import EngineType
 
-from .request import ProxyRequest
+from .request import ProxyRequest, with_members
 
 STREAM_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _FINGERPRINT = b'"system_fingerprint":'
-ASK = b',"stream_options":{"include_usage":true}}'
+ASK = b'"stream_options":{"include_usage":true}'
 _USAGE_EVENT_MARKS = ((b'"choices":[]', b'"usage":{'), (b'"choices": []', b'"usage": {'))
 
 
@@ -69,8 +69,7 @@ def takes_usage(request: ProxyRequest, engine_type: str) -> Shape | None:
 def with_usage(body: bytes) -> bytes:
     """``body`` (a JSON object without ``stream_options``) asking for the usage chunk: the field is
     added before the closing brace, every other byte kept."""
-    end = body.rstrip().rfind(b"}")
-    return body[:end] + ASK + body[end + 1 :]
+    return with_members(body, ASK)
 
 
 def _has_usage(data: bytes) -> bool:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from nodes.choices import EngineType, NodeRole, ServingMode
 
 from ..errors import ProxyError
-from ..request import Outcome, ProxyRequest
+from ..request import Outcome, ProxyRequest, with_members
 from ..request import json_bytes as dumps
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
@@ -227,8 +227,7 @@ class PdRequest:
         body = self.request.body_for(leg.target.served_name)
         if not added:
             return body
-        end = body.rstrip().rfind(b"}")  # the client's JSON is an object, with ``model`` at least
-        return body[:end] + b"," + dumps(added)[1:-1] + body[end:]
+        return with_members(body, dumps(added)[1:-1])
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         assert self.prefill is not None and self.decode is not None
