@@ -20,6 +20,8 @@ class ProxyMount:
     def __init__(self, proxy: ProxyApp, fallback: FallbackApp) -> None:
         self.proxy = proxy
         self.fallback = fallback
+        # What the HTTP edge calls directly for ``/v1/*`` (``routerpanel.proxylane``): all of it is ours.
+        self.lane_app = proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -1,0 +1,220 @@
+"""The HTTP edge's lane for ``/v1/*`` (routerpanel/proxylane.py) and its keep-alive timer
+(routerpanel/httpedge.py): the lane's answers are byte for byte uvicorn's own, other paths still go
+through the mount, and an idle keep-alive connection is closed while a busy one is not."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+from uvicorn.server import ServerState
+
+from routerpanel.httpedge import GuardedHttpToolsProtocol
+from routerpanel.proxylane import ProxyCycle, lane_app
+from tests.support.wait import wait_until_async
+
+DEFAULTS = [(b"date", b"Tue, 01 Dec 2026 05:00:00 GMT"), (b"server", b"uvicorn")]
+JSON_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", b"7"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-request-id", b"abc"),
+]
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+class Transport:
+    """What the protocol and the cycles write, and whether they closed the connection."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def output(self) -> bytes:
+        return b"".join(self.written)
+
+
+def cycle(kind: type[RequestResponseCycle], transport: Transport, *, method: str = "POST", keep_alive: bool = True):
+    return kind(
+        scope={"type": "http", "method": method, "path": "/v1/chat/completions"},  # type: ignore[typeddict-item]
+        transport=transport,  # type: ignore[arg-type]
+        flow=FlowControl(transport),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test"),
+        access_log=False,
+        default_headers=DEFAULTS,
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: None,
+    )
+
+
+async def answer(kind: type[RequestResponseCycle], messages: list[dict], **options: Any) -> tuple[Any, ...]:
+    """What a cycle of ``kind`` writes for ``messages`` (or the error it raises), and its state after."""
+    transport = Transport()
+    c = cycle(kind, transport, **options)
+    try:
+        for message in messages:
+            await c.send(message)
+    except RuntimeError as exc:
+        return ("error", str(exc), transport.output())
+    return (transport.output(), transport.closed, c.response_complete, c.chunked_encoding, c.keep_alive)
+
+
+def start(status: int, headers: list[tuple[bytes, bytes]]) -> dict:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def body(data: bytes, more: bool = False) -> dict:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+CASES: dict[str, tuple[list[dict], dict]] = {
+    "json": ([start(200, JSON_HEADERS), body(b'{"a":1}')], {}),
+    "error json": ([start(404, JSON_HEADERS), body(b'{"a":1}')], {}),
+    "stream": ([start(200, SSE_HEADERS), body(b"data: 1\n\n", True), body(b"data: 2\n\n", True), body(b"")], {}),
+    "no headers": ([start(200, []), body(b"x")], {}),
+    "connection close": ([start(200, [*JSON_HEADERS, (b"connection", b"close")]), body(b'{"a":1}')], {}),
+    "chunked by the app": ([start(200, [(b"transfer-encoding", b"chunked")]), body(b"x")], {}),
+    "name in capitals": ([start(200, [(b"Content-Length", b"1")]), body(b"x")], {}),
+    "value with a newline": ([start(200, [(b"x-a", b"1\r\nx-b: 2")]), body(b"x")], {}),
+    "name with a space": ([start(200, [(b"x a", b"1")]), body(b"x")], {}),
+    "HEAD": ([start(200, JSON_HEADERS), body(b"")], {"method": "HEAD"}),
+    "204": ([start(204, []), body(b"")], {}),
+    "last request of the connection": ([start(200, JSON_HEADERS), body(b'{"a":1}')], {"keep_alive": False}),
+    "too long for its content-length": ([start(200, JSON_HEADERS), body(b'{"a":12}')], {}),
+    "body before the head": ([body(b"x")], {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_the_lane_answers_exactly_as_uvicorn_does(case: str) -> None:
+    messages, options = CASES[case]
+    assert await answer(ProxyCycle, messages, **options) == await answer(RequestResponseCycle, messages, **options)
+
+
+# -- through the protocol ---------------------------------------------------------------------------
+
+
+class Mount:
+    """RouterPanel's mount as the edge sees it: an ASGI app with a ``lane_app`` for ``/v1/*``."""
+
+    def __init__(self) -> None:
+        self.through_mount: list[str] = []
+        self.through_lane: list[str] = []
+        self.lane_app = self.proxy
+        self.hold: asyncio.Event | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        self.through_mount.append(scope["path"])
+        await self.reply(scope, receive, send)
+
+    async def proxy(self, scope: dict, receive: Any, send: Any) -> None:
+        self.through_lane.append(scope["path"])
+        await self.reply(scope, receive, send)
+
+    async def reply(self, scope: dict, receive: Any, send: Any) -> None:
+        request = await receive()
+        if self.hold is not None:
+            await self.hold.wait()
+        data = b"%s %s %s" % (scope["method"].encode(), scope["path"].encode(), request["body"])
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+def protocol(mount: Mount, **config: Any) -> tuple[GuardedHttpToolsProtocol, Transport]:
+    server = Config(mount, http=GuardedHttpToolsProtocol, lifespan="off", access_log=False, **config)
+    server.load()
+    state = ServerState()
+    state.default_headers = DEFAULTS
+    proto = GuardedHttpToolsProtocol(server, state, {}, asyncio.get_running_loop())
+    transport = Transport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    return proto, transport
+
+
+def request(path: str, data: bytes = b"hi") -> bytes:
+    return b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (path.encode(), len(data), data)
+
+
+async def served(transport: Transport, count: int) -> list[bytes]:
+    await wait_until_async(lambda: transport.output().count(b"HTTP/1.1 200 OK") >= count, 5.0, "no answer")
+    return [b"HTTP/1.1 200 OK" + part for part in transport.output().split(b"HTTP/1.1 200 OK")[1:]]
+
+
+async def test_v1_requests_take_the_lane_and_others_the_mount_with_the_same_answers() -> None:
+    mount = Mount()
+    proto, transport = protocol(mount)
+    assert lane_app(proto.config, proto.access_log) == mount.proxy  # found behind the proxy-headers middleware
+    proto.data_received(request("/v1/chat/completions"))
+    proto.data_received(request("/v1/chat%2Fcompletions"))  # decoded as uvicorn decodes it
+    proto.data_received(request("/v2/chat/completions"))
+    answers = await served(transport, 3)
+    assert mount.through_lane == ["/v1/chat/completions", "/v1/chat/completions"]
+    assert mount.through_mount == ["/v2/chat/completions"]
+    assert answers[0] == answers[1]
+    assert answers[0].replace(b"v1", b"v2") == answers[2]
+
+
+async def test_pipelined_lane_requests_are_answered_in_order() -> None:
+    mount = Mount()
+    proto, transport = protocol(mount)
+    proto.data_received(request("/v1/a", b"1") + request("/v1/b", b"2") + request("/v1/c", b"3"))
+    answers = await served(transport, 3)
+    assert [a.rsplit(b"\r\n\r\n", 1)[1] for a in answers] == [b"POST /v1/a 1", b"POST /v1/b 2", b"POST /v1/c 3"]
+
+
+@pytest.mark.parametrize("config", [{"root_path": "/api"}, {"limit_concurrency": 10}, {"log_level": "trace"}])
+async def test_without_the_procfiles_server_settings_every_request_goes_through_the_mount(config: dict) -> None:
+    mount = Mount()
+    proto, transport = protocol(mount, **config)
+    proto.data_received(request("/v1/chat/completions"))
+    await served(transport, 1)
+    assert (mount.through_lane, len(mount.through_mount)) == ([], 1)
+
+
+async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -> None:
+    mount = Mount()
+    proto, transport = protocol(mount, timeout_keep_alive=0.2)
+    proto.data_received(request("/v1/a"))
+    await served(transport, 1)
+    assert proto.timeout_keep_alive_task is not None
+    # A second request is answered only after the keep-alive timeout passed: the timer fires while
+    # it is in progress and must leave the connection open.
+    mount.hold = asyncio.Event()
+    proto.data_received(request("/v1/b"))
+    await wait_until_async(lambda: proto.timeout_keep_alive_task is None, 5.0, "the keep-alive timer never fired")
+    assert not transport.closed
+    mount.hold.set()
+    await served(transport, 2)
+    assert not transport.closed
+    await wait_until_async(lambda: transport.closed, 5.0, "the idle connection was never closed")
+    assert transport.output().count(b"HTTP/1.1 200 OK") == 2
