@@ -100,6 +100,8 @@ CASES: dict[str, tuple[list[dict], dict]] = {
     "json": ([start(200, JSON_HEADERS), body(b'{"a":1}')], {}),
     "error json": ([start(404, JSON_HEADERS), body(b'{"a":1}')], {}),
     "stream": ([start(200, SSE_HEADERS), body(b"data: 1\n\n", True), body(b"data: 2\n\n", True), body(b"")], {}),
+    "stream with an empty chunk": ([start(200, SSE_HEADERS), body(b"a", True), body(b"", True), body(b"b")], {}),
+    "chunk after the last": ([start(200, SSE_HEADERS), body(b"a"), body(b"b", True)], {}),
     "no headers": ([start(200, []), body(b"x")], {}),
     "connection close": ([start(200, [*JSON_HEADERS, (b"connection", b"close")]), body(b'{"a":1}')], {}),
     "chunked by the app": ([start(200, [(b"transfer-encoding", b"chunked")]), body(b"x")], {}),
