@@ -8,7 +8,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .app import ProxyApp, handles
+from routerpanel.proxylane import Lane
+
+from .app import PREFIXES, ProxyApp, handles
 from .transport import Receive, Scope, Send
 
 # Any ASGI 3 application: Channels' router types its scope with asgiref's TypedDicts, the lean app
@@ -20,8 +22,9 @@ class ProxyMount:
     def __init__(self, proxy: ProxyApp, fallback: FallbackApp) -> None:
         self.proxy = proxy
         self.fallback = fallback
-        # What the HTTP edge calls directly for ``/v1/*`` (``routerpanel.proxylane``): all of it is ours.
-        self.lane_app = proxy
+        # What the HTTP edge calls directly (``routerpanel.proxylane``): every path under these
+        # prefixes is the proxy app's (``handles``).
+        self.lane = Lane(proxy, tuple(prefix.encode() for prefix in PREFIXES))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -56,7 +56,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from routerpanel.proxylane import lane_app, start_in_lane
+from routerpanel.proxylane import lane_for, start_in_lane
 
 __all__ = ["GuardedHttpToolsProtocol", "settings_from_environment"]
 
@@ -153,7 +153,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._draining = False  # the server is shutting down: the next response is the last
         self._rejected = False  # answered 431 or 408: only discarding input from now on
         self._discarded = 0
-        self._lane = lane_app(config, self.access_log)  # the proxy app, for /v1/* (routerpanel.proxylane)
+        self._lane = lane_for(config, self.access_log)  # the proxy app's, for /v1/* (routerpanel.proxylane)
         self._idle_from = 0.0  # when the last response completed (the keep-alive timer)
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -254,8 +254,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._too_large = True
                 raise _HeadTooLarge
         lane = self._lane
-        if lane is not None and self.url.startswith(b"/v1/") and not self.parser.should_upgrade():
-            start_in_lane(self, lane)
+        if lane is not None and self.url.startswith(lane.prefixes) and not self.parser.should_upgrade():
+            start_in_lane(self, lane.app)
         else:
             _base.on_headers_complete(self)
         if self._draining and self.cycle is not None:

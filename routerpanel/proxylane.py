@@ -1,8 +1,9 @@
 """The data path's lane through the HTTP edge: requests for ``/v1/*`` skip uvicorn's generic
 per-request work and go straight to the proxy app.
 
-``routerpanel.httpedge`` sends a request this way when its URL starts with ``/v1/`` (every such path
-is the proxy app's: ``proxy.mount``), it is no upgrade, and the server runs as the Procfile starts it
+``routerpanel.httpedge`` sends a request this way when its URL starts with one of the prefixes the
+mount gives (``proxy.mount.ProxyMount.lane``: ``/v1/``, every path under which is the proxy app's),
+it is no upgrade, and the server runs as the Procfile starts it
 (no access log, no root path, no concurrency limit, the application RouterPanel's own mount, at most
 behind uvicorn's proxy-headers middleware). Any other request takes uvicorn's own way, unchanged.
 
@@ -26,7 +27,7 @@ from 291-324 µs to 255-281 µs (3 alternating runs).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 import httptools
@@ -40,21 +41,28 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-__all__ = ["ProxyCycle", "lane_app", "start_in_lane"]
+__all__ = ["Lane", "ProxyCycle", "lane_for", "start_in_lane"]
 
 _CONTENT_LENGTH = b"content-length"
 
 
-def lane_app(config: Config, access_log: bool) -> Any | None:
-    """The app to serve ``/v1/*`` through the lane: the ``lane_app`` of RouterPanel's mount
-    (``proxy.mount.ProxyMount``) when the server runs that mount, at most behind uvicorn's
-    proxy-headers middleware, without an access log, root path or concurrency limit; else None."""
+class Lane(NamedTuple):
+    """What the mount hands the lane: its app, and the URL prefixes that are all that app's."""
+
+    app: Any
+    prefixes: tuple[bytes, ...]
+
+
+def lane_for(config: Config, access_log: bool) -> Lane | None:
+    """The lane of RouterPanel's mount (``proxy.mount.ProxyMount.lane``) when the server runs that
+    mount, at most behind uvicorn's proxy-headers middleware, without an access log, root path or
+    concurrency limit; else None."""
     if access_log or config.root_path or config.limit_concurrency is not None:
         return None
     app = config.loaded_app
     if isinstance(app, ProxyHeadersMiddleware):
         app = app.app
-    return getattr(app, "lane_app", None)
+    return getattr(app, "lane", None)
 
 
 def start_in_lane(protocol: HttpToolsProtocol, app: Any) -> None:
@@ -95,50 +103,39 @@ class ProxyCycle(RequestResponseCycle):
     """uvicorn's request-response cycle with a cheaper response head (see the module doc)."""
 
     async def send(self, message: Any) -> None:
-        if self.response_started or self.disconnected or self.flow.write_paused:
+        framed = None
+        if not (
+            self.response_started
+            or self.disconnected
+            or self.flow.write_paused
+            or message["type"] != "http.response.start"
+            or self.scope["method"] == "HEAD"
+        ):
+            framed = _head(message["status"], self.default_headers, message.get("headers", ()), self.keep_alive)
+        if framed is None:  # uvicorn's own way (the body, the unusual heads, and its errors)
             await RequestResponseCycle.send(self, message)
             return
-        if message["type"] != "http.response.start":
-            await RequestResponseCycle.send(self, message)  # raises uvicorn's error
-            return
-        headers = message.get("headers", ())
-        head = _head(message["status"], self.default_headers, headers, self.keep_alive)
-        if head is None or self.scope["method"] == "HEAD":
-            await RequestResponseCycle.send(self, message)
-            return
+        head, length = framed
         self.response_started = True
         self.waiting_for_100_continue = False
-        length = None
-        for name, value in headers:
-            if name == _CONTENT_LENGTH:
-                length = value
-                break
-        if length is not None:
+        if length is None:
+            self.chunked_encoding = True
+        else:
             self.expected_content_length = int(length)
             self.chunked_encoding = False
-        else:
-            self.chunked_encoding = True
-            head = head[:-2] + b"transfer-encoding: chunked\r\n\r\n"
         self.transport.write(head)
 
 
-_defaults: tuple[list[tuple[bytes, bytes]] | None, bytes] = (None, b"")
+_CHUNKED = b"transfer-encoding: chunked\r\n"
 
 
-def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
-    """The server's own header lines (``date`` and ``server``); the date changes once a second, when
-    uvicorn installs a new list."""
-    global _defaults
-    cached, lines = _defaults
-    if cached is not default_headers:
-        lines = b"".join([b"%s: %s\r\n" % pair for pair in default_headers])
-        _defaults = (default_headers, lines)
-    return lines
-
-
-def _head(status: int, default_headers: list[tuple[bytes, bytes]], headers: Any, keep_alive: bool) -> bytes | None:
-    """The response head (status line, headers, blank line) when the lane can write it: every name
-    in lower case and valid, every value valid, and no framing header; else None."""
+def _head(
+    status: int, default_headers: list[tuple[bytes, bytes]], app_headers: Any, keep_alive: bool
+) -> tuple[bytes, bytes | None] | None:
+    """The response head (status line, the server's and the app's headers, the framing, the blank
+    line) and the app's content-length, when the lane can write it: every name in lower case and
+    valid, every value valid, and no framing header of the app's; else None."""
+    headers = [*default_headers, *app_headers]
     names = b"".join([pair[0] for pair in headers])
     if (
         not keep_alive
@@ -153,5 +150,6 @@ def _head(status: int, default_headers: list[tuple[bytes, bytes]], headers: Any,
         or b"transfer-encoding" in names
     ):
         return None
+    length = next((value for name, value in app_headers if name == _CONTENT_LENGTH), None)
     lines = b"".join([b"%s: %s\r\n" % pair for pair in headers])
-    return b"%s%s%s\r\n" % (STATUS_LINE[status], _default_lines(default_headers), lines)
+    return b"%s%s%s\r\n" % (STATUS_LINE[status], lines, b"" if length is not None else _CHUNKED), length

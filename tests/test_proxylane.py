@@ -15,7 +15,7 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
 from routerpanel.httpedge import GuardedHttpToolsProtocol
-from routerpanel.proxylane import ProxyCycle, lane_app
+from routerpanel.proxylane import Lane, ProxyCycle, lane_for
 from tests.support.wait import wait_until_async
 
 DEFAULTS = [(b"date", b"Tue, 01 Dec 2026 05:00:00 GMT"), (b"server", b"uvicorn")]
@@ -126,12 +126,12 @@ async def test_the_lane_answers_exactly_as_uvicorn_does(case: str) -> None:
 
 
 class Mount:
-    """RouterPanel's mount as the edge sees it: an ASGI app with a ``lane_app`` for ``/v1/*``."""
+    """RouterPanel's mount as the edge sees it: an ASGI app with a ``lane`` for ``/v1/*``."""
 
     def __init__(self) -> None:
         self.through_mount: list[str] = []
         self.through_lane: list[str] = []
-        self.lane_app = self.proxy
+        self.lane = Lane(self.proxy, (b"/v1/",))
         self.hold: asyncio.Event | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -175,7 +175,7 @@ async def served(transport: Transport, count: int) -> list[bytes]:
 async def test_v1_requests_take_the_lane_and_others_the_mount_with_the_same_answers() -> None:
     mount = Mount()
     proto, transport = protocol(mount)
-    assert lane_app(proto.config, proto.access_log) == mount.proxy  # found behind the proxy-headers middleware
+    assert lane_for(proto.config, proto.access_log) == mount.lane  # found behind the proxy-headers middleware
     proto.data_received(request("/v1/chat/completions"))
     proto.data_received(request("/v1/chat%2Fcompletions"))  # decoded as uvicorn decodes it
     proto.data_received(request("/v2/chat/completions"))
@@ -220,3 +220,13 @@ async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -
     assert not transport.closed
     await wait_until_async(lambda: transport.closed, 5.0, "the idle connection was never closed")
     assert transport.output().count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize("target", [b"/v1/\xff", b"/v2/\xff"])
+async def test_a_malformed_request_target_gets_400_in_the_lane_as_outside_it(target: bytes) -> None:
+    mount = Mount()
+    proto, transport = protocol(mount)
+    proto.data_received(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi" % target)
+    await wait_until_async(lambda: transport.closed, 5.0, "the connection was never closed")
+    assert transport.output().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert (mount.through_lane, mount.through_mount) == ([], [])
