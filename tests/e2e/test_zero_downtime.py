@@ -57,10 +57,19 @@ def engine() -> Iterator[str]:
 
 
 def workers_of(supervisor: int) -> set[int]:
-    """The supervisor's worker processes (multiprocessing's resource tracker left out)."""
+    """The supervisor's worker processes (multiprocessing's resource tracker left out, and a child
+    reaped between listing the children and reading its command line too: it is no worker)."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
     pids = {int(p) for p in children.read_text().split()} if children.exists() else set()
-    return {p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()}
+    workers = set()
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if command and b"resource_tracker" not in command:
+            workers.add(pid)
+    return workers
 
 
 @pytest.fixture
