@@ -113,6 +113,9 @@ CASES: dict[str, tuple[list[dict], dict]] = {
     "last request of the connection": ([start(200, JSON_HEADERS), body(b'{"a":1}')], {"keep_alive": False}),
     "too long for its content-length": ([start(200, JSON_HEADERS), body(b'{"a":12}')], {}),
     "body before the head": ([body(b"x")], {}),
+    "body in parts": ([start(200, JSON_HEADERS), body(b'{"a"', True), body(b":1}")], {}),
+    "too short for its content-length": ([start(200, JSON_HEADERS), body(b"{}")], {}),
+    "a second head": ([start(200, JSON_HEADERS), start(200, JSON_HEADERS)], {}),
 }
 
 
@@ -120,6 +123,26 @@ CASES: dict[str, tuple[list[dict], dict]] = {
 async def test_the_lane_answers_exactly_as_uvicorn_does(case: str) -> None:
     messages, options = CASES[case]
     assert await answer(ProxyCycle, messages, **options) == await answer(RequestResponseCycle, messages, **options)
+
+
+async def test_the_head_goes_out_with_the_first_body_in_one_write() -> None:
+    """One write to the socket for a whole answer (uvicorn makes two), and a stream's head with its
+    first chunk; a head whose body never came is never sent (the connection is closed instead)."""
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, JSON_HEADERS))
+    assert transport.written == []
+    await c.send(body(b'{"a":1}'))
+    assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
+    assert c.response_complete
+
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, SSE_HEADERS))
+    await c.send(body(b"data: 1\n\n", True))
+    assert len(transport.written) == 1 and transport.written[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    await c.send(body(b""))
+    assert transport.written[1:] == [b"0\r\n\r\n"] and c.response_complete
 
 
 # -- through the protocol ---------------------------------------------------------------------------
@@ -133,6 +156,7 @@ class Mount:
         self.through_lane: list[str] = []
         self.lane = Lane(self.proxy, (b"/v1/",))
         self.hold: asyncio.Event | None = None
+        self.fail_after_head = False
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.through_mount.append(scope["path"])
@@ -149,6 +173,8 @@ class Mount:
         data = b"%s %s %s" % (scope["method"].encode(), scope["path"].encode(), request["body"])
         headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(data)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if self.fail_after_head:
+            raise RuntimeError("the app failed after its head")
         await send({"type": "http.response.body", "body": data})
 
 
@@ -220,6 +246,18 @@ async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -
     assert not transport.closed
     await wait_until_async(lambda: transport.closed, 5.0, "the idle connection was never closed")
     assert transport.output().count(b"HTTP/1.1 200 OK") == 2
+
+
+async def test_an_answer_that_fails_after_its_head_sends_the_client_no_200() -> None:
+    """The app failed between its head and its body: uvicorn would have sent the 200 head before
+    closing; in the lane the client gets nothing but the closed connection (no success that lies)."""
+    mount = Mount()
+    mount.fail_after_head = True
+    proto, transport = protocol(mount)
+    proto.data_received(request("/v1/chat/completions"))
+    await wait_until_async(lambda: transport.closed, 5.0, "the connection was never closed")
+    assert mount.through_lane == ["/v1/chat/completions"]
+    assert transport.output() == b""
 
 
 @pytest.mark.parametrize("target", [b"/v1/\xff", b"/v2/\xff"])
