@@ -350,14 +350,22 @@ def _checked(
 
 
 def registry_diff_apply(
-    *, control_plane: ControlPlane, entities: Sequence[RegistryEntity], now: datetime.datetime, listing: bool
+    *,
+    control_plane: ControlPlane,
+    entities: Sequence[RegistryEntity],
+    now: datetime.datetime,
+    listing: bool,
+    listed_at: datetime.datetime | None = None,
 ) -> tuple[dict[str, Outcome], int]:
     """Apply ``entities`` to the control plane's nodes. Returns each entity's outcome by id
     (``created``, ``updated``, ``revived``, ``unchanged``, ``conflict``, ``invalid``, ``refused``)
     and how many nodes went ``gone``.
 
     ``listing=True``: ``entities`` is the whole listing; every node of the control plane is read
-    and those it no longer lists (or that it lists outside the allowed networks) go ``gone``.
+    and those it no longer lists (or that it lists outside the allowed networks) go ``gone``, except
+    a node seen after ``listed_at`` (when the listing was asked for): an event created or updated it
+    while the listing was on its way, so the listing is older than what is known of it (an engine
+    that registered meanwhile is no vanished one).
     ``listing=False``: only these entities' nodes are read and nothing else changes (an event)."""
     outcomes: dict[str, Outcome] = {}
     checked = _checked(control_plane, entities, outcomes)
@@ -391,7 +399,13 @@ def registry_diff_apply(
         gone = 0
         if listing:
             kept = {entity_id for entity_id, outcome in outcomes.items() if outcome != "refused"}
-            gone = _go(rows, lambda node: node.entity_id not in kept)
+            gone = _go(
+                rows,
+                lambda node: (
+                    node.entity_id not in kept
+                    and not (listed_at is not None and node.last_seen_at is not None and node.last_seen_at > listed_at)
+                ),
+            )
         _write(rows, now=now)
         # Not a routing change: no audit, no bump. New nodes were created with it.
         if listing:

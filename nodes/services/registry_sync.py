@@ -125,6 +125,8 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         )
         client = client or NanoCtrlClient(control_plane.address, timeout=settings.ROUTERPANEL_REGISTRY_TIMEOUT)
         entities: dict[str, RegistryEntity] = {}
+        # What an event told after this moment is newer than the listing (``registry_diff_apply``).
+        listed_at = timezone.now()
         try:
             for kind in control_plane.kinds or default_registry_kinds():
                 listed, problems = client.list_entities(kind=kind, scope=control_plane.scope)
@@ -137,7 +139,11 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         else:
             result.listed = len(entities)
             outcomes, result.gone = registry_diff_apply(
-                control_plane=control_plane, entities=list(entities.values()), now=timezone.now(), listing=True
+                control_plane=control_plane,
+                entities=list(entities.values()),
+                now=timezone.now(),
+                listing=True,
+                listed_at=listed_at,
             )
             for entity_id, outcome in outcomes.items():
                 entity = entities[entity_id]

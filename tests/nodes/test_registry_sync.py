@@ -7,6 +7,7 @@ import json
 import pytest
 from django.db import connection as db
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
 from nodes import services
@@ -116,6 +117,42 @@ def test_it_marks_vanished_nodes_gone_and_revives_them(control_plane, registry) 
     result = sync(control_plane, registry)
     assert result.revived == 1
     assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.ACTIVE
+
+
+class EventDuringListing(FakeRegistry):
+    """A listing taken just before an engine registered, whose ADD event the listener applies while
+    the listing is still on its way to the sync."""
+
+    def __init__(self, control_plane: ControlPlane, arriving: dict) -> None:
+        super().__init__()
+        self.control_plane, self.arriving = control_plane, arriving
+
+    def list_entities(self, *, kind: str, scope: str):
+        listed = super().list_entities(kind=kind, scope=scope)
+        if kind == self.arriving["kind"]:
+            services.registry_apply_entity(
+                control_plane=self.control_plane, entity=parse_entity(self.arriving), now=timezone.now()
+            )
+        return listed
+
+
+def test_a_listing_older_than_an_event_does_not_mark_the_evented_node_gone(control_plane, registry) -> None:
+    registry.entities = [entity(9001), entity(9002)]
+    sync(control_plane, registry)
+    stale = EventDuringListing(control_plane, entity(9003))
+    stale.entities = [entity(9001)]  # 9002 really went away; 9003 registered after the listing was read
+    result = sync(control_plane, stale)
+    assert result.gone == 1
+    states = dict(Node.objects.values_list("url", "state"))
+    assert states == {
+        "http://127.0.0.1:9001": NodeState.ACTIVE,
+        "http://127.0.0.1:9002": NodeState.GONE,
+        "http://127.0.0.1:9003": NodeState.ACTIVE,
+    }
+    # The next listing that still lacks it is newer than its event: then it is gone.
+    registry.entities = [entity(9001)]
+    assert sync(control_plane, registry).gone == 1
+    assert Node.objects.get(url="http://127.0.0.1:9003").state == NodeState.GONE
 
 
 def test_an_unreachable_registry_changes_no_node(control_plane, registry) -> None:
