@@ -39,6 +39,7 @@ ID_BATCH = 500  # values per ``__in`` lookup: well under SQLite's 999 parameters
 
 # What the sync of one entity did; ``registry_sync`` counts them.
 Outcome = str
+ListedAt = datetime.datetime | None  # when a sync asked for the listing it applies; None: an event
 
 
 def sync_actor(control_plane: ControlPlane) -> Actor:
@@ -350,29 +351,21 @@ def _checked(
 
 
 def registry_diff_apply(
-    *,
-    control_plane: ControlPlane,
-    entities: Sequence[RegistryEntity],
-    now: datetime.datetime,
-    listing: bool,
-    listed_at: datetime.datetime | None = None,
+    *, control_plane: ControlPlane, entities: Sequence[RegistryEntity], now: datetime.datetime, listed_at: ListedAt
 ) -> tuple[dict[str, Outcome], int]:
     """Apply ``entities`` to the control plane's nodes. Returns each entity's outcome by id
     (``created``, ``updated``, ``revived``, ``unchanged``, ``conflict``, ``invalid``, ``refused``)
     and how many nodes went ``gone``.
 
-    ``listing=True``: ``entities`` is the whole listing; every node of the control plane is read
-    and those it no longer lists (or that it lists outside the allowed networks) go ``gone``, except
-    a node seen after ``listed_at`` (when the listing was asked for): an event created or updated it
-    while the listing was on its way, so the listing is older than what is known of it (an engine
-    that registered meanwhile is no vanished one).
-    ``listing=False``: only these entities' nodes are read and nothing else changes (an event)."""
+    ``listed_at`` set: ``entities`` is the whole listing, asked for then; the control plane's nodes it
+    no longer lists (or lists outside the allowed networks) go ``gone``, unless an event saw them after
+    ``listed_at``. None: an event; only these entities' nodes are read and nothing else changes."""
     outcomes: dict[str, Outcome] = {}
     checked = _checked(control_plane, entities, outcomes)
     with transaction.atomic():
         rows = _Rows(control_plane=control_plane, actor=sync_actor(control_plane))
         nodes = Node.objects.select_for_update().filter(control_plane=control_plane).order_by()
-        if not listing:
+        if listed_at is None:
             nodes = nodes.filter(entity_id__in=[entity.entity_id for entity, _ in checked])
         for node in nodes:
             rows.add(node)
@@ -385,7 +378,7 @@ def registry_diff_apply(
                 if node.pk not in rows.nodes:
                     rows.add(node)
         own = [pk for pk, node in rows.nodes.items() if node.control_plane_id == control_plane.pk]
-        rows.load_aliases(own, of_control_plane=listing)
+        rows.load_aliases(own, of_control_plane=listed_at is not None)
         rows.load_aliases(list(rows.nodes))  # the nodes found at an entity's URL
         for entity, url in checked:
             try:
@@ -397,18 +390,12 @@ def registry_diff_apply(
                 logger.warning("registry entity %s of %s is invalid: %s", entity.entity_id, control_plane, exc)
                 outcomes[entity.entity_id] = "invalid"
         gone = 0
-        if listing:
+        if listed_at is not None:
             kept = {entity_id for entity_id, outcome in outcomes.items() if outcome != "refused"}
-            gone = _go(
-                rows,
-                lambda node: (
-                    node.entity_id not in kept
-                    and not (listed_at is not None and node.last_seen_at is not None and node.last_seen_at > listed_at)
-                ),
-            )
+            gone = _go(rows, lambda node: node.entity_id not in kept and (node.last_seen_at or listed_at) <= listed_at)
         _write(rows, now=now)
         # Not a routing change: no audit, no bump. New nodes were created with it.
-        if listing:
+        if listed_at is not None:
             unseen = [
                 pk
                 for pk, node in rows.nodes.items()

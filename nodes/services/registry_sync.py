@@ -73,7 +73,7 @@ def registry_apply_entity(*, control_plane: ControlPlane, entity: RegistryEntity
     (``nodes.admission.initial_state``); a known node keeps its state, except that a ``gone`` one
     (it was approved before) comes back ``active``. The rules are the sync's
     (``nodes.services.registry_diff``), applied to this one entity's rows."""
-    outcomes, _ = registry_diff_apply(control_plane=control_plane, entities=[entity], now=now, listing=False)
+    outcomes, _ = registry_diff_apply(control_plane=control_plane, entities=[entity], now=now, listed_at=None)
     return outcomes[entity.entity_id]
 
 
@@ -139,11 +139,7 @@ def registry_sync(*, control_plane_id: int, client: NanoCtrlClient | None = None
         else:
             result.listed = len(entities)
             outcomes, result.gone = registry_diff_apply(
-                control_plane=control_plane,
-                entities=list(entities.values()),
-                now=timezone.now(),
-                listing=True,
-                listed_at=listed_at,
+                control_plane=control_plane, entities=list(entities.values()), now=timezone.now(), listed_at=listed_at
             )
             for entity_id, outcome in outcomes.items():
                 entity = entities[entity_id]
