@@ -2,7 +2,7 @@
 
 A sync of a fleet of thousands of engines must stay well within its interval, so it reads the
 control plane's nodes and their aliases once (locked until it commits), decides every entity in
-memory (validating each distinct value once, ``_Validated``), and writes what changed with
+memory (validating each distinct value once, ``registry_validation``), and writes what changed with
 ``bulk_insert`` (``nodes/services/bulk.py``) / ``bulk_update``, its audit records in bulk and at
 most one configuration version bump: the number of queries does not grow with the fleet (bulk
 writes come in the database's batches). A registry event applies one entity the same way,
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from .. import admission
@@ -32,6 +32,7 @@ from ..registry import RegistryEntity
 from ..validators import clean_model_names
 from .audit import Actor, change_record, config_version_bump, diff_fields, field_values
 from .bulk import bulk_insert
+from .registry_validation import Validated
 
 logger = logging.getLogger(__name__)
 
@@ -44,54 +45,6 @@ ListedAt = datetime.datetime | None  # when a sync asked for the listing it appl
 
 def sync_actor(control_plane: ControlPlane) -> Actor:
     return Actor(label=f"registry-sync:{control_plane.name}"[:200], via=ChangeVia.SYNC)
-
-
-class _Validated:
-    """The field values a diff has validated. A fleet's entities share most of theirs (the control
-    plane's engine type and scope, the role, the kind, a model's aliases), and every check a field
-    runs (``clean_fields``, ``RegistryModel.check_storable``) depends on its value alone, so each
-    distinct value is validated once per diff, not once per entity: at 5,000 entities that was a
-    third of a sync's time."""
-
-    def __init__(self) -> None:
-        self._fields: set[tuple[str, str, type, Any]] = set()
-        self._aliases: set[tuple[str, str, str]] = set()
-
-    def node(self, node: Node) -> None:
-        """What ``Node.full_clean`` checks, without a query: the URL's uniqueness is decided in
-        memory (``_Rows.by_url``) and the control plane is the one being synced."""
-        fresh: list[tuple[models.Field[Any, Any], tuple[str, str, type, Any] | None]] = []
-        skip = ["control_plane"]
-        for model_field in node._meta.concrete_fields:
-            value = getattr(node, model_field.attname)
-            key = (model_field.name, model_field.attname, type(value), value)
-            try:
-                known = key in self._fields
-            except TypeError:  # a JSON document: checked every time
-                fresh.append((model_field, None))
-                continue
-            if known and model_field.name != "control_plane":
-                skip.append(model_field.name)
-            else:
-                fresh.append((model_field, key))
-        node.clean_fields(exclude=skip)
-        node.check_storable(model_field for model_field, _ in fresh)
-        if not isinstance(node.metadata, dict):
-            raise ValidationError({"metadata": "Metadata must be a JSON object."})
-        for model_field, seen in fresh:  # remembered only if cleaning (which converts) left it as it was
-            cleaned = None if seen is None else getattr(node, model_field.attname)
-            if seen is not None and type(cleaned) is seen[2] and cleaned == seen[3]:
-                self._fields.add(seen)
-
-    def alias(self, *, name: str, served_name: str, origin: str) -> None:
-        """What ``ModelAlias.full_clean`` checks of an alias's own values (its node's other aliases
-        are checked by ``_alias_plan``)."""
-        if (name, served_name, origin) in self._aliases:
-            return
-        alias = ModelAlias(name=name, served_name=served_name, origin=origin)
-        alias.clean_fields(exclude=["node"])
-        alias.clean()
-        self._aliases.add((name, served_name, origin))
 
 
 @dataclass
@@ -122,7 +75,8 @@ class _Rows:
     deleted_aliases: list[ModelAlias] = field(default_factory=list)
     records: list[ChangeRecord] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
-    validated: _Validated = field(default_factory=_Validated)
+    validated: Validated = field(default_factory=Validated)
+    listed_at: ListedAt = None  # a listing's: when it was asked for (``registry_diff_apply``)
 
     def add(self, node: Node) -> None:
         self.nodes[node.pk] = node
@@ -244,7 +198,8 @@ def _decide(rows: _Rows, entity: RegistryEntity, *, url: str, now: datetime.date
         changes.update(control_plane_id=control_plane.pk, entity_id=entity.entity_id)
     if node.metadata.get("registry") != entity.metadata and "metadata" not in kept:
         changes["metadata"] = {**node.metadata, "registry": entity.metadata}
-    revived = node.state == NodeState.GONE
+    # Not by a listing older than the node's last change (a REMOVE event made it gone meanwhile).
+    revived = node.state == NodeState.GONE and (rows.listed_at is None or node.updated_at <= rows.listed_at)
     if revived:
         changes["state"] = NodeState.ACTIVE
     if "url" in changes and rows.by_url.get(url) not in (None, node):
@@ -359,11 +314,13 @@ def registry_diff_apply(
 
     ``listed_at`` set: ``entities`` is the whole listing, asked for then; the control plane's nodes it
     no longer lists (or lists outside the allowed networks) go ``gone``, unless an event saw them after
-    ``listed_at``. None: an event; only these entities' nodes are read and nothing else changes."""
+    ``listed_at``, and a ``gone`` node changed after ``listed_at`` (a REMOVE event) is not revived by
+    it: the listing is older than that news. None: an event; only these entities' nodes are read and
+    nothing else changes."""
     outcomes: dict[str, Outcome] = {}
     checked = _checked(control_plane, entities, outcomes)
     with transaction.atomic():
-        rows = _Rows(control_plane=control_plane, actor=sync_actor(control_plane))
+        rows = _Rows(control_plane=control_plane, actor=sync_actor(control_plane), listed_at=listed_at)
         nodes = Node.objects.select_for_update().filter(control_plane=control_plane).order_by()
         if listed_at is None:
             nodes = nodes.filter(entity_id__in=[entity.entity_id for entity, _ in checked])

@@ -151,9 +151,9 @@ def test_a_value_that_fails_validation_is_refused_after_valid_ones(control_plane
 def test_a_shared_value_that_cleaning_converts_is_converted_on_every_node(control_plane) -> None:
     # Remembering a value as validated must not skip its conversion: a weight that arrives as "2"
     # is stored as the number 2 on every node that has it, not only on the first.
-    from nodes.services.registry_diff import _Validated
+    from nodes.services.registry_validation import Validated
 
-    validated = _Validated()
+    validated = Validated()
     nodes = [Node(url=f"http://127.0.0.1:{7200 + i}", control_plane=control_plane, weight="2") for i in range(3)]
     for node in nodes:
         validated.node(node)

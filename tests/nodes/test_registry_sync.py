@@ -155,6 +155,35 @@ def test_a_listing_older_than_an_event_does_not_mark_the_evented_node_gone(contr
     assert Node.objects.get(url="http://127.0.0.1:9003").state == NodeState.GONE
 
 
+class RemoveDuringListing(FakeRegistry):
+    """A listing taken just before an engine left, whose REMOVE event the listener applies while the
+    listing is still on its way to the sync."""
+
+    def __init__(self, control_plane: ControlPlane, leaving: dict) -> None:
+        super().__init__()
+        self.control_plane, self.leaving = control_plane, leaving
+
+    def list_entities(self, *, kind: str, scope: str):
+        listed = super().list_entities(kind=kind, scope=scope)
+        if kind == self.leaving["kind"]:
+            services.registry_mark_gone(control_plane=self.control_plane, entity_ids=[self.leaving["entity_id"]])
+        return listed
+
+
+def test_a_listing_older_than_a_remove_event_does_not_revive_the_node(control_plane, registry) -> None:
+    registry.entities = [entity(9001), entity(9002)]
+    sync(control_plane, registry)
+    stale = RemoveDuringListing(control_plane, entity(9002))
+    stale.entities = [entity(9001), entity(9002)]  # read just before 9002 left
+    result = sync(control_plane, stale)
+    assert result.revived == 0
+    assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.GONE
+    # A listing asked for after the event that lists it again: the engine is back.
+    registry.entities = [entity(9001), entity(9002)]
+    assert sync(control_plane, registry).revived == 1
+    assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.ACTIVE
+
+
 def test_an_unreachable_registry_changes_no_node(control_plane, registry) -> None:
     registry.entities = [entity(9001), entity(9002)]
     sync(control_plane, registry)
