@@ -57,8 +57,9 @@ def engine() -> Iterator[str]:
 
 
 def workers_of(supervisor: int) -> set[int]:
-    """The supervisor's worker processes (multiprocessing's resource tracker left out, and a child
-    reaped between listing the children and reading its command line too: it is no worker)."""
+    """The supervisor's worker processes: multiprocessing's resource tracker left out, and so is a
+    child that exited (a zombie, whose command line is empty, or one reaped between listing the
+    children and reading its command line)."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children")
     pids = {int(p) for p in children.read_text().split()} if children.exists() else set()
     workers = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 from django.db import connection as db
@@ -33,18 +34,25 @@ def entity(port: int, *, role: str = "hybrid", served: str = "qwen", kind: str =
 
 
 class FakeRegistry:
-    """Stands in for NanoCtrlClient: lists what ``entities`` holds, or fails with ``error``."""
+    """Stands in for NanoCtrlClient: lists what ``entities`` holds, or fails with ``error``. An
+    ``event`` runs once, after the first listing was read and before the sync gets it (the listener
+    applying a registry event while the listing is on its way)."""
 
     def __init__(self) -> None:
         self.entities: list[dict] = []
         self.error: str | None = None
         self.calls: list[tuple[str, str]] = []
+        self.event: Callable[[], object] | None = None
 
     def list_entities(self, *, kind: str, scope: str):
         self.calls.append((kind, scope))
         if self.error:
             raise RegistryError(self.error)
-        return [parse_entity(e) for e in self.entities if e["kind"] == kind], []
+        listed = [parse_entity(e) for e in self.entities if e["kind"] == kind], []
+        event, self.event = self.event, None
+        if event is not None:
+            event()
+        return listed
 
 
 @pytest.fixture
@@ -119,29 +127,14 @@ def test_it_marks_vanished_nodes_gone_and_revives_them(control_plane, registry) 
     assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.ACTIVE
 
 
-class EventDuringListing(FakeRegistry):
-    """A listing taken just before an engine registered, whose ADD event the listener applies while
-    the listing is still on its way to the sync."""
-
-    def __init__(self, control_plane: ControlPlane, arriving: dict) -> None:
-        super().__init__()
-        self.control_plane, self.arriving = control_plane, arriving
-
-    def list_entities(self, *, kind: str, scope: str):
-        listed = super().list_entities(kind=kind, scope=scope)
-        if kind == self.arriving["kind"]:
-            services.registry_apply_entity(
-                control_plane=self.control_plane, entity=parse_entity(self.arriving), now=timezone.now()
-            )
-        return listed
-
-
 def test_a_listing_older_than_an_event_does_not_mark_the_evented_node_gone(control_plane, registry) -> None:
     registry.entities = [entity(9001), entity(9002)]
     sync(control_plane, registry)
-    stale = EventDuringListing(control_plane, entity(9003))
-    stale.entities = [entity(9001)]  # 9002 really went away; 9003 registered after the listing was read
-    result = sync(control_plane, stale)
+    registry.entities = [entity(9001)]  # 9002 really went away; 9003 registered after the listing was read
+    registry.event = lambda: services.registry_apply_entity(
+        control_plane=control_plane, entity=parse_entity(entity(9003)), now=timezone.now()
+    )
+    result = sync(control_plane, registry)
     assert result.gone == 1
     states = dict(Node.objects.values_list("url", "state"))
     assert states == {
@@ -150,36 +143,21 @@ def test_a_listing_older_than_an_event_does_not_mark_the_evented_node_gone(contr
         "http://127.0.0.1:9003": NodeState.ACTIVE,
     }
     # The next listing that still lacks it is newer than its event: then it is gone.
-    registry.entities = [entity(9001)]
     assert sync(control_plane, registry).gone == 1
     assert Node.objects.get(url="http://127.0.0.1:9003").state == NodeState.GONE
-
-
-class RemoveDuringListing(FakeRegistry):
-    """A listing taken just before an engine left, whose REMOVE event the listener applies while the
-    listing is still on its way to the sync."""
-
-    def __init__(self, control_plane: ControlPlane, leaving: dict) -> None:
-        super().__init__()
-        self.control_plane, self.leaving = control_plane, leaving
-
-    def list_entities(self, *, kind: str, scope: str):
-        listed = super().list_entities(kind=kind, scope=scope)
-        if kind == self.leaving["kind"]:
-            services.registry_mark_gone(control_plane=self.control_plane, entity_ids=[self.leaving["entity_id"]])
-        return listed
 
 
 def test_a_listing_older_than_a_remove_event_does_not_revive_the_node(control_plane, registry) -> None:
     registry.entities = [entity(9001), entity(9002)]
     sync(control_plane, registry)
-    stale = RemoveDuringListing(control_plane, entity(9002))
-    stale.entities = [entity(9001), entity(9002)]  # read just before 9002 left
-    result = sync(control_plane, stale)
+    # The listing is read just before 9002 leaves.
+    registry.event = lambda: services.registry_mark_gone(
+        control_plane=control_plane, entity_ids=[entity(9002)["entity_id"]]
+    )
+    result = sync(control_plane, registry)
     assert result.revived == 0
     assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.GONE
     # A listing asked for after the event that lists it again: the engine is back.
-    registry.entities = [entity(9001), entity(9002)]
     assert sync(control_plane, registry).revived == 1
     assert Node.objects.get(url="http://127.0.0.1:9002").state == NodeState.ACTIVE
 
