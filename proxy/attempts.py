@@ -234,23 +234,32 @@ class AttemptLoop(Generic[R]):
         first_byte = self.first_byte_timeout
         headers_bound = self.headers_timeout
         names = self.names
-        loop = asyncio.get_running_loop()
-        first_deadline = None if first_byte is None else loop.time() + first_byte
-        deadline = first_deadline
-        if headers_bound is not None and (first_byte is None or headers_bound < first_byte):
-            deadline = loop.time() + headers_bound
-        else:
-            headers_bound = None
         node_id = attempt.target.node.id
         router = self.router
         policy = self.route.policy
+        total = policy.total_timeout
+        if not self.stream:
+            # The whole answer is the first byte: the connection's own timer bounds it (one timer
+            # less than an asyncio timeout around it); the wait below is only there to be ejected.
+            if first_byte is not None and first_byte < total:
+                total = first_byte
+            deadline = first_deadline = None
+            headers_bound = None
+        else:
+            loop = asyncio.get_running_loop()
+            first_deadline = None if first_byte is None else loop.time() + first_byte
+            deadline = first_deadline
+            if headers_bound is not None and (first_byte is None or headers_bound < first_byte):
+                deadline = loop.time() + headers_bound
+            else:
+                headers_bound = None
         try:
             async with asyncio.timeout_at(deadline) as waiting:
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
                 try:
                     response = await engines().request(
-                        "POST", url, body, headers, connect=policy.connect_timeout, total=policy.total_timeout
+                        "POST", url, body, headers, connect=policy.connect_timeout, total=total
                     )
                 except CONNECT_ERRORS as exc:
                     attempt.verdict = False
