@@ -18,13 +18,15 @@ timeout, mid-stream failure, and a client that leaves at any moment.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 from nodes.choices import EngineType
 
 from ..errors import ProxyError
 from ..request import Outcome, ProxyRequest
 from ..router import Router
 from ..transport import DisconnectWatcher, Send
-from . import core
 from . import metrics as pd_metrics
 from .cleanup import finish as finish_cleanups
 from .cleanup import pending_cleanups
@@ -48,18 +50,15 @@ def _engine_type(request: ProxyRequest) -> str:
     return EngineType.NANODEPLOY
 
 
-async def proxy_pd(
+def proxy_pd(
     request: ProxyRequest, send: Send, router: Router, watcher: DisconnectWatcher, outcome: Outcome
-) -> None:
+) -> Coroutine[Any, Any, None]:
+    """The PD path for one request (a coroutine to await: no frame of its own on the hot path)."""
     pd = PdRequest(request, send, router, watcher, outcome)
     engine = _engine_type(request)
-    core._inflight += 1
-    try:
-        if engine == EngineType.SGLANG:
-            await dual_dispatch(pd, SGLANG)
-        elif engine in TWO_STAGE:
-            await two_stage(pd, TWO_STAGE[engine])
-        else:
-            raise ProxyError(503, f"Engine type {engine!r} has no PD protocol.", "pd_unsupported_engine")
-    finally:
-        core._inflight -= 1
+    if engine == EngineType.SGLANG:
+        return dual_dispatch(pd, SGLANG)
+    protocol = TWO_STAGE.get(engine)
+    if protocol is None:
+        raise ProxyError(503, f"Engine type {engine!r} has no PD protocol.", "pd_unsupported_engine")
+    return two_stage(pd, protocol)

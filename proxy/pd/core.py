@@ -32,6 +32,16 @@ def inflight() -> int:
     return _inflight
 
 
+def started() -> None:
+    global _inflight
+    _inflight += 1
+
+
+def ended() -> None:
+    global _inflight
+    _inflight -= 1
+
+
 def wants_pd(route: Route) -> bool:
     """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
     was built by the one rule, ``nodes.rules.serving_mode``."""
@@ -136,7 +146,7 @@ class PdRequest:
         self.decode_status = 0  # the last decode engine's HTTP status (0: none answered)
         self.decode_completed = False  # the decode's answer reached the client in full
         self.prompt_tokens: int | None = None  # from the prefill, merged into the decode's usage
-        self.left_during_prefill = False  # the client left while the (shielded) prefill ran
+        self.left_during_prefill = False  # the client left while the prefill ran (``DisconnectWatcher.hold``)
         self.prefill_timeout = min(self.policy.first_token_timeout, self.policy.total_timeout)
 
     # -- Pair selection ------------------------------------------------------------------------
@@ -219,11 +229,15 @@ class PdRequest:
         ``ProxyRequest.body_for``) with the changes appended before the closing brace: only what is
         added is encoded. Otherwise the whole changed JSON is encoded."""
         payload = self.request.payload
-        if any(key in payload for key in drop) or any(
-            key in payload and not _same(payload[key], value) for key, value in changes.items()
-        ):
-            return dumps(self.payload_for(leg, drop=drop, **changes))
-        added = {key: value for key, value in changes.items() if key not in payload}
+        added: dict[str, Any] = {}
+        for key, value in changes.items():  # plain loops: cheaper than generators on this path
+            if key not in payload:
+                added[key] = value
+            elif not _same(payload[key], value):
+                return dumps(self.payload_for(leg, drop=drop, **changes))
+        for key in drop:
+            if key in payload:
+                return dumps(self.payload_for(leg, drop=drop, **changes))
         body = self.request.body_for(leg.target.served_name)
         if not added:
             return body

@@ -37,11 +37,15 @@ class TwoStagePd:
     decode_retry_other_node = True
     decode_retry_statuses = True
 
+    # Whether ``connect`` has something to do before the first prefill.
+    connects = False
+
     def validate(self, pd: PdRequest) -> None:
         """Refuse, before any node is picked, a request the engines cannot serve in PD (a 400)."""
 
     async def connect(self, pd: PdRequest) -> None:
-        """Set up whatever the pair needs before its first prefill (LMDeploy's p2p link)."""
+        """Set up whatever the pair needs before its first prefill (LMDeploy's p2p link); only
+        called when ``connects``."""
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
         raise NotImplementedError
@@ -176,6 +180,7 @@ class LmdeployPd(TwoStagePd):
     """
 
     engine_type = EngineType.LMDEPLOY
+    connects = True
     # Another decode node has no p2p link with this prefill: a migration to it would fail.
     decode_retry_other_node = False
 

@@ -12,6 +12,7 @@ import asyncio
 
 from .. import metrics as proxy_metrics
 from ..errors import ProxyError
+from . import core
 from . import metrics as pd_metrics
 from .cleanup import spawn
 from .core import Leg, LegAnswer, LegRequest, PdRequest
@@ -24,34 +25,40 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
     """Prefill → decode → release, with the release on every path after the prefill was sent.
 
     The prefill call runs as its own task awaited through ``shield``: a client that leaves while it
-    is in flight cancels only our wait, and a clean-up task lets the call finish (bounded by the
-    prefill timeout) and releases the KV its answer names, which the engine would otherwise keep.
-    The release itself is a tracked clean-up the request does not wait for (``proxy.pd.cleanup``).
+    is in flight cancels only our wait (and so does a worker's forced shutdown), and a clean-up task
+    lets the call finish (bounded by the prefill timeout) and releases the KV its answer names,
+    which the engine would otherwise keep. The release itself is a tracked clean-up the request
+    does not wait for (``proxy.pd.cleanup``).
     """
-    protocol.validate(pd)
-    pd.choose_pair()
-    assert pd.prefill is not None
+    core.started()
     try:
-        await protocol.connect(pd)
-    except BaseException:  # an engine error, or the client left during the handshake
-        pd.release_unused()
-        pd.router.release(pd.prefill.target)
-        raise
-    prefill = spawn(run_prefill(pd, lambda leg: protocol.prefill_request(pd, leg)), "routerpanel-pd-prefill")
-    try:
+        protocol.validate(pd)
+        pd.choose_pair()
+        assert pd.prefill is not None
+        if protocol.connects:
+            try:
+                await protocol.connect(pd)
+            except BaseException:  # an engine error, or the client left during the handshake
+                pd.release_unused()
+                pd.router.release(pd.prefill.target)
+                raise
+        prefill = spawn(run_prefill(pd, protocol.prefill_request), "routerpanel-pd-prefill")
         try:
-            answer = await asyncio.shield(prefill)
-        except asyncio.CancelledError:
-            pd.left_during_prefill = True
-            raise
-        await _decode_after(pd, protocol, answer)
+            try:
+                answer = await asyncio.shield(prefill)
+            except asyncio.CancelledError:
+                pd.left_during_prefill = True
+                raise
+            await _decode_after(pd, protocol, answer)
+        finally:
+            pd.release_unused()
+            if protocol.frees_kv:
+                if prefill.done():
+                    _release(pd, protocol, prefill)
+                else:  # the client left during the prefill: release what it holds once it answers
+                    spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free")
     finally:
-        pd.release_unused()
-        if protocol.frees_kv:
-            if prefill.done():
-                _release(pd, protocol, prefill)
-            else:  # the client left during the prefill: release what it holds once it answers
-                spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free")
+        core.ended()
 
 
 async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) -> None:
@@ -67,7 +74,7 @@ async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) 
     try:
         await run_decode(
             pd,
-            lambda leg: protocol.decode_request(pd, leg, handoff),
+            lambda pd, leg: protocol.decode_request(pd, leg, handoff),
             retry_other_node=protocol.decode_retry_other_node,
             retry_statuses=protocol.decode_retry_statuses,
         )
@@ -103,6 +110,14 @@ async def dual_dispatch(pd: PdRequest, protocol: SglangPd) -> None:
     whose node could not be reached, is tried again while nothing reached the client: a new pair
     (other nodes when there are any) and a fresh bootstrap room, after a backoff with jitter, up to
     the route policy's retry budget. Both legs of the failed pair were released first."""
+    core.started()
+    try:
+        await _dispatch(pd, protocol)
+    finally:
+        core.ended()
+
+
+async def _dispatch(pd: PdRequest, protocol: SglangPd) -> None:
     attempts = pd.policy.retry_budget + 1
     failed_prefills: list[int] = []
     failed_decodes: list[int] = []
@@ -127,7 +142,7 @@ async def _dispatch_once(pd: PdRequest, protocol: SglangPd, *, final: bool) -> s
     fields = protocol.bootstrap(pd, pd.prefill)
     path = pd.request.path
 
-    def request(leg: Leg) -> LegRequest:  # the same body for both legs
+    def request(pd: PdRequest, leg: Leg) -> LegRequest:  # the same body for both legs
         return path, pd.payload_for(leg, **fields), leg.headers(pd.request.request_id)
 
     # No retries inside a leg: the decode was told this prefill's bootstrap address and room, so a

@@ -52,7 +52,7 @@ class PdLeg(AttemptLoop[Result]):
         self,
         pd: PdRequest,
         first: Leg,
-        build: Callable[[Leg], LegRequest],
+        build: Callable[[PdRequest, Leg], LegRequest],
         *,
         stream: bool,
         first_byte_timeout: float | None,
@@ -87,7 +87,7 @@ class PdLeg(AttemptLoop[Result]):
 
     def build(self, attempt: Attempt) -> tuple[str, bytes, dict[str, str]]:
         leg = cast(LegAttempt, attempt).leg
-        path, body, headers = self.build_leg(leg)
+        path, body, headers = self.build_leg(self.pd, leg)
         headers[HOP_HEADER] = self.pd.request.hop
         if self.role == NodeRole.DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
             # For the token counts (proxy.usage); ``takes_usage`` says the client sent no stream_options.
@@ -164,8 +164,9 @@ class DecodeLeg(PdLeg[None]):
         return merge_usage_events(chunk, self.pd.prompt_tokens)
 
 
-async def run_prefill(pd: PdRequest, build: Callable[[Leg], LegRequest], *, retry: bool = True) -> LegAnswer:
-    """The prefill leg (run as its own task by the flows, so a client disconnect cannot abort it).
+async def run_prefill(pd: PdRequest, build: Callable[[PdRequest, Leg], LegRequest], *, retry: bool = True) -> LegAnswer:
+    """The prefill leg (under the disconnect watcher's hold, or as a task of its own, so a client
+    disconnect cannot abort it: ``proxy.pd.flows``).
 
     Retried on another prefill node (unless ``retry`` is off) after a connect error or an overloaded
     answer; any other answer, error status included, is returned for the flow to pass on."""
@@ -190,7 +191,11 @@ async def run_prefill(pd: PdRequest, build: Callable[[Leg], LegRequest], *, retr
 
 
 async def run_decode(
-    pd: PdRequest, build: Callable[[Leg], LegRequest], *, retry_other_node: bool = True, retry_statuses: bool = True
+    pd: PdRequest,
+    build: Callable[[PdRequest, Leg], LegRequest],
+    *,
+    retry_other_node: bool = True,
+    retry_statuses: bool = True,
 ) -> None:
     """The decode leg: its answer goes to the client. Before any byte reached the client, a connect
     error (or, if ``retry_statuses``, an overloaded answer) is retried on another decode node unless
