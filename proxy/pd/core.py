@@ -146,7 +146,7 @@ class PdRequest:
         self.decode_status = 0  # the last decode engine's HTTP status (0: none answered)
         self.decode_completed = False  # the decode's answer reached the client in full
         self.prompt_tokens: int | None = None  # from the prefill, merged into the decode's usage
-        self.left_during_prefill = False  # the client left while the prefill ran (``DisconnectWatcher.hold``)
+        self.left_during_prefill = False  # the client left while the (shielded) prefill ran
         self.prefill_timeout = min(self.policy.first_token_timeout, self.policy.total_timeout)
 
     # -- Pair selection ------------------------------------------------------------------------

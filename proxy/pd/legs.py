@@ -165,8 +165,8 @@ class DecodeLeg(PdLeg[None]):
 
 
 async def run_prefill(pd: PdRequest, build: Callable[[PdRequest, Leg], LegRequest], *, retry: bool = True) -> LegAnswer:
-    """The prefill leg (under the disconnect watcher's hold, or as a task of its own, so a client
-    disconnect cannot abort it: ``proxy.pd.flows``).
+    """The prefill leg (run as its own task by the flows, so a client disconnect cannot abort it:
+    ``proxy.pd.flows``).
 
     Retried on another prefill node (unless ``retry`` is off) after a connect error or an overloaded
     answer; any other answer, error status included, is returned for the flow to pass on."""
