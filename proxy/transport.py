@@ -192,3 +192,6 @@ class DisconnectWatcher:
         self._scheduler.pending.pop(self, None)
         if self._watch is not None:
             self._watch.cancel()
+            # The cancelled task keeps its CancelledError, whose traceback holds ``_run``'s frame and
+            # so this watcher: dropping the task here leaves no cycle for the garbage collector.
+            self._watch = None

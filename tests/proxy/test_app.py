@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 from proxy import app as app_module
@@ -314,3 +315,30 @@ async def test_a_client_that_leaves_at_once_is_still_noticed_and_fast_answers_st
     for _ in range(5):
         assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
     assert starts == []
+
+
+async def test_a_watched_request_leaves_no_garbage_cycle(engines, proxy_app):
+    # Every request older than the watcher's delay (every real generation) starts a watcher and
+    # cancels it at the end; nothing of it may wait for the cyclic garbage collector, whose pauses
+    # land on every request in flight.
+    from proxy import transport
+
+    engine = await engines("a", mode="slow_first_token")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    # A first request starts this loop's watcher scheduler: the one an earlier test's loop left is
+    # garbage of its own (a test-only artefact: a server runs one loop), collected here.
+    assert (await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)).status == 200
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(2):
+            response = await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)
+            assert response.status == 200 and b"[DONE]" in response.body
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, transport.DisconnectWatcher)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
