@@ -4,7 +4,6 @@ them, streamed answers and the errors the attempt loop's rules are written again
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,6 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.httpclient import Pool, _split
 from proxy.upstream import CONNECT_ERRORS
+from tests.support.garbage import cyclic_garbage
 from tests.support.ports import free_port
 from tests.support.wait import wait_until_async
 
@@ -115,10 +115,7 @@ async def test_answers_are_freed_as_soon_as_they_were_read(engine, pool, stream)
     # runs: that is CPU on every request and memory held under load.
     server, _ = engine
     body = b'{"stream": true}' if stream else b"{}"
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
+    with cyclic_garbage() as left:
         for _ in range(20):
             response = await pool.request("POST", url(server), body, JSON, connect=2, total=10)
             if stream:
@@ -126,13 +123,7 @@ async def test_answers_are_freed_as_soon_as_they_were_read(engine, pool, stream)
             else:
                 assert await response.read() == b'{"echo": {}}'
         del response
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if type(o).__module__ == "proxy.httpclient"]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-    assert left == []
+    assert [kind.__name__ for kind in left if kind.__module__ == "proxy.httpclient"] == []
 
 
 async def test_a_request_cancelled_while_handed_a_free_slot_passes_it_on(engine):
