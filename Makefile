@@ -15,7 +15,7 @@ export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 # its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install redis-server run test test-core test-fast bench bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-core test-fast bench bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -166,6 +166,12 @@ bench: install redis-server $(if $(PEERS),peers-env)
 			$(if $(WORKERS),--workers $(WORKERS)) || exit 1; \
 	done
 	$(if $(filter-out 1,$(RUNS)),$(PY) bench/medians.py $(RUNS))
+
+# Instructions per request in the web worker, counted by valgrind (bench/instructions.py): the same
+# figure from run to run, where CPU seconds on two shared cores move by a third. For comparing builds.
+bench-instructions: install redis-server
+	@command -v valgrind >/dev/null || { echo "valgrind is required: apt-get install -y valgrind"; exit 1; }
+	$(PY) bench/instructions.py
 
 # Cache-aware routing on three real vLLM servers (docs/cache-routing.md): each strategy's fleet
 # prefix-cache hit rate and requests per server over a conversation workload. WORKLOAD names presets
