@@ -31,7 +31,7 @@ from .load import KeyLimiter
 from .loops import check_hops, hop_value
 from .pd import finish_cleanups, proxy_pd, wants_pd
 from .readiness import readiness
-from .request import Outcome, ProxyRequest
+from .request import Outcome, ProxyRequest, parse_json
 from .router import Router
 from .shared import SharedCounters
 from .snapshot import KeyView, Route, Snapshot
@@ -261,7 +261,7 @@ class ProxyApp:
             except ClientGone:
                 return
             try:
-                payload = json.loads(body)
+                payload = parse_json(body)
             except (ValueError, UnicodeDecodeError):
                 raise bad_request("The request body is not valid JSON.", "invalid_json") from None
             except RecursionError:  # a body nested deeper than the parser's stack, e.g. [[[[...]]]]

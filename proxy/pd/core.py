@@ -8,7 +8,6 @@ sequences them; ``proxy.pd.cleanup`` keeps the clean-up that must outlive a clie
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit
 from nodes.choices import EngineType, NodeRole, ServingMode
 
 from ..errors import ProxyError
-from ..request import Outcome, ProxyRequest, with_members
+from ..request import Outcome, ProxyRequest, parse_json, with_members
 from ..request import json_bytes as dumps
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
@@ -101,7 +100,7 @@ class LegAnswer:
         data = None
         if content_type == "application/json" or body[:1] == b"{":
             with contextlib.suppress(ValueError, UnicodeDecodeError):
-                parsed = json.loads(body)
+                parsed = parse_json(body)
                 data = parsed if isinstance(parsed, dict) else None
         return cls(leg, status, body, content_type or "application/json", data)
 
