@@ -14,10 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nodes.live.stats import HISTORY_SECONDS, SAMPLE_WINDOW, NodeSnapshot
+from nodes.live.stats import HISTORY_SECONDS, PUBLISHED_SAMPLES, SAMPLE_WINDOW, NodeSnapshot
 
-# Latency and TTFT samples kept per node (the newest win).
-SAMPLES = 256
+# Latency and TTFT samples kept per node (the newest win): what a publish sends at most.
+SAMPLES = PUBLISHED_SAMPLES
 
 
 @dataclass(slots=True)
@@ -79,7 +79,8 @@ class NodeStats:
             counters.ttft.append((now, ttft))
 
     def snapshot(self, inflight: dict[int, int] | None = None) -> dict[str, NodeSnapshot]:
-        """This worker's figures per node (JSON-ready); drops buckets older than the history."""
+        """This worker's figures per node (JSON-ready, in ``nodes.live.stats.NodeSnapshot``'s
+        integers-only shape); drops buckets older than the history."""
         now = self._clock()
         oldest = int(now) - HISTORY_SECONDS
         recent = now - SAMPLE_WINDOW
@@ -89,7 +90,14 @@ class NodeStats:
             counters = self._nodes.get(node_id)
             if counters is None:
                 result[str(node_id)] = NodeSnapshot(
-                    inflight=inflight[node_id], requests=0, errors=0, buckets={}, latency=[], ttft=[]
+                    inflight=inflight[node_id],
+                    requests=0,
+                    errors=0,
+                    first=0,
+                    counts=[],
+                    failures=[],
+                    latency_us=[],
+                    ttft_us=[],
                 )
                 continue
             for second in [s for s in counters.buckets if s < oldest]:
@@ -98,13 +106,22 @@ class NodeStats:
                 # Idle for the whole history: forget it, so nodes that left the fleet cost nothing.
                 del self._nodes[node_id]
                 continue
+            buckets = counters.buckets
+            first = min(buckets) if buckets else 0
+            counts = [0] * (max(buckets) - first + 1) if buckets else []
+            failures = counts.copy()
+            for second, (requests, errors) in buckets.items():
+                counts[second - first] = requests
+                failures[second - first] = errors
             result[str(node_id)] = NodeSnapshot(
                 inflight=inflight.get(node_id, 0),
                 requests=counters.requests,
                 errors=counters.errors,
-                buckets={str(s): list(b) for s, b in counters.buckets.items()},
-                latency=[[t, v] for t, v in counters.latency if t >= recent],
-                ttft=[[t, v] for t, v in counters.ttft if t >= recent],
+                first=first,
+                counts=counts,
+                failures=failures,
+                latency_us=[round(v * 1e6) for t, v in counters.latency if t >= recent],
+                ttft_us=[round(v * 1e6) for t, v in counters.ttft if t >= recent],
             )
         return result
 
