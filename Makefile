@@ -170,6 +170,9 @@ bench: install redis-server $(if $(PEERS),peers-env)
 # Instructions per request in the web worker, counted by valgrind (bench/instructions.py): the same
 # figure from run to run, where CPU seconds on two shared cores move by a third. For comparing builds.
 bench-instructions: install redis-server
+	@if ! command -v valgrind >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
+	fi
 	@command -v valgrind >/dev/null || { echo "valgrind is required: apt-get install -y valgrind"; exit 1; }
 	$(PY) bench/instructions.py
 

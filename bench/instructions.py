@@ -44,15 +44,13 @@ sys.path.insert(0, str(REPO))
 from bench.measure import chat_body  # noqa: E402
 from bench.pd import PD_MODEL, pd_engines, register  # noqa: E402
 from bench.peers import PATH, wait_ready  # noqa: E402
+from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
 from enginesim.testing import run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.procs import EDGE, PYTHON, running  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
 
-API_TOKEN = "bench000000000000000000000000000000000000"
-PROXY_KEY = "rp-bench-proxy-key"
-MODEL = "sim-model"
 # What each phase sends, and the status every answer must have.
 PHASES = {
     "hybrid": (chat_body(MODEL, 16), 200),
@@ -152,26 +150,16 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="routerpanel-instr-"))
     redis_port, web_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "routerpanel.settings",
-        "ROUTERPANEL_SQLITE_PATH": str(tmp / "bench.sqlite3"),
-        "ROUTERPANEL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "ROUTERPANEL_API_TOKEN": API_TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_LOG_LEVEL": "WARNING",
-        "ROUTERPANEL_DEBUG": "0",
-        "ROUTERPANEL_SECRET_KEY": "bench-secret-key-not-for-production",
-        "ROUTERPANEL_SECURE_SSL_REDIRECT": "0",
-        "ROUTERPANEL_SECURE_COOKIES": "0",
-        "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2"),
+    env = production_env(
+        tmp,
+        redis_port,
+        MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"),
         # The loops that run by the clock, once in ten minutes (see the module's doc).
-        "ROUTERPANEL_PROXY_SHARED_INTERVAL": "600",
-        "ROUTERPANEL_PROXY_VERSION_POLL_INTERVAL": "600",
-        "ROUTERPANEL_PROXY_DB_POLL_INTERVAL": "600",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
+        ROUTERPANEL_PROXY_SHARED_INTERVAL="600",
+        ROUTERPANEL_PROXY_VERSION_POLL_INTERVAL="600",
+        ROUTERPANEL_PROXY_DB_POLL_INTERVAL="600",
+    )
+    prepare_database(env)
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p"]
     valgrind += ["--dump-instr=no", "--compress-strings=no", "--compress-pos=no"]
     # uvicorn as the Procfile runs it, with no disconnect watcher started (see the module's doc).

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,15 +56,13 @@ from bench.measure import (  # noqa: E402
 )
 from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
+from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.procs import PYTHON, running, web_argv  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
 
-API_TOKEN = "bench000000000000000000000000000000000000"
-PROXY_KEY = "rp-bench-proxy-key"
-MODEL = "sim-model"
 PACED = "paced-model"
 
 
@@ -113,21 +110,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="routerpanel-bench-"))
     redis_port, web_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "routerpanel.settings",
-        "ROUTERPANEL_SQLITE_PATH": str(tmp / "bench.sqlite3"),
-        "ROUTERPANEL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "ROUTERPANEL_API_TOKEN": API_TOKEN,
-        "ROUTERPANEL_DEMO_API_KEY": PROXY_KEY,
-        "ROUTERPANEL_LOG_LEVEL": "WARNING",
-        "ROUTERPANEL_DEBUG": "0",
-        "ROUTERPANEL_SECRET_KEY": "bench-secret-key-not-for-production",
-        "ROUTERPANEL_SECURE_SSL_REDIRECT": "0",  # plain HTTP on loopback
-        "ROUTERPANEL_SECURE_COOKIES": "0",
-    }
-    subprocess.run([PYTHON, "manage.py", "migrate", "--noinput", "-v0"], cwd=REPO, env=env, check=True)
-    subprocess.run([PYTHON, "manage.py", "bootstrap"], cwd=REPO, env=env, check=True, capture_output=True)
+    env = production_env(tmp, redis_port)
+    prepare_database(env)
     web_command = web_argv(web_port, server=args.server, workers=args.workers)
     if args.server == "uvicorn":
         web_command.append("--log-level=warning")
