@@ -13,6 +13,9 @@ polls) turn once in ten minutes instead of several times a second: a turn that r
 recent request would otherwise be counted fifty times over against the requests. What they still
 execute is measured with no request at all and subtracted per second. And the disconnect watcher
 (``proxy.transport.WATCH_DELAY``), which a fast request never starts, is not started either.
+The PD phase also prints how many KV releases one ``/pd/free`` call named (a prefill node's
+releases share a call, ``proxy.pd.cleanup``), as ``make bench PD=1`` does: a PD request's count
+includes its share of that call.
 
 Phases: a hybrid chat completion, the same request on a NanoDeploy prefill/decode pair (PD), a
 hybrid stream, and the request for a model nobody serves (a 404: the client's side alone, with no
@@ -45,7 +48,8 @@ from bench.measure import chat_body  # noqa: E402
 from bench.pd import PD_MODEL, pd_engines, register  # noqa: E402
 from bench.peers import PATH, wait_ready  # noqa: E402
 from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
-from enginesim.testing import run_simulator  # noqa: E402
+from enginesim.shapes import SimStats  # noqa: E402
+from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.procs import EDGE, PYTHON, running  # noqa: E402
@@ -117,13 +121,26 @@ async def _load(url: str, body: dict, requests: int, concurrency: int, status: i
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
 
 
-def measure(worker: Worker, name: str, requests: int, concurrency: int, idle_rate: float, url: str) -> float:
-    """Instructions per request of one phase, less the background loops' share of its wall time."""
+def measure(
+    worker: Worker,
+    name: str,
+    requests: int,
+    concurrency: int,
+    idle_rate: float,
+    url: str,
+    prefill: Simulator | None = None,
+) -> float:
+    """Instructions per request of one phase, less the background loops' share of its wall time.
+    With the PD phase's ``prefill`` engine: also how many KV releases one ``/pd/free`` call named
+    (the worker's batching, which the module's doc explains), printed with the phase's figure."""
     body, status = PHASES[name]
     asyncio.run(_load(url, body, concurrency * 2, concurrency, status))  # warm
+    before = None if prefill is None else prefill.wait_for(_frees_done, timeout=60)
     worker.zero()
     started = time.monotonic()
     asyncio.run(_load(url, body, requests, concurrency, status))
+    if prefill is not None:  # the last releases go out after the last answer: count them too
+        after = prefill.wait_for(_frees_done, timeout=60)
     elapsed = time.monotonic() - started
     total = worker.dump(name)
     background = idle_rate * elapsed
@@ -132,7 +149,20 @@ def measure(worker: Worker, name: str, requests: int, concurrency: int, idle_rat
         f"{background / total:.0%} of them the background loops'",
         file=sys.stderr,
     )
+    if prefill is not None:
+        assert before is not None
+        calls = _free_calls(after) - _free_calls(before)
+        freed = after["kv"]["freed"] - before["kv"]["freed"]
+        print(f"  KV releases per /pd/free call: {freed / calls if calls else float('nan'):.1f}", file=sys.stderr)
     return (total - background) / requests
+
+
+def _free_calls(stats: SimStats) -> int:
+    return stats["requests"]["by_endpoint"].get("/pd/free", 0)
+
+
+def _frees_done(stats: SimStats) -> bool:
+    return stats["kv"]["outstanding_count"] == 0
 
 
 def main() -> int:
@@ -163,7 +193,8 @@ def main() -> int:
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.out.%p"]
     valgrind += ["--dump-instr=no", "--compress-strings=no", "--compress-pos=no"]
     # uvicorn as the Procfile runs it, with no disconnect watcher started (see the module's doc).
-    uvicorn = "import proxy.transport as t; t.WATCH_DELAY = 3600.0; from uvicorn.main import main; main()"
+    uvicorn = "import proxy.transport as t; t.WATCH_DELAY = 3600.0; "
+    uvicorn += "from uvicorn.main import main; main()"
     web = [PYTHON, "-c", uvicorn, "routerpanel.asgi:application", "--host=127.0.0.1", f"--port={web_port}"]
     web += ["--no-access-log", "--loop=uvloop", f"--http={EDGE}", "--log-level=warning"]
     fast = ["--fast", "--record-requests=0"]
@@ -188,7 +219,10 @@ def main() -> int:
         idle_rate = worker.dump("idle") / args.idle
         chosen = [name for name in PHASES if name in args.phases.split(",")]
         figures = {
-            name: measure(worker, name, args.requests, args.concurrency, idle_rate, proxy + PATH) for name in chosen
+            name: measure(
+                worker, name, args.requests, args.concurrency, idle_rate, proxy + PATH, pd[0] if name == "pd" else None
+            )
+            for name in chosen
         }
     print(f"one web worker under callgrind, {args.requests} requests per phase at concurrency {args.concurrency}")
     print(f"background loops at idle: {idle_rate / 1e6:,.2f} M instructions/s (subtracted)")

@@ -54,14 +54,43 @@ def parse_json(data: bytes) -> Any:
     return json.loads(data)
 
 
+def _plain(value: Any) -> bool:
+    """Whether orjson writes ``value`` as the standard library does, up to spacing and number
+    spelling (``1e-05`` / ``1e-5``): JSON's own types only, exactly (no subclass, whose encoding the
+    standard library takes from ``int.__repr__`` and orjson may not), and no NaN or infinity, which
+    orjson writes as ``null``. Integers beyond 64 bits, lone surrogates and keys that are not
+    strings are not checked here: orjson refuses them, and ``json_bytes`` falls back."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is dict:
+        for item in value.values():  # noqa: SIM110 - plain loops: cheaper than generators here
+            if not _plain(item):
+                return False
+        return True
+    if kind is list:
+        for item in value:  # noqa: SIM110
+            if not _plain(item):
+                return False
+        return True
+    return kind is float and value - value == 0.0  # finite (inf - inf and nan - nan are nan)
+
+
 def json_bytes(obj: Any) -> bytes:
     """``obj`` as compact JSON in UTF-8: the one encoder for everything sent on from a client's JSON
-    (a rewritten ``model``, the PD legs' bodies).
+    (a rewritten ``model``, the PD legs' bodies, a PD answer's merged usage).
 
+    orjson writes it when it would say the same as the standard library (``_plain``), three to ten
+    times faster; otherwise, and whenever orjson refuses it, the standard library does.
     A string the client sent as a lone surrogate escape (``"\\ud800"``) decodes to a code point
     UTF-8 cannot encode; it is then sent escaped, as the client sent it, so the engine decides on
     it on every path as it does when the client's bytes pass unchanged (never a 500 of ours). The
     common case pays for nothing: the fallback runs only when the UTF-8 encoding fails."""
+    if _plain(obj):
+        try:
+            return orjson.dumps(obj)
+        except orjson.JSONEncodeError:  # beyond 64 bits, a lone surrogate, a key that is no string
+            pass
     text = _encode(obj)
     try:
         return text.encode()

@@ -5,9 +5,9 @@ The decode engine counts only the tokens it saw; the client is owed the prompt t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ..request import parse_json
 from .core import LegAnswer, dumps
 
 
@@ -28,7 +28,6 @@ def _merge(usage: Any, prompt_tokens: int) -> bool:
 
 
 _USAGE_KEY = b'"usage":'
-_DECODER = json.JSONDecoder()
 
 
 def merge_usage(body: bytes, prompt_tokens: int | None) -> bytes:
@@ -39,8 +38,8 @@ def merge_usage(body: bytes, prompt_tokens: int | None) -> bytes:
     if spliced is not None:
         return spliced
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = parse_json(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return body
     if not isinstance(data, dict) or not _merge(data.get("usage"), prompt_tokens):
         return body
@@ -52,20 +51,22 @@ def _splice_usage(body: bytes, prompt_tokens: int) -> bytes | None:
     ``usage`` is the last member of the answer's object (as every engine sends it); None otherwise.
 
     The last ``"usage":`` in the body is a key (a quote inside a string is escaped, so none ends in
-    ``usage":``), and a value that only ``}`` follows belongs to the outermost object."""
+    ``usage":``), and what lies between it and the body's last ``}`` is its value only when it is the
+    outermost object's last member: otherwise that stretch is not one JSON value and does not parse."""
     at = body.rfind(_USAGE_KEY)
     if at < 1 or body[at - 1] not in b"{, \t\r\n":
         return None
     start = at + len(_USAGE_KEY)
+    end = body.rfind(b"}")
+    if end <= start or body[end + 1 :].strip():
+        return None
     try:
-        tail = body[start:].decode()
-        offset = len(tail) - len(tail.lstrip())
-        usage, end = _DECODER.raw_decode(tail, offset)
-    except (ValueError, UnicodeDecodeError):
+        usage = parse_json(body[start:end])
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if tail[end:].strip() != "}" or not _merge(usage, prompt_tokens):
+    if not _merge(usage, prompt_tokens):
         return None
-    return body[:start] + dumps(usage) + tail[end:].encode()
+    return body[:start] + dumps(usage) + body[end:]
 
 
 def merge_usage_events(chunk: bytes, prompt_tokens: int | None) -> bytes:
@@ -78,8 +79,8 @@ def merge_usage_events(chunk: bytes, prompt_tokens: int | None) -> bytes:
     for i, event in enumerate(events):
         if event.startswith(b"data: {") and b'"prompt_tokens"' in event:
             try:
-                data = json.loads(event[6:])
-            except (ValueError, UnicodeDecodeError):
+                data = parse_json(event[6:])
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 continue
             if isinstance(data, dict) and _merge(data.get("usage"), prompt_tokens):
                 events[i] = b"data: " + dumps(data)

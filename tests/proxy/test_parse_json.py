@@ -1,5 +1,6 @@
 """``proxy.request.parse_json`` reads every body as ``json.loads`` does: the same values, the
-same types, the same errors (it is orjson where that gives the same answer)."""
+same types, the same errors; ``proxy.request.json_bytes`` writes every value as the standard
+library does, read back (it is orjson where that gives the same answer)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.request import parse_json
+from proxy.request import json_bytes, parse_json
 
 
 def same(data: bytes) -> None:
@@ -85,3 +86,40 @@ JSON_VALUES = st.recursive(
 @given(JSON_VALUES, st.booleans())
 def test_any_encoded_value_reads_back_as_the_standard_library_reads_it(value: Any, ascii_only: bool) -> None:
     same(json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"))
+
+
+def written_alike(value: Any) -> None:
+    """``json_bytes(value)`` reads back as the standard library's compact encoding of it does:
+    value and type, NaN and infinities included (which orjson alone would write as ``null``)."""
+    expected = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    written = json_bytes(value)
+    assert _typed(json.loads(written)) == _typed(json.loads(expected))
+
+
+class Count(int):
+    """An int subclass whose text is not its value's (the standard library writes ``int.__repr__``)."""
+
+    def __repr__(self) -> str:
+        return "Count()"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"stream": False, "kv_transfer_params": {"migration": "QUJD" * 150, "seq_id": 12, "first_token": 5}},
+        {"temperature": math.nan, "top_p": math.inf, "x": [-math.inf, 0.5]},
+        {"seed": 123456789012345678901234567890, "n": -(2**64)},
+        {"content": "\ud800 alone", "ok": "\u00e9\u2028\x01"},
+        {1: "a key that is no string", None: 2},
+        {"n": [1e-05, 1e16, 5e-324, 1.7976931348623157e308, -0.0]},
+        {"count": Count(3), "flag": True},
+        ("a", "tuple"),
+    ],
+)
+def test_writes_what_the_standard_library_writes(value: Any) -> None:
+    written_alike(value)
+
+
+@given(JSON_VALUES | st.floats() | st.lists(st.floats()))
+def test_any_value_is_written_as_the_standard_library_writes_it(value: Any) -> None:
+    written_alike(value)
