@@ -34,9 +34,14 @@ def chat_body(model: str, tokens: int, *, stream: bool = False) -> dict:
 # -- process figures ---------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """CPU seconds ``pid`` spent in user space and in the kernel (utime, stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -66,13 +71,20 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants (a worker that exits takes its share along)."""
-    total = 0.0
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of ``pid`` and its live descendants (a worker that exits takes
+    its share along)."""
+    user = system = 0.0
     for member in process_tree(pid):
         with contextlib.suppress(OSError):
-            total += cpu_seconds(member)
-    return total
+            member_user, member_system = cpu_times(member)
+            user += member_user
+            system += member_system
+    return user, system
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(tree_cpu_times(pid))
 
 
 def worker_rss_mb(pid: int) -> tuple[float, float]:
@@ -132,6 +144,7 @@ class WrkResult:
     requests: int
     errors: int
     cpu_us: float | None = None
+    kernel_us: float | None = None  # the part of ``cpu_us`` spent in the kernel (stime)
     # Cores used over the run by each process tree ``run_wrk`` was asked to watch, by wrk, and by the
     # rest of the machine (``other``: whatever else runs on it).
     cores: dict[str, float] = field(default_factory=dict)
@@ -158,7 +171,7 @@ def run_wrk(
 ) -> WrkResult:
     """wrk's figures for ``url``, and the CPU per request of ``pid`` (with its descendants if
     ``tree``); ``watch`` names process trees (engines, Redis...) whose cores used are reported too."""
-    cpu = tree_cpu_seconds if tree else cpu_seconds
+    cpu = tree_cpu_times if tree else cpu_times
     watch = watch or {}
 
     def watched() -> dict[str, float]:
@@ -172,7 +185,7 @@ def run_wrk(
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write("\n".join(lines) + "\n")
     try:
-        before = cpu(pid) if pid else 0.0
+        before = cpu(pid) if pid else (0.0, 0.0)
         others, wrk_before, busy = watched(), children_cpu_seconds(), machine_busy_seconds()
         started = time.perf_counter()
         result = subprocess.run(
@@ -181,7 +194,7 @@ def run_wrk(
             capture_output=True,
             text=True,
         )
-        after = cpu(pid) if pid else 0.0
+        after = cpu(pid) if pid else (0.0, 0.0)
         elapsed = time.perf_counter() - started
         cores = {name: (spent - others[name]) / elapsed for name, spent in watched().items()}
         cores["wrk"] = (children_cpu_seconds() - wrk_before) / elapsed
@@ -196,8 +209,11 @@ def run_wrk(
         errors += int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         errors += sum(int(g) for g in m.groups())
-    cpu_us = (after - before) / requests * 1e6 if pid and requests else None
-    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us, cores=cores)
+    cpu_us = kernel_us = None
+    if pid and requests:
+        cpu_us = (sum(after) - sum(before)) / requests * 1e6
+        kernel_us = (after[1] - before[1]) / requests * 1e6
+    return WrkResult(rps=rps, requests=requests, errors=errors, cpu_us=cpu_us, kernel_us=kernel_us, cores=cores)
 
 
 # -- streams -----------------------------------------------------------------------------------

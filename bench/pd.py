@@ -5,6 +5,12 @@ mode) serves ``pd-model``; RouterPanel splits each request into its two legs (do
 concurrency 32 measures requests/s and the web process's CPU per request, to set beside a hybrid
 request's at the same concurrency (the target is at most 1.6 times), and how many KV releases one
 ``/pd/free`` call carried on average (RouterPanel gathers a prefill node's releases, docs/pd.md).
+
+bench/run.py measures the hybrid figure twice, before the PD phase and right after it, and divides
+by their mean, so that the ratio does not compare two moments of a machine whose speed drifts. It
+also splits both figures into user space and the kernel (``/proc/<pid>/stat``'s utime and stime):
+the user-space ratio is the one ``make bench-instructions`` counts, and the kernel's share of a
+request is about the same for both kinds, so the whole ratio is lower than the user-space one.
 """
 
 from __future__ import annotations
