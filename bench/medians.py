@@ -103,6 +103,12 @@ def main() -> int:
     verdict("peak RSS of the web worker, MB", rss, 100, per_run)
     if pd:
         verdict("PD CPU per request, x hybrid", statistics.median(pd), 1.6, pd)
+    split = [report["pd"] for report in reports if report.get("pd") and "kernel_us" in report["pd"]]
+    if split:
+        user = [(r["cpu_us"] - r["kernel_us"]) / (r["hybrid_cpu_us"] - r["hybrid_kernel_us"]) for r in split]
+        kernel = [r["kernel_us"] / r["hybrid_kernel_us"] for r in split]
+        print(f"  of which user space {statistics.median(user):.2f}x ({' / '.join(f'{v:.2f}' for v in user)}),")
+        print(f"  the kernel {statistics.median(kernel):.2f}x ({' / '.join(f'{v:.2f}' for v in kernel)})")
     return 0
 
 
