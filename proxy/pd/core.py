@@ -99,7 +99,7 @@ class LegAnswer:
         """The answer with its JSON object parsed (``data`` None when it is not one)."""
         data = None
         if content_type == "application/json" or body[:1] == b"{":
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
+            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):  # nested too deeply
                 parsed = parse_json(body)
                 data = parsed if isinstance(parsed, dict) else None
         return cls(leg, status, body, content_type or "application/json", data)

@@ -219,7 +219,7 @@ async def run_decode(
 
 def decode_failed(leg: Leg, status: int, body: bytes) -> ProxyError:
     message = body[:300].decode(errors="replace")
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError, TypeError):
+    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError, AttributeError, TypeError):
         message = json.loads(body)["error"]["message"]
     return engine_failed(f"Decode node {leg.url} answered {status}: {message}", "decode_failed")
 

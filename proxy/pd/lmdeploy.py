@@ -144,7 +144,7 @@ def parse_engine_info(body: bytes) -> EngineConfig:
         data: Any = json.loads(body)
         if isinstance(data, str):
             data = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError(f"engine_info is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise WireError("engine_info is not an object")

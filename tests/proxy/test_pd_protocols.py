@@ -478,6 +478,18 @@ def test_a_decode_error_is_a_502_quoting_the_engine():
     assert "bad migration" in error.message and "400" in error.message
 
 
+DEEP = b'{"error":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # deeper than either JSON parser's stack
+
+
+def test_an_engine_answer_nested_too_deeply_is_read_as_no_json_rather_than_raising():
+    answer = LegAnswer.parse(leg("http://p:1", "prefill", "nanodeploy"), 200, DEEP, "application/json")
+    assert answer.data is None and answer.message().startswith('{"error":[[[')
+    error = decode_failed(leg("http://d:1", "decode", "nanodeploy"), 500, DEEP)
+    assert error.status == 502 and "answered 500" in error.message
+    with pytest.raises(lmdeploy_wire.WireError):
+        lmdeploy_wire.parse_engine_info(DEEP)
+
+
 def pairs(body: bytes) -> list[tuple[str, object]]:
     """The top-level members of a JSON body in order, duplicates kept (the hook sees it last)."""
     objects: list[list[tuple[str, object]]] = []
