@@ -335,8 +335,8 @@ def test_a_client_disconnect_while_waiting_for_the_first_token_cancels_upstream(
 def test_a_client_disconnect_mid_stream_cancels_upstream(stack):
     with run_simulator(served_model_name="paced", itl_ms=20) as paced:
         # The engine type is given: a detection's requests would count as completed below; and the
-        # registration's health probe is reset away for the same reason.
-        stack.add_node(paced.url, ["paced"], engine_type="openai")
+        # health probes' requests are reset away for the same reason.
+        stack.add_live_node(paced.url, ["paced"], engine_type="openai")
         paced.reset()
         with (
             httpx.Client(timeout=30) as client,

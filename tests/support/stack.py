@@ -213,6 +213,24 @@ class RouterPanelStack:
             self.settle()
         return response.json()
 
+    def add_live_node(self, url: str, models: list[str], **fields: Any) -> dict[str, Any]:
+        """``add_node`` for an engine that is up: its registration probe can time out on a loaded
+        machine, and a stack with no prober would then never route to it, so it is probed again
+        (through the API, as an operator would) until it is healthy, then every worker settles."""
+        node = self.add_node(url, models, settle=False, **fields)
+
+        def healthy() -> bool:
+            if node.get("health") == "healthy":
+                return True
+            response = self.api.post(f"/api/nodes/{node['id']}/probe/")
+            assert response.status_code == 200, response.text
+            node.update(response.json())
+            return node.get("health") == "healthy"
+
+        wait_until(healthy, 15, f"{url} never probed healthy: {node}")
+        self.settle()
+        return node
+
     def update_node(self, node_id: int, *, settle: bool = True, **fields: Any) -> dict[str, Any]:
         response = self.api.patch(f"/api/nodes/{node_id}/", json=fields)
         assert response.status_code == 200, response.text
