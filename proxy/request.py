@@ -19,7 +19,7 @@ from .transport import RequestHeaders
 def _compact(*, ensure_ascii: bool) -> Callable[[Any], str]:
     """A compact JSON encoder made once. ``json.dumps`` with non-default options builds a new
     ``JSONEncoder`` and C encoder on every call, half the cost of encoding a small body; this keeps
-    the C encoder (``check_circular`` off: what is encoded here came from ``json.loads`` or is ours)."""
+    the C encoder (``check_circular`` off: what is encoded here came from ``parse_json`` or is ours)."""
     encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":"), check_circular=False)
     if c_make_encoder is None:  # no C accelerator (another Python): the plain encoder
         return encoder.encode
@@ -30,6 +30,10 @@ def _compact(*, ensure_ascii: bool) -> Callable[[Any], str]:
 
 _encode = _compact(ensure_ascii=False)
 _encode_ascii = _compact(ensure_ascii=True)
+
+# What ``parse_json`` (as ``json.loads``) raises for bytes that are not JSON it can read: not JSON,
+# not text, or nested deeper than the parser's stack.
+JSON_ERRORS = (ValueError, UnicodeDecodeError, RecursionError)
 
 # Every byte to "0" if it is a digit, else to " ": a run of 19 digits is then one substring search.
 _DIGITS_ONLY = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from nodes.choices import EngineType, NodeRole, ServingMode
 
 from ..errors import ProxyError
-from ..request import Outcome, ProxyRequest, parse_json, with_members
+from ..request import JSON_ERRORS, Outcome, ProxyRequest, parse_json, with_members
 from ..request import json_bytes as dumps
 from ..router import Router
 from ..snapshot import NodeView, Route, Target
@@ -99,7 +99,7 @@ class LegAnswer:
         """The answer with its JSON object parsed (``data`` None when it is not one)."""
         data = None
         if content_type == "application/json" or body[:1] == b"{":
-            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):  # nested too deeply
+            with contextlib.suppress(*JSON_ERRORS):
                 parsed = parse_json(body)
                 data = parsed if isinstance(parsed, dict) else None
         return cls(leg, status, body, content_type or "application/json", data)

@@ -9,7 +9,6 @@ merged into its usage. What each leg sends is the engine protocol's (``proxy.pd.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -21,7 +20,7 @@ from ..attempts import DECODE, PREFILL, Attempt, AttemptLoop, verdict_for
 from ..errors import ProxyError, engine_failed
 from ..loops import HOP_HEADER
 from ..relay import relay_stream
-from ..request import ProxyRequest
+from ..request import JSON_ERRORS, ProxyRequest, parse_json
 from ..transport import send_bytes
 from ..usage import taken_usage, takes_usage, with_usage
 from . import metrics as pd_metrics
@@ -219,8 +218,8 @@ async def run_decode(
 
 def decode_failed(leg: Leg, status: int, body: bytes) -> ProxyError:
     message = body[:300].decode(errors="replace")
-    with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError, AttributeError, TypeError):
-        message = json.loads(body)["error"]["message"]
+    with contextlib.suppress(*JSON_ERRORS, AttributeError, TypeError):
+        message = parse_json(body)["error"]["message"]
     return engine_failed(f"Decode node {leg.url} answered {status}: {message}", "decode_failed")
 
 

@@ -25,6 +25,7 @@ from typing import Any, NotRequired, TypedDict, TypeGuard
 import aiohttp
 
 from ..errors import ProxyError, engine_failed
+from ..request import JSON_ERRORS
 from .core import Leg, LegAnswer, PdRequest
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def parse_engine_info(body: bytes) -> EngineConfig:
         data: Any = json.loads(body)
         if isinstance(data, str):
             data = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except JSON_ERRORS as exc:
         raise WireError(f"engine_info is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise WireError("engine_info is not an object")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..request import parse_json
+from ..request import JSON_ERRORS, parse_json
 from .core import LegAnswer, dumps
 
 
@@ -39,7 +39,7 @@ def merge_usage(body: bytes, prompt_tokens: int | None) -> bytes:
         return spliced
     try:
         data = parse_json(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except JSON_ERRORS:
         return body
     if not isinstance(data, dict) or not _merge(data.get("usage"), prompt_tokens):
         return body
@@ -62,7 +62,7 @@ def _splice_usage(body: bytes, prompt_tokens: int) -> bytes | None:
         return None
     try:
         usage = parse_json(body[start:end])
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except JSON_ERRORS:
         return None
     if not _merge(usage, prompt_tokens):
         return None
@@ -80,7 +80,7 @@ def merge_usage_events(chunk: bytes, prompt_tokens: int | None) -> bytes:
         if event.startswith(b"data: {") and b'"prompt_tokens"' in event:
             try:
                 data = parse_json(event[6:])
-            except (ValueError, UnicodeDecodeError, RecursionError):
+            except JSON_ERRORS:
                 continue
             if isinstance(data, dict) and _merge(data.get("usage"), prompt_tokens):
                 events[i] = b"data: " + dumps(data)
