@@ -45,10 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.measure import chat_body  # noqa: E402
-from bench.pd import PD_MODEL, pd_engines, register  # noqa: E402
+from bench.pd import PD_MODEL, frees_per_call, frees_sent, pd_engines, register  # noqa: E402
 from bench.peers import PATH, wait_ready  # noqa: E402
 from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
-from enginesim.shapes import SimStats  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -135,12 +134,12 @@ def measure(
     (the worker's batching, which the module's doc explains), printed with the phase's figure."""
     body, status = PHASES[name]
     asyncio.run(_load(url, body, concurrency * 2, concurrency, status))  # warm
-    before = None if prefill is None else prefill.wait_for(_frees_done, timeout=60)
+    before = None if prefill is None else frees_sent(prefill, timeout=60)
     worker.zero()
     started = time.monotonic()
     asyncio.run(_load(url, body, requests, concurrency, status))
     if prefill is not None:  # the last releases go out after the last answer: count them too
-        after = prefill.wait_for(_frees_done, timeout=60)
+        after = frees_sent(prefill, timeout=60)
     elapsed = time.monotonic() - started
     total = worker.dump(name)
     background = idle_rate * elapsed
@@ -151,18 +150,8 @@ def measure(
     )
     if prefill is not None:
         assert before is not None
-        calls = _free_calls(after) - _free_calls(before)
-        freed = after["kv"]["freed"] - before["kv"]["freed"]
-        print(f"  KV releases per /pd/free call: {freed / calls if calls else float('nan'):.1f}", file=sys.stderr)
+        print(f"  KV releases per /pd/free call: {frees_per_call(before, after):.1f}", file=sys.stderr)
     return (total - background) / requests
-
-
-def _free_calls(stats: SimStats) -> int:
-    return stats["requests"]["by_endpoint"].get("/pd/free", 0)
-
-
-def _frees_done(stats: SimStats) -> bool:
-    return stats["kv"]["outstanding_count"] == 0
 
 
 def main() -> int:

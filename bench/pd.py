@@ -23,6 +23,7 @@ import httpx
 
 from bench.measure import WrkResult, chat_body, run_wrk
 from bench.peers import PATH, wait_ready
+from enginesim.shapes import SimStats
 from enginesim.testing import Simulator, SimulatorOptions, run_simulator
 
 PD_MODEL = "pd-model"
@@ -67,10 +68,21 @@ def measure_pd(proxy: str, auth: dict, pid: int, prefill: Simulator, duration: i
         wait_ready(proxy, PD_MODEL, headers=auth)
     before = prefill.stats()
     result = run_wrk(proxy + PATH, auth, chat_body(PD_MODEL, 16), 32, duration, pid, tree=True)
-    after = prefill.wait_for(lambda s: s["kv"]["outstanding_count"] == 0)  # the last frees went out
+    after = frees_sent(prefill)
     allocated = after["kv"]["allocated"] - before["kv"]["allocated"]
     if allocated < result.requests // 2:
         raise RuntimeError(f"the prefill engine saw few of {result.requests} PD requests: {after}")
+    return PdFigures(result, frees_per_call(before, after))
+
+
+def frees_sent(prefill: Simulator, timeout: float = 10.0) -> SimStats:
+    """The prefill engine's stats once it holds no KV: the last releases went out (they follow the
+    last answer by the worker's free window)."""
+    return prefill.wait_for(lambda stats: stats["kv"]["outstanding_count"] == 0, timeout=timeout)
+
+
+def frees_per_call(before: SimStats, after: SimStats) -> float:
+    """KV ids a ``/pd/free`` call named on average between two of the prefill engine's stats."""
     calls = after["requests"]["by_endpoint"].get("/pd/free", 0) - before["requests"]["by_endpoint"].get("/pd/free", 0)
     freed = after["kv"]["freed"] - before["kv"]["freed"]
-    return PdFigures(result, freed / calls if calls else float("nan"))
+    return freed / calls if calls else float("nan")

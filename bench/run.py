@@ -45,7 +45,6 @@ sys.path.insert(0, str(REPO))
 from bench.floors import Layer, floors, measure_layers  # noqa: E402
 from bench.measure import (  # noqa: E402
     PACED_STREAMS,
-    WrkResult,
     chat_body,
     cpu_seconds,
     one_client_latency,
@@ -186,14 +185,13 @@ def main() -> int:
 
         # Throughput with wrk; CPU per request of the web processes over the run, and who used the cores.
         watch = {"web": [web.pid], "engines": [sim_a.proc.pid, sim_b.proc.pid], "redis": [redis.pid]}
-        hybrids: dict[int, WrkResult] = {}
         for connections in (32, 128):
             direct = run_wrk(sim_a.url + path, {}, small, connections, args.duration, None)
             base = run_wrk(floor + path, {}, small, connections, args.duration, floor_proc.pid)
             through = run_wrk(proxy + path, auth, small, connections, args.duration, web.pid, tree=True, watch=watch)
-            hybrids[connections] = through
             ratio = f"{through.rps / direct.rps:.3f}x"
             if connections == 32:
+                hybrid_c32 = through
                 for system, result in (("direct", direct), ("floor", base), ("RouterPanel", through)):
                     figures[system].update(rps_c32=result.rps, cpu_us_c32=result.cpu_us)
             target = ">= 0.07x" if connections == 32 else ""
@@ -220,7 +218,7 @@ def main() -> int:
             # The hybrid load again right after, so the ratio's two sides are measured minutes apart
             # at most: the hybrid figure is the mean of the run before the PD phase and this one.
             again = run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True)
-            first = hybrids[32]
+            first = hybrid_c32
             hybrid_cpu = ((first.cpu_us or math.nan) + (again.cpu_us or math.nan)) / 2
             hybrid_kernel = ((first.kernel_us or math.nan) + (again.kernel_us or math.nan)) / 2
             row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
