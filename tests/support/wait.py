@@ -29,14 +29,17 @@ def wait_until(condition: Callable[[], T], timeout: float, message: Message, *, 
 
     Fails with ``message`` (a string, or a function called at that moment, to show the state the
     condition saw) and the last value seen after ``timeout`` seconds. The condition is tried once
-    more after the deadline has passed, so a slow machine never fails a condition that holds.
+    more after the deadline has passed (a try that starts after it), so a slow machine never fails a
+    condition that holds, and a condition that takes long to evaluate is judged on a look that began
+    once the deadline had passed, not on one that began right after the start.
     """
     deadline = time.monotonic() + timeout
     while True:
+        started = time.monotonic()
         value = condition()
         if value:
             return value
-        if time.monotonic() >= deadline:
+        if started >= deadline:
             raise _failure(message, timeout, value)
         time.sleep(interval)
 
@@ -48,11 +51,12 @@ async def wait_until_async(
     tries (servers the test runs in-process share that loop). ``condition`` may be a coroutine function."""
     deadline = time.monotonic() + timeout
     while True:
+        started = time.monotonic()
         value = condition()
         if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
             value = await value
         if value:
             return value  # type: ignore[return-value]
-        if time.monotonic() >= deadline:
+        if started >= deadline:
             raise _failure(message, timeout, value)
         await asyncio.sleep(interval)
