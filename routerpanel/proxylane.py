@@ -112,10 +112,24 @@ class ProxyCycle(RequestResponseCycle):
     message (see the module doc)."""
 
     pending = b""  # the response head, until the first body message goes out with it
+    streaming = False  # the lane wrote a chunked head: a stream's later chunks take the short way
 
     async def send(self, message: Any) -> None:
         if self.pending:
             await self._send_with_head(message)
+            return
+        if (
+            self.streaming
+            and not (self.response_complete or self.disconnected or self.flow.write_paused)
+            and message["type"] == "http.response.body"
+            and message.get("more_body", False)
+        ):
+            # A stream's chunk, framed as uvicorn frames it, without its checks of what the lane
+            # already knows (the head is out, chunked, not for a HEAD) and its second coroutine.
+            # The last message, and everything unusual, goes uvicorn's way below.
+            data = message.get("body", b"")
+            if data:
+                self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
             return
         framed = None
         if not (
@@ -133,7 +147,7 @@ class ProxyCycle(RequestResponseCycle):
         self.response_started = True
         self.waiting_for_100_continue = False
         if length is None:
-            self.chunked_encoding = True
+            self.chunked_encoding = self.streaming = True
         else:
             self.expected_content_length = int(length)
             self.chunked_encoding = False
