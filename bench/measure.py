@@ -22,6 +22,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Streams paced at 5 ms per token whose first event each system's figure is taken from, 4 at a time.
 # At 24, two runs of the same build differed by up to 1 ms at p50: too few to resolve an added 0.3 ms.
 PACED_STREAMS = 96
+UNPACED_SECONDS = 2.0  # unpaced streams run at least this long (chunks/s)
 
 
 def chat_body(model: str, tokens: int, *, stream: bool = False) -> dict:
@@ -231,17 +232,18 @@ class StreamResult:
         return self.events / self.elapsed if self.elapsed else 0.0
 
 
-async def _streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
+async def _streams(url: str, headers: dict, body: dict, concurrency: int, count: int, seconds: float) -> StreamResult:
     result = StreamResult()
     payload = json.dumps(body).encode()
     all_headers = {"Content-Type": "application/json", **headers}
     remaining = count
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
+        until = time.perf_counter() + seconds
 
         async def worker() -> None:
             nonlocal remaining
-            while remaining > 0:
+            while remaining > 0 or time.perf_counter() < until:
                 remaining -= 1
                 started = time.perf_counter()
                 first = None
@@ -265,6 +267,8 @@ async def _streams(url: str, headers: dict, body: dict, concurrency: int, count:
     return result
 
 
-def streams(url: str, headers: dict, body: dict, concurrency: int, count: int) -> StreamResult:
-    asyncio.run(_streams(url, headers, {**body}, concurrency, 4))  # warm-up
-    return asyncio.run(_streams(url, headers, body, concurrency, count))
+def streams(url: str, headers: dict, body: dict, concurrency: int, count: int, seconds: float = 0.0) -> StreamResult:
+    """``count`` streams, ``concurrency`` at a time, and more until ``seconds`` have passed: a fast
+    system's 400 unpaced streams are over in ~70 ms, too short a window for a steady figure."""
+    asyncio.run(_streams(url, headers, {**body}, concurrency, 4, 0.0))  # warm-up
+    return asyncio.run(_streams(url, headers, body, concurrency, count, seconds))

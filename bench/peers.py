@@ -21,7 +21,16 @@ from pathlib import Path
 
 import httpx
 
-from bench.measure import PACED_STREAMS, chat_body, one_client_latency, pct, peak_rss_mb, run_wrk, streams
+from bench.measure import (
+    PACED_STREAMS,
+    UNPACED_SECONDS,
+    chat_body,
+    one_client_latency,
+    pct,
+    peak_rss_mb,
+    run_wrk,
+    streams,
+)
 from tests.support.ports import free_port
 from tests.support.procs import running
 
@@ -104,7 +113,7 @@ def measure_peer(
     with _router(peer, fast, model) as (base, pid):
         latency = one_client_latency(base, PATH, {}, small, latency_requests)
         wrk = run_wrk(base + PATH, {}, small, 32, duration, pid)
-        unpaced = streams(base + PATH, {}, chat_body(model, 64, stream=True), 8, 400)
+        unpaced = streams(base + PATH, {}, chat_body(model, 64, stream=True), 8, 400, UNPACED_SECONDS)
         rss = peak_rss_mb(pid)
     with _router(peer, [paced], paced_model) as (paced_base, _):
         paced_streams = streams(paced_base + PATH, {}, chat_body(paced_model, 64, stream=True), 4, PACED_STREAMS)
