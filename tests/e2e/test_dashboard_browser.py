@@ -196,7 +196,7 @@ def test_the_live_figures_add_up_over_every_web_worker(stack: RouterPanelStack) 
 
     engine = {"engine": "nanodeploy", "served_model_name": "workers-model", "ttft_ms": 1.0, "itl_ms": 1.0}
     with stack.web(workers=2) as workers, run_simulator(**engine) as sim:
-        node_id = stack.add_node(sim.url, ["workers-model"])["id"]  # settled: both new workers route it
+        node_id = stack.add_live_node(sim.url, ["workers-model"])["id"]  # settled: both new workers route it
         body = {"model": "workers-model", "prompt": "hi", "max_tokens": 2}
         served = 0
         headers = {"Authorization": f"Bearer {stack.key}"}
@@ -241,7 +241,7 @@ def test_the_dashboard_charts_the_last_hours_tokens_per_model(page, stack: Route
     from playwright.sync_api import expect
 
     with run_simulator(engine="vllm", served_model_name="chart-model") as sim:
-        stack.add_node(sim.url, ["chart-model"], engine_type="vllm")
+        stack.add_live_node(sim.url, ["chart-model"], engine_type="vllm")
         headers = {"Authorization": f"Bearer {stack.key}"}
         body = {"model": "chart-model", "prompt": "count me", "max_tokens": 5}
         usage = [httpx.post(f"{stack.v1}/completions", json=body, headers=headers).json()["usage"] for _ in range(3)]
@@ -370,7 +370,7 @@ def test_the_dashboard_passes_an_accessibility_audit(page, stack: RouterPanelSta
 
     engine = {"engine": "nanodeploy", "served_model_name": "a11y-model", "ttft_ms": 1.0, "itl_ms": 1.0}
     with run_simulator(**engine) as sim:
-        stack.add_node(sim.url, ["a11y-model"], name="a11y-engine")  # settled: probed, healthy, routed
+        stack.add_live_node(sim.url, ["a11y-model"], name="a11y-engine")  # settled: probed, healthy, routed
         body = {"model": "a11y-model", "prompt": "hi", "max_tokens": 2}
         with httpx.Client(base_url=stack.base, timeout=30) as proxy:
             for _ in range(20):

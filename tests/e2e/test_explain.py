@@ -78,7 +78,7 @@ def test_a_request_explains_its_pick_its_retry_and_the_nodes_left_out(stack) -> 
 
 def test_a_stream_keeps_the_usage_the_client_asked_for_and_the_list_filters(stack) -> None:
     with run_simulator(served_model_name=MODEL) as sim:
-        node = stack.add_node(sim.url, [MODEL], engine_type="openai")
+        node = stack.add_live_node(sim.url, [MODEL], engine_type="openai")
         request_id = f"e2e-stream-{uuid.uuid4().hex}"
         body = {"stream": True, "stream_options": {"include_usage": True}}
         response = chat(stack, request_id, **body)

@@ -53,7 +53,7 @@ def web(stacks: StackPool) -> Iterator[int]:
     stack = stacks.get(EDGE_STACK)
     stack.reset()
     with run_simulator(served_model_name=MODEL, extra_args=["--fast", "--record-requests=0"]) as engine:
-        stack.add_node(engine.url, [MODEL], engine_type="openai")
+        stack.add_live_node(engine.url, [MODEL], engine_type="openai")
         yield int(stack.base.rsplit(":", 1)[1])
 
 

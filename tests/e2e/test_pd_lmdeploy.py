@@ -190,8 +190,8 @@ def test_the_pair_is_linked_once_as_lmdeploys_proxy_does_and_again_after_a_resta
             engine="lmdeploy", role="decode", served_model_name="fresh-pair", extra_args=["--cache-session-id"]
         ) as decode,
     ):
-        stack.add_node(prefill.url, ["fresh-pair"], role="prefill", engine_type="lmdeploy", settle=False)
-        stack.add_node(decode.url, ["fresh-pair"], role="decode", engine_type="lmdeploy")
+        stack.add_live_node(prefill.url, ["fresh-pair"], role="prefill", engine_type="lmdeploy")
+        stack.add_live_node(decode.url, ["fresh-pair"], role="decode", engine_type="lmdeploy")
         for i in range(3):
             assert post(stack, chat("fresh-pair", f"handshake {i}", max_tokens=4)).status_code == 200
         infos = {}

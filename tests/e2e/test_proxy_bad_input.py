@@ -86,7 +86,7 @@ class Engines:
 
 def register(stack, engines, path: str) -> None:
     if path == "hybrid":
-        stack.add_node(engines["hybrid"][0].url, [MODEL], engine_type="openai")
+        stack.add_live_node(engines["hybrid"][0].url, [MODEL], engine_type="openai")
         return
     prefill, decode = engines["pd"]
     stack.add_node(prefill.url, [MODEL], role="prefill", engine_type="nanodeploy", settle=False)

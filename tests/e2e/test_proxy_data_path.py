@@ -297,7 +297,7 @@ def test_each_error_status_has_the_openai_shape(fleet):
 def test_a_dead_node_is_retried_with_no_client_visible_errors(fleet):
     stack, sims, _ids = fleet
     with run_simulator(served_model_name=MODEL) as dying:  # healthy when registered (no prober runs here)
-        stack.add_node(dying.url, [MODEL])
+        stack.add_live_node(dying.url, [MODEL])
     sims[1].set_faults(error_rate=1.0, error_status=503)
     statuses = [post(stack, chat()).status_code for _ in range(20)]
     assert statuses == [200] * 20

@@ -32,7 +32,7 @@ def test_a_node_that_is_routerpanel_itself_gets_508_loop_detected(stack, stream:
 
 def test_requests_to_a_node_carry_the_hop_marker_and_a_foreign_one_is_kept(stack) -> None:
     with run_simulator(served_model_name="hop-model") as engine:
-        stack.add_node(engine.url, ["hop-model"], engine_type="openai")
+        stack.add_live_node(engine.url, ["hop-model"], engine_type="openai")
         auth = {"Authorization": f"Bearer {stack.key}"}
         plain = httpx.post(stack.v1 + "/chat/completions", json=chat("hop-model"), headers=auth, timeout=30)
         relayed = httpx.post(

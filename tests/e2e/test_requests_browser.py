@@ -159,7 +159,7 @@ def test_the_requests_page_passes_an_accessibility_audit(page, stack) -> None:
     from playwright.sync_api import expect
 
     with run_simulator(served_model_name=OTHER) as fine:
-        stack.add_node(fine.url, [OTHER], engine_type="openai", name="fine-engine")
+        stack.add_live_node(fine.url, [OTHER], engine_type="openai", name="fine-engine")
         request_id = f"a11y-{uuid.uuid4().hex[:8]}"
         assert post(stack, OTHER, request_id).status_code == 200
         log_in(page, "/dashboard/requests/")

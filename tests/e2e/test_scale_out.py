@@ -69,7 +69,7 @@ def test_a_node_added_through_worker_a_gets_traffic_from_worker_b_within_a_secon
 def test_a_keys_rate_limit_counts_requests_through_every_worker(stack) -> None:
     a, b = stack.bases
     with run_simulator(served_model_name="scale-d") as sim:
-        stack.add_node(sim.url, ["scale-d"], engine_type="openai")
+        stack.add_live_node(sim.url, ["scale-d"], engine_type="openai")
         key = stack.add_key(rate_limit_rpm=4)  # settled: both workers' snapshots know the key and the node
         if 60 - time.time() % 60 < 15:  # the one-minute window must not roll over mid-test:
             time.sleep(60 - time.time() % 60 + 0.5)  # wait for the next one (the clock is the condition)
@@ -89,7 +89,7 @@ def test_a_keys_rate_limit_counts_requests_through_every_worker(stack) -> None:
 def test_a_keys_token_budget_runs_out_across_workers_while_another_key_keeps_working(stack) -> None:
     a, b = stack.bases
     with run_simulator(served_model_name="scale-t") as sim:
-        stack.add_node(sim.url, ["scale-t"], engine_type="openai")
+        stack.add_live_node(sim.url, ["scale-t"], engine_type="openai")
 
         def send(base: str, key: str) -> httpx.Response:
             body = {"model": "scale-t", "prompt": "count my tokens", "max_tokens": 4}
@@ -171,7 +171,7 @@ def test_redis_down_for_30_s_under_load_then_sharing_resumes(stack) -> None:
     assert private_redis is not None
     model = "scale-c"
     with run_simulator(served_model_name=model) as first, run_simulator(served_model_name=model) as second:
-        stack.add_node(first.url, [model], engine_type="openai")
+        stack.add_live_node(first.url, [model], engine_type="openai")
 
         async def load(stop: asyncio.Event, errors: list[str], ok: list[int]) -> None:
             async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {stack.key}"}) as client:

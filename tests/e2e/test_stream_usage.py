@@ -45,7 +45,7 @@ def test_a_stream_through_routerpanel_is_the_engines_stream_without_the_usage_it
 ) -> None:
     model = f"usage-bytes-{engine}"
     with run_simulator(engine=engine, served_model_name=model, extra_args=[f"--created={CREATED}"]) as sim:
-        stack.add_node(sim.url, [model], engine_type=engine)
+        stack.add_live_node(sim.url, [model], engine_type=engine)
         name = f"usage-{engine}" + path.replace("/", "-")
         token = stack.add_key(name=name)
         key_id = _key_id(stack, name)

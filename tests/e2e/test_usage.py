@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 def test_requests_are_counted_per_key_model_and_node_and_rolled_up_into_hours(stack) -> None:
     model = "usage-rollup"
     with run_simulator(engine="vllm", served_model_name=model) as sim:
-        node = stack.add_node(sim.url, [model], engine_type="vllm")
+        node = stack.add_live_node(sim.url, [model], engine_type="vllm")
         team = stack.add_key(name="usage-team")
         chat = {"model": model, "messages": [{"role": "user", "content": "count these words"}], "max_tokens": 6}
 

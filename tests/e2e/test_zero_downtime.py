@@ -77,7 +77,7 @@ def workers_of(supervisor: int) -> set[int]:
 def web(stack: RouterPanelStack, engine: str) -> Iterator[tuple[int, subprocess.Popen]]:
     """``uvicorn --workers 2`` with the edge and a grace period, on the stack's database, routing
     ``MODEL`` to ``engine``; yields its port and supervisor."""
-    stack.add_node(engine, [MODEL], engine_type="openai")
+    stack.add_live_node(engine, [MODEL], engine_type="openai")
     extra_args = [
         f"--timeout-graceful-shutdown={GRACE}",
         # A worker boots Django; on a loaded 2-core machine that can take longer than uvicorn's 5 s.
