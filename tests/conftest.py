@@ -18,13 +18,23 @@ from collections.abc import Iterator
 
 import pytest
 import redis as redis_lib
+from asgiref.sync import SyncToAsync
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import connection, connections
 
 from nodes.services import Actor
 from tests.support.ports import closed_port
 from tests.support.procs import RedisServer
 from tests.support.stack import REDIS_DATABASES, RouterPanelStack, StackPool, StackSpec
+
+
+@pytest.fixture(autouse=True)
+def _asgiref_thread_disconnected() -> Iterator[None]:
+    """An async test's ORM calls through ``sync_to_async`` run in asgiref's one shared thread, whose
+    database connections would stay open to the end of the session: on PostgreSQL pytest-django
+    then cannot drop the test database ("being accessed by other users"). Closed after each test."""
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import time
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection
 
 from nodes.choices import NodeState
 from nodes.models import RoutePolicy
@@ -78,9 +77,6 @@ async def watcher(settings):
     yield watcher
     await watcher.stop()
     snapshots.install(previous)
-    # The test's own ORM calls ran in asgiref's thread: its connection would outlive the session and
-    # keep PostgreSQL from dropping the test database.
-    await sync_to_async(lambda: connection.close())()
 
 
 @pytest.mark.django_db(transaction=True)
