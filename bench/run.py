@@ -219,9 +219,8 @@ def main() -> int:
             # The hybrid load again right after, so the ratio's two sides are measured minutes apart
             # at most: the hybrid figure is the mean of the run before the PD phase and this one.
             again = run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True)
-            first = hybrid_c32
-            hybrid_cpu = ((first.cpu_us or math.nan) + (again.cpu_us or math.nan)) / 2
-            hybrid_kernel = ((first.kernel_us or math.nan) + (again.kernel_us or math.nan)) / 2
+            hybrid_cpu = ((hybrid_c32.cpu_us or math.nan) + (again.cpu_us or math.nan)) / 2
+            hybrid_kernel = ((hybrid_c32.kernel_us or math.nan) + (again.kernel_us or math.nan)) / 2
             row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
             row("PD: errors, c=32", through=str(split.errors), target="0")
             pd_cpu = split.cpu_us or math.nan
@@ -241,7 +240,7 @@ def main() -> int:
             )
             row(
                 "hybrid, c=32, before / after PD",
-                through=f"{us((first.cpu_us or 0) / 1e6)} / {us((again.cpu_us or 0) / 1e6)}",
+                through=f"{us((hybrid_c32.cpu_us or 0) / 1e6)} / {us((again.cpu_us or 0) / 1e6)}",
                 base=f"kernel {us(hybrid_kernel / 1e6)}",
             )
             row("PD: KV releases per /pd/free call", through=f"{pd_figures.frees_per_call:.1f}")
