@@ -40,6 +40,8 @@ _T = TypeVar("_T")
 DB_POLL_WITHOUT_REDIS = 1.0
 # Seconds between attempts after a failed rebuild (the previous snapshot keeps serving meanwhile).
 REBUILD_RETRY = 1.0
+# Seconds ``stop`` waits for the snapshot thread to finish what a cancelled task had started.
+STOP_WAIT = 5.0
 
 
 def _in_thread(func: Callable[[], _T]) -> Callable[[], _T]:
@@ -52,6 +54,10 @@ def _in_thread(func: Callable[[], _T]) -> Callable[[], _T]:
             connection.close()
 
     return run
+
+
+def _idle() -> None:
+    """A job that does nothing: once it has run, every job submitted before it has finished."""
 
 
 class SnapshotWatcher:
@@ -116,6 +122,11 @@ class SnapshotWatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        # A cancelled task leaves its rebuild or version read running in the snapshot thread: wait,
+        # bounded, until the thread is idle (it runs one job at a time, in order), so that its
+        # database connection is closed when the worker goes on to exit.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(self._executor.submit(_idle)), STOP_WAIT)
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await self._redis.aclose()

@@ -162,6 +162,27 @@ async def test_a_failed_rebuild_keeps_the_previous_snapshot_and_is_retried(watch
     await wait_until_async(lambda: snapshots.current() is not before, 2.0, "the rebuild was never retried")
 
 
+@pytest.mark.django_db(transaction=True)
+async def test_stop_returns_once_the_snapshot_thread_has_finished_a_cancelled_rebuild(watcher, monkeypatch):
+    """The rebuild goes on in the snapshot thread when its task is cancelled; ``stop`` waits for it,
+    so the thread's database connection is closed before the worker exits."""
+    await watcher.start()
+    began, ended = threading.Event(), threading.Event()
+
+    def slow_build():
+        began.set()
+        time.sleep(0.3)  # a rebuild that takes a while
+        ended.set()
+        raise RuntimeError("done")
+
+    monkeypatch.setattr(snapshots, "build_snapshot", slow_build)
+    rebuild = asyncio.create_task(watcher.refresh("test"))
+    await wait_until_async(began.is_set, 5.0, "the rebuild never began")
+    rebuild.cancel()
+    await watcher.stop()
+    assert ended.is_set()
+
+
 @pytest.mark.django_db
 def test_a_keys_max_concurrent_of_0_means_no_limit_as_on_nodes() -> None:
     api_key_create(actor=ACTOR, name="zero", max_concurrent=0)
