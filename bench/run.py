@@ -1,12 +1,14 @@
 """RouterPanel's data-path benchmark (``make bench``): DIRECT vs through the proxy, in one run.
 
 Starts a private Redis, two simulated engines in fast mode (plus one paced at 5 ms per token for
-the time-to-first-event test), and RouterPanel under uvicorn on a fresh SQLite database. Then:
+the time-to-first-event test, and one that streams unpaced but writes each event as an HTTP chunk of
+its own, as real engines do), and RouterPanel under uvicorn on a fresh SQLite database. Then:
 
 - one client, non-streaming: latency p50/p99 (keep-alive, sequential requests);
 - wrk at concurrency 32 and 128: requests/s and errors; CPU µs per request and peak RSS of the web
   process (from /proc/PID/stat and /proc/PID/status);
-- 64-chunk streams, unpaced and at 5 ms pacing: time to first event p50/p99 and chunks/s.
+- 64-chunk streams, unpaced and at 5 ms pacing: time to first event p50/p99 and chunks/s; unpaced
+  with a chunk per event: chunks/s and the web worker's CPU per event.
 
 DIRECT sends the same load straight to one engine. Prints absolute figures, ratios to DIRECT and, in
 the last column, the data path's targets. Needs wrk (Debian: ``apt-get install -y wrk``). Runs in
@@ -66,20 +68,26 @@ from tests.support.procs import PYTHON, running, web_argv  # noqa: E402
 from tests.support.wait import wait_until  # noqa: E402
 
 PACED = "paced-model"
+# A fast engine sends a whole stream as one chunk (enginesim's fast mode caches answers); real engines
+# write each event as it is made. The "chunk per event" streams measure that kind of relay.
+EVENTED = "evented-model"
 
 
 # -- the run -----------------------------------------------------------------------------------
 
 
 def setup_registry(
-    base: str, fast: list[str], paced: str, pd: tuple[Simulator, Simulator] | None, workers: int
+    base: str, fast: list[str], single: dict[str, str], pd: tuple[Simulator, Simulator] | None, workers: int
 ) -> None:
+    """Register ``fast`` for the bench's model, each of ``single`` (model: URL) for its model, and
+    the PD pair; wait until every worker lists the models."""
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10) as api:
         if pd is not None:
             register(api, *pd)
         for url in fast:
             api.post("/api/nodes/", json={"url": url, "models": [MODEL], "engine_type": "openai"}).raise_for_status()
-        api.post("/api/nodes/", json={"url": paced, "models": [PACED], "engine_type": "openai"}).raise_for_status()
+        for model, url in single.items():
+            api.post("/api/nodes/", json={"url": url, "models": [model], "engine_type": "openai"}).raise_for_status()
 
         def listed() -> set[str]:
             models = httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {PROXY_KEY}"}).json()
@@ -87,7 +95,7 @@ def setup_registry(
 
         # Each worker has its own snapshot: new connections land on any of them, so several in a row must list.
         def all_listed() -> bool:
-            return all(listed() >= {MODEL, PACED} for _ in range(4 * workers))
+            return all(listed() >= {MODEL, *single} for _ in range(4 * workers))
 
         wait_until(all_listed, 10 + 5 * workers, "the proxy never listed the benchmark models")
 
@@ -130,6 +138,9 @@ def main() -> int:
         paced = stack.enter_context(
             run_simulator(served_model_name=PACED, ttft_ms=0, itl_ms=5, extra_args=["--record-requests=0"])
         )
+        evented = stack.enter_context(
+            run_simulator(served_model_name=EVENTED, ttft_ms=0, itl_ms=0, extra_args=["--record-requests=0"])
+        )
         pd = stack.enter_context(pd_engines()) if args.pd else None
         # glibc's malloc arenas limited as the Procfile and docs/deployment.md start web workers.
         web_env = {**env, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
@@ -138,10 +149,10 @@ def main() -> int:
         floor_port = free_port()
         floor_argv = [PYTHON, "-m", "uvicorn", "bench.floor_app:app", "--host=127.0.0.1", f"--port={floor_port}"]
         floor_argv += ["--no-access-log", "--loop=uvloop", "--http=httptools", "--lifespan=off"]
-        floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url}"}
+        floor_env = {**env, "FLOOR_UPSTREAMS": f"{MODEL}={sim_a.url},{PACED}={paced.url},{EVENTED}={evented.url}"}
         floor_proc = stack.enter_context(running(floor_argv, port=floor_port, env=floor_env))
         floor = f"http://127.0.0.1:{floor_port}"
-        setup_registry(proxy, [sim_a.url, sim_b.url], paced.url, pd, args.workers)
+        setup_registry(proxy, [sim_a.url, sim_b.url], {PACED: paced.url, EVENTED: evented.url}, pd, args.workers)
         path = "/v1/chat/completions"
         small = chat_body(MODEL, 16)
         workers = f"{args.workers} worker{'s' if args.workers > 1 else ''}"
@@ -245,11 +256,14 @@ def main() -> int:
             )
             row("PD: KV releases per /pd/free call", through=f"{pd_figures.frees_per_call:.1f}")
 
-        # 64-chunk streams: unpaced (chunk throughput, 8 at a time) and paced at 5 ms (first event).
+        # 64-chunk streams: unpaced (chunk throughput, 8 at a time; the whole stream in one chunk,
+        # then a chunk per event) and paced at 5 ms (first event).
         for label, model, engine, concurrency, count, seconds in (
             ("0 ms", MODEL, sim_a.url, 8, 400, UNPACED_SECONDS),
+            ("0 ms, a chunk per event", EVENTED, evented.url, 8, 400, UNPACED_SECONDS),
             ("5 ms", PACED, paced.url, 4, PACED_STREAMS, 0.0),
         ):
+            unpaced = label.startswith("0 ms")
             body = chat_body(model, 64, stream=True)
             ds = streams(engine + path, {}, body, concurrency, count, seconds)
             floor_cpu = tree_cpu_seconds(floor_proc.pid)
@@ -258,11 +272,11 @@ def main() -> int:
             proxy_cpu = tree_cpu_seconds(web.pid)
             ps = streams(proxy + path, auth, body, concurrency, count, seconds)
             proxy_cpu = tree_cpu_seconds(web.pid) - proxy_cpu
-            fmt = us if label == "0 ms" else ms
+            fmt = us if unpaced else ms
             for system, stream in (("direct", ds), ("floor", fs), ("RouterPanel", ps)):
                 if label == "0 ms":
                     figures[system]["chunks_per_s"] = stream.chunks_per_s
-                else:
+                elif label == "5 ms":
                     figures[system].update(
                         first_event_p50=pct(stream.ttfe, 0.5), first_event_p99=pct(stream.ttfe, 0.99)
                     )
@@ -280,10 +294,10 @@ def main() -> int:
                 ">= 0.65x" if label == "0 ms" else "",
                 f"{fs.chunks_per_s:,.0f}",
             )
-            if label == "0 ms" and ps.events and fs.events:
+            if unpaced and ps.events and fs.events:
                 # What the throughput above hides on a shared machine: the CPU each event cost.
                 row(
-                    "stream 0 ms: CPU per event, web",
+                    f"stream {label}: CPU per event, web",
                     through=f"{proxy_cpu / ps.events * 1e6:.2f} us",
                     base=f"{floor_cpu / fs.events * 1e6:.2f} us",
                 )
