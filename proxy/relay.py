@@ -58,7 +58,6 @@ async def relay_stream(
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     outcome.status = 200
     first_at = last_at = time.perf_counter()
-    chunks = 0
     last = previous = attempt.first
     complete = True
     error: ProxyError | None = None
@@ -70,14 +69,12 @@ async def relay_stream(
             out = last if taken is None else taken.feed(last)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            chunks = 1
             async for chunk in response.content.iter_any():
                 previous = last
                 last = chunk if transform is None else transform(chunk)
                 out = last if taken is None else taken.feed(last)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-                chunks += 1
             last_at = time.perf_counter()
     except (aiohttp.ClientError, TimeoutError) as exc:
         complete = False
@@ -94,6 +91,8 @@ async def relay_stream(
             last = held
     if error is not None:
         await send({"type": "http.response.body", "body": sse.error_event(error, after=last), "more_body": True})
+    # A read may hold several of the engine's chunks (its events): the gap is between those.
+    chunks = response.parts
     if chunks > 1:
         outcome.mean_gap = (last_at - first_at) / (chunks - 1)
     # The usage chunk (when the client asked for one) comes last, perhaps read together with

@@ -109,6 +109,38 @@ async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
 
 
+async def test_events_that_arrived_together_are_handed_over_in_one_piece(pool):
+    # An engine writes each event as a chunk of its own; those already there when the relay reads
+    # again go on as one write to the client, not one each (and the parts are still counted, for
+    # the mean gap between events).
+    go_on = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await go_on.wait()
+        for i in range(5):
+            await response.write(b"data: %d\n\n" % i)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        response = await pool.request("POST", url(server), b"{}", JSON, connect=2, total=10)
+        assert await response.content.readany() == b"data: first\n\n"
+        go_on.set()
+        await wait_until_async(lambda: response.complete, 2, "the engine never finished its stream")
+        assert await response.content.readany() == b"".join(b"data: %d\n\n" % i for i in range(5))
+        assert await response.content.readany() == b""
+        assert response.parts == 6
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_answers_are_freed_as_soon_as_they_were_read(engine, pool, stream):
     # No reference cycle keeps an answer (and its bytes) alive until the cyclic garbage collector
