@@ -230,8 +230,11 @@ class Router:
         walking the route: only a node already tried, with requests in flight against a concurrency
         limit (``LoadTracker.limited``) or with a breaker (``Breakers.nodes``) can be left out, and
         those are few however large the fleet."""
+        limited, broken = self.load.limited(), self.breakers.nodes
+        if not (exclude or limited or broken):
+            return None  # the usual case: nothing to look at
         position, targets = table.position, table.targets
-        suspects = {*exclude, *self.load.limited(), *self.breakers.nodes}
+        suspects = {*exclude, *limited, *broken}
         hits = sorted(at for node_id in suspects if (at := position.get(node_id)) is not None and not ok(targets[at]))
         if not hits:
             return None
