@@ -72,8 +72,7 @@ class Response:
 
     @property
     def content(self) -> Response:
-        """The body as it arrives (the part of aiohttp's ``StreamReader`` relays use: ``readany``,
-        ``iter_any``)."""
+        """The body as it arrives (what relays use of aiohttp's ``StreamReader``: ``readany``, ``iter_any``)."""
         return self
 
     async def readany(self) -> bytes:
@@ -115,17 +114,12 @@ class Response:
                 self.close()
                 return b""
             await self._wait()
-        # Everything that came: an engine writes each event of a stream as a chunk of its own, and
-        # several arrive in one read once the engine is ahead of the relay. Handed over together
-        # they cost one write to the client and one wake-up of it instead of one each (an engine
-        # streaming unpaced, an HTTP chunk per event: 5.9 → 4.6 µs of the worker's CPU per event).
-        chunks = self.chunks
-        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
+        # All that came: an engine's events, a chunk each, cost one write to the client (docs/architecture.md).
+        chunk = b"".join(self.chunks)
+        self.chunks.clear()
         self.size = 0
-        conn = self._conn
-        if conn is not None and conn.paused:
-            conn.resume()
+        if self._conn is not None and self._conn.paused:
+            self._conn.resume()
         return chunk
 
     async def _wait(self) -> None:
@@ -148,8 +142,7 @@ class Response:
             waiter.set_result(None)
 
     def close(self) -> None:
-        """Done with the answer: its connection goes back to the pool if the answer was read whole,
-        and is closed otherwise (the engine may still be sending). Idempotent."""
+        """Done with the answer: its connection is reused if it was read whole, else closed. Idempotent."""
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.finished(self, reusable=self.complete)
