@@ -91,9 +91,10 @@ async def relay_stream(
             last = held
     if error is not None:
         await send({"type": "http.response.body", "body": sse.error_event(error, after=last), "more_body": True})
-    # A read may hold several of the engine's chunks (its events): the gap is between those.
+    # A read may hold several of the engine's chunks (its events): the gap is between those, and
+    # known only for a stream that ended (a broken one has no last chunk's time).
     chunks = response.parts
-    if chunks > 1:
+    if complete and chunks > 1:
         outcome.mean_gap = (last_at - first_at) / (chunks - 1)
     # The usage chunk (when the client asked for one) comes last, perhaps read together with
     # ``[DONE]``, perhaps just before it.

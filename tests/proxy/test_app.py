@@ -159,6 +159,24 @@ async def test_a_mid_stream_failure_ends_with_an_error_event_and_done(engines, p
     assert proxy_app.router.load.counts() == {}
 
 
+async def test_a_stream_that_broke_off_gives_no_inter_token_latency_sample(engines, proxy_app):
+    # The mean gap between chunks needs the last chunk's time, which a broken stream does not have:
+    # a sample of 0 s would drag the histogram down for every engine failure.
+    async def samples() -> float:
+        text = (await call(proxy_app, "GET", "/metrics")).body.decode()
+        prefix = 'routerpanel_proxy_inter_token_latency_seconds_count{model="m"} '
+        return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+    broken, whole = await engines("a", mode="break_stream"), await engines("b")
+    snapshots.install(make_snapshot([{"url": broken.url}]))
+    before = await samples()
+    assert (await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)).status == 200
+    assert await samples() == before
+    snapshots.install(make_snapshot([{"url": whole.url}], version=2))
+    assert (await call(proxy_app, "POST", CHAT, json_body=chat(stream=True), headers=AUTH)).status == 200
+    assert await samples() == before + 1
+
+
 async def test_a_client_disconnect_mid_stream_cancels_upstream_and_releases_counters(engines, proxy_app):
     engine = await engines("a", mode="hang_stream")
     snapshots.install(make_snapshot([{"url": engine.url}]))
