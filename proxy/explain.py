@@ -7,20 +7,21 @@ The hot path only appends what is already at hand (docs/architecture.md, "Reques
   and counting the rest, found among the few nodes that can be left out (already tried, at a
   concurrency limit, behind a breaker: ``Router.left_out``) rather than by walking the route, which
   may have a thousand nodes. The nodes out of rotation (draining, disabled, unhealthy...) are the
-  snapshot's, so they are worked out off the hot path, once per route and role (``_route_exclusions``).
+  snapshot's, so they are worked out off the hot path, once per route (``_route_excluded``).
 - Only the pick and the next ``LISTED_CANDIDATES - 1`` available nodes after it in route order get
   their figures read (in flight, weight, latency, prefix match), into one flat tuple per choice.
 - The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
 - Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
-  garbage collector stops tracking them at its first pass and the wire record packs them as they are.
+  garbage collector stops tracking them at its first pass, and they are already in the wire layout
+  (``nodes.live.explain``): the record is dumped as it is.
 
-``Explainer.finish``, once the answer went out, packs the finished record in its wire layout
-(``nodes.live.explain``) and appends the bytes to an in-memory buffer (bounded: when Redis has been
-away long enough to fill it, records are dropped and counted, and the request never notices).
-Packing then rather than at the flush is what keeps the records cheap: a record waiting as objects
-(the ``Explanation`` and its tuples, about six per request) was most of what the garbage
-collector's young passes found alive under load, and made them run several times as often; bytes
-and strings are nothing it tracks, and the record's objects are freed with the request.
+``Explainer.finish``, once the answer went out, dumps the finished record as JSON and appends the
+bytes to an in-memory buffer (bounded: when Redis has been away long enough to fill it, records are
+dropped and counted, and the request never notices). Encoding it then rather than at the flush is what
+keeps the records cheap: a record waiting as objects (the ``Explanation`` and its tuples, about six
+per request) was most of what the garbage collector's young passes found alive under load, and made
+them run several times as often; bytes and strings are nothing it tracks, and the record's objects
+are freed with the request.
 ``Explainer.flush``, called by ``proxy.shared.SharedCounters``'s loop, appends a batch to the
 stream in one call.
 """
@@ -30,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Collection, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
@@ -38,10 +39,11 @@ from prometheus_client import Counter
 from nodes.choices import ExclusionReason, NodeRole, NodeState, ServingMode
 from nodes.live import explain as live
 from nodes.live.explain import (
+    CHOICE_HEAD,
     NAMED_PER_REASON,
     WireAttempt,
-    WireCandidate,
     WireChoice,
+    WireExcluded,
     WireExclusion,
     WireRecord,
 )
@@ -64,15 +66,6 @@ DROPPED = Counter(
     ["why"],
 )
 STORED = Counter("routerpanel_explain_stored", "Request explanations appended to Redis.")
-
-# A choice while the request runs, flat and of plain values only (the garbage collector stops
-# tracking it at its first pass): role, nodes of the role in rotation, of them available, the model
-# name the pick serves (None: no pick), the per-request exclusions (reason -> [count, the first few
-# nodes], None: none), then ``CANDIDATE_WIDTH`` values per listed candidate, the pick first (a
-# ``WireCandidate``).
-_Choice = tuple[Any, ...]
-CHOICE_HEAD = 5
-CANDIDATE_WIDTH = 6
 
 
 class Explanation:
@@ -111,8 +104,8 @@ class Explanation:
         self.at = time.time()
         self.header = header  # the client asked for the one-line summary
         self.route: Route | None = None
-        # Tuples, not lists: a tuple of plain tuples leaves the garbage collector's care (see _Choice).
-        self.choices: tuple[_Choice, ...] = ()
+        # Tuples, not lists: a tuple of plain tuples leaves the garbage collector's care (see WireChoice).
+        self.choices: tuple[WireChoice, ...] = ()
         self.attempts: tuple[WireAttempt, ...] = ()
         self.not_allowed = False  # the key may not use the model: every node of the route was out
         self.status = 0
@@ -129,12 +122,12 @@ class Explanation:
         router: Router,
         role: str,
         in_rotation: int,
-        excluded: dict[str, list[Any]] | None,
+        excluded: WireExcluded,
         listed: Sequence[Target],
         prefix: tuple[int, int] | None = None,
     ) -> None:
         """``Router.choose``'s decision: of ``in_rotation`` nodes of ``role``, those its filter left
-        out (``Router.left_out``: reason -> [count, the first few nodes], None: none), and the pick
+        out (``Router.left_out``: reason -> [count, the first few (id, URL)], None: none), and the pick
         followed by a few more candidates (``listed``; empty: no pick)."""
         available = in_rotation - sum(entry[0] for entry in excluded.values()) if excluded else in_rotation
         if not listed:
@@ -144,7 +137,7 @@ class Explanation:
         chosen = listed[0]
         # The node's role is the same text as ``role`` but a plain string (``role`` may be a NodeRole,
         # which the garbage collector tracks).
-        choice: _Choice = (chosen.node.role, in_rotation, available, chosen.served_name, excluded)
+        choice: WireChoice = (chosen.node.role, in_rotation, available, chosen.served_name, excluded)
         for target in listed:
             node = target.node
             node_id = node.id
@@ -170,7 +163,7 @@ class Explanation:
     def summary(self) -> bytes:
         """What is known now in one header line: strategy, pick, candidates, exclusions, retries."""
         route = self.route
-        last: dict[str, _Choice] = {}  # per role, the latest choice that picked a node (else the latest)
+        last: dict[str, WireChoice] = {}  # per role, the latest choice that picked a node (else the latest)
         for choice in self.choices:
             if choice[3] is not None or choice[0] not in last or last[choice[0]][3] is None:
                 last[choice[0]] = choice
@@ -202,7 +195,7 @@ class Explanation:
         ]
         return "; ".join(parts).encode("latin-1", "replace")[:1024]
 
-    def _exclusion_counts(self, last: dict[str, _Choice]) -> list[tuple[str, int]]:
+    def _exclusion_counts(self, last: dict[str, WireChoice]) -> list[tuple[str, int]]:
         route = self.route
         if route is None:
             return []
@@ -212,7 +205,7 @@ class Explanation:
             roles = _needed_roles(route)
             counts += [(ExclusionReason.NOT_ALLOWED.value, len(route.by_role(role))) for role in roles]
         for role in roles:
-            counts += [(reason, count) for reason, count, _ in _route_exclusions(route, role)]
+            counts += [(reason, count) for reason, count, _ in _route_excluded(route).get(role, ())]
             choice = last.get(role)
             if choice is not None and choice[4]:
                 counts += [(reason, entry[0]) for reason, entry in choice[4].items()]
@@ -221,23 +214,14 @@ class Explanation:
     # -- The wire record (off the hot path) ----------------------------------------------------
 
     def wire(self) -> WireRecord:
+        """The record in its wire layout: mostly what the request holds already."""
         route = self.route
-        choices: list[WireChoice] = []
-        for choice in self.choices:
-            role, in_rotation, available, served, excluded = choice[:CHOICE_HEAD]
-            exclusions = _route_exclusions(route, role) if route is not None else []
-            if excluded:  # a new list: the route's is shared
-                exclusions = exclusions + [(reason, count, _refs(named)) for reason, (count, named) in excluded.items()]
-            candidates: list[WireCandidate] = [
-                choice[at : at + CANDIDATE_WIDTH] for at in range(CHOICE_HEAD, len(choice), CANDIDATE_WIDTH)
-            ]
-            pick = (choice[CHOICE_HEAD], choice[CHOICE_HEAD + 1]) if served is not None else None
-            choices.append((role, in_rotation, available, pick, served, candidates, exclusions))
+        choices = self.choices
         if self.not_allowed and route is not None:
             for role in _needed_roles(route):
                 members = route.by_role(role)
-                refused: WireExclusion = (ExclusionReason.NOT_ALLOWED.value, len(members), _refs(members))
-                choices.append((role, len(members), 0, None, None, [], [refused, *_route_exclusions(route, role)]))
+                refused = {ExclusionReason.NOT_ALLOWED.value: [len(members), _refs(members)]}
+                choices += ((str(role), len(members), 0, None, refused),)
         policy = route.policy if route is not None else None
         return (
             live.VERSION,
@@ -251,13 +235,14 @@ class Explanation:
             policy.model if policy is not None else None,
             policy.strategy if policy is not None else None,
             choices,
-            list(self.attempts),
+            self.attempts,
             self.total,
             self.status,
             self.error,
             self.message,
-            self.usage,
+            self.usage.decode("latin-1"),
             self.answered_by,
+            _route_excluded(route) if route is not None else None,
         )
 
 
@@ -273,30 +258,32 @@ def _needed_roles(route: Route) -> tuple[str, ...]:
     return (NodeRole.PREFILL, NodeRole.DECODE) if route.mode == ServingMode.PD else (NodeRole.HYBRID,)
 
 
-# The snapshot's exclusions per route and role, worked out once: routes are immutable, and the
-# cache holds each route it describes, so an id is never reused while its entry lives.
+# The snapshot's exclusions per route, worked out once: routes are immutable, and the cache holds
+# each route it describes, so an id is never reused while its entry lives.
 _ROUTE_CACHE_MAX = 4096
-_route_cache: dict[tuple[int, str], tuple[Route, list[WireExclusion]]] = {}
+_route_cache: dict[int, tuple[Route, dict[str, list[WireExclusion]]]] = {}
 
 
-def _route_exclusions(route: Route, role: str) -> list[WireExclusion]:
-    """The nodes of ``role`` serving ``route`` that are out of rotation, by reason: their state when
-    it is not active, else their health (``nodes.rules.is_routable``)."""
-    key = (id(route), role)
-    cached = _route_cache.get(key)
+def _route_excluded(route: Route) -> dict[str, list[WireExclusion]]:
+    """Per role, the nodes serving ``route`` that are out of rotation, by reason: their state when
+    it is not active, else their health (``nodes.rules.is_routable``). Roles with none are absent."""
+    cached = _route_cache.get(id(route))
     if cached is not None and cached[0] is route:
         return cached[1]
-    in_rotation = {target.node.id for target in route.by_role(role)}
-    grouped: dict[str, list[NodeView]] = {}
-    for target in route.targets:
-        node = target.node
-        if node.role == role and node.id not in in_rotation:
-            reason = node.state if node.state != NodeState.ACTIVE else ExclusionReason.UNHEALTHY.value
-            grouped.setdefault(reason, []).append(node)
-    result: list[WireExclusion] = [(reason, len(nodes), _refs(nodes)) for reason, nodes in grouped.items()]
+    result: dict[str, list[WireExclusion]] = {}
+    for role in {target.node.role for target in route.targets}:
+        in_rotation = {target.node.id for target in route.by_role(role)}
+        grouped: dict[str, list[NodeView]] = {}
+        for target in route.targets:
+            node = target.node
+            if node.role == role and node.id not in in_rotation:
+                reason = node.state if node.state != NodeState.ACTIVE else ExclusionReason.UNHEALTHY.value
+                grouped.setdefault(str(reason), []).append(node)
+        if grouped:
+            result[str(role)] = [(reason, len(nodes), _refs(nodes)) for reason, nodes in grouped.items()]
     if len(_route_cache) >= _ROUTE_CACHE_MAX:
         _route_cache.clear()
-    _route_cache[key] = (route, result)
+    _route_cache[id(route)] = (route, result)
     return result
 
 

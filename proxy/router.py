@@ -226,7 +226,7 @@ class Router:
         self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok
     ) -> dict[str, list[Any]] | None:
         """The targets of ``table`` that ``choose``'s filter ``ok`` leaves out, by reason: reason ->
-        [count, the first few nodes in route order]; None when it leaves none out. Found without
+        [count, the first few nodes' (id, URL) in route order]; None when it leaves none out. Found without
         walking the route: only a node already tried, with requests in flight against a concurrency
         limit (``LoadTracker.limited``) or with a breaker (``Breakers.nodes``) can be left out, and
         those are few however large the fleet."""
@@ -244,11 +244,11 @@ class Router:
             reason = self.exclusion_reason(node, exclude)
             entry = reasons.get(reason)
             if entry is None:
-                reasons[reason] = [1, [node]]
+                reasons[reason] = [1, [(node.id, node.url)]]
             else:
                 entry[0] += 1
                 if len(entry[1]) < NAMED_PER_REASON:
-                    entry[1].append(node)
+                    entry[1].append((node.id, node.url))
         return reasons
 
     @staticmethod

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from . import keys
-from .explain import Record, decode, encoded_text
+from .explain import Needles, Record, decode, encoded_texts, holds
 
 # Entries read per round trip while paging, and the most one page walks (about a tenth of a second
 # of decoding): a filter that matches rarely returns a shorter page with a cursor to go on from,
@@ -55,9 +55,9 @@ class RequestFilter:
             return False
         return self.node is None or _involves(record, self.node)
 
-    def needles(self) -> list[bytes]:
-        """Bytes every matching record's encoding holds (see ``explain.encoded_text``)."""
-        return [encoded_text(text) for text in (self.model, self.key) if text is not None]
+    def needles(self) -> Needles:
+        """Bytes every matching record's encoding holds (see ``explain.encoded_texts``)."""
+        return encoded_texts(*(text for text in (self.model, self.key) if text is not None))
 
     def lowest_entry(self) -> str:
         """The oldest entry id that can hold a matching record ("-" for the whole stream)."""
@@ -112,7 +112,7 @@ def read_page(
     while scanned < scan:
         chunk = _entries(client.xrevrange(keys.EXPLAIN, max=high, min=low, count=CHUNK))
         for entry_id, value in chunk:
-            if needles and not all(needle in value for needle in needles):
+            if not holds(value, needles):
                 continue
             record = decode(value, entry_id)
             if record is not None and wanted.matches(record):
@@ -132,10 +132,10 @@ def find(client: redis.Redis, request_id: str) -> Record | None:
     millisecond = client.zscore(keys.EXPLAIN_IDS, request_id)
     if millisecond is None:
         return None
-    needle = request_id.encode()
+    needles = encoded_texts(request_id)
     entries = _entries(client.xrevrange(keys.EXPLAIN, max=str(int(millisecond)), min=str(int(millisecond))))
     for entry_id, value in entries:
-        if needle in value:  # a byte search first: decoding every record would cost more
+        if holds(value, needles):  # a byte search first: decoding every record would cost more
             record = decode(value, entry_id)
             if record is not None and record["id"] == request_id:
                 return record

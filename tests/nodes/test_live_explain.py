@@ -138,3 +138,73 @@ def test_values_that_are_not_records_of_this_version_are_skipped():
     assert live.decode(live.encode(tuple(wire))) is not None  # type: ignore[arg-type]
     wire[10] = [["hybrid"]]  # a choice cut short
     assert live.decode(live.encode(tuple(wire))) is None  # type: ignore[arg-type]
+
+
+def _version_1(request_id: str, model: str, key: str) -> bytes:
+    """A record as RouterPanel wrote it before version 2 (MessagePack), still in a stream after an
+    upgrade until it ages out."""
+    url = "http://n1:8000"
+    return msgpack.packb(
+        [
+            1,
+            request_id,
+            time.time(),
+            key,
+            model,
+            "/v1/chat/completions",
+            False,
+            "hybrid",
+            "",
+            "round_robin",
+            [
+                [
+                    "hybrid",
+                    2,
+                    1,
+                    [1, url],
+                    model,
+                    [[1, url, 3, 1, 0.25, None]],
+                    [["draining", 1, [[4, "http://n4:8000"]]]],
+                ]
+            ],
+            [["hybrid", 1, url, 0.001, 0.002, 200, None, None, True]],
+            0.004,
+            200,
+            None,
+            None,
+            b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
+            url,
+        ]
+    )
+
+
+async def test_records_of_the_previous_version_are_still_read_filtered_and_found(redis_url, sync_client):
+    """After an upgrade the stream holds both versions until the old records age out: the Requests
+    page, its filters and the lookup by id read them the same."""
+    sync_client.eval(*live.append_args([("old", _version_1("old", "x", "alice"))], max_records=1000, oldest_ms=0))
+    await flush_all(redis_url, Explainer(), [explanation("new", model="x", key="bob")])
+    old = store.find(sync_client, "old")
+    assert old is not None and old["model"] == "x" and old["key"] == "alice"
+    assert old["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    (choice,) = old["choices"]
+    assert choice["pick"] == {"node": 1, "url": "http://n1:8000"} and choice["candidates"][0]["latency_ms"] == 250.0
+    assert choice["excluded"] == [{"reason": "draining", "count": 1, "nodes": [{"node": 4, "url": "http://n4:8000"}]}]
+    assert old["retries"] == 0 and old["node"] == {"node": 1, "url": "http://n1:8000"}
+
+    def ids(**wanted) -> list[str]:
+        return [r["id"] for r in store.read_page(sync_client, store.RequestFilter(**wanted)).records]
+
+    assert ids(model="x") == ["new", "old"] and ids(key="alice") == ["old"] and ids(key="bob") == ["new"]
+
+
+async def test_names_and_ids_with_quotes_backslashes_and_accents_are_filtered_and_found(redis_url, sync_client):
+    """The reader looks for a name in a record's bytes before decoding it: how JSON writes a text
+    (escaped quotes and backslashes, accents as they are) must not hide a record."""
+    odd = 'a "quoted"\\ modèle ☃'
+    await flush_all(
+        redis_url, Explainer(), [explanation(odd, model=odd, key=odd), explanation("plain", model="m", key="k")]
+    )
+    found = store.find(sync_client, odd)
+    assert found is not None and found["id"] == odd and found["model"] == odd and found["key"] == odd
+    assert [r["id"] for r in store.read_page(sync_client, store.RequestFilter(model=odd, key=odd)).records] == [odd]
+    assert [r["id"] for r in store.read_page(sync_client, store.RequestFilter(model="m")).records] == ["plain"]
