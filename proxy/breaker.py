@@ -39,7 +39,10 @@ class Breakers:
     def __init__(self, *, failures: int = 5, cooldown: float = 5.0) -> None:
         self.threshold = failures
         self.cooldown = cooldown
-        self.nodes: dict[int, NodeBreaker] = {}
+        self.nodes: dict[int, NodeBreaker] = {}  # every node that failed once, closed again or not
+        # The nodes whose breaker is open or half-open: the only ones it can keep from a request, which
+        # the router's explanations look at (``Router.left_out``), however many nodes ever failed.
+        self.tripped: set[int] = set()
         self.pending: dict[int, BreakerRecord] = {}  # transitions to publish
         # Called with a node's id when its breaker opens, here or in another worker (``Router.eject``:
         # requests still waiting on that node go elsewhere).
@@ -96,6 +99,9 @@ class Breakers:
         breaker.changed_at = now
         if state == CLOSED:
             breaker.failures = 0
+            self.tripped.discard(node_id)
+        else:
+            self.tripped.add(node_id)
         self.pending[node_id] = BreakerRecord(breaker.state, breaker.until, breaker.changed_at)
         if state == OPEN and self.on_open is not None:
             self.on_open(node_id)
@@ -113,5 +119,9 @@ class Breakers:
             mine = self.nodes.get(node_id)
             if mine is None or theirs.at > mine.changed_at:
                 self.nodes[node_id] = NodeBreaker(theirs.state, 0, theirs.until, theirs.at)
+                if theirs.state == CLOSED:
+                    self.tripped.discard(node_id)
+                else:
+                    self.tripped.add(node_id)
                 if theirs.state == OPEN and (mine is None or mine.state != OPEN) and self.on_open is not None:
                     self.on_open(node_id)

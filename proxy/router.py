@@ -228,9 +228,9 @@ class Router:
         """The targets of ``table`` that ``choose``'s filter ``ok`` leaves out, by reason: reason ->
         [count, the first few nodes' (id, URL) in route order]; None when it leaves none out. Found without
         walking the route: only a node already tried, with requests in flight against a concurrency
-        limit (``LoadTracker.limited``) or with a breaker (``Breakers.nodes``) can be left out, and
+        limit (``LoadTracker.limited``) or behind a breaker (``Breakers.tripped``) can be left out, and
         those are few however large the fleet."""
-        limited, broken = self.load.limited(), self.breakers.nodes
+        limited, broken = self.load.limited(), self.breakers.tripped
         if not (exclude or limited or broken):
             return None  # the usual case: nothing to look at
         position, targets = table.position, table.targets

@@ -32,9 +32,12 @@ def test_after_the_cooldown_one_trial_goes_through_and_decides() -> None:
     breakers.failure(1, now=105.3)
     assert breakers.state(1) == OPEN and not breakers.allows(1, now=106.0)
     assert breakers.allows(1, now=110.4)
+    assert breakers.tripped == {1}
     breakers.acquired(1)
     breakers.success(1)
     assert breakers.state(1) == CLOSED and breakers.allows(1)
+    # What the router's explanations look at: a node that failed and recovered is not among them.
+    assert breakers.tripped == set()
 
 
 def test_a_trial_without_a_verdict_lets_another_trial_through() -> None:
@@ -61,6 +64,7 @@ async def test_an_open_breaker_is_seen_by_every_worker_and_so_is_its_closing(two
     await a.sync_once()
     await b.sync_once()
     assert b.breakers.state(9) == OPEN and not b.breakers.allows(9)
+    assert a.breakers.tripped == b.breakers.tripped == {9}
     b.breakers.nodes[9].until = 0  # cool-down over on B: its trial succeeds
     assert b.breakers.allows(9)
     b.breakers.acquired(9)
@@ -68,3 +72,4 @@ async def test_an_open_breaker_is_seen_by_every_worker_and_so_is_its_closing(two
     await b.sync_once()
     await a.sync_once()
     assert a.breakers.state(9) == CLOSED and a.breakers.allows(9)
+    assert a.breakers.tripped == b.breakers.tripped == set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from aiohttp import web
 from nodes.live import explain as live
 from proxy import relay as proxy_relay
 from proxy import snapshot as snapshots
-from proxy.breaker import HALF_OPEN, NodeBreaker
+from proxy.breaker import HALF_OPEN
 from proxy.explain import Explainer, Explanation
 from proxy.request import Outcome
 from proxy.snapshot import PolicyView
@@ -88,7 +89,10 @@ async def test_every_reason_a_node_was_left_out_is_named(engines, proxy_app):
     router = proxy_app.router
     for _ in range(router.breakers.threshold):
         router.breakers.failure(7)
-    router.breakers.nodes[8] = NodeBreaker(state=HALF_OPEN, trial=True)
+    for _ in range(router.breakers.threshold):  # opened a cool-down ago
+        router.breakers.failure(8, now=time.time() - router.breakers.cooldown - 1)
+    assert router.breakers.allows(8) and router.breakers.state(8) == HALF_OPEN
+    router.breakers.acquired(8)  # its one trial in flight
     assert router.load.try_acquire(snapshot.nodes[9])
     for _ in range(2):  # round robin: one of the two requests meets the dead node first
         response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
@@ -152,7 +156,9 @@ async def test_an_unknown_model_is_recorded_without_a_route(proxy_app):
 async def test_a_request_that_fails_after_retries_says_why(engines, proxy_app):
     busy = await engines("busy", mode="status:503")
     snapshots.install(make_snapshot([{"url": DEAD}, {"url": busy.url}, {"url": "http://127.0.0.1:10003"}]))
-    proxy_app.router.breakers.nodes[3] = NodeBreaker(state="open", until=float("inf"))
+    breakers = proxy_app.router.breakers
+    for _ in range(breakers.threshold):
+        breakers.failure(3, now=time.time() + 3600)  # open for an hour
     response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers={**AUTH, "x-routerpanel-explain": "1"})
     assert response.status == 503  # every node failed: the last engine answer is the client's
     record = last_record(proxy_app)
