@@ -9,12 +9,13 @@ its live tail and ``/api/requests/`` read them back through ``nodes.live.explain
 
 On the wire a record is a JSON array in the layout of the ``Wire*`` types below (version 2:
 positional, and close to what the web worker holds while the request runs, so that finishing a
-record is one ``orjson.dumps`` of tuples it already has: about 0.4 µs, where reshaping it and packing
-it as MessagePack, version 1, cost 2.3 µs, and JSON with field names ten). This module is the only
-place that knows the layouts, and it still reads version 1, which a stream holds until its records
-age out after an upgrade. ``decode`` turns either into the readable ``Record``, deriving what the web
-worker did not spend time on: the candidates and exclusions per choice, the retries and their
-reasons, the time to the first byte, and the token usage read from the slice of the answer kept for it.
+record is one ``orjson.dumps`` of tuples it already has: about 1.1 µs in all, measured by
+``bench/explain_micro.py``, where reshaping it and packing it as MessagePack, version 1, cost 2.6 µs,
+and JSON with field names ten). This module is the only place that knows the layouts, and it still
+reads version 1, which a stream holds until its records age out after an upgrade. ``decode`` turns
+either into the readable ``Record``, deriving what the web worker did not spend time on: the
+candidates and exclusions per choice, the retries and their reasons, the time to the first byte,
+and the token usage read from the slice of the answer kept for it.
 """
 
 from __future__ import annotations
