@@ -115,12 +115,16 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         while True:
             try:
                 payload = await self.payload()
-                await self.send_json(payload_update(shown, payload))
-                shown = payload
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed tick (database locked, say) must not end the live view
                 logger.exception("dashboard update failed")
+            else:
+                try:
+                    await self.send_json(payload_update(shown, payload))
+                except OSError:  # the client is gone (uvicorn's ClientDisconnected): nobody to update
+                    return
+                shown = payload
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):

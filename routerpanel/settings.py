@@ -247,10 +247,13 @@ CELERY_BEAT_SCHEDULE = {
 # Run tasks in-process (tests, one-off scripts) when asked; never in production.
 CELERY_TASK_ALWAYS_EAGER = env_bool("ROUTERPANEL_CELERY_EAGER", False)
 
+# A WebSocket consumer waits for group messages with a blocking pop Redis ends every 5 s; redis-py
+# 8's default read timeout is 5 s too, and a read that lost the race closed a quiet dashboard's
+# WebSocket. Twice the pop's: still a bound on a Redis that hangs.
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [ROUTERPANEL_REDIS_URL]},
+        "CONFIG": {"hosts": [{"address": ROUTERPANEL_REDIS_URL, "socket_timeout": 10.0}]},
     }
 }
 

@@ -23,6 +23,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection, connections
 
 from nodes.services import Actor
+from tests.support.layers import channel_layers_at
 from tests.support.ports import closed_port
 from tests.support.procs import RedisServer
 from tests.support.stack import REDIS_DATABASES, RouterPanelStack, StackPool, StackSpec
@@ -88,9 +89,7 @@ def _no_real_redis_by_default(settings, request) -> None:
         closed = f"redis://127.0.0.1:{closed_port()}/0"
         settings.ROUTERPANEL_REDIS_URL = closed
         settings.CELERY_BROKER_URL = closed
-        settings.CHANNEL_LAYERS = {
-            "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [closed]}}
-        }
+        settings.CHANNEL_LAYERS = channel_layers_at(settings.CHANNEL_LAYERS, closed)
 
 
 DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences", "django_db_serialized_rollback"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -21,6 +22,7 @@ from nodes.rules import is_routable
 from nodes.selectors import fleet_state, model_readiness
 from proxy.shared import SharedCounters
 from proxy.stats import NodeStats
+from tests.support.layers import channel_layers_at
 
 pytestmark = pytest.mark.django_db
 
@@ -30,9 +32,7 @@ def channel_layer(redis_url, settings):
     """The channels-redis layer on the test Redis (the consumer joins a group on connect)."""
     from channels.layers import channel_layers
 
-    settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [redis_url]}}
-    }
+    settings.CHANNEL_LAYERS = channel_layers_at(settings.CHANNEL_LAYERS, redis_url)
     channel_layers.backends.clear()
     yield
     channel_layers.backends.clear()
@@ -334,3 +334,41 @@ def test_the_usage_chart_has_the_last_hours_tokens_per_model(client: Client, ope
     assert [s["model"] for s in chart["series"]] == ["m"]  # "old" is more than an hour ago
     tokens = chart["series"][0]["tokens"]
     assert len(tokens) == 60 and tokens[-1] == 7 and tokens[-3] == 10
+
+
+def test_the_channel_layers_reads_outlast_its_blocking_receive(settings) -> None:
+    """A WebSocket consumer waits for group messages with a blocking pop that Redis ends every
+    ``brpop_timeout`` seconds. A connection read timeout no longer than that (redis-py 8's default
+    is the same 5 s) races it, and each lost race closed the WebSocket of a dashboard that was only
+    watching: the page reconnected and was sent the whole fleet again."""
+    from channels_redis.core import RedisChannelLayer
+    from channels_redis.utils import create_pool, decode_hosts
+
+    (host,) = decode_hosts(settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"])
+    pool = create_pool(host)
+    read_timeout = pool.connection_class(**pool.connection_kwargs).socket_timeout
+    assert read_timeout is None or read_timeout >= 2 * RedisChannelLayer.brpop_timeout
+
+
+async def test_a_dashboards_updates_stop_once_its_client_is_gone(monkeypatch) -> None:
+    """When the browser has gone, sending fails: the consumer's loop ends there instead of building
+    and failing to send an update every second for as long as the worker runs (which it did when the
+    consumer ended without its disconnect handler, on an error of the channel layer)."""
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    consumer = DashboardConsumer()
+    consumer._wake = asyncio.Event()
+    built: list[int] = []
+
+    async def payload() -> dict:
+        built.append(len(built))
+        return {"generated_at": str(len(built)), "live": True, "nodes": [], "models": [], "control_planes": []}
+
+    async def send_json(content: dict, close: bool = False) -> None:
+        raise ClientDisconnected()
+
+    monkeypatch.setattr(consumer, "payload", payload)
+    monkeypatch.setattr(consumer, "send_json", send_json)
+    monkeypatch.setattr(consumer, "interval", 0.01)
+    await asyncio.wait_for(consumer._push_loop(), timeout=10)
+    assert built == [0]
