@@ -180,18 +180,25 @@ class RequestsConsumer(AsyncJsonWebsocketConsumer):
     async def _tail(self, after: str, wanted: RequestFilter) -> None:
         live: bool | None = None
         while True:
+            messages: list[dict[str, Any]] = []
             try:
                 records, after, skipped = await read_after(self._redis, after, wanted, count=TAIL_MAX)
-                if live is not True:
-                    await self.send_json({"type": "status", "live": True})
-                live = True
-                if records or skipped:
-                    await self.send_json({"type": "records", "records": records, "skipped": skipped})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: say so once, keep trying
                 logger.debug("the requests tail could not read Redis: %s", exc)
                 if live is not False:
-                    await self.send_json({"type": "status", "live": False})
+                    messages.append({"type": "status", "live": False})
                 live = False
+            else:
+                if live is not True:
+                    messages.append({"type": "status", "live": True})
+                live = True
+                if records or skipped:
+                    messages.append({"type": "records", "records": records, "skipped": skipped})
+            try:
+                for message in messages:
+                    await self.send_json(message)
+            except OSError:  # the client is gone (uvicorn's ClientDisconnected): nobody to tell
+                return
             await asyncio.sleep(self.interval)

@@ -125,3 +125,30 @@ async def test_the_live_tail_turns_away_users_who_are_not_staff(outsider_user, c
     connected, code = await communicator.connect(timeout=10)
     assert not connected and code == FORBIDDEN
     await communicator.disconnect()
+
+
+async def test_the_live_tail_ends_quietly_once_its_client_is_gone(redis_url, monkeypatch) -> None:
+    """The browser left: the first send fails and the tail stops there, without an error of its
+    own (a task failing with nobody to collect it is logged when it is garbage-collected)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    from nodes.live.explain_store import RequestFilter
+
+    consumer = RequestsConsumer()
+    consumer._redis = aioredis.Redis.from_url(redis_url)
+    sent: list[dict] = []
+
+    async def send_json(content: dict, close: bool = False) -> None:
+        sent.append(content)
+        raise ClientDisconnected()
+
+    monkeypatch.setattr(consumer, "send_json", send_json)
+    monkeypatch.setattr(consumer, "interval", 0.01)
+    try:
+        await asyncio.wait_for(consumer._tail("0", RequestFilter()), timeout=10)
+    finally:
+        await consumer._redis.aclose()
+    assert sent == [{"type": "status", "live": True}]
