@@ -99,12 +99,17 @@ class Breakers:
         breaker.changed_at = now
         if state == CLOSED:
             breaker.failures = 0
-            self.tripped.discard(node_id)
-        else:
-            self.tripped.add(node_id)
+        self._track(node_id, state)
         self.pending[node_id] = BreakerRecord(breaker.state, breaker.until, breaker.changed_at)
         if state == OPEN and self.on_open is not None:
             self.on_open(node_id)
+
+    def _track(self, node_id: int, state: str) -> None:
+        """Keep ``tripped`` in step with a breaker's new state."""
+        if state == CLOSED:
+            self.tripped.discard(node_id)
+        else:
+            self.tripped.add(node_id)
 
     # -- sharing ------------------------------------------------------------------------------
 
@@ -119,9 +124,6 @@ class Breakers:
             mine = self.nodes.get(node_id)
             if mine is None or theirs.at > mine.changed_at:
                 self.nodes[node_id] = NodeBreaker(theirs.state, 0, theirs.until, theirs.at)
-                if theirs.state == CLOSED:
-                    self.tripped.discard(node_id)
-                else:
-                    self.tripped.add(node_id)
+                self._track(node_id, theirs.state)
                 if theirs.state == OPEN and (mine is None or mine.state != OPEN) and self.on_open is not None:
                     self.on_open(node_id)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from django.conf import settings
 
 from nodes.choices import ExclusionReason, NodeHealth, Strategy
-from nodes.live.explain import LISTED_CANDIDATES, NAMED_PER_REASON
+from nodes.live.explain import LISTED_CANDIDATES, NAMED_PER_REASON, WireExcluded
 
 from . import strategies
 from .breaker import HALF_OPEN, OPEN, Breakers
@@ -222,9 +222,7 @@ class Router:
 
     # -- Explanations (``proxy.explain``): as cheap at a thousand nodes as at two -------------------
 
-    def left_out(
-        self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok
-    ) -> dict[str, list[Any]] | None:
+    def left_out(self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok) -> WireExcluded:
         """The targets of ``table`` that ``choose``'s filter ``ok`` leaves out, by reason: reason ->
         [count, the first few nodes' (id, URL) in route order]; None when it leaves none out. Found without
         walking the route: only a node already tried, with requests in flight against a concurrency
