@@ -42,6 +42,7 @@ import aiohttp
 from django.conf import settings
 
 from . import metrics, stats
+from .deadline import Deadline
 from .errors import ProxyError, engine_failed, engine_timeout
 from .httpclient import Response
 from .router import Router
@@ -116,7 +117,7 @@ class Attempt:
         self.ttft: float | None = None  # time to the first chunk of a delivered stream
         self.cancelled = False  # cancelled under us: the client left, or a PD leg was called off
         self.ejected = False  # its node was ejected while it waited for the first byte
-        self.waiting: asyncio.Timeout | None = None  # the wait for the first byte, while it lasts
+        self.waiting: Deadline | None = None  # the wait for the first byte, while it lasts
 
     def eject(self) -> None:
         """Stop waiting for the first byte now (``Router.eject``): the wait ends in a timeout that
@@ -238,15 +239,15 @@ class AttemptLoop(Generic[R]):
         router = self.router
         policy = self.route.policy
         total = policy.total_timeout
+        loop = asyncio.get_running_loop()
         if not self.stream:
             # The whole answer is the first byte: the connection's own timer bounds it (one timer
-            # less than an asyncio timeout around it); the wait below is only there to be ejected.
+            # less than a deadline around it); the wait below is only there to be ejected.
             if first_byte is not None and first_byte < total:
                 total = first_byte
             deadline = first_deadline = None
             headers_bound = None
         else:
-            loop = asyncio.get_running_loop()
             first_deadline = None if first_byte is None else loop.time() + first_byte
             deadline = first_deadline
             if headers_bound is not None and (first_byte is None or headers_bound < first_byte):
@@ -254,7 +255,7 @@ class AttemptLoop(Generic[R]):
             else:
                 headers_bound = None
         try:
-            async with asyncio.timeout_at(deadline) as waiting:
+            with Deadline(loop, deadline) as waiting:
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
                 try:
