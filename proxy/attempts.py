@@ -196,6 +196,9 @@ class AttemptLoop(Generic[R]):
     def settled(self, attempt: Attempt, duration: float) -> None:
         """Called once per attempt after its slot was released (per-leg metrics)."""
 
+    def failed(self, error: ProxyError) -> None:
+        """Called when ``run`` raises ``error`` (per-leg metrics)."""
+
     # -- The loop ------------------------------------------------------------------------------
 
     async def run(self) -> R:
@@ -204,29 +207,33 @@ class AttemptLoop(Generic[R]):
         unreachable: ProxyError | None = None
         answer: Attempt | None = None  # the last engine answer that was tried elsewhere
         reason = ""
-        for number in range(attempts):
-            attempt = self.pick(tried)
-            if attempt is None:
-                break
-            if number:
-                metrics.count_retry(self.route.name, reason)
-            tried.append(attempt.target.node.id)
-            try:
-                reason = await self._send(attempt, retry_status=self.retry_statuses and number + 1 < attempts)
-                if not reason:
-                    return await self.deliver(attempt)
-            except asyncio.CancelledError:
-                attempt.cancelled = True
-                raise
-            finally:
-                self._settle(attempt)
-            if attempt.error is not None:
-                unreachable = attempt.error
-            else:
-                answer = attempt
-        if answer is not None:
-            return await self.deliver(answer)
-        raise unreachable or self.missing()
+        try:
+            for number in range(attempts):
+                attempt = self.pick(tried)
+                if attempt is None:
+                    break
+                if number:
+                    metrics.count_retry(self.route.name, reason)
+                tried.append(attempt.target.node.id)
+                try:
+                    reason = await self._send(attempt, retry_status=self.retry_statuses and number + 1 < attempts)
+                    if not reason:
+                        return await self.deliver(attempt)
+                except asyncio.CancelledError:
+                    attempt.cancelled = True
+                    raise
+                finally:
+                    self._settle(attempt)
+                if attempt.error is not None:
+                    unreachable = attempt.error
+                else:
+                    answer = attempt
+            if answer is not None:
+                return await self.deliver(answer)
+            raise unreachable or self.missing()
+        except ProxyError as exc:
+            self.failed(exc)
+            raise
 
     async def _send(self, attempt: Attempt, *, retry_status: bool) -> str:
         """Send ``attempt`` and wait for its first byte. Returns why to try another node (``connect``,

@@ -49,7 +49,25 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
             except asyncio.CancelledError:
                 pd.left_during_prefill = True
                 raise
-            await _decode_after(pd, protocol, answer)
+            # The client's answer: the prefill's error, its whole completion, or the decode's.
+            if answer.status != 200:
+                await send_prefill_error(pd, answer)
+                return
+            handoff = protocol.handoff(pd, answer)
+            if handoff is None:
+                await send_prefill_completion(pd, answer)
+                return
+            pd.prompt_tokens = prefill_prompt_tokens(answer)
+            try:
+                await run_decode(
+                    pd,
+                    lambda pd, leg: protocol.decode_request(pd, leg, handoff),
+                    retry_other_node=protocol.decode_retry_other_node,
+                    retry_statuses=protocol.decode_retry_statuses,
+                )
+            except ProxyError:
+                protocol.forget_pair(pd)
+                raise
         finally:
             pd.release_unused()
             if protocol.frees_kv:
@@ -59,28 +77,6 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
                     spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free")
     finally:
         core.ended()
-
-
-async def _decode_after(pd: PdRequest, protocol: TwoStagePd, answer: LegAnswer) -> None:
-    """The client's answer after the prefill's: its error, its whole completion, or the decode."""
-    if answer.status != 200:
-        await send_prefill_error(pd, answer)
-        return
-    handoff = protocol.handoff(pd, answer)
-    if handoff is None:
-        await send_prefill_completion(pd, answer)
-        return
-    pd.prompt_tokens = prefill_prompt_tokens(answer)
-    try:
-        await run_decode(
-            pd,
-            lambda pd, leg: protocol.decode_request(pd, leg, handoff),
-            retry_other_node=protocol.decode_retry_other_node,
-            retry_statuses=protocol.decode_retry_statuses,
-        )
-    except ProxyError:
-        protocol.forget_pair(pd)
-        raise
 
 
 async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from nodes.choices import NodeRole
@@ -101,6 +101,9 @@ class PdLeg(AttemptLoop[Result]):
     def settled(self, attempt: Attempt, duration: float) -> None:
         pd_metrics.observe_leg(self.route.name, self.role, duration)
 
+    def failed(self, error: ProxyError) -> None:
+        pd_metrics.count_leg_error(self.role, error.code)
+
 
 class PrefillLeg(PdLeg[LegAnswer]):
     """The prefill call; bounded as a whole by the policy's first-token timeout."""
@@ -116,6 +119,8 @@ class PrefillLeg(PdLeg[LegAnswer]):
     async def deliver(self, attempt: Attempt) -> LegAnswer:
         assert attempt.response is not None
         attempt.verdict = verdict_for(attempt.status)
+        if attempt.status != 200:
+            pd_metrics.count_leg_error(self.role, f"engine_{attempt.status}")
         leg = cast(LegAttempt, attempt).leg
         return LegAnswer.parse(leg, attempt.status, attempt.body, attempt.response.content_type)
 
@@ -163,9 +168,11 @@ class DecodeLeg(PdLeg[None]):
         return merge_usage_events(chunk, self.pd.prompt_tokens)
 
 
-async def run_prefill(pd: PdRequest, build: Callable[[PdRequest, Leg], LegRequest], *, retry: bool = True) -> LegAnswer:
-    """The prefill leg (run as its own task by the flows, so a client disconnect cannot abort it:
-    ``proxy.pd.flows``).
+def run_prefill(
+    pd: PdRequest, build: Callable[[PdRequest, Leg], LegRequest], *, retry: bool = True
+) -> Coroutine[Any, Any, LegAnswer]:
+    """The prefill leg (a coroutine: the flows run it as its own task, so a client disconnect cannot
+    abort it: ``proxy.pd.flows``).
 
     Retried on another prefill node (unless ``retry`` is off) after a connect error or an overloaded
     answer; any other answer, error status included, is returned for the flow to pass on."""
@@ -179,26 +186,20 @@ async def run_prefill(pd: PdRequest, build: Callable[[PdRequest, Leg], LegReques
         retry_other_node=retry,
         retry_statuses=True,
     )
-    try:
-        answer = await leg.run()
-    except ProxyError as exc:
-        pd_metrics.count_leg_error("prefill", exc.code)
-        raise
-    if answer.status != 200:
-        pd_metrics.count_leg_error("prefill", f"engine_{answer.status}")
-    return answer
+    return leg.run()
 
 
-async def run_decode(
+def run_decode(
     pd: PdRequest,
     build: Callable[[PdRequest, Leg], LegRequest],
     *,
     retry_other_node: bool = True,
     retry_statuses: bool = True,
-) -> None:
-    """The decode leg: its answer goes to the client. Before any byte reached the client, a connect
-    error (or, if ``retry_statuses``, an overloaded answer) is retried on another decode node unless
-    ``retry_other_node`` is off; any other decode failure is a 502, a timeout a 504."""
+) -> Coroutine[Any, Any, None]:
+    """The decode leg, a coroutine to await: its answer goes to the client. Before any byte reached
+    the client, a connect error (or, if ``retry_statuses``, an overloaded answer) is retried on
+    another decode node unless ``retry_other_node`` is off; any other decode failure is a 502, a
+    timeout a 504."""
     stream = pd.request.stream
     leg = DecodeLeg(
         pd,
@@ -209,11 +210,7 @@ async def run_decode(
         retry_other_node=retry_other_node,
         retry_statuses=retry_statuses,
     )
-    try:
-        await leg.run()
-    except ProxyError as exc:
-        pd_metrics.count_leg_error("decode", exc.code)
-        raise
+    return leg.run()
 
 
 def decode_failed(leg: Leg, status: int, body: bytes) -> ProxyError:

@@ -5,6 +5,7 @@ decode node (the KV is still held for it), and the prefill's KV is freed exactly
 from __future__ import annotations
 
 from proxy import snapshot as snapshots
+from proxy.pd import metrics as pd_metrics
 from proxy.snapshot import PolicyView
 from tests.support.ports import closed_port
 
@@ -100,5 +101,36 @@ async def test_failing_legs_open_the_nodes_circuit_breaker(fake_pd, proxy_app):
     response = await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)
     assert response.status == 503
     assert response.json()["error"]["code"] == "no_prefill_capacity"
+    await settled(proxy_app)
+    assert_no_leak(engines)
+
+
+def leg_errors() -> dict[tuple[str, str], float]:
+    return {
+        (sample.labels["leg"], sample.labels["kind"]): sample.value
+        for metric in pd_metrics.LEG_ERRORS.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
+async def test_each_failed_leg_counts_once_by_leg_and_kind(fake_pd, proxy_app):
+    engines, prefills, decodes = await fake_pd()
+    install(prefills, decodes, retry_budget=1)
+    before = leg_errors()
+
+    def added() -> dict[tuple[str, str], float]:
+        return {key: value - before.get(key, 0) for key, value in leg_errors().items() if value != before.get(key, 0)}
+
+    engines.fail(prefills[0], 500)
+    assert (await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)).status == 500
+    assert added() == {("prefill", "engine_500"): 1}
+    engines.fail(decodes[0], 500)  # one decode node: nothing else to try
+    assert (await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)).status == 502
+    assert added() == {("prefill", "engine_500"): 1, ("decode", "decode_failed"): 1}
+    install([DEAD], decodes, retry_budget=0)
+    assert (await call(proxy_app, "POST", CHAT, json_body=BODY, headers=AUTH)).status == 502
+    unreachable = ("prefill", "prefill_unreachable")
+    assert added() == {("prefill", "engine_500"): 1, ("decode", "decode_failed"): 1, unreachable: 1}
     await settled(proxy_app)
     assert_no_leak(engines)
