@@ -118,6 +118,17 @@ class LegAnswer:
 
 _JSON = {"Content-Type": "application/json"}
 
+
+class Constant:
+    """Members a leg adds to every request's JSON (``PdRequest.body_with``), and their encoding."""
+
+    __slots__ = ("members", "values")
+
+    def __init__(self, **values: Any) -> None:
+        self.values = values
+        self.members = dumps(values)[1:-1]
+
+
 # A leg request: (path, JSON body, headers) for the node a leg was given; the body as a dict, or
 # already encoded (``PdRequest.body_for``).
 LegRequest = tuple[str, dict[str, Any] | bytes, dict[str, str]]
@@ -241,6 +252,19 @@ class PdRequest:
         if not added:
             return body
         return with_members(body, dumps(added)[1:-1])
+
+    def body_with(self, leg: Leg, changes: Constant, drop: tuple[str, ...] = ()) -> bytes:
+        """``body_for(leg, drop=drop, **changes)`` for changes that are the same for every request: when
+        the client's JSON holds none of their keys and none of ``drop``, their encoding made once is
+        spliced in (a microsecond less than encoding them again)."""
+        payload = self.request.payload
+        for key in changes.values:
+            if key in payload:
+                return self.body_for(leg, drop=drop, **changes.values)
+        for key in drop:
+            if key in payload:
+                return self.body_for(leg, drop=drop, **changes.values)
+        return with_members(self.request.body_for(leg.target.served_name), changes.members)
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         assert self.prefill is not None and self.decode is not None

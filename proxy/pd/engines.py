@@ -21,7 +21,7 @@ from ..errors import ProxyError, engine_failed, engine_timeout
 from . import lmdeploy as wire
 from . import metrics as pd_metrics
 from .cleanup import free_batched, free_kv, spawn
-from .core import Leg, LegAnswer, LegRequest, PdRequest, host_port
+from .core import Constant, Leg, LegAnswer, LegRequest, PdRequest, host_port
 
 _STREAM_FIELDS = ("stream_options",)
 
@@ -84,9 +84,10 @@ class NanoDeployPd(TwoStagePd):
     token and the budget must survive into the migrated sequence)."""
 
     engine_type = EngineType.NANODEPLOY
+    _PREFILL = Constant(stream=False, kv_transfer_params={"do_remote_decode": True})
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
-        body = pd.body_for(leg, drop=_STREAM_FIELDS, stream=False, kv_transfer_params={"do_remote_decode": True})
+        body = pd.body_with(leg, self._PREFILL, drop=_STREAM_FIELDS)
         return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:

@@ -59,9 +59,12 @@ def fake_pd(payload: dict, *, path: str = "/v1/chat/completions", request_id: st
     def body_for(leg, *, drop=(), **changes):  # the real encoding, over the client's bytes
         return PdRequest.body_for(pd, leg, drop=drop, **changes)
 
+    def body_with(leg, changes, drop=()):
+        return PdRequest.body_with(pd, leg, changes, drop)
+
     body = json.dumps(payload).encode()
     request = ProxyRequest(path, payload.get("model"), None, payload, body, False, request_id, RequestHeaders())  # type: ignore[arg-type]
-    pd = SimpleNamespace(request=request, payload_for=payload_for, body_for=body_for, decode=None)
+    pd = SimpleNamespace(request=request, payload_for=payload_for, body_for=body_for, body_with=body_with, decode=None)
     return pd
 
 
