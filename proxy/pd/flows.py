@@ -9,6 +9,7 @@ engine error, timeout, mid-stream failure, and a client that leaves at any momen
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 from .. import metrics as proxy_metrics
 from ..errors import ProxyError
@@ -24,7 +25,7 @@ from .usage import prefill_prompt_tokens
 async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
     """Prefill → decode → release, with the release on every path after the prefill was sent.
 
-    The prefill call runs as its own task awaited through ``shield``: a client that leaves while it
+    The prefill call runs as its own task, shielded (``_prefilled``): a client that leaves while it
     is in flight cancels only our wait (and so does a worker's forced shutdown), and a clean-up task
     lets the call finish (bounded by the prefill timeout) and releases the KV its answer names,
     which the engine would otherwise keep. The release itself is a tracked clean-up the request
@@ -44,11 +45,14 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
                 raise
         prefill = spawn(run_prefill(pd, protocol.prefill_request), "routerpanel-pd-prefill")
         try:
+            prefilled = asyncio.get_running_loop().create_future()
+            prefill.add_done_callback(partial(_prefilled, prefilled))
             try:
-                answer = await asyncio.shield(prefill)
+                await prefilled  # cancelled, it leaves the prefill running
             except asyncio.CancelledError:
                 pd.left_during_prefill = True
                 raise
+            answer = prefill.result()
             # The client's answer: the prefill's error, its whole completion, or the decode's.
             if answer.status != 200:
                 await send_prefill_error(pd, answer)
@@ -77,6 +81,15 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
                     spawn(_release_after(pd, protocol, prefill), "routerpanel-pd-free")
     finally:
         core.ended()
+
+
+def _prefilled(waiter: asyncio.Future[None], prefill: asyncio.Task) -> None:
+    """``asyncio.shield`` for the prefill, for less: wake the request, which reads the prefill's
+    outcome itself. Its exception is marked as read here, for when the client left and nobody does."""
+    if not prefill.cancelled():
+        prefill.exception()
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _release_after(pd: PdRequest, protocol: TwoStagePd, prefill: asyncio.Task) -> None:
