@@ -74,7 +74,7 @@ def main() -> int:
             value, values = found
             cells.append("" if not values else f"{value:,.3g} ({' / '.join(f'{v:,.3g}' for v in values)})")
         print(f"| {system} | " + " | ".join(cells) + " |")
-    pd = [report["pd"]["cpu_us"] / report["pd"]["hybrid_cpu_us"] for report in reports if report.get("pd")]
+    pd = [_pd_ratio(report["pd"]) for report in reports if report.get("pd")]
 
     def verdict(name: str, value: float, bound: float, per_run: list[float], *, at_least: bool = False) -> None:
         met = value >= bound if at_least else value <= bound
@@ -103,13 +103,29 @@ def main() -> int:
     verdict("peak RSS of the web worker, MB", rss, 100, per_run)
     if pd:
         verdict("PD CPU per request, x hybrid", statistics.median(pd), 1.6, pd)
-    split = [report["pd"] for report in reports if report.get("pd") and "kernel_us" in report["pd"]]
+    split = [_pd_split(report["pd"]) for report in reports if report.get("pd")]
+    split = [pair for pair in split if pair is not None]
     if split:
-        user = [(r["cpu_us"] - r["kernel_us"]) / (r["hybrid_cpu_us"] - r["hybrid_kernel_us"]) for r in split]
-        kernel = [r["kernel_us"] / r["hybrid_kernel_us"] for r in split]
+        user, kernel = [pair[0] for pair in split], [pair[1] for pair in split]
         print(f"  of which user space {statistics.median(user):.2f}x ({' / '.join(f'{v:.2f}' for v in user)}),")
         print(f"  the kernel {statistics.median(kernel):.2f}x ({' / '.join(f'{v:.2f}' for v in kernel)})")
     return 0
+
+
+def _pd_ratio(pd: dict) -> float:
+    """A run's PD ratio: the median over its alternated rounds (bench/pd.py), or, in a report made
+    before the rounds, its one PD run over the mean hybrid figure."""
+    return pd["ratio"] if "ratio" in pd else pd["cpu_us"] / pd["hybrid_cpu_us"]
+
+
+def _pd_split(pd: dict) -> tuple[float, float] | None:
+    """(user-space ratio, kernel ratio) of a run's PD figure, when it has them."""
+    if "user_ratio" in pd:
+        return pd["user_ratio"], pd["kernel_ratio"]
+    if "kernel_us" in pd:
+        user = (pd["cpu_us"] - pd["kernel_us"]) / (pd["hybrid_cpu_us"] - pd["hybrid_kernel_us"])
+        return user, pd["kernel_us"] / pd["hybrid_kernel_us"]
+    return None
 
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ concurrency 32 measures requests/s and the web process's CPU per request, to set
 request's at the same concurrency (the target is at most 1.6 times), and how many KV releases one
 ``/pd/free`` call carried on average (RouterPanel gathers a prefill node's releases, docs/pd.md).
 
-bench/run.py measures the hybrid figure twice, before the PD phase and right after it, and divides
-by their mean, so that the ratio does not compare two moments of a machine whose speed drifts. It
-also splits both figures into user space and the kernel (``/proc/<pid>/stat``'s utime and stime):
-the user-space ratio is the one ``make bench-instructions`` counts, and the kernel's share of a
-request is about the same for both kinds, so the whole ratio is lower than the user-space one.
+A small shared machine's speed drifts by a third within minutes (the hybrid figure measured right
+before and right after one PD run differed by that much), so ``rounds`` alternates the two loads:
+PD, hybrid, PD, hybrid... after the run's hybrid c=32 figure. Each PD run is divided by the mean of
+the hybrid runs on either side of it, and the ratio reported is the median of those. Both figures
+are also split into user space and the kernel (``/proc/<pid>/stat``'s utime and stime): the
+user-space ratio is the one ``make bench-instructions`` counts, and the kernel's share of a request
+is about the same for both kinds, so the whole ratio is lower than the user-space one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import statistics
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -73,6 +77,51 @@ def measure_pd(proxy: str, auth: dict, pid: int, prefill: Simulator, duration: i
     if allocated < result.requests // 2:
         raise RuntimeError(f"the prefill engine saw few of {result.requests} PD requests: {after}")
     return PdFigures(result, frees_per_call(before, after))
+
+
+ROUNDS = 3
+
+
+@dataclass
+class PdRounds:
+    """PD runs alternated with hybrid ones (see the module doc)."""
+
+    pd: list[PdFigures]
+    hybrid: list[WrkResult]  # one more than ``pd``: the run's own hybrid figure first
+    warmup: PdFigures  # the PD run before them, not counted
+
+    def _ratios(self, figure: Callable[[WrkResult], float]) -> list[float]:
+        return [
+            figure(run.wrk) / ((figure(self.hybrid[i]) + figure(self.hybrid[i + 1])) / 2)
+            for i, run in enumerate(self.pd)
+        ]
+
+    def ratios(self) -> list[float]:
+        """Each PD run's CPU per request over its neighbouring hybrid runs' mean."""
+        return self._ratios(lambda result: result.cpu_us or math.nan)
+
+    def user_ratios(self) -> list[float]:
+        return self._ratios(lambda result: (result.cpu_us or math.nan) - (result.kernel_us or math.nan))
+
+    def kernel_ratios(self) -> list[float]:
+        return self._ratios(lambda result: result.kernel_us or math.nan)
+
+    def median(self, figure: Callable[[WrkResult], float | None]) -> float:
+        return statistics.median((figure(run.wrk) or math.nan) for run in self.pd)
+
+
+def rounds(
+    measure: Callable[[], PdFigures], hybrid: Callable[[], WrkResult], first: WrkResult, count: int = ROUNDS
+) -> PdRounds:
+    """``count`` PD runs (``measure``), each followed by a hybrid one (``hybrid``), after ``first``
+    and after one PD run that is not counted: the hybrid figures come from a worker that has served
+    that load for a while, and the first PD run at concurrency 32 opens the connections to the PD
+    engines and runs the PD code for the first time."""
+    result = PdRounds([], [first], measure())
+    for _ in range(count):
+        result.pd.append(measure())
+        result.hybrid.append(hybrid())
+    return result
 
 
 def frees_sent(prefill: Simulator, timeout: float = 10.0) -> SimStats:

@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +59,7 @@ from bench.measure import (  # noqa: E402
     worker_rss_mb,
 )
 from bench.pd import measure_pd, pd_engines, register  # noqa: E402
+from bench.pd import rounds as pd_rounds  # noqa: E402
 from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
 from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
@@ -130,7 +131,7 @@ def main() -> int:
     fast = ["--fast", "--record-requests=0"]
     # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
     figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
-    pd_report: dict[str, float] | None = None
+    pd_report: dict[str, object] | None = None
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
@@ -225,36 +226,39 @@ def main() -> int:
             )
             row(f"cores used, c={connections}", through=" ".join(f"{k} {v:.2f}" for k, v in through.cores.items()))
         if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
-            pd_figures = measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers)
-            split = pd_figures.wrk
-            # The hybrid load again right after, so the ratio's two sides are measured minutes apart
-            # at most: the hybrid figure is the mean of the run before the PD phase and this one.
-            again = run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True)
-            hybrid_cpu = ((hybrid_c32.cpu_us or math.nan) + (again.cpu_us or math.nan)) / 2
-            hybrid_kernel = ((hybrid_c32.kernel_us or math.nan) + (again.kernel_us or math.nan)) / 2
-            row("PD: req/s, c=32", through=f"{split.rps:,.0f}")
-            row("PD: errors, c=32", through=str(split.errors), target="0")
-            pd_cpu = split.cpu_us or math.nan
-            pd_kernel = split.kernel_us or math.nan
+            alternated = pd_rounds(
+                lambda: measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers),
+                lambda: run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True),
+                hybrid_c32,
+            )
+            ratios, user, kernel = alternated.ratios(), alternated.user_ratios(), alternated.kernel_ratios()
+            pd_cpu = alternated.median(lambda result: result.cpu_us)
+            row("PD: req/s, c=32", through=f"{alternated.median(lambda result: result.rps):,.0f}")
+            row("PD: errors, c=32", through=str(sum(run.wrk.errors for run in alternated.pd)), target="0")
             pd_report = {
                 "cpu_us": pd_cpu,
-                "hybrid_cpu_us": hybrid_cpu,
-                "kernel_us": pd_kernel,
-                "hybrid_kernel_us": hybrid_kernel,
+                "ratio": statistics.median(ratios),
+                "ratios": ratios,
+                "user_ratio": statistics.median(user),
+                "kernel_ratio": statistics.median(kernel),
             }
-            ratio = f"{pd_cpu / hybrid_cpu:.2f}x hybrid"
+            ratio = f"{statistics.median(ratios):.2f}x hybrid"
             row("PD: CPU per request, c=32", through=us(pd_cpu / 1e6), ratio=ratio, target="<= 1.6x hybrid")
+            row("PD: x hybrid, each round", through=" / ".join(f"{value:.2f}" for value in ratios))
+            pd_kernel = alternated.median(lambda result: result.kernel_us)
             row(
                 "PD: user / kernel per request",
                 through=f"{us((pd_cpu - pd_kernel) / 1e6)} / {us(pd_kernel / 1e6)}",
-                ratio=f"{(pd_cpu - pd_kernel) / (hybrid_cpu - hybrid_kernel):.2f}x / {pd_kernel / hybrid_kernel:.2f}x",
+                ratio=f"{statistics.median(user):.2f}x / {statistics.median(kernel):.2f}x",
             )
+            warmup = alternated.warmup.wrk.cpu_us or 0
+            row("PD: CPU per request, not counted (the first run)", through=us(warmup / 1e6))
             row(
-                "hybrid, c=32, before / after PD",
-                through=f"{us((hybrid_c32.cpu_us or 0) / 1e6)} / {us((again.cpu_us or 0) / 1e6)}",
-                base=f"kernel {us(hybrid_kernel / 1e6)}",
+                "hybrid, c=32, each round",
+                through=" / ".join(us((result.cpu_us or 0) / 1e6) for result in alternated.hybrid),
             )
-            row("PD: KV releases per /pd/free call", through=f"{pd_figures.frees_per_call:.1f}")
+            frees = statistics.mean(run.frees_per_call for run in alternated.pd)
+            row("PD: KV releases per /pd/free call", through=f"{frees:.1f}")
 
         # 64-chunk streams: unpaced (chunk throughput, 8 at a time, for a while; the whole stream in
         # one chunk, then a chunk per event) and paced at 5 ms (first event). The last field names
