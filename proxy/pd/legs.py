@@ -136,6 +136,11 @@ class DecodeLeg(PdLeg[None]):
     def adopt(self, leg: Leg) -> None:
         self.pd.decode = leg
 
+    def pick(self, tried: list[int]) -> Attempt | None:
+        if not tried:  # the pair's decode node: its slot is this attempt's to release from now on
+            return LegAttempt(self.pd.take_decode())
+        return super().pick(tried)
+
     async def deliver(self, attempt: Attempt) -> None:
         pd = self.pd
         pd.decode_status = attempt.status
@@ -201,9 +206,10 @@ def run_decode(
     another decode node unless ``retry_other_node`` is off; any other decode failure is a 502, a
     timeout a 504."""
     stream = pd.request.stream
+    assert pd.decode is not None
     leg = DecodeLeg(
         pd,
-        pd.take_decode(),
+        pd.decode,  # taken (``PdRequest.take_decode``) when its first attempt starts
         build,
         stream=stream,
         first_byte_timeout=pd.policy.first_token_timeout if stream else None,

@@ -14,7 +14,7 @@ from proxy.pd import lmdeploy as lmdeploy_wire
 from proxy.pd import metrics as pd_metrics
 from proxy.pd.core import Leg, LegAnswer, PdRequest, wants_pd
 from proxy.pd.engines import LmdeployPd, NanoDeployPd, SglangPd, VllmPd
-from proxy.pd.legs import completion_chunk, decode_failed
+from proxy.pd.legs import completion_chunk, decode_failed, run_decode
 from proxy.pd.usage import merge_usage, merge_usage_events
 from proxy.request import ProxyRequest
 from proxy.snapshot import NodeView, PolicyView, Target
@@ -538,3 +538,28 @@ def test_a_leg_body_names_each_field_once_whatever_the_client_sent(client, prefi
     _, decode, _ = NanoDeployPd().decode_request(pd, leg("http://d:1", "decode", "nanodeploy"), {"seq_id": 7})
     members = pairs(decode)
     assert len(members) == len({k for k, _ in members}) and dict(members)["kv_transfer_params"] == {"seq_id": 7}
+
+
+async def test_a_decode_leg_that_never_started_leaves_its_node_held_for_release_unused():
+    """SGLang's flow starts the decode leg as a task; one cancelled before its first step never ran
+    the attempt that releases the decode node, so the pair's release must still do it."""
+    targets = {
+        "prefill": leg("http://p:1", "prefill", "sglang").target,
+        "decode": leg("http://d:1", "decode", "sglang").target,
+    }
+    released = []
+    router = SimpleNamespace(
+        choose=lambda route, role, **_: targets[role], release=lambda target, *_, **__: released.append(target)
+    )
+    request = SimpleNamespace(
+        route=SimpleNamespace(name="m", policy=PolicyView()),
+        stream=False,
+        explain=None,
+        payload={},
+        headers=RequestHeaders(),
+    )
+    pd = PdRequest(request, None, router, None, None)  # type: ignore[arg-type]
+    pd.choose_pair()
+    run_decode(pd, lambda pd, leg: ("/v1/chat/completions", b"{}", {})).close()  # its task was cancelled
+    pd.release_unused()
+    assert released == [targets["decode"]]
