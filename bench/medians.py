@@ -103,8 +103,7 @@ def main() -> int:
     verdict("peak RSS of the web worker, MB", rss, 100, per_run)
     if pd:
         verdict("PD CPU per request, x hybrid", statistics.median(pd), 1.6, pd)
-    split = [_pd_split(report["pd"]) for report in reports if report.get("pd")]
-    split = [pair for pair in split if pair is not None]
+    split = [pair for report in reports if report.get("pd") and (pair := _pd_split(report["pd"])) is not None]
     if split:
         user, kernel = [pair[0] for pair in split], [pair[1] for pair in split]
         print(f"  of which user space {statistics.median(user):.2f}x ({' / '.join(f'{v:.2f}' for v in user)}),")
