@@ -84,10 +84,10 @@ class NanoDeployPd(TwoStagePd):
     token and the budget must survive into the migrated sequence)."""
 
     engine_type = EngineType.NANODEPLOY
-    _PREFILL = Constant(stream=False, kv_transfer_params={"do_remote_decode": True})
+    _PREFILL = Constant({"stream": False, "kv_transfer_params": {"do_remote_decode": True}}, drop=_STREAM_FIELDS)
 
     def prefill_request(self, pd: PdRequest, leg: Leg) -> LegRequest:
-        body = pd.body_with(leg, self._PREFILL, drop=_STREAM_FIELDS)
+        body = pd.body_with(leg, self._PREFILL)
         return pd.request.path, body, leg.headers(pd.request.request_id)
 
     def handoff(self, pd: PdRequest, answer: LegAnswer) -> dict[str, Any] | None:

@@ -20,6 +20,14 @@ async def wait_in(deadline: Deadline, started: asyncio.Event | None = None, seco
     return "answered"
 
 
+async def waiting(deadline: Deadline) -> asyncio.Task:
+    """A task waiting inside ``deadline``, once it is there."""
+    started = asyncio.Event()
+    task = asyncio.ensure_future(wait_in(deadline, started))
+    await started.wait()
+    return task
+
+
 async def test_a_deadline_that_passes_ends_the_wait_in_a_timeout():
     loop = asyncio.get_running_loop()
     deadline = Deadline(loop, loop.time() + 0.05)
@@ -34,9 +42,7 @@ async def test_a_deadline_that_passes_ends_the_wait_in_a_timeout():
 async def test_without_a_deadline_only_a_reschedule_into_the_past_ends_the_wait():
     loop = asyncio.get_running_loop()
     deadline = Deadline(loop, None)
-    started = asyncio.Event()
-    task = asyncio.ensure_future(wait_in(deadline, started))
-    await started.wait()
+    task = await waiting(deadline)
     await asyncio.sleep(0.05)
     assert not task.done() and not deadline.expired()
 
@@ -63,9 +69,7 @@ async def test_a_reschedule_moves_the_deadline_later():
 async def test_a_cancellation_from_elsewhere_stays_a_cancellation():
     loop = asyncio.get_running_loop()
     deadline = Deadline(loop, loop.time() + 5.0)
-    started = asyncio.Event()
-    task = asyncio.ensure_future(wait_in(deadline, started))
-    await started.wait()
+    task = await waiting(deadline)
     task.cancel()  # the client left
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -75,9 +79,7 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation():
 async def test_an_ejection_and_a_cancellation_at_once_stay_a_cancellation():
     loop = asyncio.get_running_loop()
     deadline = Deadline(loop, None)
-    started = asyncio.Event()
-    task = asyncio.ensure_future(wait_in(deadline, started))
-    await started.wait()
+    task = await waiting(deadline)
     deadline.reschedule(-1.0)
     await asyncio.sleep(0)  # the ejection's cancel is delivered ...
     task.cancel()  # ... and the client leaves before the task ran again

@@ -59,8 +59,8 @@ def fake_pd(payload: dict, *, path: str = "/v1/chat/completions", request_id: st
     def body_for(leg, *, drop=(), **changes):  # the real encoding, over the client's bytes
         return PdRequest.body_for(pd, leg, drop=drop, **changes)
 
-    def body_with(leg, changes, drop=()):
-        return PdRequest.body_with(pd, leg, changes, drop)
+    def body_with(leg, changes):
+        return PdRequest.body_with(pd, leg, changes)
 
     body = json.dumps(payload).encode()
     request = ProxyRequest(path, payload.get("model"), None, payload, body, False, request_id, RequestHeaders())  # type: ignore[arg-type]
