@@ -266,7 +266,7 @@ class AttemptLoop(Generic[R]):
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
                 try:
-                    response = await engines().request(
+                    response = await engines(loop).request(
                         "POST", url, body, headers, connect=policy.connect_timeout, total=total
                     )
                 except CONNECT_ERRORS as exc:

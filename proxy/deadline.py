@@ -31,7 +31,7 @@ class Deadline:
         self._state = _EXITED  # not entered yet: ``reschedule`` does nothing
 
     def __enter__(self) -> Deadline:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # given the loop: no getpid (see ``proxy.upstream.engines``)
         if task is None:
             raise RuntimeError("Deadline should be used inside a task")
         self._task = task

@@ -162,13 +162,14 @@ class DisconnectWatcher:
 
     __slots__ = ("_done", "_receive", "_scheduler", "_task", "_watch", "client_gone")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop`` is the running loop (the caller's: see ``proxy.upstream.engines``)."""
         self.client_gone = False
         self._done = False
         self._receive = receive
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(loop)
         self._watch: asyncio.Future | None = None
-        self._scheduler = _scheduler_for(asyncio.get_running_loop())
+        self._scheduler = _scheduler_for(loop)
         self._scheduler.pending[self] = time.monotonic()
 
     def start(self) -> None:

@@ -28,11 +28,16 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.Wea
 _last_pool: Pool | None = None
 
 
-def engines() -> Pool:
-    """This loop's pool of connections to engines."""
+def engines(loop: asyncio.AbstractEventLoop | None = None) -> Pool:
+    """This loop's pool of connections to engines; ``loop``, when given, is the running loop.
+
+    Callers on the hot path pass the loop they already hold: on Python 3.11
+    ``asyncio.get_running_loop()`` (and ``asyncio.current_task()`` without a loop) makes a
+    ``getpid`` system call each time, to tell a forked child from its parent."""
     global _last_pool
     pool = _last_pool
-    loop = asyncio.get_running_loop()
+    if loop is None:
+        loop = asyncio.get_running_loop()
     if pool is not None and pool.loop is loop and not pool.closed:
         return pool
     pool = _pools.get(loop)

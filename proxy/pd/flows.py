@@ -45,7 +45,7 @@ async def two_stage(pd: PdRequest, protocol: TwoStagePd) -> None:
                 raise
         prefill = spawn(run_prefill(pd, protocol.prefill_request), "routerpanel-pd-prefill")
         try:
-            prefilled = asyncio.get_running_loop().create_future()
+            prefilled = prefill.get_loop().create_future()
             prefill.add_done_callback(partial(_prefilled, prefilled))
             try:
                 await prefilled  # cancelled, it leaves the prefill running
