@@ -4,10 +4,9 @@ and the client-disconnect watcher."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ProxyError
@@ -36,7 +35,7 @@ class RequestHeaders:
     request_id: str | None = None
     hops: bytes | None = None  # x-routerpanel-hop: the RouterPanel deployments it went through
     content_length: int | None = None
-    routing: dict[str, str] = field(default_factory=dict)  # x-session-id, x-user-id
+    routing: dict[str, str] | None = None  # x-session-id, x-user-id (None: neither was sent)
     explain: bool = False  # x-routerpanel-explain: 1, the client wants the explanation's summary
 
     @classmethod
@@ -48,9 +47,13 @@ class RequestHeaders:
             elif name == b"x-request-id":
                 headers.request_id = value.decode("latin-1")[:200]
             elif name == b"content-length":
-                with contextlib.suppress(ValueError):
+                try:  # noqa: SIM105 - contextlib.suppress costs three calls per request
                     headers.content_length = int(value)
+                except ValueError:
+                    pass
             elif name == b"x-session-id" or name == b"x-user-id":
+                if headers.routing is None:
+                    headers.routing = {}
                 headers.routing[name.decode()] = value.decode("latin-1")
             elif name == b"x-routerpanel-hop":
                 headers.hops = value
