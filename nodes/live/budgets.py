@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from . import keys
-from .explain import parse_usage, usage_slice
+from .explain import usage_counts, usage_slice
 from .usage import add_args
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ def token_counts(usage: bytes) -> tuple[int, int]:
     JSON body, or a stream's usage chunk); a total alone counts as prompt tokens (pooling answers
     give no completion). (0, 0) when it holds no counts. The one reading of usage is
     ``nodes.live.explain``'s (the last ``"usage"`` key on, at most 256 bytes)."""
-    found = parse_usage(usage_slice(usage))
-    if found is None:
+    counts = usage_counts(usage_slice(usage))
+    if counts is None:
         return 0, 0
-    prompt, completion = found["prompt_tokens"], found["completion_tokens"]
+    prompt, completion, total = counts
     if prompt is None and completion is None:
-        return found["total_tokens"] or 0, 0
+        return total or 0, 0
     return prompt or 0, completion or 0
 
 

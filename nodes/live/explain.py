@@ -253,19 +253,30 @@ def _node(wire: Any) -> NodeRef | None:
 _USAGE_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*:\s*(\d+)')
 
 
+def usage_counts(raw: bytes) -> tuple[int | None, int | None, int | None] | None:
+    """Prompt, completion and total tokens (each None when absent) from the slice of an answer that
+    starts at its ``"usage"`` key (the body of a JSON answer, or a stream's usage chunk), or None
+    when it holds none. A count given twice is read from its last occurrence. The data path reads
+    it for every answer (``nodes.live.budgets.token_counts``): one pass, no dictionary."""
+    prompt = completion = total = None
+    found = False
+    for name, value in _USAGE_FIELD.findall(raw):
+        found = True
+        if name == b"prompt_tokens":
+            prompt = int(value)
+        elif name == b"completion_tokens":
+            completion = int(value)
+        else:
+            total = int(value)
+    return (prompt, completion, total) if found else None
+
+
 def parse_usage(raw: bytes) -> Usage | None:
-    """Token counts from the slice of an answer that starts at its ``"usage"`` key (the body of a
-    JSON answer, or a stream's usage chunk), or None when it holds none."""
-    if not raw:
+    """``usage_counts`` as the readable record's ``Usage``."""
+    counts = usage_counts(raw)
+    if counts is None:
         return None
-    found = {name.decode(): int(value) for name, value in _USAGE_FIELD.findall(raw)}
-    if not found:
-        return None
-    return Usage(
-        prompt_tokens=found.get("prompt_tokens"),
-        completion_tokens=found.get("completion_tokens"),
-        total_tokens=found.get("total_tokens"),
-    )
+    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1], total_tokens=counts[2])
 
 
 def usage_slice(data: bytes) -> bytes:
