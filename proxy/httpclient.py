@@ -378,7 +378,7 @@ class Pool:
     ) -> Response:
         """``method`` ``url`` with ``body`` (None: none, no ``Content-Length``); the answer once its head came."""
         key, authority, target = _split(url)
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        lines = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""  # no comprehension's frame
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
             raise ValueError("A header name or value holds a line break.")
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode("ascii"), target, authority)
