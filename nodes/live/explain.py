@@ -254,10 +254,9 @@ _USAGE_FIELD = re.compile(rb'"(prompt_tokens|completion_tokens|total_tokens)"\s*
 
 
 def usage_counts(raw: bytes) -> tuple[int | None, int | None, int | None] | None:
-    """Prompt, completion and total tokens (each None when absent) from the slice of an answer that
-    starts at its ``"usage"`` key (the body of a JSON answer, or a stream's usage chunk), or None
-    when it holds none. A count given twice is read from its last occurrence. The data path reads
-    it for every answer (``nodes.live.budgets.token_counts``): one pass, no dictionary."""
+    """Prompt, completion and total tokens (each None when absent; the last of a repeated one) from the
+    slice of an answer that starts at its ``"usage"`` key (a JSON answer's body, a stream's usage chunk),
+    or None when it holds none: one pass, no dictionary, for every answer (``budgets.token_counts``)."""
     prompt = completion = total = None
     found = False
     for name, value in _USAGE_FIELD.findall(raw):
@@ -273,8 +272,7 @@ def usage_counts(raw: bytes) -> tuple[int | None, int | None, int | None] | None
 
 def parse_usage(raw: bytes) -> Usage | None:
     """``usage_counts`` as the readable record's ``Usage``."""
-    counts = usage_counts(raw)
-    if counts is None:
+    if (counts := usage_counts(raw)) is None:
         return None
     return Usage(prompt_tokens=counts[0], completion_tokens=counts[1], total_tokens=counts[2])
 
