@@ -3,16 +3,14 @@ link): one request at a time per kept-alive connection, parsed by httptools (uvi
 
 aiohttp's ``ClientSession`` costs about 100 µs of CPU per request on this path (a request object,
 URL parsing, multidicts, a cookie jar, a payload writer, a timer per request...), more than the rest
-of the proxy together; this client writes the request in one ``write`` and hands the answer over as
-bytes. It speaks only what engines answer the data path with: a status, headers, and a body that is
-either complete (``read``) or relayed as it arrives (``content.readany``, ``content.iter_any``). The
-health prober keeps aiohttp.
+of the proxy together; this client writes the request in one write, at the loop's next turn with the
+others of this one (``proxy.writes``), and hands the answer over as bytes: a status, headers, and a
+body complete (``read``) or as it arrives (``content.readany``, ``iter_any``). The prober keeps aiohttp.
 
-Errors are aiohttp's, so callers keep one vocabulary (``proxy.upstream.CONNECT_ERRORS``): a node
-that cannot be reached raises ``ClientOSError`` (``ConnectionTimeoutError`` past the connect
-timeout), a connection closed before the answer's head ``ServerDisconnectedError`` (one retry on a
-new connection when it was a kept-alive one the engine had just closed), a body cut short
-``ClientPayloadError``; the policy's total timeout ends a request with ``TimeoutError``.
+Errors are aiohttp's, so callers keep one vocabulary (``proxy.upstream.CONNECT_ERRORS``): a node that cannot
+be reached raises ``ClientOSError`` (``ConnectionTimeoutError`` past the connect timeout), a connection closed
+before the answer's head ``ServerDisconnectedError`` (one retry on a new connection when it was a kept-alive
+one the engine had just closed), a body cut short ``ClientPayloadError``; the total timeout ``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ from functools import lru_cache
 
 import aiohttp
 import httptools
+
+from .writes import outgoing
 
 IDLE_SECONDS = 15.0  # a kept-alive connection idle longer is closed rather than reused
 PAUSE_AT = 256 * 1024  # bytes of a streamed answer buffered before reading from the engine pauses
@@ -262,7 +262,7 @@ class Connection(asyncio.Protocol):
         self.head_waiter = waiter = self.loop.create_future()
         if total:
             self.timer = self.loop.call_at(self.loop.time() + total, self._expired)
-        self.transport.write(data)
+        self.pool.outgoing.write(self.transport, data)
         return waiter
 
     def finished(self, response: Response, *, reusable: bool) -> None:
@@ -290,6 +290,7 @@ class Pool:
         self.open: set[Connection] = set()
         self.slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closed = False
+        self.outgoing = outgoing(loop)  # requests are written at the loop's next turn (``proxy.writes``)
 
     def put(self, conn: Connection) -> None:
         self.idle.setdefault(conn.key, []).append(conn)
@@ -404,8 +405,7 @@ class Pool:
             raise
 
     async def _fresh(self, key: tuple[str, int, bool], connect: float | None) -> Connection:
-        idle = self.idle.pop(key, [])
-        for conn in idle:
+        for conn in self.idle.pop(key, []):
             self.forget(conn)
             if conn.transport is not None:
                 conn.transport.close()

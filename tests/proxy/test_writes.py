@@ -1,0 +1,117 @@
+"""Writes at the loop's next turn (proxy.writes): what one turn wrote goes out together, in order per
+socket, and nothing goes to a socket given up in between."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.httpclient import Pool
+from proxy.writes import Outgoing, outgoing
+
+
+class Recorder:
+    """A transport that records what was written to it."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+async def next_turn() -> None:
+    """Return once the loop has run what was scheduled before this call."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
+
+
+async def test_the_writes_of_one_turn_go_out_at_the_next_in_order_per_socket() -> None:
+    out = Outgoing(asyncio.get_running_loop())
+    first, second = Recorder(), Recorder()
+    out.write(first, b"a")  # type: ignore[arg-type]
+    out.write(second, b"b")  # type: ignore[arg-type]
+    out.write(first, b"c")  # type: ignore[arg-type]
+    assert first.written == [] and second.written == []
+    await next_turn()
+    assert first.written == [b"ac"]
+    assert second.written == [b"b"]
+    out.write(second, b"d")  # type: ignore[arg-type]
+    await next_turn()
+    assert second.written == [b"b", b"d"]
+
+
+async def test_a_socket_closed_before_the_turn_ends_gets_nothing() -> None:
+    out = Outgoing(asyncio.get_running_loop())
+    gone, kept = Recorder(), Recorder()
+    out.write(gone, b"request")  # type: ignore[arg-type]
+    out.write(kept, b"request")  # type: ignore[arg-type]
+    gone.closing = True
+    await next_turn()
+    assert gone.written == []
+    assert kept.written == [b"request"]
+
+
+async def test_flush_for_writes_one_socket_now_and_drop_forgets_one() -> None:
+    out = Outgoing(asyncio.get_running_loop())
+    now, dropped, later = Recorder(), Recorder(), Recorder()
+    for transport in (now, dropped, later):
+        out.write(transport, b"x")  # type: ignore[arg-type]
+    out.flush_for(now)  # type: ignore[arg-type]
+    out.drop(dropped)  # type: ignore[arg-type]
+    assert now.written == [b"x"] and later.written == []
+    await next_turn()
+    assert now.written == [b"x"]  # not twice
+    assert dropped.written == []
+    assert later.written == [b"x"]
+
+
+async def test_each_loop_has_its_own_writes() -> None:
+    loop = asyncio.get_running_loop()
+    assert outgoing(loop) is outgoing(loop)
+    other = asyncio.new_event_loop()
+    try:
+        assert outgoing(other) is not outgoing(loop)
+        assert outgoing(other).loop is other
+    finally:
+        other.close()
+
+
+async def test_a_request_given_up_in_the_turn_it_was_sent_never_reaches_the_engine() -> None:
+    seen: list[bytes] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app)
+    await server.start_server()
+    pool = Pool(asyncio.get_running_loop(), 10)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    try:
+        # A connection is open and idle, so the next request is handed it and queued in one turn.
+        response = await pool.request("POST", url, b'{"n":1}', headers, connect=2, total=10)
+        await response.read()
+        given_up = pool.request("POST", url, b'{"n":2}', headers, connect=2, total=10)
+        given_up.send(None)  # it runs up to its wait for the answer's head: its bytes wait for the next turn
+        with pytest.raises(asyncio.CancelledError):  # cancelled before that turn (its client left, say)
+            given_up.throw(asyncio.CancelledError())
+        answered = await pool.request("POST", url, b'{"n":3}', headers, connect=2, total=10)
+        assert answered.status == 200
+        await answered.read()
+        assert seen == [b'{"n":1}', b'{"n":3}']
+    finally:
+        pool.close()
+        await server.close()
