@@ -56,6 +56,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.writes import outgoing
 from routerpanel.proxylane import lane_for, start_in_lane
 
 __all__ = ["GuardedHttpToolsProtocol", "settings_from_environment"]
@@ -155,6 +156,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._discarded = 0
         self._lane = lane_for(config, self.access_log)  # the proxy app's, for /v1/* (routerpanel.proxylane)
         self._idle_from = 0.0  # when the last response completed (the keep-alive timer)
+        self._outgoing = outgoing(self.loop)  # the lane's answers waiting for the loop's next turn
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -170,6 +172,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport in self._outgoing.pending:
+            # The lane's last answer is still waiting for the loop's next turn (proxy.writes): it
+            # goes first, before anything this read makes the server write (a 400, a pipelined answer).
+            self._outgoing.flush_for(self.transport)
         if self._rejected:
             self._discarded += len(data)
             if self._discarded > LINGER_BYTES:
@@ -223,6 +229,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         request already on its way is served rather than reset, then closes.
         """
         self._draining = True
+        self._outgoing.flush_for(self.transport)  # an answer still waiting goes out before any close
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.keep_alive = False

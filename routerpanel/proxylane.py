@@ -54,6 +54,8 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from proxy.writes import Outgoing, outgoing
+
 __all__ = ["Lane", "ProxyCycle", "lane_for", "start_in_lane"]
 
 _CONTENT_LENGTH = b"content-length"
@@ -104,6 +106,7 @@ def start_in_lane(protocol: HttpToolsProtocol, app: Any) -> None:
         keep_alive=http_version != "1.0" and parser.should_keep_alive(),
         on_response=protocol.on_response_complete,
     )
+    cycle.outgoing = outgoing(protocol.loop)
     previous, protocol.cycle = protocol.cycle, cycle
     if previous is None or previous.response_complete:
         protocol._start_asgi_task(cycle, app)
@@ -117,6 +120,7 @@ class ProxyCycle(RequestResponseCycle):
     message (see the module doc)."""
 
     pending = b""  # the response head, until the first body message goes out with it
+    outgoing: Outgoing  # where a whole answer waits for the loop's next turn (``proxy.writes``)
     streaming = False  # the lane wrote a chunked head: a stream's later chunks take the short way
 
     async def send(self, message: Any) -> None:
@@ -173,9 +177,18 @@ class ProxyCycle(RequestResponseCycle):
                     self._complete()
                 return
             if not more_body and len(body) == self.expected_content_length:
-                self.transport.write(data + body)
+                outgoing = self.outgoing
+                outgoing.write(self.transport, data + body)
                 self.expected_content_length = 0
                 self._complete()
+                # The answer leaves at the loop's next turn, with the other writes of this one
+                # (proxy.writes); the app's bookkeeping after its answer waits for it, not the
+                # other way round (without this wait, one client waited for both).
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:  # cancelled meanwhile (a forced shutdown): it still goes
+                    outgoing.flush_for(self.transport)
+                    raise
                 return
         # A body in parts or of the wrong length, a message out of turn, a client gone.
         if not self.disconnected:

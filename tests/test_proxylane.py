@@ -14,6 +14,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
+from proxy.writes import outgoing
 from routerpanel.httpedge import GuardedHttpToolsProtocol
 from routerpanel.proxylane import Lane, ProxyCycle, lane_for
 from tests.support.wait import wait_until_async
@@ -61,7 +62,7 @@ class Transport:
 
 
 def cycle(kind: type[RequestResponseCycle], transport: Transport, *, method: str = "POST", keep_alive: bool = True):
-    return kind(
+    c = kind(
         scope={"type": "http", "method": method, "path": "/v1/chat/completions"},  # type: ignore[typeddict-item]
         transport=transport,  # type: ignore[arg-type]
         flow=FlowControl(transport),  # type: ignore[arg-type]
@@ -74,6 +75,17 @@ def cycle(kind: type[RequestResponseCycle], transport: Transport, *, method: str
         keep_alive=keep_alive,
         on_response=lambda: None,
     )
+    if isinstance(c, ProxyCycle):
+        c.outgoing = outgoing(asyncio.get_running_loop())  # as ``start_in_lane`` gives it
+    return c
+
+
+async def next_turn() -> None:
+    """Return once the loop ran what was scheduled before: the writes kept for its next turn are out."""
+    loop = asyncio.get_running_loop()
+    turned = loop.create_future()
+    loop.call_soon(turned.set_result, None)
+    await turned
 
 
 async def answer(kind: type[RequestResponseCycle], messages: list[dict], **options: Any) -> tuple[Any, ...]:
@@ -84,7 +96,9 @@ async def answer(kind: type[RequestResponseCycle], messages: list[dict], **optio
         for message in messages:
             await c.send(message)
     except RuntimeError as exc:
+        await next_turn()
         return ("error", str(exc), transport.output())
+    await next_turn()
     return (transport.output(), transport.closed, c.response_complete, c.chunked_encoding, c.keep_alive)
 
 
@@ -130,15 +144,17 @@ async def test_the_lane_answers_exactly_as_uvicorn_does(case: str) -> None:
 
 
 async def test_the_head_goes_out_with_the_first_body_in_one_write() -> None:
-    """One write to the socket for a whole answer (uvicorn makes two), and a stream's head with its
-    first chunk; a head whose body never came is never sent (the connection is closed instead)."""
+    """One write to the socket for a whole answer (uvicorn makes two), made at the loop's next turn
+    with the other writes of this one (proxy.writes) and before the app goes on, and a stream's head
+    with its first chunk at once; a head whose body never came is never sent (the connection is
+    closed instead)."""
     transport = Transport()
     c = cycle(ProxyCycle, transport)
     await c.send(start(200, JSON_HEADERS))
     assert transport.written == []
     await c.send(body(b'{"a":1}'))
-    assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
     assert c.response_complete
+    assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
 
     transport = Transport()
     c = cycle(ProxyCycle, transport)
@@ -147,6 +163,20 @@ async def test_the_head_goes_out_with_the_first_body_in_one_write() -> None:
     assert len(transport.written) == 1 and transport.written[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
     await c.send(body(b""))
     assert transport.written[1:] == [b"0\r\n\r\n"] and c.response_complete
+
+
+async def test_an_answer_cancelled_while_it_waits_for_the_loops_next_turn_is_still_written() -> None:
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, JSON_HEADERS))
+    sending = c.send(body(b'{"a":1}'))
+    sending.send(None)  # the answer is queued for the loop's next turn and the app waits for it
+    assert transport.written == []
+    with pytest.raises(asyncio.CancelledError):  # cancelled before that turn (a forced shutdown, say)
+        sending.throw(asyncio.CancelledError())
+    assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
+    await next_turn()
+    assert len(transport.written) == 1  # not twice
 
 
 @pytest.mark.parametrize("kind", [ProxyCycle, RequestResponseCycle])
@@ -182,6 +212,7 @@ class Mount:
         self.lane = Lane(self.proxy, (b"/v1/",))
         self.hold: asyncio.Event | None = None
         self.fail_after_head = False
+        self.after_answer: Any = None  # called right after the answer was sent, in the same turn
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.through_mount.append(scope["path"])
@@ -201,6 +232,8 @@ class Mount:
         if self.fail_after_head:
             raise RuntimeError("the app failed after its head")
         await send({"type": "http.response.body", "body": data})
+        if self.after_answer is not None:
+            self.after_answer()
 
 
 def protocol(mount: Mount, **config: Any) -> tuple[GuardedHttpToolsProtocol, Transport]:
@@ -293,3 +326,29 @@ async def test_a_malformed_request_target_gets_400_in_the_lane_as_outside_it(tar
     await wait_until_async(lambda: transport.closed, 5.0, "the connection was never closed")
     assert transport.output().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert (mount.through_lane, mount.through_mount) == ([], [])
+
+
+async def test_an_answer_waiting_for_the_next_turn_goes_out_before_what_the_next_read_makes_the_server_write() -> None:
+    """The lane's answer waits for the loop's next turn (proxy.writes); bytes that arrive before
+    then (here a malformed pipelined request, answered 400 at once) must not overtake it."""
+    mount = Mount()
+    proto, transport = protocol(mount)
+    mount.after_answer = lambda: proto.data_received(b"NOT HTTP\r\n\r\n")
+    proto.data_received(request("/v1/a"))
+    await wait_until_async(lambda: transport.closed, 5.0, "the connection was never closed")
+    output = transport.output()
+    assert output.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert output.index(b"POST /v1/a hi") < output.index(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+async def test_a_shutdown_right_after_an_answer_still_sends_it() -> None:
+    """A worker told to stop (no drain) closes an idle connection at once: the answer waiting for
+    the loop's next turn goes out first."""
+    mount = Mount()
+    proto, transport = protocol(mount)
+    proto.shutdown_drain = 0
+    mount.after_answer = proto.shutdown
+    proto.data_received(request("/v1/a"))
+    await wait_until_async(lambda: transport.closed, 5.0, "the connection was never closed")
+    assert transport.output().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.output().endswith(b"POST /v1/a hi")
