@@ -51,10 +51,6 @@ class Outgoing:
         if data is not None and not transport.is_closing():
             transport.write(data)
 
-    def drop(self, transport: asyncio.BaseTransport) -> None:
-        """Forget what waits for ``transport`` (its connection was lost)."""
-        self.pending.pop(transport, None)
-
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outgoing] = weakref.WeakKeyDictionary()
 _last: Outgoing | None = None  # a web worker has one loop: one comparison, not a lookup

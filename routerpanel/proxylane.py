@@ -22,6 +22,10 @@ What the lane leaves out, none of which the proxy app needs:
   event"). A whole answer thus costs one write to the socket where uvicorn makes two, and a client
   never sees the head of an answer whose body never came (the app failed in between: the connection
   is closed with nothing sent);
+- writing a whole answer at once: it goes out at the event loop's next turn with the other writes
+  of this one (``proxy.writes``, decision 0015 in docs/decisions/), and the app waits for that turn
+  before its bookkeeping; the edge writes it first when bytes arrive on the connection or it shuts
+  down (``routerpanel.httpedge``);
 - for a stream whose head the lane wrote, uvicorn's checks per chunk: a chunk with more to come is
   framed and written in place while the client is there and the socket not paused (about 0.27 µs a
   chunk instead of 0.45 in a micro-benchmark; a paced engine's stream is one chunk per token).
