@@ -17,6 +17,7 @@ from uvicorn.server import ServerState
 from proxy.writes import outgoing
 from routerpanel.httpedge import GuardedHttpToolsProtocol
 from routerpanel.proxylane import Lane, ProxyCycle, lane_for
+from tests.support.transports import Transport, next_turn
 from tests.support.wait import wait_until_async
 
 DEFAULTS = [(b"date", b"Tue, 01 Dec 2026 05:00:00 GMT"), (b"server", b"uvicorn")]
@@ -27,38 +28,6 @@ JSON_HEADERS = [
     (b"x-request-id", b"abc"),
 ]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-
-
-class Transport:
-    """What the protocol and the cycles write, and whether they closed the connection."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(name, default)
-
-    def output(self) -> bytes:
-        return b"".join(self.written)
 
 
 def cycle(kind: type[RequestResponseCycle], transport: Transport, *, method: str = "POST", keep_alive: bool = True):
@@ -78,14 +47,6 @@ def cycle(kind: type[RequestResponseCycle], transport: Transport, *, method: str
     if isinstance(c, ProxyCycle):
         c.outgoing = outgoing(asyncio.get_running_loop())  # as ``start_in_lane`` gives it
     return c
-
-
-async def next_turn() -> None:
-    """Return once the loop ran what was scheduled before: the writes kept for its next turn are out."""
-    loop = asyncio.get_running_loop()
-    turned = loop.create_future()
-    loop.call_soon(turned.set_result, None)
-    await turned
 
 
 async def answer(kind: type[RequestResponseCycle], messages: list[dict], **options: Any) -> tuple[Any, ...]:

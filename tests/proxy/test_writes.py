@@ -11,33 +11,12 @@ from aiohttp.test_utils import TestServer
 
 from proxy.httpclient import Pool
 from proxy.writes import Outgoing, outgoing
-
-
-class Recorder:
-    """A transport that records what was written to it."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-
-async def next_turn() -> None:
-    """Return once the loop has run what was scheduled before this call."""
-    loop = asyncio.get_running_loop()
-    turned = loop.create_future()
-    loop.call_soon(turned.set_result, None)
-    await turned
+from tests.support.transports import Transport, next_turn
 
 
 async def test_the_writes_of_one_turn_go_out_at_the_next_in_order_per_socket() -> None:
     out = Outgoing(asyncio.get_running_loop())
-    first, second = Recorder(), Recorder()
+    first, second = Transport(), Transport()
     out.write(first, b"a")  # type: ignore[arg-type]
     out.write(second, b"b")  # type: ignore[arg-type]
     out.write(first, b"c")  # type: ignore[arg-type]
@@ -52,10 +31,10 @@ async def test_the_writes_of_one_turn_go_out_at_the_next_in_order_per_socket() -
 
 async def test_a_socket_closed_before_the_turn_ends_gets_nothing() -> None:
     out = Outgoing(asyncio.get_running_loop())
-    gone, kept = Recorder(), Recorder()
+    gone, kept = Transport(), Transport()
     out.write(gone, b"request")  # type: ignore[arg-type]
     out.write(kept, b"request")  # type: ignore[arg-type]
-    gone.closing = True
+    gone.closed = True
     await next_turn()
     assert gone.written == []
     assert kept.written == [b"request"]
@@ -63,7 +42,7 @@ async def test_a_socket_closed_before_the_turn_ends_gets_nothing() -> None:
 
 async def test_flush_for_writes_one_socket_now_and_not_again() -> None:
     out = Outgoing(asyncio.get_running_loop())
-    now, later = Recorder(), Recorder()
+    now, later = Transport(), Transport()
     for transport in (now, later):
         out.write(transport, b"x")  # type: ignore[arg-type]
     out.flush_for(now)  # type: ignore[arg-type]
