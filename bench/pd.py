@@ -65,13 +65,21 @@ class PdFigures:
     frees_per_call: float  # KV ids a /pd/free call named, on average
 
 
-def measure_pd(proxy: str, auth: dict, pid: int, prefill: Simulator, duration: int, workers: int = 1) -> PdFigures:
+def measure_pd(
+    proxy: str,
+    auth: dict,
+    pid: int,
+    prefill: Simulator,
+    duration: int,
+    workers: int = 1,
+    watch: dict[str, list[int]] | None = None,
+) -> PdFigures:
     """wrk at c32 on ``PD_MODEL`` through the proxy (``pid`` and its worker processes); fails unless
-    the requests really went through PD."""
+    the requests really went through PD. ``watch``: as ``run_wrk``'s (the cores each tree used)."""
     for _ in range(4 * workers):  # new connections land on any worker: each must have the model
         wait_ready(proxy, PD_MODEL, headers=auth)
     before = prefill.stats()
-    result = run_wrk(proxy + PATH, auth, chat_body(PD_MODEL, 16), 32, duration, pid, tree=True)
+    result = run_wrk(proxy + PATH, auth, chat_body(PD_MODEL, 16), 32, duration, pid, tree=True, watch=watch)
     after = frees_sent(prefill)
     allocated = after["kv"]["allocated"] - before["kv"]["allocated"]
     if allocated < result.requests // 2:
@@ -108,6 +116,16 @@ class PdRounds:
 
     def median(self, figure: Callable[[WrkResult], float | None]) -> float:
         return statistics.median((figure(run.wrk) or math.nan) for run in self.pd)
+
+    def cores(self) -> tuple[dict[str, float], dict[str, float]]:
+        """The cores each watched process tree used, median over the PD runs and over the hybrid
+        runs between them: whether the engines, not the web worker, set the pace (docs/pd.md)."""
+
+        def medians(results: list[WrkResult]) -> dict[str, float]:
+            names = results[0].cores if results else {}
+            return {name: statistics.median(result.cores.get(name, math.nan) for result in results) for name in names}
+
+        return medians([run.wrk for run in self.pd]), medians(self.hybrid[1:])
 
 
 def rounds(

@@ -226,9 +226,11 @@ def main() -> int:
             )
             row(f"cores used, c={connections}", through=" ".join(f"{k} {v:.2f}" for k, v in through.cores.items()))
         if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
+            pd_watch = {"web": [web.pid], "engines": [pd[0].proc.pid, pd[1].proc.pid]}
+            hybrid_watch = {"web": [web.pid], "engines": [sim_a.proc.pid, sim_b.proc.pid]}
             alternated = pd_rounds(
-                lambda: measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers),
-                lambda: run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True),
+                lambda: measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers, pd_watch),
+                lambda: run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True, watch=hybrid_watch),
                 hybrid_c32,
             )
             ratios, user, kernel = alternated.ratios(), alternated.user_ratios(), alternated.kernel_ratios()
@@ -257,6 +259,9 @@ def main() -> int:
                 "hybrid, c=32, each round",
                 through=" / ".join(us((result.cpu_us or 0) / 1e6) for result in alternated.hybrid),
             )
+            pd_cores, hybrid_cores = alternated.cores()
+            for name, cores in (("PD", pd_cores), ("hybrid", hybrid_cores)):
+                row(f"{name} rounds: cores used", through=" ".join(f"{k} {v:.2f}" for k, v in cores.items()))
             frees = statistics.mean(run.frees_per_call for run in alternated.pd)
             row("PD: KV releases per /pd/free call", through=f"{frees:.1f}")
 
