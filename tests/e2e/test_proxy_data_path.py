@@ -357,6 +357,9 @@ def test_a_client_disconnect_mid_stream_cancels_upstream(stack):
         )
 
 
+# alone: on two cores shared with the parallel run's other stacks, the change arrived and was
+# polled for in 1.1 s once (the bound is the watcher's promise, measured on a machine to itself).
+@pytest.mark.alone
 def test_a_configuration_change_reaches_the_running_worker_within_a_second(fleet):
     stack, sims, ids = fleet
     before = stack.snapshot_version()
