@@ -119,7 +119,8 @@ class PdRounds:
 
     def cores(self) -> tuple[dict[str, float], dict[str, float]]:
         """The cores each watched process tree used, median over the PD runs and over the hybrid
-        runs between them: whether the engines, not the web worker, set the pace (docs/pd.md)."""
+        runs between them: how busy the machine was under each load (docs/architecture.md, "A PD
+        request's instructions run slower")."""
 
         def medians(results: list[WrkResult]) -> dict[str, float]:
             names = results[0].cores if results else {}

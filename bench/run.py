@@ -77,6 +77,11 @@ EVENTED = "evented-model"
 # -- the run -----------------------------------------------------------------------------------
 
 
+def cores_text(cores: dict[str, float]) -> str:
+    """``run_wrk``'s cores used per process tree, as the report prints them."""
+    return " ".join(f"{name} {used:.2f}" for name, used in cores.items())
+
+
 def setup_registry(
     base: str, fast: list[str], single: dict[str, str], pd: tuple[Simulator, Simulator] | None, workers: int
 ) -> None:
@@ -224,13 +229,12 @@ def main() -> int:
                 target="<= 200 us",
                 base=us((base.cpu_us or 0) / 1e6),
             )
-            row(f"cores used, c={connections}", through=" ".join(f"{k} {v:.2f}" for k, v in through.cores.items()))
+            row(f"cores used, c={connections}", through=cores_text(through.cores))
         if pd is not None:  # the same load on a prefill/decode model, against the hybrid c=32 figure above
-            pd_watch = {"web": [web.pid], "engines": [pd[0].proc.pid, pd[1].proc.pid]}
-            hybrid_watch = {"web": [web.pid], "engines": [sim_a.proc.pid, sim_b.proc.pid]}
+            pd_watch = {**watch, "engines": [pd[0].proc.pid, pd[1].proc.pid]}
             alternated = pd_rounds(
                 lambda: measure_pd(proxy, auth, web.pid, pd[0], args.duration, args.workers, pd_watch),
-                lambda: run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True, watch=hybrid_watch),
+                lambda: run_wrk(proxy + path, auth, small, 32, args.duration, web.pid, tree=True, watch=watch),
                 hybrid_c32,
             )
             ratios, user, kernel = alternated.ratios(), alternated.user_ratios(), alternated.kernel_ratios()
@@ -261,7 +265,7 @@ def main() -> int:
             )
             pd_cores, hybrid_cores = alternated.cores()
             for name, cores in (("PD", pd_cores), ("hybrid", hybrid_cores)):
-                row(f"{name} rounds: cores used", through=" ".join(f"{k} {v:.2f}" for k, v in cores.items()))
+                row(f"{name} rounds: cores used", through=cores_text(cores))
             frees = statistics.mean(run.frees_per_call for run in alternated.pd)
             row("PD: KV releases per /pd/free call", through=f"{frees:.1f}")
 
