@@ -1,6 +1,6 @@
 """Socket writes the data path makes during one turn of the event loop, written together at the
 start of its next turn (``Outgoing``): the engine client's requests (``proxy.httpclient``) and the
-lane's whole answers to clients (``routerpanel.proxylane``).
+lane's answers and stream chunks to clients (``routerpanel.proxylane``).
 
 A write to a loopback socket wakes the process at the other end. On a virtual machine, waking a
 process whose virtual CPU is idle costs the writer an interrupt to that CPU through the hypervisor:

@@ -21,9 +21,9 @@ docs/deployment.md, ``make bench`` and the end-to-end tests do). It subclasses u
   ``408`` and close. Time during which the server is not reading (flow control paused because the
   application is not consuming, or an ``Expect: 100-continue`` not answered yet) does not count.
 - **A lane for the data path**: a request for ``/v1/*`` goes straight to the proxy app, without
-  uvicorn's generic per-request work (``routerpanel.proxylane``). Its whole answers wait for the
-  event loop's next turn (``proxy.writes``); bytes arriving on the connection, or a shutdown, write
-  a waiting answer first, so nothing overtakes it.
+  uvicorn's generic per-request work (``routerpanel.proxylane``). Its answers and stream chunks
+  wait for the event loop's next turn (``proxy.writes``); bytes arriving on the connection, or a
+  shutdown, write what waits first, so nothing overtakes it.
 - **One keep-alive timer per connection**: uvicorn arms a timer after every response and the next
   request cancels it (about 2.5 µs a request). Here it stays armed while the connection is in use;
   when it fires it closes the connection only if no request came since the last response for

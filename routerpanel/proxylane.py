@@ -22,13 +22,15 @@ What the lane leaves out, none of which the proxy app needs:
   event"). A whole answer thus costs one write to the socket where uvicorn makes two, and a client
   never sees the head of an answer whose body never came (the app failed in between: the connection
   is closed with nothing sent);
-- writing a whole answer at once: it goes out at the event loop's next turn with the other writes
-  of this one (``proxy.writes``, decision 0015 in docs/decisions/), and the app waits for that turn
-  before its bookkeeping; the edge writes it first when bytes arrive on the connection or it shuts
-  down (``routerpanel.httpedge``);
-- for a stream whose head the lane wrote, uvicorn's checks per chunk: a chunk with more to come is
-  framed and written in place while the client is there and the socket not paused (about 0.27 µs a
-  chunk instead of 0.45 in a micro-benchmark; a paced engine's stream is one chunk per token).
+- writing at once: a whole answer, and each chunk of a stream, goes out at the event loop's next
+  turn with the other writes of this one (``proxy.writes``, decision 0015 in docs/decisions/), and
+  the app waits for that turn after an answer's last message, before its bookkeeping; the edge
+  writes what waits first when bytes arrive on the connection or it shuts down
+  (``routerpanel.httpedge``), and so does anything that goes uvicorn's way. A fast engine's whole
+  stream, read in one turn, leaves with its head and its end in one write (uvicorn makes three);
+- for a stream whose head the lane wrote, uvicorn's checks per chunk: a chunk is framed by the lane
+  while the client is there and the socket not paused (about 0.27 µs a chunk instead of 0.45 in a
+  micro-benchmark; a paced engine's stream is one chunk per token).
 
 Everything else is uvicorn's ``RequestResponseCycle``: the other body messages, the disconnect
 messages, flow control, ``Expect: 100-continue``, the 500 for an application error, the
@@ -124,7 +126,7 @@ class ProxyCycle(RequestResponseCycle):
     message (see the module doc)."""
 
     pending = b""  # the response head, until the first body message goes out with it
-    outgoing: Outgoing  # where a whole answer waits for the loop's next turn (``proxy.writes``)
+    outgoing: Outgoing  # where what the lane writes waits for the loop's next turn (``proxy.writes``)
     streaming = False  # the lane wrote a chunked head: a stream's later chunks take the short way
 
     async def send(self, message: Any) -> None:
@@ -135,14 +137,19 @@ class ProxyCycle(RequestResponseCycle):
             self.streaming
             and not (self.response_complete or self.disconnected or self.flow.write_paused)
             and message["type"] == "http.response.body"
-            and message.get("more_body", False)
         ):
             # A stream's chunk, framed as uvicorn frames it, without its checks of what the lane
-            # already knows (the head is out, chunked, not for a HEAD) and its second coroutine.
-            # The last message, and everything unusual, goes uvicorn's way below.
+            # already knows (the head is out, chunked, not for a HEAD) and its second coroutine,
+            # written at the loop's next turn with the other writes of this one: a fast engine's
+            # whole stream and its end leave in one write. Everything unusual goes uvicorn's way.
             data = message.get("body", b"")
-            if data:
-                self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if message.get("more_body", False):
+                if data:
+                    self.outgoing.write(self.transport, b"%x\r\n%s\r\n" % (len(data), data))
+                return
+            self.outgoing.write(self.transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else _END)
+            self._complete()
+            await self._written()
             return
         framed = None
         if not (
@@ -154,6 +161,7 @@ class ProxyCycle(RequestResponseCycle):
         ):
             framed = _head(message["status"], self.default_headers, message.get("headers", ()), self.keep_alive)
         if framed is None:  # uvicorn's own way (the body, the unusual heads, and its errors)
+            self.outgoing.flush_for(self.transport)  # after what waits for the loop's next turn
             await RequestResponseCycle.send(self, message)
             return
         head, length = framed
@@ -176,37 +184,46 @@ class ProxyCycle(RequestResponseCycle):
             if self.chunked_encoding:  # uvicorn's framing of a chunk, and of the last
                 if body:
                     data += b"%x\r\n%s\r\n" % (len(body), body)
-                self.transport.write(data if more_body else data + b"0\r\n\r\n")
+                self.outgoing.write(self.transport, data if more_body else data + _END)
                 if not more_body:
                     self._complete()
+                    await self._written()
                 return
             if not more_body and len(body) == self.expected_content_length:
-                outgoing = self.outgoing
-                outgoing.write(self.transport, data + body)
+                self.outgoing.write(self.transport, data + body)
                 self.expected_content_length = 0
                 self._complete()
-                # The answer leaves at the loop's next turn, with the other writes of this one
-                # (proxy.writes); the app's bookkeeping after its answer waits for it, not the
-                # other way round (without this wait, one client waited for both).
-                try:
-                    await asyncio.sleep(0)
-                except asyncio.CancelledError:  # cancelled meanwhile (a forced shutdown): it still goes
-                    outgoing.flush_for(self.transport)
-                    raise
+                await self._written()
                 return
         # A body in parts or of the wrong length, a message out of turn, a client gone.
+        self.outgoing.flush_for(self.transport)
         if not self.disconnected:
             self.transport.write(data)
         await RequestResponseCycle.send(self, message)
 
+    async def _written(self) -> None:
+        """Wait for the loop's next turn, which writes the answer's end (``proxy.writes``): the app's
+        bookkeeping after its answer waits for the write, not the other way round (without this
+        wait, one client waited for both)."""
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # cancelled meanwhile (a forced shutdown): it still goes
+            self.outgoing.flush_for(self.transport)
+            raise
+
     def _complete(self) -> None:
-        # uvicorn's end of a response on a connection kept alive (the lane writes no other head).
+        # uvicorn's end of a response. The lane writes a head only on a connection kept alive; a
+        # shutdown since (``routerpanel.httpedge``) makes this answer the connection's last.
         self.response_complete = True
         self.message_event.set()
+        if not self.keep_alive:
+            self.outgoing.flush_for(self.transport)
+            self.transport.close()
         self.on_response()
 
 
 _CHUNKED = b"transfer-encoding: chunked\r\n"
+_END = b"0\r\n\r\n"  # the last chunk of a chunked body
 _NAME, _VALUE = itemgetter(0), itemgetter(1)
 _LINE = b"%s: %s\r\n"
 

@@ -121,9 +121,29 @@ async def test_the_head_goes_out_with_the_first_body_in_one_write() -> None:
     c = cycle(ProxyCycle, transport)
     await c.send(start(200, SSE_HEADERS))
     await c.send(body(b"data: 1\n\n", True))
+    await next_turn()
     assert len(transport.written) == 1 and transport.written[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    await c.send(body(b"data: 2\n\n", True))
     await c.send(body(b""))
-    assert transport.written[1:] == [b"0\r\n\r\n"] and c.response_complete
+    assert c.response_complete
+    assert transport.written[1:] == [b"9\r\ndata: 2\n\n\r\n0\r\n\r\n"]
+
+
+async def test_a_stream_read_in_one_turn_leaves_in_one_write_and_before_the_app_goes_on() -> None:
+    """A fast engine's whole stream arrives in one read: its head, its events and its end are
+    written together at the loop's next turn (three writes before, each waking the client), and
+    the app's bookkeeping after the last message waits for that write."""
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, SSE_HEADERS))
+    await c.send(body(b"data: 1\n\ndata: 2\n\n", True))
+    await c.send(body(b"data: [DONE]\n\n", True))
+    assert transport.written == []
+    await c.send(body(b""))
+    assert len(transport.written) == 1 and c.response_complete
+    head, chunks = transport.written[0].split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in head
+    assert chunks == b"12\r\ndata: 1\n\ndata: 2\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
 
 
 async def test_an_answer_cancelled_while_it_waits_for_the_loops_next_turn_is_still_written() -> None:
@@ -138,6 +158,38 @@ async def test_an_answer_cancelled_while_it_waits_for_the_loops_next_turn_is_sti
     assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
     await next_turn()
     assert len(transport.written) == 1  # not twice
+
+
+async def test_a_stream_cancelled_while_its_end_waits_for_the_loops_next_turn_still_ends() -> None:
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, SSE_HEADERS))
+    await c.send(body(b"a", True))
+    sending = c.send(body(b"b"))
+    sending.send(None)
+    with pytest.raises(asyncio.CancelledError):
+        sending.throw(asyncio.CancelledError())
+    assert transport.output().endswith(b"\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
+    await next_turn()
+    assert transport.output().count(b"0\r\n\r\n") == 1  # not twice
+
+
+@pytest.mark.parametrize("kind", [ProxyCycle, RequestResponseCycle])
+async def test_a_stream_whose_server_stops_meanwhile_ends_and_closes_its_connection(kind) -> None:
+    """A shutdown while a stream runs makes it the connection's last (``routerpanel.httpedge``):
+    every chunk still reaches the client, the end too, and then the connection closes, as uvicorn
+    does it."""
+    transport = Transport()
+    c = cycle(kind, transport)
+    await c.send(start(200, SSE_HEADERS))
+    await c.send(body(b"a", True))
+    await next_turn()
+    await c.send(body(b"b", True))
+    c.keep_alive = False  # what the edge's shutdown does to the cycle of a response in progress
+    await c.send(body(b"c"))
+    await next_turn()
+    assert transport.output().endswith(b"\r\n\r\n1\r\na\r\n1\r\nb\r\n1\r\nc\r\n0\r\n\r\n")
+    assert transport.closed and c.response_complete
 
 
 @pytest.mark.parametrize("kind", [ProxyCycle, RequestResponseCycle])
