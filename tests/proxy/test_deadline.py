@@ -66,6 +66,44 @@ async def test_a_reschedule_moves_the_deadline_later():
     assert not deadline.expired()
 
 
+async def test_a_deadline_moved_later_ends_the_wait_then_and_not_before():
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop, loop.time() + 0.05)
+    task = await waiting(deadline)
+    deadline.reschedule(loop.time() + 0.3)  # the headers came: the first token's bound, later
+    await asyncio.sleep(0.15)  # past the first deadline
+    assert not task.done() and not deadline.expired()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await task
+    assert 0.1 <= loop.time() - started < 1.0 and deadline.expired()
+
+
+async def test_a_deadline_taken_away_never_ends_the_wait_and_one_set_again_does():
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop, loop.time() + 0.05)
+    task = await waiting(deadline)
+    deadline.reschedule(None)
+    await asyncio.sleep(0.15)
+    assert not task.done() and not deadline.expired()
+    deadline.reschedule(loop.time() + 0.05)
+    with pytest.raises(TimeoutError):
+        await task
+    assert deadline.expired()
+
+
+async def test_an_ejection_after_a_later_deadline_still_ends_the_wait_at_once():
+    loop = asyncio.get_running_loop()
+    deadline = Deadline(loop, loop.time() + 5.0)
+    task = await waiting(deadline)
+    deadline.reschedule(loop.time() + 60.0)
+    deadline.reschedule(-1.0)  # as ``Attempt.eject`` does
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await task
+    assert loop.time() - started < 1.0
+
+
 async def test_a_cancellation_from_elsewhere_stays_a_cancellation():
     loop = asyncio.get_running_loop()
     deadline = Deadline(loop, loop.time() + 5.0)
