@@ -100,8 +100,8 @@ async def relay_stream(
     # ``[DONE]``, perhaps just before it.
     if taken is not None and taken.usage:
         outcome.usage = taken.usage
-    else:
-        outcome.usage = _usage_at_end(last) or _usage_at_end(previous)
+    else:  # (a stream read whole in its first chunk has no previous one: that chunk is searched once)
+        outcome.usage = _usage_at_end(last) or (b"" if previous is last else _usage_at_end(previous))
     watcher.finish()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return complete
