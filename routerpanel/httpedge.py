@@ -158,7 +158,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._discarded = 0
         self._lane = lane_for(config, self.access_log)  # the proxy app's, for /v1/* (routerpanel.proxylane)
         self._idle_from = 0.0  # when the last response completed (the keep-alive timer)
-        self._outgoing = outgoing(self.loop)  # the lane's answers waiting for the loop's next turn
+        self._outgoing = outgoing(self.loop)  # what the lane writes, waiting for the loop's next turn
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -264,7 +264,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 raise _HeadTooLarge
         lane = self._lane
         if lane is not None and self.url.startswith(lane.prefixes) and not self.parser.should_upgrade():
-            start_in_lane(self, lane.app)
+            start_in_lane(self, lane.app, self._outgoing)
         else:
             _base.on_headers_complete(self)
         if self._draining and self.cycle is not None:

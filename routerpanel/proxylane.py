@@ -60,7 +60,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
-from proxy.writes import Outgoing, outgoing
+from proxy.writes import Outgoing
 
 __all__ = ["Lane", "ProxyCycle", "lane_for", "start_in_lane"]
 
@@ -86,9 +86,10 @@ def lane_for(config: Config, access_log: bool) -> Lane | None:
     return getattr(app, "lane", None)
 
 
-def start_in_lane(protocol: HttpToolsProtocol, app: Any) -> None:
+def start_in_lane(protocol: HttpToolsProtocol, app: Any, outgoing: Outgoing) -> None:
     """uvicorn's ``on_headers_complete`` for a request of the lane: the same scope, a
-    ``ProxyCycle``, and ``app`` itself in place of the middleware and the mount."""
+    ``ProxyCycle`` writing through ``outgoing`` (the connection's loop's), and ``app`` itself in
+    place of the middleware and the mount."""
     parser, scope = protocol.parser, protocol.scope
     http_version = parser.get_http_version()
     scope["method"] = parser.get_method().decode("ascii")
@@ -112,7 +113,7 @@ def start_in_lane(protocol: HttpToolsProtocol, app: Any) -> None:
         keep_alive=http_version != "1.0" and parser.should_keep_alive(),
         on_response=protocol.on_response_complete,
     )
-    cycle.outgoing = outgoing(protocol.loop)
+    cycle.outgoing = outgoing
     previous, protocol.cycle = protocol.cycle, cycle
     if previous is None or previous.response_complete:
         protocol._start_asgi_task(cycle, app)
