@@ -76,10 +76,22 @@ class Response:
         return self
 
     async def readany(self) -> bytes:
-        return await self._next_chunk()
+        """What came of the body since the last call, waiting for something; b"" at its end."""
+        while not self.chunks:
+            if self.complete:
+                self.close()
+                return b""
+            await self._wait()
+        # All that came: an engine's events, a chunk each, cost one write to the client (docs/architecture.md).
+        chunk = b"".join(self.chunks)
+        self.chunks.clear()
+        self.size = 0
+        if self._conn is not None and self._conn.paused:
+            self._conn.resume()
+        return chunk
 
     async def iter_any(self) -> AsyncIterator[bytes]:
-        while chunk := await self._next_chunk():
+        while chunk := await self.readany():
             yield chunk
 
     def header(self, name: bytes, default: bytes = b"") -> bytes:
@@ -107,20 +119,6 @@ class Response:
         self.chunks.clear()
         self.close()
         return body
-
-    async def _next_chunk(self) -> bytes:
-        while not self.chunks:
-            if self.complete:
-                self.close()
-                return b""
-            await self._wait()
-        # All that came: an engine's events, a chunk each, cost one write to the client (docs/architecture.md).
-        chunk = b"".join(self.chunks)
-        self.chunks.clear()
-        self.size = 0
-        if self._conn is not None and self._conn.paused:
-            self._conn.resume()
-        return chunk
 
     async def _wait(self) -> None:
         if self._error is not None:

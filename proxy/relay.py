@@ -69,7 +69,8 @@ async def relay_stream(
             out = last if taken is None else taken.feed(last)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            async for chunk in response.content.iter_any():
+            content = response.content
+            while chunk := await content.readany():  # (a plain loop: no async generator per stream)
                 previous = last
                 last = chunk if transform is None else transform(chunk)
                 out = last if taken is None else taken.feed(last)
