@@ -148,7 +148,7 @@ class ProxyCycle(RequestResponseCycle):
                 if data:
                     self.outgoing.write(self.transport, b"%x\r\n%s\r\n" % (len(data), data))
                 return
-            self.outgoing.write(self.transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else _END)
+            self.outgoing.write(self.transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else _LAST_CHUNK)
             self._complete()
             await self._written()
             return
@@ -185,7 +185,7 @@ class ProxyCycle(RequestResponseCycle):
             if self.chunked_encoding:  # uvicorn's framing of a chunk, and of the last
                 if body:
                     data += b"%x\r\n%s\r\n" % (len(body), body)
-                self.outgoing.write(self.transport, data if more_body else data + _END)
+                self.outgoing.write(self.transport, data if more_body else data + _LAST_CHUNK)
                 if not more_body:
                     self._complete()
                     await self._written()
@@ -223,10 +223,16 @@ class ProxyCycle(RequestResponseCycle):
         self.on_response()
 
 
-_CHUNKED = b"transfer-encoding: chunked\r\n"
-_END = b"0\r\n\r\n"  # the last chunk of a chunked body
+_LAST_CHUNK = b"0\r\n\r\n"  # the end of a chunked body
+_CRLF = b"\r\n"  # a header line's end; the blank line that ends a head
+_END_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _NAME, _VALUE = itemgetter(0), itemgetter(1)
-_LINE = b"%s: %s\r\n"
+_PAIR = b": ".join
+# The bytes uvicorn's expressions allow in a name (and not a capital letter: the lane writes lower
+# case names only) and in a value, for ``bytes.translate`` to delete: a tenth of the expressions'
+# time on a head's few hundred bytes.
+_NAME_OK = bytes(c for c in range(256) if not HEADER_RE.match(bytes((c,))) and not 0x41 <= c <= 0x5A)
+_VALUE_OK = bytes(c for c in range(256) if not HEADER_VALUE_RE.match(bytes((c,))))
 
 
 def _head(
@@ -242,9 +248,10 @@ def _head(
         not keep_alive
         or status not in STATUS_LINE
         or status in (204, 304)
-        or HEADER_RE.search(names)  # each character is checked alone: the names joined are checked as each
-        or HEADER_VALUE_RE.search(b"".join(map(_VALUE, headers)))
-        or names.lower() != names
+        # Each character is checked alone, so the names joined are checked as each name would be:
+        # what is left once the allowed bytes are deleted is what uvicorn's expression would find.
+        or names.translate(None, _NAME_OK)
+        or b"".join(map(_VALUE, headers)).translate(None, _VALUE_OK)
         # A header that changes the body's framing or the connection's fate (its name within
         # another's, as x-connection-id, only costs the cheaper way).
         or b"connection" in names
@@ -256,5 +263,7 @@ def _head(
         if name == _CONTENT_LENGTH:
             length = value
             break
-    lines = b"".join(map(_LINE.__mod__, headers))
-    return b"%s%s%s\r\n" % (STATUS_LINE[status], lines, b"" if length is not None else _CHUNKED), length
+    end = _CRLF if length is not None else _END_CHUNKED
+    if not headers:
+        return STATUS_LINE[status] + end, length
+    return b"".join((STATUS_LINE[status], b"\r\n".join(map(_PAIR, headers)), _CRLF, end)), length
