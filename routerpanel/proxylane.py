@@ -12,8 +12,9 @@ What the lane leaves out, none of which the proxy app needs:
 - uvicorn's proxy-headers middleware (``X-Forwarded-For``/``-Proto`` into the scope's ``client`` and
   ``scheme``: the proxy app reads neither) and the mount's dispatch (the path is known to be the
   proxy app's);
-- the response head's per-header checks: the same checks (uvicorn's own expressions) run once over
-  all the names and once over all the values, and anything unusual (a ``connection`` or
+- the response head's per-header checks: the same checks (the bytes uvicorn's own expressions
+  allow, deleted with ``bytes.translate``) run once over all the names and once over all the
+  values, and anything unusual (a ``connection`` or
   ``transfer-encoding`` header, a name not in lower case, a ``HEAD`` request, a 204 or 304) goes
   through uvicorn's ``send``;
 - writing the head as soon as the app sends ``http.response.start``: the lane holds it until the
