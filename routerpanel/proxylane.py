@@ -140,18 +140,11 @@ class ProxyCycle(RequestResponseCycle):
             and not (self.response_complete or self.disconnected or self.flow.write_paused)
             and message["type"] == "http.response.body"
         ):
-            # A stream's chunk, framed as uvicorn frames it, without its checks of what the lane
-            # already knows (the head is out, chunked, not for a HEAD) and its second coroutine,
-            # written at the loop's next turn with the other writes of this one: a fast engine's
-            # whole stream and its end leave in one write. Everything unusual goes uvicorn's way.
-            data = message.get("body", b"")
-            if message.get("more_body", False):
-                if data:
-                    self.outgoing.write(self.transport, b"%x\r\n%s\r\n" % (len(data), data))
-                return
-            self.outgoing.write(self.transport, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else _LAST_CHUNK)
-            self._complete()
-            await self._written()
+            # A stream's chunk, without uvicorn's checks of what the lane already knows (the head is
+            # out, chunked, not for a HEAD) and its second coroutine. Everything unusual goes
+            # uvicorn's way below.
+            if self._chunk(b"", message.get("body", b""), message.get("more_body", False)):
+                await self._written()
             return
         framed = None
         if not (
@@ -183,12 +176,8 @@ class ProxyCycle(RequestResponseCycle):
         if message["type"] == "http.response.body" and not (self.disconnected or self.flow.write_paused):
             body = message.get("body", b"")
             more_body = message.get("more_body", False)
-            if self.chunked_encoding:  # uvicorn's framing of a chunk, and of the last
-                if body:
-                    data += b"%x\r\n%s\r\n" % (len(body), body)
-                self.outgoing.write(self.transport, data if more_body else data + _LAST_CHUNK)
-                if not more_body:
-                    self._complete()
+            if self.chunked_encoding:
+                if self._chunk(data, body, more_body):
                     await self._written()
                 return
             if not more_body and len(body) == self.expected_content_length:
@@ -202,6 +191,21 @@ class ProxyCycle(RequestResponseCycle):
         if not self.disconnected:
             self.transport.write(data)
         await RequestResponseCycle.send(self, message)
+
+    def _chunk(self, data: bytes, body: bytes, more_body: bool) -> bool:
+        """Write ``data`` (the head, or nothing) and ``body`` framed as uvicorn frames a chunk, and the
+        body's end when ``more_body`` is false, at the loop's next turn with the other writes of
+        this one: a fast engine's whole stream leaves with its head and its end in one write.
+        Returns whether the answer is complete (its caller then waits for that turn)."""
+        if body:
+            data += b"%x\r\n%s\r\n" % (len(body), body)
+        if more_body:
+            if data:
+                self.outgoing.write(self.transport, data)
+            return False
+        self.outgoing.write(self.transport, data + _LAST_CHUNK)
+        self._complete()
+        return True
 
     async def _written(self) -> None:
         """Wait for the loop's next turn, which writes the answer's end (``proxy.writes``): the app's
@@ -267,4 +271,4 @@ def _head(
     end = _CRLF if length is not None else _END_CHUNKED
     if not headers:
         return STATUS_LINE[status] + end, length
-    return b"".join((STATUS_LINE[status], b"\r\n".join(map(_PAIR, headers)), _CRLF, end)), length
+    return b"".join((STATUS_LINE[status], _CRLF.join(map(_PAIR, headers)), _CRLF, end)), length
