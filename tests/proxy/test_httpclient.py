@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.httpclient import Pool, Response, _split
+from proxy.httpclient import Pool, _split
 from proxy.upstream import CONNECT_ERRORS
 from tests.support.garbage import cyclic_garbage
 from tests.support.ports import free_port
@@ -74,14 +74,6 @@ def url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}/v1/chat/completions"
 
 
-async def parts(response: Response) -> list[bytes]:
-    """The pieces of a streamed body as the relay reads them (``readany`` until b"")."""
-    pieces = []
-    while piece := await response.content.readany():
-        pieces.append(piece)
-    return pieces
-
-
 async def test_a_get_without_a_body_sends_none_and_keeps_its_connection(engine, pool):
     # LMDeploy's link starts with GET /distserve/engine_info (proxy.pd.lmdeploy).
     server, ports = engine
@@ -113,7 +105,7 @@ async def test_a_stream_arrives_chunk_by_chunk_and_ends(engine, pool):
     response = await pool.request("POST", url(server), b'{"stream": true}', JSON, connect=2, total=10)
     assert response.content_type == "text/event-stream"
     assert response.header(b"content-type") == b"text/event-stream"
-    chunks = await parts(response)
+    chunks = [chunk async for chunk in response.content.iter_any()]
     assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
 
 
@@ -159,7 +151,7 @@ async def test_answers_are_freed_as_soon_as_they_were_read(engine, pool, stream)
         for _ in range(20):
             response = await pool.request("POST", url(server), body, JSON, connect=2, total=10)
             if stream:
-                assert b"".join(await parts(response)).count(b"data:") == 3
+                assert b"".join([chunk async for chunk in response.content.iter_any()]).count(b"data:") == 3
             else:
                 assert await response.read() == b'{"echo": {}}'
         del response
