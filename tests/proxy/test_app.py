@@ -228,6 +228,27 @@ async def test_max_concurrency_is_honoured_and_a_full_fleet_is_a_503(engines, pr
     assert proxy_app.router.load.counts() == {}
 
 
+async def test_a_key_that_worked_is_refused_once_it_is_gone_from_the_registry(engines, proxy_app):
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url}], keys={"rp-test-key": {}, "rp-other": {}}))
+    assert (await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)).status == 200
+    snapshots.install(make_snapshot([{"url": engine.url}], keys={"rp-other": {}}, version=2))
+    response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
+    assert response.status == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    other = await call(proxy_app, "POST", CHAT, json_body=chat(), headers={"Authorization": "Bearer rp-other"})
+    assert other.status == 200
+
+
+async def test_wrong_keys_are_not_remembered(engines, proxy_app):
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url}]))
+    for n in range(20):
+        response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers={"Authorization": f"Bearer wrong-{n}"})
+        assert response.status == 401
+    assert not any(token.startswith(b"wrong-") for token in app_module._DIGESTS)
+
+
 async def test_errors_have_the_openai_shape_and_status(engines, proxy_app):
     engine = await engines("a")
     snapshots.install(
