@@ -231,6 +231,7 @@ class Mount:
         self.hold: asyncio.Event | None = None
         self.fail_after_head = False
         self.after_answer: Any = None  # called right after the answer was sent, in the same turn
+        self.tasks: list[str] = []  # the name of the task each request ran in
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         self.through_mount.append(scope["path"])
@@ -241,6 +242,9 @@ class Mount:
         await self.reply(scope, receive, send)
 
     async def reply(self, scope: dict, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.append(task.get_name())
         request = await receive()
         if self.hold is not None:
             await self.hold.wait()
@@ -294,6 +298,35 @@ async def test_pipelined_lane_requests_are_answered_in_order() -> None:
     proto.data_received(request("/v1/a", b"1") + request("/v1/b", b"2") + request("/v1/c", b"3"))
     answers = await served(transport, 3)
     assert [a.rsplit(b"\r\n\r\n", 1)[1] for a in answers] == [b"POST /v1/a 1", b"POST /v1/b 2", b"POST /v1/c 3"]
+
+
+async def test_every_request_runs_in_a_named_task_the_connection_tracks_and_a_task_factory_still_counts() -> None:
+    mount = Mount()
+    proto, transport = protocol(mount)
+    mount.hold = asyncio.Event()
+    proto.data_received(request("/v1/a") + request("/v1/b"))  # the second waits in the pipeline
+    proto.data_received(request("/v2/c"))
+    await wait_until_async(lambda: mount.tasks, 5.0, "the first request never started")
+    assert len(proto.tasks) == 1
+    mount.hold.set()
+    await served(transport, 3)
+    assert mount.tasks == ["routerpanel-request"] * 3
+    await wait_until_async(lambda: not proto.tasks, 5.0, "a finished request's task is still tracked")
+
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task:
+        made.append("factory")
+        return asyncio.Task(coro, loop=loop, **options)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    try:
+        proto.data_received(request("/v1/d"))
+        await served(transport, 4)
+    finally:
+        loop.set_task_factory(None)
+    assert made == ["factory"]
 
 
 @pytest.mark.parametrize("config", [{"root_path": "/api"}, {"limit_concurrency": 10}, {"log_level": "trace"}])

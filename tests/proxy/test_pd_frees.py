@@ -136,3 +136,28 @@ async def test_a_prefill_cancelled_at_shutdown_releases_nothing_and_raises_nothi
     prefill.cancel()
     await asyncio.wait({prefill})
     _release(object(), object(), prefill)  # type: ignore[arg-type]  # neither is touched
+
+
+async def test_clean_ups_run_as_named_tracked_tasks_and_a_task_factory_makes_them() -> None:
+    gate = asyncio.Event()
+    task = cleanup.spawn(gate.wait(), "routerpanel-test-cleanup")
+    assert task.get_name() == "routerpanel-test-cleanup"
+    assert cleanup.pending_cleanups() >= 1
+    gate.set()
+    await task
+    assert task not in cleanup._background
+
+    loop = asyncio.get_running_loop()
+    made: list[str] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro, **options) -> asyncio.Task:
+        made.append("factory")
+        return asyncio.Task(coro, loop=loop, **options)
+
+    loop.set_task_factory(factory)  # type: ignore[arg-type]
+    try:
+        task = cleanup.spawn(asyncio.sleep(0), "routerpanel-test-cleanup")
+        await task
+    finally:
+        loop.set_task_factory(None)
+    assert made == ["factory"] and task.get_name() == "routerpanel-test-cleanup"
