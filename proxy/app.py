@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -55,14 +54,6 @@ EXACT_PATHS = frozenset(
 # without freeing any (a request's objects are freed by reference counting when it ends): at 700 a
 # PD request paid for about one young collection in fifty. docs/decisions/0004-gc-freeze.md.
 GC_YOUNG_THRESHOLD = 20_000
-
-# The digests of the keys clients presented lately that matched a key (a client sends its key with
-# every request): SHA-256 and its hex cost 0.7 µs a request, a lookup 0.03. Only keys that matched,
-# so a flood of wrong ones evicts nothing, and only short ones, so the memo stays small; it holds
-# digests, not verdicts: a key deleted or disabled is refused on its next request, as before.
-_DIGESTS: dict[bytes, str] = {}
-_DIGESTS_MAX = 1024
-_DIGESTED_KEY_MAX = 256  # bytes
 
 
 def handles(path: str) -> bool:
@@ -231,16 +222,7 @@ class ProxyApp:
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:
             raise ProxyError(401, "Malformed Authorization header: use Bearer <key>.", "missing_api_key")
-        digest = _DIGESTS.get(token)
-        if digest is None:
-            digest = hashlib.sha256(token).hexdigest()
-            key = snap.keys.get(digest)
-            if key is not None and len(token) <= _DIGESTED_KEY_MAX:
-                if len(_DIGESTS) >= _DIGESTS_MAX:
-                    _DIGESTS.clear()
-                _DIGESTS[token] = digest
-        else:
-            key = snap.keys.get(digest)
+        key = snap.key_for(token)
         if key is None:
             raise ProxyError(401, "Incorrect API key provided.", "invalid_api_key")
         return key

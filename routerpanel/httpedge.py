@@ -28,8 +28,7 @@ docs/deployment.md, ``make bench`` and the end-to-end tests do). It subclasses u
   request cancels it (about 2.5 µs a request). Here it stays armed while the connection is in use;
   when it fires it closes the connection only if no request came since the last response for
   ``--timeout-keep-alive`` seconds, and otherwise waits for the rest of that time.
-- **Named request tasks**: each request runs in a task named ``routerpanel-request`` (uvicorn's
-  are unnamed, and Python 3.11 formats a name for an unnamed task: see ``_start_asgi_task``).
+- **Named request tasks** (``routerpanel.proxylane.start_task``).
 - **A drained graceful shutdown** (``ROUTERPANEL_HTTP_SHUTDOWN_DRAIN``, 1 s): uvicorn's shutdown
   closes an idle keep-alive connection at once, which resets a request already on the wire (up to
   29 lost per rolling restart under load, measured). Here an idle connection stays open that long;
@@ -61,7 +60,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.writes import outgoing
-from routerpanel.proxylane import lane_for, start_in_lane
+from routerpanel.proxylane import lane_for, start_in_lane, start_task
 
 __all__ = ["GuardedHttpToolsProtocol", "settings_from_environment"]
 
@@ -71,7 +70,6 @@ NOSNIFF = b"x-content-type-options: nosniff\r\n"
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1024 * 1024
 LOG_EVERY = 10.0  # seconds: at most one rejection warning per window
-REQUEST_TASK = "routerpanel-request"  # the name of the task that runs a request
 
 
 def _number(name: str, default: float) -> float:
@@ -297,17 +295,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        # uvicorn's, with the task named: on Python 3.11 a task created without a name formats one
-        # ("Task-<n>", 1.45 k instructions: a third of a percent of a proxied request's), and uvloop's
-        # ``create_task(name=...)`` formats it before renaming the task. A task factory, or uvicorn's
-        # context reset, takes uvicorn's way.
-        loop = self.loop
-        if getattr(self.config, "reset_contextvars", False) or loop.get_task_factory() is not None:
-            super()._start_asgi_task(cycle, app)
-            return
-        task = asyncio.Task(cycle.run_asgi(app), loop=loop, name=REQUEST_TASK)
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
+        start_task(self, cycle, app)  # uvicorn's, with the task named (routerpanel.proxylane)
 
     def _unset_keepalive_if_required(self) -> None:
         """uvicorn calls this on every read to cancel its keep-alive timer; this one stays armed."""
