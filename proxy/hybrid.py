@@ -22,6 +22,8 @@ from .router import Router
 from .transport import DisconnectWatcher, Send, send_bytes
 from .usage import taken_usage, takes_usage, with_usage
 
+_HYBRID = NodeRole.HYBRID  # looked up once: an enum class's attribute is slow (proxy.router)
+
 
 class HybridRequest(AttemptLoop[None]):
     """Every supported engine speaks plain OpenAI in hybrid mode: POST the client's body (model
@@ -45,7 +47,7 @@ class HybridRequest(AttemptLoop[None]):
         request = self.request
         target = self.router.choose(
             self.route,
-            NodeRole.HYBRID,
+            _HYBRID,
             exclude=tried,
             headers=request.headers.routing,
             payload=request.payload,

@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 _RING_CACHE_MAX = 256
 _TABLE_CACHE_MAX = 1024
 _NO_RING = strategies.HashRing(())
+# The strategies ``choose`` compares with on every request, looked up once: on Python 3.11 an
+# attribute of an enum class goes through its metaclass's ``__getattr__`` hook, 0.85 k instructions
+# a lookup (docs/architecture.md).
+_LEAST_REQUESTS, _WEIGHTED_RANDOM = Strategy.LEAST_REQUESTS, Strategy.WEIGHTED_RANDOM
+_POWER_OF_TWO, _MIN_OBSERVED_LATENCY = Strategy.POWER_OF_TWO, Strategy.MIN_OBSERVED_LATENCY
+_CONSISTENT_HASH, _PREFIX_CACHE = Strategy.CONSISTENT_HASH, Strategy.PREFIX_CACHE
 
 
 class Waiter(Protocol):
@@ -182,19 +188,19 @@ class Router:
         load, rng = self.load, self.rng
         prefix: tuple[int, int] | None = None
         chosen: Target | None
-        if strategy == Strategy.LEAST_REQUESTS:
+        if strategy == _LEAST_REQUESTS:
             chosen = strategies.least_requests(targets, load, tick, rng, ok)
-        elif strategy == Strategy.WEIGHTED_RANDOM:
+        elif strategy == _WEIGHTED_RANDOM:
             chosen = strategies.weighted_random(targets, rng, ok, table)
-        elif strategy == Strategy.POWER_OF_TWO:
+        elif strategy == _POWER_OF_TWO:
             chosen = strategies.power_of_two(targets, load, rng, ok)
-        elif strategy == Strategy.MIN_OBSERVED_LATENCY:
+        elif strategy == _MIN_OBSERVED_LATENCY:
             chosen = strategies.min_observed_latency(targets, load, tick, rng, ok)
-        elif strategy == Strategy.CONSISTENT_HASH:
+        elif strategy == _CONSISTENT_HASH:
             key = session_key(headers or {}, payload or {})
             ring = self._ring(route, role, targets) if key else _NO_RING
             chosen = strategies.consistent_hash(targets, ring, key, load, tick, rng, ok, table)
-        elif strategy == Strategy.PREFIX_CACHE:
+        elif strategy == _PREFIX_CACHE:
             hashes = self.prefix_index.prefix_hashes(
                 f"{route.name}/{role}", prompt_text(payload or {}), policy.prefix_min_match
             )

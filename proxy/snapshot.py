@@ -28,6 +28,9 @@ from nodes import rules
 from nodes.choices import NodeRole, ServingMode, Strategy
 from nodes.models import ApiKey, ConfigVersion, ModelAlias, Node, RoutePolicy
 
+# Looked up once (``Route.by_role`` runs for every choice): an enum class's attribute is slow (proxy.router).
+_PREFILL, _DECODE = NodeRole.PREFILL, NodeRole.DECODE
+
 
 @dataclass(frozen=True, slots=True)
 class NodeView:
@@ -114,9 +117,9 @@ class Route:
         return bool(self.hybrid) or (bool(self.prefill) and bool(self.decode))
 
     def by_role(self, role: str) -> tuple[Target, ...]:
-        if role == NodeRole.PREFILL:
+        if role == _PREFILL:
             return self.prefill
-        if role == NodeRole.DECODE:
+        if role == _DECODE:
             return self.decode
         return self.hybrid
 

@@ -39,6 +39,10 @@ __all__ = ["finish_cleanups", "inflight", "pending_cleanups", "proxy_pd", "wants
 pd_metrics.register_gauges(inflight, pending_cleanups)
 
 
+# Looked up once: an enum class's attribute is slow (proxy.router).
+_NANODEPLOY, _OPENAI, _SGLANG = EngineType.NANODEPLOY, EngineType.OPENAI, EngineType.SGLANG
+
+
 def _engine_type(request: ProxyRequest) -> str:
     """The PD protocol is the engine family of the route's prefill/decode nodes (the prefill's when
     they differ; a plain OpenAI node speaks the project's default, NanoDeploy)."""
@@ -46,8 +50,8 @@ def _engine_type(request: ProxyRequest) -> str:
     for targets in (route.prefill, route.decode):
         if targets:
             engine = targets[0].node.engine_type
-            return EngineType.NANODEPLOY if engine == EngineType.OPENAI else engine
-    return EngineType.NANODEPLOY
+            return _NANODEPLOY if engine == _OPENAI else engine
+    return _NANODEPLOY
 
 
 def proxy_pd(
@@ -56,7 +60,7 @@ def proxy_pd(
     """The PD path for one request (a coroutine to await: no frame of its own on the hot path)."""
     pd = PdRequest(request, send, router, watcher, outcome)
     engine = _engine_type(request)
-    if engine == EngineType.SGLANG:
+    if engine == _SGLANG:
         return dual_dispatch(pd, SGLANG)
     protocol = TWO_STAGE.get(engine)
     if protocol is None:

@@ -23,6 +23,8 @@ from ..upstream import engines
 
 _inflight = 0
 _rank_ticks: dict[int, int] = {}
+# Looked up once: an enum class's attribute is slow (proxy.router).
+_PD, _VLLM, _PREFILL, _DECODE = ServingMode.PD, EngineType.VLLM, NodeRole.PREFILL, NodeRole.DECODE
 
 
 def inflight() -> int:
@@ -43,7 +45,7 @@ def ended() -> None:
 def wants_pd(route: Route) -> bool:
     """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
     was built by the one rule, ``nodes.rules.serving_mode``."""
-    return route.mode == ServingMode.PD
+    return route.mode == _PD
 
 
 def host_port(node: NodeView) -> tuple[str, int]:
@@ -53,7 +55,7 @@ def host_port(node: NodeView) -> tuple[str, int]:
 
 def _rank_for(node: NodeView) -> int | None:
     """vLLM data-parallel nodes are ``dp_size`` logical nodes ``url@rank``: spread over the ranks."""
-    if node.engine_type != EngineType.VLLM or node.dp_size <= 1:
+    if node.engine_type != _VLLM or node.dp_size <= 1:
         return None
     tick = _rank_ticks.get(node.id, 0)
     _rank_ticks[node.id] = tick + 1
@@ -199,19 +201,19 @@ class PdRequest:
         until ``take_decode`` (its leg) or ``release_unused``. Nodes in ``avoid_*`` (a pair that just
         failed) are taken only when no other node of that role is left."""
         self.decode_status, self.decode_completed = 0, False
-        prefill = self._choose_avoiding(NodeRole.PREFILL, avoid_prefill)
+        prefill = self._choose_avoiding(_PREFILL, avoid_prefill)
         if prefill is None:
-            if not self.route.by_role(NodeRole.DECODE):
+            if not self.route.by_role(_DECODE):
                 raise ProxyError(
                     503,
                     f"No routable prefill or decode node serves {self.route.name!r} right now.",
                     "no_prefill_node",
                 )
-            raise self.missing(NodeRole.PREFILL)
-        decode = self._choose_avoiding(NodeRole.DECODE, avoid_decode)
+            raise self.missing(_PREFILL)
+        decode = self._choose_avoiding(_DECODE, avoid_decode)
         if decode is None:
             self.router.release(prefill.target)
-            raise self.missing(NodeRole.DECODE)
+            raise self.missing(_DECODE)
         self.prefill, self.decode, self._decode_held = prefill, decode, True
 
     def _choose_avoiding(self, role: str, avoid: list[int] | None) -> Leg | None:

@@ -28,6 +28,7 @@ from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
 
 Result = TypeVar("Result")
+_DECODE_ROLE = NodeRole.DECODE  # looked up once: an enum class's attribute is slow (proxy.router)
 
 
 class LegAttempt(Attempt):
@@ -88,7 +89,7 @@ class PdLeg(AttemptLoop[Result]):
         leg = cast(LegAttempt, attempt).leg
         path, body, headers = self.build_leg(self.pd, leg)
         headers[HOP_HEADER] = self.pd.request.hop
-        if self.role == NodeRole.DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
+        if self.role == _DECODE_ROLE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
             # For the token counts (proxy.usage); ``takes_usage`` says the client sent no stream_options.
             if isinstance(body, bytes):
                 return leg.url + path, with_usage(body), headers
