@@ -11,18 +11,15 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any
 
-from nodes.choices import NodeRole
-
 from .attempts import HYBRID, Attempt, AttemptLoop, verdict_for
 from .errors import ProxyError
 from .loops import HOP_HEADER
 from .relay import relay_stream
 from .request import Outcome, ProxyRequest
 from .router import Router
+from .snapshot import ROLE_HYBRID
 from .transport import DisconnectWatcher, Send, send_bytes
 from .usage import taken_usage, takes_usage, with_usage
-
-_HYBRID = NodeRole.HYBRID  # looked up once: an enum class's attribute is slow (proxy.router)
 
 
 class HybridRequest(AttemptLoop[None]):
@@ -47,7 +44,7 @@ class HybridRequest(AttemptLoop[None]):
         request = self.request
         target = self.router.choose(
             self.route,
-            _HYBRID,
+            ROLE_HYBRID,
             exclude=tried,
             headers=request.headers.routing,
             payload=request.payload,

@@ -37,9 +37,8 @@ logger = logging.getLogger(__name__)
 _RING_CACHE_MAX = 256
 _TABLE_CACHE_MAX = 1024
 _NO_RING = strategies.HashRing(())
-# The strategies ``choose`` compares with on every request, looked up once: on Python 3.11 an
-# attribute of an enum class goes through its metaclass's ``__getattr__`` hook, 0.85 k instructions
-# a lookup (docs/architecture.md).
+# The strategies ``choose`` compares with on every request, looked up once, as
+# ``proxy.snapshot.ROLE_*`` are.
 _LEAST_REQUESTS, _WEIGHTED_RANDOM = Strategy.LEAST_REQUESTS, Strategy.WEIGHTED_RANDOM
 _POWER_OF_TWO, _MIN_OBSERVED_LATENCY = Strategy.POWER_OF_TWO, Strategy.MIN_OBSERVED_LATENCY
 _CONSISTENT_HASH, _PREFIX_CACHE = Strategy.CONSISTENT_HASH, Strategy.PREFIX_CACHE

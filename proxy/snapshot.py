@@ -14,7 +14,6 @@ fallback for a node the live state does not mention.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import defaultdict
@@ -26,10 +25,13 @@ from django.conf import settings
 
 from nodes import rules
 from nodes.choices import NodeRole, ServingMode, Strategy
-from nodes.models import ApiKey, ConfigVersion, ModelAlias, Node, RoutePolicy
+from nodes.models import ApiKey, ConfigVersion, ModelAlias, Node, RoutePolicy, hash_api_key
 
-# Looked up once (``Route.by_role`` runs for every choice): an enum class's attribute is slow (proxy.router).
-_PREFILL, _DECODE = NodeRole.PREFILL, NodeRole.DECODE
+# The roles and the PD mode as the data path compares them on every request (``Route.by_role`` for
+# every choice), looked up once: on Python 3.11 an attribute of an enum class goes through its
+# metaclass's ``__getattr__`` hook, 0.85 k instructions a lookup (docs/architecture.md).
+ROLE_HYBRID, ROLE_PREFILL, ROLE_DECODE = NodeRole.HYBRID, NodeRole.PREFILL, NodeRole.DECODE
+MODE_PD = ServingMode.PD
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +119,9 @@ class Route:
         return bool(self.hybrid) or (bool(self.prefill) and bool(self.decode))
 
     def by_role(self, role: str) -> tuple[Target, ...]:
-        if role == _PREFILL:
+        if role == ROLE_PREFILL:
             return self.prefill
-        if role == _DECODE:
+        if role == ROLE_DECODE:
             return self.decode
         return self.hybrid
 
@@ -160,7 +162,10 @@ class Snapshot:
         digest = _DIGESTS.get(token)
         if digest is not None:
             return self.keys.get(digest)
-        digest = hashlib.sha256(token).hexdigest()
+        try:
+            digest = hash_api_key(token.decode())
+        except UnicodeDecodeError:  # no key's hash is of bytes that are not UTF-8
+            return None
         key = self.keys.get(digest)
         if key is not None and len(token) <= _DIGESTED_KEY_MAX:
             if len(_DIGESTS) >= _DIGESTS_MAX:

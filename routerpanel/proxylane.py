@@ -61,6 +61,7 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+from proxy.tasks import named_task
 from proxy.writes import Outgoing
 
 __all__ = ["REQUEST_TASK", "Lane", "ProxyCycle", "lane_for", "start_in_lane", "start_task"]
@@ -126,15 +127,11 @@ def start_in_lane(protocol: HttpToolsProtocol, app: Any, outgoing: Outgoing) -> 
 
 def start_task(protocol: HttpToolsProtocol, cycle: RequestResponseCycle, app: Any) -> None:
     """uvicorn's ``_start_asgi_task`` for every request of the edge, with the task named
-    ``REQUEST_TASK``: on Python 3.11 a task made without a name formats one ("Task-<n>", 1.45 k
-    instructions, a third of a percent of a proxied request's), and uvloop's ``create_task(name=...)``
-    formats it before renaming the task. A task factory, or uvicorn's context reset, takes uvicorn's
-    way."""
-    loop = protocol.loop
-    if getattr(protocol.config, "reset_contextvars", False) or loop.get_task_factory() is not None:
+    ``REQUEST_TASK`` as it is made (``proxy.tasks``); uvicorn's context reset takes uvicorn's way."""
+    if getattr(protocol.config, "reset_contextvars", False):
         HttpToolsProtocol._start_asgi_task(protocol, cycle, app)
         return
-    task = asyncio.Task(cycle.run_asgi(app), loop=loop, name=REQUEST_TASK)
+    task = named_task(protocol.loop, cycle.run_asgi(app), REQUEST_TASK)
     task.add_done_callback(protocol.tasks.discard)
     protocol.tasks.add(task)
 

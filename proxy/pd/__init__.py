@@ -39,7 +39,7 @@ __all__ = ["finish_cleanups", "inflight", "pending_cleanups", "proxy_pd", "wants
 pd_metrics.register_gauges(inflight, pending_cleanups)
 
 
-# Looked up once: an enum class's attribute is slow (proxy.router).
+# Looked up once, as ``proxy.snapshot.ROLE_*`` are.
 _NANODEPLOY, _OPENAI, _SGLANG = EngineType.NANODEPLOY, EngineType.OPENAI, EngineType.SGLANG
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from ..tasks import named_task
 from . import metrics as pd_metrics
 from .core import Leg, PdRequest
 
@@ -38,11 +39,7 @@ _background: set[asyncio.Task] = set()
 
 def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
     """Run ``coro`` as a task that survives the request's cancellation and is tracked until done."""
-    loop = asyncio.get_running_loop()
-    if loop.get_task_factory() is None:  # named as it is made: see routerpanel.proxylane.start_task
-        task: asyncio.Task = asyncio.Task(coro, loop=loop, name=name)
-    else:
-        task = loop.create_task(coro, name=name)
+    task = named_task(asyncio.get_running_loop(), coro, name)
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task

@@ -11,20 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from nodes.choices import EngineType, NodeRole, ServingMode
+from nodes.choices import EngineType
 
 from ..errors import ProxyError
 from ..request import JSON_ERRORS, Outcome, ProxyRequest, parse_json, with_members
 from ..request import json_bytes as dumps
 from ..router import Router
-from ..snapshot import NodeView, Route, Target
+from ..snapshot import MODE_PD, ROLE_DECODE, ROLE_PREFILL, NodeView, Route, Target
 from ..transport import DisconnectWatcher, Send
 from ..upstream import engines
 
 _inflight = 0
 _rank_ticks: dict[int, int] = {}
-# Looked up once: an enum class's attribute is slow (proxy.router).
-_PD, _VLLM, _PREFILL, _DECODE = ServingMode.PD, EngineType.VLLM, NodeRole.PREFILL, NodeRole.DECODE
+_VLLM = EngineType.VLLM  # looked up once, as ``proxy.snapshot.ROLE_*`` are
 
 
 def inflight() -> int:
@@ -45,7 +44,7 @@ def ended() -> None:
 def wants_pd(route: Route) -> bool:
     """Whether a request for ``route`` goes the PD way: its serving mode, decided when the snapshot
     was built by the one rule, ``nodes.rules.serving_mode``."""
-    return route.mode == _PD
+    return route.mode == MODE_PD
 
 
 def host_port(node: NodeView) -> tuple[str, int]:
@@ -201,19 +200,19 @@ class PdRequest:
         until ``take_decode`` (its leg) or ``release_unused``. Nodes in ``avoid_*`` (a pair that just
         failed) are taken only when no other node of that role is left."""
         self.decode_status, self.decode_completed = 0, False
-        prefill = self._choose_avoiding(_PREFILL, avoid_prefill)
+        prefill = self._choose_avoiding(ROLE_PREFILL, avoid_prefill)
         if prefill is None:
-            if not self.route.by_role(_DECODE):
+            if not self.route.by_role(ROLE_DECODE):
                 raise ProxyError(
                     503,
                     f"No routable prefill or decode node serves {self.route.name!r} right now.",
                     "no_prefill_node",
                 )
-            raise self.missing(_PREFILL)
-        decode = self._choose_avoiding(_DECODE, avoid_decode)
+            raise self.missing(ROLE_PREFILL)
+        decode = self._choose_avoiding(ROLE_DECODE, avoid_decode)
         if decode is None:
             self.router.release(prefill.target)
-            raise self.missing(_DECODE)
+            raise self.missing(ROLE_DECODE)
         self.prefill, self.decode, self._decode_held = prefill, decode, True
 
     def _choose_avoiding(self, role: str, avoid: list[int] | None) -> Leg | None:

@@ -21,6 +21,7 @@ from ..errors import ProxyError, engine_failed
 from ..loops import HOP_HEADER
 from ..relay import relay_stream
 from ..request import JSON_ERRORS, ProxyRequest, parse_json
+from ..snapshot import ROLE_DECODE
 from ..transport import send_bytes
 from ..usage import taken_usage, takes_usage, with_usage
 from . import metrics as pd_metrics
@@ -28,7 +29,6 @@ from .core import Leg, LegAnswer, LegRequest, PdRequest, dumps
 from .usage import merge_usage, merge_usage_events
 
 Result = TypeVar("Result")
-_DECODE_ROLE = NodeRole.DECODE  # looked up once: an enum class's attribute is slow (proxy.router)
 
 
 class LegAttempt(Attempt):
@@ -89,7 +89,7 @@ class PdLeg(AttemptLoop[Result]):
         leg = cast(LegAttempt, attempt).leg
         path, body, headers = self.build_leg(self.pd, leg)
         headers[HOP_HEADER] = self.pd.request.hop
-        if self.role == _DECODE_ROLE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
+        if self.role == ROLE_DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
             # For the token counts (proxy.usage); ``takes_usage`` says the client sent no stream_options.
             if isinstance(body, bytes):
                 return leg.url + path, with_usage(body), headers
