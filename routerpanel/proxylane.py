@@ -223,7 +223,9 @@ class ProxyCycle(RequestResponseCycle):
     async def _written(self) -> None:
         """Wait for the loop's next turn, which writes the answer's end (``proxy.writes``): the app's
         bookkeeping after its answer waits for the write, not the other way round (without this
-        wait, one client waited for both)."""
+        wait, one client waited for both). Written at once (``Outgoing.direct``), it does not wait."""
+        if self.transport not in self.outgoing.pending:
+            return
         try:
             await asyncio.sleep(0)
         except asyncio.CancelledError:  # cancelled meanwhile (a forced shutdown): it still goes

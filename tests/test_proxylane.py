@@ -63,6 +63,11 @@ async def answer(kind: type[RequestResponseCycle], messages: list[dict], **optio
     return (transport.output(), transport.closed, c.response_complete, c.chunked_encoding, c.keep_alive)
 
 
+def busy() -> None:
+    """Make this loop's writes wait for its next turn, as on a busy loop (``proxy.writes``)."""
+    outgoing(asyncio.get_running_loop()).direct = False
+
+
 def start(status: int, headers: list[tuple[bytes, bytes]]) -> dict:
     return {"type": "http.response.start", "status": status, "headers": headers}
 
@@ -127,6 +132,33 @@ async def test_the_head_goes_out_with_the_first_body_in_one_write() -> None:
     await c.send(start(200, SSE_HEADERS))
     await c.send(body(b"data: 1\n\n", True))
     await next_turn()
+    assert len(transport.written) == 1 and transport.written[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    busy()
+    await c.send(body(b"data: 2\n\n", True))
+    await c.send(body(b""))
+    assert c.response_complete
+    assert transport.written[1:] == [b"9\r\ndata: 2\n\n\r\n0\r\n\r\n"]
+
+
+async def test_on_a_quiet_loop_an_answer_goes_out_at_once_and_the_app_goes_on_in_the_same_turn() -> None:
+    """At one client (proxy.writes: a quiet loop) a whole answer is written at once and the app's
+    bookkeeping after it does not wait for a turn of the loop; a stream's head and first chunk go
+    out at once, and what follows them in the same turn (a chunk, the end) together at the next."""
+    loop = asyncio.get_running_loop()
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, JSON_HEADERS))
+    outgoing(loop).direct = True  # the last turn's writes went to one socket
+    sending = c.send(body(b'{"a":1}'))
+    with pytest.raises(StopIteration):  # done without giving the loop a turn
+        sending.send(None)
+    assert len(transport.written) == 1 and transport.written[0].endswith(b'\r\n\r\n{"a":1}')
+
+    await next_turn()  # nothing else was written: still quiet
+    transport = Transport()
+    c = cycle(ProxyCycle, transport)
+    await c.send(start(200, SSE_HEADERS))
+    await c.send(body(b"data: 1\n\n", True))
     assert len(transport.written) == 1 and transport.written[0].endswith(b"\r\n\r\n9\r\ndata: 1\n\n\r\n")
     await c.send(body(b"data: 2\n\n", True))
     await c.send(body(b""))

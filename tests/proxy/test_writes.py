@@ -1,5 +1,6 @@
 """Writes at the loop's next turn (proxy.writes): what one turn wrote goes out together, in order per
-socket, and nothing goes to a socket given up in between."""
+socket, and nothing goes to a socket given up in between; while the loop is quiet, a turn's first
+write goes out at once."""
 
 from __future__ import annotations
 
@@ -52,6 +53,39 @@ async def test_flush_for_writes_one_socket_now_and_not_again() -> None:
     assert later.written == [b"x"]
 
 
+async def test_while_the_loop_is_quiet_a_turns_first_write_goes_out_at_once_and_the_rest_wait() -> None:
+    """At one client a turn has one write, and waiting for the next turn only adds a turn of the loop
+    to the request. After a turn whose waiting writes went to one socket, the next turn's first write
+    goes out at once and the rest of that turn's wait and leave together; after a turn whose waiting
+    writes went to several sockets, every write waits again."""
+    out = Outgoing(asyncio.get_running_loop())
+    a, b, c = Transport(), Transport(), Transport()
+    out.write(a, b"1")  # type: ignore[arg-type]
+    assert a.written == []  # nothing known about the loop yet: it waits
+    await next_turn()
+    assert a.written == [b"1"]  # one socket waited: the loop is quiet
+    out.write(a, b"2")  # type: ignore[arg-type]
+    assert a.written == [b"1", b"2"]  # at once
+    out.write(b, b"3")  # type: ignore[arg-type]
+    out.write(b, b"4")  # type: ignore[arg-type]
+    assert b.written == []  # the rest of the turn waits
+    await next_turn()
+    assert b.written == [b"34"]  # together
+    out.write(c, b"5")  # type: ignore[arg-type]
+    assert c.written == [b"5"]  # one socket waited: quiet still
+    await next_turn()  # nothing else was written in that turn: quiet still
+    out.write(a, b"6")  # type: ignore[arg-type]
+    out.write(b, b"7")  # type: ignore[arg-type]
+    out.write(c, b"8")  # type: ignore[arg-type]
+    assert (a.written[-1], b.written, c.written) == (b"6", [b"34"], [b"5"])
+    await next_turn()  # two sockets waited: the loop is busy
+    assert (b.written, c.written) == ([b"34", b"7"], [b"5", b"8"])
+    out.write(a, b"9")  # type: ignore[arg-type]
+    assert a.written[-1] == b"6"  # waits
+    await next_turn()
+    assert a.written[-1] == b"9"
+
+
 async def test_each_loop_has_its_own_writes() -> None:
     loop = asyncio.get_running_loop()
     assert outgoing(loop) is outgoing(loop)
@@ -63,7 +97,7 @@ async def test_each_loop_has_its_own_writes() -> None:
         other.close()
 
 
-async def test_a_request_given_up_in_the_turn_it_was_sent_never_reaches_the_engine() -> None:
+async def test_a_request_given_up_in_the_turn_it_was_sent_on_a_busy_loop_never_reaches_the_engine() -> None:
     seen: list[bytes] = []
 
     async def chat(request: web.Request) -> web.Response:
@@ -81,6 +115,7 @@ async def test_a_request_given_up_in_the_turn_it_was_sent_never_reaches_the_engi
         # A connection is open and idle, so the next request is handed it and queued in one turn.
         response = await pool.request("POST", url, b'{"n":1}', headers, connect=2, total=10)
         await response.read()
+        outgoing(asyncio.get_running_loop()).direct = False  # a busy loop: every write waits for the next turn
         given_up = pool.request("POST", url, b'{"n":2}', headers, connect=2, total=10)
         given_up.send(None)  # it runs up to its wait for the answer's head: its bytes wait for the next turn
         with pytest.raises(asyncio.CancelledError):  # cancelled before that turn (its client left, say)
