@@ -14,7 +14,9 @@ Waiting pays only when a turn has several writes to make. At one client a turn h
 costs each request two more turns of the loop (an ``epoll_wait`` that returns at once) and their
 latency: 10 to 22 µs a request in three measurements. So while the loop is that quiet (what waited
 for the last turn went to one socket, or nothing did) the first write of a turn goes out at once
-(``Outgoing.direct``); the rest of that turn's writes wait as before.
+(``Outgoing.direct``); the rest of that turn's writes wait as before. A stream's chunks always
+wait (``wait``): written as the turn's last act, they let the worker sleep at once, which brought a
+paced stream's first event sooner (docs/decisions/0015-writes-at-the-loops-next-turn.md).
 
 Nothing of this imports Django: the HTTP edge loads it before the application.
 """
@@ -36,16 +38,17 @@ class Outgoing:
         self.pending: dict[asyncio.BaseTransport, bytes] = {}
         self.direct = False
 
-    def write(self, transport: asyncio.Transport, data: bytes) -> None:
+    def write(self, transport: asyncio.Transport, data: bytes, *, wait: bool = False) -> None:
         """Write ``data`` at the loop's next turn, after what ``transport`` was already given (or now,
-        as the first write of a quiet turn). A transport closed by then (its request given up, its
-        peer gone) is not written to."""
-        if self.direct:  # nothing waits (``flush`` and ``_quiet`` say so): nothing is overtaken
+        as the first write of a quiet turn, unless ``wait``). A transport closed by then (its
+        request given up, its peer gone) is not written to."""
+        if self.direct and not wait:  # nothing waits (``flush`` and ``_quiet`` say so): nothing is overtaken
             self.direct = False  # the rest of this turn's writes wait
             self.loop.call_soon(self._quiet)
             if not transport.is_closing():
                 transport.write(data)
             return
+        self.direct = False  # nothing written at once may overtake this
         pending = self.pending
         if not pending:
             self.loop.call_soon(self.flush)

@@ -208,15 +208,16 @@ class ProxyCycle(RequestResponseCycle):
     def _chunk(self, data: bytes, body: bytes, more_body: bool) -> bool:
         """Write ``data`` (the head, or nothing) and ``body`` framed as uvicorn frames a chunk, and the
         body's end when ``more_body`` is false, at the loop's next turn with the other writes of
-        this one: a fast engine's whole stream leaves with its head and its end in one write.
+        this one, quiet or not (``proxy.writes``): a fast engine's whole stream leaves with its head
+        and its end in one write.
         Returns whether the answer is complete (its caller then waits for that turn)."""
         if body:
             data += b"%x\r\n%s\r\n" % (len(body), body)
         if more_body:
             if data:
-                self.outgoing.write(self.transport, data)
+                self.outgoing.write(self.transport, data, wait=True)
             return False
-        self.outgoing.write(self.transport, data + _LAST_CHUNK)
+        self.outgoing.write(self.transport, data + _LAST_CHUNK, wait=True)
         self._complete()
         return True
 

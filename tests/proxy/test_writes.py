@@ -86,6 +86,17 @@ async def test_while_the_loop_is_quiet_a_turns_first_write_goes_out_at_once_and_
     assert a.written[-1] == b"9"
 
 
+async def test_a_write_told_to_wait_waits_on_a_quiet_loop_and_nothing_overtakes_it() -> None:
+    out = Outgoing(asyncio.get_running_loop())
+    out.direct = True  # the last turn's writes went to one socket
+    a = Transport()
+    out.write(a, b"chunk", wait=True)  # type: ignore[arg-type]
+    out.write(a, b"end")  # type: ignore[arg-type]
+    assert a.written == []
+    await next_turn()
+    assert a.written == [b"chunkend"]
+
+
 async def test_each_loop_has_its_own_writes() -> None:
     loop = asyncio.get_running_loop()
     assert outgoing(loop) is outgoing(loop)
