@@ -76,12 +76,14 @@ def main() -> int:
         print(f"| {system} | " + " | ".join(cells) + " |")
     pd = [_pd_ratio(report["pd"]) for report in reports if report.get("pd")]
 
-    def verdict(name: str, value: float, bound: float, per_run: list[float], *, at_least: bool = False) -> None:
+    def verdict(
+        name: str, value: float, bound: float, per_run: list[float], *, at_least: bool = False, unit: str = "runs"
+    ) -> None:
         met = value >= bound if at_least else value <= bound
         sign = ">=" if at_least else "<="
         runs_met = sum((v >= bound if at_least else v <= bound) for v in per_run)
         outcome = "met" if met else "NOT met"
-        print(f"- {name}: {value:,.3g} {sign} {bound:,.3g}: {outcome} (in {runs_met} of {len(per_run)} runs)")
+        print(f"- {name}: {value:,.3g} {sign} {bound:,.3g}: {outcome} (in {runs_met} of {len(per_run)} {unit})")
 
     print("\ntargets, on the medians:")
     ours = {name: medians[("RouterPanel", name)] for name in columns}
@@ -93,6 +95,21 @@ def main() -> int:
         vllm = medians["vllm-router", "added p50 us (c1)"]
         per_run = [ours["added p50 us (c1)"][1][i] - vllm[1][i] for i in range(len(vllm[1]))]
         verdict("added p50 at c1 minus vllm-router's, us", statistics.median(per_run), 50, per_run)
+    # The same two comparisons on the head-to-head rounds (bench/peers.py), every round of every run:
+    # each difference taken a few seconds apart, where the phases' are minutes apart.
+    duels = [report["head_to_head"] for report in reports if report.get("head_to_head")]
+    for peer, field, label, bound, scale in (
+        ("sglang-router", "cpu_us_c32", "CPU per request at c32 minus sglang-router's, us, head to head", 0, 1),
+        ("vllm-router", "added_p50", "added p50 at c1 minus vllm-router's, us, head to head", 50, 1e6),
+    ):
+        per_round = [
+            (ours_value - theirs) * scale
+            for duel in duels
+            if peer in duel
+            for ours_value, theirs in zip(duel["RouterPanel"][field], duel[peer][field], strict=True)
+        ]
+        if per_round:
+            verdict(label, statistics.median(per_round), bound, per_round, unit="rounds")
     added, per_run = ours["first event added p50 ms"]
     verdict("first event added p50, ms", added, 0.3, per_run)
     tail, per_run = ours["first event p99 (x direct p99)"]

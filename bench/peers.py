@@ -9,11 +9,19 @@ by model name. The flags are the ones both launchers' ``--help`` list.
 
 ``Figures`` holds one system's row of the comparison table; ``comparison`` prints the table with the
 ratios to DIRECT.
+
+The phases run one system after the other, and a small shared machine's speed drifts by 10 % and
+more within the minutes between them: enough to decide a comparison of two figures as close as
+RouterPanel's CPU per request and sglang-router's. ``head_to_head`` therefore measures the two
+figures the targets compare with a peer (the added latency at one client, the CPU per request at
+c=32) again at the end, every system in turn in each of a few rounds, DIRECT's latency in the
+same round, so that each round's difference between two systems is taken a few seconds apart.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -97,7 +105,8 @@ def wait_ready(base: str, model: str, timeout: float = 30.0, headers: dict | Non
 
 
 @contextlib.contextmanager
-def _router(peer: Peer, workers: list[str], model: str) -> Iterator[tuple[str, int]]:
+def peer_router(peer: Peer, workers: list[str], model: str) -> Iterator[tuple[str, int]]:
+    """``peer`` in front of ``workers``, ready: its URL and process id."""
     port = free_port()
     with running(peer.argv(port=port, workers=workers), port=port, timeout=60) as proc:
         base = f"http://127.0.0.1:{port}"
@@ -110,12 +119,12 @@ def measure_peer(
 ) -> Figures:
     """The phases run.py runs against RouterPanel, against ``peer``, with the same loads."""
     small = chat_body(model, 16)
-    with _router(peer, fast, model) as (base, pid):
+    with peer_router(peer, fast, model) as (base, pid):
         latency = one_client_latency(base, PATH, {}, small, latency_requests)
         wrk = run_wrk(base + PATH, {}, small, 32, duration, pid)
         unpaced = streams(base + PATH, {}, chat_body(model, 64, stream=True), 8, 400, UNPACED_SECONDS)
         rss = peak_rss_mb(pid)
-    with _router(peer, [paced], paced_model) as (paced_base, _):
+    with peer_router(peer, [paced], paced_model) as (paced_base, _):
         paced_streams = streams(paced_base + PATH, {}, chat_body(paced_model, 64, stream=True), 4, PACED_STREAMS)
     return Figures(
         system=peer.name,
@@ -127,6 +136,60 @@ def measure_peer(
         cpu_us_c32=wrk.cpu_us,
         rss_mb=rss,
     )
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A system ``head_to_head`` measures: where it listens, its process, the headers it needs."""
+
+    name: str
+    base: str
+    pid: int
+    headers: dict[str, str]
+    tree: bool = False  # count the process's children's CPU too (RouterPanel's workers)
+
+
+HEAD_TO_HEAD_ROUNDS = 3
+
+
+def head_to_head(
+    contenders: list[Contender],
+    direct: str,
+    model: str,
+    *,
+    rounds: int = HEAD_TO_HEAD_ROUNDS,
+    duration: int,
+    latency_requests: int,
+) -> dict[str, dict[str, list[float]]]:
+    """Per system, per round: the added p50 at one client (seconds, against DIRECT's p50 measured at
+    the start of the same round) and wrk c=32's CPU per request (µs). Each round starts with the
+    next system, so none is always measured first."""
+    small = chat_body(model, 16)
+    results: dict[str, dict[str, list[float]]] = {c.name: {"added_p50": [], "cpu_us_c32": []} for c in contenders}
+    for number in range(rounds):
+        baseline = pct(one_client_latency(direct, PATH, {}, small, latency_requests), 0.5)
+        start = number % len(contenders)
+        for contender in contenders[start:] + contenders[:start]:
+            url, headers = contender.base + PATH, contender.headers
+            p50 = pct(one_client_latency(contender.base, PATH, headers, small, latency_requests), 0.5)
+            wrk = run_wrk(url, headers, small, 32, duration, contender.pid, tree=contender.tree)
+            figures = results[contender.name]
+            figures["added_p50"].append(p50 - baseline)
+            figures["cpu_us_c32"].append(wrk.cpu_us or 0.0)
+    return results
+
+
+def head_to_head_table(results: dict[str, dict[str, list[float]]]) -> str:
+    """The rounds side by side (markdown): each system's figures per round and their medians."""
+    lines = ["| system | CPU us/req (c32), each round | median | added p50 us (c1), each round | median |"]
+    lines.append("|---|---|---|---|---|")
+    for name, figures in results.items():
+        cpu, added = figures["cpu_us_c32"], [value * 1e6 for value in figures["added_p50"]]
+        lines.append(
+            f"| {name} | {' / '.join(f'{v:.0f}' for v in cpu)} | {statistics.median(cpu):.0f} | "
+            f"{' / '.join(f'{v:+.0f}' for v in added)} | {statistics.median(added):+.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def comparison(rows: list[Figures], direct: Figures) -> str:

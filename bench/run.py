@@ -16,7 +16,8 @@ about a minute.
 
 With ``--peers`` (``make bench PEERS=1``) it then runs the same phases against vllm-router and
 sglang-router in front of the same engines (bench/peers.py) and prints every system side by side
-with its ratios to DIRECT: about two minutes. With ``--pd`` (``make bench PD=1``) it adds a
+with its ratios to DIRECT, then the two figures the targets compare with a peer once more, head to
+head (every system in turn, round by round): about three minutes. With ``--pd`` (``make bench PD=1``) it adds a
 prefill/decode pair of simulated engines and the CPU per PD request beside a hybrid one's (bench/pd.py).
 
 With ``--workers N`` (``make bench WORKERS=N``) RouterPanel runs under ``uvicorn --workers N``: the
@@ -60,7 +61,18 @@ from bench.measure import (  # noqa: E402
 )
 from bench.pd import measure_pd, pd_engines, register  # noqa: E402
 from bench.pd import rounds as pd_rounds  # noqa: E402
-from bench.peers import PEERS, Figures, as_json, comparison, measure_peer  # noqa: E402
+from bench.peers import (  # noqa: E402
+    HEAD_TO_HEAD_ROUNDS,
+    PEERS,
+    Contender,
+    Figures,
+    as_json,
+    comparison,
+    head_to_head,
+    head_to_head_table,
+    measure_peer,
+    peer_router,
+)
 from bench.webenv import API_TOKEN, MODEL, PROXY_KEY, prepare_database, production_env  # noqa: E402
 from enginesim.testing import Simulator, run_simulator  # noqa: E402
 from nodes.localredis import redis_server_argv  # noqa: E402
@@ -137,6 +149,7 @@ def main() -> int:
     # The comparison table's figures per system (bench/peers.py's Figures fields), filled as the phases run.
     figures: dict[str, dict] = {"direct": {}, "floor": {}, "RouterPanel": {}}
     pd_report: dict[str, object] | None = None
+    rounds: dict[str, dict[str, list[float]]] | None = None  # head to head with the peers (bench/peers.py)
     with contextlib.ExitStack() as stack:
         redis = stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
@@ -352,6 +365,21 @@ def main() -> int:
                     latency_requests=args.latency_requests,
                 )
                 systems.insert(-1, measured)
+            # The two figures the targets compare with a peer, again: every system in turn, round by
+            # round, so that drift between the phases above cannot decide the comparison.
+            print("measuring the systems head to head...", flush=True)
+            with contextlib.ExitStack() as peers:
+                contenders = [Contender("RouterPanel", proxy, web.pid, auth, tree=True)]
+                for peer in PEERS:
+                    url, pid = peers.enter_context(peer_router(peer, [sim_a.url, sim_b.url], MODEL))
+                    contenders.append(Contender(peer.name, url, pid, {}))
+                rounds = head_to_head(
+                    contenders,
+                    sim_a.url,
+                    MODEL,
+                    duration=args.duration,
+                    latency_requests=args.latency_requests,
+                )
 
     header = ("metric", "DIRECT", "floor", "proxy", "proxy vs DIRECT", "target")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
@@ -370,6 +398,9 @@ def main() -> int:
     if args.peers:
         print(f"\nside by side (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}):\n")
         print(comparison(systems[1:], systems[0]))
+    if rounds is not None:
+        print(f"\nhead to head ({HEAD_TO_HEAD_ROUNDS} rounds, every system in turn in each):\n")
+        print(head_to_head_table(rounds))
     report = {
         "server": args.server,
         "workers": args.workers,
@@ -379,6 +410,7 @@ def main() -> int:
         "systems": as_json(systems),
         "peers": args.peers,
         "pd": pd_report,
+        "head_to_head": rounds,
     }
     saved.write_text(json.dumps(report, indent=1))
     print(f"\nsaved to {saved.relative_to(REPO)}")
