@@ -87,21 +87,15 @@ def main() -> int:
 
     print("\ntargets, on the medians:")
     ours = {name: medians[("RouterPanel", name)] for name in columns}
-    if ("sglang-router", "CPU us/req (c32)") in medians:
-        sglang = medians["sglang-router", "CPU us/req (c32)"]
-        per_run = [ours["CPU us/req (c32)"][1][i] - sglang[1][i] for i in range(len(sglang[1]))]
-        verdict("CPU per request at c32 minus sglang-router's, us", statistics.median(per_run), 0, per_run)
-    if ("vllm-router", "added p50 us (c1)") in medians:
-        vllm = medians["vllm-router", "added p50 us (c1)"]
-        per_run = [ours["added p50 us (c1)"][1][i] - vllm[1][i] for i in range(len(vllm[1]))]
-        verdict("added p50 at c1 minus vllm-router's, us", statistics.median(per_run), 50, per_run)
-    # The same two comparisons on the head-to-head rounds (bench/peers.py), every round of every run:
-    # each difference taken a few seconds apart, where the phases' are minutes apart.
+    # The two comparisons with a peer: on the head-to-head rounds when the runs have them (bench/peers.py:
+    # each difference taken seconds apart, every round of every run), else on each run's phases
+    # (minutes apart, which the machine's drift can decide).
     duels = [report["head_to_head"] for report in reports if report.get("head_to_head")]
-    for peer, field, label, bound, scale in (
-        ("sglang-router", "cpu_us_c32", "CPU per request at c32 minus sglang-router's, us, head to head", 0, 1),
-        ("vllm-router", "added_p50", "added p50 at c1 minus vllm-router's, us, head to head", 50, 1e6),
+    for peer, column, field, scale, what, bound in (
+        ("sglang-router", "CPU us/req (c32)", "cpu_us_c32", 1, "CPU per request at c32", 0),
+        ("vllm-router", "added p50 us (c1)", "added_p50", 1e6, "added p50 at c1", 50),
     ):
+        label = f"{what} minus {peer}'s, us"
         per_round = [
             (ours_value - theirs) * scale
             for duel in duels
@@ -109,7 +103,11 @@ def main() -> int:
             for ours_value, theirs in zip(duel["RouterPanel"][field], duel[peer][field], strict=True)
         ]
         if per_round:
-            verdict(label, statistics.median(per_round), bound, per_round, unit="rounds")
+            verdict(f"{label}, head to head", statistics.median(per_round), bound, per_round, unit="rounds")
+        elif (peer, column) in medians:
+            theirs_per_run = medians[peer, column][1]
+            per_run = [ours_value - theirs for ours_value, theirs in zip(ours[column][1], theirs_per_run, strict=True)]
+            verdict(label, statistics.median(per_run), bound, per_run)
     added, per_run = ours["first event added p50 ms"]
     verdict("first event added p50, ms", added, 0.3, per_run)
     tail, per_run = ours["first event p99 (x direct p99)"]
