@@ -265,9 +265,16 @@ class AttemptLoop(Generic[R]):
             with Deadline(loop, deadline) as waiting:
                 attempt.waiting = waiting
                 router.waiting(node_id, attempt)
+                explain = self.explain
                 try:
                     response = await engines(loop).request(
-                        "POST", url, body, headers, connect=policy.connect_timeout, total=total
+                        "POST",
+                        url,
+                        body,
+                        headers,
+                        connect=policy.connect_timeout,
+                        total=total,
+                        sent=explain.settle if explain is not None and explain.pending is not None else None,
                     )
                 except CONNECT_ERRORS as exc:
                     attempt.verdict = False
@@ -320,6 +327,9 @@ class AttemptLoop(Generic[R]):
 
     def _settle(self, attempt: Attempt) -> None:
         """Close the answer, release the slot with the verdict and latency, count the attempt."""
+        explain = self.explain
+        if explain is not None and explain.pending is not None:
+            explain.settle()  # the pick's figures, if nothing read them yet: before its slot goes
         if attempt.response is not None:
             attempt.response.close()  # a no-op once the body was read; drops the connection otherwise
         duration = time.perf_counter() - attempt.started
@@ -334,6 +344,6 @@ class AttemptLoop(Generic[R]):
             ttft=ttft,
             client_gone=attempt.cancelled,
         )
-        if self.explain is not None:
-            self.explain.attempted(attempt, duration)
+        if explain is not None:
+            explain.attempted(attempt, duration)
         self.settled(attempt, duration)

@@ -55,6 +55,11 @@ if TYPE_CHECKING:
     from .errors import ProxyError
     from .request import Outcome
     from .router import Router
+    from .strategies import Ok, Table
+
+    # What ``Router.record`` takes besides the explanation: the router, the role, the nodes of the
+    # role in rotation, their table, the nodes already tried, the filter, the pick and its prefix.
+    PendingChoice = tuple[Router, str, int, Table, Collection[int], Ok, Target, tuple[int, int] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,7 @@ class Explanation:
         "model",
         "not_allowed",
         "path",
+        "pending",
         "request_id",
         "route",
         "started",
@@ -114,8 +120,23 @@ class Explanation:
         self.total = 0.0
         self.usage = b""
         self.answered_by: str | None = None  # the URL of the node whose answer the client got
+        self.pending: PendingChoice | None = None  # a pick whose figures ``settle`` records
 
     # -- Recording (hot path) ------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Record the pick ``Router.choose`` left ``pending``, if any (``Router.record``).
+
+        The hybrid path leaves its picks pending (``choose``'s ``defer``) and settles each once the
+        request to its node is written, or is queued with the loop's turn's writes
+        (``proxy.httpclient.Pool.request``'s ``sent``): the engine already works while the figures
+        are read, and nothing else has run on the loop since the pick, so they are the ones the
+        router read. A later pick, the attempt's end and any reader of the record settle it
+        first."""
+        pending = self.pending
+        if pending is not None:
+            self.pending = None
+            pending[0].record(self, pending)
 
     def chose(
         self,
@@ -125,10 +146,13 @@ class Explanation:
         excluded: WireExcluded,
         listed: Sequence[Target],
         prefix: tuple[int, int] | None = None,
+        *,
+        taken: bool = False,
     ) -> None:
         """``Router.choose``'s decision: of ``in_rotation`` nodes of ``role``, those its filter left
         out (``Router.left_out``: reason -> [count, the first few (id, URL)], None: none), and the pick
-        followed by a few more candidates (``listed``; empty: no pick)."""
+        followed by a few more candidates (``listed``; empty: no pick). ``taken``: the pick's slot is
+        already taken, and its own request is not among its requests in flight."""
         available = in_rotation - sum(entry[0] for entry in excluded.values()) if excluded else in_rotation
         if not listed:
             self.choices = (*self.choices, (str(role), in_rotation, available, None, excluded))
@@ -138,11 +162,13 @@ class Explanation:
         # The node's role is the same text as ``role`` but a plain string (``role`` may be a NodeRole,
         # which the garbage collector tracks).
         choice: WireChoice = (chosen.node.role, in_rotation, available, chosen.served_name, excluded)
+        own = 1 if taken else 0  # the pick's own slot, for the first in the list only
         for target in listed:
             node = target.node
             node_id = node.id
             match = prefix[1] if prefix is not None and prefix[0] == node_id else None
-            choice += (node_id, node.url, load.inflight(node_id), node.weight, load.latency(node_id), match)
+            choice += (node_id, node.url, load.inflight(node_id) - own, node.weight, load.latency(node_id), match)
+            own = 0
         self.choices = (*self.choices, choice)
 
     def attempted(self, attempt: Attempt, duration: float) -> None:
@@ -162,6 +188,8 @@ class Explanation:
 
     def summary(self) -> bytes:
         """What is known now in one header line: strategy, pick, candidates, exclusions, retries."""
+        if self.pending is not None:
+            self.settle()
         route = self.route
         last: dict[str, WireChoice] = {}  # per role, the latest choice that picked a node (else the latest)
         for choice in self.choices:
@@ -215,6 +243,8 @@ class Explanation:
 
     def wire(self) -> WireRecord:
         """The record in its wire layout: mostly what the request holds already."""
+        if self.pending is not None:
+            self.settle()
         route = self.route
         choices = self.choices
         if self.not_allowed and route is not None:

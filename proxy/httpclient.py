@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 
 import aiohttp
@@ -374,8 +374,11 @@ class Pool:
         *,
         connect: float | None,
         total: float | None,
+        sent: Callable[[], None] | None = None,
     ) -> Response:
-        """``method`` ``url`` with ``body`` (None: none, no ``Content-Length``); the answer once its head came."""
+        """``method`` ``url`` with ``body`` (None: none, no ``Content-Length``); the answer once its head came.
+        ``sent`` is called once the request is written, or before anything else can run on the loop
+        (a connection is waited for or opened first), whichever is first."""
         key, authority, target = _split(url)
         lines = "\r\n".join(map(": ".join, headers.items())) + "\r\n" if headers else ""  # no comprehension's frame
         if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
@@ -385,9 +388,17 @@ class Pool:
             data = b"%s%s\r\n" % (head, lines.encode("latin-1"))
         else:
             data = b"%sContent-Length: %d\r\n%s\r\n%s" % (head, len(body), lines.encode("latin-1"), body)
-        conn = await self._connection(key, connect)
+        conn = self._idle(key)
+        if conn is None:
+            if sent is not None:
+                sent()
+                sent = None
+            conn = await self._connection(key, connect)
         try:
-            return await conn.send(data, total)
+            answer = conn.send(data, total)
+            if sent is not None:
+                sent()
+            return await answer
         except aiohttp.ServerDisconnectedError:
             if not conn.reused:
                 raise

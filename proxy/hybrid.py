@@ -49,6 +49,7 @@ class HybridRequest(AttemptLoop[None]):
             headers=request.headers.routing,
             payload=request.payload,
             explain=request.explain,
+            defer=True,  # settled once the request is written (``AttemptLoop._send``)
         )
         return None if target is None else Attempt(target)
 

@@ -30,7 +30,7 @@ from .prefix import Spread
 from .snapshot import NodeView, Route, Snapshot, Target
 
 if TYPE_CHECKING:
-    from .explain import Explanation
+    from .explain import Explanation, PendingChoice
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,16 @@ class Router:
         headers: dict[str, str] | None = None,
         payload: dict[str, Any] | None = None,
         explain: Explanation | None = None,
+        defer: bool = False,
     ) -> Target | None:
         """Pick a target of ``role`` for ``route`` and acquire a slot on its node; None when no
         node is available (none routable, all at their limit, or all already tried). The strategy
         asks the filter about the few candidates it looks at (``proxy.strategies``), so the cost
-        does not grow with the route. ``explain`` records the decision (``proxy.explain``)."""
+        does not grow with the route. ``explain`` records the decision (``proxy.explain``); with
+        ``defer`` a pick's figures are read by ``Explanation.settle``, which the caller calls
+        before anything else runs on the loop (the attempt loop: once the request is written)."""
+        if explain is not None and explain.pending is not None:  # an earlier pick's, recorded first
+            explain.settle()
         targets = route.by_role(role)
         has_capacity = self.load.has_capacity
         allows = self.breakers.allows
@@ -215,29 +220,47 @@ class Router:
             chosen = strategies.round_robin(targets, tick, ok)
             if chosen is not None:  # the counter goes on after the pick: skipped turns are nobody's
                 self._ticks[(route.name, role)] = table.position[chosen.node.id] + 1
-        if explain is not None:
-            listed = self._listed(table, chosen, ok) if chosen is not None else ()
-            explain.chose(self, role, len(targets), self.left_out(table, exclude, ok), listed, prefix)
-        if chosen is None:
-            return None
-        if not load.try_acquire(chosen.node):  # cannot happen on one event loop; kept for shared trackers
+        if chosen is None or not load.try_acquire(chosen.node):  # the latter cannot happen on one loop
+            if explain is not None:
+                listed = self._listed(table, chosen, ok) if chosen is not None else ()
+                explain.chose(self, role, len(targets), self.left_out(table, exclude, ok), listed, prefix)
             return None
         self.breakers.acquired(chosen.node.id)
+        if explain is not None:
+            # ``exclude`` as it is now: the caller's list of tried nodes gets the pick next.
+            pending = (self, role, len(targets), table, tuple(exclude) if exclude else (), ok, chosen, prefix)
+            if defer:
+                explain.pending = pending
+            else:
+                self.record(explain, pending)
         return chosen
+
+    def record(self, explain: Explanation, pending: PendingChoice) -> None:
+        """Hand ``explain`` the decision ``choose`` made (``pending``): the figures as they were
+        when it chose, read since it took the slot on the pick and before anything else ran on the
+        loop (the pick's own slot is not counted, and the pick, which the filter let through, is
+        not among the nodes left out, whatever taking its slot changed)."""
+        _, role, in_rotation, table, exclude, ok, chosen, prefix = pending
+        excluded = self.left_out(table, exclude, ok, taken=chosen.node.id)
+        explain.chose(self, role, in_rotation, excluded, self._listed(table, chosen, ok), prefix, taken=True)
 
     # -- Explanations (``proxy.explain``): as cheap at a thousand nodes as at two -------------------
 
-    def left_out(self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok) -> WireExcluded:
+    def left_out(
+        self, table: strategies.Table, exclude: Collection[int], ok: strategies.Ok, *, taken: int | None = None
+    ) -> WireExcluded:
         """The targets of ``table`` that ``choose``'s filter ``ok`` leaves out, by reason: reason ->
         [count, the first few nodes' (id, URL) in route order]; None when it leaves none out. Found without
         walking the route: only a node already tried, with requests in flight against a concurrency
         limit (``LoadTracker.limited``) or behind a breaker (``Breakers.tripped``) can be left out, and
-        those are few however large the fleet."""
+        those are few however large the fleet. ``taken``: the node just picked, never among them."""
         limited, broken = self.load.limited(), self.breakers.tripped
         if not (exclude or limited or broken):
             return None  # the usual case: nothing to look at
         position, targets = table.position, table.targets
         suspects = {*exclude, *limited, *broken}
+        if taken is not None:
+            suspects.discard(taken)
         hits = sorted(at for node_id in suspects if (at := position.get(node_id)) is not None and not ok(targets[at]))
         if not hits:
             return None

@@ -3,6 +3,7 @@ their reasons, the PD legs, usage, the one-line summary header, and the bounds o
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import time
@@ -283,6 +284,33 @@ async def test_a_route_of_a_thousand_nodes_lists_a_few_candidates_and_counts_the
     assert all(len(e["nodes"]) == live.NAMED_PER_REASON for e in choice["excluded"])
     for node_id in range(2, 602):
         proxy_app.router.load.release(node_id)
+
+
+async def test_a_picks_figures_are_those_the_router_read_before_it_took_the_slot(engines, proxy_app):
+    # The hybrid path records its pick once the request is written (``Explanation.settle``): the
+    # request's own slot is not among the pick's requests in flight, and a pick that its own slot
+    # brought to its limit is not among the nodes left out.
+    engine = await engines("a")
+    snapshots.install(make_snapshot([{"url": engine.url, "max_concurrency": 1}]))
+    response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
+    assert response.status == 200
+    [choice] = last_record(proxy_app)["choices"]
+    assert (choice["in_rotation"], choice["available"], choice["excluded"]) == (1, 1, [])
+    assert [c["inflight"] for c in choice["candidates"]] == [0]
+
+
+async def test_a_pick_is_recorded_before_other_requests_run_while_its_connection_opens(engines, proxy_app):
+    # No connection is open yet: each request waits for its own, and the other request picks a node
+    # meanwhile. The first pick still records the figures it was made on (nothing in flight), not
+    # the second request's slot taken since.
+    a, b = await engines("a"), await engines("b")
+    policy = PolicyView(strategy="least_requests")
+    snapshots.install(make_snapshot([{"url": a.url}, {"url": b.url}], default_policy=policy))
+    responses = await asyncio.gather(*(call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH) for _ in "ab"))
+    assert [r.status for r in responses] == [200, 200]
+    records = [live.decode(packed, "1-0") for packed in proxy_app.explainer.buffer[-2:]]
+    seen = sorted(sum(c["inflight"] for c in record["choices"][0]["candidates"]) for record in records if record)
+    assert seen == [0, 1]  # the first pick saw nothing in flight, the second the first's request
 
 
 async def test_candidates_list_the_pick_first_and_at_most_a_few(engines, proxy_app):
