@@ -57,8 +57,8 @@ if TYPE_CHECKING:
     from .router import Router
     from .strategies import Ok, Table
 
-    # What ``Router.record`` takes besides the explanation: the router, the role, the nodes of the
-    # role in rotation, their table, the nodes already tried, the filter, the pick and its prefix.
+    # A pick ``settle`` records: the router, the role, the nodes of the role in rotation, their
+    # table, the nodes already tried at the pick, the filter, the pick and its prefix match.
     PendingChoice = tuple[Router, str, int, Table, Collection[int], Ok, Target, tuple[int, int] | None]
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,10 @@ class Explanation:
     # -- Recording (hot path) ------------------------------------------------------------------
 
     def settle(self) -> None:
-        """Record the pick ``Router.choose`` left ``pending``, if any (``Router.record``).
+        """Record the pick ``Router.choose`` left ``pending``, if any: the figures as they were when
+        it chose, read since it took the pick's slot and before anything else ran on the loop (the
+        pick's own new request is not counted, and the pick, which the filter let through, is not
+        among the nodes left out, whatever taking its slot changed).
 
         The hybrid path leaves its picks pending (``choose``'s ``defer``) and settles each once the
         request to its node is written, or is queued with the loop's turn's writes
@@ -136,7 +139,9 @@ class Explanation:
         pending = self.pending
         if pending is not None:
             self.pending = None
-            pending[0].record(self, pending)
+            router, role, in_rotation, table, exclude, ok, chosen, prefix = pending
+            excluded = router.left_out(table, exclude, ok, taken=chosen.node.id)
+            self.chose(router, role, in_rotation, excluded, router.listed(table, chosen, ok), prefix, taken=True)
 
     def chose(
         self,

@@ -30,7 +30,7 @@ from .prefix import Spread
 from .snapshot import NodeView, Route, Snapshot, Target
 
 if TYPE_CHECKING:
-    from .explain import Explanation, PendingChoice
+    from .explain import Explanation
 
 logger = logging.getLogger(__name__)
 
@@ -222,27 +222,17 @@ class Router:
                 self._ticks[(route.name, role)] = table.position[chosen.node.id] + 1
         if chosen is None or not load.try_acquire(chosen.node):  # the latter cannot happen on one loop
             if explain is not None:
-                listed = self._listed(table, chosen, ok) if chosen is not None else ()
+                listed = self.listed(table, chosen, ok) if chosen is not None else ()
                 explain.chose(self, role, len(targets), self.left_out(table, exclude, ok), listed, prefix)
             return None
         self.breakers.acquired(chosen.node.id)
         if explain is not None:
             # ``exclude`` as it is now: the caller's list of tried nodes gets the pick next.
             pending = (self, role, len(targets), table, tuple(exclude) if exclude else (), ok, chosen, prefix)
-            if defer:
-                explain.pending = pending
-            else:
-                self.record(explain, pending)
+            explain.pending = pending
+            if not defer:
+                explain.settle()
         return chosen
-
-    def record(self, explain: Explanation, pending: PendingChoice) -> None:
-        """Hand ``explain`` the decision ``choose`` made (``pending``): the figures as they were
-        when it chose, read since it took the slot on the pick and before anything else ran on the
-        loop (the pick's own slot is not counted, and the pick, which the filter let through, is
-        not among the nodes left out, whatever taking its slot changed)."""
-        _, role, in_rotation, table, exclude, ok, chosen, prefix = pending
-        excluded = self.left_out(table, exclude, ok, taken=chosen.node.id)
-        explain.chose(self, role, in_rotation, excluded, self._listed(table, chosen, ok), prefix, taken=True)
 
     # -- Explanations (``proxy.explain``): as cheap at a thousand nodes as at two -------------------
 
@@ -278,7 +268,7 @@ class Router:
         return reasons
 
     @staticmethod
-    def _listed(table: strategies.Table, chosen: Target, ok: strategies.Ok) -> tuple[Target, ...]:
+    def listed(table: strategies.Table, chosen: Target, ok: strategies.Ok) -> tuple[Target, ...]:
         """The pick and the next ``LISTED_CANDIDATES - 1`` ok targets after it in route order, looking
         at no more than a few times that many."""
         targets = table.targets
