@@ -125,23 +125,36 @@ class Explanation:
     # -- Recording (hot path) ------------------------------------------------------------------
 
     def settle(self) -> None:
-        """Record the pick ``Router.choose`` left ``pending``, if any: the figures as they were when
-        it chose, read since it took the pick's slot and before anything else ran on the loop (the
-        pick's own new request is not counted, and the pick, which the filter let through, is not
-        among the nodes left out, whatever taking its slot changed).
+        """Record the pick ``Router.choose`` left ``pending``, if any (``picked``).
 
-        The hybrid path leaves its picks pending (``choose``'s ``defer``) and settles each once the
-        request to its node is written, or is queued with the loop's turn's writes
-        (``proxy.httpclient.Pool.request``'s ``sent``): the engine already works while the figures
-        are read, and nothing else has run on the loop since the pick, so they are the ones the
-        router read. A later pick, the attempt's end and any reader of the record settle it
-        first."""
+        On a quiet loop the hybrid path leaves its pick pending (``choose``'s ``defer``) and settles
+        it once the request to its node is written (``proxy.httpclient.Pool.request``'s ``sent``; or
+        before a wait for a connection): the engine already works while the figures are read, and
+        nothing else has run on the loop since the pick, so they are the ones the router read. A
+        later pick, the attempt's end and any reader of the record settle it first."""
         pending = self.pending
         if pending is not None:
             self.pending = None
             router, role, in_rotation, table, exclude, ok, chosen, prefix = pending
-            excluded = router.left_out(table, exclude, ok, taken=chosen.node.id)
-            self.chose(router, role, in_rotation, excluded, router.listed(table, chosen, ok), prefix, taken=True)
+            self.picked(router, role, in_rotation, table, exclude, ok, chosen, prefix)
+
+    def picked(
+        self,
+        router: Router,
+        role: str,
+        in_rotation: int,
+        table: Table,
+        exclude: Collection[int],
+        ok: Ok,
+        chosen: Target,
+        prefix: tuple[int, int] | None,
+    ) -> None:
+        """``Router.choose`` took the slot on ``chosen``: record the decision with the figures as
+        they were when it chose (the pick's own new request is not counted, and the pick, which the
+        filter let through, is not among the nodes left out, whatever taking its slot changed).
+        Called at once, or by ``settle`` before anything else ran on the loop."""
+        excluded = router.left_out(table, exclude, ok, taken=chosen.node.id)
+        self.chose(router, role, in_rotation, excluded, router.listed(table, chosen, ok), prefix, taken=True)
 
     def chose(
         self,

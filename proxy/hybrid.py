@@ -20,6 +20,7 @@ from .router import Router
 from .snapshot import ROLE_HYBRID
 from .transport import DisconnectWatcher, Send, send_bytes
 from .usage import taken_usage, takes_usage, with_usage
+from .writes import quiet
 
 
 class HybridRequest(AttemptLoop[None]):
@@ -49,7 +50,10 @@ class HybridRequest(AttemptLoop[None]):
             headers=request.headers.routing,
             payload=request.payload,
             explain=request.explain,
-            defer=True,  # settled once the request is written (``AttemptLoop._send``)
+            # On a quiet loop the request is written at once: its pick is recorded right after, while
+            # the engine works (``Explanation.settle``); under load it waits for the loop's next turn
+            # anyway, and recording at once costs less.
+            defer=quiet(),
         )
         return None if target is None else Attempt(target)
 

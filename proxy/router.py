@@ -227,11 +227,11 @@ class Router:
             return None
         self.breakers.acquired(chosen.node.id)
         if explain is not None:
-            # ``exclude`` as it is now: the caller's list of tried nodes gets the pick next.
-            pending = (self, role, len(targets), table, tuple(exclude) if exclude else (), ok, chosen, prefix)
-            explain.pending = pending
-            if not defer:
-                explain.settle()
+            if defer:  # ``exclude`` as it is now: the caller's list of tried nodes gets the pick next
+                tried = tuple(exclude) if exclude else ()
+                explain.pending = (self, role, len(targets), table, tried, ok, chosen, prefix)
+            else:
+                explain.picked(self, role, len(targets), table, exclude, ok, chosen, prefix)
         return chosen
 
     # -- Explanations (``proxy.explain``): as cheap at a thousand nodes as at two -------------------

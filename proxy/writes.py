@@ -91,3 +91,10 @@ def outgoing(loop: asyncio.AbstractEventLoop) -> Outgoing:
         last = _by_loop[loop] = Outgoing(loop)
     _last = last
     return last
+
+
+def quiet() -> bool:
+    """Whether the web worker's loop (the last that wrote) writes a turn's first write at once
+    (``Outgoing.direct``): what a caller about to write may do first, or after."""
+    last = _last
+    return last is not None and last.direct

@@ -9,9 +9,11 @@ import json
 import time
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from nodes.live import explain as live
+from proxy import hybrid as proxy_hybrid
 from proxy import relay as proxy_relay
 from proxy import snapshot as snapshots
 from proxy.breaker import HALF_OPEN
@@ -286,10 +288,17 @@ async def test_a_route_of_a_thousand_nodes_lists_a_few_candidates_and_counts_the
         proxy_app.router.load.release(node_id)
 
 
-async def test_a_picks_figures_are_those_the_router_read_before_it_took_the_slot(engines, proxy_app):
-    # The hybrid path records its pick once the request is written (``Explanation.settle``): the
-    # request's own slot is not among the pick's requests in flight, and a pick that its own slot
-    # brought to its limit is not among the nodes left out.
+@pytest.fixture(params=["quiet", "busy"])
+def loop_state(request, monkeypatch) -> str:
+    """A quiet loop (a request written at once: its pick recorded after, ``Explanation.settle``) or
+    a busy one (the pick recorded at once)."""
+    monkeypatch.setattr(proxy_hybrid, "quiet", lambda: request.param == "quiet")
+    return request.param
+
+
+async def test_a_picks_figures_are_those_the_router_read_before_it_took_the_slot(engines, proxy_app, loop_state):
+    # The request's own slot is not among the pick's requests in flight, and a pick that its own
+    # slot brought to its limit is not among the nodes left out.
     engine = await engines("a")
     snapshots.install(make_snapshot([{"url": engine.url, "max_concurrency": 1}]))
     response = await call(proxy_app, "POST", CHAT, json_body=chat(), headers=AUTH)
@@ -299,7 +308,7 @@ async def test_a_picks_figures_are_those_the_router_read_before_it_took_the_slot
     assert [c["inflight"] for c in choice["candidates"]] == [0]
 
 
-async def test_a_pick_is_recorded_before_other_requests_run_while_its_connection_opens(engines, proxy_app):
+async def test_a_pick_is_recorded_before_other_requests_run_while_its_connection_opens(engines, proxy_app, loop_state):
     # No connection is open yet: each request waits for its own, and the other request picks a node
     # meanwhile. The first pick still records the figures it was made on (nothing in flight), not
     # the second request's slot taken since.
