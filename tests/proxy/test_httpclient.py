@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.httpclient import Pool, _split
+from proxy.httpclient import Pool
+from proxy.httpclient.connections import _split
 from proxy.upstream import CONNECT_ERRORS
 from tests.support.garbage import cyclic_garbage
 from tests.support.ports import free_port
@@ -155,7 +156,7 @@ async def test_answers_are_freed_as_soon_as_they_were_read(engine, pool, stream)
             else:
                 assert await response.read() == b'{"echo": {}}'
         del response
-    assert [kind.__name__ for kind in left if kind.__module__ == "proxy.httpclient"] == []
+    assert [kind.__name__ for kind in left if kind.__module__.startswith("proxy.httpclient.")] == []
 
 
 async def test_a_request_cancelled_while_handed_a_free_slot_passes_it_on(engine):

@@ -1,30 +1,18 @@
-"""The data path's HTTP/1.1 client (the attempt loop's, and the PD side calls': KV frees, LMDeploy's
-link): one request at a time per kept-alive connection, parsed by httptools (uvicorn's parser).
-
-aiohttp's ``ClientSession`` costs about 100 µs of CPU per request on this path (a request object,
-URL parsing, multidicts, a cookie jar, a payload writer, a timer per request...), more than the rest
-of the proxy together; this client writes the request in one write, at the loop's next turn with the
-others of this one (``proxy.writes``), and hands the answer over as bytes: a status, headers, and a
-body complete (``read``) or as it arrives (``content.readany``, ``iter_any``). The prober keeps aiohttp.
-
-Errors are aiohttp's, so callers keep one vocabulary (``proxy.upstream.CONNECT_ERRORS``): a node that cannot
-be reached raises ``ClientOSError`` (``ConnectionTimeoutError`` past the connect timeout), a connection closed
-before the answer's head ``ServerDisconnectedError`` (one retry on a new connection when it was a kept-alive
-one the engine had just closed), a body cut short ``ClientPayloadError``; the total timeout ``TimeoutError``.
-"""
+"""The connections to engines (an httptools parser each) and the pool that reuses them."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import lru_cache
 
 import aiohttp
 import httptools
 
-from .writes import outgoing
+from ..writes import outgoing
+from .response import Response
 
 IDLE_SECONDS = 15.0  # a kept-alive connection idle longer is closed rather than reused
 PAUSE_AT = 256 * 1024  # bytes of a streamed answer buffered before reading from the engine pauses
@@ -47,103 +35,6 @@ def _split(url: str) -> tuple[tuple[str, int, bool], bytes, bytes]:
 @lru_cache(maxsize=1)
 def _tls() -> ssl.SSLContext:
     return ssl.create_default_context()  # certificates verified, as aiohttp does by default
-
-
-class Response:
-    """One answer: ``status``, ``headers``, ``content_type``, then ``read()`` or ``content``.
-
-    Nothing in it refers back to it (its body reader is itself, not an object holding it): an
-    answer is freed the moment its request is done with it, never left to the cyclic garbage
-    collector with its bytes (five objects per request that the collector had to find, and most
-    of what its collections cost on the data path)."""
-
-    __slots__ = ("_conn", "_error", "_waiter", "chunks", "complete", "parts", "raw_headers", "size", "status")
-
-    def __init__(self, conn: Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        self._conn: Connection | None = conn
-        self.status = status
-        self.raw_headers = raw_headers
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.size = 0
-        self.parts = 0  # pieces of the body the parser handed over: about one per event of a stream
-        self.complete = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def content(self) -> Response:
-        """The body as it arrives (what relays use of aiohttp's ``StreamReader``: ``readany``, ``iter_any``)."""
-        return self
-
-    async def readany(self) -> bytes:
-        """What came of the body since the last call, waiting for something; b"" at its end."""
-        while not self.chunks:
-            if self.complete:
-                self.close()
-                return b""
-            await self._wait()
-        # All that came: an engine's events, a chunk each, cost one write to the client (docs/architecture.md).
-        chunk = b"".join(self.chunks)
-        self.chunks.clear()
-        self.size = 0
-        if self._conn is not None and self._conn.paused:
-            self._conn.resume()
-        return chunk
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        while chunk := await self.readany():
-            yield chunk
-
-    def header(self, name: bytes, default: bytes = b"") -> bytes:
-        """The value of the header ``name`` (lower case) as sent, or ``default``."""
-        for key, value in self.raw_headers:
-            if key.lower() == name:
-                return value
-        return default
-
-    @property
-    def content_type(self) -> str:
-        """The media type without parameters, lower case (aiohttp's ``content_type``)."""
-        raw = self.header(b"content-type", b"application/octet-stream")
-        return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
-
-    def until_closed(self) -> bool:
-        """Whether the body is delimited by the end of the connection (no length, not chunked)."""
-        names = {name.lower() for name, _ in self.raw_headers}
-        return b"content-length" not in names and b"transfer-encoding" not in names
-
-    async def read(self) -> bytes:
-        while not self.complete:
-            await self._wait()
-        body = b"".join(self.chunks)
-        self.chunks.clear()
-        self.close()
-        return body
-
-    async def _wait(self) -> None:
-        if self._error is not None:
-            raise self._error
-        conn = self._conn
-        if conn is None:
-            raise aiohttp.ClientPayloadError("The response was closed before its body was read.")
-        self._waiter = conn.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self._error is not None and not self.chunks:
-            raise self._error
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def close(self) -> None:
-        """Done with the answer: its connection is reused if it was read whole, else closed. Idempotent."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.finished(self, reusable=self.complete)
 
 
 class Connection(asyncio.Protocol):

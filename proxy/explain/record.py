@@ -1,40 +1,11 @@
-"""Request explanations on the data path: what the router and the attempt loop decided for one
-request, kept cheaply while it runs and flushed to Redis by the worker's background loop.
-
-The hot path only appends what is already at hand (docs/architecture.md, "Request explanations"):
-
-- ``Router.choose`` hands over the nodes its filter leaves out by reason, naming a few per reason
-  and counting the rest, found among the few nodes that can be left out (already tried, at a
-  concurrency limit, behind a breaker: ``Router.left_out``) rather than by walking the route, which
-  may have a thousand nodes. The nodes out of rotation (draining, disabled, unhealthy...) are the
-  snapshot's, so they are worked out off the hot path, once per route (``_route_excluded``).
-- Only the pick and the next ``LISTED_CANDIDATES - 1`` available nodes after it in route order get
-  their figures read (in flight, weight, latency, prefix match), into one flat tuple per choice.
-- The attempt loop adds one tuple per attempt; the answer's usage is a slice of bytes already read.
-- Those tuples hold plain values only (ids, URLs, numbers, strings: never a node or an enum), so the
-  garbage collector stops tracking them at its first pass, and they are already in the wire layout
-  (``nodes.live.explain``): the record is dumped as it is.
-
-``Explainer.finish``, once the answer went out, dumps the finished record as JSON and appends the
-bytes to an in-memory buffer (bounded: when Redis has been away long enough to fill it, records are
-dropped and counted, and the request never notices). Encoding it then rather than at the flush is what
-keeps the records cheap: a record waiting as objects (the ``Explanation`` and its tuples, about six
-per request) was most of what the garbage collector's young passes found alive under load, and made
-them run several times as often; bytes and strings are nothing it tracks, and the record's objects
-are freed with the request.
-``Explainer.flush``, called by ``proxy.shared.SharedCounters``'s loop, appends a batch to the
-stream in one call.
-"""
+"""One request's explanation while it runs (``Explanation``), and the snapshot's exclusions per
+route that its record names (``proxy.explain`` describes what is kept and why it is cheap)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
-
-import redis.asyncio as aioredis
-from prometheus_client import Counter
 
 from nodes.choices import ExclusionReason, NodeRole, NodeState, ServingMode
 from nodes.live import explain as live
@@ -48,29 +19,19 @@ from nodes.live.explain import (
     WireRecord,
 )
 
-from .snapshot import KeyView, NodeView, Route, Target
+from ..snapshot import KeyView, NodeView, Route, Target
 
 if TYPE_CHECKING:
-    from .attempts import Attempt
-    from .errors import ProxyError
-    from .request import Outcome
-    from .router import Router
-    from .strategies import Ok, Table
+    from ..attempts import Attempt
+    from ..errors import ProxyError
+    from ..router import Router
+    from ..strategies import Ok, Table
 
     # A pick ``settle`` records: the router, the role, the nodes of the role in rotation, their
     # table, the nodes already tried at the pick, the filter, the pick and its prefix match.
     PendingChoice = tuple[Router, str, int, Table, Collection[int], Ok, Target, tuple[int, int] | None]
 
-logger = logging.getLogger(__name__)
-
 HEADER = b"x-routerpanel-explain"
-
-DROPPED = Counter(
-    "routerpanel_explain_dropped",
-    "Request explanations dropped: the buffer was full, Redis failed, or the record could not be packed.",
-    ["why"],
-)
-STORED = Counter("routerpanel_explain_stored", "Request explanations appended to Redis.")
 
 
 class Explanation:
@@ -333,101 +294,3 @@ def _route_excluded(route: Route) -> dict[str, list[WireExclusion]]:
         _route_cache.clear()
     _route_cache[id(route)] = (route, result)
     return result
-
-
-class Explainer:
-    """This worker's explanations: starts them, buffers the finished ones, flushes them to Redis."""
-
-    def __init__(
-        self,
-        *,
-        enabled: bool = True,
-        retention: float = 3600.0,
-        max_records: int = 50_000,
-        buffer_size: int = 10_000,
-        flush_interval: float = 1.0,
-        batch: int = 500,
-    ) -> None:
-        self.enabled = enabled
-        self.retention = retention
-        self.max_records = max_records
-        self.buffer_size = buffer_size
-        self.flush_interval = flush_interval
-        self.batch = batch
-        self.buffer: list[bytes] = []  # packed records waiting for the flush (``finish``)
-        self.ids: list[str] = []  # their request ids, in the same order
-        self.dropped = 0  # records lost: the buffer was full (Redis away) or a flush failed
-        self.stored = 0
-        self._flushed_at = 0.0
-
-    def begin(
-        self, request_id: str, key: KeyView | None, model: str, path: str, stream: bool, started: float, header: bool
-    ) -> Explanation | None:
-        """An explanation for a request, or None when explanations are off and the client did not
-        ask for the summary."""
-        if not (self.enabled or header):
-            return None
-        return Explanation(request_id, key, model, path, stream, started, header)
-
-    def refused(self, explanation: Explanation, exc: ProxyError) -> None:
-        """The request was refused before any node was chosen (unknown model, the key's limits):
-        finish its record, and add the summary to the error's headers if the client asked."""
-        explanation.status, explanation.error = exc.status, exc.code
-        explanation.not_allowed = exc.code == "model_not_allowed"
-        exc.headers += explanation.failed(exc)
-        self.finish(explanation, None)
-
-    def finish(self, explanation: Explanation, outcome: Outcome | None) -> None:
-        """The request ended (``outcome`` None: refused before it was sent anywhere): note how, and
-        buffer the record for the next flush."""
-        explanation.total = time.perf_counter() - explanation.started
-        if outcome is not None:
-            explanation.status, explanation.error = outcome.status, outcome.error
-            if outcome.node != "-":
-                explanation.answered_by = outcome.node
-            if outcome.usage:
-                explanation.usage = live.usage_slice(outcome.usage)
-        if not self.enabled:
-            return
-        if len(self.buffer) >= self.buffer_size:
-            self.dropped += 1
-            DROPPED.labels("buffer_full").inc()
-            return
-        try:
-            record = live.encode(explanation.wire())
-        except Exception:  # a record this code cannot pack costs the record, never the request
-            logger.debug("could not pack the explanation of %s", explanation.request_id, exc_info=True)
-            self.dropped += 1
-            DROPPED.labels("unpackable").inc()
-            return
-        self.ids.append(explanation.request_id)
-        self.buffer.append(record)
-
-    def due(self, now: float | None = None) -> bool:
-        """Whether the loop should flush now: a full batch waits, or the interval passed.
-
-        Batches are small (``batch``, 500) and the loop flushes every full one at each of its ticks:
-        what a flush holds at once (the records, their wire form, the packed argument) is the web
-        worker's peak memory, and 2,000 records at a time added about 2 MB to it under load."""
-        if not self.buffer:
-            return False
-        now = time.monotonic() if now is None else now
-        return len(self.buffer) >= self.batch or now - self._flushed_at >= self.flush_interval
-
-    async def flush(self, client: aioredis.Redis) -> int:
-        """Append up to one batch to the stream; returns how many. A failure drops (and counts) the
-        batch and raises, so the loop backs off as for any Redis error."""
-        batch, self.buffer = self.buffer[: self.batch], self.buffer[self.batch :]
-        ids, self.ids = self.ids[: self.batch], self.ids[self.batch :]
-        self._flushed_at = time.monotonic()
-        records = list(zip(ids, batch, strict=True))
-        oldest_ms = int((time.time() - self.retention) * 1000)
-        try:
-            await client.eval(*live.append_args(records, max_records=self.max_records, oldest_ms=oldest_ms))
-        except BaseException:
-            self.dropped += len(batch)
-            DROPPED.labels("redis").inc(len(batch))
-            raise
-        self.stored += len(batch)
-        STORED.inc(len(batch))
-        return len(batch)
