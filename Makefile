@@ -15,7 +15,7 @@ export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 # its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install redis-server run test test-core test-fast bench bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server run test test-core test-fast bench bench-ab bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -166,6 +166,13 @@ bench: install redis-server $(if $(PEERS),peers-env)
 			$(if $(WORKERS),--workers $(WORKERS)) || exit 1; \
 	done
 	$(if $(filter-out 1,$(RUNS)),$(PY) bench/medians.py $(RUNS))
+
+# This tree against another revision, both web workers up at once in front of the same engines,
+# in alternating rounds (bench/ab.py): how a change of a few percent is told from the machine's drift.
+# BASE=<rev> (required); ROUNDS=N (default 6); PD=1 also measures prefill/decode requests.
+bench-ab: install redis-server
+	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit, tag or branch> [ROUNDS=6] [PD=1]"; exit 2; }
+	$(PY) bench/ab.py --base $(BASE) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(PD),--pd)
 
 # Instructions per request in the web worker, counted by valgrind (bench/instructions.py): the same
 # figure from run to run, where CPU seconds on two shared cores move by a third. For comparing builds.
