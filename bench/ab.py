@@ -5,15 +5,16 @@ a third from one run to the next: a change of a few percent shows only when the 
 by side, in front of the same engines, in alternating rounds. This starts one web worker from this
 tree (uncommitted changes included) and one from ``BASE`` (exported with ``git archive`` under
 ``var/bench-ab/``), both with this checkout's virtualenv, one Redis and one database (so ``BASE``
-must have the same migrations), in front of two fast simulated engines. Each round measures both
-workers, in alternating order, after an uncounted warm-up round:
+must have the same migrations), in front of two fast simulated engines, and measures them as
+``make bench PEERS=1`` measures the peers (``bench.peers.head_to_head``: an uncounted pass, then
+rounds that each start with the next worker):
 
 - CPU per request of the web worker under wrk at c=32 (non-streaming);
-- the latency one client sees, p50 of ``--requests`` requests, beside the engine's own (DIRECT);
+- the p50 one client adds to DIRECT's, measured at the start of the same round;
 - stream chunks/s, 8 unpaced 64-chunk streams at a time;
 - with ``--pd``, CPU per prefill/decode request at c=32 (bench/pd.py's pair).
 
-It prints every round, then each figure's medians and in how many rounds this tree did better: a
+It prints the rounds, then each figure's medians and in how many rounds this tree did better: a
 difference that is not better in most rounds is not one this machine can show.
 """
 
@@ -27,13 +28,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import chat_body, one_client_latency, pct, run_wrk, streams
+from bench.measure import chat_body, streams
 from bench.pd import PD_MODEL, measure_pd, pd_engines
-from bench.peers import PATH, wait_ready
+from bench.peers import PATH, Contender, head_to_head, head_to_head_table, wait_ready
 from bench.run import setup_registry
 from bench.webenv import MODEL, PROXY_KEY, prepare_database, production_env
 from enginesim.testing import run_simulator
@@ -43,12 +45,12 @@ from tests.support.procs import REPO_ROOT, running, web_argv
 
 EXPORTS = REPO_ROOT / "var" / "bench-ab"
 
-# figure: (unit, True when higher is better)
-FIGURES: dict[str, tuple[str, bool]] = {
-    "CPU per request, c=32": ("us", False),
-    "one client p50": ("us", False),
-    "stream chunks/s": ("", True),
-    "PD: CPU per request, c=32": ("us", False),
+# head_to_head's figures: (name, scale, unit, True when higher is better)
+FIGURES: dict[str, tuple[str, float, str, bool]] = {
+    "cpu_us_c32": ("CPU per request, c=32", 1.0, " us", False),
+    "added_p50": ("added p50, one client", 1e6, " us", False),
+    "chunks_per_s": ("stream chunks/s", 1.0, "", True),
+    "pd_cpu_us_c32": ("PD: CPU per request, c=32", 1.0, " us", False),
 }
 
 
@@ -108,80 +110,58 @@ def main() -> int:
     prepare_database(env)
     auth = {"Authorization": f"Bearer {PROXY_KEY}"}
     fast = ["--fast", "--record-requests=0"]
-    small, stream_body = chat_body(MODEL, 16), chat_body(MODEL, 64, stream=True)
-    figures = [name for name in FIGURES if args.pd or not name.startswith("PD")]
-    results: dict[str, dict[str, list[float]]] = {build: {name: [] for name in figures} for build in builds}
-    direct_p50: list[float] = []
+    stream_body = chat_body(MODEL, 64, stream=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(redis_server_argv(port=redis_port, data_dir=tmp), port=redis_port))
         sim_a = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
         sim_b = stack.enter_context(run_simulator(served_model_name=MODEL, extra_args=fast))
         pd = stack.enter_context(pd_engines()) if args.pd else None
-        workers: dict[str, tuple[int, str]] = {}
+        contenders = []
         for build, tree in builds.items():
             port = free_port()
             # Each worker imports its own tree's packages first (PYTHONPATH), this checkout's .venv for the rest.
             build_env = {**env, "PYTHONPATH": str(tree)}
             argv = [*web_argv(port), "--log-level=warning"]
             web = stack.enter_context(running(argv, port=port, env=build_env, cwd=tree, timeout=60))
-            workers[build] = (web.pid, f"http://127.0.0.1:{port}")
-        first = next(iter(workers.values()))[1]
-        setup_registry(first, [sim_a.url, sim_b.url], {}, pd, 1)
-        for _, url in workers.values():
-            wait_ready(url, MODEL, headers=auth)
+            contenders.append(Contender(build, f"http://127.0.0.1:{port}", web.pid, auth))
+        setup_registry(contenders[0].base, [sim_a.url, sim_b.url], {}, pd, 1)
+        for contender in contenders:
+            wait_ready(contender.base, MODEL, headers=auth)
             if pd is not None:
-                wait_ready(url, PD_MODEL, headers=auth)
-
-        def measure(pid: int, url: str) -> dict[str, float]:
-            figure = {
-                "CPU per request, c=32": run_wrk(url + PATH, auth, small, 32, args.duration, pid).cpu_us or 0.0,
-                "one client p50": pct(one_client_latency(url, PATH, auth, small, args.requests), 0.5) * 1e6,
-                "stream chunks/s": streams(url + PATH, auth, stream_body, 8, 400, 2.0).chunks_per_s,
-            }
-            if pd is not None:
-                figure["PD: CPU per request, c=32"] = measure_pd(url, auth, pid, pd[0], args.duration).wrk.cpu_us or 0.0
-            return figure
-
-        order = list(workers)
-        print(f"this tree against {args.base} ({commit[:10]}), {args.rounds} rounds after a warm-up:", flush=True)
-        for number in range(args.rounds + 1):
-            direct = pct(one_client_latency(sim_a.url, PATH, {}, small, args.requests), 0.5) * 1e6
-            measured = {build: measure(*workers[build]) for build in (order if number % 2 else order[::-1])}
-            if number == 0:
-                continue
-            direct_p50.append(direct)
-            for build, figure in measured.items():
-                for name, value in figure.items():
-                    results[build][name].append(value)
-            line = "; ".join(
-                f"{build} " + " / ".join(_fmt(name, figure[name]) for name in figures)
-                for build, figure in measured.items()
-            )
-            print(f"round {number}: {line}; DIRECT one client p50 {direct:,.0f} us", flush=True)
-    print(report(results, figures, direct_p50))
+                wait_ready(contender.base, PD_MODEL, headers=auth)
+        extra: dict[str, Callable[[Contender], float]] = {
+            "chunks_per_s": lambda c: streams(c.base + PATH, auth, stream_body, 8, 400, 2.0).chunks_per_s,
+        }
+        if pd is not None:
+            prefill = pd[0]
+            extra["pd_cpu_us_c32"] = lambda c: measure_pd(c.base, auth, c.pid, prefill, args.duration).wrk.cpu_us or 0.0
+        print(f"this tree against {args.base} ({commit[:10]}), {args.rounds} rounds after a warm-up...", flush=True)
+        results = head_to_head(
+            contenders,
+            sim_a.url,
+            MODEL,
+            rounds=args.rounds,
+            duration=args.duration,
+            latency_requests=args.requests,
+            extra=extra,
+        )
+    print(head_to_head_table(results))
+    print(report(results))
     return 0
 
 
-def _fmt(name: str, value: float) -> str:
-    unit, _ = FIGURES[name]
-    return f"{value:,.1f} {unit}" if unit else f"{value:,.0f}"
-
-
-def report(results: dict[str, dict[str, list[float]]], figures: list[str], direct_p50: list[float]) -> str:
-    """Each figure's medians, and in how many rounds this tree did better than the base."""
+def report(results: dict[str, dict[str, list[float]]]) -> str:
+    """Each figure's medians beside the base's, and in how many rounds this tree did better."""
     this, base = list(results)
-    lines = [
-        "",
-        f"| figure | {this} | {base} | {this} better, rounds |",
-        "|---|---|---|---|",
-    ]
-    for name in figures:
-        ours, theirs = results[this][name], results[base][name]
-        _, higher = FIGURES[name]
+    lines = ["", f"| figure | {this} | {base} | {this} better, rounds |", "|---|---|---|---|"]
+    for key, (name, scale, unit, higher) in FIGURES.items():
+        if key not in results[this]:
+            continue
+        ours, theirs = results[this][key], results[base][key]
         wins = sum((a > b) if higher else (a < b) for a, b in zip(ours, theirs, strict=True))
-        median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
-        lines.append(f"| {name} | {_fmt(name, median_ours)} | {_fmt(name, median_theirs)} | {wins} of {len(ours)} |")
-    lines.append(f"| DIRECT one client p50 | {statistics.median(direct_p50):,.0f} us | | |")
+        digits = 1 if unit else 0
+        medians = [f"{statistics.median(values) * scale:,.{digits}f}{unit}" for values in (ours, theirs)]
+        lines.append(f"| {name} | {medians[0]} | {medians[1]} | {wins} of {len(ours)} |")
     return "\n".join(lines)
 
 

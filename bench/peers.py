@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,17 +160,24 @@ def head_to_head(
     rounds: int = HEAD_TO_HEAD_ROUNDS,
     duration: int,
     latency_requests: int,
+    extra: Mapping[str, Callable[[Contender], float]] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Per system, per round: the added p50 at one client (seconds, against DIRECT's p50 measured at
-    the start of the same round) and wrk c=32's CPU per request (µs). Each round starts with the
-    next system, so none is always measured first. A pass over every system, not counted, comes
-    first: in three runs without it, the system measured first, seconds after the peers had
-    started, took 8 to 22 % more CPU per request than in its two later rounds."""
+    the start of the same round), wrk c=32's CPU per request (µs) and each of ``extra``'s figures
+    (measured right after, in the same turn). Each round starts with the next system, so none is
+    always measured first. A pass over every system, not counted, comes first: in three runs
+    without it, the system measured first, seconds after the peers had started, took 8 to 22 % more
+    CPU per request than in its two later rounds."""
     small = chat_body(model, 16)
-    results: dict[str, dict[str, list[float]]] = {c.name: {"added_p50": [], "cpu_us_c32": []} for c in contenders}
+    extra = extra or {}
+    results: dict[str, dict[str, list[float]]] = {
+        c.name: {"added_p50": [], "cpu_us_c32": [], **{name: [] for name in extra}} for c in contenders
+    }
     for contender in contenders:
         one_client_latency(contender.base, PATH, contender.headers, small, latency_requests // 4)
         run_wrk(contender.base + PATH, contender.headers, small, 32, 2, None)
+        for measure in extra.values():
+            measure(contender)
     for number in range(rounds):
         baseline = pct(one_client_latency(direct, PATH, {}, small, latency_requests), 0.5)
         start = number % len(contenders)
@@ -181,6 +188,8 @@ def head_to_head(
             figures = results[contender.name]
             figures["added_p50"].append(p50 - baseline)
             figures["cpu_us_c32"].append(wrk.cpu_us or 0.0)
+            for name, measure in extra.items():
+                figures[name].append(measure(contender))
     return results
 
 
