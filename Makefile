@@ -169,10 +169,11 @@ bench: install redis-server $(if $(PEERS),peers-env)
 
 # This tree against another revision, both web workers up at once in front of the same engines,
 # in alternating rounds (bench/ab.py): how a change of a few percent is told from the machine's drift.
-# BASE=<rev> (required); ROUNDS=N (default 6); PD=1 also measures prefill/decode requests.
+# BASE=<rev> (required); ROUNDS=N (default 6); PD=1 also measures prefill/decode requests;
+# BASE_VENV=<dir> runs BASE's worker from that virtualenv (another interpreter, other packages).
 bench-ab: install redis-server
-	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit, tag or branch> [ROUNDS=6] [PD=1]"; exit 2; }
-	$(PY) bench/ab.py --base $(BASE) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(PD),--pd)
+	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit, tag or branch> [ROUNDS=6] [PD=1] [BASE_VENV=<virtualenv>]"; exit 2; }
+	$(PY) bench/ab.py --base $(BASE) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(PD),--pd) $(if $(BASE_VENV),--base-venv $(BASE_VENV))
 
 # Instructions per request in the web worker, counted by valgrind (bench/instructions.py): the same
 # figure from run to run, where CPU seconds on two shared cores move by a third. For comparing builds.

@@ -16,6 +16,10 @@ rounds that each start with the next worker):
 
 It prints the rounds, then each figure's medians and in how many rounds this tree did better: a
 difference that is not better in most rounds is not one this machine can show.
+
+With ``--base-venv`` (``make bench-ab BASE_VENV=<dir>``) BASE's worker runs from that virtualenv's
+``uvicorn`` instead: another interpreter, or other package versions, against this checkout's
+(``BASE=HEAD`` compares them alone; docs/architecture.md, "The interpreter's own build").
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
     parser.add_argument("--requests", type=int, default=1000, help="requests per one-client latency run")
     parser.add_argument("--pd", action="store_true", help="also CPU per prefill/decode request")
+    parser.add_argument("--base-venv", type=Path, help="run BASE's worker from this virtualenv (its bin/uvicorn)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is required: apt-get install -y wrk", file=sys.stderr)
@@ -101,8 +106,15 @@ def main() -> int:
         print(f"{args.base} has other migrations than this tree (one database serves both):", file=sys.stderr)
         print("\n".join(f"  {name}" for name in differ), file=sys.stderr)
         return 2
+    base_uvicorn = None
+    if args.base_venv is not None:
+        base_uvicorn = args.base_venv.resolve() / "bin" / "uvicorn"
+        if not base_uvicorn.is_file():
+            print(f"no {base_uvicorn}: --base-venv takes a virtualenv with RouterPanel's packages", file=sys.stderr)
+            return 2
     base_tree = export(commit)
-    builds = {"this tree": REPO_ROOT, f"base {commit[:10]}": base_tree}
+    base = f"base {commit[:10]}" + ("" if base_uvicorn is None else f" on {args.base_venv}")
+    builds = {"this tree": REPO_ROOT, base: base_tree}
 
     tmp = Path(tempfile.mkdtemp(prefix="routerpanel-bench-ab-"))
     redis_port = free_port()
@@ -122,6 +134,8 @@ def main() -> int:
             # Each worker imports its own tree's packages first (PYTHONPATH), this checkout's .venv for the rest.
             build_env = {**env, "PYTHONPATH": str(tree)}
             argv = [*web_argv(port), "--log-level=warning"]
+            if base_uvicorn is not None and build == base:
+                argv[0] = str(base_uvicorn)
             web = stack.enter_context(running(argv, port=port, env=build_env, cwd=tree, timeout=60))
             contenders.append(Contender(build, f"http://127.0.0.1:{port}", web.pid, auth))
         setup_registry(contenders[0].base, [sim_a.url, sim_b.url], {}, pd, 1)
