@@ -52,10 +52,8 @@ def host_port(node: NodeView) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def _rank_for(node: NodeView) -> int | None:
+def _rank_for(node: NodeView) -> int:
     """vLLM data-parallel nodes are ``dp_size`` logical nodes ``url@rank``: spread over the ranks."""
-    if node.engine_type != _VLLM or node.dp_size <= 1:
-        return None
     tick = _rank_ticks.get(node.id, 0)
     _rank_ticks[node.id] = tick + 1
     return tick % node.dp_size
@@ -178,7 +176,11 @@ class PdRequest:
             payload=request.payload,
             explain=request.explain,
         )
-        return None if target is None else Leg(role, target, _rank_for(target.node))
+        if target is None:
+            return None
+        node = target.node
+        # Only a vLLM data-parallel node has ranks: the test here, a call less for every other node.
+        return Leg(role, target, _rank_for(node) if node.dp_size > 1 and node.engine_type == _VLLM else None)
 
     def missing(self, role: str) -> ProxyError:
         name = self.route.name
@@ -200,7 +202,10 @@ class PdRequest:
         until ``take_decode`` (its leg) or ``release_unused``. Nodes in ``avoid_*`` (a pair that just
         failed) are taken only when no other node of that role is left."""
         self.decode_status, self.decode_completed = 0, False
-        prefill = self._choose_avoiding(ROLE_PREFILL, avoid_prefill)
+        # A first pair (two-stage, every request) calls ``choose_leg`` directly: a frame less per leg.
+        prefill = (
+            self._choose_avoiding(ROLE_PREFILL, avoid_prefill) if avoid_prefill else self.choose_leg(ROLE_PREFILL, [])
+        )
         if prefill is None:
             if not self.route.by_role(ROLE_DECODE):
                 raise ProxyError(
@@ -209,14 +214,14 @@ class PdRequest:
                     "no_prefill_node",
                 )
             raise self.missing(ROLE_PREFILL)
-        decode = self._choose_avoiding(ROLE_DECODE, avoid_decode)
+        decode = self._choose_avoiding(ROLE_DECODE, avoid_decode) if avoid_decode else self.choose_leg(ROLE_DECODE, [])
         if decode is None:
             self.router.release(prefill.target)
             raise self.missing(ROLE_DECODE)
         self.prefill, self.decode, self._decode_held = prefill, decode, True
 
-    def _choose_avoiding(self, role: str, avoid: list[int] | None) -> Leg | None:
-        leg = self.choose_leg(role, avoid) if avoid else None
+    def _choose_avoiding(self, role: str, avoid: list[int]) -> Leg | None:
+        leg = self.choose_leg(role, avoid)
         return leg if leg is not None else self.choose_leg(role, [])
 
     def take_decode(self) -> Leg:

@@ -94,9 +94,13 @@ class NanoDeployPd(TwoStagePd):
         data = answer.data or {}
         params = data.get("kv_transfer_params")
         if isinstance(params, dict) and params.get("migration"):
-            if _int(params.get("seq_id")) is None:
+            seq_id = params.get("seq_id")
+            if _int(seq_id) is None:
                 raise engine_failed(f"Prefill node {answer.leg.url} returned a migration without a seq_id.")
-            return {k: params[k] for k in ("migration", "seq_id", "first_token") if k in params}
+            handoff = {"migration": params["migration"], "seq_id": seq_id}  # not a comprehension: a frame less
+            if "first_token" in params:
+                handoff["first_token"] = params["first_token"]
+            return handoff
         if data.get("choices"):
             return None
         raise engine_failed(

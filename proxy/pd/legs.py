@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from nodes.choices import NodeRole
 
@@ -86,7 +86,8 @@ class PdLeg(AttemptLoop[Result]):
         return LegAttempt(leg)
 
     def build(self, attempt: Attempt) -> tuple[str, bytes, dict[str, str]]:
-        leg = cast(LegAttempt, attempt).leg
+        assert isinstance(attempt, LegAttempt)  # not ``cast``: a C call, not a Python one
+        leg = attempt.leg
         path, body, headers = self.build_leg(self.pd, leg)
         headers[HOP_HEADER] = self.pd.request.hop
         if self.role == ROLE_DECODE and takes_usage(self.pd.request, leg.target.node.engine_type) is not None:
@@ -122,8 +123,8 @@ class PrefillLeg(PdLeg[LegAnswer]):
         attempt.verdict = verdict_for(attempt.status)
         if attempt.status != 200:
             pd_metrics.count_leg_error(self.role, f"engine_{attempt.status}")
-        leg = cast(LegAttempt, attempt).leg
-        return LegAnswer.parse(leg, attempt.status, attempt.body, attempt.response.content_type)
+        assert isinstance(attempt, LegAttempt)
+        return LegAnswer.parse(attempt.leg, attempt.status, attempt.body, attempt.response.content_type)
 
 
 class DecodeLeg(PdLeg[None]):
@@ -143,11 +144,12 @@ class DecodeLeg(PdLeg[None]):
         return super().pick(tried)
 
     async def deliver(self, attempt: Attempt) -> None:
+        assert isinstance(attempt, LegAttempt)
         pd = self.pd
         pd.decode_status = attempt.status
         if attempt.streaming:
             pd.outcome.node = attempt.url
-            shape = takes_usage(pd.request, cast(LegAttempt, attempt).leg.target.node.engine_type)
+            shape = takes_usage(pd.request, attempt.leg.target.node.engine_type)
             taken = None if shape is None else taken_usage(shape)
             merge = self._merge_usage if pd.prompt_tokens is not None and taken is None else None
             headers = pd.response_headers()
@@ -161,7 +163,7 @@ class DecodeLeg(PdLeg[None]):
             return
         if attempt.status != 200:
             attempt.verdict = verdict_for(attempt.status)
-            raise decode_failed(cast(LegAttempt, attempt).leg, attempt.status, attempt.body)
+            raise decode_failed(attempt.leg, attempt.status, attempt.body)
         pd.outcome.node = attempt.url
         pd.outcome.status = 200
         pd.watcher.finish()
