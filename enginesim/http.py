@@ -26,6 +26,7 @@ import httptools
 logger = logging.getLogger("enginesim")
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_COMPACT_ASCII = json.JSONEncoder(separators=(",", ":"))  # ``json.dumps(obj, separators=...)``, made once
 STREAM_HEADERS = (
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache"),
@@ -115,7 +116,7 @@ class Response:
         self._conn.transport.write(render_response(status, body, content_type, headers, keep_alive=self.keep_alive))
 
     def send_json(self, status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> None:
-        self.send(status, json.dumps(obj, separators=(",", ":")).encode(), headers=headers)
+        self.send(status, _COMPACT_ASCII.encode(obj).encode(), headers=headers)
 
     def start_stream(self, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> None:
         self._check()

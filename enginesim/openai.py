@@ -10,9 +10,13 @@ from typing import Any
 
 from enginesim.textgen import piece
 
+# Made once: ``json.dumps`` with options other than its defaults builds a new encoder on every call
+# (every answer the simulator writes). The same bytes either way.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _COMPACT.encode(obj).encode()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ def token_ids_from_seed(seed: bytes, count: int) -> list[int]:
         return []
     stream = hashlib.shake_128(seed).digest(2 * count)
     size = len(VOCAB)
-    return [int.from_bytes(stream[2 * i : 2 * i + 2], "big") % size for i in range(count)]
+    return [value % size for value in struct.unpack(f">{count}H", stream)]  # each two bytes, big-endian
 
 
 def piece(token_id: int) -> str:

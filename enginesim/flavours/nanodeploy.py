@@ -45,15 +45,19 @@ from enginesim.textgen import (
 FIRST_SEQ_ID = 1024
 
 
+# ``json.dumps(obj, sort_keys=True)``, its encoder made once (``json.dumps`` builds one per call).
+_SORTED = json.JSONEncoder(sort_keys=True)
+
+
 def _checksum(payload: dict[str, Any]) -> str:
-    canonical = json.dumps({k: v for k, v in payload.items() if k != "checksum"}, sort_keys=True)
+    canonical = _SORTED.encode({k: v for k, v in payload.items() if k != "checksum"})
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def encode_migration(payload: dict[str, Any]) -> str:
     """Base64 of the serialised sequence, with a checksum so corruption is detected."""
     payload = {**payload, "checksum": _checksum(payload)}
-    return base64.b64encode(json.dumps(payload, sort_keys=True).encode()).decode()
+    return base64.b64encode(_SORTED.encode(payload).encode()).decode()
 
 
 def decode_migration(migration: Any) -> dict[str, Any]:
