@@ -27,6 +27,20 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
+# The request headers ``RequestHeaders.parse`` reads.
+_READ = frozenset(
+    (
+        b"authorization",
+        b"x-request-id",
+        b"content-length",
+        b"x-session-id",
+        b"x-user-id",
+        b"x-routerpanel-hop",
+        b"x-routerpanel-explain",
+    )
+)
+
+
 @dataclass(slots=True)
 class RequestHeaders:
     """The few request headers the data path reads (names are lower-case in ASGI)."""
@@ -42,6 +56,10 @@ class RequestHeaders:
     def parse(cls, raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
         headers = cls()
         for name, value in raw:
+            # Most of a client's headers are none of these (an SDK sends a dozen or more): one set
+            # lookup passes each over, where the comparisons below would each be tried in turn.
+            if name not in _READ:
+                continue
             if name == b"authorization":
                 headers.authorization = value
             elif name == b"x-request-id":
