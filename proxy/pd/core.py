@@ -53,7 +53,8 @@ def host_port(node: NodeView) -> tuple[str, int]:
 
 
 def _rank_for(node: NodeView) -> int:
-    """vLLM data-parallel nodes are ``dp_size`` logical nodes ``url@rank``: spread over the ranks."""
+    """vLLM data-parallel nodes are ``dp_size`` logical nodes ``url@rank``: spread over the ranks
+    (``PdRequest.choose_leg`` calls this for such a node only)."""
     tick = _rank_ticks.get(node.id, 0)
     _rank_ticks[node.id] = tick + 1
     return tick % node.dp_size
@@ -202,10 +203,7 @@ class PdRequest:
         until ``take_decode`` (its leg) or ``release_unused``. Nodes in ``avoid_*`` (a pair that just
         failed) are taken only when no other node of that role is left."""
         self.decode_status, self.decode_completed = 0, False
-        # A first pair (two-stage, every request) calls ``choose_leg`` directly: a frame less per leg.
-        prefill = (
-            self._choose_avoiding(ROLE_PREFILL, avoid_prefill) if avoid_prefill else self.choose_leg(ROLE_PREFILL, [])
-        )
+        prefill = self._choose_avoiding(ROLE_PREFILL, avoid_prefill)
         if prefill is None:
             if not self.route.by_role(ROLE_DECODE):
                 raise ProxyError(
@@ -214,14 +212,14 @@ class PdRequest:
                     "no_prefill_node",
                 )
             raise self.missing(ROLE_PREFILL)
-        decode = self._choose_avoiding(ROLE_DECODE, avoid_decode) if avoid_decode else self.choose_leg(ROLE_DECODE, [])
+        decode = self._choose_avoiding(ROLE_DECODE, avoid_decode)
         if decode is None:
             self.router.release(prefill.target)
             raise self.missing(ROLE_DECODE)
         self.prefill, self.decode, self._decode_held = prefill, decode, True
 
-    def _choose_avoiding(self, role: str, avoid: list[int]) -> Leg | None:
-        leg = self.choose_leg(role, avoid)
+    def _choose_avoiding(self, role: str, avoid: list[int] | None) -> Leg | None:
+        leg = self.choose_leg(role, avoid) if avoid else None
         return leg if leg is not None else self.choose_leg(role, [])
 
     def take_decode(self) -> Leg:
